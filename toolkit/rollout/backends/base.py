@@ -1,0 +1,64 @@
+"""The rollout backend interface shared by hf, vllm colocate and vllm server. Imports nothing heavy.
+
+A backend turns prompt token ids into completions. It never parses or matches: that is the caller's
+job, so every backend feeds exactly the same parse → match → targets path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass
+class Rollout:
+    """One completion. `completion_ids` excludes the prompt and ends with <|im_end|> when the model stopped."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "repeat"
+    weight_version: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What every backend needs to know to decode, read once from `rollout_matching_cfg`."""
+
+    max_new_tokens: int
+    decode_batch_size: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_object_keys: int | None
+    seed: int
+
+    @classmethod
+    def from_rollout_cfg(cls, rm: dict, seed: int) -> "DecodeSettings":
+        dec = rm["decoding"]
+        sample = rm["decode_mode"] == "sample" or dec["temperature"] > 0
+        rt = rm["repeat_terminate"]
+        return cls(
+            max_new_tokens=rm["max_new_tokens"],
+            decode_batch_size=rm["decode_batch_size"],
+            do_sample=bool(sample),
+            temperature=float(dec["temperature"]) if sample else 1.0,
+            top_p=float(dec["top_p"]),
+            top_k=int(dec["top_k"]),
+            repetition_penalty=float(rm["repetition_penalty"]),
+            max_object_keys=rt.get("max_object_keys") if rt.get("enabled") else None,
+            seed=seed,
+        )
+
+
+class RolloutBackend(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
+        """Completions for `prompts`, in order, decoded in chunks of decode_batch_size."""
+
+    def sync_weights(self, step: int) -> None:
+        """Make the engine decode with the learner's current weights (no-op in-process)."""
+
+    def close(self) -> None:
+        """Release engines, sessions and communicators."""

@@ -1,0 +1,137 @@
+"""In-process HF `generate` rollouts on the learner's own module (the CPU demo's backend).
+
+Heavy imports (torch, transformers) happen at call time. Under ZeRO-3 every rank must make the same
+number of `generate` calls (each forward all-gathers parameters): callers give every rank the same
+number of prompts, and `synced_gpus` keeps ranks stepping together until all sequences end.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Sequence
+
+from toolkit.rollout.backends.base import DecodeSettings, Rollout
+from toolkit.rollout.chunking import chunked, seed_base
+
+
+class HFBackend:
+    """Greedy or sampled decoding with `module.generate`, left-padded chunks of decode_batch_size."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        module,
+        settings: DecodeSettings,
+        *,
+        pad_id: int,
+        eos_id: int,
+        object_key_ids: Sequence[int] = (),
+        generation_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        synced: bool = False,
+    ):
+        self.module = module
+        self.s = settings
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.object_key_ids = list(object_key_ids)
+        self.generation_context = generation_context
+        self.synced = synced
+
+    def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
+        out: list[Rollout] = []
+        for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
+            out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset))
+        return out
+
+    def sync_weights(self, step: int) -> None:  # the module *is* the learner: nothing to copy
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int) -> list[Rollout]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
+                seqs = self.module.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    **self._generate_kwargs(prompt_width=width),
+                )
+        finally:
+            self.module.train(was_training)
+        return [self._to_rollout(p, seqs[i, width:].tolist()) for i, p in enumerate(prompts)]
+
+    def _generate_kwargs(self, prompt_width: int) -> dict:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        s = self.s
+        gen = GenerationConfig(
+            max_new_tokens=s.max_new_tokens,
+            do_sample=s.do_sample,
+            temperature=s.temperature if s.do_sample else None,
+            top_p=s.top_p if s.do_sample else None,
+            top_k=(s.top_k if s.top_k > 0 else None) if s.do_sample else None,
+            repetition_penalty=s.repetition_penalty,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        procs = LogitsProcessorList()
+        if s.max_object_keys and self.object_key_ids:
+            procs.append(ObjectCapProcessor(self.object_key_ids, s.max_object_keys, self.eos_id, prompt_width))
+        return {"generation_config": gen, "logits_processor": procs, "synced_gpus": self.synced}
+
+    def _to_rollout(self, prompt: list[int], completion: list[int]) -> Rollout:
+        if self.eos_id in completion:
+            completion = completion[: completion.index(self.eos_id) + 1]
+            return Rollout(list(prompt), completion, "stop")
+        while completion and completion[-1] == self.pad_id:
+            completion.pop()
+        return Rollout(list(prompt), completion, "length")
+
+
+class ObjectCapProcessor:
+    """Force <|im_end|> once a sequence has opened `max_keys` objects (domain.md §6.2: object spam).
+
+    Counts generated tokens (after the prompt columns) that open an `object_N` key; the caller passes
+    their ids, which are tokenizer-specific.
+    """
+
+    def __init__(self, key_ids: Sequence[int], max_keys: int, eos_id: int, prompt_width: int):
+        self.key_ids = list(key_ids)
+        self.max_keys = max_keys
+        self.eos_id = eos_id
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_width :]
+        keys = torch.isin(generated, torch.tensor(self.key_ids, device=input_ids.device)).sum(dim=1)
+        hit = keys > self.max_keys
+        if hit.any():
+            scores[hit] = float("-inf")
+            scores[hit, self.eos_id] = 0.0
+        return scores
+
+
+@contextlib.contextmanager
+def _forked_rng(seed: int, active: bool):
+    """Seed torch's RNG for sampling and restore it after, so rollouts never shift training randomness."""
+    import torch
+
+    if not active:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
