@@ -1,0 +1,65 @@
+"""Channel scheduler: Bresenham sequence, exact counts, float robustness."""
+from math import floor
+
+import pytest
+
+from toolkit.trainer.scheduler import channel_for_step, realized_b_ratio
+
+
+def _seq(b, n):
+    return [channel_for_step(s, b) for s in range(n)]
+
+
+def test_half_alternates_starting_with_a():
+    assert _seq(0.5, 8) == ["A", "B"] * 4
+
+
+def test_five_percent_gives_one_b_at_step_19():
+    seq = _seq(0.05, 20)
+    assert seq.count("B") == 1
+    assert seq[19] == "B"
+    assert set(seq[:19]) == {"A"}
+
+
+@pytest.mark.parametrize("b", [0.001, 0.01, 0.05, 0.1, 0.15, 0.2, 0.29, 0.3, 0.333, 0.57, 0.7, 0.85, 0.999])
+def test_thousand_steps_hold_exactly_round_1000b(b):
+    assert _seq(b, 1000).count("B") == round(1000 * b)
+
+
+@pytest.mark.parametrize("b", [0.07, 0.29, 0.57, 0.58, 0.85])
+def test_every_prefix_count_is_exact(b):
+    # The number of B steps among the first n steps is floor(n·b) computed in exact decimal arithmetic.
+    from fractions import Fraction
+
+    exact = Fraction(str(b))
+    count = 0
+    for n in range(1, 400):
+        count += channel_for_step(n - 1, b) == "B"
+        assert count == floor(n * exact)
+
+
+def test_float_error_would_move_a_b_step():
+    # Guard that exactness matters: naive float math misplaces B steps for b=0.29 (100·0.29 = 28.999…).
+    b = 0.29
+    naive = ["B" if floor((s + 1) * b) > floor(s * b) else "A" for s in range(1000)]
+    assert naive != _seq(b, 1000)
+
+
+@pytest.mark.parametrize("b,expected", [(0.0, "A"), (-0.3, "A"), (1.0, "B"), (1.7, "B")])
+def test_bounds(b, expected):
+    assert set(_seq(b, 50)) == {expected}
+
+
+def test_invalid_inputs():
+    with pytest.raises(ValueError, match="step"):
+        channel_for_step(-1, 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        channel_for_step(3, float("nan"))
+
+
+def test_realized_ratio():
+    assert realized_b_ratio([]) == 0.0
+    assert realized_b_ratio(_seq(0.05, 20)) == pytest.approx(0.05)
+    assert realized_b_ratio(iter(["A", "B", "B", "A"])) == 0.5
+    with pytest.raises(ValueError, match="channel"):
+        realized_b_ratio(["A", "C"])
