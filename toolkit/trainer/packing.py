@@ -1,0 +1,197 @@
+"""Post-rollout packing: choose which segments share one forward, and collate them into one row.
+
+Owns pack selection (FIFO baseline vs. a `binpacking` candidate), pack planning, and `PackBatch`
+(the one-row, padding-free tensor batch that losses and Channel-A read). Imports torch and binpacking
+inside functions only; selection itself is pure Python.
+
+Packed attention: `collate_pack` restarts `position_ids` at 0 for every segment and never returns an
+attention mask. transformers (5.19, `masking_utils._preprocess_mask_arguments` →
+`find_packed_sequence_indices`) derives a block-causal mask from such position ids for sdpa, eager
+and flex attention, and flash-attention uses them as varlen boundaries, **but only when
+`attention_mask is None` and `past_key_values is None`**. A forward with the default `use_cache`
+(config.use_cache=True) creates a DynamicCache first, which silently disables the packed mask and
+lets segments attend to each other. So every packed forward must pass `use_cache=False`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.data.segment import Segment
+
+BOX_GROUP_IDS = {"prefix": 0, "fn": 1}
+
+_OVERSIZE_MITIGATIONS = (
+    "Mitigations: increase global_max_length, reduce rollout_matching.max_new_tokens, "
+    "or drop samples longer than the pack capacity before packing."
+)
+
+
+def _check_lengths(lengths: Sequence[int], capacity: int) -> None:
+    if capacity <= 0:
+        raise ValueError(f"packing_length must be > 0, got {capacity}")
+    for i, n in enumerate(lengths):
+        if n <= 0:
+            raise ValueError(f"segment {i} has encoded_len={n}; segments must hold at least one token")
+        if n > capacity:
+            raise ValueError(
+                f"post-rollout packing cannot fit a single segment: encoded_len={n} > packing_length={capacity} "
+                f"(segment index {i}). {_OVERSIZE_MITIGATIONS}"
+            )
+
+
+def _fifo_baseline(lengths: Sequence[int], capacity: int) -> list[int]:
+    selected, total = [0], lengths[0]
+    for i in range(1, len(lengths)):
+        if total + lengths[i] <= capacity:
+            selected.append(i)
+            total += lengths[i]
+    return selected
+
+
+def _binpacking_candidate(lengths: Sequence[int], capacity: int) -> list[int]:
+    try:
+        import binpacking
+    except ImportError as exc:  # a declared dependency; keep the message actionable anyway
+        raise ImportError("post-rollout packing needs the `binpacking` package: pip install binpacking") from exc
+    room = capacity - lengths[0]
+    rest = {i: lengths[i] for i in range(1, len(lengths)) if lengths[i] <= room}
+    if not rest:
+        return [0]
+    bins = [sorted(b) for b in binpacking.to_constant_volume(rest, room) if b]
+    # Largest fill, then fewest items, then lexicographically smallest indices: deterministic.
+    best = min(bins, key=lambda idx: (-sum(lengths[i] for i in idx), len(idx), idx))
+    return [0] + best
+
+
+def select_pack(lengths: Sequence[int], capacity: int) -> list[int]:
+    """Indices (ascending = insertion order) of the segments that go into the next pack.
+
+    The oldest segment (index 0) is always included. The FIFO-greedy baseline adds later segments that
+    still fit; a `binpacking.to_constant_volume` candidate over the rest (oldest pinned) replaces it only
+    when its total length is strictly larger, so a pack is never fuller under FIFO than what we choose.
+
+    Raises:
+        ValueError: a length is ≤ 0 or larger than `capacity` (message names encoded_len and packing_length).
+    """
+    if not lengths:
+        return []
+    _check_lengths(lengths, capacity)
+    baseline = _fifo_baseline(lengths, capacity)
+    candidate = _binpacking_candidate(lengths, capacity)
+    if sum(lengths[i] for i in candidate) > sum(lengths[i] for i in baseline):
+        return candidate
+    return baseline
+
+
+def plan_packs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Split all segments into packs by repeated `select_pack`; every index appears exactly once."""
+    _check_lengths(lengths, capacity)
+    remaining = list(range(len(lengths)))
+    packs: list[list[int]] = []
+    while remaining:
+        chosen = select_pack([lengths[i] for i in remaining], capacity)
+        packs.append([remaining[j] for j in chosen])
+        keep = set(chosen)
+        remaining = [r for j, r in enumerate(remaining) if j not in keep]
+    return packs
+
+
+@dataclass
+class PackBatch:
+    """One padding-free row holding `n_segments` segments back to back.
+
+    input_ids, position_ids: [1, L] long; position ids restart at 0 for every segment.
+    ce_weights: [1, L] float32, label-aligned (weight of predicting token t from the logits at t-1).
+    coord_pos:  [N] long, global label positions of coordinate slots (4 per box, x1, y1, x2, y2).
+    coord_bins: [N] long, ground-truth bins 0..999.
+    box_group:  [N/4] long, 0 = matched rollout prefix, 1 = FN-appended / Channel-A object.
+    seq_lens:   [S] long, segment lengths in order.
+    n_segments: S.  channel: "A" or "B" (channels never share a pack).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ce_weights: torch.Tensor
+    coord_pos: torch.Tensor
+    coord_bins: torch.Tensor
+    box_group: torch.Tensor
+    seq_lens: torch.Tensor
+    n_segments: int
+    channel: str
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def to(self, device: Any) -> PackBatch:
+        """A copy with every tensor on `device`."""
+        import torch
+
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in moved.items()}
+        return PackBatch(**moved)
+
+
+def _check_segment_for_packing(seg: Segment, index: int) -> None:
+    # Label position 0 of a segment would be predicted from the previous segment's last token once
+    # packed, so it must be unsupervised; coord slots need p-1 inside the same segment for the same reason.
+    if seg.ce_weights and seg.ce_weights[0] != 0:
+        raise ValueError(f"segment {index} ({seg.sample_id!r}): ce_weights[0] must be 0 (nothing predicts the first token)")
+    if any(p < 1 for p in seg.coord_pos):
+        raise ValueError(f"segment {index} ({seg.sample_id!r}): coord slot at position 0 has no predicting token")
+    bad = [g for g in seg.box_groups if g not in BOX_GROUP_IDS]
+    if bad:
+        raise ValueError(f"segment {index} ({seg.sample_id!r}): box_groups must be 'prefix' or 'fn', got {bad[0]!r}")
+
+
+def collate_pack(segments: Sequence[Segment], capacity: int | None = None) -> PackBatch:
+    """Concatenate segments into one `PackBatch` (CPU tensors; move with `.to(device)`).
+
+    Raises:
+        ValueError: no segments, mixed channels, total length above `capacity`, or a segment whose first
+            token is supervised / whose coord slot sits at position 0.
+    """
+    import torch
+
+    if not segments:
+        raise ValueError("collate_pack needs at least one segment")
+    channels = {s.channel for s in segments}
+    if len(channels) != 1:
+        raise ValueError(f"channels never share a pack; got segments from {sorted(channels)}")
+    total = sum(len(s) for s in segments)
+    if capacity is not None and total > capacity:
+        raise ValueError(f"pack holds {total} tokens > packing_length={capacity}. {_OVERSIZE_MITIGATIONS}")
+
+    ids: list[int] = []
+    pos: list[int] = []
+    weights: list[float] = []
+    coord_pos: list[int] = []
+    coord_bins: list[int] = []
+    groups: list[int] = []
+    for index, seg in enumerate(segments):
+        _check_segment_for_packing(seg, index)
+        offset = len(ids)
+        ids.extend(seg.input_ids)
+        pos.extend(range(len(seg)))
+        weights.extend(float(w) for w in seg.ce_weights)
+        coord_pos.extend(offset + p for p in seg.coord_pos)
+        coord_bins.extend(seg.coord_bins)
+        groups.extend(BOX_GROUP_IDS[g] for g in seg.box_groups)
+
+    long = torch.long
+    return PackBatch(
+        input_ids=torch.tensor([ids], dtype=long),
+        position_ids=torch.tensor([pos], dtype=long),
+        ce_weights=torch.tensor([weights], dtype=torch.float32),
+        coord_pos=torch.tensor(coord_pos, dtype=long),
+        coord_bins=torch.tensor(coord_bins, dtype=long),
+        box_group=torch.tensor(groups, dtype=long),
+        seq_lens=torch.tensor([len(s) for s in segments], dtype=long),
+        n_segments=len(segments),
+        channel=segments[0].channel,
+    )
