@@ -1,0 +1,289 @@
+"""Per-pack loss: token CE, coordinate geometry (smooth-L1 + CIoU on the expected box), optional
+coord-distribution regularizers, and the coord-vocabulary gate.
+
+Owns `LossWeights` and `pack_loss`. Every term is a mean *within the pack* (CE over CE weights, geometry
+over coord slots / boxes); scaling a pack into the optimizer step (n_segments / N_raw, cross-rank
+normalization) is the trainer's job. Imports torch inside functions only.
+
+Conventions (toolkit/data/segment.py): label position t is predicted by the logits at t-1; coordinate
+bin k is the normalized value k/999; `coord_token_ids[k]` is the token id of bin k.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.trainer.packing import PackBatch
+
+NUM_BINS = 1000
+PART_KEYS = (
+    "loss/ce",
+    "loss/bbox_smoothl1",
+    "loss/bbox_ciou",
+    "loss/coord_gate",
+    "loss/coord_ce",
+    "loss/coord_el1",
+    "loss/coord_ehuber",
+    "loss/coord_entropy",
+    "loss/coord_reg",
+    "loss/coord_prefix",
+    "loss/coord_tail",
+    "loss/total",
+)
+_NONNEGATIVE = (
+    "bbox_smoothl1_weight",
+    "bbox_ciou_weight",
+    "coord_ce_weight",
+    "coord_el1_weight",
+    "coord_ehuber_weight",
+    "coord_gate_weight",
+)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Loss weights read from the `stage2_ab` config section (desc CE weight lives in the segments' ce_weights).
+
+    coord_entropy_weight may be negative: +w penalizes entropy (sharpens the coord distribution),
+    -w rewards it. coord_huber_delta and softctx_temperature must be > 0.
+    """
+
+    bbox_smoothl1_weight: float = 1.0
+    bbox_ciou_weight: float = 1.0
+    coord_ce_weight: float = 0.0
+    coord_el1_weight: float = 0.0
+    coord_ehuber_weight: float = 0.0
+    coord_huber_delta: float = 0.001
+    coord_entropy_weight: float = 0.0
+    coord_gate_weight: float = 1.0
+    softctx_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                problems.append(f"{f.name} must be a finite number, got {v!r}")
+            elif f.name in _NONNEGATIVE and v < 0:
+                problems.append(f"{f.name} must be >= 0, got {v}")
+            elif f.name in ("coord_huber_delta", "softctx_temperature") and v <= 0:
+                problems.append(f"{f.name} must be > 0, got {v}")
+        if problems:
+            raise ValueError("invalid stage2_ab loss weights: " + "; ".join(problems))
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> LossWeights:
+        """Build from the resolved `stage2_ab` section; other keys (schedule, n_softctx_iter, ...) are ignored.
+
+        Raises:
+            KeyError: a loss key is missing (defaults belong to the config schema, not here).
+            ValueError: a value is negative where it must not be, or not finite.
+        """
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise KeyError(f"stage2_ab section is missing loss keys: {', '.join('stage2_ab.' + m for m in missing)}")
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for softmax math; fp32/fp64 stay as they are."""
+    import torch
+
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def expectation_decode(coord_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Expected normalized coordinate Σ_k softmax(z/τ)_k · k/999 over the last dim (1000 coord logits)."""
+    import torch
+
+    z = _upcast(coord_logits)
+    unit = torch.arange(NUM_BINS, device=z.device, dtype=z.dtype) / (NUM_BINS - 1)
+    return torch.softmax(z / temperature, dim=-1) @ unit
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _canonical(box: torch.Tensor, clamp: bool) -> tuple[torch.Tensor, ...]:
+    import torch
+
+    x1, x2 = torch.minimum(box[:, 0], box[:, 2]), torch.maximum(box[:, 0], box[:, 2])
+    y1, y2 = torch.minimum(box[:, 1], box[:, 3]), torch.maximum(box[:, 1], box[:, 3])
+    if clamp:
+        x1, y1, x2, y2 = (t.clamp(0.0, 1.0) for t in (x1, y1, x2, y2))
+    return x1, y1, x2, y2
+
+
+def complete_iou(pred: torch.Tensor, gt: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """CIoU per box for [B, 4] xyxy boxes in [0, 1]; pred is canonicalized (min/max) and clamped first.
+
+    CIoU = IoU − ρ²/c² − α·v, v = 4/π²·(atan(w_g/h_g) − atan(w_p/h_p))², α = v / (1 − IoU + v) taken
+    without gradient (as torchvision does).
+    """
+    import torch
+
+    px1, py1, px2, py2 = _canonical(pred, clamp=True)
+    gx1, gy1, gx2, gy2 = _canonical(gt, clamp=False)
+    inter = (torch.minimum(px2, gx2) - torch.maximum(px1, gx1)).clamp(min=0) * (
+        torch.minimum(py2, gy2) - torch.maximum(py1, gy1)
+    ).clamp(min=0)
+    pw, ph, gw, gh = px2 - px1, py2 - py1, gx2 - gx1, gy2 - gy1
+    iou = inter / (pw * ph + gw * gh - inter + eps)
+    cw = torch.maximum(px2, gx2) - torch.minimum(px1, gx1)
+    ch = torch.maximum(py2, gy2) - torch.minimum(py1, gy1)
+    rho2 = ((px1 + px2 - gx1 - gx2) ** 2 + (py1 + py2 - gy1 - gy2) ** 2) / 4
+    v = (4 / math.pi**2) * (torch.atan(gw / (gh + eps)) - torch.atan(pw / (ph + eps))) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return iou - rho2 / (cw**2 + ch**2 + eps) - alpha * v
+
+
+def _ce_term(logits: torch.Tensor, batch: PackBatch) -> torch.Tensor:
+    """Σ w·CE / Σ w over supervised labels; 0 when nothing is supervised."""
+    import torch
+    import torch.nn.functional as F
+
+    w = batch.ce_weights[0, 1:].to(logits.device)
+    # nonzero() is a host sync; it buys a [n_sup, V] fp32 slice instead of a full [L, V] fp32 copy.
+    rows = torch.nonzero(w).squeeze(1)
+    if rows.numel() == 0:
+        return torch.zeros((), device=logits.device)
+    w_sup = w.index_select(0, rows)
+    labels = batch.input_ids[0, 1:].to(logits.device).index_select(0, rows)
+    # Cost: n_sup × V × 4 bytes for the fp32 rows, the same again for log-softmax saved for backward.
+    token_ce = F.cross_entropy(_upcast(logits.index_select(0, rows)), labels, reduction="none")
+    return (token_ce * w_sup).sum() / w_sup.sum()
+
+
+def _mean_or_zero(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return x.mean() if x.numel() else torch.zeros((), device=x.device, dtype=x.dtype)
+
+
+def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights) -> dict:
+    """Geometry, regularizers and gate over the pack's coord slots (all zero when there are none)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = logits.device
+    zero = torch.zeros((), device=dev)
+    names = ("sl1", "ciou", "gate", "coord_ce", "el1", "ehuber", "entropy", "prefix", "tail")
+    out = dict.fromkeys(names, zero)
+    slots = batch.coord_pos.to(dev)
+    if slots.numel() == 0:
+        return out
+    if slots.numel() % 4:
+        raise ValueError(f"pack has {slots.numel()} coord slots; need 4 per box")
+    # Only the N rows predicting coord slots: N × V × 4 bytes in fp32, never [L, V].
+    full = _upcast(logits.index_select(0, slots - 1))
+    z = full.index_select(1, coord_ids)  # [N, 1000] coord slice
+    log_p = torch.log_softmax(z / weights.softctx_temperature, dim=-1)
+    p = log_p.exp()
+    unit = torch.arange(NUM_BINS, device=dev, dtype=z.dtype) / (NUM_BINS - 1)
+    c_hat = p @ unit  # expectation decode (= expectation_decode(z, τ)), not argmax
+    bins = batch.coord_bins.to(dev)
+    gt = bins.to(z.dtype) / (NUM_BINS - 1)
+
+    sl1_slot = _finite_or_zero(F.smooth_l1_loss(c_hat, gt, beta=1.0, reduction="none"))
+    ciou_box = _finite_or_zero(1.0 - complete_iou(c_hat.view(-1, 4), gt.view(-1, 4)))
+    out["sl1"], out["ciou"] = sl1_slot.mean(), ciou_box.mean()
+    group = batch.box_group.to(dev)
+    for name, gid in (("prefix", 0), ("tail", 1)):
+        in_box = group == gid
+        out[name] = weights.bbox_smoothl1_weight * _mean_or_zero(
+            sl1_slot[in_box.repeat_interleave(4)]
+        ) + weights.bbox_ciou_weight * _mean_or_zero(ciou_box[in_box])
+
+    # Gate: -log of the probability mass the full-vocabulary softmax keeps on coord tokens.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and weights.coord_gate_weight != 0):
+        out["gate"] = (torch.logsumexp(full, dim=-1) - torch.logsumexp(z, dim=-1)).mean()
+    if weights.coord_ce_weight != 0:
+        out["coord_ce"] = F.cross_entropy(z, bins)  # untempered
+    if weights.coord_el1_weight != 0 or weights.coord_ehuber_weight != 0:
+        err = (unit[None, :] - gt[:, None]).abs()  # [N, 1000]
+        if weights.coord_el1_weight != 0:
+            out["el1"] = (p * err).sum(-1).mean()
+        if weights.coord_ehuber_weight != 0:
+            d = weights.coord_huber_delta
+            huber = torch.where(err < d, 0.5 * err**2, d * (err - 0.5 * d))
+            out["ehuber"] = (p * huber).sum(-1).mean()
+    if weights.coord_entropy_weight != 0:
+        out["entropy"] = -(p * log_p).sum(-1).mean()
+    return out
+
+
+def _as_2d(logits: torch.Tensor, length: int, name: str) -> torch.Tensor:
+    if logits.dim() == 3:
+        if logits.shape[0] != 1:
+            raise ValueError(f"{name}: packed forward must have batch size 1, got {tuple(logits.shape)}")
+        logits = logits[0]
+    if logits.dim() != 2 or logits.shape[0] != length:
+        raise ValueError(
+            f"{name}: model returned sliced logits of shape {tuple(logits.shape)} for a pack of {length} tokens; "
+            "do not pass logits_to_keep to the training forward"
+        )
+    return logits
+
+
+def pack_loss(
+    logits_ce: torch.Tensor,
+    logits_geo: torch.Tensor,
+    batch: PackBatch,
+    coord_token_ids: Sequence[int] | torch.Tensor,
+    weights: LossWeights,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of one pack and its logged parts.
+
+    Args:
+        logits_ce: [1, L, V] (or [L, V]) logits for the CE term (Channel-A: first soft-context pass).
+        logits_geo: same shape; logits for geometry, regularizers and gate (Channel-A: last pass).
+        batch: the collated pack.
+        coord_token_ids: 1000 token ids, entry k = bin k.
+        weights: loss weights.
+
+    Returns:
+        (total, parts): `total` = CE + w_sl1·sl1 + w_ciou·ciou + coord_reg + w_gate·gate (a scalar with
+        grad); `parts` holds every key of PART_KEYS as floats (one host sync for all of them).
+        Raw terms are logged unweighted; coord_reg, coord_prefix, coord_tail and total are weighted.
+    """
+    import torch
+
+    length = batch.length
+    lce = _as_2d(logits_ce, length, "logits_ce")
+    lgeo = _as_2d(logits_geo, length, "logits_geo")
+    coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=lgeo.device)
+    if coord_ids.shape != (NUM_BINS,):
+        raise ValueError(f"coord_token_ids must hold {NUM_BINS} ids (bin k at index k), got shape {tuple(coord_ids.shape)}")
+
+    ce = _ce_term(lce, batch)
+    t = _coord_terms(lgeo, batch, coord_ids, weights)
+    reg = (
+        weights.coord_ce_weight * t["coord_ce"]
+        + weights.coord_el1_weight * t["el1"]
+        + weights.coord_ehuber_weight * t["ehuber"]
+        + weights.coord_entropy_weight * t["entropy"]
+    )
+    total = (
+        ce.to(lgeo.device)
+        + weights.bbox_smoothl1_weight * t["sl1"]
+        + weights.bbox_ciou_weight * t["ciou"]
+        + reg
+        + weights.coord_gate_weight * t["gate"]
+    )
+    if torch.is_grad_enabled() and not total.requires_grad and lgeo.requires_grad:
+        # Nothing supervised in this pack: keep the graph so every rank still runs a (zero) backward.
+        total = total + 0.0 * lgeo[:1, :1].float().sum()
+    values = (ce, t["sl1"], t["ciou"], t["gate"], t["coord_ce"], t["el1"], t["ehuber"], t["entropy"],
+              reg, t["prefix"], t["tail"], total)
+    # One host sync (.tolist) for all logged values instead of one .item() per key.
+    logged = torch.stack([v.detach().double().to(lgeo.device) for v in values]).tolist()
+    return total, dict(zip(PART_KEYS, logged))
