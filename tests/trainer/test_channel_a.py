@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.trainer.conftest import COORD_IDS, VOCAB, make_segment, make_tiny_qwen2
+from _pack_helpers import COORD_IDS, VOCAB, make_segment, make_tiny_qwen2
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.packing import collate_pack

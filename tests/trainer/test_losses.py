@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tests.trainer.conftest import COORD_IDS, VOCAB, make_segment
+from _pack_helpers import COORD_IDS, VOCAB, make_segment
 from toolkit.trainer.losses import PART_KEYS, LossWeights, complete_iou, expectation_decode, pack_loss
 from toolkit.trainer.packing import collate_pack
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from tests.trainer.conftest import COORD_OFFSET, make_segment, make_tiny_qwen2
+from _pack_helpers import COORD_OFFSET, make_segment, make_tiny_qwen2
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 
 
