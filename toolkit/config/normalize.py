@@ -1,0 +1,109 @@
+"""Normalization: project-root paths, derived values, and the rollout contract `rollout_matching_cfg`.
+
+`derive()` and `normalize_rollout_matching()` are THE functions the trainer, preflight and
+`stage2 config` share; nothing else may recompute these values. Imports stdlib only.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from toolkit.config.errors import OVERRIDE_SOURCE
+from toolkit.config.rules import resolve_sync_mode
+from toolkit.config.schema import MODEL_PATH_KEY, PATH_KEYS
+from toolkit.config.yamlio import Document
+
+PACKING_KEYS = ("packing_buffer", "packing_min_fill_ratio", "packing_drop_last")
+
+
+def project_root_for(profile: Path) -> Path:
+    """The parent of the nearest `configs/` directory above the profile, else the profile's directory."""
+    profile = Path(profile).resolve()
+    for parent in profile.parents:
+        if parent.name == "configs":
+            return parent.parent
+    return profile.parent
+
+
+def _looks_like_path(value: str, base: Path) -> bool:
+    if value.startswith((".", "/", "~")):
+        return True
+    return "/" in value and (base / value).exists()
+
+
+def resolve_paths(cfg: dict, doc: Document, project_root: Path, cwd: Path) -> None:
+    """Make relative path values absolute in place: against the project root, or the cwd for --set values."""
+    for path in PATH_KEYS + (MODEL_PATH_KEY,):
+        section, key = path
+        value = cfg[section].get(key)
+        if not isinstance(value, str):
+            continue
+        base = cwd if doc.where(path).file == OVERRIDE_SOURCE else project_root
+        if path == MODEL_PATH_KEY and not _looks_like_path(value, base):
+            continue  # a hub id such as Qwen/Qwen3-VL-4B-Instruct
+        expanded = os.path.expanduser(value)
+        cfg[section][key] = os.path.normpath(expanded if os.path.isabs(expanded) else str(base / expanded))
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the profile and the learner world size, never hand-set."""
+
+    learner_world_size: int
+    gradient_accumulation_steps: int  # E / (P × W)
+    decode_batch_size: int  # rollout and rollout-aware eval microbatch
+    eval_batch_size: int  # = decode_batch_size
+    rollouts_per_step: int  # Channel-B raw rollouts per optimizer step = E
+    per_rank_samples_per_step: int  # E / W
+    vllm_sync_mode: str  # vllm.sync.mode with auto resolved
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def derive(cfg: Mapping[str, Any], world_size: int) -> Derived:
+    """Derived values of a typed config. Raises ValueError (naming every factor) when E % (P × W) != 0."""
+    e = cfg["training"]["effective_batch_size"]
+    p = cfg["training"]["per_device_train_batch_size"]
+    w = int(world_size)
+    if w < 1 or e % (p * w):
+        raise ValueError(f"effective_batch_size={e} is not divisible by per_device_train_batch_size × "
+                         f"learner_world_size = {p} × {w} = {p * w}")
+    d = cfg["rollout_matching"]["decode_batch_size"]
+    return Derived(learner_world_size=w, gradient_accumulation_steps=e // (p * w), decode_batch_size=d,
+                   eval_batch_size=d, rollouts_per_step=e, per_rank_samples_per_step=e // w,
+                   vllm_sync_mode=resolve_sync_mode(dict(cfg)))
+
+
+def apply_derived(cfg: dict, derived: Derived) -> None:
+    """Write derived values back into the typed config so the resolved view is self-consistent."""
+    cfg["training"]["gradient_accumulation_steps"] = derived.gradient_accumulation_steps
+    cfg["training"]["per_device_eval_batch_size"] = derived.eval_batch_size
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def normalize_rollout_matching(cfg: Mapping[str, Any]) -> dict:
+    """`rollout_matching.*` → the runtime dict `rollout_matching_cfg` (see docs/CONFIG_REFERENCE.md).
+
+    Same sub-keys as the profile, defaults filled, None values dropped recursively (list order
+    kept), plus the packing knobs the post-rollout packer needs.
+    """
+    out = _drop_none(copy.deepcopy(dict(cfg["rollout_matching"])))
+    out["decoding"] = dict(out.get("decoding") or {})
+    training = cfg["training"]
+    out["packing_enabled"] = bool(training["packing"])
+    out["packing_length"] = int(cfg["global_max_length"])
+    for key in PACKING_KEYS:
+        out[key] = training[key]
+    out["object_field_order"] = cfg["template"]["object_field_order"]
+    return out

@@ -1,0 +1,232 @@
+"""YAML reading for profiles: safe load, YAML 1.2 scalars, positions, duplicate keys as errors.
+
+Owns the loader class and the walk that turns a node tree into plain data plus a position map
+(`key path tuple → Location`). Imports only PyYAML and stdlib.
+
+Two known PyYAML warts are fixed here (PyYAML implements YAML 1.1):
+- floats: YAML 1.1 needs a dot, so `1e-5` would load as the *string* "1e-5". We resolve floats with
+  the YAML 1.2 core-schema pattern (`1e-5`, `2E3`, `1.5e-4`, `.5`, `.inf`, `.nan`);
+- booleans: YAML 1.1 reads `yes/no/on/off` as booleans, so `eval_strategy: no` would become `False`.
+  Only `true/false` (any case form of the core schema) are booleans here; `no` stays the string "no".
+Integers follow the core schema too (`010` is ten, not octal eight; no `1:30` sexagesimal).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.config.errors import Issue, Location
+
+Path_t = tuple  # a key path: str keys and int list indices
+
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_RE = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class StrictLoader(_BASE_LOADER):  # type: ignore[misc, valid-type]
+    """Safe loader with YAML 1.2 core-schema booleans, integers and floats."""
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in entries if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    for ch, entries in _BASE_LOADER.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
+StrictLoader.add_implicit_resolver(_INT_TAG, _INT_RE, list("-+0123456789"))
+StrictLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_RE, list("-+0123456789."))
+
+
+def _construct_bool(loader, node):
+    return loader.construct_scalar(node).lower() == "true"
+
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text, 10)
+
+
+def _construct_float(loader, node):
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    if text.endswith(".nan"):
+        return math.nan
+    return float(text)
+
+
+StrictLoader.add_constructor(_BOOL_TAG, _construct_bool)
+StrictLoader.add_constructor(_INT_TAG, _construct_int)
+StrictLoader.add_constructor(_FLOAT_TAG, _construct_float)
+
+
+def render_path(path: Path_t) -> str:
+    """`('a', 'servers', 0, 'x')` → `a.servers[0].x`; the empty path → `<document>`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<document>"
+
+
+@dataclass
+class Document:
+    """One YAML file (or the --set layer): plain data and where each key path came from."""
+
+    file: str
+    data: dict
+    positions: dict = field(default_factory=dict)
+    extends: Any = None  # the raw `extends` value, popped from data by the chain loader
+
+    def where(self, path: Path_t) -> Location:
+        """The location of `path`, else of its nearest ancestor that has one, else the file itself."""
+        for n in range(len(path), -1, -1):
+            loc = self.positions.get(tuple(path[:n]))
+            if loc is not None:
+                return loc
+        return Location(self.file, 1, 1)
+
+
+def _mark(file: str, node) -> Location:
+    return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Walker:
+    """Turns a composed node tree into data + positions, collecting issues instead of raising."""
+
+    def __init__(self, loader: StrictLoader, file: str):
+        self.loader, self.file = loader, file
+        self.positions: dict = {}
+        self.issues: list[Issue] = []
+        self._active: set[int] = set()  # nodes on the current walk: a recursive alias would never end
+
+    def issue(self, node, path: Path_t, message: str, fix: str = "") -> None:
+        self.issues.append(Issue.at(_mark(self.file, node), render_path(path), message, fix))
+
+    def walk(self, node, path: Path_t) -> Any:
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self._active:
+                self.issue(node, path, "a YAML alias refers to itself", "write the value out")
+                return None
+            self._active.add(id(node))
+            try:
+                return self.walk_mapping(node, path) if isinstance(node, yaml.MappingNode) else self.walk_list(node, path)
+            finally:
+                self._active.discard(id(node))
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            self.issue(node, path, f"cannot read this value: {getattr(exc, 'problem', exc)}",
+                       "use plain YAML scalars, lists and mappings (no tags)")
+            return None
+
+    def walk_list(self, node, path: Path_t) -> list:
+        out = []
+        for i, item in enumerate(node.value):
+            self.positions[path + (i,)] = _mark(self.file, item)
+            out.append(self.walk(item, path + (i,)))
+        return out
+
+    def walk_mapping(self, node, path: Path_t) -> dict:
+        out: dict = {}
+        first_line: dict = {}
+        for knode, vnode in node.value:
+            if knode.tag == _MERGE_TAG:
+                self.issue(knode, path, "YAML merge keys (<<) are not supported", "use `extends:` or write the keys out")
+                continue
+            key = self.walk(knode, path) if isinstance(knode, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self.issue(knode, path + (str(key),), f"keys must be strings, got {type(key).__name__} {key!r}",
+                           "quote the key or rename it")
+                continue
+            if key in out:
+                self.issue(knode, path + (key,), f"duplicate key '{key}' (first defined at line {first_line[key]})",
+                           "keep one of the two entries")
+            first_line.setdefault(key, knode.start_mark.line + 1)
+            self.positions[path + (key,)] = _mark(self.file, knode)
+            out[key] = self.walk(vnode, path + (key,))
+        return out
+
+
+def load_document(path: Path) -> tuple[Document | None, list[Issue]]:
+    """Read one YAML file. Returns (None, issues) when it cannot be parsed or is not a mapping."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [Issue.at(Location(file), "<document>", f"cannot read file: {exc.strerror or exc}",
+                               "check the path")]
+    return parse_document(text, file)
+
+
+def parse_document(text: str, file: str) -> tuple[Document | None, list[Issue]]:
+    """Parse YAML text that must hold one mapping (an empty document counts as `{}`)."""
+    loader = StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        return None, [Issue.at(loc, "<document>", f"YAML syntax error: {exc.problem or exc}",
+                               "fix the YAML syntax at this position")]
+    except yaml.YAMLError as exc:
+        return None, [Issue.at(Location(file), "<document>", f"YAML error: {exc}", "fix the YAML syntax")]
+    finally:
+        loader.dispose()
+    if node is None:
+        return Document(file, {}), []
+    walker = _Walker(loader, file)
+    data = walker.walk(node, ())
+    if not isinstance(data, dict):
+        return None, walker.issues + [Issue.at(_mark(file, node), "<document>",
+                                               f"a profile must be a mapping of sections, got {type_name(data)}",
+                                               "start the file with `extends:` or a section such as `training:`")]
+    return Document(file, data, walker.positions), walker.issues
+
+
+def parse_value(text: str) -> Any:
+    """Parse a `--set` value with the same YAML rules as profiles; raises ValueError on bad YAML."""
+    if text.strip() == "":
+        return ""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def type_name(value: Any) -> str:
+    """A user-facing type name: mapping, list, str, int, float, bool, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def dump_yaml(data: Any) -> str:
+    """Block-style YAML, keys in insertion order."""
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
