@@ -1,0 +1,202 @@
+"""What the rollout core needs from a tokenizer: exact per-token text, encoding, and the special ids.
+
+`TokenCodec` is the protocol; `HFTokenCodec` adapts a HF fast tokenizer; `ToyCodec` is a small
+pure-Python tokenizer for tests whose vocabulary has multi-character punctuation runs (`"]}, "`, `}}`)
+so tokens straddle object boundaries the way real BPE merges do.
+
+The parser's character frame is `"".join(codec.pieces(ids))`: every offset it reports indexes that text.
+Imports nothing heavy (no torch; transformers is never imported, the tokenizer object is passed in).
+"""
+from __future__ import annotations
+
+import re
+from typing import Protocol, Sequence, runtime_checkable
+
+from toolkit.data.coords import COORD_TOKENS, NUM_BINS
+from toolkit.data.render import render_answer
+
+IM_END = "<|im_end|>"
+IM_START = "<|im_start|>"
+PAD = "<|endoftext|>"
+
+
+@runtime_checkable
+class TokenCodec(Protocol):
+    """The tokenizer surface the parser and target builders use.
+
+    im_end_id:        the end-of-turn id (a hard stop for parsing; the last token of every segment).
+    coord_token_ids:  the 1000 coordinate-token ids, indexed by bin.
+    """
+
+    im_end_id: int
+    coord_token_ids: Sequence[int]
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The exact text of each token; `"".join(pieces(ids))` is the decoded text."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added."""
+
+    def coord_bin(self, token_id: int) -> int | None:
+        """Bin (0..999) of a coordinate-token id, else None."""
+
+    def object_key_token_ids(self) -> list[int]:
+        """Ids of the tokens that spell `object_` (used to count opened object keys during decoding)."""
+
+
+class _CoordTable:
+    """Shared coord-id bookkeeping (bin lookup, validation)."""
+
+    def _init_coords(self, coord_ids: Sequence[int]) -> None:
+        ids = tuple(int(i) for i in coord_ids)
+        if len(ids) != NUM_BINS or len(set(ids)) != NUM_BINS:
+            raise ValueError(f"expected {NUM_BINS} distinct coordinate-token ids, got {len(set(ids))}")
+        self.coord_token_ids = ids
+        self._bin_of = {t: k for k, t in enumerate(ids)}
+
+    def coord_bin(self, token_id: int) -> int | None:
+        return self._bin_of.get(token_id)
+
+
+# Texts that exercise what the parser relies on: punctuation runs, spaces, coords, escapes. ASCII only:
+# a vocabulary without byte fallback maps other characters to <unk>, which says nothing about its mapping.
+_PROBE_TEXTS = (
+    render_answer(
+        [{"desc": "red car", "bbox_2d": [1, 2, 30, 400]}, {"desc": 'a "b" c', "bbox_2d": [5, 6, 999, 999]}],
+        ordering="given",
+    ),
+    '{"object_12": {"bbox_2d": ["<|coord_0|>"], "desc": "x y"}, ',
+    "hello world {}",
+)
+
+
+class HFTokenCodec(_CoordTable):
+    """A `PreTrainedTokenizerFast` as a TokenCodec.
+
+    Token text comes from `convert_ids_to_tokens` when the vocabulary is literal text (the project's
+    BPE): checked once at construction by round-tripping probe strings. Otherwise (byte-level, Metaspace)
+    each piece is decoded per token against an anchor token, and when those pieces do not reassemble the
+    sequence's decode (a character split over several byte tokens) the pieces are recomputed by
+    incremental decoding, giving the completing token the whole character and the others "".
+
+    Raises:
+        ValueError: when `<|im_end|>` or one of the 1000 `<|coord_k|>` tokens is not a single token.
+    """
+
+    def __init__(self, tokenizer, *, im_end_token: str = IM_END):
+        self.tok = tokenizer
+        self.im_end_id = self._single_id(im_end_token)
+        self._init_coords([self._single_id(t) for t in COORD_TOKENS])
+        self.literal = all(self._literal_roundtrip(t) for t in _PROBE_TEXTS)
+        self._anchor = self.encode("a")[-1] if self.encode("a") else self.im_end_id
+        self._anchor_text = self._decode([self._anchor])
+        self._piece_cache: dict[int, str] = {}
+        self._key_ids: list[int] | None = None
+
+    def _single_id(self, token: str) -> int:
+        tid = self.tok.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tok.unk_token_id or self.tok.encode(token, add_special_tokens=False) != [tid]:
+            raise ValueError(f"tokenizer has no single token for {token!r} (fix: add it as a special/added token)")
+        return int(tid)
+
+    def _literal_roundtrip(self, text: str) -> bool:
+        ids = self.encode(text)
+        return "".join(t or "" for t in self.tok.convert_ids_to_tokens(ids)) == text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        ids = [int(i) for i in ids]
+        if self.literal:
+            return [t or "" for t in self.tok.convert_ids_to_tokens(ids)]
+        out = [self._piece(i) for i in ids]
+        if "".join(out) == self._decode(ids):
+            return out
+        return self._incremental_pieces(ids)
+
+    def _piece(self, tid: int) -> str:
+        piece = self._piece_cache.get(tid)
+        if piece is None:
+            both = self._decode([self._anchor, tid])
+            piece = both[len(self._anchor_text) :] if both.startswith(self._anchor_text) else self._decode([tid])
+            self._piece_cache[tid] = piece
+        return piece
+
+    def _incremental_pieces(self, ids: list[int]) -> list[str]:
+        # O(n^2) decodes, only reached for byte-level text that splits characters across tokens.
+        out, prev = [], ""
+        for k in range(len(ids)):
+            cur = self._decode(ids[: k + 1])
+            if cur.startswith(prev) and not cur.endswith("\ufffd"):
+                out.append(cur[len(prev) :])
+                prev = cur
+            else:
+                out.append("")
+        full = self._decode(ids)
+        if out and full.startswith(prev):
+            out[-1] += full[len(prev) :]
+        return out
+
+    def object_key_token_ids(self) -> list[int]:
+        if self._key_ids is None:
+            vocab = self.tok.get_vocab()
+            text = {i: (t if self.literal else self._piece(i)) for t, i in vocab.items()}
+            hits = sorted(i for i, t in text.items() if "object_" in t)
+            self._key_ids = hits or sorted(i for i, t in text.items() if "object" in t)
+        return list(self._key_ids)
+
+
+class ToyCodec(_CoordTable):
+    """A deterministic pure-Python tokenizer for tests (greedy longest match, any text encodable).
+
+    Ids: 0 `<|im_end|>`, 1 `<|im_start|>`, 2 `<|endoftext|>`, 3..1002 `<|coord_0|>`..`<|coord_999|>`,
+    then the multi-character vocabulary below, then one id per Unicode code point (`CHAR_BASE + ord(c)`).
+    """
+
+    MULTI = (
+        '{"object_', ', "object_', '"object_', 'object_',
+        '": {"desc": "', '": {"bbox_2d": ["', '", "bbox_2d": ["', '"], "desc": "',
+        '"]}, "', '"]}}', '"]}', '"}, "', '"}}', '"}', '}}', '}, "', '}, ',
+        '", "', '{"', '": "', '": ["', '": ', ', ', 'desc', 'bbox_2d', 'poly', 'cat', 'dog', 'red ', 'person',
+    )
+    SPECIALS = (IM_END, IM_START, PAD)
+
+    def __init__(self):
+        self.im_end_id = 0
+        self._init_coords(range(3, 3 + NUM_BINS))
+        self.multi_base = 3 + NUM_BINS
+        self.char_base = self.multi_base + len(self.MULTI)
+        self.vocab_size = self.char_base + 0x110000
+        self._id_of = {t: i for i, t in enumerate(self.SPECIALS)}
+        self._id_of.update({t: 3 + k for k, t in enumerate(COORD_TOKENS)})
+        self._id_of.update({t: self.multi_base + k for k, t in enumerate(self.MULTI)})
+        self._text_of = {i: t for t, i in self._id_of.items()}
+        alts = sorted(self._id_of, key=len, reverse=True)  # longest first: Python's alternation is ordered
+        self._re = re.compile("|".join(re.escape(a) for a in alts) + "|.", re.S)
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for m in self._re.finditer(text):
+            s = m.group()
+            tid = self._id_of.get(s)
+            ids.append(tid if tid is not None else self.char_base + ord(s))
+        return ids
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            t = self._text_of.get(i)
+            if t is None:
+                if not self.char_base <= i < self.vocab_size:
+                    raise ValueError(f"ToyCodec: token id {i} outside the vocabulary [0, {self.vocab_size})")
+                t = chr(i - self.char_base)
+            out.append(t)
+        return out
+
+    def object_key_token_ids(self) -> list[int]:
+        return sorted(i for t, i in self._id_of.items() if "object_" in t)

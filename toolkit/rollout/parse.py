@@ -1,0 +1,340 @@
+"""Strict, token-aligned parsing of a rollout into an append-ready prefix and its valid objects.
+
+Owns the JSON member scanner (also used by targets.py for append-readiness and closure) and
+`parse_rollout` (domain.md §4.2). No repair: an object is either taken exactly as emitted or dropped
+into one reason bucket. Pure Python + the codec; imports nothing heavy.
+
+Frames: character offsets index `"".join(codec.pieces(ids))` of the rollout cut at its first
+`<|im_end|>`; token positions index `ParseResult.prefix_token_ids`.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from toolkit.data.coords import parse_coord_token
+
+DROP_REASONS = (
+    "key_invalid",  # not `object_N`, value not a complete loadable dict, duplicate/extra keys, syntax error
+    "missing_desc",
+    "missing_geom",
+    "unknown_geom",
+    "poly_unsupported",  # bbox-only Stage-2: a `poly` object is dropped
+    "wrong_arity",
+    "non_coord_token",  # a bbox entry that is not exactly one `<|coord_k|>` token inside quotes
+    "bbox_invalid",  # x2 < x1 or y2 < y1
+)
+JSON_WS = " \t\n\r"
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_STR_TAIL_RE = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # after an opening quote, through the closing one
+_NESTED_RE = re.compile(r'["{}\[\]]')
+_SCALAR_RE = re.compile(r'[^ \t\n\r,{}\[\]":]+')
+_KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
+_CLOSER = {"{": "}", "[": "]"}
+
+
+class RetokenizeError(RuntimeError):
+    """The kept part of a token cut by the prefix boundary did not re-encode to the same text."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON member scanner
+
+
+@dataclass
+class Member:
+    """One `"key": value` entry of a scanned object; spans are [start, end) character offsets."""
+
+    key_raw: str  # the key with its quotes, exactly as written
+    key_start: int
+    value_start: int = -1
+    value_end: int = -1  # -1 while the value is incomplete
+    kind: str = ""  # "object" | "array" | "string" | "scalar"
+
+
+@dataclass
+class ObjectScan:
+    """Result of scanning one `{...}` object member by member.
+
+    status: "closed" (its `}` found, `end` is just after it), "open" (text ended; `state` says where),
+            "error" (a syntax error at member level at `end`).
+    state:  where an open scan stopped: "key_or_close" (just after `{`), "key" (after `,`), "in_key",
+            "colon", "value", "in_value", "after" (after a complete value).
+    """
+
+    start: int
+    members: list[Member] = field(default_factory=list)
+    status: str = "open"
+    end: int = 0
+    state: str = "key_or_close"
+
+
+def _value_end(text: str, i: int) -> tuple[str, int, str]:
+    """(status, end, kind) of the JSON value starting at text[i] (not whitespace)."""
+    c = text[i]
+    if c == '"':
+        m = _STR_TAIL_RE.match(text, i + 1)
+        return ("ok", m.end(), "string") if m else ("open", len(text), "string")
+    if c in _CLOSER:
+        stack, j = [c], i + 1
+        while True:
+            m = _NESTED_RE.search(text, j)
+            if m is None:
+                return "open", len(text), ""
+            ch, p = m.group(), m.start()
+            if ch == '"':
+                s = _STR_TAIL_RE.match(text, p + 1)
+                if s is None:
+                    return "open", len(text), ""
+                j = s.end()
+            elif ch in _CLOSER:
+                stack.append(ch)
+                j = p + 1
+            elif ch != _CLOSER[stack.pop()]:
+                return "error", p, ""
+            elif not stack:
+                return "ok", p + 1, "object" if c == "{" else "array"
+            else:
+                j = p + 1
+    m = _SCALAR_RE.match(text, i)
+    if m is None:
+        return "error", i, ""
+    return ("open", len(text), "scalar") if m.end() == len(text) else ("ok", m.end(), "scalar")
+
+
+def scan_object(text: str, start: int) -> ObjectScan:
+    """Scan the object opening at text[start] == "{": members strictly, values by bracket matching.
+
+    Strings (with escapes) are skipped whole, so braces, brackets and `<|im_end|>` inside them are text.
+    Inside a member value only bracket matching is checked; the value's own JSON is validated later.
+    """
+    scan = ObjectScan(start)
+    i, n = start + 1, len(text)
+    while True:
+        i = _WS_RE.match(text, i).end()
+        if i >= n:
+            scan.end = n
+            return scan
+        c, state = text[i], scan.state
+        if c == "}" and state in ("key_or_close", "after"):
+            scan.status, scan.end = "closed", i + 1
+            return scan
+        if state == "after" and c == ",":
+            scan.state, i = "key", i + 1
+        elif state in ("key_or_close", "key") and c == '"':
+            m = _STR_TAIL_RE.match(text, i + 1)
+            if m is None:
+                scan.state, scan.end = "in_key", n
+                return scan
+            scan.members.append(Member(text[i : m.end()], i))
+            scan.state, i = "colon", m.end()
+        elif state == "colon" and c == ":":
+            scan.state, i = "value", i + 1
+        elif state == "value":
+            status, end, kind = _value_end(text, i)
+            if status != "ok":
+                scan.status = "error" if status == "error" else "open"
+                scan.state, scan.end = "in_value", end
+                return scan
+            mem = scan.members[-1]
+            mem.value_start, mem.value_end, mem.kind = i, end, kind
+            scan.state, i = "after", end
+        else:
+            scan.status, scan.end = "error", i
+            return scan
+
+
+def fields_of(text: str, mem: Member) -> dict[str, Member] | None:
+    """The members of a complete object value, by raw key text (None if any raw key repeats)."""
+    inner = scan_object(text, mem.value_start)
+    out = {f.key_raw: f for f in inner.members}
+    return out if len(out) == len(inner.members) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# parse_rollout
+
+
+@dataclass(frozen=True)
+class ParsedObject:
+    """A valid rollout object.
+
+    index:           N of its `object_N` key.
+    bbox:            (x1, y1, x2, y2) bins.
+    coord_positions: indices into `prefix_token_ids` of its 4 coord tokens, in bbox order.
+    span:            characters from the key's opening quote to just after the value's `}`.
+    desc_span:       characters of the desc string's content (quotes excluded).
+    """
+
+    index: int
+    desc: str
+    bbox: tuple[int, int, int, int]
+    coord_positions: tuple[int, int, int, int]
+    span: tuple[int, int]
+    desc_span: tuple[int, int]
+
+
+@dataclass
+class ParseResult:
+    """What `parse_rollout` returns. The prefix is append-ready: it ends right after the last complete
+    object value (no closing `}`), or right after the first `{`, or is `encode("{")` when there was none.
+
+    truncated: the rollout ended before its top-level object closed (or had no `{` at all).
+    malformed: a member-level syntax error stopped the scan (the rest of the rollout was discarded).
+    fallback:  no complete object member was kept: the prefix ends right after an (opening) `{`.
+    max_object_index: the largest N over every `object_N` key kept in the prefix, valid or not (0 if none).
+    """
+
+    prefix_token_ids: list[int]
+    prefix_text: str
+    token_offsets: list[tuple[int, int]]
+    objects: list[ParsedObject]
+    drops: dict[str, int]
+    n_total_objects: int
+    truncated: bool
+    malformed: bool
+    fallback: bool
+    max_object_index: int
+    rollout_len: int
+    stopped_at_im_end: bool
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.drops.values())
+
+
+def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[int] = ()) -> ParseResult:
+    """Strictly parse a rollout's token ids (domain.md §4.2); never raises on any token sequence.
+
+    Args:
+        token_ids: the generated ids (prompt excluded). Parsing stops at the first `<|im_end|>`
+            (or any id in `extra_stop_ids`).
+        codec: a `TokenCodec`.
+
+    Raises:
+        RetokenizeError: only if the codec cannot re-encode the kept part of a cut token to the same
+            text (an invariant of the codec, not of the input).
+    """
+    ids = [int(t) for t in token_ids]
+    n_rollout = len(ids)
+    stops = {codec.im_end_id, *(int(t) for t in extra_stop_ids)}
+    stop = next((k for k, t in enumerate(ids) if t in stops), n_rollout)
+    ids = ids[:stop]
+    pieces = codec.pieces(ids)
+    starts, ends = _offsets(pieces)
+    text = "".join(pieces)
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    brace = text.find("{")
+    if brace < 0:
+        prefix_ids = codec.encode("{")
+        prefix_pieces = _checked_pieces(codec, prefix_ids, "{")
+        return ParseResult(prefix_ids, "{", list(zip(*_offsets(prefix_pieces))), [], drops, 0, True, False, True, 0,
+                           n_rollout, stop < n_rollout)
+    scan = scan_object(text, brace)
+    dict_ends = [m.value_end for m in scan.members if m.kind == "object"]
+    cut = dict_ends[-1] if dict_ends else brace + 1
+    objects, max_index = [], 0
+    for mem in scan.members:
+        kept = 0 < mem.value_end <= cut
+        key = _KEY_RE.fullmatch(mem.key_raw)
+        if kept and key:
+            max_index = max(max_index, int(key.group(1)))
+        obj, reason = _validate(text, mem, key, ids, starts, ends, codec) if kept else (None, "key_invalid")
+        if obj is None:
+            drops[reason] += 1
+        else:
+            objects.append(obj)
+    n_total = len(scan.members)
+    if scan.status == "error" and scan.state in ("key_or_close", "key", "after"):  # junk between members
+        drops["key_invalid"] += 1
+        n_total += 1
+    prefix_ids, prefix_pieces = _cut_tokens(ids, pieces, starts, ends, cut, codec)
+    return ParseResult(
+        prefix_token_ids=prefix_ids,
+        prefix_text=text[:cut],
+        token_offsets=list(zip(*_offsets(prefix_pieces))),
+        objects=objects,
+        drops=drops,
+        n_total_objects=n_total,
+        truncated=scan.status == "open",
+        malformed=scan.status == "error",
+        fallback=not dict_ends,
+        max_object_index=max_index,
+        rollout_len=n_rollout,
+        stopped_at_im_end=stop < n_rollout,
+    )
+
+
+def _offsets(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
+    starts, ends, pos = [], [], 0
+    for p in pieces:
+        starts.append(pos)
+        pos += len(p)
+        ends.append(pos)
+    return starts, ends
+
+
+def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
+    pieces = codec.pieces(ids)
+    if "".join(pieces) != text:
+        raise RetokenizeError(
+            f"Failed to retokenize a token-internal cut boundary: {text!r} encoded to {ids} whose pieces "
+            f"{pieces!r} do not reassemble it (the codec's encode/pieces are not inverse)"
+        )
+    return pieces
+
+
+def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[str]]:
+    """Token ids of text[:cut]: whole tokens before the cut, plus the re-encoded kept part of a cut token."""
+    k = bisect.bisect_left(starts, cut)  # tokens starting before the cut
+    if k == 0 or ends[k - 1] <= cut:
+        return ids[:k], list(pieces[:k])
+    kept = pieces[k - 1][: cut - starts[k - 1]]
+    new = codec.encode(kept)
+    return ids[: k - 1] + new, list(pieces[: k - 1]) + _checked_pieces(codec, new, kept)
+
+
+def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | None, str]:
+    """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
+    if key is None or mem.kind != "object":
+        return None, "key_invalid"
+    try:
+        value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
+    except (ValueError, RecursionError):
+        return None, "key_invalid"
+    geom_keys = [k for k in value if k != "desc"]
+    if len(geom_keys) > 1:
+        return None, "key_invalid"
+    desc = value.get("desc")
+    if not isinstance(desc, str) or not desc.strip():
+        return None, "missing_desc"
+    if not geom_keys:
+        return None, "missing_geom"
+    if geom_keys[0] != "bbox_2d":
+        return None, "poly_unsupported" if geom_keys[0] == "poly" else "unknown_geom"
+    vals = value["bbox_2d"]
+    if not isinstance(vals, list) or len(vals) != 4:
+        return None, "wrong_arity"
+    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in vals]
+    fields = fields_of(text, mem)
+    if None in bins or fields is None or '"bbox_2d"' not in fields or '"desc"' not in fields:
+        return None, "non_coord_token" if None in bins else "key_invalid"
+    arr, dsc = fields['"bbox_2d"'], fields['"desc"']
+    lo, hi = bisect.bisect_left(starts, arr.value_start), bisect.bisect_left(starts, arr.value_end)
+    pos = [p for p in range(lo, hi) if ends[p] <= arr.value_end and codec.coord_bin(ids[p]) is not None]
+    if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
+        return None, "non_coord_token"
+    if bins[2] < bins[0] or bins[3] < bins[1]:
+        return None, "bbox_invalid"
+    return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end),
+                        (dsc.value_start + 1, dsc.value_end - 1)), ""
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
