@@ -159,3 +159,15 @@ def test_writer_other_ranks_write_nothing(tmp_path):
     writer.write(0, "A", {"loss/ce": 1.0})
     writer.close()
     assert not (tmp_path / "out").exists() and not (tmp_path / "tb").exists()
+
+
+def test_shorthands_and_alias():
+    from toolkit.trainer.metrics import reduce_metrics
+
+    m = StepMetrics()
+    m.count("stage2/drop/too_long")
+    m.count("stage2/drop/too_long", 2)
+    m.time("time/step_s", 1.0)
+    m.time("time/step_s", 3.0)
+    assert reduce is reduce_metrics
+    assert reduce_metrics(m) == {"stage2/drop/too_long": 3.0, "time/step_s": 3.0}

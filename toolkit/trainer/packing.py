@@ -126,7 +126,10 @@ class PackBatch:
 
     @property
     def length(self) -> int:
+        """Tokens in the pack (L)."""
         return int(self.input_ids.shape[1])
+
+    total_len = length
 
     def to(self, device: Any) -> PackBatch:
         """A copy with every tensor on `device`."""
