@@ -1,0 +1,248 @@
+"""FN-append and Channel-A/B segments: which token gets which CE weight and which coord slots (§4.4, §4.5)."""
+import pytest
+
+from toolkit.data.render import dumps_payload, object_payload, render_answer
+from toolkit.data.segment import Segment
+from toolkit.rollout.match import MatchResult, match_boxes
+from toolkit.rollout.parse import parse_rollout
+from toolkit.rollout.targets import (
+    Drop,
+    build_channel_a_segment,
+    build_channel_b_segment,
+    fn_append_fragment,
+)
+
+PROMPT = [1, 1, 1, 1]  # <|im_start|> ids; any ids work as the prompt
+KNOBS = dict(candidate_top_k=5, gate=0.5, resolution=256, fp_cost=1.0, fn_cost=1.0)
+CAT = {"desc": "cat", "bbox_2d": [10, 10, 100, 100]}
+DOG = {"desc": "dog", "bbox_2d": [500, 500, 700, 700]}
+BUS = {"desc": "red bus", "bbox_2d": [200, 50, 400, 90]}
+
+
+def entry(n, obj, field_order="desc_first"):
+    return f'"object_{n}": ' + dumps_payload(object_payload(obj["desc"], obj["bbox_2d"], field_order))
+
+
+def rollout(codec, text, im_end=True):
+    return codec.encode(text) + ([codec.im_end_id] if im_end else [])
+
+
+def build_b(codec, text, gt, **kw):
+    parse = parse_rollout(rollout(codec, text), codec)
+    match = match_boxes([o.bbox for o in parse.objects], [g["bbox_2d"] for g in gt], **KNOBS)
+    seg = build_channel_b_segment(PROMPT, parse, gt, match, codec, **{"sample_id": "s", **kw})
+    return parse, match, seg
+
+
+def assistant(codec, seg):
+    """(piece, weight) of the assistant tokens."""
+    return list(zip(codec.pieces(seg.input_ids[seg.prompt_len:]), seg.ce_weights[seg.prompt_len:]))
+
+
+def check_segment(codec, seg):
+    assert isinstance(seg, Segment)
+    assert seg.input_ids[-1] == codec.im_end_id and seg.ce_weights[-1] == 1.0
+    assert all(w == 0 for w in seg.ce_weights[: seg.prompt_len])
+    assert all(w == 0 for t, w in zip(seg.input_ids, seg.ce_weights) if codec.coord_bin(t) is not None)
+    assert [codec.coord_bin(seg.input_ids[p]) is not None for p in seg.coord_pos] == [True] * len(seg.coord_pos)
+    assert all(0 <= b <= 999 for b in seg.coord_bins)
+
+
+# --------------------------------------------------------------------------------------------- fragment
+
+
+def test_fragment_without_fn_closes_the_object():
+    assert fn_append_fragment("{", [], 1) == "}"
+    assert fn_append_fragment('{"object_1": {"desc": "a"}', [], 2) == "}"
+
+
+def test_fragment_comma_policy():
+    frag = entry(1, CAT) + "}"
+    assert fn_append_fragment("{", [CAT], 1) == frag
+    assert fn_append_fragment("{ \n", [CAT], 1) == frag
+    assert fn_append_fragment('{"object_1": {"desc": "a"}', [CAT], 1) == ", " + frag
+    assert fn_append_fragment('{"object_1": {"desc": "a"},', [CAT], 1) == frag
+    with pytest.raises(ValueError, match="ends with ','"):
+        fn_append_fragment('{"object_1": {"desc": "a"},', [], 2)
+
+
+def test_fragment_numbering_and_field_order():
+    frag = fn_append_fragment("{", [CAT, DOG], 5, "geometry_first")
+    assert frag == entry(5, CAT, "geometry_first") + ", " + entry(6, DOG, "geometry_first") + "}"
+    assert frag.index('"bbox_2d"') < frag.index('"desc"')
+
+
+@pytest.mark.parametrize("prefix", [
+    "", "hello", '{"object_1": "x"', '{"object_1": {', '{"object_1": {"desc": "a}', '{"object_1": {}}',
+    '{"object_1": 12', '{"object_1"', '{"object_1":', '{"a": 1 2',
+])
+def test_fragment_rejects_prefixes_that_are_not_append_ready(prefix):
+    with pytest.raises(ValueError, match="not append-ready"):
+        fn_append_fragment(prefix, [CAT], 1)
+
+
+# --------------------------------------------------------------------------------------------- Channel-B
+
+
+def test_matched_prefix_supervises_structure_only_not_desc_or_fp(codec):
+    fp = {"desc": "cow", "bbox_2d": [900, 900, 950, 950]}
+    text = "{" + ", ".join([entry(1, fp), entry(2, CAT), entry(3, fp)]) + "}"
+    parse, match, seg = build_b(codec, text, [CAT])
+    check_segment(codec, seg)
+    assert [(i, j) for i, j, _ in match.pairs] == [(1, 0)] and match.fp_indices == [0, 2]
+    cat = parse.objects[1]
+    n_pre = len(parse.prefix_token_ids)
+    offsets = parse.token_offsets
+    for y, ((s, e), w) in enumerate(zip(offsets, seg.ce_weights[seg.prompt_len:][:n_pre])):
+        t = parse.prefix_token_ids[y]
+        in_cat = s < cat.span[1] and e > cat.span[0]
+        in_desc = s < cat.desc_span[1] and e > cat.desc_span[0]
+        assert w == (1.0 if in_cat and not in_desc and codec.coord_bin(t) is None else 0.0), (y, parse.prefix_text[s:e])
+    supervised = "".join(parse.prefix_text[s:e] for (s, e), w in zip(offsets, seg.ce_weights[seg.prompt_len:]) if w)
+    assert "cow" not in supervised and "cat" not in supervised and "object_2" in supervised
+    assert '"object_1"' not in supervised and '"object_3"' not in supervised
+    # geometry: the matched object's 4 coord slots, prefix group, GT bins
+    assert seg.box_groups == ["prefix"] and seg.coord_bins == CAT["bbox_2d"]
+    assert seg.coord_pos == [seg.prompt_len + p for p in cat.coord_positions]
+
+
+def test_matched_slots_take_gt_bins_not_predicted_bins(codec):
+    pred = {"desc": "cat", "bbox_2d": [12, 11, 98, 99]}
+    _, match, seg = build_b(codec, "{" + entry(1, pred) + "}", [CAT])
+    assert len(match.pairs) == 1
+    assert [codec.coord_bin(seg.input_ids[p]) for p in seg.coord_pos] == pred["bbox_2d"]
+    assert seg.coord_bins == CAT["bbox_2d"]
+
+
+def test_fn_numbering_continues_after_invalid_and_non_dict_keys(codec):
+    text = "{" + ", ".join([entry(1, CAT), '"object_3": {"desc": ""}', '"object_4": 5', entry(2, CAT)]) + "}"
+    parse, _, seg = build_b(codec, text, [CAT, DOG])
+    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    assert answer == parse.prefix_text + ", " + entry(5, DOG) + "}<|im_end|>"
+    check_segment(codec, seg)
+
+
+def test_fn_only_sample_has_coord_slots_and_full_tail_supervision(codec):
+    _, match, seg = build_b(codec, "hello", [DOG, CAT], desc_ce_weight=0.25)
+    check_segment(codec, seg)
+    assert match.fn_indices == [0, 1]
+    # canonical order (sorted by y1, x1) among the FN objects; group fn; bins from the appended tokens
+    assert seg.box_groups == ["fn", "fn"] and seg.coord_bins == CAT["bbox_2d"] + DOG["bbox_2d"]
+    toks = assistant(codec, seg)
+    assert toks[0] == ("{", 0.0)  # the synthesized opening brace is context, not a target
+    assert dict(toks)["cat"] == 0.25 and dict(toks)["dog"] == 0.25
+    assert all(w == 1.0 for p, w in toks[1:] if codec.coord_bin(codec.encode(p)[0]) is None and p not in ("cat", "dog"))
+    assert seg.meta["rollout/invalid_rollout"] == 1 and seg.meta["rollout/fn_coord_slots"] == 8
+
+
+def test_closure_is_supervised_and_multiplier_applies_to_fn_structure_only(codec):
+    text = "{" + entry(1, CAT) + ', "object_2": {"desc": "x"}}'  # one drop (missing_geom)
+    parse, _, seg = build_b(codec, text, [CAT, DOG], desc_ce_weight=0.0, drop_invalid_struct_ce_multiplier=3.0)
+    check_segment(codec, seg)
+    assert parse.n_dropped == 1
+    tail = assistant(codec, seg)[len(parse.prefix_token_ids):]
+    assert tail[-2:] == [('"]}}', 1.0), ("<|im_end|>", 1.0)]  # closure: exactly 1, fused with the FN end
+    assert dict(tail)["dog"] == 0.0
+    struct = [w for p, w in tail[:-2] if p != "dog" and codec.coord_bin(codec.encode(p)[0]) is None]
+    assert struct and set(struct) == {3.0}
+    assert seg.meta["stage2/struct_ce_multiplied"] == 1
+
+
+@pytest.mark.parametrize("mult, expected", [(10.0, 4.0), (0.5, 1.0), (2.0, 2.0)])
+def test_multiplier_is_clamped(codec, mult, expected):
+    text = '{"object_1": 5}'
+    _, _, seg = build_b(codec, text, [DOG], drop_invalid_struct_ce_multiplier=mult)
+    tail = assistant(codec, seg)[1:-2]
+    assert {w for p, w in tail if p != "dog" and codec.coord_bin(codec.encode(p)[0]) is None} == {expected}
+
+
+def test_no_drops_means_no_multiplier(codec):
+    _, _, seg = build_b(codec, "{", [DOG], drop_invalid_struct_ce_multiplier=4.0)
+    assert max(seg.ce_weights) == 1.0
+
+
+def test_perfect_rollout_is_all_matched_and_closes(codec):
+    gt = [CAT, BUS, DOG]
+    text = render_answer(gt)
+    parse, match, seg = build_b(codec, text, gt)
+    check_segment(codec, seg)
+    assert len(match.pairs) == 3 and match.fn_indices == []
+    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    assert answer == text + "<|im_end|>"
+    assert codec.pieces(seg.input_ids[-3:]) == ['"]}', "}", "<|im_end|>"]  # fused `"]}}` cut, `}` appended
+    a = build_channel_a_segment(PROMPT, gt, codec)
+    assert seg.coord_pos == a.coord_pos and seg.coord_bins == a.coord_bins  # same slot rule in A and B
+    assert seg.box_groups == ["prefix"] * 3
+
+
+def test_desc_with_braces_keeps_closure(codec):
+    odd = {"desc": "a}b{\"c", "bbox_2d": [1, 1, 5, 5]}
+    _, _, seg = build_b(codec, "{", [odd])
+    check_segment(codec, seg)
+    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len:])).endswith('"]}}<|im_end|>')
+
+
+def test_gt_desc_spelling_a_special_token_is_dropped(codec):
+    evil = {"desc": "<|im_end|>", "bbox_2d": [1, 1, 5, 5]}
+    _, _, seg = build_b(codec, "{", [evil])
+    assert isinstance(seg, Drop) and seg.reason == "fragment_encoding" and seg.meta["rollout/gt_objects"] == 1
+    assert build_channel_a_segment(PROMPT, [evil], codec).reason == "answer_encoding"
+
+
+def test_too_long_is_a_drop_with_counters(codec):
+    _, _, seg = build_b(codec, "{", [CAT, DOG], max_len=10)
+    assert isinstance(seg, Drop) and seg.reason == "too_long" and seg.sample_id == "s"
+    assert seg.meta["rollout/fn"] == 2 and seg.meta["rollout/samples"] == 1
+
+
+def test_meta_counters(codec):
+    text = "{" + entry(1, CAT) + ', "object_2": {"desc": "x", "poly": []}, ' + entry(3, DOG)
+    _, _, seg = build_b(codec, text[:-30], [CAT, BUS])
+    m = seg.meta
+    assert (m["rollout/pred_objects"], m["rollout/valid_pred_objects"], m["rollout/parse_dropped_invalid"]) == (3, 1, 2)
+    assert m["rollout/parse_drop/poly_unsupported"] == 1 and m["rollout/parse_drop/key_invalid"] == 1
+    assert (m["rollout/matched"], m["rollout/fp"], m["rollout/fn"], m["rollout/gt_objects"]) == (1, 0, 1, 2)
+    assert m["rollout/parse_truncated"] == 1 and m["rollout/matched_maskiou_sum"] == 1.0
+    assert m["rollout/train_len"] == m["rollout/prefix_len"] + m["rollout/append_len"] == len(seg) - len(PROMPT)
+
+
+def test_caller_bugs_raise(codec):
+    parse = parse_rollout(rollout(codec, "{"), codec)
+    with pytest.raises(ValueError, match="GT object 0"):
+        build_channel_b_segment(PROMPT, parse, [{"desc": "a", "bbox_2d": [5, 5, 1, 1]}], MatchResult([], [], [0], 0), codec)
+    with pytest.raises(ValueError, match="partition"):
+        build_channel_b_segment(PROMPT, parse, [CAT], MatchResult([], [], [], 0), codec)
+
+
+# --------------------------------------------------------------------------------------------- Channel-A
+
+
+@pytest.mark.parametrize("field_order", ["desc_first", "geometry_first"])
+def test_channel_a_supervises_every_answer_token(codec, field_order):
+    gt = [DOG, CAT, BUS]
+    seg = build_channel_a_segment(PROMPT, gt, codec, field_order=field_order, desc_ce_weight=0.5, sample_id="a")
+    check_segment(codec, seg)
+    text = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    assert text == render_answer(gt, field_order) + "<|im_end|>"
+    assert len(seg.coord_pos) == 12 and seg.box_groups == ["fn"] * 3
+    assert seg.coord_bins == CAT["bbox_2d"] + BUS["bbox_2d"] + DOG["bbox_2d"]  # sorted by (y1, x1)
+    for piece, w in assistant(codec, seg):
+        if codec.coord_bin(codec.encode(piece)[0]) is not None:
+            assert w == 0.0
+        elif piece in ("cat", "dog", "red ", "b", "u", "s"):
+            assert w == 0.5
+        else:
+            assert w == 1.0
+
+
+def test_channel_a_given_order_and_empty_answer(codec):
+    seg = build_channel_a_segment(PROMPT, [DOG, CAT], codec, ordering="given")
+    assert seg.coord_bins == DOG["bbox_2d"] + CAT["bbox_2d"]
+    empty = build_channel_a_segment(PROMPT, [], codec)
+    assert codec.pieces(empty.input_ids[empty.prompt_len:]) == ["{", "}", "<|im_end|>"]
+    assert empty.ce_weights[empty.prompt_len:] == [1.0, 1.0, 1.0] and empty.coord_pos == []
+
+
+def test_channel_a_too_long(codec):
+    seg = build_channel_a_segment(PROMPT, [CAT], codec, max_len=8, sample_id="x")
+    assert isinstance(seg, Drop) and seg.reason == "too_long" and seg.sample_id == "x"

@@ -1,0 +1,321 @@
+"""Teacher-forced targets: FN-append (domain.md §4.4) and the Channel-A / Channel-B `Segment`s (§3.6, §3.7, §4.5).
+
+Owns which assistant token gets which CE weight and which coordinate slots get which GT bins. Pure
+Python + the codec; imports nothing heavy. A rollout that cannot be trained gives a `Drop`, never an
+exception; exceptions are reserved for caller bugs (invalid GT, a match that does not fit the parse).
+
+Supervision rules (character spans come from the parser's per-token frame):
+- A coordinate slot is a label position whose token id is a coord token. Coord tokens never get CE.
+- A token belongs to a character span iff its own span overlaps it; a token whose text is empty
+  (a partial UTF-8 byte) is taken to span the one character that completes it.
+- Channel-B prefix: CE 1 on a token iff it overlaps a *matched* object's span (key's opening quote
+  through the value's `}`) and overlaps no matched object's desc content. So a token straddling a
+  matched and an FP object (`"]}, "`) is supervised; the opening `{`, FP objects, dropped objects and
+  separators owned by no matched object are not. Geometry: the matched object's 4 coord slots get the
+  matched GT's bins (group "prefix").
+- Channel-B tail (FN entries, `}`, `<|im_end|>`) and the whole Channel-A answer: every non-coord token
+  is supervised. Priority: the closure tokens (the one holding the outermost `}`, and `<|im_end|>`)
+  get exactly 1; else a token overlapping a desc content gets `desc_ce_weight`; else it is structure and
+  gets the struct multiplier (Channel-B only: `drop_invalid_struct_ce_multiplier` clamped to [1, 4]
+  when the parse dropped any object, else 1). Every tail coord token is a slot (group "fn").
+"""
+from __future__ import annotations
+
+import bisect
+import numbers
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from toolkit.data.coords import MAX_BIN
+from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
+from toolkit.data.segment import Segment
+from toolkit.rollout.match import MatchResult
+from toolkit.rollout.parse import DROP_REASONS, ParseResult, fields_of, scan_object
+
+Span = tuple[int, int]
+
+
+@dataclass
+class Drop:
+    """A sample that cannot be trained. `reason` is a short slug (metric-key safe); `meta` holds the
+    parse/match counters computed before the drop so metrics still see the rollout."""
+
+    reason: str
+    sample_id: str = ""
+    detail: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FN append
+
+
+def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_index: int,
+                       field_order: str = "desc_first") -> str:
+    """The text appended after an append-ready prefix: `[, ]"object_n": {...}, ...}` or just `}`.
+
+    The leading ", " is added iff the prefix already has entries and does not end with ",". Objects
+    are numbered from `start_index` in the given order with `field_order`.
+
+    Raises:
+        ValueError: when the prefix is not append-ready (rstrip must end with `{`, `}` or `,` at member
+            level of an open top-level object, outside any string), or ends with "," and there is
+            nothing to append, or `start_index` < 1.
+    """
+    if field_order not in FIELD_ORDERS:
+        raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {field_order!r}")
+    if start_index < 1:
+        raise ValueError(f"FN numbering must start at >= 1, got {start_index}")
+    stripped = prefix_text.rstrip()
+    last = stripped[-1:] or "<empty>"
+    brace = prefix_text.find("{")
+    scan = scan_object(prefix_text, brace) if brace >= 0 else None
+    if last not in "{},":
+        raise ValueError(f"rollout prefix is not append-ready; last_char={last!r} (expected '{{', '}}' or ',')")
+    if scan is None or scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
+        where = "no '{'" if scan is None else f"scan status={scan.status}, state={scan.state}"
+        raise ValueError(f"rollout prefix is not append-ready: not at member level of an open object ({where}); "
+                         f"last_char={last!r}")
+    if not fn_objects:
+        if last == ",":
+            raise ValueError("rollout prefix is not append-ready: it ends with ',' but there are no FN objects")
+        return "}"
+    leading = ", " if scan.members and last != "," else ""
+    return leading + render_entries(list(fn_objects), start_index, field_order) + "}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channel-B
+
+
+def build_channel_b_segment(
+    prompt_ids: Sequence[int],
+    parse: ParseResult,
+    gt_objects: Sequence[Mapping],
+    match: MatchResult,
+    codec,
+    *,
+    field_order: str = "desc_first",
+    ordering: str = "sorted",
+    desc_ce_weight: float = 1.0,
+    drop_invalid_struct_ce_multiplier: float = 1.0,
+    sample_id: str = "",
+    max_len: int | None = None,
+) -> Segment | Drop:
+    """Rollout prefix + FN entries + `}` + `<|im_end|>` as a Channel-B segment, or a `Drop`.
+
+    `match` must come from matching `[o.bbox for o in parse.objects]` against `gt_objects` (same order).
+    FN objects are appended in canonical `ordering`, numbered from `parse.max_object_index + 1`.
+
+    Raises:
+        ValueError: invalid GT objects, a negative `desc_ce_weight`, or a `match` that does not index
+            `parse.objects` / `gt_objects`.
+    """
+    _check_gt(gt_objects, sample_id)
+    _check_match(match, len(parse.objects), len(gt_objects), sample_id)
+    if desc_ce_weight < 0:
+        raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
+    meta = channel_b_meta(parse, match, len(gt_objects), len(prompt_ids))
+    fn_objs = list(canonical_order([gt_objects[j] for j in match.fn_indices], ordering))
+    try:
+        fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
+    except ValueError as e:
+        return Drop("prefix_not_append_ready", sample_id, str(e), meta)
+    frag_ids = codec.encode(fragment)
+    frag_pieces = codec.pieces(frag_ids)
+    if "".join(frag_pieces) != fragment or codec.im_end_id in frag_ids:
+        return Drop("fragment_encoding", sample_id, f"fragment {fragment[:200]!r} does not round-trip cleanly", meta)
+    prefix_ids = list(parse.prefix_token_ids)
+    n_pre = len(prefix_ids)
+    ids = prefix_ids + frag_ids + [codec.im_end_id]
+    pieces = [parse.prefix_text[s:e] for s, e in parse.token_offsets] + frag_pieces + codec.pieces([codec.im_end_id])
+    meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(frag_ids) + 1, "rollout/train_len": len(ids)})
+    if max_len is not None and len(prompt_ids) + len(ids) > max_len:
+        return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
+    text = "".join(pieces)
+    close, fn_desc = _closure_and_descs(text, len(parse.prefix_text), len(parse.prefix_text) + len(fragment) - 1)
+    if close is None or len(fn_desc) != len(fn_objs):
+        return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
+    offsets = _token_spans(pieces)
+    matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
+    weights = _prefix_weights(ids[:n_pre], offsets[:n_pre], [o for o, _ in matched], codec)
+    mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
+    weights += _answer_weights(ids, offsets, n_pre, close, fn_desc, desc_ce_weight, mult, codec)
+    p0 = len(prompt_ids)
+    coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
+    coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
+    fn_pos = [p0 + y for y in range(n_pre, len(ids)) if codec.coord_bin(ids[y]) is not None]
+    fn_bins = [codec.coord_bin(ids[p - p0]) for p in fn_pos]
+    if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
+        return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
+    meta.update({"rollout/prefix_coord_slots": len(coord_pos), "rollout/fn_coord_slots": len(fn_pos),
+                 "stage2/struct_ce_multiplied": int(mult != 1.0)})
+    return Segment(
+        input_ids=list(prompt_ids) + ids,
+        prompt_len=p0,
+        ce_weights=[0.0] * p0 + weights,
+        coord_pos=coord_pos + fn_pos,
+        coord_bins=coord_bins + fn_bins,
+        box_groups=["prefix"] * len(matched) + ["fn"] * len(fn_objs),
+        channel="B",
+        sample_id=sample_id,
+        meta=meta,
+    )
+
+
+def channel_b_meta(parse: ParseResult, match: MatchResult, n_gt: int, prompt_len: int) -> dict:
+    """Per-sample parse/match counters (summed into step metrics; rates are computed from the sums)."""
+    meta = {
+        "rollout/samples": 1,
+        "rollout/pred_objects": parse.n_total_objects,
+        "rollout/valid_pred_objects": len(parse.objects),
+        "rollout/parse_dropped_invalid": parse.n_dropped,
+        "rollout/parse_truncated": int(parse.truncated),
+        "rollout/parse_malformed": int(parse.malformed),
+        "rollout/invalid_rollout": int(parse.fallback and (parse.truncated or parse.malformed)),
+        "rollout/gt_objects": n_gt,
+        "rollout/matched": len(match.pairs),
+        "rollout/fp": len(match.fp_indices),
+        "rollout/fn": len(match.fn_indices),
+        "rollout/fn_appended": len(match.fn_indices),
+        "rollout/gating_rejections": match.gating_rejections,
+        "rollout/matched_maskiou_sum": match.iou_sum,
+        "rollout/rollout_len": parse.rollout_len,
+        "rollout/prompt_len": prompt_len,
+    }
+    meta.update({f"rollout/parse_drop/{r}": parse.drops.get(r, 0) for r in DROP_REASONS})
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channel-A
+
+
+def build_channel_a_segment(
+    prompt_ids: Sequence[int],
+    gt_objects: Sequence[Mapping],
+    codec,
+    *,
+    field_order: str = "desc_first",
+    ordering: str = "sorted",
+    desc_ce_weight: float = 1.0,
+    sample_id: str = "",
+    max_len: int | None = None,
+) -> Segment | Drop:
+    """The canonical answer + `<|im_end|>`, teacher-forced: every non-coord token CE, every GT coord slot.
+
+    Raises:
+        ValueError: invalid GT objects or a negative `desc_ce_weight`.
+    """
+    _check_gt(gt_objects, sample_id)
+    if desc_ce_weight < 0:
+        raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
+    ordered = canonical_order(gt_objects, ordering)
+    answer = render_answer(ordered, field_order, "given")
+    ans_ids = codec.encode(answer)
+    ids = ans_ids + [codec.im_end_id]
+    meta = {"stage2/a_gt_objects": len(ordered), "stage2/a_train_len": len(ids)}
+    ans_pieces = codec.pieces(ans_ids)
+    if "".join(ans_pieces) != answer or codec.im_end_id in ans_ids:
+        return Drop("answer_encoding", sample_id, f"answer {answer[:200]!r} does not round-trip cleanly", meta)
+    if max_len is not None and len(prompt_ids) + len(ids) > max_len:
+        return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
+    pieces = ans_pieces + codec.pieces([codec.im_end_id])
+    close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
+    if close is None or len(descs) != len(ordered):
+        return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
+    weights = _answer_weights(ids, _token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
+    p0 = len(prompt_ids)
+    pos = [p0 + y for y, t in enumerate(ids) if codec.coord_bin(t) is not None]
+    bins = [codec.coord_bin(ids[p - p0]) for p in pos]
+    if bins != [int(b) for o in ordered for b in o["bbox_2d"]]:
+        return Drop("coord_slot_mismatch", sample_id, f"{len(pos)} coord slots for {len(ordered)} GT boxes", meta)
+    return Segment(list(prompt_ids) + ids, p0, [0.0] * p0 + weights, pos, bins, ["fn"] * len(ordered), "A",
+                   sample_id, meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _token_spans(pieces: Sequence[str]) -> list[Span]:
+    """Each token's character span; an empty piece takes the next character (see module docstring)."""
+    out, pos = [], 0
+    for p in pieces:
+        out.append((pos, pos + len(p)) if p else (pos, pos + 1))
+        pos += len(p)
+    return out
+
+
+def _overlaps(spans: list[Span], starts: list[int], s: int, e: int) -> bool:
+    """Does [s, e) overlap any span of a start-sorted list of disjoint spans?"""
+    k = bisect.bisect_right(starts, s) - 1
+    if k >= 0 and spans[k][1] > s:
+        return True
+    return k + 1 < len(spans) and spans[k + 1][0] < e
+
+
+def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
+    """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`)."""
+    brace = text.find("{")
+    scan = scan_object(text, brace) if brace >= 0 else None
+    if scan is None or scan.status != "closed" or scan.end != close_at + 1:
+        return None, []
+    descs = []
+    for mem in scan.members:
+        if mem.key_start >= entries_from:
+            f = fields_of(text, mem) if mem.kind == "object" else None
+            d = f.get('"desc"') if f else None
+            if d is None or d.kind != "string":
+                return None, []
+            descs.append((d.value_start + 1, d.value_end - 1))
+    return close_at, descs
+
+
+def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
+    spans = sorted(o.span for o in matched_objs)
+    descs = sorted(o.desc_span for o in matched_objs)
+    s_starts, d_starts = [s for s, _ in spans], [s for s, _ in descs]
+    out = []
+    for t, (s, e) in zip(ids, offsets):
+        sup = codec.coord_bin(t) is None and _overlaps(spans, s_starts, s, e) and not _overlaps(descs, d_starts, s, e)
+        out.append(1.0 if sup else 0.0)
+    return out
+
+
+def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
+    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule."""
+    d_starts = [s for s, _ in descs]
+    out = []
+    for y in range(lo, len(ids)):
+        s, e = offsets[y]
+        if codec.coord_bin(ids[y]) is not None:
+            out.append(0.0)
+        elif y == len(ids) - 1 or s <= close < e:
+            out.append(1.0)
+        elif _overlaps(descs, d_starts, s, e):
+            out.append(float(desc_w))
+        else:
+            out.append(struct_w)
+    return out
+
+
+def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
+    for n, o in enumerate(gt_objects):
+        b = o.get("bbox_2d") if isinstance(o, Mapping) else None
+        ok = (isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_bin(v) for v in b)
+              and b[0] <= b[2] and b[1] <= b[3] and isinstance(o.get("desc"), str))
+        if not ok:
+            raise ValueError(f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
+                             f"with int bins in [0, {MAX_BIN}], x1 <= x2, y1 <= y2; got {o!r}")
+
+
+def _is_bin(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_BIN
+
+
+def _check_match(match: MatchResult, n_pred: int, n_gt: int, sample_id: str) -> None:
+    preds = [i for i, _, _ in match.pairs] + list(match.fp_indices)
+    gts = [j for _, j, _ in match.pairs] + list(match.fn_indices)
+    if sorted(preds) != list(range(n_pred)) or sorted(gts) != list(range(n_gt)):
+        raise ValueError(f"sample {sample_id!r}: match does not partition {n_pred} parsed objects and {n_gt} GT objects")
