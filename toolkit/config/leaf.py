@@ -57,9 +57,9 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def check_leaf(leaf: Document, merged: dict | None, parent: dict | None) -> list[Issue]:
-    """Leaf rules. `merged` (leaf over parents) decides whether the backend is vllm; `parent` (the
-    parents merged, None when they did not load) feeds the repeated-value warning."""
+def check_leaf(leaf: Document, parent: dict | None) -> list[Issue]:
+    """Leaf rules on the raw leaf; `parent` (the parents merged, None when they did not load) feeds
+    the repeated-value warning. The leaf's own rollout_backend decides whether vllm.mode is pinned."""
     issues = []
     top = Location(leaf.file, 1, 1)
     if leaf.extends != CANONICAL_PARENT:
@@ -67,11 +67,9 @@ def check_leaf(leaf: Document, merged: dict | None, parent: dict | None) -> list
         issues.append(Issue.at(leaf.where(("extends",)) if leaf.extends is not None else top, "extends",
                                f"a canonical profile extends exactly one parent '{CANONICAL_PARENT}', got {shown}",
                                f"write `extends: {CANONICAL_PARENT}` and inline any other overrides"))
-    pinned = PINNED
-    backend_source = merged if merged is not None else leaf.data
-    if _has(backend_source, ("rollout_matching", "rollout_backend")) and \
-            _get(backend_source, ("rollout_matching", "rollout_backend")) == "vllm":
-        pinned = PINNED + PINNED_WHEN_VLLM
+    backend = ("rollout_matching", "rollout_backend")
+    vllm = _has(leaf.data, backend) and _get(leaf.data, backend) == "vllm"
+    pinned = PINNED + PINNED_WHEN_VLLM if vllm else PINNED
     missing = [render_path(p) for p in pinned if not _has(leaf.data, p)]
     if missing:
         issues.append(Issue.at(top, ", ".join(missing),

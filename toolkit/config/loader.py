@@ -56,7 +56,7 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
     canonical = leaf is not None and is_canonical_leaf(path)
     if not complete:
         if canonical:
-            result.issues += check_leaf(leaf, None, None)
+            result.issues += check_leaf(leaf, None)
         result.notes.append("schema, cross-field and leaf checks skipped until the file and its parents load")
         return result
     parent = merge_documents(chain[:-1], file=str(path))
@@ -67,7 +67,7 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
     typed, schema_issues = validate_schema(merged, FULL_SCHEMA, ROOT)
     result.issues += schema_issues
     if canonical:
-        result.issues += check_leaf(leaf, merged.data, parent.data if len(chain) > 1 else None)
+        result.issues += check_leaf(leaf, parent.data if len(chain) > 1 else None)
     if typed is None:
         result.notes.append(f"{len(all_rules())} cross-field rules skipped until the errors above are fixed")
         return result

@@ -64,6 +64,17 @@ class Derived:
         return asdict(self)
 
 
+DERIVED_DOCS = {
+    "learner_world_size": "W: learner ranks (number of --gpus ids, or --nproc with --gpus cpu; 1 by default).",
+    "gradient_accumulation_steps": "E / (P × W), exact division required; written back to training.gradient_accumulation_steps.",
+    "decode_batch_size": "rollout_matching.decode_batch_size: sequences per decode call (HF generate, vLLM per rollout GPU).",
+    "eval_batch_size": "= decode_batch_size; written back to training.per_device_eval_batch_size.",
+    "rollouts_per_step": "= E: Channel-B raw rollouts per optimizer step over all ranks.",
+    "per_rank_samples_per_step": "E / W: raw samples each rank buffers and executes per optimizer step.",
+    "vllm_sync_mode": "rollout_matching.vllm.sync.mode with auto resolved (adapter iff LoRA is trained and served).",
+}
+
+
 def derive(cfg: Mapping[str, Any], world_size: int) -> Derived:
     """Derived values of a typed config. Raises ValueError (naming every factor) when E % (P × W) != 0."""
     e = cfg["training"]["effective_batch_size"]

@@ -1,0 +1,176 @@
+"""`stage2` command line (Click): lint-profiles, config, preflight; room for train, launch, serve.
+
+Rules of this module: command bodies parse, call one library function and exit (≤ 10 lines);
+stdout carries only data (YAML/JSON/lint lines), people-facing text goes to stderr; exit 0 = ok,
+1 = findings or ClickException, 2 = usage. Never imports torch/transformers/deepspeed/vllm/fastapi:
+the library is imported inside command bodies, and subcommands that live in other modules are
+registered by "module:attr" in LAZY_SUBCOMMANDS and imported only when invoked or listed.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import click
+
+# Subcommands living in their own modules: name → "module:attr". `stage2 --help` imports each module
+# to read its short help, so those modules must import heavy engines inside their callbacks only.
+# e.g. "train": "launchers.train_cmd:train", "launch": "launchers.launch_cmd:launch",
+#      "serve": "launchers.serve_cmd:serve"
+LAZY_SUBCOMMANDS: dict[str, str] = {}
+
+PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
+SET_HELP = "Override KEY=VALUE (repeatable); VALUE is YAML, e.g. --set 'x.servers=[{base_url: ..., group_port: 51300}]'."
+
+
+class LazyGroup(click.Group):
+    """A Group that imports subcommands from LAZY_SUBCOMMANDS only when they are needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_SUBCOMMANDS and name not in self.commands:
+            module, attr = LAZY_SUBCOMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+class ConfigFailure(click.ClickException):
+    """A ConfigError or PreflightError shown as `Error:` plus one line per issue; exit code 1."""
+
+    def __init__(self, error: Exception):
+        text = str(error)
+        count = len(getattr(error, "issues", ())) or 1
+        super().__init__(f"{count} error(s)\n{text}" if "\n" in text or count > 1 else text)
+
+
+def _check_sets(ctx, param, values):
+    for value in values:
+        if "=" not in value:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE (e.g. training.learning_rate=1e-5)")
+    return tuple(values)
+
+
+def _check_gpus(ctx, param, value):
+    from toolkit.preflight import PreflightError, parse_gpus
+
+    try:
+        parse_gpus(value)
+    except PreflightError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def profile_options(func):
+    """--profile and --set, shared by every command that resolves a profile."""
+    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets, help=SET_HELP)(func)
+    return click.option("--profile", "-p", required=True, metavar="NAME|PATH", help=PROFILE_HELP)(func)
+
+
+def _echo_warnings(warnings) -> None:
+    for issue in warnings:
+        click.echo(f"warning: {issue}", err=True)
+
+
+def _resolve(profile, sets, world_size):
+    from toolkit.config import ConfigError, load_profile
+
+    try:
+        return load_profile(profile, sets, world_size=world_size)
+    except ConfigError as exc:
+        raise ConfigFailure(exc) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """stage2: validate, resolve and launch Stage-2 AB training profiles.
+
+    \b
+    Examples:
+      stage2 lint-profiles configs/                      # lint every profile (CI exit code)
+      stage2 config --profile prod/ab_mixed              # the fully resolved config as YAML
+      stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3   # launcher contract JSON
+    """
+
+
+@main.command("lint-profiles")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: one `path:line:col: error|warning: ...` line per issue; json: one document.")
+def lint_profiles(paths: tuple[Path, ...], fmt: str) -> None:
+    """Lint every canonical profile (configs/stage2_ab/{prod,smoke}/*.yaml) under PATHS.
+
+    Bases (configs/base.yaml, configs/stage2_ab/base.yaml) are checked as parents; other YAML under
+    configs/stage2_ab/ is reported as a warning. Exit 1 when any error is found.
+
+    \b
+    Examples:
+      stage2-lint-profiles configs/
+      stage2 lint-profiles configs/ --format json | jq '.summary'
+      stage2 lint-profiles configs/stage2_ab/prod/ab_mixed.yaml
+    """
+    from toolkit.config.lint import format_json, format_text, lint_targets, summary
+
+    report = lint_targets(paths)
+    click.echo((format_json if fmt == "json" else format_text)(report), nl=False)
+    click.echo(summary(report), err=True)
+    if report.errors:
+        click.get_current_context().exit(1)
+
+
+@main.command("config")
+@profile_options
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Learner world size W used for derived values (gradient accumulation = E / (P × W)).")
+@click.option("--normalized", is_flag=True, help="Print the normalized rollout contract (rollout_matching_cfg).")
+@click.option("--derived", "derived_only", is_flag=True, help="Print only the derived values.")
+def config_command(profile: str, sets: tuple[str, ...], world_size: int, normalized: bool, derived_only: bool) -> None:
+    """Print the fully resolved config of a profile as YAML (defaults filled, paths absolute).
+
+    \b
+    Examples:
+      stage2 config --profile prod/ab_mixed
+      stage2 config --profile smoke/ab_mixed --world-size 2 --derived
+      stage2 config --profile smoke/b_only --set rollout_matching.decode_batch_size=8 --normalized
+      stage2 config -p prod/ab_mixed --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
+    """
+    from toolkit.config.yamlio import dump_yaml
+
+    cfg = _resolve(profile, sets, world_size)
+    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg), "derived": lambda: dump_yaml(cfg.derived.to_dict())}
+    view = "normalized" if normalized else "derived" if derived_only else None
+    click.echo(views[view]() if view else cfg.to_yaml(), nl=False)
+    _echo_warnings(cfg.warnings)
+
+
+@main.command("preflight")
+@profile_options
+@click.option("--gpus", callback=_check_gpus, metavar="IDS|cpu",
+              help="Learner GPUs, e.g. 0,1 (W = number of ids), or cpu (W = --nproc). Default: cpu.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks with --gpus cpu (default 1).")
+@click.option("--server-gpus", callback=_check_gpus, metavar="IDS", help="GPUs for rollout servers (server mode).")
+def preflight_command(profile: str, sets: tuple[str, ...], gpus: str | None, nproc: int | None,
+                      server_gpus: str | None) -> None:
+    """Print the launcher contract as ONE line of JSON (schema-checked; no GPU or network touched).
+
+    \b
+    Examples:
+      stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3
+      stage2 preflight --profile smoke/ab_mixed --gpus cpu --nproc 2
+      stage2 preflight -p smoke/ab_mixed --set rollout_matching.rollout_backend=vllm | jq .vllm_mode
+    """
+    from toolkit.config import ConfigError
+    from toolkit.preflight import PreflightError, preflight_for_profile
+
+    try:
+        contract = preflight_for_profile(profile, sets, gpus, nproc, server_gpus)
+    except (ConfigError, PreflightError) as exc:
+        raise ConfigFailure(exc) from None
+    click.echo(json.dumps(contract, separators=(",", ":")))
+
+
+def lint_main(argv: list[str] | None = None) -> None:
+    """Console script `stage2-lint-profiles` (= `stage2 lint-profiles`)."""
+    lint_profiles.main(args=argv, prog_name="stage2-lint-profiles")

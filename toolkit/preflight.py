@@ -1,0 +1,173 @@
+"""The launcher contract: one JSON object that tells `stage2-launch` what to start, schema-checked.
+
+`build_preflight(cfg, ...)` reads a ResolvedConfig (never YAML) plus the placement flags and returns
+a dict; `validate_preflight(d)` checks it against PREFLIGHT_SCHEMA and fails fast naming the field.
+No network calls here: server reachability belongs to the launcher. Must never import torch,
+transformers, deepspeed, vllm or fastapi.
+
+Example (`stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3`):
+    {"rollout_backend": "vllm", "vllm_mode": "server", "server_base_urls": ["http://127.0.0.1:8000"],
+     "group_ports": [51216], "learner_world_size": 2, "gradient_accumulation_steps": 28, ...}
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from voluptuous import PREVENT_EXTRA, Invalid, MultipleInvalid, Required, Schema
+
+from toolkit.config.atoms import Bool, Enum, Int, ListOf, Nullable, Str, Either, Const
+from toolkit.config.resolved import ResolvedConfig
+
+CPU = "cpu"
+
+
+class PreflightError(ValueError):
+    """A placement flag or contract field is missing or invalid; the message names it."""
+
+
+def parse_gpus(text: str | None) -> list[int] | str | None:
+    """`"0,1"` → [0, 1]; `"cpu"` → "cpu"; None → None. Raises PreflightError on bad ids or repeats."""
+    if text is None:
+        return None
+    if text.strip().lower() == CPU:
+        return CPU
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        raise PreflightError(f"GPU list {text!r} is not comma-separated integers (e.g. 0,1) or 'cpu'") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise PreflightError(f"GPU list {text!r} must hold distinct ids ≥ 0 (e.g. 0,1)")
+    return ids
+
+
+def learner_world_size(gpus: list[int] | str | None, nproc: int | None) -> int:
+    """W = number of learner GPU ids, or --nproc with --gpus cpu (default 1)."""
+    if isinstance(gpus, list):
+        if nproc is not None and nproc != len(gpus):
+            raise PreflightError(f"--nproc {nproc} disagrees with --gpus {','.join(map(str, gpus))} "
+                                 f"({len(gpus)} ids); drop --nproc or use --gpus cpu")
+        return len(gpus)
+    if nproc is not None and nproc < 1:
+        raise PreflightError(f"--nproc must be ≥ 1, got {nproc}")
+    return nproc or 1
+
+
+_URLS = ListOf(Str())
+PREFLIGHT_SCHEMA = Schema({
+    Required("rollout_backend"): Enum("hf", "vllm"),
+    Required("vllm_mode"): Nullable(Enum("colocate", "server")),
+    Required("server_base_urls"): _URLS,
+    Required("group_ports"): ListOf(Int(lo=1024, hi=65535)),
+    Required("learner_world_size"): Int(lo=1),
+    Required("learner_gpus"): Either(Const(CPU), ListOf(Int(lo=0))),
+    Required("server_gpus"): ListOf(Int(lo=0)),
+    Required("gradient_accumulation_steps"): Int(lo=1),
+    Required("decode_batch_size"): Int(lo=1),
+    Required("effective_batch_size"): Int(lo=1),
+    Required("per_rank_samples_per_step"): Int(lo=1),
+    Required("server_model"): Str(),
+    Required("max_model_len"): Nullable(Int(lo=1)),
+    Required("max_new_tokens"): Int(lo=1),
+    Required("tensor_parallel_size"): Int(lo=1),
+    Required("vllm_sync_mode"): Enum("full", "adapter"),
+    Required("repeat_terminate_enabled"): Bool(),
+    Required("output_dir"): Str(),
+    Required("profile"): Str(),
+    Required("overrides"): ListOf(Str()),
+}, extra=PREVENT_EXTRA)
+
+
+def validate_preflight(d: Any) -> dict:
+    """Check a contract dict; raises PreflightError naming every missing or invalid field."""
+    try:
+        out = PREFLIGHT_SCHEMA(d)
+    except MultipleInvalid as exc:
+        problems = []
+        for err in exc.errors:
+            name = ".".join(str(p) for p in err.path) or "<contract>"
+            text = {"required key not provided": "missing", "extra keys not allowed": "unknown field"}.get(
+                err.error_message, err.error_message)
+            problems.append(f"preflight field '{name}': {text}")
+        raise PreflightError("; ".join(sorted(problems))) from None
+    except Invalid as exc:
+        raise PreflightError(f"preflight contract: {exc.error_message}") from None
+    server = out["rollout_backend"] == "vllm" and out["vllm_mode"] == "server"
+    if (out["rollout_backend"] == "hf") != (out["vllm_mode"] is None):
+        raise PreflightError("preflight field 'vllm_mode': must be null exactly when rollout_backend is hf")
+    if server and not out["server_base_urls"]:
+        raise PreflightError("preflight field 'server_base_urls': empty in server mode")
+    if len(out["group_ports"]) != len(out["server_base_urls"]):
+        raise PreflightError("preflight field 'group_ports': one per server_base_urls entry")
+    return out
+
+
+def _check_placement(cfg: ResolvedConfig, learner: list[int] | str, server_gpus: Sequence[int]) -> None:
+    rm = cfg.rollout_matching
+    server_mode = rm.rollout_backend == "vllm" and rm.vllm.mode == "server"
+    if server_gpus and not server_mode:
+        raise PreflightError("--server-gpus needs rollout_backend: vllm with vllm.mode: server "
+                             f"(the profile has {rm.rollout_backend}/{rm.vllm.mode})")
+    overlap = sorted(set(server_gpus) & set(learner if isinstance(learner, list) else []))
+    if overlap:
+        raise PreflightError(f"--gpus and --server-gpus must be disjoint; both hold GPU {overlap}")
+    tp = rm.vllm.tensor_parallel_size
+    if server_gpus and len(server_gpus) % tp:
+        raise PreflightError(f"--server-gpus has {len(server_gpus)} GPUs, not a multiple of "
+                             f"vllm.tensor_parallel_size={tp}")
+
+
+def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, nproc: int | None = None,
+                    server_gpus: Sequence[int] | None = None) -> dict:
+    """The validated launcher contract of a resolved config and its placement.
+
+    Raises:
+        PreflightError: bad placement (overlap, world size differing from the one cfg was resolved
+            with, --server-gpus outside server mode) or an invalid contract field.
+    """
+    world = learner_world_size(gpus, nproc)
+    if world != cfg.derived.learner_world_size:
+        raise PreflightError(f"the config was resolved for learner world size {cfg.derived.learner_world_size} "
+                             f"but the placement has {world}; load it with world_size={world}")
+    learner = gpus if isinstance(gpus, list) else CPU
+    server_gpus = list(server_gpus or [])
+    _check_placement(cfg, learner, server_gpus)
+    rm = cfg.rollout_matching
+    backend, server_mode = rm.rollout_backend, rm.rollout_backend == "vllm" and rm.vllm.mode == "server"
+    servers = rm.vllm.server.servers if server_mode else ()
+    return validate_preflight({
+        "rollout_backend": backend,
+        "vllm_mode": rm.vllm.mode if backend == "vllm" else None,
+        "server_base_urls": [s.base_url for s in servers],
+        "group_ports": [s.group_port for s in servers],
+        "learner_world_size": world,
+        "learner_gpus": learner,
+        "server_gpus": server_gpus,
+        "gradient_accumulation_steps": cfg.derived.gradient_accumulation_steps,
+        "decode_batch_size": cfg.derived.decode_batch_size,
+        "effective_batch_size": cfg.training.effective_batch_size,
+        "per_rank_samples_per_step": cfg.derived.per_rank_samples_per_step,
+        "server_model": cfg.model.model,
+        "max_model_len": rm.vllm.max_model_len if backend == "vllm" else None,
+        "max_new_tokens": rm.max_new_tokens,
+        "tensor_parallel_size": rm.vllm.tensor_parallel_size,
+        "vllm_sync_mode": cfg.derived.vllm_sync_mode,
+        "repeat_terminate_enabled": rm.repeat_terminate.enabled,
+        "output_dir": cfg.training.output_dir,
+        "profile": str(Path(cfg.profile_path).resolve()),
+        "overrides": list(cfg.overrides),
+    })
+
+
+def preflight_for_profile(profile: str | Path, overrides: Sequence[str] = (), gpus: str | None = None,
+                          nproc: int | None = None, server_gpus: str | None = None) -> dict:
+    """Parse placement flags, resolve the profile for the learner world size, build the contract."""
+    from toolkit.config import load_profile
+
+    parsed = parse_gpus(gpus)
+    world = learner_world_size(parsed, nproc)
+    cfg = load_profile(profile, overrides, world_size=world)
+    servers = parse_gpus(server_gpus) if server_gpus else []
+    if servers == CPU:
+        raise PreflightError("--server-gpus takes GPU ids (e.g. 2,3), not 'cpu'; CPU servers are planned by the launcher")
+    return build_preflight(cfg, parsed, nproc, servers)
