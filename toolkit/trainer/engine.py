@@ -1,0 +1,446 @@
+"""DeepSpeed engine layer of the trainer: process group, optimizer, LR schedule, one optimizer step per
+scheduled step after a variable number of pack backwards, checkpoints, HF export, LoRA.
+
+Owns: every call into DeepSpeed. Must not import the config spine (it takes plain arguments) and keeps
+`import deepspeed` inside functions, so importing this module stays cheap.
+
+Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
+`Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
+exactly one `engine.step()`. Ranks may hold different pack counts: the count is equalized with one
+all-reduce (MAX) and short ranks run zero-weight padding packs, because ZeRO-3 forwards all-gather
+parameters (equal forward counts needed) and ZeRO-2 reduce-scatters per backward outside
+`coalesce_grad_reduction`. See `train_step` for the weights that give the global mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Parameter-name components that select the per-module learning rates (Qwen-VL, LLaVA, InternVL, ...).
+# The aligner is checked first: Qwen-VL keeps its merger inside `visual`.
+VIT_PARTS = frozenset({"visual", "vision_tower", "vision_model"})
+ALIGNER_PARTS = frozenset({"merger", "deepstack_merger_list", "multi_modal_projector", "aligner", "mlp1"})
+# How each ZeRO stage accumulates over the step's packs (cpu_engines.md, re-measured by
+# tests/trainer/test_engine_equivalence.py): "boundary" = set_gradient_accumulation_boundary(last pack);
+# "coalesce" = one reduction when the coalesce_grad_reduction block exits.
+ACCUMULATION = {0: "boundary", 1: "boundary", 2: "coalesce", 3: "boundary"}
+SCHEDULES = ("constant", "linear", "cosine")
+CLIENT_KEY = "stage2_client_state"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float  # Σ_p w_p·loss_p over this rank's real packs (the objective this rank optimized)
+    grad_norm: float | None  # global norm before clipping
+    lr: float  # learning rate of the first param group, as used by this step
+    lrs: dict[str, float]  # per param group name
+    n_packs: int  # real packs on this rank
+    n_padding: int  # zero-weight padding packs run on this rank
+    n_packs_max: int  # packs every rank ran this step
+    pack_metrics: list[dict] = dataclasses.field(default_factory=list)  # loss_fn's aux dict per real pack
+    skipped: bool = False  # no rank had a pack: no update, the LR schedule still advanced
+
+
+def _prepare_deepspeed() -> None:
+    """Environment DeepSpeed needs on CPU, set before its first engine start."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # shm_comm is only for inference all-reduce, yet every engine start JIT-builds it (~75 s, needs g++).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group, or make a one-process gloo group without ports. Idempotent."""
+    import torch.distributed as dist
+
+    _prepare_deepspeed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            # A process group is required even for one process, or deepspeed.initialize tries MPI discovery.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+
+
+def close_distributed() -> None:
+    """Barrier + destroy: two-rank gloo jobs can abort at exit when the group is never destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _param_role(name: str) -> str:
+    parts = set(name.split("."))
+    if parts & ALIGNER_PARTS:
+        return "aligner"
+    return "vit" if parts & VIT_PARTS else "llm"
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or "norm" in name.lower()
+
+
+def build_optimizer(model, lr: float, vit_lr: float | None = None, aligner_lr: float | None = None,
+                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """torch AdamW over trainable params, grouped by role (vit / aligner / llm) × decay / no-decay.
+
+    `vit_lr`/`aligner_lr` None means `lr`. A role whose lr is 0 is frozen (requires_grad=False, so no
+    engine reduces gradients nobody steps); empty groups are dropped. Biases and norms get no decay.
+    """
+    role_lr = {"llm": lr, "vit": lr if vit_lr is None else vit_lr,
+               "aligner": lr if aligner_lr is None else aligner_lr}
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role = _param_role(name)
+        if role_lr[role] == 0:
+            param.requires_grad_(False)
+            continue
+        buckets.setdefault((role, _no_decay(name, param)), []).append(param)
+    groups = [{"name": f"{role}{'_no_decay' if nd else ''}", "params": params, "lr": role_lr[role],
+               "weight_decay": 0.0 if nd else weight_decay}
+              for (role, nd), params in sorted(buckets.items())]
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters with a non-zero learning rate")
+    for g in groups:
+        log.info("optimizer group %s: %d tensors, %d params, lr=%g, weight_decay=%g", g["name"],
+                 len(g["params"]), sum(p.numel() for p in g["params"]), g["lr"], g["weight_decay"])
+    frozen = [r for r, v in role_lr.items() if v == 0]
+    if frozen:
+        log.info("optimizer: frozen by lr=0: %s", ", ".join(frozen))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """LR multiplier for optimizer step `step` (0-based).
+
+    1) warmup: (step+1)/warmup_steps, so the first step already moves; 2) then constant, linear to 0
+    or cosine to 0 over the remaining steps (progress measured from the end of warmup).
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str):
+    """LambdaLR over `lr_lambda` (the same multiplier for every param group)."""
+    lr_lambda(0, total_steps, warmup_steps, kind)  # fail fast on a bad kind
+    fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, kind=kind)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str]):
+    """Wrap `model` with peft LoRA adapters; "all-linear" targets every linear layer but the output head."""
+    import peft
+
+    if isinstance(target_modules, str):
+        targets = target_modules if target_modules == "all-linear" else [target_modules]
+    else:
+        targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    wrapped = peft.get_peft_model(model, config)
+    n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    log.info("LoRA r=%d alpha=%g dropout=%g targets=%s: %d trainable params", rank, alpha, dropout, targets, n_train)
+    return wrapped
+
+
+def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:
+    """Copy of `ds_config` with the fields the caller-owned accumulation needs."""
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            raise ValueError(f"ds_config has an '{section}' section, but the trainer builds the optimizer and "
+                             f"LR schedule from training.*: remove '{section}' from the DeepSpeed config")
+    cfg = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "managed_gradient_accumulation")}
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+               gradient_clipping=float(max_grad_norm))
+    return cfg
+
+
+class Stage2Engine:
+    """A DeepSpeed engine driven one scheduled step at a time (see `train_step`)."""
+
+    def __init__(self, model, optimizer, lr_scheduler, ds_config: dict, max_grad_norm: float = 1.0,
+                 accumulation: str | None = None):
+        import deepspeed
+
+        self.dist = init_distributed()
+        self.config = prepare_ds_config(ds_config, max_grad_norm)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    lr_scheduler=lr_scheduler, config=self.config)
+        self.stage = int(self.engine.zero_optimization_stage())
+        self.accumulation = accumulation or ACCUMULATION[self.stage]
+        log.info("[rank %d] engine: ZeRO-%d, world %d, accumulation=%s", self.dist.rank, self.stage,
+                 self.dist.world_size, self.accumulation)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.module, "peft_config")
+
+    # ---- one scheduled step -------------------------------------------------------------------
+    def train_step(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
+                   weights: Sequence[float]) -> StepResult:
+        """Backward every pack with its weight, then exactly one optimizer step (+ LR step, zero_grad).
+
+        `loss_fn(model, pack) -> (loss, aux)` must run its forwards through `model` (the DeepSpeed
+        engine; submodules via `model.module`): the engine's forward hooks drive ZeRO's backward.
+        DeepSpeed averages gradients over data-parallel ranks, so weights are per-rank shares: the
+        update is that of Σ_r Σ_p w_p·loss_p / world_size. With equal raw-sample counts per rank
+        (the step budget's E/W), w_p = n_segments_p / N_raw_local gives the global mean over raw
+        samples; with unequal counts use w_p = n_segments_p · world_size / N_raw_global.
+
+        Collective: every rank calls it once per step, packs or not. Short ranks run `loss × 0.0`
+        padding packs (their own last pack; a rank with none gets one broadcast from a rank that has
+        packs), so under ZeRO-3 every pack of a step must make the same sequence of module calls
+        (same channel, same number of forwards, images in all or none). When no rank has a pack,
+        nothing is updated and only the LR schedule advances (`skipped`).
+        """
+        if len(packs) != len(weights):
+            raise ValueError(f"train_step: {len(packs)} packs but {len(weights)} weights")
+        n_max, n_min, src = self._agree_pack_counts(len(packs))
+        if n_max == 0:
+            return self._skip_step()
+        pad = packs[-1] if packs else None
+        if n_min == 0:
+            pad = self._broadcast_pack(pad, src)
+        schedule = list(zip(packs, map(float, weights))) + [(pad, 0.0)] * (n_max - len(packs))
+        total = torch.zeros((), dtype=torch.float64)
+        metrics = []
+        with self._accumulation_block():
+            for i, (pack, weight) in enumerate(schedule):
+                if self.accumulation == "boundary":
+                    self.engine.set_gradient_accumulation_boundary(i == n_max - 1)
+                loss, aux = loss_fn(self.engine, pack)
+                # A finite loss × 0.0 backpropagates exact zeros: adding them changes no gradient bit.
+                self.engine.backward(loss * weight, scale_wrt_gas=False)
+                if i < len(packs):
+                    total += loss.detach().double().cpu() * weight  # a device sync point, once per pack
+                    metrics.append(aux)
+                del loss, aux  # frees the graph's activations before the next pack
+        lrs = self._lrs()
+        local_norm = self._local_grad_norm() if self.stage == 0 else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = local_norm if norm is None else float(norm)
+        return StepResult(loss=float(total), grad_norm=norm, lr=next(iter(lrs.values())), lrs=lrs,
+                          n_packs=len(packs), n_padding=n_max - len(packs), n_packs_max=n_max,
+                          pack_metrics=metrics)
+
+    def _agree_pack_counts(self, n_local: int) -> tuple[int, int, int]:
+        """One all-reduce (MAX) → (max count, min count, highest rank holding packs or -1)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([n_local, -n_local, self.dist.rank if n_local else -1], dtype=torch.int64,
+                              device=self.engine.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return int(counts[0]), -int(counts[1]), int(counts[2])
+
+    def _broadcast_pack(self, pad, src: int):
+        """A padding pack from rank `src` for ranks without packs (collective; only on such steps)."""
+        import torch.distributed as dist
+
+        box = [_map_tensors(pad, lambda t: t.detach().cpu()) if self.dist.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return pad if pad is not None else _map_tensors(box[0], lambda t: t.to(self.engine.device))
+
+    def _skip_step(self) -> StepResult:
+        lrs = self._lrs()
+        if self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.step()  # the schedule follows scheduled steps, not updates
+        log.info("[rank %d] no packs on any rank: optimizer step skipped", self.dist.rank)
+        return StepResult(loss=0.0, grad_norm=None, lr=next(iter(lrs.values())), lrs=lrs, n_packs=0,
+                          n_padding=0, n_packs_max=0, skipped=True)
+
+    def _lrs(self) -> dict[str, float]:
+        return {g.get("name", str(k)): float(g["lr"]) for k, g in enumerate(self.engine.optimizer.param_groups)}
+
+    def _accumulation_block(self):
+        if self.accumulation == "coalesce":
+            # One reduction when the block exits: ZeRO-2 otherwise reduce-scatters in every backward.
+            return self.engine.coalesce_grad_reduction()
+        return contextlib.nullcontext()
+
+    def _local_grad_norm(self) -> float | None:
+        """ZeRO-0 keeps no norm; after the boundary all-reduce every rank holds the averaged grads."""
+        norms = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+    # ---- modes ----------------------------------------------------------------------------------
+    def train_mode(self) -> None:
+        self.engine.train()
+
+    def eval_mode(self) -> None:
+        self.engine.eval()
+
+    @contextlib.contextmanager
+    def generation_context(self):
+        """Eval + no_grad with full parameters, for HF `generate` on the module this yields.
+
+        Under ZeRO-3 (collective on entry and exit) every parameter is gathered and the ZeRO-3 module
+        hooks are taken off, so ranks may then run different numbers of forwards (prompt lengths,
+        EOS): with the hooks on, each root forward may run a collective (trace check) and deadlock.
+        """
+        import deepspeed
+
+        was_training = self.module.training
+        self.module.eval()
+        params = list(self.module.parameters()) if self.stage == 3 else []
+        try:
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+                with self._zero3_hooks_removed():
+                    yield self.module
+        finally:
+            self.module.train(was_training)
+
+    @contextlib.contextmanager
+    def _zero3_hooks_removed(self):
+        if self.stage != 3:
+            yield
+            return
+        offload = self.engine.optimizer.parameter_offload
+        offload._remove_module_hooks()  # sub-module fetch/release hooks and the root's reset_step hook
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            # As deepspeed.runtime.zero.stage3.unwrap_model_for_generation, plus the root hook it keeps.
+            offload._register_deepspeed_module(offload.module)
+            coordinator = offload.get_param_coordinator
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(
+                lambda module, *args: coordinator().reset_step(), prepend=True)
+
+    # ---- checkpoints and export -----------------------------------------------------------------
+    def save(self, directory: str, tag: str, client_state: dict | None = None) -> None:
+        """DeepSpeed checkpoint (params, optimizer, LR scheduler) + client_state. All ranks call it."""
+        # Under one key: load_checkpoint hands back every top-level entry it does not consume itself.
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={CLIENT_KEY: dict(client_state or {})})
+        log.info("[rank %d] saved DeepSpeed checkpoint %s/%s", self.dist.rank, directory, tag)
+
+    def load(self, directory: str, tag: str) -> dict:
+        """Restore params, optimizer and scheduler state exactly; returns the saved client_state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        log.info("[rank %d] loaded DeepSpeed checkpoint %s", self.dist.rank, path)
+        return dict((client_state or {}).get(CLIENT_KEY, {}))
+
+    def named_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every parameter and persistent buffer, LoRA merged.
+
+        Collective under ZeRO-3 (one gather per module): every rank must exhaust the iterator. The
+        merge is computed as W + ΔW without touching the live weights (a peft merge+unmerge round
+        trip is not bit-exact in floating point).
+        """
+        import deepspeed
+
+        root = self.module.get_base_model() if self._is_peft() else self.module
+        lora_cls = _lora_layer_class() if self._is_peft() else None
+        skip: tuple[str, ...] = ()
+        for prefix, mod in root.named_modules():
+            if skip and prefix.startswith(skip):
+                continue
+            if type(mod).__name__ == "ModulesToSaveWrapper":
+                raise NotImplementedError("named_full_params: peft modules_to_save is not supported")
+            is_lora = lora_cls is not None and isinstance(mod, lora_cls)
+            params = list(mod.parameters(recurse=is_lora))
+            with deepspeed.zero.GatheredParameters(params, enabled=self.stage == 3 and bool(params)):
+                if is_lora:
+                    skip += (prefix + ".",)
+                    yield from _merged_lora_tensors(prefix, mod)
+                    continue
+                for name, tensor in _own_tensors(mod):
+                    yield (f"{prefix}.{name}" if prefix else name), tensor.detach().clone()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gathered named tensors (LoRA merged) on every rank; collective under ZeRO-3."""
+        return dict(self.named_full_params())
+
+    def export_hf(self, directory: str, tokenizer=None) -> None:
+        """HF `save_pretrained` (safetensors, LoRA merged) on rank 0; all ranks call it."""
+        import torch.distributed as dist
+
+        state = self.full_state_dict()  # collective under ZeRO-3; a plain save_pretrained writes empty tensors
+        if self.dist.rank == 0:
+            root = self.module.get_base_model() if self._is_peft() else self.module
+            root.save_pretrained(str(directory), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(directory))
+            log.info("exported HF model (%d tensors) to %s", len(state), directory)
+        dist.barrier()
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _own_tensors(mod) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from mod.named_parameters(recurse=False)
+    for name, buf in mod.named_buffers(recurse=False):
+        if name not in mod._non_persistent_buffers_set:
+            yield name, buf
+
+
+def _lora_layer_class():
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def _merged_lora_tensors(prefix: str, mod) -> Iterator[tuple[str, torch.Tensor]]:
+    base = mod.get_base_layer()
+    weight = base.weight.detach().clone()
+    if not mod.disable_adapters and not mod.merged:  # a merged layer already holds W + ΔW
+        for adapter in mod.active_adapters:
+            if adapter in mod.lora_A:
+                weight += mod.get_delta_weight(adapter).to(weight.dtype)
+    yield f"{prefix}.weight", weight
+    for name, tensor in _own_tensors(base):
+        if name != "weight":
+            yield f"{prefix}.{name}", tensor.detach().clone()
