@@ -80,7 +80,8 @@ class HFTokenCodec(_CoordTable):
     incremental decoding, giving the completing token the whole character and the others "".
 
     Raises:
-        ValueError: when `<|im_end|>` or one of the 1000 `<|coord_k|>` tokens is not a single token.
+        ValueError: when `<|im_end|>` or one of the 1000 `<|coord_k|>` tokens is not a single token, or
+            when encoding is not text-faithful (`"".join(pieces(encode(t))) != t` on probe texts).
     """
 
     def __init__(self, tokenizer, *, im_end_token: str = IM_END):
@@ -92,6 +93,13 @@ class HFTokenCodec(_CoordTable):
         self._anchor_text = self._decode([self._anchor])
         self._piece_cache: dict[int, str] = {}
         self._key_ids: list[int] | None = None
+        for text in _PROBE_TEXTS + ('"]}', "}"):
+            if "".join(self.pieces(self.encode(text))) != text:
+                raise ValueError(
+                    f"tokenizer encode/decode is not text-faithful: {text!r} comes back as "
+                    f"{''.join(self.pieces(self.encode(text)))!r} (e.g. a Metaspace pre-tokenizer that prepends a "
+                    "space); the rollout parser re-encodes cut tokens and needs pieces(encode(t)) == t"
+                )
 
     def _single_id(self, token: str) -> int:
         tid = self.tok.convert_tokens_to_ids(token)

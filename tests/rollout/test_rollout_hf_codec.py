@@ -1,0 +1,118 @@
+"""HFTokenCodec on real HF fast tokenizers: literal-text BPE (the project's kind), byte-level and Metaspace
+BPEs built in memory, and the project tokenizer in assets/ when it has been built."""
+from pathlib import Path
+
+import pytest
+
+from toolkit.data.coords import COORD_TOKENS
+from toolkit.data.render import render_answer
+from toolkit.rollout.codec import HFTokenCodec
+from toolkit.rollout.match import match_boxes
+from toolkit.rollout.parse import parse_rollout
+from toolkit.rollout.targets import build_channel_a_segment, build_channel_b_segment
+
+pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+ASSETS_TOKENIZER = Path(__file__).resolve().parents[2] / "assets" / "tokenizer" / "tokenizer.json"
+WORDS = ["cat", "dog", "traffic light", "person", "red bus", "chair"]
+
+
+def scenes(n, unicode=False):
+    out = []
+    for k in range(n):
+        descs = WORDS + (["crème brûlée", "ŋa"] if unicode else [])
+        objs = [{"desc": descs[(k + i) % len(descs)],
+                 "bbox_2d": [(97 * k + 13 * i) % 500, (31 * k + 7 * i) % 500, 500 + (11 * k) % 499, 500 + i * 40]}
+                for i in range(k % 4)]
+        out.append(objs)
+    return out
+
+
+def build_tokenizer(kind):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [render_answer(s) for s in scenes(60)]
+    if kind == "literal":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z0-9_]+| ?[^A-Za-z0-9_\s]+|\s+"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        alphabet = [chr(c) for c in range(32, 127)]
+    elif kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=kind.split(":")[1])
+        tok.decoder = decoders.Metaspace(prepend_scheme=kind.split(":")[1])
+        alphabet = [chr(c) for c in range(32, 127)] + ["▁"]
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, initial_alphabet=alphabet,
+                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in COORD_TOKENS])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def check_roundtrips(codec, unicode=False):
+    for gt in scenes(24, unicode):
+        text = render_answer(gt)
+        ids = codec.encode(text)
+        assert "".join(codec.pieces(ids)) == text
+        res = parse_rollout(ids + [codec.im_end_id], codec)
+        assert [(o.desc, list(o.bbox)) for o in res.objects] == [(g["desc"], g["bbox_2d"]) for g in gt]
+        assert res.prefix_text == text[:-1] and "".join(codec.pieces(res.prefix_token_ids)) == res.prefix_text
+        for cut in range(1, len(text), 9):  # truncated rollouts: cuts inside fused tokens get re-encoded
+            part = parse_rollout(codec.encode(text[:cut]), codec)
+            assert "".join(codec.pieces(part.prefix_token_ids)) == part.prefix_text
+            assert text.startswith(part.prefix_text)
+        match = match_boxes([o.bbox for o in res.objects], [g["bbox_2d"] for g in gt], candidate_top_k=5, gate=0.5,
+                            resolution=256, fp_cost=1.0, fn_cost=1.0)
+        b = build_channel_b_segment([codec.im_end_id], res, gt, match, codec)
+        a = build_channel_a_segment([codec.im_end_id], gt, codec)
+        assert b.coord_pos == a.coord_pos and b.coord_bins == a.coord_bins and len(a.coord_pos) == 4 * len(gt)
+
+
+@pytest.mark.parametrize("kind, literal, unicode", [
+    ("literal", True, False),
+    ("bytelevel", False, True),
+    ("metaspace:never", False, False),
+])
+def test_hf_codec_roundtrips_canonical_answers(kind, literal, unicode):
+    codec = HFTokenCodec(build_tokenizer(kind))
+    assert codec.literal is literal
+    assert len(codec.coord_token_ids) == 1000 and codec.coord_bin(codec.coord_token_ids[7]) == 7
+    assert codec.object_key_token_ids()
+    check_roundtrips(codec, unicode)
+
+
+def test_bytelevel_split_characters_fall_back_to_incremental_pieces():
+    codec = HFTokenCodec(build_tokenizer("bytelevel"))
+    ids = codec.encode('{"object_1": {"desc": "ŋ€"')
+    pieces = codec.pieces(ids)
+    assert "".join(pieces) == '{"object_1": {"desc": "ŋ€"' and "" in pieces  # a byte token carries no text
+
+
+def test_tokenizer_that_prepends_a_space_is_rejected_up_front():
+    with pytest.raises(ValueError, match="not text-faithful"):
+        HFTokenCodec(build_tokenizer("metaspace:always"))
+
+
+def test_missing_coord_tokens_are_rejected():
+    from tokenizers import Tokenizer, models
+
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    with pytest.raises(ValueError, match="<\\|coord_0\\|>"):
+        HFTokenCodec(tok)
+
+
+@pytest.mark.skipif(not ASSETS_TOKENIZER.exists(), reason=f"project tokenizer not built yet ({ASSETS_TOKENIZER} "
+                    "is absent; run `python assets/build_assets.py --only tokenizer`)")
+def test_project_tokenizer_roundtrips_canonical_answers():
+    codec = HFTokenCodec(transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_TOKENIZER)))
+    assert codec.literal
+    check_roundtrips(codec)
