@@ -80,13 +80,17 @@ def _default(key: Key) -> str:
     return f"`{json.dumps(key.default)}`"
 
 
+def _dotted(parts: tuple) -> str:
+    return ".".join(parts)  # item lists appear as one part `servers[]`
+
+
 def _section_tables(section: Section, prefix: tuple = ()) -> list[str]:
-    name = render_path(prefix) if prefix else "(top level)"
+    name = _dotted(prefix)
     lines = [f"### `{name}`" if prefix else "### Top level", "", section.doc, "",
              "| key | type | default | constraint | description |", "|---|---|---|---|---|"]
     nested = []
     for key, spec in section.keys.items():
-        full = render_path(prefix + (key,))
+        full = _dotted(prefix + (key,))
         if isinstance(spec, Key):
             lines.append(f"| `{full}` | {_cell(spec.atom.type_text)} | {_cell(_default(spec))} | "
                          f"{_cell(spec.atom.constraint)} | {_cell(spec.doc)} |")

@@ -12,6 +12,7 @@ Integers follow the core schema too (`010` is ten, not octal eight; no `1:30` se
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -78,14 +79,23 @@ StrictLoader.add_constructor(_INT_TAG, _construct_int)
 StrictLoader.add_constructor(_FLOAT_TAG, _construct_float)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
 def render_path(path: Path_t) -> str:
-    """`('a', 'servers', 0, 'x')` → `a.servers[0].x`; the empty path → `<document>`."""
+    """`('a', 'servers', 0, 'x')` → `a.servers[0].x`; the empty path → `<document>`.
+
+    A key that is not a plain name (spaces, dots, control characters, empty) is shown quoted,
+    e.g. `training["my key"]`, so every path stays visible and unambiguous.
+    """
     out = ""
     for part in path:
         if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
-        else:
+        elif _PLAIN_KEY.match(str(part)):
             out += ("." if out else "") + str(part)
+        else:
+            out += f"[{json.dumps(str(part), ensure_ascii=True)}]"
     return out or "<document>"
 
 
@@ -229,4 +239,5 @@ def type_name(value: Any) -> str:
 
 def dump_yaml(data: Any) -> str:
     """Block-style YAML, keys in insertion order."""
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(data, Dumper=dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

@@ -1,0 +1,86 @@
+"""Fuzz: mutated valid profiles (insert/delete/rename keys, change types and values at random paths)
+either load cleanly or raise ConfigError whose every issue names a key path: never another exception."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from toolkit.config import ConfigError, ResolvedConfig, load_profile
+from toolkit.config.inherit import iter_paths
+from toolkit.config.legacy import LEGACY
+from toolkit.config.schema import ROOT
+from toolkit.config.spec import walk_spec
+from toolkit.config.yamlio import dump_yaml
+
+BASE = load_profile("smoke/ab_mixed", world_size=1).to_dict()
+KEY_NAMES = sorted({p[-1] for p, _ in walk_spec(ROOT) if p[-1] != "[]"}
+                   | {k.split(".")[-1] for k in LEGACY if not k.endswith("*")} | {"extends", "extra"})
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["1e-5", "no", "yes", "", "vllm", "server", "hf", "colocate", "auto", "zero2", "http://h:1",
+                     "full", "lora", "steps", "sample", "cosine", "all-linear"]),
+    st.text(max_size=8),
+)
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEY_NAMES), inner, max_size=3)), max_leaves=6)
+new_keys = st.one_of(st.sampled_from(KEY_NAMES), st.text(min_size=1, max_size=10))
+
+
+def _parent_and_key(data, path):
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    return node, path[-1]
+
+
+@st.composite
+def mutated_profiles(draw):
+    data = copy.deepcopy(BASE)
+    for _ in range(draw(st.integers(0, 3))):
+        paths = [p for p in iter_paths(data) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent, key = _parent_and_key(data, path)
+        op = draw(st.sampled_from(["delete", "rename", "set", "insert"]))
+        if op == "delete":
+            del parent[key]
+        elif op == "rename" and isinstance(parent, dict):
+            parent[draw(new_keys)] = parent.pop(key)
+        elif op == "insert" and isinstance(parent[key], dict):
+            parent[key][draw(new_keys)] = draw(values)
+        else:
+            parent[key] = draw(values)
+    return data
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz") / "profile.yaml"
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=mutated_profiles(), world_size=st.sampled_from([1, 2, 3, 4]))
+def test_mutated_profiles_load_or_fail_cleanly(fuzz_file, data, world_size):
+    fuzz_file.write_text(dump_yaml(data), encoding="utf-8")
+    try:
+        cfg = load_profile(fuzz_file, world_size=world_size)
+    except ConfigError as err:
+        event("ConfigError")
+        assert err.issues, "a ConfigError must carry issues"
+        for issue in err.issues:
+            assert isinstance(issue.key_path, str) and issue.key_path.strip(), issue
+            assert issue.file and issue.message, issue
+        str(err)  # renders
+    else:
+        event("loaded")
+        assert isinstance(cfg, ResolvedConfig)
+        assert cfg.training.effective_batch_size % (cfg.training.per_device_train_batch_size * world_size) == 0
+        cfg.to_yaml()
+        cfg.rollout_matching_cfg
