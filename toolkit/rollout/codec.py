@@ -89,7 +89,7 @@ class HFTokenCodec(_CoordTable):
         self.im_end_id = self._single_id(im_end_token)
         self._init_coords([self._single_id(t) for t in COORD_TOKENS])
         self.literal = all(self._literal_roundtrip(t) for t in _PROBE_TEXTS)
-        self._anchor = self.encode("a")[-1] if self.encode("a") else self.im_end_id
+        self._anchor = (self.encode("a") or [self.im_end_id])[-1]
         self._anchor_text = self._decode([self._anchor])
         self._piece_cache: dict[int, str] = {}
         self._key_ids: list[int] | None = None

@@ -182,6 +182,9 @@ class ParseResult:
     """What `parse_rollout` returns. The prefix is append-ready: it ends right after the last complete
     object value (no closing `}`), or right after the first `{`, or is `encode("{")` when there was none.
 
+    objects:   the valid objects in appearance order (never re-sorted by N).
+    drops:     count per DROP_REASONS bucket; invalid entries stay verbatim in the prefix (no repair).
+    n_total_objects: member-level entries seen (len(objects) + sum(drops)), incl. a cut-off last one.
     truncated: the rollout ended before its top-level object closed (or had no `{` at all).
     malformed: a member-level syntax error stopped the scan (the rest of the rollout was discarded).
     fallback:  no complete object member was kept: the prefix ends right after an (opening) `{`.
