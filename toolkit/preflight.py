@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from voluptuous import PREVENT_EXTRA, Invalid, MultipleInvalid, Required, Schema
 
-from toolkit.config.atoms import Bool, Enum, Int, ListOf, Nullable, Str, Either, Const
+from toolkit.config.atoms import Bool, Const, Either, Enum, Int, ListOf, Nullable, Str
 from toolkit.config.resolved import ResolvedConfig
 
 CPU = "cpu"
@@ -53,11 +53,10 @@ def learner_world_size(gpus: list[int] | str | None, nproc: int | None) -> int:
     return nproc or 1
 
 
-_URLS = ListOf(Str())
 PREFLIGHT_SCHEMA = Schema({
     Required("rollout_backend"): Enum("hf", "vllm"),
     Required("vllm_mode"): Nullable(Enum("colocate", "server")),
-    Required("server_base_urls"): _URLS,
+    Required("server_base_urls"): ListOf(Str()),
     Required("group_ports"): ListOf(Int(lo=1024, hi=65535)),
     Required("learner_world_size"): Int(lo=1),
     Required("learner_gpus"): Either(Const(CPU), ListOf(Int(lo=0))),
@@ -132,14 +131,15 @@ def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, np
     learner = gpus if isinstance(gpus, list) else CPU
     server_gpus = list(server_gpus or [])
     _check_placement(cfg, learner, server_gpus)
-    rm = cfg.rollout_matching
-    backend, server_mode = rm.rollout_backend, rm.rollout_backend == "vllm" and rm.vllm.mode == "server"
-    servers = rm.vllm.server.servers if server_mode else ()
+    rm = cfg.rollout_matching_cfg  # the same normalized contract the trainer reads
+    backend, vllm = rm["rollout_backend"], rm["vllm"]
+    server_mode = backend == "vllm" and vllm["mode"] == "server"
+    servers = vllm["server"]["servers"] if server_mode else []
     return validate_preflight({
         "rollout_backend": backend,
-        "vllm_mode": rm.vllm.mode if backend == "vllm" else None,
-        "server_base_urls": [s.base_url for s in servers],
-        "group_ports": [s.group_port for s in servers],
+        "vllm_mode": vllm["mode"] if backend == "vllm" else None,
+        "server_base_urls": [s["base_url"] for s in servers],
+        "group_ports": [s["group_port"] for s in servers],
         "learner_world_size": world,
         "learner_gpus": learner,
         "server_gpus": server_gpus,
@@ -148,11 +148,11 @@ def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, np
         "effective_batch_size": cfg.training.effective_batch_size,
         "per_rank_samples_per_step": cfg.derived.per_rank_samples_per_step,
         "server_model": cfg.model.model,
-        "max_model_len": rm.vllm.max_model_len if backend == "vllm" else None,
-        "max_new_tokens": rm.max_new_tokens,
-        "tensor_parallel_size": rm.vllm.tensor_parallel_size,
+        "max_model_len": vllm["max_model_len"] if backend == "vllm" else None,
+        "max_new_tokens": rm["max_new_tokens"],
+        "tensor_parallel_size": vllm["tensor_parallel_size"],
         "vllm_sync_mode": cfg.derived.vllm_sync_mode,
-        "repeat_terminate_enabled": rm.repeat_terminate.enabled,
+        "repeat_terminate_enabled": rm["repeat_terminate"]["enabled"],
         "output_dir": cfg.training.output_dir,
         "profile": str(Path(cfg.profile_path).resolve()),
         "overrides": list(cfg.overrides),

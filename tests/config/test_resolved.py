@@ -70,6 +70,13 @@ def test_profile_paths_are_relative_to_project_root(project, tmp_path):
     assert load_profile(leaf, cwd=tmp_path).model.model == str(project / "assets" / "stage1")
 
 
+def test_null_means_defaults_are_filled(minimal, tmp_path):
+    cfg = load_profile(minimal)
+    assert cfg.training.vit_lr == cfg.training.aligner_lr == 1e-5
+    assert cfg.data.image_root == str(tmp_path / "data")
+    assert cfg.rollout_matching.vllm.server.infer_timeout_s == cfg.rollout_matching.vllm.server.timeout_s
+
+
 def test_hub_id_model_is_kept(minimal):
     assert load_profile(minimal).model.model == "some-org/some-model"
 
@@ -112,7 +119,8 @@ def test_rollout_matching_cfg_normalization():
     cfg = load_profile("smoke/ab_mixed")
     rm = cfg.rollout_matching_cfg
     assert rm == normalize_rollout_matching(cfg.to_dict())
-    assert "infer_timeout_s" not in rm["vllm"]["server"] and "max_num_seqs" not in rm["vllm"]
+    assert "max_num_seqs" not in rm["vllm"] and "kv_cache_gb" not in rm["vllm"]  # null → dropped
+    assert rm["vllm"]["server"]["infer_timeout_s"] == 240.0  # null means timeout_s
     assert rm["packing_enabled"] is True and rm["packing_length"] == 1024
     assert (rm["packing_buffer"], rm["packing_min_fill_ratio"], rm["packing_drop_last"]) == (256, 0.5, True)
     assert rm["object_field_order"] == "desc_first"

@@ -15,7 +15,7 @@ from toolkit.config.errors import ConfigError, Issue, errors_only, warnings_only
 from toolkit.config.inherit import load_chain, merge_documents
 from toolkit.config.leaf import check_leaf, is_canonical_leaf
 from toolkit.config.legacy import check_legacy
-from toolkit.config.normalize import apply_derived, derive, project_root_for, resolve_paths
+from toolkit.config.normalize import apply_derived, derive, fill_null_defaults, project_root_for, resolve_paths
 from toolkit.config.overrides import apply_overrides
 from toolkit.config.profiles import resolve_profile_path
 from toolkit.config.resolved import ResolvedConfig
@@ -76,6 +76,7 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
         return result
     project_root = project_root_for(path)
     resolve_paths(typed, merged, project_root, cwd)
+    fill_null_defaults(typed)
     derived = derive(typed, world_size)
     apply_derived(typed, derived)
     result.config = ResolvedConfig(typed, derived, path, project_root, tuple(overrides), tuple(result.warnings))

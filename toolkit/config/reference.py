@@ -137,7 +137,9 @@ def _derived_and_normalized() -> list[str]:
               "trainer and by preflight; `stage2 config --normalized` prints it:", "",
               "- the `rollout_matching` section with the same sub-keys, every default filled;",
               "- keys whose value is null dropped, recursively (list order kept), e.g. "
-              "`vllm.server.infer_timeout_s: null` is absent (the client then uses `timeout_s`);",
+              "`vllm.max_num_seqs: null` is absent (vLLM's default applies);",
+              "- null-means defaults already filled: `training.vit_lr`/`aligner_lr` (= learning_rate), "
+              "`data.image_root` (= directory of data.train_jsonl), `vllm.server.infer_timeout_s` (= timeout_s);",
               "- `vllm.mode: null` already resolved to `colocate`; `decoding` always a mapping;",
               "- injected: `packing_enabled` (= training.packing), `packing_length` (= global_max_length), "
               + ", ".join(f"`{k}` (= training.{k})" for k in PACKING_KEYS)
