@@ -7,11 +7,12 @@ A sample that cannot be trained becomes a counted drop; it never fails the step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import parse_rollout
 from toolkit.rollout.targets import Drop, build_channel_b_segment
+from toolkit.trainer.metrics import StepMetrics
 
 
 @dataclass
@@ -23,39 +24,36 @@ class SampleInput:
     gt_objects: list[dict]
 
 
-@dataclass
-class ChannelBResult:
-    segments: list = field(default_factory=list)
-    drops: list = field(default_factory=list)
-    counters: dict = field(default_factory=dict)  # summed over samples
-    rollout_lens: list = field(default_factory=list)
-    times: dict = field(default_factory=dict)
-
-
-def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, rm: dict, sab: dict, max_len: int) -> ChannelBResult:
-    """Decode every sample of this rank's step budget and turn each rollout into a training segment."""
-    res = ChannelBResult()
+def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: StepMetrics, *, rm: dict,
+                      sab: dict, max_len: int, ordering: str) -> list:
+    """Decode this rank's step budget and turn each rollout into a training segment; counts go to `m`."""
     t0 = time.perf_counter()
     rollouts = backend.generate([s.prompt_ids for s in samples], step=step)
     t1 = time.perf_counter()
+    segments = []
     for sample, ro in zip(samples, rollouts):
-        seg = rollout_to_segment(sample, ro, codec, rm, sab, max_len)
-        _add_counters(res.counters, seg.meta if not isinstance(seg, Drop) else getattr(seg, "meta", {}) or {})
-        res.rollout_lens.append(len(ro.completion_ids))
-        res.counters["rollout/finish_length"] = res.counters.get("rollout/finish_length", 0) + (ro.finish_reason == "length")
-        (res.drops if isinstance(seg, Drop) else res.segments).append(seg)
-    res.times = {"time/rollout_generate_s": t1 - t0, "time/rollout_parse_match_s": time.perf_counter() - t1}
-    return res
+        seg = rollout_to_segment(sample, ro, codec, rm=rm, sab=sab, max_len=max_len, ordering=ordering)
+        for key, value in seg.meta.items():
+            m.add_sum(key, value)
+        m.add_sum("rollout/finish_length", ro.finish_reason == "length")
+        m.add_sum("rollout/gen_new_tokens", len(ro.completion_ids))
+        if isinstance(seg, Drop):
+            m.count(f"stage2/drop/{seg.reason}")
+        else:
+            segments.append(seg)
+    _rollout_rates(m)
+    m.time("time/rollout_generate_s", t1 - t0)
+    m.time("time/rollout_parse_match_s", time.perf_counter() - t1)
+    m.add_ratio("rollout/gen_tokens_per_s", m.finalize().get("rollout/gen_new_tokens", 0.0), t1 - t0)
+    return segments
 
 
-def rollout_to_segment(sample: SampleInput, ro, codec, rm: dict, sab: dict, max_len: int):
+def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, max_len: int, ordering: str):
     """One rollout → Segment (or Drop): the whole Channel-B target recipe for a single sample."""
     parse = parse_rollout(ro.completion_ids, codec)
-    preds = [o.bbox for o in parse.objects]
-    gts = [o["bbox_2d"] for o in sample.gt_objects]
     match = match_boxes(
-        preds,
-        gts,
+        [o.bbox for o in parse.objects],
+        [o["bbox_2d"] for o in sample.gt_objects],
         candidate_top_k=rm["candidate_top_k"],
         gate=rm["maskiou_gate"],
         resolution=rm["maskiou_resolution"],
@@ -69,6 +67,7 @@ def rollout_to_segment(sample: SampleInput, ro, codec, rm: dict, sab: dict, max_
         match,
         codec,
         field_order=rm["object_field_order"],
+        ordering=ordering,
         desc_ce_weight=sab["desc_ce_weight"],
         drop_invalid_struct_ce_multiplier=sab["channel_b"]["drop_invalid_struct_ce_multiplier"],
         sample_id=sample.sample_id,
@@ -76,7 +75,14 @@ def rollout_to_segment(sample: SampleInput, ro, codec, rm: dict, sab: dict, max_
     )
 
 
-def _add_counters(into: dict, meta: dict) -> None:
-    for k, v in meta.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            into[k] = into.get(k, 0) + v
+def _rollout_rates(m: StepMetrics) -> None:
+    """Rates recomputed from the summed counters after the cross-rank reduction (Σnum / Σden)."""
+    s = m.finalize()
+    samples = s.get("rollout/samples", 0.0)
+    matched, pred, gt = (s.get(f"rollout/{k}", 0.0) for k in ("matched", "valid_pred_objects", "gt_objects"))
+    m.add_ratio("rollout/precision", matched, pred)
+    m.add_ratio("rollout/recall", matched, gt)
+    m.add_ratio("rollout/f1", 2 * matched, pred + gt)
+    m.add_ratio("rollout/parse_truncated_rate", s.get("rollout/parse_truncated", 0.0), samples)
+    m.add_ratio("rollout/matched_maskiou_mean", s.get("rollout/matched_maskiou_sum", 0.0), s.get("rollout/matched", 0.0))
+    m.add_ratio("rollout/rollout_len_mean", s.get("rollout/rollout_len", 0.0), samples)

@@ -1,0 +1,72 @@
+"""Per-rank entry point: what torchrun, the deepspeed launcher and `stage2 train` start.
+
+    python -m toolkit.train --profile smoke/ab_mixed                          # one CPU process
+    torchrun --nproc_per_node 2 -m toolkit.train --profile smoke/ab_mixed     # two CPU ranks (gloo)
+    python -m toolkit.train --profile smoke/ab_mixed --resume auto            # newest complete checkpoint
+
+Exit codes: 0 done; 1 bad profile / bad data (a message, never a traceback); 128+N after a stop
+signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written.
+Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+WORLD_ENV = ("WORLD_SIZE", "1")
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None) -> int:
+    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code."""
+    from toolkit.config import load_profile
+
+    cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from toolkit.trainer.loop import Stage2Trainer
+
+    trainer = Stage2Trainer(cfg, resume=resume)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.option("--profile", required=True, help="Profile name (smoke/ab_mixed, prod/b_only, ...) or path to a .yaml file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable; VALUE is YAML).")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue from the newest complete checkpoint under training.output_dir (auto) or from PATH.")
+def train_command(profile: str, overrides: tuple[str, ...], resume: str | None) -> None:
+    """Train one rank of a Stage-2 AB run (all ranks when started by torchrun).
+
+    \b
+    Examples:
+      stage2 train --profile smoke/ab_mixed
+      stage2 train --profile smoke/b_only --set training.max_steps=4 --set training.output_dir=/tmp/run
+      torchrun --nproc_per_node 2 -m toolkit.train --profile smoke/ab_mixed
+    """
+    from toolkit.config import ConfigError
+    from toolkit.data.records import RecordError
+
+    setup_logging()
+    try:
+        code = run(profile, overrides, resume)
+    except (ConfigError, RecordError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    train_command()

@@ -1,0 +1,288 @@
+"""Stage2Trainer — the recipe: setup → train (step: schedule → budget → channel → pack → backward → step)
+→ validate → save_checkpoint → cleanup.
+
+Reads only the frozen ResolvedConfig. Channel-A and Channel-B are helpers it calls, not subclasses.
+Collectives happen at fixed places in `train_step` (engine step, one metrics reduction, one stop-flag
+reduction), never inside logging or rank-dependent branches.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from toolkit.data.records import load_records
+from toolkit.data.render import render_messages
+from toolkit.data.tokenizer import encode_prompt, load_tokenizer
+from toolkit.rollout.backends.base import DecodeSettings
+from toolkit.rollout.backends.hf import HFBackend
+from toolkit.rollout.codec import HFTokenCodec
+from toolkit.rollout.targets import Drop, build_channel_a_segment
+from toolkit.trainer import checkpoint as ckpt
+from toolkit.trainer.budget import StepBudget
+from toolkit.trainer.channel_a import softctx_logits
+from toolkit.trainer.channel_b import SampleInput, prepare_channel_b
+from toolkit.trainer.engine import Stage2Engine, apply_lora, build_optimizer, init_distributed, lr_lambda
+from toolkit.trainer.evaluate import evaluate_rollouts
+from toolkit.trainer.losses import LossWeights, pack_loss
+from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
+from toolkit.trainer.packing import collate_pack, plan_packs
+from toolkit.trainer.scheduler import channel_for_step
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Stage2Trainer:
+    def __init__(self, cfg, resume: str | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.stop_signum = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed()
+        torch.manual_seed(cfg.training.seed)
+        self.out_dir = Path(cfg.training.output_dir)
+        self.tok = load_tokenizer(cfg.model.model)
+        self.codec = HFTokenCodec(self.tok)
+        self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
+        self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []
+        self.budget = StepBudget(
+            len(self.train_set), cfg.training.effective_batch_size, cfg.training.per_device_train_batch_size,
+            self.dist.world_size, self.dist.rank, cfg.training.seed, cfg.data.shuffle,
+        )
+        self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
+        self.engine = self._setup_engine()
+        self.backend = self._setup_backend()
+        self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
+        self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long)
+        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
+                                       schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
+        self._maybe_resume()
+        self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank)
+        if self.dist.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml())
+        log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
+                 self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
+                 self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
+
+    def _setup_data(self, path: str, limit: int | None) -> list[SampleInput]:
+        """Records → prompt ids once; prompts never change during training."""
+        system = self.cfg.template.system_prompt
+        out = []
+        for rec in load_records(path, limit=limit):
+            msgs = render_messages(rec.scene) if system is None else render_messages(rec.scene, system)
+            out.append(SampleInput(rec.id, encode_prompt(self.tok, msgs), [dict(o) for o in rec.objects]))
+        return out
+
+    def _setup_engine(self) -> Stage2Engine:
+        from transformers import AutoModelForCausalLM
+
+        cfg, tr = self.cfg, self.cfg.training
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype), attn_implementation=cfg.model.attn_impl
+        )
+        if cfg.tuner.train_type == "lora":
+            tu = cfg.tuner
+            model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules)
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = build_optimizer(
+            model, lr=tr.learning_rate, vit_lr=tr.vit_lr, aligner_lr=tr.aligner_lr, weight_decay=tr.weight_decay,
+            betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
+        )
+        warmup = int(tr.warmup_ratio * self.total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, self.total_steps, warmup, tr.lr_scheduler_type)
+        )
+        from toolkit.config import load_ds_config
+
+        ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
+        return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
+
+    def _setup_backend(self):
+        rm = self.cfg.rollout_matching_cfg
+        settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
+        if rm["rollout_backend"] != "hf":
+            raise NotImplementedError(
+                f"rollout_matching.rollout_backend={rm['rollout_backend']!r} is not available in this build; "
+                "use rollout_matching.rollout_backend: hf (fix: --set rollout_matching.rollout_backend=hf)"
+            )
+        return HFBackend(
+            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id,
+            object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
+            synced=self.engine.zero_stage == 3 and self.dist.world_size > 1,
+        )
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)
+        if path is None:
+            if self.resume:
+                log.info("--resume %s: no complete checkpoint under %s; starting fresh", self.resume, self.out_dir)
+            return
+        self.engine.load(path / "ds")
+        ckpt.load_rng(path, self.dist.rank)
+        self.state = ckpt.read_state(path)
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> int:
+        """Run to total_steps or a stop signal. Returns the process exit code (0, or 128 + signal)."""
+        from tqdm import tqdm
+
+        self._install_signal_handlers()
+        tr = self.cfg.training
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.dist.rank != 0, desc="stage2", unit="step")
+        while self.state.step < self.total_steps:
+            step = self.state.step
+            metrics = self.train_step(step)
+            self.state.step = step + 1
+            if tr.eval_strategy == "steps" and self.val_set and self.state.step % tr.eval_steps == 0:
+                metrics.update(self.validate(self.state.step))
+            self.writer.write(step, channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio), metrics)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics})
+            stop = self._agree_to_stop()
+            due = tr.save_strategy == "steps" and self.state.step % tr.save_steps == 0
+            if due or stop or self.state.step == self.total_steps:
+                self.save_checkpoint(metrics)
+            if stop:
+                log.warning("stopping after step %d on signal %d (checkpoint written)", step, self.stop_signum)
+                return 128 + (self.stop_signum or signal.SIGTERM)
+        bar.close()
+        return 0
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step on one channel: this rank's E/W raw samples, any number of packs."""
+        t0 = time.perf_counter()
+        channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
+        self.state.b_steps += channel == "B"
+        samples = [self.train_set[i] for i in self.budget.step_indices(step)]
+        m = StepMetrics()
+        if channel == "A":
+            segments = self._channel_a_segments(samples, m)
+        else:
+            segments = self._channel_b_segments(samples, step, m)
+        t1 = time.perf_counter()
+        plan = plan_packs([len(s) for s in segments], self.cfg.global_max_length)
+        packs = [collate_pack([segments[i] for i in idx]) for idx in plan]
+        # Each pack's loss is a mean within the pack; weighting it by its share of the raw samples makes the
+        # update the mean over the step's raw samples (drops count in the denominator), whatever the pack count.
+        weights = [p.n_segments / len(samples) for p in packs]
+        t2 = time.perf_counter()
+        res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, weights)
+        self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=len(segments))
+        m.time("time/build_segments_s", t1 - t0)
+        m.time("time/post_rollout_pack_s", t2 - t1)
+        m.time("time/forward_backward_s", time.perf_counter() - t2)
+        return reduce_metrics(m)
+
+    def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
+        """Loss parts weighted by segment count, optimizer facts, packing fill and schedule bookkeeping."""
+        for pack, parts in zip(packs, res.pack_metrics):
+            m.add_means(parts, weight=pack.n_segments)
+        m.add_sum("loss/weighted_step", res.loss)
+        m.add_max("train/grad_norm", res.grad_norm if res.grad_norm is not None else 0.0)
+        m.add_max("train/learning_rate", res.lr)
+        m.add_sum("stage2/raw_samples", n_raw)
+        m.add_sum("stage2/segments", n_segments)
+        m.add_sum("stage2/dropped_samples", n_raw - n_segments)
+        m.add_max("stage2/channel_b", float(channel == "B"))
+        m.add_max("stage2/channel_a", float(channel == "A"))
+        m.add_max("stage2_ab/b_ratio_realized", self.state.b_steps / (step + 1))
+        m.add_max("train/epoch", self.budget.epoch_of(step + 1))
+        m.add_sum("packing/packs", res.n_packs)
+        m.add_sum("packing/padding_packs", res.n_padding)
+        cap = self.cfg.global_max_length
+        for pack in packs:
+            m.add_mean("packing/post_rollout_fill", pack.total_len / cap)
+            m.add_max("packing/post_rollout_selected_total_len", pack.total_len)
+
+    def _channel_a_segments(self, samples: list[SampleInput], m: StepMetrics) -> list:
+        t = self.cfg.template
+        segs = []
+        for s in samples:
+            seg = build_channel_a_segment(
+                s.prompt_ids, s.gt_objects, self.codec, field_order=t.object_field_order, ordering=t.object_ordering,
+                desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight, sample_id=s.sample_id, max_len=self.cfg.global_max_length,
+            )
+            for key, value in seg.meta.items():
+                m.add_sum(key, value)
+            if isinstance(seg, Drop):
+                m.count(f"stage2/drop/{seg.reason}")
+            else:
+                segs.append(seg)
+        return segs
+
+    def _channel_b_segments(self, samples: list[SampleInput], step: int, m: StepMetrics) -> list:
+        self.backend.sync_weights(step)
+        return prepare_channel_b(
+            self.backend, samples, step, self.codec, m, rm=self.cfg.rollout_matching_cfg,
+            sab=self.cfg.stage2_ab.to_dict(), max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
+        )
+
+    def _loss_a(self, module, pack):
+        sab = self.cfg.stage2_ab
+        first, last = softctx_logits(module, pack, self.coord_ids, sab.n_softctx_iter, sab.softctx_temperature, sab.softctx_grad_mode)
+        return pack_loss(first, last, pack, self.coord_ids, self.loss_weights)
+
+    def _loss_b(self, module, pack):
+        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
+        return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights)
+
+    # ------------------------------------------------------------------ eval
+    def validate(self, step: int) -> dict:
+        """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing."""
+        return evaluate_rollouts(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg,
+                                 rank=self.dist.rank, world_size=self.dist.world_size, step=step)
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, metrics: dict) -> Path:
+        tr = self.cfg.training
+        path = ckpt.checkpoint_dir(self.out_dir, self.state.step)
+        self.engine.save(path / "ds")
+        ckpt.save_rng(path, self.dist.rank)
+        self.engine.export_hf(path / "hf", tokenizer=self.tok)
+        score = metrics.get("eval_" + tr.metric_for_best_model, metrics.get(tr.metric_for_best_model))
+        if score is not None and self.state.improved(score, tr.greater_is_better):
+            self.state.best_metric, self.state.best_step = float(score), self.state.step
+        if score is not None:
+            self.state.history.append([self.state.step, float(score)])
+        self.engine.barrier()
+        if self.dist.rank == 0:
+            ckpt.write_state(path, self.state)
+            best = ckpt.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
+            ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set())
+            log.info("checkpoint written: %s (best %s=%s at step %s)", path, tr.metric_for_best_model,
+                     self.state.best_metric, self.state.best_step)
+        self.engine.barrier()
+        return path
+
+    # ------------------------------------------------------------------ signals / cleanup
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self.stop_signum = signum
+            log.warning("signal %d received: finishing the current step, then checkpointing", signum)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_signal)
+
+    def _agree_to_stop(self) -> bool:
+        """All ranks stop at the same step if any rank got a signal (one small all_reduce per step)."""
+        flag = self.engine.all_reduce_max(float(self.stop_signum))
+        if flag and not self.stop_signum:
+            self.stop_signum = int(flag)
+        return bool(flag)
+
+    def cleanup(self) -> None:
+        self.backend.close()
+        self.writer.close()
+        from toolkit.trainer.engine import close_distributed
+
+        close_distributed()
