@@ -3,6 +3,7 @@ either load cleanly or raise ConfigError whose every issue names a key path: nev
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 
@@ -15,6 +16,8 @@ from toolkit.config.legacy import LEGACY
 from toolkit.config.schema import ROOT
 from toolkit.config.spec import walk_spec
 from toolkit.config.yamlio import dump_yaml
+
+from _config_helpers import REPO
 
 BASE = load_profile("smoke/ab_mixed", world_size=1).to_dict()
 KEY_NAMES = sorted({p[-1] for p, _ in walk_spec(ROOT) if p[-1] != "[]"}
@@ -84,3 +87,50 @@ def test_mutated_profiles_load_or_fail_cleanly(fuzz_file, data, world_size):
         assert cfg.training.effective_batch_size % (cfg.training.per_device_train_batch_size * world_size) == 0
         cfg.to_yaml()
         cfg.rollout_matching_cfg
+
+
+LEAF_TEXT = (REPO / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml").read_text(encoding="utf-8")
+NOISE = st.sampled_from([":", "- ", "  ", "{", "}", "[", "]", "&a ", "*a", "!x ", "'", '"', "#", "\t", "? ", "<<: ",
+                         "1e-5", "no", "null", "extends: ../base.yaml", "x: 1", "\n"])
+
+
+@st.composite
+def mutated_texts(draw):
+    lines = LEAF_TEXT.splitlines()
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.sampled_from(["delete", "duplicate", "insert", "indent"]))
+        if op == "delete":
+            del lines[i]
+        elif op == "duplicate":
+            lines.insert(i, lines[i])
+        elif op == "indent":
+            lines[i] = draw(st.sampled_from(["", " ", "    "])) + lines[i].lstrip()
+        else:
+            col = draw(st.integers(0, len(lines[i])))
+            lines[i] = lines[i][:col] + draw(NOISE) + lines[i][col:]
+        if not lines:
+            break
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def fuzz_leaf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzzproj")
+    shutil.copytree(REPO / "configs", root / "configs")
+    return root / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=mutated_texts())
+def test_mutated_leaf_text_loads_or_fails_cleanly(fuzz_leaf, text):
+    """Text-level damage to a canonical leaf (YAML syntax, tags, anchors, duplicates, extends)."""
+    fuzz_leaf.write_text(text, encoding="utf-8")
+    try:
+        load_profile(fuzz_leaf)
+        event("loaded")
+    except ConfigError as err:
+        event("ConfigError")
+        assert err.issues and all(i.key_path.strip() and i.file and i.message for i in err.issues)
+        str(err)

@@ -8,6 +8,7 @@ Two known PyYAML warts are fixed here (PyYAML implements YAML 1.1):
   the YAML 1.2 core-schema pattern (`1e-5`, `2E3`, `1.5e-4`, `.5`, `.inf`, `.nan`);
 - booleans: YAML 1.1 reads `yes/no/on/off` as booleans, so `eval_strategy: no` would become `False`.
   Only `true/false` (any case form of the core schema) are booleans here; `no` stays the string "no".
+  Likewise a bare `2024-01-01` stays a string (no implicit timestamps).
 Integers follow the core schema too (`010` is ten, not octal eight; no `1:30` sexagesimal).
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ _BOOL_TAG = "tag:yaml.org,2002:bool"
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 _BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
@@ -44,7 +47,7 @@ class StrictLoader(_BASE_LOADER):  # type: ignore[misc, valid-type]
 
 
 StrictLoader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in entries if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    ch: [(tag, rx) for tag, rx in entries if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG)]
     for ch, entries in _BASE_LOADER.yaml_implicit_resolvers.items()
 }
 StrictLoader.add_implicit_resolver(_BOOL_TAG, _BOOL_RE, list("tTfF"))
@@ -134,6 +137,9 @@ class _Walker:
         self.issues.append(Issue.at(_mark(self.file, node), render_path(path), message, fix))
 
     def walk(self, node, path: Path_t) -> Any:
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+            self.issue(node, path, f"YAML tag {node.tag!r} is not supported", "use plain YAML lists and mappings (no tags)")
+            return None
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             if id(node) in self._active:
                 self.issue(node, path, "a YAML alias refers to itself", "write the value out")
@@ -164,9 +170,14 @@ class _Walker:
             if knode.tag == _MERGE_TAG:
                 self.issue(knode, path, "YAML merge keys (<<) are not supported", "use `extends:` or write the keys out")
                 continue
-            key = self.walk(knode, path) if isinstance(knode, yaml.ScalarNode) else None
+            if not isinstance(knode, yaml.ScalarNode):
+                kind = "list" if isinstance(knode, yaml.SequenceNode) else "mapping"
+                self.issue(knode, path + (f"<{kind} key>",), f"keys must be strings, got a {kind}",
+                           "use a plain string key")
+                continue
+            key = self.walk(knode, path)
             if not isinstance(key, str):
-                self.issue(knode, path + (str(key),), f"keys must be strings, got {type(key).__name__} {key!r}",
+                self.issue(knode, path + (str(key),), f"keys must be strings, got {type_name(key)} {key!r}",
                            "quote the key or rename it")
                 continue
             if key in out:
