@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from toolkit.config.errors import WARNING, Issue, Location, errors_only, sort_issues, warnings_only
-from toolkit.config.leaf import CANONICAL_GROUPS, is_canonical_leaf
+from toolkit.config.leaf import CANONICAL_GROUPS
 from toolkit.config.loader import check_parent, run_pipeline
 
 PARENTS = (("base.yaml",), ("stage2_ab", "base.yaml"))
