@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,6 +34,11 @@ from toolkit.trainer.packing import collate_pack, plan_packs
 from toolkit.trainer.scheduler import channel_for_step
 
 log = logging.getLogger(__name__)
+
+
+def _digest(ids) -> int:
+    """A small exact fingerprint of the step's sample ids (summed over ranks) to prove resume order."""
+    return zlib.crc32(",".join(ids).encode()) % 1_000_003
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -178,6 +184,7 @@ class Stage2Trainer:
         t2 = time.perf_counter()
         res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, weights)
         self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=len(segments))
+        m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
         m.time("time/build_segments_s", t1 - t0)
         m.time("time/post_rollout_pack_s", t2 - t1)
         m.time("time/forward_backward_s", time.perf_counter() - t2)
@@ -281,8 +288,10 @@ class Stage2Trainer:
         return bool(flag)
 
     def cleanup(self) -> None:
-        self.backend.close()
-        self.writer.close()
+        """Release what setup created, also after a failed setup (so the real error is what the user sees)."""
         from toolkit.trainer.engine import close_distributed
 
+        for part in ("backend", "writer"):
+            if hasattr(self, part):
+                getattr(self, part).close()
         close_distributed()

@@ -1,0 +1,74 @@
+"""Helpers for end-to-end tests: real `python -m toolkit.train` / torchrun subprocesses on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Short runs: tiny decode budget, small eval; every test overrides output_dir.
+FAST = (
+    "rollout_matching.max_new_tokens=48",
+    "data.val_sample_limit=4",
+    "training.logging_steps=1",
+)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def tiny_model_dir(tmp: Path) -> Path:
+    """The committed random-init tiny Qwen2 + tokenizer as one from_pretrained directory."""
+    out = tmp / "tiny_model"
+    if not out.exists():
+        out.mkdir(parents=True)
+        for part in ("tiny_qwen2", "tokenizer"):
+            for f in (ROOT / "assets" / part).iterdir():
+                shutil.copy(f, out / f.name)
+    return out
+
+
+def train_argv(profile: str, out: Path, *sets: str) -> list[str]:
+    argv = ["-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}",
+            "--set", f"training.logging_dir={out / 'tb'}"]
+    for s in (*FAST, *sets):
+        argv += ["--set", s]
+    return argv
+
+
+def run_train(profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    argv = [sys.executable, *train_argv(profile, out, *sets)] + (["--resume", resume] if resume else [])
+    return subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", *train_argv(profile, out, *sets)]  # torchrun's own -m: run a module
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, "")
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,84 @@
+"""Real training runs through the public entry point (`python -m toolkit.train`, torchrun) on CPU.
+
+Each run is a subprocess with DeepSpeed on gloo, HF rollouts and the committed tiny model, so these
+tests exercise the whole recipe: schedule, budget, rollouts, parse/match, packing, engine, checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _e2e_runs import ROOT, env, metrics, run_torchrun, run_train, tiny_model_dir, train_argv
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("assets"))
+
+
+def _sets(tiny, *extra):
+    return (f"model.model={tiny}", *extra)
+
+
+def test_resume_reproduces_the_straight_run(tiny, tmp_path):
+    """4 steps straight == 2 steps + --resume auto + 2 steps: same losses, schedule and samples."""
+    common = _sets(tiny, "training.lr_scheduler_type=constant", "training.save_steps=2", "training.eval_strategy=no")
+    straight = run_train("smoke/ab_mixed", tmp_path / "a", *common, "training.max_steps=4")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    half = run_train("smoke/ab_mixed", tmp_path / "b", *common, "training.max_steps=2")
+    assert half.returncode == 0, half.stderr[-3000:]
+    rest = run_train("smoke/ab_mixed", tmp_path / "b", *common, "training.max_steps=4", resume="auto")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resumed from" in rest.stderr
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["channel"] for r in a] == [r["channel"] for r in b] == ["A", "B", "A", "B"]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss/total"] - rb["loss/total"]) <= 1e-6, (ra["step"], ra["loss/total"], rb["loss/total"])
+        assert ra["stage2/sample_digest"] == rb["stage2/sample_digest"]
+    assert a[1]["rollout/gen_new_tokens"] == b[1]["rollout/gen_new_tokens"]
+
+
+def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
+    res = run_torchrun(2, "smoke/ab_mixed", tmp_path, *_sets(tiny, "training.max_steps=2", "training.save_steps=2",
+                                                              "training.eval_steps=2"))
+    assert res.returncode == 0, res.stdout[-4000:]
+    rows = metrics(tmp_path)
+    assert [r["channel"] for r in rows] == ["A", "B"]
+    assert all(r["stage2/raw_samples"] == 8 for r in rows)  # E=8 over 2 ranks: 4 each, summed once per step
+    assert "eval_rollout/f1" in rows[-1]
+    assert (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
+    argv = [sys.executable, *train_argv("smoke/a_only", tmp_path, *_sets(tiny, "training.max_steps=200",
+                                                                        "training.eval_strategy=no"))]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not metrics(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert metrics(tmp_path), "no step finished before the deadline"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    done = len(metrics(tmp_path))
+    state = json.loads((tmp_path / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == done < 200
+
+
+def test_malformed_record_is_a_clear_error_naming_the_line(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (ROOT / "assets" / "data" / "train.jsonl").read_text().splitlines()[:20]
+    bad.write_text("\n".join(good[:3] + ['{"id": "x", "scene": "cat", "objects": [{"desc": "cat", "bbox_2d": [5, 1, 2]}]}'] + good[3:]) + "\n")
+    res = run_train("smoke/a_only", tmp_path / "run", *_sets(tiny, f"data.train_jsonl={bad}"))
+    assert res.returncode == 1
+    assert f"{bad}:4:" in res.stderr and "bbox_2d" in res.stderr
+    assert "Traceback" not in res.stderr
