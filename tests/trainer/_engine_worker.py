@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import faulthandler
 import gc
 import json
@@ -20,10 +21,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
 from toolkit.trainer import engine as eng  # noqa: E402
 
 VOCAB, HIDDEN, N_RAW = 96, 32, 4
+DEV = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
 OPT = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-3)  # eps ≫ |g|: the update scales with g
 MAX_GRAD_NORM, WARMUP, TOTAL = 1.0, 2, 5
 # PLAN[world][step][rank] = segment count of each pack; every rank holds N_RAW raw samples per step
@@ -32,6 +35,7 @@ PLAN = {
     1: [[[2, 1, 1]], [[1, 2, 1]], [[2, 2]], [[]]],
     2: [[[2, 1, 1], [3]], [[4], [1, 2, 1]], [[], [2, 2]], [[], []]],
 }
+GRAD_CKPT_STAGES = {"2", "3", "3o"}
 TWO_PASS_STEPS = {int(x) for x in os.environ.get("EW_TWO_PASS", "1").split(",") if x}  # step index whose loss runs two forwards (the Channel-A soft-context pattern)
 
 
@@ -42,55 +46,72 @@ def tiny_model(seed: int):
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).float()
+    return LlamaForCausalLM(cfg).float().to(DEV)
 
 
-def make_pack(step: int, rank: int, index: int, n_seg: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Pack:
+    """A dataclass like the trainer's collated packs (the padding broadcast must rebuild it)."""
+    input_ids: torch.Tensor
+    token_weights: torch.Tensor
+    n_segments: int
+    two_pass: bool
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def make_pack(step: int, rank: int, index: int, n_seg: int) -> Pack:
     g = torch.Generator().manual_seed(100_000 * step + 1000 * rank + index)
     length = 4 + 3 * n_seg + int(torch.randint(0, 4, (1,), generator=g))
     ids = torch.randint(3, VOCAB, (1, length), generator=g)
     weights = torch.randint(0, 3, (1, length), generator=g).float() / 2
     weights[:, -1] = 1.0  # at least one supervised token
-    return {"input_ids": ids, "token_weights": weights, "n_segments": n_seg, "two_pass": step in TWO_PASS_STEPS}
+    return Pack(ids, weights, n_seg, step in TWO_PASS_STEPS)
 
 
-def packs_for(world: int, step: int, rank: int) -> list[dict]:
+def packs_for(world: int, step: int, rank: int) -> list[Pack]:
     return [make_pack(step, rank, i, n) for i, n in enumerate(PLAN[world][step][rank])]
 
 
 def weighted_ce(logits, pack):
-    ce = F.cross_entropy(logits[0, :-1].float(), pack["input_ids"][0, 1:], reduction="none")
-    w = pack["token_weights"][0, 1:]
+    ce = F.cross_entropy(logits[0, :-1].float(), pack["input_ids"][0, 1:].to(DEV), reduction="none")
+    w = pack["token_weights"][0, 1:].to(DEV)
     return (ce * w).sum() / w.sum()
 
 
 def loss_fn(model, pack):
     """Per-token weighted CE; two_pass packs add a second forward on expected-embedding inputs."""
-    out = model(input_ids=pack["input_ids"])
+    out = model(input_ids=pack["input_ids"].to(DEV))
     loss = weighted_ce(out.logits, pack)
     if pack["two_pass"]:
         embed = getattr(model, "module", model).get_input_embeddings()
-        base = embed(pack["input_ids"])
-        table = embed(torch.arange(VOCAB))  # through the module, so ZeRO-3 gathers it
+        base = embed(pack["input_ids"].to(DEV))
+        table = embed(torch.arange(VOCAB, device=DEV))  # through the module, so ZeRO-3 gathers it
         expected = torch.softmax(out.logits[:, :-1], -1) @ table
         mixed = torch.cat([base[:, :1], 0.5 * base[:, 1:] + 0.5 * expected], dim=1)
         loss = loss + 0.5 * weighted_ce(model(inputs_embeds=mixed).logits, pack)
     return loss, {"tokens": int(pack["input_ids"].numel())}
 
 
-def ds_config(stage: int) -> dict:
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # really partition the tiny model's params
-    return {"zero_optimization": zero, "bf16": {"enabled": False}, "steps_per_print": 10**9}
+def ds_config(stage: str) -> dict:
+    """The shipped ds_configs/ file; ZeRO-3 with persistence threshold 0, so the tiny model really partitions."""
+    name = "zero3_offload" if stage == "3o" else f"zero{stage}"
+    with open(os.path.join(ROOT, "ds_configs", f"{name}.json")) as fh:
+        cfg = json.load(fh)
+    if stage.startswith("3"):
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return cfg
 
 
-def build(model, stage: int) -> eng.Stage2Engine:
+def build(model, stage: str) -> eng.Stage2Engine:
+    if stage in GRAD_CKPT_STAGES:
+        model.gradient_checkpointing_enable()  # recompute in backward: exact, and the real runs use it
     opt = eng.build_optimizer(model, **OPT)
     sched = eng.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
     override = dict(kv.split(":") for kv in os.environ.get("EW_ACCUMULATION", "").split(",") if kv)
     return eng.Stage2Engine(model, opt, sched, ds_config(stage), max_grad_norm=MAX_GRAD_NORM,
-                            accumulation=override.get(str(stage)))
+                            accumulation=override.get(stage))
 
 
 class Reference:
@@ -129,7 +150,7 @@ def global_mean_weight(pack, packs, world):
 
 def max_abs(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return max(float((a[k].float().cpu() - b[k].float().cpu()).abs().max()) for k in a)
 
 
 def ref_params(model) -> dict:
@@ -143,7 +164,7 @@ def plain_params(model) -> dict:
     return ref_params(model)
 
 
-def run_plan(engine, world, rank, steps, reference=None):
+def run_plan(engine, world, rank, steps, reference=None) -> list[tuple[dict, dict]]:
     out = []
     for step in steps:
         res = engine.train_step(packs := packs_for(world, step, rank), loss_fn,
@@ -169,7 +190,7 @@ def gather_rows(rows):
 
 
 def check_generation(engine, reference, rank) -> dict:
-    prompt = torch.tensor([[1, 5, 9, 13]])
+    prompt = torch.tensor([[1, 5, 9, 13]], device=DEV)
     new = 6 if rank == 0 else 2  # ranks run different numbers of forwards
     with engine.generation_context() as module:
         got = module.generate(input_ids=prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -192,14 +213,15 @@ def check_export(engine, reference, rank, directory) -> dict:
     loaded = LlamaForCausalLM.from_pretrained(directory).float().eval()
     ids = torch.tensor([[1, 7, 11, 20, 33]])
     with torch.no_grad():
-        logit_delta = float((loaded(ids).logits - reference.model.eval()(ids).logits).abs().max())
+        want = reference.model.eval()(ids.to(DEV)).logits.cpu()
+        logit_delta = float((loaded(ids).logits - want).abs().max())
     reference.model.train()
     return {"export_files": files, "export_numel": sum(v.numel() for v in saved.values()),
             "live_numel": sum(v.numel() for v in live.values()), "export_max_abs": max_abs(saved, live),
             "export_logits_max_abs": logit_delta}
 
 
-def run_stage(stage: int, info, tmp: str) -> dict:
+def run_stage(stage: str, info, tmp: str) -> dict:
     world, rank = info.world_size, info.rank
     steps = list(range(len(PLAN[world])))
     model = tiny_model(seed=0)
@@ -215,7 +237,7 @@ def run_stage(stage: int, info, tmp: str) -> dict:
     report["steps"] = rows
     report["all_ranks"] = gather_rows([{k: r[k] for k in ("loss", "n_packs", "n_padding", "n_packs_max")}
                                        for r in rows])
-    if stage == 3:
+    if stage == "3":
         report.update(check_generation(engine, reference, rank))
         report.update(check_export(engine, reference, rank, os.path.join(tmp, "export_z3")))
     final_a = rest[-1][1]
@@ -235,6 +257,23 @@ def run_stage(stage: int, info, tmp: str) -> dict:
     gc.collect()
     report["stage_s"] = round(time.time() - t0, 2)
     return report
+
+
+def run_bf16(stage: str, info) -> dict:
+    """bf16 (DeepSpeed `bf16.enabled`) over the same uneven plan: no deadlock, close to the fp32 reference."""
+    world, rank = info.world_size, info.rank
+    model = tiny_model(seed=0)
+    reference = Reference(copy.deepcopy(model)) if rank == 0 else None
+    opt = eng.build_optimizer(model, **OPT)
+    sched = eng.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
+    cfg = {**ds_config(stage), "bf16": {"enabled": True}}
+    engine = eng.Stage2Engine(model, opt, sched, cfg, max_grad_norm=MAX_GRAD_NORM)
+    rows = run_plan(engine, world, rank, range(len(PLAN[world])), reference)
+    del engine
+    gc.collect()
+    return {"optimizer_dtype": str(next(iter(rows[-1][1].values())).dtype),
+            "max_abs": [r["max_abs"] for r, _ in rows] if reference is not None else None,
+            "grad_norm": [r["grad_norm"] for r, _ in rows]}
 
 
 def sensitivity(world: int) -> float:
@@ -257,7 +296,7 @@ def run_lora(info, tmp: str) -> dict:
                 p.normal_(0, 0.05)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions
     reference = Reference(copy.deepcopy(model)) if rank == 0 else None
-    engine = build(model, 3)
+    engine = build(model, "3")
     live_before = {k: v.clone() for k, v in engine.full_state_dict().items()}
     rows = run_plan(engine, world, rank, [0], reference)
     report = {"trainable": trainable}
@@ -273,7 +312,7 @@ def run_lora(info, tmp: str) -> dict:
         loaded = LlamaForCausalLM.from_pretrained(directory).float().eval()
         ids = torch.tensor([[1, 7, 11, 20, 33, 4]])
         with torch.no_grad():
-            want = reference.model.eval()(input_ids=ids).logits
+            want = reference.model.eval()(input_ids=ids.to(DEV)).logits.cpu()
             report["export_logits_max_abs"] = float((loaded(ids).logits - want).abs().max())
         report["export_has_lora_keys"] = any("lora" in k for k in loaded.state_dict())
     del engine
@@ -285,8 +324,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--tmp", required=True)
-    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--stages", default="0,1,2,3", help="comma list of 0,1,2,3 and 3o (ZeRO-3 offload)")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--bf16-stages", default="", help="comma list of stages to smoke-test in bf16")
     args = parser.parse_args()
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
@@ -295,10 +335,11 @@ def main() -> None:
     report = {"world": info.world_size, "backend": info.backend, "stages": {}}
     if info.rank == 0:
         report["sensitivity"] = sensitivity(info.world_size)
-    for stage in [int(s) for s in args.stages.split(",") if s]:
+    for stage in [s for s in args.stages.split(",") if s]:
         report["stages"][stage] = run_stage(stage, info, args.tmp)
     if args.lora:
         report["lora"] = run_lora(info, args.tmp)
+    report["bf16"] = {stage: run_bf16(stage, info) for stage in args.bf16_stages.split(",") if stage}
     report["wall_s"] = round(time.time() - t0, 2)
     if info.rank == 0:
         with open(args.out + ".tmp", "w") as fh:
