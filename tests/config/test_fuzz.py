@@ -3,7 +3,10 @@ either load cleanly or raise ConfigError whose every issue names a key path: nev
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +33,7 @@ scalars = st.one_of(
     st.text(max_size=8),
 )
 values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEY_NAMES), inner, max_size=3)), max_leaves=6)
+    st.lists(inner, max_size=2), st.dictionaries(st.sampled_from(KEY_NAMES), inner, max_size=2)), max_leaves=3)
 new_keys = st.one_of(st.sampled_from(KEY_NAMES), st.text(min_size=1, max_size=10))
 
 
@@ -63,8 +66,21 @@ def mutated_profiles(draw):
 
 
 @pytest.fixture(scope="module")
-def fuzz_file(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz") / "profile.yaml"
+def scratch(tmp_path_factory):
+    """A scratch dir on tmpfs when there is one: 2,000 write+read cycles cost ~3 ms each on some
+    disks and ~0.2 ms in memory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        path = Path(tempfile.mkdtemp(prefix="stage2-config-fuzz-", dir=shm))
+        yield path
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        yield tmp_path_factory.mktemp("fuzz")
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(scratch):
+    return scratch / "profile.yaml"
 
 
 @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
@@ -115,8 +131,8 @@ def mutated_texts(draw):
 
 
 @pytest.fixture(scope="module")
-def fuzz_leaf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzzproj")
+def fuzz_leaf(scratch):
+    root = scratch / "proj"
     shutil.copytree(REPO / "configs", root / "configs")
     return root / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml"
 

@@ -20,7 +20,7 @@ from toolkit.config.overrides import apply_overrides
 from toolkit.config.profiles import resolve_profile_path
 from toolkit.config.resolved import ResolvedConfig
 from toolkit.config.rules import RuleContext, all_rules, run_rules
-from toolkit.config.schema import FULL_SCHEMA, PARTIAL_SCHEMA, ROOT
+from toolkit.config.schema import FULL_SCHEMA, KEY_INDEX, PARTIAL_SCHEMA, ROOT
 from toolkit.config.validate import validate_schema
 from toolkit.config.yamlio import load_document
 
@@ -64,7 +64,7 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
     result.issues += apply_overrides(merged, overrides)
     result.issues += check_legacy(merged)
     raw = copy.deepcopy(merged.data)
-    typed, schema_issues = validate_schema(merged, FULL_SCHEMA, ROOT)
+    typed, schema_issues = validate_schema(merged, FULL_SCHEMA, ROOT, KEY_INDEX)
     result.issues += schema_issues
     if canonical:
         result.issues += check_leaf(leaf, parent.data if len(chain) > 1 else None)
@@ -112,5 +112,5 @@ def check_parent(path: Path) -> list[Issue]:
         issues.append(Issue.at(doc.where(("extends",)), "extends", "extends takes exactly one relative path (a string)",
                                "write `extends: ../base.yaml`"))
     issues += check_legacy(doc)
-    issues += validate_schema(doc, PARTIAL_SCHEMA, ROOT)[1]
+    issues += validate_schema(doc, PARTIAL_SCHEMA, ROOT, KEY_INDEX)[1]
     return issues

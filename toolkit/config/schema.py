@@ -10,7 +10,7 @@ from toolkit.config.atoms import (
     Bool, Const, Either, Enum, Float, FreeMapping, Int, ListOf, NullMeans, Nullable, OneOfFiles, Str,
 )
 from toolkit.config.dsconfig import ds_config_names
-from toolkit.config.spec import ItemList, Key, Section, build_schema
+from toolkit.config.spec import ItemList, Key, Section, build_schema, key_index
 
 FIELD_ORDERS = ("desc_first", "geometry_first")  # = toolkit.data.render.FIELD_ORDERS (checked by a test)
 OBJECT_ORDERINGS = ("sorted", "given")  # = toolkit.data.render.OBJECT_ORDERINGS
@@ -219,4 +219,5 @@ PATH_KEYS = (("data", "train_jsonl"), ("data", "val_jsonl"), ("data", "image_roo
 MODEL_PATH_KEY = ("model", "model")
 
 FULL_SCHEMA = build_schema(ROOT)
+KEY_INDEX = key_index(ROOT)  # key name → dotted paths, for "did you mean <other section>"
 PARTIAL_SCHEMA = build_schema(ROOT, partial=True)

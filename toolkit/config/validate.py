@@ -107,12 +107,14 @@ def order_like_spec(data: Any, node: Any) -> Any:
     return data
 
 
-def validate_schema(doc: Document, schema: Schema, root: Section) -> tuple[dict | None, list[Issue]]:
-    """Validate `doc.data`: (typed data with defaults, in schema order; []) or (None, every issue)."""
+def validate_schema(doc: Document, schema: Schema, root: Section,
+                    index: dict | None = None) -> tuple[dict | None, list[Issue]]:
+    """Validate `doc.data`: (typed data with defaults, in schema order; []) or (None, every issue).
+    `index` is `key_index(root)` when the caller has it precomputed."""
     try:
         return order_like_spec(schema(doc.data), root), []
     except MultipleInvalid as exc:
-        index = key_index(root)
+        index = index if index is not None else key_index(root)
         return None, [to_issue(root, index, doc, e) for e in exc.errors]
     except Invalid as exc:  # defensive: a top-level Invalid without MultipleInvalid
-        return None, [to_issue(root, key_index(root), doc, exc)]
+        return None, [to_issue(root, index if index is not None else key_index(root), doc, exc)]
