@@ -86,6 +86,7 @@ def test_custom_extra_rollout_matching_relocation_names_exact_new_path(tmp_path,
     [issue] = err.issues
     assert issue.key_path == "custom.extra.rollout_matching." + new.split(".", 1)[1]
     assert issue.fix == f"move the value to {new}"
+    assert issue.message.startswith(f"legacy key: moved to {new} (")
     assert "custom.extra.rollout_matching" in issue.message
 
 

@@ -114,7 +114,8 @@ def _relocation_issues(doc: Document, prefix: str, path: tuple, value) -> list[I
         entry = LEGACY.get(new)
         note = f"; note that {new} is itself legacy: {entry.message} ({entry.fix})" if entry else ""
         out.append(Issue.at(doc.where(leaf_path), render_path(leaf_path),
-                            f"legacy key: {_RELOCATIONS[prefix].message}{note}", f"move the value to {new}"))
+                            f"legacy key: moved to {new} ({_RELOCATIONS[prefix].message}){note}",
+                            f"move the value to {new}"))
     return out
 
 
