@@ -161,3 +161,27 @@ def test_preflight_schema_invalid_fields():
         validate_preflight({**contract, "server_base_urls": [], "group_ports": []})
     with pytest.raises(PreflightError, match="'vllm_mode'"):
         validate_preflight({**contract, "vllm_mode": None})
+
+
+def test_lazy_subcommand_imported_only_when_needed(tmp_path, monkeypatch):
+    import sys
+
+    from launchers import cli
+
+    write(tmp_path / "lazy_dummy_cmd.py", '''
+import click
+
+@click.command()
+def cmd():
+    """A dummy subcommand."""
+    click.echo("dummy ran")
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.LAZY_SUBCOMMANDS, "dummy", "lazy_dummy_cmd:cmd")
+    assert "lazy_dummy_cmd" not in sys.modules
+    assert run(["config", "--help"]).exit_code == 0
+    assert "lazy_dummy_cmd" not in sys.modules  # other commands do not load it
+    result = run(["--help"])
+    assert "dummy" in result.output and "A dummy subcommand." in result.output
+    assert run(["dummy"]).output == "dummy ran\n"
+    monkeypatch.delitem(sys.modules, "lazy_dummy_cmd")
