@@ -300,6 +300,7 @@ def run_lora(info, tmp: str) -> dict:
     live_before = {k: v.clone() for k, v in engine.full_state_dict().items()}
     rows = run_plan(engine, world, rank, [0], reference)
     report = {"trainable": trainable}
+    report.update(check_generation(engine, reference, rank))  # peft module.generate under ZeRO-3
     directory = os.path.join(tmp, "export_lora")
     engine.export_hf(directory)
     again = engine.full_state_dict()

@@ -224,6 +224,7 @@ def test_lora_under_zero3_trains_and_exports_merged(request, world):
     lora = _report(request, world)["lora"]
     assert lora["trainable"] > 0 and lora["params_changed"]
     assert lora["step_max_abs"] <= TOL
+    assert lora["generate_equal"], lora["generate_tokens"]
     assert lora["merge_leaves_live_weights"]
     assert not lora["export_has_lora_keys"]
     assert lora["export_logits_max_abs"] <= 1e-5

@@ -216,6 +216,9 @@ class Stage2Engine:
                                                     lr_scheduler=lr_scheduler, config=self.config)
         self.zero_stage = int(self.engine.zero_optimization_stage())
         self.accumulation = accumulation or ACCUMULATION[self.zero_stage]
+        if self.accumulation not in ("boundary", "coalesce") or (self.accumulation, self.zero_stage) == ("coalesce", 0):
+            raise ValueError(f"accumulation must be 'boundary' or (ZeRO 1-3) 'coalesce', got {self.accumulation!r} "
+                             f"on ZeRO-{self.zero_stage}")
         log.info("[rank %d] engine: ZeRO-%d, world %d, accumulation=%s", self.dist.rank, self.zero_stage,
                  self.dist.world_size, self.accumulation)
 
@@ -224,7 +227,7 @@ class Stage2Engine:
         return self.engine.module
 
     def _is_peft(self) -> bool:
-        return hasattr(self.module, "peft_config")
+        return hasattr(self.module, "peft_config") and hasattr(self.module, "get_base_model")
 
     # ---- one scheduled step -------------------------------------------------------------------
     def train_step(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
