@@ -36,6 +36,20 @@ from toolkit.trainer.scheduler import channel_for_step
 log = logging.getLogger(__name__)
 
 
+def _provenance() -> dict:
+    """Tool version and git commit recorded at the top of every run's resolved_config.yaml."""
+    import subprocess
+
+    import toolkit
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"tool_version": toolkit.__version__, "git_commit": commit}
+
+
 def _digest(ids) -> int:
     """A small exact fingerprint of the step's sample ids (summed over ranks) to prove resume order."""
     return zlib.crc32(",".join(ids).encode()) % 1_000_003
@@ -73,7 +87,7 @@ class Stage2Trainer:
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank)
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml())
+            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
         log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
                  self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
                  self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
@@ -110,6 +124,8 @@ class Stage2Trainer:
         from toolkit.config import load_ds_config
 
         ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
+        if cfg.model.torch_dtype == "bfloat16":
+            ds_config = {**ds_config, "bf16": {"enabled": True}}
         return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
 
     def _setup_backend(self):
