@@ -230,6 +230,8 @@ def run_stage(stage: str, info, tmp: str) -> dict:
     engine = build(model, stage)
     report = {"accumulation": engine.accumulation, "init_s": round(time.time() - t0, 2)}
     ckpt = os.path.join(tmp, f"ckpt_z{stage}")
+    if stage == "3":  # before any step the ZeRO-3 trace is incomplete: hooks left on would deadlock here
+        report["generate_first_equal"] = check_generation(engine, reference, rank).get("generate_equal")
     first = run_plan(engine, world, rank, steps[:1], reference)
     engine.save(ckpt, "s1", {"step": 1, "note": "client state"})
     rest = run_plan(engine, world, rank, steps[1:], reference)
