@@ -138,8 +138,9 @@ class Stage2Trainer:
             )
         return HFBackend(
             self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id,
+            # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
+            # different lengths without synced_gpus; every rank still makes the same number of calls.
             object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
-            synced=self.engine.zero_stage == 3 and self.dist.world_size > 1,
         )
 
     def _maybe_resume(self) -> None:

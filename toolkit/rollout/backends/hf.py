@@ -1,8 +1,8 @@
 """In-process HF `generate` rollouts on the learner's own module (the CPU demo's backend).
 
-Heavy imports (torch, transformers) happen at call time. Under ZeRO-3 every rank must make the same
-number of `generate` calls (each forward all-gathers parameters): callers give every rank the same
-number of prompts, and `synced_gpus` keeps ranks stepping together until all sequences end.
+Heavy imports (torch, transformers) happen at call time. Under ZeRO-3 the caller's
+`generation_context` gathers the parameters (a collective on entry and exit), so every rank must make
+the same number of `generate` calls: callers give every rank the same number of prompts.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ class HFBackend:
         eos_id: int,
         object_key_ids: Sequence[int] = (),
         generation_context: Callable[[], ContextManager] = contextlib.nullcontext,
-        synced: bool = False,
     ):
         self.module = module
         self.s = settings
@@ -35,7 +34,6 @@ class HFBackend:
         self.eos_id = eos_id
         self.object_key_ids = list(object_key_ids)
         self.generation_context = generation_context
-        self.synced = synced
 
     def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
         out: list[Rollout] = []
@@ -88,7 +86,7 @@ class HFBackend:
         procs = LogitsProcessorList()
         if s.max_object_keys and self.object_key_ids:
             procs.append(ObjectCapProcessor(self.object_key_ids, s.max_object_keys, self.eos_id, prompt_width))
-        return {"generation_config": gen, "logits_processor": procs, "synced_gpus": self.synced}
+        return {"generation_config": gen, "logits_processor": procs}
 
     def _to_rollout(self, prompt: list[int], completion: list[int]) -> Rollout:
         if self.eos_id in completion:
