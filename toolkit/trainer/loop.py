@@ -67,6 +67,7 @@ class Stage2Trainer:
         cfg = self.cfg
         self.dist = init_distributed()
         torch.manual_seed(cfg.training.seed)
+        self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.out_dir = Path(cfg.training.output_dir)
         self.tok = load_tokenizer(cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
@@ -80,7 +81,7 @@ class Stage2Trainer:
         self.engine = self._setup_engine()
         self.backend = self._setup_backend()
         self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
-        self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long)
+        self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
                                        schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
         self._maybe_resume()
@@ -137,7 +138,7 @@ class Stage2Trainer:
                 "use rollout_matching.rollout_backend: hf (fix: --set rollout_matching.rollout_backend=hf)"
             )
         return HFBackend(
-            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id,
+            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id, device=self.device,
             # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
             # different lengths without synced_gpus; every rank still makes the same number of calls.
             object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
@@ -193,7 +194,7 @@ class Stage2Trainer:
         else:
             segments = self._channel_b_segments(samples, step, m)
         t1 = time.perf_counter()
-        plan = plan_packs([len(s) for s in segments], self.cfg.global_max_length)
+        plan = self._plan(segments)
         packs = [collate_pack([segments[i] for i in idx]) for idx in plan]
         # Each pack's loss is a mean within the pack; weighting it by its share of the raw samples makes the
         # update the mean over the step's raw samples (drops count in the denominator), whatever the pack count.
@@ -206,6 +207,12 @@ class Stage2Trainer:
         m.time("time/post_rollout_pack_s", t2 - t1)
         m.time("time/forward_backward_s", time.perf_counter() - t2)
         return reduce_metrics(m)
+
+    def _plan(self, segments: list) -> list[list[int]]:
+        """Post-rollout packing to global_max_length (FIFO vs bin-packing), or one segment per pack."""
+        if not self.cfg.training.packing:
+            return [[i] for i in range(len(segments))]
+        return plan_packs([len(s) for s in segments], self.cfg.global_max_length)
 
     def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
         """Loss parts weighted by segment count, optimizer facts, packing fill and schedule bookkeeping."""
@@ -252,11 +259,13 @@ class Stage2Trainer:
         )
 
     def _loss_a(self, module, pack):
+        pack = pack.to(self.device)
         sab = self.cfg.stage2_ab
         first, last = softctx_logits(module, pack, self.coord_ids, sab.n_softctx_iter, sab.softctx_temperature, sab.softctx_grad_mode)
         return pack_loss(first, last, pack, self.coord_ids, self.loss_weights)
 
     def _loss_b(self, module, pack):
+        pack = pack.to(self.device)
         logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights)
 

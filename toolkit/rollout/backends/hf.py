@@ -26,6 +26,7 @@ class HFBackend:
         pad_id: int,
         eos_id: int,
         object_key_ids: Sequence[int] = (),
+        device=None,
         generation_context: Callable[[], ContextManager] = contextlib.nullcontext,
     ):
         self.module = module
@@ -33,6 +34,7 @@ class HFBackend:
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.object_key_ids = list(object_key_ids)
+        self.device = device
         self.generation_context = generation_context
 
     def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
@@ -61,8 +63,8 @@ class HFBackend:
         try:
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
                 seqs = self.module.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=ids.to(self.device) if self.device is not None else ids,
+                    attention_mask=mask.to(self.device) if self.device is not None else mask,
                     **self._generate_kwargs(prompt_width=width),
                 )
         finally:
