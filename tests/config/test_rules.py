@@ -162,3 +162,11 @@ def test_derive_is_exact():
     with pytest.raises(ValueError, match="2 × 2 = 4"):
         derive(cfg, 2)
     assert derive(cfg, 5).gradient_accumulation_steps == 1
+
+
+def test_packing_buffer_must_hold_one_ranks_step(tmp_path):
+    path = profile(tmp_path, "\n  packing_buffer: 3")
+    [issue] = load_errors(path, world_size=2).issues
+    assert issue.key_path == "training.packing_buffer"
+    assert "8 / 2 = 4" in issue.message and "at least 4" in issue.fix
+    assert load_profile(profile(tmp_path, "\n  packing_buffer: 4"), world_size=2).training.packing_buffer == 4

@@ -87,6 +87,11 @@ LEGACY: dict[str, Legacy] = {
     _RM + "vllm.server.group_port": Legacy(
         "the single-server form was replaced by a list of servers",
         "write rollout_matching.vllm.server.servers: [{base_url: ..., group_port: ...}]"),
+    "training.dataloader_drop_last": _removed(
+        "Stage-2 never runs a short step: an epoch's trailing window of fewer than effective_batch_size "
+        "raw samples is always dropped", "delete the key"),
+    "training.packing_drop_last": _removed("every segment of a step is trained; no pack is ever dropped",
+                                           "delete the key"),
     "training.packing_length": _removed("the packing length is the global token budget", "set global_max_length"),
     "stage2_ab.bbox_l1_weight": _moved("stage2_ab.bbox_smoothl1_weight", "the L1 term is now smooth-L1"),
     "stage2_ab.bbox_giou_weight": _moved("stage2_ab.bbox_ciou_weight", "the GIoU term is now CIoU"),

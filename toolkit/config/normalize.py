@@ -16,7 +16,7 @@ from toolkit.config.rules import resolve_sync_mode
 from toolkit.config.schema import MODEL_PATH_KEY, PATH_KEYS
 from toolkit.config.yamlio import Document
 
-PACKING_KEYS = ("packing_buffer", "packing_min_fill_ratio", "packing_drop_last")
+PACKING_KEYS = ("packing_buffer", "packing_min_fill_ratio")
 
 
 def project_root_for(profile: Path) -> Path:

@@ -69,6 +69,19 @@ def gradient_accumulation_consistent(ctx: RuleContext) -> list:
                       "remove training.gradient_accumulation_steps (it is derived)")]
 
 
+def packing_buffer_holds_step(ctx: RuleContext) -> list:
+    """One rank's raw samples per step (E / W) must fit in training.packing_buffer."""
+    e, p, w = batch_factors(ctx.cfg, ctx.world_size)
+    buf = ctx.cfg["training"]["packing_buffer"]
+    if e % (p * w) or e // w <= buf:
+        return []
+    return [ctx.issue(("training", "packing_buffer"),
+                      f"packing_buffer={buf} cannot hold one rank's step budget: effective_batch_size / "
+                      f"learner_world_size = {e} / {w} = {e // w} segments are packed together each step",
+                      f"raise training.packing_buffer to at least {e // w}, lower effective_batch_size, "
+                      f"or add learner ranks")]
+
+
 def decode_batch_overrides_eval(ctx: RuleContext) -> list:
     """rollout_matching.decode_batch_size overrides training.per_device_eval_batch_size (warning)."""
     d = ctx.cfg["rollout_matching"]["decode_batch_size"]
@@ -208,7 +221,7 @@ def backend_dispatch(ctx: RuleContext) -> list:
 
 
 RULES: tuple[Rule, ...] = (
-    effective_batch_divisible, gradient_accumulation_consistent, decode_batch_overrides_eval,
+    effective_batch_divisible, gradient_accumulation_consistent, packing_buffer_holds_step, decode_batch_overrides_eval,
     deepspeed_config_required, eval_needs_val_data, sampling_needs_temperature, backend_dispatch,
 )
 

@@ -83,11 +83,12 @@ TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "save_total_limit": Key(Nullable(POS_INT, "keep all"), "Keep at most N checkpoints.", None),
     "metric_for_best_model": Key(Str(), "Metric that ranks checkpoints (group/name).", "rollout/f1"),
     "greater_is_better": Key(Bool(), "Whether a larger metric_for_best_model is better.", True),
-    "dataloader_drop_last": Key(Bool(), "Drop the last incomplete raw-sample batch.", True),
     "packing": Key(Bool(), "Pack teacher-forced segments into global_max_length sequences.", True),
-    "packing_buffer": Key(POS_INT, "Segments buffered before bin-packing.", 256),
-    "packing_min_fill_ratio": Key(Float(lo=0.0, hi=1.0, lo_open=True), "A pack is emitted once this full.", 0.5),
-    "packing_drop_last": Key(Bool(), "Drop a final pack below the fill ratio.", True),
+    "packing_buffer": Key(POS_INT, "Most segments one rank may hold for post-rollout packing in one step "
+                                   "(effective_batch_size / world size must fit).", 256),
+    "packing_min_fill_ratio": Key(Float(lo=0.0, hi=1.0, lo_open=True),
+                                  "Packs filled below this fraction of global_max_length are counted "
+                                  "(packing/underfilled_packs); server mode starts a pack once this full.", 0.5),
     "report_to": Key(ListOf(Enum("tensorboard", "jsonl")), "Metric sinks.", ["tensorboard", "jsonl"]),
     "gradient_checkpointing": Key(Bool(), "Recompute activations in backward to save memory.", False),
 }, required=True)
