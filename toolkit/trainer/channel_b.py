@@ -36,6 +36,7 @@ def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: 
         for key, value in seg.meta.items():
             m.add_sum(key, value)
         m.add_sum("rollout/finish_length", ro.finish_reason == "length")
+        m.add_sum("rollout/repeat_terminated", ro.finish_reason == "repeat")
         m.add_sum("rollout/gen_new_tokens", len(ro.completion_ids))
         if isinstance(seg, Drop):
             m.count(f"stage2/drop/{seg.reason}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from toolkit.rollout.repeat import RepeatRule
+
 
 @dataclass
 class Rollout:
@@ -30,14 +32,17 @@ class DecodeSettings:
     top_p: float
     top_k: int
     repetition_penalty: float
-    max_object_keys: int | None
+    repeat: RepeatRule | None  # repeat-terminate rule, None when disabled
     seed: int
+
+    @property
+    def max_object_keys(self) -> int | None:
+        return self.repeat.max_object_keys if self.repeat else None
 
     @classmethod
     def from_rollout_cfg(cls, rm: dict, seed: int) -> "DecodeSettings":
         dec = rm["decoding"]
         sample = rm["decode_mode"] == "sample" or dec["temperature"] > 0
-        rt = rm["repeat_terminate"]
         return cls(
             max_new_tokens=rm["max_new_tokens"],
             decode_batch_size=rm["decode_batch_size"],
@@ -46,7 +51,7 @@ class DecodeSettings:
             top_p=float(dec["top_p"]),
             top_k=int(dec["top_k"]),
             repetition_penalty=float(rm["repetition_penalty"]),
-            max_object_keys=rt.get("max_object_keys") if rt.get("enabled") else None,
+            repeat=RepeatRule.from_cfg(rm["repeat_terminate"]),
             seed=seed,
         )
 

@@ -61,15 +61,17 @@ class HFBackend:
         was_training = self.module.training
         self.module.eval()
         try:
+            kwargs = self._generate_kwargs(prompt_width=width)
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
                 seqs = self.module.generate(
                     input_ids=ids.to(self.device) if self.device is not None else ids,
                     attention_mask=mask.to(self.device) if self.device is not None else mask,
-                    **self._generate_kwargs(prompt_width=width),
+                    **kwargs,
                 )
         finally:
             self.module.train(was_training)
-        return [self._to_rollout(p, seqs[i, width:].tolist()) for i, p in enumerate(prompts)]
+        cut = next((p.cut for p in kwargs["logits_processor"] if isinstance(p, RepeatTerminateProcessor)), set())
+        return [self._to_rollout(p, seqs[i, width:].tolist(), i in cut) for i, p in enumerate(prompts)]
 
     def _generate_kwargs(self, prompt_width: int) -> dict:
         from transformers import GenerationConfig, LogitsProcessorList
@@ -86,41 +88,39 @@ class HFBackend:
             pad_token_id=self.pad_id,
         )
         procs = LogitsProcessorList()
-        if s.max_object_keys and self.object_key_ids:
-            procs.append(ObjectCapProcessor(self.object_key_ids, s.max_object_keys, self.eos_id, prompt_width))
+        if s.repeat is not None:
+            procs.append(RepeatTerminateProcessor(s.repeat, self.object_key_ids, self.eos_id, prompt_width))
         return {"generation_config": gen, "logits_processor": procs}
 
-    def _to_rollout(self, prompt: list[int], completion: list[int]) -> Rollout:
+    def _to_rollout(self, prompt: list[int], completion: list[int], repeat_cut: bool = False) -> Rollout:
         if self.eos_id in completion:
             completion = completion[: completion.index(self.eos_id) + 1]
-            return Rollout(list(prompt), completion, "stop")
+            return Rollout(list(prompt), completion, "repeat" if repeat_cut else "stop")
         while completion and completion[-1] == self.pad_id:
             completion.pop()
         return Rollout(list(prompt), completion, "length")
 
 
-class ObjectCapProcessor:
-    """Force <|im_end|> once a sequence has opened `max_keys` objects (domain.md §6.2: object spam).
+class RepeatTerminateProcessor:
+    """Force <|im_end|> on rows whose generated tokens trip the repeat-terminate rule (repeat.py).
 
-    Counts generated tokens (after the prompt columns) that open an `object_N` key; the caller passes
-    their ids, which are tokenizer-specific.
+    Records which rows it cut, so their rollouts report finish_reason "repeat".
     """
 
-    def __init__(self, key_ids: Sequence[int], max_keys: int, eos_id: int, prompt_width: int):
-        self.key_ids = list(key_ids)
-        self.max_keys = max_keys
+    def __init__(self, rule, key_ids: Sequence[int], eos_id: int, prompt_width: int):
+        self.rule = rule
+        self.key_ids = frozenset(key_ids)
         self.eos_id = eos_id
         self.prompt_width = prompt_width
+        self.cut: set[int] = set()
 
     def __call__(self, input_ids, scores):
-        import torch
-
-        generated = input_ids[:, self.prompt_width :]
-        keys = torch.isin(generated, torch.tensor(self.key_ids, device=input_ids.device)).sum(dim=1)
-        hit = keys > self.max_keys
-        if hit.any():
-            scores[hit] = float("-inf")
-            scores[hit, self.eos_id] = 0.0
+        for row, ids in enumerate(input_ids[:, self.prompt_width :].tolist()):
+            if row not in self.cut and self.rule.should_stop(ids, self.key_ids):
+                self.cut.add(row)
+            if row in self.cut:
+                scores[row] = float("-inf")
+                scores[row, self.eos_id] = 0.0
         return scores
 
 
