@@ -1,8 +1,9 @@
 """DeepSpeed engine layer of the trainer: process group, optimizer, LR schedule, one optimizer step per
-scheduled step after a variable number of pack backwards, checkpoints, HF export, LoRA.
+scheduled step after a variable number of pack backwards, checkpoints.
 
-Owns: every call into DeepSpeed. Must not import the config spine (it takes plain arguments) and keeps
-`import deepspeed` inside functions, so importing this module stays cheap.
+Owns: the DeepSpeed engine and every call into it; HF export, gathered full state and LoRA wrapping
+live in toolkit/trainer/export.py (the engine's methods delegate). Must not import the config spine
+(it takes plain arguments) and keeps `import deepspeed` inside functions, so importing stays cheap.
 
 Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
 `Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
@@ -24,6 +25,9 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from toolkit.trainer import export
+from toolkit.trainer.export import apply_lora  # noqa: F401  (re-exported: the trainer builds LoRA models from here)
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +175,6 @@ def build_lr_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str]):
-    """Wrap `model` with peft LoRA adapters; "all-linear" targets every linear layer but the output head."""
-    import peft
-
-    if isinstance(target_modules, str):
-        targets = target_modules if target_modules == "all-linear" else [target_modules]
-    else:
-        targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    wrapped = peft.get_peft_model(model, config)
-    n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    log.info("LoRA r=%d alpha=%g dropout=%g targets=%s: %d trainable params", rank, alpha, dropout, targets, n_train)
-    return wrapped
-
-
 def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:
     """Copy of `ds_config` with the fields the caller-owned accumulation needs."""
     for section in ("optimizer", "scheduler"):
@@ -225,9 +214,6 @@ class Stage2Engine:
     @property
     def module(self):
         return self.engine.module
-
-    def _is_peft(self) -> bool:
-        return hasattr(self.module, "peft_config") and hasattr(self.module, "get_base_model")
 
     # ---- one scheduled step -------------------------------------------------------------------
     def train_step(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
@@ -398,36 +384,12 @@ class Stage2Engine:
         log.info("[rank %d] loaded DeepSpeed checkpoint %s", self.dist.rank, path)
         return dict((client_state or {}).get(CLIENT_KEY, {}))
 
-    @torch.no_grad()  # as a decorator it wraps each resume of the generator, not the consumer's code
     def named_full_params(self, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor copied to `device`) for every parameter and persistent buffer, LoRA merged.
+        """(HF name, full tensor on `device`) per parameter and persistent buffer, LoRA merged.
 
-        Collective under ZeRO-3 (one gather per module): every rank must exhaust the iterator. The
-        merge is computed as W + ΔW without touching the live weights (a peft merge+unmerge round
-        trip is not bit-exact in floating point).
+        Collective under ZeRO-3: every rank must exhaust the iterator (see `export.named_full_params`).
         """
-        import deepspeed
-
-        root = self.module.get_base_model() if self._is_peft() else self.module
-        if self._is_peft():
-            from peft.tuners.lora import LoraLayer as lora_cls
-        else:
-            lora_cls = None
-        skip: tuple[str, ...] = ()
-        for prefix, mod in root.named_modules():
-            if skip and prefix.startswith(skip):
-                continue
-            if type(mod).__name__ == "ModulesToSaveWrapper":
-                raise NotImplementedError("named_full_params: peft modules_to_save is not supported")
-            is_lora = lora_cls is not None and isinstance(mod, lora_cls)
-            params = list(mod.parameters(recurse=is_lora))
-            with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3 and bool(params)):
-                if is_lora:
-                    skip += (prefix + ".",)
-                    yield from _merged_lora_tensors(prefix, mod, device)
-                    continue
-                for name, tensor in _own_tensors(mod):
-                    yield (f"{prefix}.{name}" if prefix else name), tensor.detach().to(device, copy=True)
+        return export.named_full_params(self.module, self.zero_stage == 3, device)
 
     def full_state_dict(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Gathered named tensors (LoRA merged) on every rank; collective under ZeRO-3."""
@@ -435,18 +397,7 @@ class Stage2Engine:
 
     def export_hf(self, directory: str, tokenizer=None) -> None:
         """HF `save_pretrained` (safetensors, LoRA merged) on rank 0; all ranks call it."""
-        import torch.distributed as dist
-
-        # Collective under ZeRO-3 (a plain save_pretrained there writes empty tensors); only rank 0 keeps
-        # the CPU copy, so a node does not hold world_size full models in host memory.
-        state = {name: t for name, t in self.named_full_params() if self.dist.rank == 0}
-        if self.dist.rank == 0:
-            root = self.module.get_base_model() if self._is_peft() else self.module
-            root.save_pretrained(str(directory), state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(directory))
-            log.info("exported HF model (%d tensors) to %s", len(state), directory)
-        dist.barrier()
+        export.export_hf(self.module, self.zero_stage == 3, self.dist.rank, directory, tokenizer)
 
 
 @dataclasses.dataclass
@@ -470,23 +421,3 @@ def _map_tensors(obj, fn, leaf=torch.Tensor):
         changes = {f.name: _map_tensors(getattr(obj, f.name), fn, leaf) for f in dataclasses.fields(obj) if f.init}
         return dataclasses.replace(obj, **changes)
     return obj
-
-
-def _own_tensors(mod) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from mod.named_parameters(recurse=False)
-    for name, buf in mod.named_buffers(recurse=False):
-        if name not in mod._non_persistent_buffers_set:
-            yield name, buf
-
-
-def _merged_lora_tensors(prefix: str, mod, device) -> Iterator[tuple[str, torch.Tensor]]:
-    base = mod.get_base_layer()
-    weight = base.weight.detach().clone()
-    if not mod.disable_adapters and not mod.merged:  # a merged layer already holds W + ΔW
-        for adapter in mod.active_adapters:
-            if adapter in mod.lora_A:
-                weight += mod.get_delta_weight(adapter).to(weight.dtype)
-    yield f"{prefix}.weight", weight.to(device)
-    for name, tensor in _own_tensors(base):
-        if name != "weight":
-            yield f"{prefix}.{name}", tensor.detach().to(device, copy=True)
