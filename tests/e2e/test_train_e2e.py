@@ -49,13 +49,18 @@ def test_resume_reproduces_the_straight_run(tiny, tmp_path):
 
 def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
     res = run_torchrun(2, "smoke/ab_mixed", tmp_path, *_sets(tiny, "training.max_steps=2", "training.save_steps=2",
-                                                              "training.eval_steps=2"))
+                                                              "training.eval_steps=2", "rollout_matching.monitor_dump.enabled=true",
+                                                              "rollout_matching.monitor_dump.every_steps=1"))
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(tmp_path)
     assert [r["channel"] for r in rows] == ["A", "B"]
     assert all(r["stage2/raw_samples"] == 8 for r in rows)  # E=8 over 2 ranks: 4 each, summed once per step
     assert "eval_rollout/f1" in rows[-1]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    # rank 0 dumps its Channel-B samples (step 1 is the only B step): rollout, target, supervised tokens
+    dump = [json.loads(line) for line in (tmp_path / "monitor_dumps" / "step_000001.jsonl").read_text().splitlines()]
+    assert len(dump) == 2 and all("rollout" in d and ("target_supervised" in d or "dropped" in d) for d in dump)
+    assert not (tmp_path / "monitor_dumps" / "step_000000.jsonl").exists()  # A steps decode nothing
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):

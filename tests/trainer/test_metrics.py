@@ -171,3 +171,16 @@ def test_shorthands_and_alias():
     m.time("time/step_s", 3.0)
     assert reduce is reduce_metrics
     assert reduce_metrics(m) == {"stage2/drop/too_long": 3.0, "time/step_s": 3.0}
+
+
+def test_writer_resume_drops_records_of_replayed_steps_and_honours_sinks(tmp_path):
+    w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("jsonl",))
+    for step in range(4):
+        w.write(step, "A", {"loss/total": float(step)})
+    w.close()
+    assert not (tmp_path / "tb").exists()
+    w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("jsonl",), resume_step=2)
+    w.write(2, "B", {"loss/total": 9.0})
+    w.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["channel"]) for r in rows] == [(0, "A"), (1, "A"), (2, "B")]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import parse_rollout
 from toolkit.rollout.targets import Drop, build_channel_b_segment
+from toolkit.trainer.dumps import write_dump
 from toolkit.trainer.metrics import StepMetrics
 
 
@@ -25,14 +26,18 @@ class SampleInput:
 
 
 def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: StepMetrics, *, rm: dict,
-                      sab: dict, max_len: int, ordering: str) -> list:
-    """Decode this rank's step budget and turn each rollout into a training segment; counts go to `m`."""
+                      sab: dict, max_len: int, ordering: str, dump_to=None) -> list:
+    """Decode this rank's step budget and turn each rollout into a training segment; counts go to `m`.
+
+    `dump_to`: a directory to write this step's monitor dump to (rank 0 on dump steps), else None.
+    """
     t0 = time.perf_counter()
     rollouts = backend.generate([s.prompt_ids for s in samples], step=step)
     t1 = time.perf_counter()
-    segments = []
+    segments, items = [], []
     for sample, ro in zip(samples, rollouts):
         seg = rollout_to_segment(sample, ro, codec, rm=rm, sab=sab, max_len=max_len, ordering=ordering)
+        items.append((sample, ro, seg))
         for key, value in seg.meta.items():
             m.add_sum(key, value)
         m.add_sum("rollout/finish_length", ro.finish_reason == "length")
@@ -43,6 +48,8 @@ def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: 
         else:
             segments.append(seg)
     _rollout_rates(m)
+    if dump_to is not None:
+        write_dump(dump_to, step, rm["monitor_dump"], codec, items)
     m.time("time/rollout_generate_s", t1 - t0)
     m.time("time/rollout_parse_match_s", time.perf_counter() - t1)
     m.add_ratio("rollout/gen_tokens_per_s", m.finalize().get("rollout/gen_new_tokens", 0.0), t1 - t0)

@@ -23,6 +23,7 @@ from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
+from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.channel_b import SampleInput, prepare_channel_b
@@ -48,6 +49,14 @@ def _provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"tool_version": toolkit.__version__, "git_commit": commit}
+
+
+SUMMARY_KEYS = ("loss/total", "loss/ce", "loss/bbox_ciou", "rollout/f1", "rollout/parse_truncated_rate",
+                "eval_rollout/f1", "eval_rollout/class50/f1", "train/learning_rate", "time/step_s")
+
+
+def _summary(metrics: dict) -> str:
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
 
 
 def _digest(ids) -> int:
@@ -85,7 +94,8 @@ class Stage2Trainer:
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
                                        schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
         self._maybe_resume()
-        self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank)
+        self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
+                                    sinks=cfg.training.report_to, resume_step=self.state.step)
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
@@ -114,8 +124,11 @@ class Stage2Trainer:
             model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules)
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # tuner.freeze_vit / freeze_aligner freeze those modules (lr 0 → not trained, not in the optimizer).
+        vit_lr = 0.0 if cfg.tuner.freeze_vit else tr.vit_lr
+        aligner_lr = 0.0 if cfg.tuner.freeze_aligner else tr.aligner_lr
         optimizer = build_optimizer(
-            model, lr=tr.learning_rate, vit_lr=tr.vit_lr, aligner_lr=tr.aligner_lr, weight_decay=tr.weight_decay,
+            model, lr=tr.learning_rate, vit_lr=vit_lr, aligner_lr=aligner_lr, weight_decay=tr.weight_decay,
             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
         )
         warmup = int(tr.warmup_ratio * self.total_steps)
@@ -169,7 +182,10 @@ class Stage2Trainer:
             self.state.step = step + 1
             if tr.eval_strategy == "steps" and self.val_set and self.state.step % tr.eval_steps == 0:
                 metrics.update(self.validate(self.state.step))
-            self.writer.write(step, channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio), metrics)
+            channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
+            self.writer.write(step, channel, metrics)
+            if self.dist.rank == 0 and (step + 1) % tr.logging_steps == 0:
+                log.info("step %d/%d [%s] %s", step + 1, self.total_steps, channel, _summary(metrics))
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics})
             stop = self._agree_to_stop()
@@ -206,6 +222,7 @@ class Stage2Trainer:
         m.time("time/build_segments_s", t1 - t0)
         m.time("time/post_rollout_pack_s", t2 - t1)
         m.time("time/forward_backward_s", time.perf_counter() - t2)
+        m.time("time/step_s", time.perf_counter() - t0)
         return reduce_metrics(m)
 
     def _plan(self, segments: list) -> list[list[int]]:
@@ -230,9 +247,11 @@ class Stage2Trainer:
         m.add_max("train/epoch", self.budget.epoch_of(step + 1))
         m.add_sum("packing/packs", res.n_packs)
         m.add_sum("packing/padding_packs", res.n_padding)
-        cap = self.cfg.global_max_length
-        for pack in packs:
+        cap, min_fill = self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio
+        for i, pack in enumerate(packs):
             m.add_mean("packing/post_rollout_fill", pack.total_len / cap)
+            # The last pack of a step takes the remainder; only earlier packs below min fill are a planning smell.
+            m.add_sum("packing/underfilled_packs", i < len(packs) - 1 and pack.total_len < min_fill * cap)
             m.add_max("packing/post_rollout_selected_total_len", pack.total_len)
 
     def _channel_a_segments(self, samples: list[SampleInput], m: StepMetrics) -> list:
@@ -253,9 +272,11 @@ class Stage2Trainer:
 
     def _channel_b_segments(self, samples: list[SampleInput], step: int, m: StepMetrics) -> list:
         self.backend.sync_weights(step)
+        rm = self.cfg.rollout_matching_cfg
         return prepare_channel_b(
-            self.backend, samples, step, self.codec, m, rm=self.cfg.rollout_matching_cfg,
-            sab=self.cfg.stage2_ab.to_dict(), max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
+            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
+            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
+            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
         )
 
     def _loss_a(self, module, pack):

@@ -154,40 +154,64 @@ def _json_value(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _truncate_jsonl(path: str, resume_step: int) -> None:
+    """Keep only the records of steps before `resume_step` (atomic rewrite)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] < resume_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Rank-0 writer of `<output_dir>/metrics.jsonl` (appended; one line per optimizer step) and TensorBoard
     scalars under `logging_dir`. Other ranks hold no files and write nothing. Each `write` flushes both,
     so a crash loses no step already written. Never communicates: pass it `reduce_metrics(...)`'s result."""
 
-    def __init__(self, output_dir: str | os.PathLike, logging_dir: str | os.PathLike, rank: int) -> None:
+    def __init__(self, output_dir: str | os.PathLike, logging_dir: str | os.PathLike, rank: int,
+                 sinks: Iterable[str] = ("jsonl", "tensorboard"), resume_step: int | None = None) -> None:
+        """`sinks` ⊆ {"jsonl", "tensorboard"} (training.report_to). `resume_step`: drop jsonl records of
+        steps ≥ it first, so a run resumed from an older checkpoint does not log those steps twice."""
         self.rank = rank
         self.path = os.path.join(os.fspath(output_dir), "metrics.jsonl")
         self._file = None
         self._tb = None
+        self._open = False
         if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
             os.makedirs(output_dir, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-            self._tb = SummaryWriter(log_dir=os.fspath(logging_dir))
+            self._open = True
+            if "jsonl" in sinks:
+                if resume_step is not None:
+                    _truncate_jsonl(self.path, resume_step)
+                self._file = open(self.path, "a", encoding="utf-8")
+            if "tensorboard" in sinks:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=os.fspath(logging_dir))
 
     def write(self, step: int, channel: str, values: Mapping[str, float]) -> None:
         """Append one record {"step", "channel", **values}; non-finite values become null in JSON."""
         if self.rank != 0:
             return
-        if self._file is None:
+        if not self._open:
             raise RuntimeError("MetricsWriter.write after close()")
         clash = {"step", "channel"} & set(values)
         if clash:
             raise ValueError(f"metric keys {sorted(clash)} clash with the record's own fields")
         record = {"step": int(step), "channel": channel, **{k: _json_value(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        for key, value in values.items():
-            self._tb.add_scalar(key, float(value), global_step=int(step))
-        self._tb.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, float(value), global_step=int(step))
+            self._tb.flush()
 
     def close(self) -> None:
+        self._open = False
         if self._file is not None:
             self._file.close()
             self._file = None
