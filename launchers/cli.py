@@ -18,7 +18,7 @@ import click
 # to read its short help, so those modules must import heavy engines inside their callbacks only.
 # e.g. "train": "launchers.train_cmd:train", "launch": "launchers.launch_cmd:launch",
 #      "serve": "launchers.serve_cmd:serve"
-LAZY_SUBCOMMANDS: dict[str, str] = {"train": "toolkit.train:train_command"}
+LAZY_SUBCOMMANDS: dict[str, str] = {"train": "toolkit.train:train_command", "launch": "launchers.launch_cmd:launch"}
 
 PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
 SET_HELP = "Override KEY=VALUE (repeatable); VALUE is YAML, e.g. --set 'x.servers=[{base_url: ..., group_port: 51300}]'."
@@ -174,3 +174,10 @@ def preflight_command(profile: str, sets: tuple[str, ...], gpus: str | None, npr
 def lint_main(argv: list[str] | None = None) -> None:
     """Console script `stage2-lint-profiles` (= `stage2 lint-profiles`)."""
     lint_profiles.main(args=argv, prog_name="stage2-lint-profiles")
+
+
+def launch_main(argv: list[str] | None = None) -> None:
+    """Console script `stage2-launch` (= `stage2 launch`)."""
+    from launchers.launch_cmd import launch
+
+    launch.main(args=argv, prog_name="stage2-launch")

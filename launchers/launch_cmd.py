@@ -1,0 +1,229 @@
+"""`stage2 launch` / `stage2-launch`: resolve → joint preflight → placement → start servers → learner.
+
+Owns the command and the planning step that joins the pieces: the profile resolved for the learner
+world size (GA must divide: the config error says so), the launcher contract (toolkit.preflight),
+the placement and ports (launchers.topology), the argv/env of every child (launchers.commands), the
+server probes (launchers.probe), and hands the plan to launchers.supervisor, which alone spawns.
+Importing this module is cheap: no torch/transformers/deepspeed/vllm/fastapi, here or below.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import click
+
+from launchers import commands, probe, topology
+from launchers.cli import ConfigFailure, profile_options
+from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
+
+log = logging.getLogger("stage2.launch")
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """Everything `stage2-launch` was asked for."""
+
+    profile: str
+    sets: tuple[str, ...] = ()
+    flags: topology.LaunchFlags = topology.LaunchFlags()
+    launcher: str = "torchrun"
+    resume: str | None = None
+    health_timeout: float = 600.0
+    stop_timeout: float = 600.0
+
+
+@dataclass
+class LaunchPlan:
+    """The resolved launch: what --dry-run prints and what the supervisor runs."""
+
+    request: LaunchRequest
+    contract: dict
+    topo: topology.Topology
+    plan: Plan
+    output_dir: Path
+    expectation: probe.Expectation
+
+    def to_dict(self, base_env: Mapping[str, str]) -> dict:
+        def proc(spec: ProcessSpec) -> dict:
+            return {"argv": spec.argv, "env": commands.env_delta(base_env, spec.env), "log": str(spec.log_path)}
+
+        return {
+            "profile": self.contract["profile"], "launcher": self.request.launcher, "contract": self.contract,
+            "placement": self.topo.to_dict(),
+            "servers": [{**proc(s.process), "base_url": s.base_url, "world_size": s.world_size}
+                        for s in self.plan.servers],
+            "learner": proc(self.plan.learner),
+            "checks": {"server_min_model_len": self.expectation.min_model_len, "server_model": self.expectation.model},
+            "output_dir": str(self.output_dir), "logs": str(self.output_dir / "logs"),
+            "checkpoints": str(self.output_dir / "checkpoints"),
+        }
+
+
+def _profile_servers(cfg) -> topology.ProfileServers:
+    rm = cfg.rollout_matching_cfg
+    server_mode = rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server"
+    servers = tuple((s["base_url"], s["group_port"]) for s in rm["vllm"]["server"]["servers"]) if server_mode else ()
+    return topology.ProfileServers(server_mode, servers, rm["vllm"]["tensor_parallel_size"])
+
+
+def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
+    """toolkit.preflight's contract for this placement (it counts one node; the world spans all nodes)."""
+    from toolkit.preflight import CPU, build_preflight, validate_preflight
+
+    flags = req.flags
+    server_ids = topology.parse_gpu_flag(flags.server_gpus, "--server-gpus") or ()
+    ids = topology.parse_gpu_flag(flags.gpus, "--gpus")
+    if topo.nnodes == 1:
+        return build_preflight(cfg, list(ids) if isinstance(ids, tuple) else CPU, topo.nproc_per_node, list(server_ids))
+    contract = build_preflight(cfg, CPU, topo.world_size, list(server_ids))
+    contract["learner_gpus"] = list(ids) if isinstance(ids, tuple) else CPU
+    return validate_preflight(contract)
+
+
+def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.executable) -> LaunchPlan:
+    """Resolve, check and plan one launch without starting anything (ports are test-bound only).
+
+    Raises:
+        ConfigError: the profile (incl. GA not dividing for this world size).
+        PreflightError, PlacementError: contract or placement problems, taken ports.
+    """
+    from toolkit.config import load_profile
+
+    world = topology.world_size_of(req.flags)
+    cfg = load_profile(req.profile, req.sets, world_size=world)
+    servers_info = _profile_servers(cfg)
+    topo = topology.build_topology(req.flags, servers_info, env)
+    contract = _contract(cfg, req, topo)
+    topology.check_ports(topo, lambda host: host in topology.local_hostnames())
+    out = Path(cfg.training.output_dir)
+    min_len, _ = probe.required_model_len(cfg.global_max_length, contract["max_new_tokens"])
+    want = probe.Expectation(None, contract["server_model"], min_len)
+    sets = list(req.sets)
+    if topology.servers_rewritten(topo, servers_info):
+        sets.append(commands.servers_override(topo))
+    profile = str(Path(cfg.profile_path).resolve())
+    logs = out / "logs"
+    suffix = "" if topo.node_rank == 0 else f"-node{topo.node_rank}"
+    server_specs = [ServerSpec(
+        ProcessSpec(f"server{s.index}", commands.build_server_argv(s, profile, sets, python),
+                    commands.build_server_env(env, topo, s), logs / f"server{s.index}{suffix}.log"),
+        s.base_url, s.world_size,
+        lambda url, w=want, n=s.world_size: probe.verify_server(url, probe.Expectation(n, w.model, w.min_model_len)),
+    ) for s in topo.servers]
+    train_args = commands.build_train_args(profile, sets, req.resume)
+    learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python,
+                                                                 int(req.stop_timeout)),
+                          commands.build_learner_env(env, topo, req.launcher), logs / f"learner{suffix}.log",
+                          tee=True, ignore_usr1=True)
+    plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
+    return LaunchPlan(req, contract, topo, plan, out, want)
+
+
+def checkpoint_since(output_dir: Path, since: float) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json written last) finished after `since`."""
+    from toolkit.trainer.checkpoint import STATE_FILE, complete_checkpoints  # stdlib-only module
+
+    done = [p for p in complete_checkpoints(output_dir) if (p / STATE_FILE).stat().st_mtime >= since - 1.0]
+    return done[-1] if done else None
+
+
+def check_external_servers(lp: LaunchPlan) -> None:
+    """Server mode without servers to start: each configured server must answer and match the plan."""
+    problems = []
+    for url in lp.topo.external_servers:
+        ok, detail = probe.health(url)
+        if not ok:
+            problems.append(f"{url}/health/: {detail} (start it with `stage2 serve --profile {lp.request.profile} "
+                            f"--gpus …`, give --server-gpus to let stage2-launch start it, or fix the base_url)")
+            continue
+        try:
+            problems += probe.verify_server(url, lp.expectation)
+        except probe.ProbeError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise LaunchError("configured rollout servers are not usable: " + "; ".join(problems))
+
+
+def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
+    from toolkit.trainer.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(lp.output_dir)
+    newest = f" (newest {done[-1].name})" if done else " (none complete)"
+    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / 'logs'}; "
+            f"checkpoints: {lp.output_dir / 'checkpoints'}{newest}")
+
+
+def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
+    """Plan (and unless dry_run, run) one launch. Returns the exit code; raises ClickException on bad input."""
+    from toolkit.config import ConfigError
+    from toolkit.preflight import PreflightError
+
+    env = dict(os.environ)
+    try:
+        lp = plan_launch(req, env)
+        if dry_run:
+            click.echo(json.dumps(lp.to_dict(env), indent=2))
+            return 0
+        check_external_servers(lp)
+    except (ConfigError, PreflightError, topology.PlacementError) as exc:
+        raise ConfigFailure(exc) from None
+    except LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+    outcome = Supervisor(stop_timeout=req.stop_timeout).run(lp.plan)
+    click.echo(summary_line(lp, outcome.exit_code, outcome.wall_s, outcome.reason), err=True)
+    return outcome.exit_code
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("stage2.launch")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[stage2-launch %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+@click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
+@profile_options
+@click.option("--gpus", metavar="IDS|cpu", help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks per node with --gpus cpu (default 1).")
+@click.option("--server-gpus", metavar="IDS", help="GPUs for the rollout server(s) this launch starts (server mode).")
+@click.option("--server-dp", type=click.IntRange(min=1), help="Data-parallel engines per server (default: GPUs per server / TP).")
+@click.option("--server-tp", type=click.IntRange(min=1), help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Learner nodes (torchrun c10d rendezvous).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1).")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
+@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True, help="Learner launcher.")
+@click.option("--resume", metavar="auto|PATH", help="Resume from the newest complete checkpoint (auto) or PATH.")
+@click.option("--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
+@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds to wait for /health/ of started servers.")
+@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds the learner gets to checkpoint after a stop signal.")
+def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint,
+           launcher, resume, dry_run, health_timeout, stop_timeout) -> None:
+    """Launch a Stage-2 run: joint preflight, rollout servers (server mode), then the learner.
+
+    \b
+    Examples:
+      stage2-launch --profile smoke/ab_mixed --gpus cpu --nproc 2          # CPU demo, 2 ranks
+      stage2-launch --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3   # 2 learners + server (DP 2)
+      stage2-launch --profile prod/ab_mixed --gpus 0,1 --launcher deepspeed --resume auto
+      stage2-launch --profile prod/ab_mixed --gpus 0,1,2,3 --nnodes 2 --node-rank 0 --rdzv-endpoint node001:29500
+      stage2-launch --profile prod/ab_mixed --gpus 0,1 --dry-run | jq .learner.argv
+    \b
+    Signals: SIGINT/SIGTERM/SIGUSR1 go to the learner, which finishes the step, checkpoints and exits
+    128+N (SIGUSR1 → 138); a second Ctrl-C kills. Logs: <output_dir>/logs/{learner,server0,...}.log.
+    Exit code: the learner's (0 done, 1 launch or learner failure, 128+N after a stop signal).
+    """
+    _setup_logging()
+    flags = topology.LaunchFlags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint)
+    req = LaunchRequest(profile, sets, flags, launcher, resume, health_timeout, stop_timeout)
+    sys.exit(run_launch(req, dry_run))
+

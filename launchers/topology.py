@@ -1,0 +1,389 @@
+"""Placement of one launch: learner GPUs/ranks, nodes, rendezvous, rollout servers and their ports.
+
+Owns the `Topology` dataclass and the pure functions that build it from the `stage2-launch` flags
+plus an explicit environment mapping (SLURM_JOB_ID, MASTER_PORT, CUDA_VISIBLE_DEVICES); nothing
+here reads os.environ or spawns anything. The only effects are two socket helpers (`port_is_free`,
+`probe_free_port`) that bind and close a socket; callers pass them in, so tests can replace them.
+Must never import torch, transformers, deepspeed, vllm or fastapi.
+
+Port policy (every port carries the `source` that chose it, so errors can name it):
+  * MASTER_PORT (single node): $MASTER_PORT if set; else derived from $SLURM_JOB_ID (every node and
+    every rerun of a job computes the same value, parallel jobs rarely collide); else probed free.
+  * rendezvous (multi-node): the port of --rdzv-endpoint HOST:PORT, the same on every node.
+  * servers the launcher starts: the profile's base_url port and group_port; under SLURM both are
+    derived from $SLURM_JOB_ID instead (two jobs on one node must not share 8000/51216) and the
+    learner receives the new list through `--set rollout_matching.vllm.server.servers=[...]`.
+A port that this node must bind and that is taken is a PlacementError naming the port and its source.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+CPU = "cpu"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PORT_LO, PORT_SPAN = 20000, 20000  # job-derived ports fall in [20000, 40000): below the ephemeral range
+
+
+class PlacementError(ValueError):
+    """A placement flag is invalid or inconsistent, or a port is taken; the message names the flag or port."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A TCP port and who chose it (a flag, an env var, a profile key, a SLURM job, a probe)."""
+
+    port: int
+    source: str
+    bind_here: bool = True  # False: another node binds it (rendezvous on a non-zero node rank)
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """One rollout server the launcher starts: devices, parallelism, endpoint."""
+
+    index: int
+    host: str
+    http: Port
+    group: Port
+    gpus: tuple[int, ...] | str  # physical/visible ids for CUDA_VISIBLE_DEVICES, or "cpu"
+    dp: int
+    tp: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.http.port}"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where every process of one launch runs. `learner_gpus` is None on CPU."""
+
+    learner_gpus: tuple[int, ...] | None
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Port | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "stage2"
+    servers: tuple[ServerPlan, ...] = ()
+    external_servers: tuple[str, ...] = ()  # server-mode URLs this launch does not start
+    server_mode: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def cpu(self) -> bool:
+        return self.learner_gpus is None
+
+    @property
+    def world_size(self) -> int:
+        """Learner world size W over all nodes (the W of gradient accumulation)."""
+        return self.nnodes * self.nproc_per_node
+
+    def to_dict(self) -> dict:
+        """Plain data for --dry-run output."""
+        return {
+            "learner": {"gpus": CPU if self.cpu else list(self.learner_gpus), "nproc_per_node": self.nproc_per_node,
+                        "nnodes": self.nnodes, "node_rank": self.node_rank, "world_size": self.world_size},
+            "rendezvous": ({"endpoint": self.rdzv_endpoint, "id": self.rdzv_id} if self.rdzv_endpoint else
+                           {"master_addr": self.master_addr, "master_port": _port_dict(self.master_port)}),
+            "server_mode": self.server_mode,
+            "servers": [{"index": s.index, "base_url": s.base_url, "gpus": s.gpus if s.gpus == CPU else list(s.gpus),
+                         "dp": s.dp, "tp": s.tp, "http_port": _port_dict(s.http), "group_port": _port_dict(s.group)}
+                        for s in self.servers],
+            "external_servers": list(self.external_servers),
+            "notes": list(self.notes),
+        }
+
+
+def _port_dict(port: Port | None) -> dict | None:
+    return None if port is None else {"port": port.port, "source": port.source}
+
+
+# ----------------------------------------------------------------------------- GPU lists
+def parse_gpu_flag(text: str | None, flag: str) -> tuple[int, ...] | str | None:
+    """`"0,1"` → (0, 1); `"cpu"` → "cpu"; None → None. Raises PlacementError naming the flag."""
+    if text is None:
+        return None
+    if text.strip().lower() == CPU:
+        return CPU
+    try:
+        ids = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise PlacementError(f"{flag} {text!r}: expected comma-separated GPU ids (e.g. 0,1) or 'cpu'") from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise PlacementError(f"{flag} {text!r}: expected distinct GPU ids ≥ 0 (e.g. 0,1)")
+    return ids
+
+
+def visible_to_physical(ids: Sequence[int], inherited: str | None, flag: str) -> tuple[int, ...]:
+    """Map --gpus ids onto an inherited CUDA_VISIBLE_DEVICES (SLURM sets it): id i means its i-th entry.
+
+    Without an inherited list the ids are used as they are. The deepspeed launcher needs the mapped
+    ids for --include (it replaces CUDA_VISIBLE_DEVICES itself); torchrun gets them as
+    CUDA_VISIBLE_DEVICES.
+    """
+    if not inherited or not inherited.strip():
+        return tuple(ids)
+    entries = [e.strip() for e in inherited.split(",") if e.strip()]
+    if any(i >= len(entries) for i in ids):
+        raise PlacementError(f"{flag} {','.join(map(str, ids))}: CUDA_VISIBLE_DEVICES={inherited} exposes only "
+                             f"{len(entries)} GPU(s) (ids 0..{len(entries) - 1} here)")
+    try:
+        return tuple(int(entries[i]) for i in ids)
+    except ValueError:
+        raise PlacementError(f"CUDA_VISIBLE_DEVICES={inherited} holds non-integer ids (UUIDs?); "
+                             "set it to integer ids or unset it") from None
+
+
+# ----------------------------------------------------------------------------- ports
+def job_port(job_id: str, salt: str) -> int:
+    """A port in [20000, 40000) that is the same for every node and rerun of SLURM job `job_id`."""
+    digest = hashlib.sha256(f"{job_id}:{salt}".encode()).digest()
+    return PORT_LO + int.from_bytes(digest[:4], "big") % PORT_SPAN
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether this machine can bind (host, port) now (SO_REUSEADDR, as servers and TCPStore do)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError:
+            return False
+    return True
+
+
+def probe_free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (racy by nature; used only where nothing was configured)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_ports(topo: Topology, host_is_local: Callable[[str], bool],
+                is_free: Callable[[str, int], bool] = port_is_free) -> None:
+    """Every port this node binds must be free and used once; raises PlacementError naming each clash."""
+    wanted: list[tuple[str, Port]] = []
+    if topo.master_port is not None and topo.master_port.bind_here:
+        host = topo.rdzv_endpoint.rsplit(":", 1)[0] if topo.rdzv_endpoint else topo.master_addr
+        if host_is_local(host):
+            wanted.append((host, topo.master_port))
+    for srv in topo.servers:
+        wanted += [(srv.host, srv.http), (srv.host, srv.group)]
+    problems, seen = [], {}
+    for host, port in wanted:
+        if port.port in seen:
+            problems.append(f"port {port.port} ({port.source}) is also {seen[port.port]}")
+            continue
+        seen[port.port] = f"{port.source}"
+        if not is_free(host, port.port):
+            problems.append(f"port {port.port} on {host} is already in use ({port.source}); "
+                            f"stop the process holding it (`ss -ltnp | grep :{port.port}`) or choose another port")
+    if problems:
+        raise PlacementError("; ".join(problems))
+
+
+def master_port(env: Mapping[str, str], probe: Callable[[], int]) -> Port:
+    """MASTER_PORT for a single-node learner: env var, else SLURM job-derived, else probed free."""
+    if env.get("MASTER_PORT"):
+        try:
+            return Port(int(env["MASTER_PORT"]), "MASTER_PORT environment variable")
+        except ValueError:
+            raise PlacementError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number") from None
+    if env.get("SLURM_JOB_ID"):
+        return Port(job_port(env["SLURM_JOB_ID"], "master"), f"derived from SLURM_JOB_ID={env['SLURM_JOB_ID']}")
+    return Port(probe(), "probed free (set MASTER_PORT to choose)")
+
+
+def split_endpoint(text: str, flag: str = "--rdzv-endpoint") -> tuple[str, int]:
+    """`host:port` → (host, port); raises PlacementError naming the flag."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PlacementError(f"{flag} {text!r}: expected HOST:PORT (e.g. node001:29500)")
+    return host, int(port)
+
+
+def url_host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+# ----------------------------------------------------------------------------- building the plan
+@dataclass(frozen=True)
+class LaunchFlags:
+    """The placement flags of `stage2-launch`, as typed (strings are parsed here)."""
+
+    gpus: str | None = None
+    nproc: int | None = None
+    server_gpus: str | None = None
+    server_dp: int | None = None
+    server_tp: int | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class ProfileServers:
+    """What the resolved profile says about rollout servers (read from ResolvedConfig by the caller)."""
+
+    server_mode: bool
+    servers: tuple[tuple[str, int], ...] = ()  # (base_url, group_port) in profile order
+    tensor_parallel_size: int = 1
+
+
+def learner_layout(flags: LaunchFlags) -> tuple[tuple[int, ...] | None, int]:
+    """(learner GPU ids or None for CPU, ranks per node) from --gpus/--nproc; validates node flags too."""
+    if flags.nnodes < 1:
+        raise PlacementError(f"--nnodes must be ≥ 1, got {flags.nnodes}")
+    if not 0 <= flags.node_rank < flags.nnodes:
+        raise PlacementError(f"--node-rank {flags.node_rank} is outside 0..{flags.nnodes - 1} (--nnodes {flags.nnodes})")
+    if flags.nnodes > 1 and not flags.rdzv_endpoint:
+        raise PlacementError(f"--nnodes {flags.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node; "
+                             "HOST = the first node, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+    if flags.rdzv_endpoint:
+        split_endpoint(flags.rdzv_endpoint)
+    gpus = parse_gpu_flag(flags.gpus, "--gpus")
+    if flags.nproc is not None and flags.nproc < 1:
+        raise PlacementError(f"--nproc must be ≥ 1, got {flags.nproc}")
+    if isinstance(gpus, tuple):
+        if flags.nproc is not None and flags.nproc != len(gpus):
+            raise PlacementError(f"--nproc {flags.nproc} disagrees with --gpus {flags.gpus} ({len(gpus)} ids); "
+                                 "drop --nproc (one rank per GPU) or use --gpus cpu")
+        return gpus, len(gpus)
+    return None, flags.nproc or 1
+
+
+def world_size_of(flags: LaunchFlags) -> int:
+    """Learner world size W = nodes × ranks per node, needed before the profile can be resolved."""
+    _, nproc = learner_layout(flags)
+    return flags.nnodes * nproc
+
+
+def build_topology(flags: LaunchFlags, profile: ProfileServers, env: Mapping[str, str],
+                   probe: Callable[[], int] = probe_free_port) -> Topology:
+    """The full placement of one launch on this node.
+
+    Args:
+        env: the environment to read SLURM_JOB_ID, MASTER_PORT and CUDA_VISIBLE_DEVICES from.
+        probe: returns a free port when nothing configured one.
+    Raises:
+        PlacementError: inconsistent flags, overlapping GPU sets, DP×TP ≠ server GPUs.
+    """
+    ids, nproc = learner_layout(flags)
+    inherited = env.get("CUDA_VISIBLE_DEVICES")
+    learner = visible_to_physical(ids, inherited, "--gpus") if ids is not None else None
+    started, external, notes = _plan_servers(flags, profile, ids, env)
+    if flags.rdzv_endpoint:
+        host, port = split_endpoint(flags.rdzv_endpoint)
+        rdzv_id = env.get("SLURM_JOB_ID") or f"stage2-{port}"
+        return Topology(learner, nproc, flags.nnodes, flags.node_rank, host,
+                        Port(port, "--rdzv-endpoint", bind_here=flags.node_rank == 0), flags.rdzv_endpoint, rdzv_id,
+                        started, external, profile.server_mode, notes)
+    return Topology(learner, nproc, 1, 0, "127.0.0.1", master_port(env, probe), None, "stage2",
+                    started, external, profile.server_mode, notes)
+
+
+def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tuple[int, ...] | None,
+                  env: Mapping[str, str]) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...]]:
+    """Which profile servers this launch starts (and on what) and which must already be running."""
+    server_ids = parse_gpu_flag(flags.server_gpus, "--server-gpus")
+    if server_ids == CPU:
+        raise PlacementError("--server-gpus takes GPU ids (e.g. 2,3); CPU servers start with --gpus cpu")
+    urls = tuple(url for url, _ in profile.servers)
+    if not profile.server_mode:
+        for flag, value in (("--server-gpus", flags.server_gpus), ("--server-dp", flags.server_dp),
+                            ("--server-tp", flags.server_tp)):
+            if value is not None:
+                raise PlacementError(f"{flag} needs a server-mode profile (rollout_matching.rollout_backend: vllm, "
+                                     "rollout_matching.vllm.mode: server)")
+        return (), (), ()
+    if server_ids is not None and learner_ids is not None:
+        overlap = sorted(set(server_ids) & set(learner_ids))
+        if overlap:
+            raise PlacementError(f"--gpus {flags.gpus} and --server-gpus {flags.server_gpus} must be disjoint; "
+                                 f"both hold GPU {','.join(map(str, overlap))}")
+    loopback = all(url_host_port(u)[0] in LOOPBACK for u in urls)
+    start = server_ids is not None or (learner_ids is None and loopback)
+    if not start or flags.nnodes > 1:
+        if server_ids is not None:
+            raise PlacementError("--server-gpus with --nnodes > 1: start the servers as their own job step "
+                                 "(`stage2 serve`, see launchers/slurm/stage2_server_split.sbatch)")
+        for flag, value in (("--server-dp", flags.server_dp), ("--server-tp", flags.server_tp)):
+            if value is not None:
+                raise PlacementError(f"{flag} applies to servers this launch starts (give --server-gpus)")
+        return (), urls, (f"server mode: using the running servers {', '.join(urls)}",)
+    if server_ids is not None and not loopback:
+        raise PlacementError(f"servers started by stage2-launch listen on this machine, but the profile lists "
+                             f"{', '.join(urls)}; use 127.0.0.1 URLs or start remote servers with `stage2 serve`")
+    tp = _server_tp(flags, profile)
+    gpu_blocks = _split_server_gpus(server_ids, len(urls), flags, tp, env) if server_ids else [CPU] * len(urls)
+    dp = flags.server_dp or (len(gpu_blocks[0]) // tp if server_ids else 1)
+    if server_ids and dp * tp != len(gpu_blocks[0]):
+        raise PlacementError(f"--server-dp {dp} × --server-tp {tp} = {dp * tp} must equal the GPUs per server "
+                             f"({len(gpu_blocks[0])}: --server-gpus {flags.server_gpus} over {len(urls)} server(s))")
+    plans = tuple(_server_plan(i, url, gport, gpu_blocks[i], dp, tp, env)
+                  for i, (url, gport) in enumerate(profile.servers))
+    return plans, (), ()
+
+
+def _server_tp(flags: LaunchFlags, profile: ProfileServers) -> int:
+    tp = profile.tensor_parallel_size
+    if flags.server_tp is not None and flags.server_tp != tp:
+        raise PlacementError(f"--server-tp {flags.server_tp} differs from the profile's "
+                             f"rollout_matching.vllm.tensor_parallel_size={tp}; the profile is the one truth "
+                             f"(fix: --set rollout_matching.vllm.tensor_parallel_size={flags.server_tp})")
+    return tp
+
+
+def _split_server_gpus(ids: tuple[int, ...], count: int, flags: LaunchFlags, tp: int,
+                       env: Mapping[str, str]) -> list[tuple[int, ...]]:
+    """Contiguous equal blocks of --server-gpus, one per profile server (mapped onto CUDA_VISIBLE_DEVICES)."""
+    if len(ids) % count:
+        raise PlacementError(f"--server-gpus {flags.server_gpus} ({len(ids)} GPUs) does not split evenly over the "
+                             f"profile's {count} server(s)")
+    per = len(ids) // count
+    if per % tp:
+        raise PlacementError(f"each server gets {per} GPU(s), not a multiple of tensor_parallel_size={tp}")
+    mapped = visible_to_physical(ids, env.get("CUDA_VISIBLE_DEVICES"), "--server-gpus")
+    return [mapped[i * per:(i + 1) * per] for i in range(count)]
+
+
+def _server_plan(i: int, url: str, group_port: int, gpus, dp: int, tp: int, env: Mapping[str, str]) -> ServerPlan:
+    host, port = url_host_port(url)
+    key = f"rollout_matching.vllm.server.servers[{i}]"
+    job = env.get("SLURM_JOB_ID")
+    if job:  # several jobs may share a node: the profile's 8000/51216 would clash
+        http = Port(job_port(job, f"server{i}.http"), f"derived from SLURM_JOB_ID={job} (profile: {url})")
+        group = Port(job_port(job, f"server{i}.group"), f"derived from SLURM_JOB_ID={job} (profile: {group_port})")
+    else:
+        http, group = Port(port, f"{key}.base_url={url}"), Port(group_port, f"{key}.group_port={group_port}")
+    return ServerPlan(i, "127.0.0.1" if host == "localhost" else host, http, group, gpus, dp, tp)
+
+
+def servers_rewritten(topo: Topology, profile: ProfileServers) -> bool:
+    """Whether the started servers' endpoints differ from the profile (the learner then needs --set)."""
+    planned = tuple((s.base_url, s.group.port) for s in topo.servers)
+    return bool(planned) and planned != tuple((u.rstrip("/"), g) for u, g in profile.servers)
+
+
+def local_hostnames() -> set[str]:
+    """Names and addresses under which this machine may appear in --rdzv-endpoint."""
+    names = {"127.0.0.1", "localhost", "::1", "0.0.0.0", socket.gethostname(), socket.gethostname().split(".")[0]}
+    try:
+        names.add(socket.getfqdn())
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return names
