@@ -142,8 +142,13 @@ def build_server_env(base: Mapping[str, str], topo: Topology, server: ServerPlan
     return env
 
 
+MANAGED_VARS = ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "NO_PROXY", "no_proxy",
+                "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", *PROXY_VARS)
+
+
 def env_delta(base: Mapping[str, str], env: Mapping[str, str]) -> dict:
-    """What a child env sets or removes relative to the launcher's own (for --dry-run): {VAR: value|None}."""
-    delta = {k: v for k, v in env.items() if base.get(k) != v}
-    delta.update({k: None for k in base if k not in env})
-    return dict(sorted(delta.items()))
+    """The child env for --dry-run: every variable the builders manage plus anything else that differs
+    from the launcher's own environment; {VAR: value, or None when removed}."""
+    keys = {k for k in MANAGED_VARS if k in env or k in base}
+    keys |= {k for k, v in env.items() if base.get(k) != v} | {k for k in base if k not in env}
+    return {k: env.get(k) for k in sorted(keys)}

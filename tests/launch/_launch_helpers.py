@@ -1,0 +1,168 @@
+"""Helpers for the launcher tests: real subprocesses in their own groups, drained pipes, /proc checks."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+LAUNCH = [PYTHON, "-c", "from launchers.cli import launch_main; launch_main()"]  # = the stage2-launch script
+STANDIN = str(Path(__file__).with_name("standin_server.py"))
+DRIVER = str(Path(__file__).with_name("_drive.py"))
+
+# Short real runs (as tests/e2e): tiny decode budget, small eval, one log line per step.
+FAST = ("rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "training.logging_steps=1",
+        "training.eval_strategy=no")
+
+
+def tiny_model_dir(tmp: Path) -> Path:
+    """The committed random-init tiny Qwen2 + tokenizer as one from_pretrained directory (not assets/stage1)."""
+    out = tmp / "tiny_model"
+    if not out.exists():
+        out.mkdir(parents=True)
+        for part in ("tiny_qwen2", "tokenizer"):
+            for f in (ROOT / "assets" / part).iterdir():
+                shutil.copy(f, out / f.name)
+    return out
+
+
+def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
+    """--set arguments for a short CPU run writing under `out`."""
+    argv = []
+    for item in (f"model.model={model}", f"training.output_dir={out}", f"training.logging_dir={out / 'tb'}",
+                 *FAST, *extra):
+        argv += ["--set", item]
+    return argv
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- /proc
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """Non-zombie pids whose process group is pgid (read from /proc, not assumed)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        f = _stat_fields(pid)
+        if f and f[0] != "Z" and int(f[2]) == pgid:
+            out.append(int(pid))
+    return out
+
+
+def live_mentioning(marker: str) -> list[int]:
+    """Non-zombie pids whose command line contains `marker` (a test's unique tmp path)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        f = _stat_fields(pid)
+        if marker in cmd and f and f[0] != "Z" and int(pid) != os.getpid():
+            out.append(int(pid))
+    return out
+
+
+def wait_until(predicate, timeout: float, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+# ----------------------------------------------------------------------------- processes
+class Proc:
+    """A subprocess in its own session whose stdout/stderr are drained by threads (no pipe can fill)."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Path = ROOT):
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [threading.Thread(target=self._drain, args=(s, buf), daemon=True)
+                         for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _drain(stream, buf: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            buf.append(raw.decode(errors="replace"))
+        stream.close()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match | None:
+        """The first stderr match of `pattern`, waiting up to `timeout` (None if the process ended first)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = rx.search(self.stderr)
+            if m or self.proc.poll() is not None:
+                return m or rx.search(self.stderr)
+            time.sleep(0.1)
+        return None
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        for t in self._threads:
+            t.join(timeout=10)
+        return code
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def started_pids(stderr: str) -> dict[str, int]:
+    """{child name: pid} from the supervisor's 'started NAME (pid N, own process group)' lines."""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"started (\S+) \(pid (\d+), own process group\)", stderr)}

@@ -1,0 +1,145 @@
+"""Placement and ports: parsing, disjoint GPU sets, DP×TP, job-derived ports, taken ports named."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from launchers.topology import (CPU, LaunchFlags, PlacementError, Port, ProfileServers, build_topology, check_ports,
+                                job_port, learner_layout, servers_rewritten, visible_to_physical, world_size_of)
+
+HF = ProfileServers(server_mode=False)
+ONE = ProfileServers(True, (("http://127.0.0.1:8000", 51216),), 1)
+TWO = ProfileServers(True, (("http://127.0.0.1:8000", 51216), ("http://127.0.0.1:8001", 51217)), 1)
+REMOTE = ProfileServers(True, (("http://rollout01:8000", 51216),), 1)
+
+
+def topo(profile=HF, env=None, **flags):
+    return build_topology(LaunchFlags(**flags), profile, env or {}, probe=lambda: 45678)
+
+
+@pytest.mark.parametrize("flags, layout", [
+    ({}, (None, 1)),
+    ({"gpus": "cpu", "nproc": 3}, (None, 3)),
+    ({"gpus": "0,1"}, ((0, 1), 2)),
+    ({"gpus": "2, 3", "nproc": 2}, ((2, 3), 2)),
+])
+def test_learner_layout(flags, layout):
+    assert learner_layout(LaunchFlags(**flags)) == layout
+
+
+def test_world_size_spans_nodes():
+    assert world_size_of(LaunchFlags(gpus="0,1", nnodes=2, rdzv_endpoint="n1:29500")) == 4
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"gpus": "0,1", "nproc": 3}, "--nproc 3 disagrees with --gpus 0,1"),
+    ({"gpus": "0,0"}, "distinct GPU ids"),
+    ({"gpus": "a"}, "comma-separated GPU ids"),
+    ({"nnodes": 2}, "--nnodes 2 needs --rdzv-endpoint"),
+    ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank 2 is outside 0..1"),
+    ({"nnodes": 2, "rdzv_endpoint": "nohostport"}, "expected HOST:PORT"),
+])
+def test_bad_learner_flags_name_the_flag(flags, message):
+    with pytest.raises(PlacementError, match=message):
+        learner_layout(LaunchFlags(**flags))
+
+
+def test_overlapping_gpu_sets_are_an_error_naming_the_gpu():
+    with pytest.raises(PlacementError, match=r"must be disjoint; both hold GPU 1"):
+        topo(ONE, gpus="0,1", server_gpus="1,2")
+
+
+def test_dp_times_tp_must_equal_the_server_gpus():
+    t = topo(ONE, gpus="0,1", server_gpus="2,3,4,5")
+    assert (t.servers[0].dp, t.servers[0].tp, t.servers[0].gpus) == (4, 1, (2, 3, 4, 5))
+    assert topo(ProfileServers(True, ONE.servers, 2), gpus="0", server_gpus="2,3,4,5").servers[0].dp == 2
+    with pytest.raises(PlacementError, match=r"--server-dp 3 × --server-tp 1 = 3 must equal the GPUs per server \(4"):
+        topo(ONE, gpus="0,1", server_gpus="2,3,4,5", server_dp=3)
+    with pytest.raises(PlacementError, match="differs from the profile's rollout_matching.vllm.tensor_parallel_size=1"):
+        topo(ONE, gpus="0,1", server_gpus="2,3", server_tp=2)
+
+
+def test_server_gpus_split_over_the_profile_servers():
+    t = topo(TWO, gpus="0,1", server_gpus="2,3,4,5")
+    assert [s.gpus for s in t.servers] == [(2, 3), (4, 5)]
+    assert [s.base_url for s in t.servers] == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    with pytest.raises(PlacementError, match="does not split evenly over the profile's 2 server"):
+        topo(TWO, gpus="0", server_gpus="2,3,4")
+
+
+def test_server_flags_need_a_server_mode_profile():
+    with pytest.raises(PlacementError, match="--server-gpus needs a server-mode profile"):
+        topo(HF, gpus="0", server_gpus="1")
+
+
+def test_which_servers_are_started():
+    assert [s.gpus for s in topo(ONE, gpus="cpu").servers] == [CPU]  # cpu + loopback: start them
+    gpu_external = topo(ONE, gpus="0,1")  # GPUs without --server-gpus: they must be running already
+    assert gpu_external.servers == () and gpu_external.external_servers == ("http://127.0.0.1:8000",)
+    assert topo(REMOTE, gpus="cpu").external_servers == ("http://rollout01:8000",)
+    with pytest.raises(PlacementError, match="listen on this machine"):
+        topo(REMOTE, gpus="0", server_gpus="1")
+    with pytest.raises(PlacementError, match="--server-gpus with --nnodes > 1"):
+        topo(ONE, gpus="0", server_gpus="1", nnodes=2, rdzv_endpoint="h:29500")
+
+
+def test_gpu_ids_index_into_an_inherited_cuda_visible_devices():
+    assert visible_to_physical((0, 1), "4,5,6,7", "--gpus") == (4, 5)
+    t = topo(ONE, env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, gpus="0,1", server_gpus="2,3")
+    assert t.learner_gpus == (4, 5) and t.servers[0].gpus == (6, 7)
+    with pytest.raises(PlacementError, match="exposes only 2 GPU"):
+        topo(HF, env={"CUDA_VISIBLE_DEVICES": "4,5"}, gpus="1,2")
+
+
+def test_ports_are_deterministic_per_slurm_job():
+    a = topo(ONE, env={"SLURM_JOB_ID": "4242"}, gpus="cpu")
+    b = topo(ONE, env={"SLURM_JOB_ID": "4242"}, gpus="cpu")
+    c = topo(ONE, env={"SLURM_JOB_ID": "4243"}, gpus="cpu")
+    ports = lambda t: (t.master_port.port, t.servers[0].http.port, t.servers[0].group.port)  # noqa: E731
+    assert ports(a) == ports(b) != ports(c)
+    assert a.master_port == Port(job_port("4242", "master"), "derived from SLURM_JOB_ID=4242")
+    assert all(20000 <= p < 40000 for p in ports(a))
+    assert len(set(ports(a))) == 3
+    assert a.servers[0].base_url == f"http://127.0.0.1:{job_port('4242', 'server0.http')}"
+    assert servers_rewritten(a, ONE) and not servers_rewritten(topo(ONE, gpus="cpu"), ONE)
+
+
+def test_master_port_sources():
+    assert topo(env={"MASTER_PORT": "29511"}).master_port == Port(29511, "MASTER_PORT environment variable")
+    assert topo().master_port == Port(45678, "probed free (set MASTER_PORT to choose)")
+    multi = topo(nnodes=2, node_rank=1, rdzv_endpoint="node001:29400", env={"SLURM_JOB_ID": "7"})
+    assert (multi.master_port, multi.rdzv_id) == (Port(29400, "--rdzv-endpoint", bind_here=False), "7")
+
+
+def test_a_taken_port_is_an_error_naming_the_port_and_who_configured_it():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        profile = ProfileServers(True, ((f"http://127.0.0.1:{port}", 51216),), 1)
+        t = topo(profile, gpus="cpu")
+        with pytest.raises(PlacementError) as err:
+            check_ports(t, host_is_local=lambda h: True)
+        assert f"port {port} on 127.0.0.1 is already in use (rollout_matching.vllm.server.servers[0].base_url=" in str(err.value)
+        t = topo(env={"MASTER_PORT": str(port)})
+        with pytest.raises(PlacementError, match=f"port {port} on 127.0.0.1 is already in use \\(MASTER_PORT environment"):
+            check_ports(t, host_is_local=lambda h: True)
+
+
+def test_a_port_used_twice_is_an_error():
+    profile = ProfileServers(True, (("http://127.0.0.1:8000", 8000),), 1)
+    with pytest.raises(PlacementError, match=r"port 8000 \(.*group_port=8000\) is also .*base_url"):
+        check_ports(topo(profile, gpus="cpu"), host_is_local=lambda h: True, is_free=lambda h, p: True)
+
+
+def test_rendezvous_port_is_checked_only_where_it_is_bound():
+    seen = []
+    check_ports(topo(nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29400"), lambda h: True,
+                is_free=lambda h, p: seen.append(p) or True)
+    check_ports(topo(nnodes=2, node_rank=0, rdzv_endpoint="node001:29400"), lambda h: h == "127.0.0.1",
+                is_free=lambda h, p: seen.append(p) or True)
+    assert seen == []
+    check_ports(topo(nnodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400"), lambda h: True,
+                is_free=lambda h, p: seen.append(p) or True)
+    assert seen == [29400]
