@@ -5,16 +5,17 @@ Flow of `Supervisor.run(plan)`: start every server (own session/process group, o
 → check `/get_world_size/` against the planned DP×TP and the plan's other checks → start the learner
 (torchrun / deepspeed runner, own group, output teed to `<logs>/learner.log` and to stderr) → watch.
 
-Signals: SIGINT/SIGTERM/SIGUSR1 received by the launcher are forwarded to the learner's process group
+Signals: SIGINT/SIGTERM/SIGUSR1 received by the launcher are forwarded to the learner's process groups
 (the trainer finishes its step, checkpoints, exits 128+N); a second stop signal kills everything now.
 Any exit path (done, error, Ctrl-C, a child crash, a server dying mid-run) ends with every child group
-terminated: SIGTERM, wait `grace`, SIGKILL, each step logged; membership is read from /proc, so
-grandchildren (ranks) count too. The exit code is the learner's (see `_exit_code` for the torchrun case).
+terminated: SIGTERM, wait `grace`, SIGKILL, each step logged. A child's groups are all the groups seen
+in its process tree (torchrun puts each rank in its own session, see launchers/proctree.py), read
+from /proc; the launcher is a child subreaper, so orphans of a killed torchrun are adopted and stopped.
+The exit code is the learner's (see `_exit_code` for the torchrun case).
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -24,9 +25,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Callable, TextIO
 
-from launchers import probe
+from launchers import probe, proctree
 
 log = logging.getLogger("stage2.launch")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -81,40 +82,20 @@ class Child:
     proc: subprocess.Popen
     log_file: TextIO
     tee_thread: threading.Thread | None = None
+    groups: set[int] = field(default_factory=set)  # every live process group seen in this child's tree
 
     @property
     def pgid(self) -> int:
         return self.proc.pid  # start_new_session: the child leads its own group
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids whose process group is `pgid`, read from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
 def _child_setup(ignore_usr1: bool) -> Callable[[], None]:
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: nothing to load in the child
-    except (OSError, AttributeError):
-        prctl = None
+    deathsig = proctree.pdeathsig_setter(signal.SIGTERM)  # launcher SIGKILLed → direct children get SIGTERM
 
     def setup() -> None:  # runs in the child between fork and exec
         if ignore_usr1:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        if prctl is not None:  # if the launcher is SIGKILLed, its direct children still get SIGTERM
-            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        deathsig()
     return setup
 
 
@@ -134,8 +115,10 @@ class Supervisor:
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.stop_forwarded: tuple[int, float] | None = None  # (signal, time)
+        self.adopted: set[int] = set()  # groups of orphans re-parented to us (we are a child subreaper)
+        self._preexisting: set[int] = set()
 
-    # ------------------------------------------------------------------ spawning / killing
+    # ------------------------------------------------------------------ spawning / tracking
     def start(self, spec: ProcessSpec) -> Child:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(spec.log_path, "a", buffering=1)
@@ -145,7 +128,7 @@ class Supervisor:
         proc = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_child_setup(spec.ignore_usr1))
-        child = Child(spec, proc, log_file)
+        child = Child(spec, proc, log_file, groups={proc.pid})
         if spec.tee:
             child.tee_thread = threading.Thread(target=self._tee, args=(proc.stdout, log_file), daemon=True)
             child.tee_thread.start()
@@ -164,52 +147,84 @@ class Supervisor:
                 pass
         pipe.close()
 
-    def signal_group(self, child: Child, signum: int) -> None:
-        try:
-            os.killpg(child.pgid, signum)
-        except ProcessLookupError:
-            pass
+    def refresh(self) -> dict:
+        """Record the live process groups under every child (ranks run in their own sessions) and
+        adopt orphans; reap adopted zombies. Returns the /proc table it read."""
+        table = proctree.scan()
+        me, tracked = os.getpid(), {c.proc.pid for c in self.children}
+        for child in self.children:
+            child.groups |= {table[p].pgrp for p in proctree.descendants(table, child.proc.pid)}
+        for pid, info in table.items():
+            if info.ppid != me or pid in tracked or pid in self._preexisting:
+                continue
+            if info.state == "Z":
+                _reap(pid)
+            else:
+                self.adopted |= {info.pgrp} | {table[p].pgrp for p in proctree.descendants(table, pid)}
+        live = {info.pgrp for info in table.values() if info.state != "Z"}
+        for child in self.children:  # an empty group is gone for good; never signal a reused id
+            child.groups &= live
+        self.adopted &= live
+        return table
 
-    def wait_group(self, child: Child, timeout: float) -> bool:
-        """Wait until no live process is left in the child's group; True if it emptied in time."""
+    def live(self, groups: set[int]) -> list[int]:
+        return proctree.live_in_groups(groups, self.refresh()) if groups else []
+
+    def signal_groups(self, groups: set[int], signum: int) -> None:
+        for pgid in sorted(groups):
+            try:
+                os.killpg(pgid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def wait_child(self, child: Child, timeout: float) -> bool:
+        """Wait until no live process is left in the child's groups; True if they emptied in time."""
         deadline = time.monotonic() + timeout
         while True:
-            child.proc.poll()  # reap the leader so it does not linger as a zombie member
-            if not group_members(child.pgid):
+            child.proc.poll()  # reap the leader so it does not linger as a zombie
+            if not self.live(child.groups):
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_S)
 
     def terminate(self, child: Child, grace: float | None = None) -> None:
-        """SIGTERM the whole group, wait `grace`, SIGKILL what is left; every step logged."""
+        """SIGTERM every group of the child, wait `grace`, SIGKILL what is left; every step logged."""
         grace = self.grace if grace is None else grace
         name = child.spec.name
-        if group_members(child.pgid):
-            log.info("stopping %s: SIGTERM to process group %d", name, child.pgid)
-            self.signal_group(child, signal.SIGTERM)
-            if not self.wait_group(child, grace):
-                left = group_members(child.pgid)
+        if self.live(child.groups):
+            log.info("stopping %s: SIGTERM to process group(s) %s", name, sorted(child.groups))
+            self.signal_groups(child.groups, signal.SIGTERM)
+            if not self.wait_child(child, grace):
+                left = self.live(child.groups)
                 log.warning("%s: %d process(es) still alive %.0f s after SIGTERM %s: SIGKILL", name, len(left),
                             grace, left)
-                self.signal_group(child, signal.SIGKILL)
-                if not self.wait_group(child, 10.0):
-                    log.error("%s: processes %s survived SIGKILL", name, group_members(child.pgid))
+                self.signal_groups(child.groups, signal.SIGKILL)
+                if not self.wait_child(child, 10.0):
+                    log.error("%s: processes %s survived SIGKILL", name, self.live(child.groups))
         child.proc.poll()
-        self._close(child)
-
-    def _close(self, child: Child) -> None:
         if child.tee_thread is not None:
             child.tee_thread.join(timeout=5.0)
-        child.log_file.close() if not child.log_file.closed else None
+        if not child.log_file.closed:
+            child.log_file.close()
 
     def terminate_all(self) -> None:
-        """Stop every child group, the learner first (it may still talk to the servers)."""
+        """Stop every child (the learner first: it may still talk to the servers), then adopted orphans."""
         for child in sorted(self.children, key=lambda c: c.spec.name != "learner"):
             try:
                 self.terminate(child)
             except Exception:  # keep going: the other groups must still be stopped
                 log.exception("while stopping %s", child.spec.name)
+        if self.live(self.adopted):
+            log.warning("orphaned processes %s: SIGTERM", self.live(self.adopted))
+            self.signal_groups(self.adopted, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            while self.live(self.adopted) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            if self.live(self.adopted):
+                log.warning("orphaned processes %s: SIGKILL", self.live(self.adopted))
+                self.signal_groups(self.adopted, signal.SIGKILL)
+        self.refresh()  # reap what we adopted
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, _frame) -> None:
@@ -223,6 +238,8 @@ class Supervisor:
         """Start servers, wait until ready, run the learner to its end; always stop every child."""
         t0 = time.monotonic()
         previous = self._install_handlers()
+        self._preexisting = {pid for pid, info in proctree.scan().items() if info.ppid == os.getpid()}
+        subreaper = proctree.set_subreaper(True)
         try:
             servers = [self.start(s.process) for s in plan.servers]
             self._await_servers(plan, servers)
@@ -235,6 +252,8 @@ class Supervisor:
             code, reason = 128 + exc.signum, f"stopped by signal {exc.signum} before the learner started"
         finally:
             self.terminate_all()
+            if subreaper:
+                proctree.set_subreaper(False)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return Outcome(code, time.monotonic() - t0, reason, [c.spec.log_path for c in self.children])
@@ -287,8 +306,11 @@ class Supervisor:
         log.info("%s: world size %d as planned", spec.process.name, size)
 
     def _watch(self, plan: Plan, learner: Child, servers: list[Child]) -> tuple[int, str]:
-        server_died, killed = None, False
+        server_died, killed, scanned = None, False, 0.0
         while learner.proc.poll() is None:
+            if time.monotonic() - scanned > 1.0:  # learn the ranks' groups (a /proc scan costs a few ms)
+                self.refresh()
+                scanned = time.monotonic()
             if self.signals:
                 self._handle_signals(learner)
             for child in servers:
@@ -300,11 +322,11 @@ class Supervisor:
             if self.stop_forwarded and not killed and time.time() - self.stop_forwarded[1] > self.stop_timeout:
                 log.error("the learner did not stop within %.0f s of signal %d: SIGKILL", self.stop_timeout,
                           self.stop_forwarded[0])
-                self.signal_group(learner, signal.SIGKILL)
+                self.signal_groups(learner.groups, signal.SIGKILL)
                 killed = True
             time.sleep(POLL_S)
         wrapper = normalize_code(learner.proc.returncode)
-        if self.stop_forwarded and not self.wait_group(learner, self.stop_timeout):
+        if self.stop_forwarded and not self.wait_child(learner, self.stop_timeout):
             log.warning("learner ranks still running %.0f s after the stop signal", self.stop_timeout)
         code = self._exit_code(plan, wrapper)
         if server_died is not None:
@@ -320,15 +342,16 @@ class Supervisor:
             return
         log.warning("second stop signal (%d): killing every process group now", signum)
         for child in self.children:
-            self.signal_group(child, signal.SIGKILL)
+            self.signal_groups(child.groups, signal.SIGKILL)
 
     def _forward(self, learner: Child, signum: int) -> None:
         if self.stop_forwarded is None:
             self.stop_forwarded = (signum, time.time())
-        log.warning("forwarding signal %d to the learner's process group %d: the ranks finish the current step, "
-                    "checkpoint and exit (up to %.0f s; a second Ctrl-C kills)", signum, learner.pgid,
+        self.refresh()  # the ranks' own groups (torchrun gives each rank a session) get it too
+        log.warning("forwarding signal %d to the learner's process groups %s: the ranks finish the current step, "
+                    "checkpoint and exit (up to %.0f s; a second Ctrl-C kills)", signum, sorted(learner.groups),
                     self.stop_timeout)
-        self.signal_group(learner, signum)
+        self.signal_groups(learner.groups, signum)
 
     def _exit_code(self, plan: Plan, wrapper: int) -> int:
         """The learner's code. torchrun exits 1 after it forwarded a stop signal even though every rank
@@ -347,6 +370,13 @@ class _Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -96,6 +96,20 @@ def live_mentioning(marker: str) -> list[int]:
     return out
 
 
+def rank_pids(marker: str, launcher_pgid: int) -> list[int]:
+    """Live learner ranks (toolkit.train, not torchrun) naming `marker` outside the launcher wrapper's group:
+    torchrun starts every rank in its own session."""
+    out = []
+    for pid in live_mentioning(marker):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "toolkit.train" in cmd and "torch.distributed.run" not in cmd and pid not in live_in_group(launcher_pgid):
+            out.append(pid)
+    return out
+
+
 def wait_until(predicate, timeout: float, step: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,0 +1,63 @@
+"""Real launches through `stage2-launch` on CPU: a 2-rank run, a simulated 2-node run on localhost,
+and SIGTERM to the launcher (the learner checkpoints, every group is gone: checked in /proc).
+The model is the committed tiny Qwen2 + tokenizer (not assets/stage1)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from _launch_helpers import (LAUNCH, child_env, free_port, live_in_group, live_mentioning, metrics, rank_pids, run_sets,
+                             started_pids, wait_until)
+
+pytestmark = pytest.mark.e2e
+
+
+def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
+    out = tmp_path / "out"
+    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2",
+                  *run_sets(tiny, out, "training.max_steps=2", "training.save_steps=2")], child_env())
+    assert proc.wait(300) == 0, proc.stderr[-4000:]
+    assert [r["channel"] for r in metrics(out)] == ["A", "B"]
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    log = (out / "logs" / "learner.log").read_text()
+    assert "torch.distributed.run" in log and "checkpoint written" in log  # header + the ranks' output
+    assert "checkpoint written" in proc.stderr  # teed to the console
+    assert proc.stdout == ""  # stdout carries data only; a run prints none
+    assert f"stage2-launch: exit 0 (learner finished)" in proc.stderr and "(newest step-000002)" in proc.stderr
+
+
+def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
+    out, port = tmp_path / "out", free_port()
+    common = ["--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "1", "--nnodes", "2",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", *run_sets(tiny, out, "training.max_steps=2")]
+    node0 = spawn([*LAUNCH, *common, "--node-rank", "0"], child_env())
+    assert node0.wait_for(r"started learner", 60), node0.stderr  # node 0 checked the port, then binds it
+    node1 = spawn([*LAUNCH, *common, "--node-rank", "1"], child_env())
+    assert node0.wait(300) == 0, node0.stderr[-4000:]
+    assert node1.wait(120) == 0, node1.stderr[-4000:]
+    rows = metrics(out)
+    assert [r["channel"] for r in rows] == ["A", "B"] and all(r["stage2/raw_samples"] == 8 for r in rows)
+    assert (out / "logs" / "learner.log").is_file() and (out / "logs" / "learner-node1.log").is_file()
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_path, tiny):
+    out = tmp_path / "out"
+    proc = spawn([*LAUNCH, "--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "2",
+                  *run_sets(tiny, out, "training.max_steps=200")], child_env())
+    assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
+    learner = started_pids(proc.stderr)["learner"]
+    ranks = rank_pids(str(tmp_path), learner)
+    assert len(live_in_group(learner)) == 1 and len(ranks) == 2  # torchrun gives each rank its own session
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait(300) == 143, proc.stderr[-4000:]
+    done = len(metrics(out))
+    state = json.loads((out / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == done < 200
+    assert "forwarding signal 15 to the learner's process group" in proc.stderr
+    assert f"exit 143 (stopped by signal 15)" in proc.stderr
+    assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), \
+        (live_in_group(learner), live_mentioning(str(tmp_path)))
+    assert not any(live_in_group(r) for r in ranks)
