@@ -1,7 +1,6 @@
-"""Fixtures for the data-layer tests: the committed assets, the repo root, and the `slow` marker.
+"""Fixtures for the data-layer tests: the committed assets and their tokenizer, val split and Stage-1 helpers.
 
-Tests marked `slow` (a full Stage-1 rebuild, ~25-40 min on one CPU thread) run only when selected
-with `-m slow`; a plain `pytest tests/data` skips them.
+Tests marked `slow` (pytest.ini deselects them by default) rebuild Stage-1: run them with `-m slow`.
 """
 from __future__ import annotations
 
@@ -12,19 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long rebuilds; run with -m slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: select with -m slow")
-    for item in items:
-        if "slow" in item.keywords and str(item.fspath).startswith(str(Path(__file__).parent)):
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,234 @@
+"""Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1.
+
+    python assets/build_assets.py                          # everything into assets/ (~40 min on one CPU thread)
+    python assets/build_assets.py --only tokenizer,data,model --out /tmp/a   # the fast part (seconds)
+    python assets/build_assets.py --only stage1 --stage1-steps 50 --out /tmp/a   # a short Stage-1 smoke
+
+Each part reads what the earlier parts wrote under --out (stage1 needs tokenizer, data and model), so a
+partial rebuild into a fresh folder must include the parts it depends on. Fixed seeds, fixed step counts,
+one thread and deterministic torch algorithms: the same command gives the same bytes on this machine.
+See assets/README.md for what each asset is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repo root, for toolkit.data
+sys.path.insert(0, str(HERE))  # stage1.py
+
+from toolkit.data.coords import COORD_TOKENS  # noqa: E402
+from toolkit.data.records import dump_records  # noqa: E402
+from toolkit.data.render import render_answer, render_messages  # noqa: E402
+from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
+
+PARTS = ("tokenizer", "data", "model", "stage1")
+
+# ---- synthetic data -------------------------------------------------------------------------------------
+CLASSES = ("cat", "dog", "car", "tree", "person", "bird", "boat", "chair",
+           "cup", "book", "lamp", "bus", "horse", "ball", "clock", "bottle")
+DATA = {
+    "seed": 20261123,
+    "n_train": 8000,
+    "n_val": 128,
+    "grid": 10,             # every coordinate is a multiple of this (coarse grid = more copies per token)
+    "min_objects": 1,
+    "max_objects": 4,
+    "min_size": 60,         # box width/height range, in bins
+    "max_size": 400,
+    "scene_order": "sorted",  # or "shuffled"; sorted = the answer order (see assets/README.md for why)
+}
+
+
+def make_objects(rng: random.Random, n: int, cfg: dict) -> list[dict]:
+    """n random boxes on the coordinate grid, fully inside 0..999, with random classes."""
+    g = cfg["grid"]
+    top = 999 // g  # highest grid index that stays inside 0..999
+    objects = []
+    for _ in range(n):
+        w = rng.randint(cfg["min_size"] // g, cfg["max_size"] // g)
+        h = rng.randint(cfg["min_size"] // g, cfg["max_size"] // g)
+        x1 = rng.randint(0, top - w)
+        y1 = rng.randint(0, top - h)
+        objects.append({"desc": rng.choice(CLASSES), "bbox_2d": [x1 * g, y1 * g, (x1 + w) * g, (y1 + h) * g]})
+    return objects
+
+
+def scene_text(objects: list[dict]) -> str:
+    """`cat <|coord_x1|><|coord_y1|><|coord_x2|><|coord_y2|>; dog ...` in the given order."""
+    return "; ".join(o["desc"] + " " + "".join(COORD_TOKENS[v] for v in o["bbox_2d"]) for o in objects)
+
+
+def make_record(rng: random.Random, rid: str, n: int, cfg: dict) -> dict:
+    """One record: the answer order is render_answer's (sorted); the scene order is cfg['scene_order']."""
+    objects = make_objects(rng, n, cfg)
+    if cfg["scene_order"] == "sorted":
+        scene_objects = sorted(objects, key=lambda o: (o["bbox_2d"][1], o["bbox_2d"][0], o["bbox_2d"][2],
+                                                       o["bbox_2d"][3], o["desc"]))
+    else:
+        scene_objects = list(objects)
+        rng.shuffle(scene_objects)
+    return {"id": rid, "scene": scene_text(scene_objects), "objects": objects}
+
+
+def make_split(split: str, count: int, seed: int, cfg: dict) -> list[dict]:
+    """`count` records with object counts cycling min..max (equal shares), ids `<split>-000001`..."""
+    rng = random.Random(f"{seed}-{split}")
+    lo, hi = cfg["min_objects"], cfg["max_objects"]
+    return [make_record(rng, f"{split}-{i + 1:06d}", lo + i % (hi - lo + 1), cfg) for i in range(count)]
+
+
+def build_data(out: Path, cfg: dict = DATA) -> None:
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    dump_records(make_split("train", cfg["n_train"], cfg["seed"], cfg), out / "data" / "train.jsonl")
+    dump_records(make_split("val", cfg["n_val"], cfg["seed"], cfg), out / "data" / "val.jsonl")
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------
+# Pre-tokenizer chunks: a word (optionally space-led), a run of punctuation whose pieces may be joined by
+# single spaces (so `", "bbox_2d": ["` becomes `", "` + `bbox_2d` + `": ["`), or a whitespace run.
+PRETOKEN_PATTERN = r" ?[A-Za-z0-9_]+| ?[^A-Za-z0-9_\s]+(?: [^A-Za-z0-9_\s]+)*|\s+"
+BPE_VOCAB = 512  # includes the alphabet and the specials; the 1000 coord tokens come on top
+_COORD_SPLIT = re.compile(r"<\|coord_\d+\|>")
+
+
+def tokenizer_corpus(records: list[dict]) -> list[str]:
+    """Full chat texts (system, user, assistant answer) of the records, coord tokens cut out as separators."""
+    texts = []
+    for rec in records:
+        text = "".join(
+            f"<|im_start|>{m['role']}\n{m['content']}{IM_END}\n" for m in render_messages(rec["scene"])
+        ) + "<|im_start|>assistant\n" + render_answer(rec["objects"]) + IM_END
+        for special in SPECIAL_TOKENS:
+            text = text.replace(special, "\x00")
+        texts.extend(p for chunk in _COORD_SPLIT.split(text) for p in chunk.split("\x00") if p)
+    return texts
+
+
+def build_tokenizer(out: Path, records: list[dict]) -> None:
+    """Train the BPE on the records' chat texts and save it as a PreTrainedTokenizerFast."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: the merge order must not depend on timing
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKEN_PATTERN), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # tokens are literal text: decode == concatenation of token texts
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, min_frequency=2, show_progress=False,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=[chr(c) for c in range(32, 127)] + ["\t", "\n", "\r"],  # other characters -> <unk>
+    )
+    tok.train_from_iterator(tokenizer_corpus(records), trainer=trainer)
+    # Coordinate tokens are ordinary (non-special) added tokens: skip_special_tokens keeps them.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in COORD_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=UNK,
+        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=1024,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out / "tokenizer"))
+    pin_tokenizer_class(out / "tokenizer")
+
+
+# transformers 5.x forces `Qwen2Tokenizer` (a byte-level pipeline rebuilt from vocab + merges) on any folder
+# whose config.json says model_type qwen2, ignoring tokenizer_class, so AutoTokenizer on stage1/ would
+# tokenize wrongly. An auto_map entry skips that override: without trust_remote_code AutoTokenizer then
+# honours tokenizer_class (TokenizersBackend); with it, it loads this do-nothing subclass. Both read
+# tokenizer.json unchanged.
+AUTO_MAP_MODULE = "tokenization_literal_bpe"
+AUTO_MAP_SOURCE = '''"""Loads tokenizer.json unchanged (see assets/build_assets.py, pin_tokenizer_class)."""
+from transformers import TokenizersBackend
+
+
+class LiteralBPETokenizer(TokenizersBackend):
+    """A literal-text BPE; exists only so AutoTokenizer does not swap in the byte-level Qwen2Tokenizer."""
+'''
+
+
+def pin_tokenizer_class(folder: Path) -> None:
+    """Add the auto_map entry and its module so AutoTokenizer keeps tokenizer.json's pipeline."""
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["auto_map"] = {"AutoTokenizer": [None, f"{AUTO_MAP_MODULE}.LiteralBPETokenizer"]}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / f"{AUTO_MAP_MODULE}.py").write_text(AUTO_MAP_SOURCE, encoding="utf-8")
+
+
+# ---- tiny model -----------------------------------------------------------------------------------------
+MODEL = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,   # head_dim 32: vLLM's CPU attention accepts it
+    "num_key_value_heads": 2,
+    "intermediate_size": 384,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "init_seed": 1234,
+}
+
+
+def build_model(out: Path) -> None:
+    """Random-init Qwen2ForCausalLM from a fixed seed, sized to the saved tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from toolkit.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out / "tokenizer")
+    cfg = {k: v for k, v in MODEL.items() if k != "init_seed"}
+    config = Qwen2Config(
+        vocab_size=len(tok), head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+        torch_dtype="float32", use_cache=True, **cfg,
+    )
+    torch.manual_seed(MODEL["init_seed"])
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(out / "tiny_qwen2"))
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts out of {','.join(PARTS)}")
+    p.add_argument("--out", type=Path, default=HERE, help="output folder (default: assets/)")
+    p.add_argument("--stage1-steps", type=int, default=None, help="override the Stage-1 step count (smoke builds)")
+    args = p.parse_args(argv)
+    args.parts = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.parts if s not in PARTS]
+    if unknown:
+        p.error(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if "data" in args.parts:
+        build_data(out)
+    if "tokenizer" in args.parts:
+        build_tokenizer(out, make_split("train", DATA["n_train"], DATA["seed"], DATA))
+    if "model" in args.parts:
+        build_model(out)
+    if "stage1" in args.parts:
+        from stage1 import build_stage1  # assets/stage1.py, beside this script
+        build_stage1(out, steps=args.stage1_steps)
+    print(f"built {','.join(args.parts)} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
