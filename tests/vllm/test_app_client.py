@@ -1,0 +1,192 @@
+"""The HTTP app over a toy engine (no vLLM) and the learner's client against it over real sockets.
+
+`EchoEngine` is a test double of the engine API (engine.DPEngine's methods), not of the app or the
+client under test: it lets the status mapping, the token rule, request-id idempotency, retries of
+idempotent calls only, and the typed client errors be checked in seconds.
+"""
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from toolkit.rollout.backends.vllm_server import (
+    RolloutServerError, ServerClient, ServerUnavailableError, StaleWeightsError, WeightSyncError,
+)
+from toolkit.rollout.server import errors
+from toolkit.rollout.server.app import create_app
+from conftest import free_port
+
+
+class EchoEngine:
+    """Completes each prompt with its reversed ids; counts calls; can be told to fail."""
+
+    def __init__(self):
+        self.version = 0
+        self.calls = {"infer": 0, "update_weights": 0}
+        self.fail_infer: list[errors.EngineError] = []
+        self.delay_s = 0.0
+
+    def health(self):
+        return True, ""
+
+    def world_size(self):
+        return 3
+
+    def info(self):
+        return {"model": "/m", "max_model_len": 64, "dtype": "float32", "weight_version": self.version, "device": "cpu",
+                "data_parallel_size": 3, "tensor_parallel_size": 1}
+
+    def weights_schema(self):
+        return [{"name": "w", "dtype": "float32", "shape": [2]}]
+
+    def infer(self, prompts, sampling, expect_version, timeout_s):
+        self.calls["infer"] += 1
+        time.sleep(self.delay_s)
+        if self.fail_infer:
+            raise self.fail_infer.pop(0)
+        if expect_version is not None and expect_version != self.version:
+            raise errors.StaleWeights(f"holds weight version {self.version}, the learner expects {expect_version}")
+        return [{"prompt_ids": p, "completion_ids": p[::-1][: s["max_tokens"]], "text": "", "finish_reason": "length",
+                 "weight_version": self.version} for p, s in zip(prompts, sampling * len(prompts))]
+
+    def init_communicator(self, port, world_size, backend, timeout_s):
+        if port == 6666:
+            raise errors.Conflict(f"weight-sync group_port {port} is already in use on the server host")
+        return {"backend": "gloo", "world_size": world_size, "learner_rank": world_size - 1, "port": port}
+
+    def update_weights(self, version, tensors, last):
+        self.calls["update_weights"] += 1
+        raise errors.Unavailable("dp rank 0 exited with code -9")
+
+    def reset_prefix_cache(self, timeout_s):
+        return self.version
+
+    def close_communicator(self, timeout_s):
+        return None
+
+
+INFER = {"request_id": "r1", "prompts": [[1, 2, 3]], "sampling": [{"max_tokens": 2}]}
+
+
+def test_endpoints_and_status_mapping():
+    eng = EchoEngine()
+    c = TestClient(create_app(eng))
+    assert c.get("/health/").json() == {"status": "ok", "detail": ""}
+    assert c.get("/get_world_size/").json() == {"world_size": 3}
+    assert c.get("/info/").json()["weight_version"] == 0
+    assert c.post("/infer/", json=INFER).json()["outputs"][0]["completion_ids"] == [3, 2]
+    stale = c.post("/infer/", json={**INFER, "request_id": "r2", "expect_weight_version": 5})
+    assert stale.status_code == 409 and stale.json()["error"] == "StaleWeights"
+    assert c.post("/infer/", json={**INFER, "request_id": "r3", "sampling": [{"max_tokens": 0}]}).status_code == 422
+    assert c.post("/infer/", json={**INFER, "request_id": "r4", "bogus": 1}).status_code == 422
+    taken = c.post("/init_communicator/", json={"port": 6666, "world_size": 4})
+    assert taken.status_code == 409 and "6666" in taken.json()["detail"]
+    assert c.post("/update_weights/", json={"version": 1, "tensors": [{"name": "w", "dtype": "float32", "shape": [2]}]}).status_code == 503
+
+
+def test_request_id_is_idempotent():
+    eng = EchoEngine()
+    c = TestClient(create_app(eng))
+    first = c.post("/infer/", json=INFER).json()
+    assert c.post("/infer/", json=INFER).json() == first
+    assert eng.calls["infer"] == 1
+
+
+def test_server_side_timeout_is_504():
+    eng = EchoEngine()
+    eng.delay_s = 1.0
+    c = TestClient(create_app(eng, infer_timeout_s=0.01))
+    # the handler waits infer_timeout_s + 5 s of slack; the engine gets infer_timeout_s itself
+    eng.fail_infer = [errors.Timeout("dp rank 0 did not answer generate within 0.01 s")]
+    r = c.post("/infer/", json=INFER)
+    assert r.status_code == 504 and "did not answer" in r.json()["detail"]
+
+
+def test_token_guards_weight_endpoints_only():
+    c = TestClient(create_app(EchoEngine(), token="s3cret"))
+    assert c.post("/infer/", json=INFER).status_code == 200
+    assert c.post("/reset_prefix_cache/").status_code == 401
+    assert c.post("/close_communicator/").status_code == 401
+    assert c.post("/reset_prefix_cache/", headers={"Authorization": "Bearer s3cret"}).json() == {"weight_version": 0}
+
+
+# ------------------------------------------------------------------ the client over real sockets
+
+
+@pytest.fixture
+def live():
+    eng = EchoEngine()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(eng), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = ServerClient(f"http://127.0.0.1:{port}", 51999, timeout_s=5, infer_timeout_s=5, backoff_s=0.05)
+    client.wait_healthy(10, interval_s=0.05)
+    yield eng, client
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_client_retries_idempotent_infer_not_weight_updates(live):
+    eng, client = live
+    eng.fail_infer = [errors.Unavailable("dp rank 1 exited"), errors.Timeout("slow")]
+    assert client.infer("q1", [[4, 5]], [{"max_tokens": 5}], None)[0]["completion_ids"] == [5, 4]
+    assert eng.calls["infer"] == 3  # 503, 504, then 200
+    with pytest.raises(ServerUnavailableError) as err:
+        client.update_weights(1, [{"name": "w", "dtype": "float32", "shape": [2]}], last=True)
+    assert eng.calls["update_weights"] == 1 and "HTTP 503" in str(err.value) and client.base_url in str(err.value)
+
+
+def test_client_typed_errors_carry_url_status_body(live):
+    eng, client = live
+    with pytest.raises(StaleWeightsError) as err:
+        client.infer("q2", [[1]], [{"max_tokens": 1}], expect_version=7)
+    assert err.value.status == 409 and err.value.url.endswith("/infer/") and "learner expects 7" in err.value.body
+    eng.fail_infer = [errors.BadRequest("prompt 0 has 99 tokens; max_model_len is 64")]
+    with pytest.raises(RolloutServerError, match="HTTP 400.*max_model_len"):
+        client.infer("q3", [[1]], [{"max_tokens": 1}], None)
+    assert client.world_size() == 3
+    client.group_port = 6666
+    with pytest.raises(WeightSyncError, match="group_port 6666 is already in use"):
+        client.init_communicator(timeout_s=5)
+
+
+def test_server_down_at_start_names_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    client = ServerClient(url, 51999, timeout_s=1.5, infer_timeout_s=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailableError) as err:
+        client.wait_healthy()
+    assert time.monotonic() - t0 < 5
+    assert url in str(err.value) and "stage2 serve" in str(err.value)
+
+
+def test_server_dying_mid_call_fails_fast_with_the_url():
+    """A server that accepts and then drops every connection: the learner fails after its retries."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    port = lsock.getsockname()[1]
+    stop = threading.Event()
+
+    def drop():
+        lsock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+                conn.close()
+            except OSError:
+                pass
+
+    threading.Thread(target=drop, daemon=True).start()
+    client = ServerClient(f"http://127.0.0.1:{port}", 51999, timeout_s=5, infer_timeout_s=30, backoff_s=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailableError) as err:
+        client.infer("q4", [[1]], [{"max_tokens": 1}], None)
+    stop.set()
+    lsock.close()
+    assert time.monotonic() - t0 < 10
+    assert f"127.0.0.1:{port}/infer/" in str(err.value) and "3 attempt(s)" in str(err.value)

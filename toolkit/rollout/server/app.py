@@ -1,0 +1,140 @@
+"""HTTP surface of the rollout server: `create_app(engine)` → FastAPI app (DESIGN §6).
+
+Importable without vLLM or torch: the engine is passed in (`engine.DPEngine` in production; tests may
+pass any object with the same methods). Every handler is `async` and runs the engine's blocking call
+in a thread under a timeout (504 when it expires). Engine errors map to statuses by type
+(errors.py): 400 bad request, 409 stale weights / port taken, 503 worker gone, 504 timeout. /infer/
+is idempotent per `request_id`: a retried id joins the in-flight call or gets the cached answer.
+Weight-changing endpoints require `Authorization: Bearer <token>` when the app has a token (the CLI
+insists on one when the server binds a non-loopback address).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+
+from toolkit.rollout.server import errors
+from toolkit.rollout.server.models import (
+    Health, Info, InferRequest, InferResponse, InitCommunicatorRequest, InitCommunicatorResponse, Ok,
+    UpdateWeightsRequest, UpdateWeightsResponse, WeightsSchema, WeightVersion, WorldSize,
+)
+
+log = logging.getLogger(__name__)
+CACHED_RESULTS = 256
+
+
+def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, infer_timeout_s: float = 240.0) -> FastAPI:
+    """The rollout server app over `engine` (see module docstring for the contract)."""
+    app = FastAPI(title="stage2 rollout server", version="1")
+    inflight: dict[str, asyncio.Future] = {}
+    done: collections.OrderedDict[str, list] = collections.OrderedDict()
+
+    async def run(fn: Callable[..., Any], *args, timeout: float = timeout_s, **kwargs):
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout)
+        except asyncio.TimeoutError:
+            raise errors.Timeout(f"{getattr(fn, '__name__', 'call')} did not finish within {timeout:g} s") from None
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(status_code=401, detail="weight-changing endpoints need 'Authorization: Bearer <token>' "
+                                                        "(the server's STAGE2_SERVE_TOKEN)")
+
+    @app.exception_handler(errors.EngineError)
+    async def engine_error(_request, exc: errors.EngineError):
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc), "error": type(exc).__name__})
+
+    @app.get("/health/", response_model=Health)
+    async def health():
+        """Liveness of every DP worker. 200 `{"status": "ok", "detail": ""}`; 503
+        `{"status": "unhealthy", "detail": "dp rank 1 exited with code -9"}`."""
+        ok, detail = engine.health()
+        body = Health(status="ok" if ok else "unhealthy", detail=detail)
+        return body if ok else JSONResponse(status_code=503, content=body.model_dump())
+
+    @app.get("/get_world_size/", response_model=WorldSize)
+    async def get_world_size():
+        """Rollout world size DP × TP, e.g. `{"world_size": 2}` (the learner's chunk arithmetic reads it)."""
+        return WorldSize(world_size=engine.world_size())
+
+    @app.get("/info/", response_model=Info)
+    async def info():
+        """What is served, e.g. `{"model": "/ckpt/stage1", "max_model_len": 1024, "dtype": "float32",
+        "weight_version": 3, "device": "cpu", "data_parallel_size": 2, "tensor_parallel_size": 1}`."""
+        return Info(**engine.info())
+
+    @app.get("/weights_schema/", response_model=WeightsSchema)
+    async def weights_schema():
+        """Tensors of the served checkpoint (the names weight updates must use), e.g.
+        `{"tensors": [{"name": "lm_head.weight", "dtype": "float32", "shape": [1319, 128]}, ...]}`."""
+        return WeightsSchema(tensors=engine.weights_schema())
+
+    @app.post("/infer/", response_model=InferResponse)
+    async def infer(req: InferRequest):
+        """Decode token-id prompts. Request:
+        `{"request_id": "run1-r0-s3-o0-srv0", "prompts": [[151644, 872, 198]], "sampling": [{"max_tokens": 256,
+        "temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "stop_token_ids": [151645],
+        "seed": null}], "expect_weight_version": 3}`. Response: `{"request_id": "run1-r0-s3-o0-srv0", "outputs":
+        [{"prompt_ids": [151644, 872, 198], "completion_ids": [90, 151645], "text": "", "finish_reason": "stop",
+        "weight_version": 3}]}`. 409 when `expect_weight_version` differs from the engine's version."""
+        if req.request_id in done:
+            return InferResponse(request_id=req.request_id, outputs=done[req.request_id])
+        if req.request_id in inflight:  # a client retry while the first call still runs: share its result
+            outputs = await asyncio.shield(inflight[req.request_id])
+            return InferResponse(request_id=req.request_id, outputs=outputs)
+        fut = asyncio.get_running_loop().create_future()
+        inflight[req.request_id] = fut
+        try:
+            outputs = await run(engine.infer, req.prompts, [s.model_dump() for s in req.sampling],
+                                req.expect_weight_version, infer_timeout_s, timeout=infer_timeout_s + 5)
+            fut.set_result(outputs)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: joiners re-raise it, nobody else needs to
+            raise
+        finally:
+            inflight.pop(req.request_id, None)
+        done[req.request_id] = outputs
+        while len(done) > CACHED_RESULTS:
+            done.popitem(last=False)
+        return InferResponse(request_id=req.request_id, outputs=outputs)
+
+    @app.post("/init_communicator/", response_model=InitCommunicatorResponse, dependencies=[Depends(require_token)])
+    async def init_communicator(req: InitCommunicatorRequest):
+        """Open the weight-sync group on `port` (learner = last rank). Request: `{"port": 51216,
+        "world_size": 3, "backend": null, "timeout_s": 240}`. Response: `{"backend": "gloo", "world_size": 3,
+        "learner_rank": 2, "port": 51216}`; 409 when the port is taken. The learner joins right after."""
+        return InitCommunicatorResponse(**await run(engine.init_communicator, req.port, req.world_size, req.backend,
+                                                    req.timeout_s))
+
+    @app.post("/update_weights/", response_model=UpdateWeightsResponse, dependencies=[Depends(require_token)])
+    async def update_weights(req: UpdateWeightsRequest):
+        """Announce one bucket; the learner broadcasts its bytes right after this returns. Request:
+        `{"version": 4, "tensors": [{"name": "model.norm.weight", "dtype": "float32", "shape": [128]}],
+        "last": true}`. Response: `{"accepted": true, "version": 4, "nbytes": 512}`. `last` commits the
+        version once the bucket is loaded. Never retried by the client (a retry would expect a 2nd broadcast)."""
+        return UpdateWeightsResponse(**await run(engine.update_weights, req.version,
+                                                 [t.model_dump() for t in req.tensors], req.last))
+
+    @app.post("/reset_prefix_cache/", response_model=WeightVersion, dependencies=[Depends(require_token)])
+    async def reset_prefix_cache():
+        """Reset the prefix cache after every pending bucket is loaded; returns the version all ranks hold,
+        e.g. `{"weight_version": 4}` (the learner's handshake). A failed bucket surfaces here as an error."""
+        return WeightVersion(weight_version=await run(engine.reset_prefix_cache, timeout_s))
+
+    @app.post("/close_communicator/", response_model=Ok, dependencies=[Depends(require_token)])
+    async def close_communicator():
+        """Tear down the weight-sync group (the learner calls it once at exit). Response: `{"ok": true}`."""
+        await run(engine.close_communicator, timeout_s)
+        return Ok()
+
+    return app

@@ -1,0 +1,265 @@
+"""The serving engine behind `create_app`: one spawned vLLM worker per data-parallel rank.
+
+Owns the worker processes (spawn, readiness handshake, shutdown with a timeout, then terminate), the
+split of each /infer/ batch across DP ranks (near-equal contiguous shares, the remainder rotated so no
+rank is starved or always favoured), command timeouts, and the weight-sync bookkeeping (which group
+is open, which version each rank reported). Blocking calls only: the app runs them in threads.
+Imports no torch and no vLLM (the workers do).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from toolkit.rollout.chunking import split_counts
+from toolkit.rollout.server import errors
+from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_size, read_checkpoint_specs
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+JOIN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a DP worker needs, as plain data (it crosses the spawn boundary)."""
+
+    model: str
+    dtype: str
+    vllm: dict  # normalized rollout_matching_cfg["vllm"]
+    seed: int
+    dp: int = 1
+    tp: int = 1
+    device: str = "cpu"  # "cpu" | "cuda"
+    gpus: tuple[int, ...] = ()  # physical ids, dp × tp of them on GPU
+    env: tuple[dict, ...] = field(default=())  # per DP rank; filled by worker_env()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
+    """Per-DP-rank environment: its GPU slice (none on CPU) and one OpenMP thread on CPU.
+
+    >>> [e["CUDA_VISIBLE_DEVICES"] for e in worker_env(EngineSpec("m", "bfloat16", {}, 0, dp=2, tp=2, device="cuda", gpus=(4, 5, 6, 7)))]
+    ['4,5', '6,7']
+    """
+    out = []
+    for rank in range(spec.dp):
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if spec.tp == 1 else "1"}
+        if spec.device == "cpu":
+            env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus[rank * spec.tp:(rank + 1) * spec.tp]))
+        out.append(env)
+    return tuple(out)
+
+
+class _Worker:
+    def __init__(self, rank: int, proc, conn):
+        self.rank, self.proc, self.conn = rank, proc, conn
+        self.lock = threading.Lock()
+        self.version = 0
+
+
+class DPEngine:
+    """Blocking engine API used by the FastAPI app (see app.py for the endpoint contract)."""
+
+    def __init__(self, spec: EngineSpec, *, start_timeout_s: float = 900.0):
+        self.spec = spec if spec.env else EngineSpec(**{**spec.to_dict(), "env": worker_env(spec)})
+        self.start_timeout_s = start_timeout_s
+        self.workers: list[_Worker] = []
+        self.schema = read_checkpoint_specs(spec.model)
+        self._ids = itertools.count(1)
+        self._rotate = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=max(4, 4 * spec.dp), thread_name_prefix="dp-call")
+        self._group: dict | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Spawn every DP worker and wait until all report ready; a failed start names the rank and error."""
+        ctx = mp.get_context("spawn")
+        from toolkit.rollout.server.worker import worker_main
+
+        spec = self.spec.to_dict()
+        for rank in range(self.spec.dp):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(spec, rank, child), name=f"stage2-serve-dp{rank}", daemon=False)
+            proc.start()
+            child.close()
+            self.workers.append(_Worker(rank, proc, parent))
+        t0 = time.monotonic()
+        try:
+            for w in self.workers:
+                msg = self._wait_ready(w, t0 + self.start_timeout_s)
+                log.info("dp%d ready (pid %s) after %.1f s", w.rank, msg.get("pid"), time.monotonic() - t0)
+        except Exception:
+            self.close()
+            raise
+
+    def _wait_ready(self, w: _Worker, deadline: float) -> dict:
+        while time.monotonic() < deadline:
+            if w.conn.poll(POLL_S):
+                msg = w.conn.recv()
+                if msg.get("status") == "ready":
+                    return msg
+                raise RuntimeError(f"rollout server dp rank {w.rank} failed to start its engine: {msg.get('error')}\n"
+                                   f"{msg.get('trace', '')}")
+            if not w.proc.is_alive():
+                raise RuntimeError(f"rollout server dp rank {w.rank} exited with code {w.proc.exitcode} while starting")
+        raise RuntimeError(f"rollout server dp rank {w.rank} was not ready within {self.start_timeout_s:g} s")
+
+    def close(self) -> None:
+        """Ask every worker to stop, join each for 10 s, then terminate (and kill) what is left."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self.workers:
+            try:
+                with w.lock:
+                    w.conn.send({"id": 0, "method": "shutdown", "kwargs": {}, "reply": False})
+            except (OSError, EOFError):
+                pass
+        for w in self.workers:
+            w.proc.join(JOIN_TIMEOUT_S)
+            if w.proc.is_alive():
+                log.warning("dp%d did not stop within %g s: terminating", w.rank, JOIN_TIMEOUT_S)
+                w.proc.terminate()
+                w.proc.join(JOIN_TIMEOUT_S)
+            if w.proc.is_alive():
+                w.proc.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ worker calls
+    def _call(self, w: _Worker, method: str, kwargs: dict, timeout_s: float):
+        """Send one command and wait for its reply (stale replies of timed-out calls are skipped)."""
+        with w.lock:
+            self._check_alive(w)
+            cid = next(self._ids)
+            w.conn.send({"id": cid, "method": method, "kwargs": kwargs, "reply": True})
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if w.conn.poll(POLL_S):
+                    msg = w.conn.recv()
+                    if msg.get("id") != cid:
+                        continue
+                    w.version = msg.get("version", w.version)
+                    if msg["ok"]:
+                        return msg.get("result")
+                    raise getattr(errors, msg.get("kind", "EngineError"), errors.EngineError)(
+                        f"dp rank {w.rank}: {msg['error']}")
+                self._check_alive(w)
+                if time.monotonic() > deadline:
+                    raise errors.Timeout(f"dp rank {w.rank} did not answer {method} within {timeout_s:g} s")
+
+    def _send(self, w: _Worker, method: str, kwargs: dict) -> None:
+        with w.lock:
+            self._check_alive(w)
+            w.conn.send({"id": next(self._ids), "method": method, "kwargs": kwargs, "reply": False})
+
+    def _check_alive(self, w: _Worker) -> None:
+        if self._closed:
+            raise errors.Unavailable("the rollout server is shutting down")
+        if not w.proc.is_alive():
+            raise errors.Unavailable(f"dp rank {w.rank} (pid {w.proc.pid}) exited with code {w.proc.exitcode}")
+
+    def _on_all(self, method: str, kwargs: dict, timeout_s: float) -> list:
+        futures = [self._pool.submit(self._call, w, method, kwargs, timeout_s) for w in self.workers]
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------------ the app's API
+    def health(self) -> tuple[bool, str]:
+        dead = [f"dp rank {w.rank} exited with code {w.proc.exitcode}" for w in self.workers if not w.proc.is_alive()]
+        if self._closed:
+            return False, "shutting down"
+        return (not dead), "; ".join(dead)
+
+    def world_size(self) -> int:
+        return self.spec.dp * self.spec.tp
+
+    def info(self) -> dict:
+        return {"model": self.spec.model, "max_model_len": int(self.spec.vllm["max_model_len"]), "dtype": self.spec.dtype,
+                "weight_version": min(w.version for w in self.workers), "device": self.spec.device,
+                "data_parallel_size": self.spec.dp, "tensor_parallel_size": self.spec.tp}
+
+    def weights_schema(self) -> list[dict] | None:
+        return None if self.schema is None else [s.to_dict() for s in self.schema.values()]
+
+    def infer(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
+              timeout_s: float) -> list[dict]:
+        """Decode `prompts` split over the DP ranks; outputs in prompt order."""
+        if len(sampling) == 1:
+            sampling = sampling * len(prompts)
+        if len(sampling) != len(prompts):
+            raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
+        limit = int(self.spec.vllm["max_model_len"])
+        for i, p in enumerate(prompts):
+            if len(p) >= limit:
+                raise errors.BadRequest(f"prompt {i} has {len(p)} tokens; max_model_len is {limit}")
+        counts = split_counts(len(prompts), len(self.workers), start=next(self._rotate) % len(self.workers))
+        futures, start = [], 0
+        for w, n in zip(self.workers, counts):
+            if n:
+                kw = {"prompts": prompts[start:start + n], "sampling": sampling[start:start + n],
+                      "expect_version": expect_version}
+                futures.append(self._pool.submit(self._call, w, "generate", kw, timeout_s))
+            start += n
+        return [out for f in futures for out in f.result()]
+
+    def init_communicator(self, port: int, world_size: int, backend: str | None, timeout_s: float) -> dict:
+        """Open the weight-sync store on rank 0 (fails fast if `port` is taken), then let every rank join."""
+        want = self.world_size() + 1
+        if world_size != want:
+            raise errors.BadRequest(f"world_size {world_size} != server world size {self.world_size()} + 1 learner = {want}")
+        backend = backend or ("nccl" if self.spec.device == "cuda" else "gloo")
+        if backend == "nccl" and self.spec.device != "cuda":
+            raise errors.BadRequest("backend nccl needs a GPU server; this one runs on CPU (use gloo)")
+        kw = {"port": port, "world_size": world_size, "backend": backend, "timeout_s": timeout_s}
+        for w in self.workers:  # rank 0 first: it binds the store the others connect to
+            self._call(w, "open_store", kw, timeout_s)
+        for w in self.workers:
+            self._send(w, "join_group", {})
+        self._group = {"backend": backend, "world_size": world_size, "learner_rank": world_size - 1, "port": port}
+        log.info("weight-sync group: %s", self._group)
+        return dict(self._group)
+
+    def update_weights(self, version: int, tensors: list[dict], last: bool) -> dict:
+        """Validate one bucket's metadata, then let every rank receive it (the learner broadcasts next)."""
+        if self._group is None:
+            raise errors.Conflict("no weight-sync group (fix: POST /init_communicator/ first)")
+        specs = [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors]
+        self._check_bucket(specs)
+        nbytes = bucket_layout(specs)[1]
+        kw = {"specs": [s.to_dict() for s in specs], "nbytes": nbytes, "version": version, "last": last}
+        for w in self.workers:
+            self._send(w, "receive_bucket", kw)
+        return {"accepted": True, "version": version, "nbytes": nbytes}
+
+    def _check_bucket(self, specs: list[TensorSpec]) -> None:
+        problems = []
+        for s in specs:
+            dtype_size(s.dtype)
+            known = self.schema.get(s.name) if self.schema is not None else s
+            if known is None:
+                problems.append(f"unknown tensor {s.name}")
+            elif tuple(known.shape) != tuple(s.shape):
+                problems.append(f"{s.name}: shape {list(s.shape)} != served {list(known.shape)}")
+        if problems:
+            raise errors.BadRequest("; ".join(problems[:12]) + (f" … ({len(problems)} in all)" if len(problems) > 12 else ""))
+
+    def reset_prefix_cache(self, timeout_s: float) -> int:
+        """Reset every rank's prefix cache after pending weight buckets; returns the version all hold."""
+        versions = self._on_all("reset_prefix_cache", {}, timeout_s)
+        if len(set(versions)) != 1:
+            raise errors.EngineError(f"dp ranks hold different weight versions {versions}")
+        return versions[0]
+
+    def close_communicator(self, timeout_s: float) -> None:
+        self._on_all("close_group", {}, timeout_s)
+        self._group = None

