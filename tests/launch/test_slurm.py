@@ -1,0 +1,71 @@
+"""The sbatch wrappers on a real single-node SLURM (slurmctld + slurmd in a tmp dir, see _slurm_cluster.py).
+
+Skipped with the reason when the SLURM binaries are not installed (scripts/install_slurm.sh installs
+them; nothing is installed here). CPU mode (STAGE2_CPU=1), the committed tiny model, short runs.
+"""
+from __future__ import annotations
+
+import os
+import pytest
+
+import _slurm_cluster
+from _launch_helpers import ROOT, child_env, metrics, run_sets, wait_until
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_cluster.available() is not None,
+                                                     reason=str(_slurm_cluster.available()))]
+SCRIPT = "launchers/slurm/stage2_single_node.sbatch"
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = _slurm_cluster.LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def job_env() -> dict:
+    env = child_env(STAGE2_CPU="1", STAGE2_NPROC="1")
+    env["PATH"] = str(ROOT / ".venv" / "bin") + os.pathsep + env["PATH"]  # stage2-launch
+    return env
+
+
+def submit(slurm, tiny, tmp_path, *sets: str) -> tuple[str, str]:
+    """sbatch the single-node wrapper in CPU mode; returns (job id, path of its output file)."""
+    job = slurm.sbatch(f"--output={tmp_path}/job-%j.out", "--time=10", SCRIPT, "smoke/a_only",
+                       *run_sets(tiny, tmp_path / "run", *sets), env=job_env(), cwd=ROOT)
+    return job, f"{tmp_path}/job-{job}.out"
+
+
+def test_single_node_sbatch_runs_to_completed(slurm, tiny, tmp_path):
+    job, log = submit(slurm, tiny, tmp_path, "training.max_steps=2")
+    info = slurm.wait_state(job, DONE, 240)
+    text = open(log).read()
+    assert info.get("JobState") == "COMPLETED", (info, text[-3000:])
+    assert info.get("ExitCode") == "0:0"
+    assert len(metrics(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    assert "stage2-launch: exit 0 (learner finished)" in text and "restart 0" in text
+
+
+def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, tiny, tmp_path):
+    """USR1 to the batch shell (= `#SBATCH --signal=B:USR1@N` without waiting for the time limit):
+    checkpoint → exit 138 → scontrol requeue → rerun with SLURM_RESTART_COUNT=1 → --resume auto → done."""
+    out = tmp_path / "run"
+    job, log = submit(slurm, tiny, tmp_path, "training.max_steps=12", "training.save_steps=100")
+    assert wait_until(lambda: metrics(out), 180), open(log).read()[-3000:]
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info = slurm.wait_state(job, DONE, 300)
+    text = open(log).read()
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", (info, text[-4000:])
+    assert "checkpointed on USR1 (exit 138): scontrol requeue" in text
+    assert "exit 138 (stopped by signal 10)" in text
+    assert "DUE TO JOB REQUEUE" in text and f"job {job} restart 1 on" in text
+    stopped = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert stopped[0] != "step-000012" and stopped[-1] == "step-000012", stopped
+    assert f"resumed from {out / 'checkpoints' / stopped[0]}" in text
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(12))  # metrics.jsonl trimmed on resume: each step once
