@@ -1,6 +1,6 @@
 """Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1.
 
-    python assets/build_assets.py                          # everything into assets/ (~40 min on one CPU thread)
+    python assets/build_assets.py                          # everything into assets/ (~30 min on one CPU thread)
     python assets/build_assets.py --only tokenizer,data,model --out /tmp/a   # the fast part (seconds)
     python assets/build_assets.py --only stage1 --stage1-steps 50 --out /tmp/a   # a short Stage-1 smoke
 
