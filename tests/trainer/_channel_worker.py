@@ -30,6 +30,7 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 from toolkit.trainer import engine as eng  # noqa: E402
+from toolkit.trainer import optim  # noqa: E402
 
 SYSTEM = "Detect every object."  # a short template.system_prompt keeps the packs small
 TOKENIZER = os.path.join(ROOT, "assets", "tokenizer")
@@ -193,8 +194,8 @@ class Reference:
 
     def __init__(self, model):
         self.model = model
-        self.opt = eng.build_optimizer(model, **OPT)
-        self.sched = eng.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
+        self.opt = optim.build_optimizer(model, **OPT)
+        self.sched = optim.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
 
     def step(self, step: int, world: int, weight_of, loss_fn=None) -> dict:
         """weight_of(pack, rank's packs, world) scales each pack's loss; returns per-rank Σ w·loss."""
@@ -253,8 +254,8 @@ def run_stage(stage: str, info, tmp: str) -> dict:
     t0 = time.time()
     if stage in GRAD_CKPT_STAGES:
         model.gradient_checkpointing_enable()
-    opt = eng.build_optimizer(model, **OPT)
-    engine = eng.Stage2Engine(model, opt, eng.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine"), ds_config(stage),
+    opt = optim.build_optimizer(model, **OPT)
+    engine = eng.Stage2Engine(model, opt, optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine"), ds_config(stage),
                               max_grad_norm=MAX_GRAD_NORM)
     ckpt = os.path.join(tmp, f"init_z{stage}")
     engine.save(ckpt, "init")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 from toolkit.trainer import engine as eng  # noqa: E402
+from toolkit.trainer import optim  # noqa: E402
 
 VOCAB, HIDDEN, N_RAW = 96, 32, 4
 DEV = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
@@ -107,8 +108,8 @@ def ds_config(stage: str) -> dict:
 def build(model, stage: str) -> eng.Stage2Engine:
     if stage in GRAD_CKPT_STAGES:
         model.gradient_checkpointing_enable()  # recompute in backward: exact, and the real runs use it
-    opt = eng.build_optimizer(model, **OPT)
-    sched = eng.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
+    opt = optim.build_optimizer(model, **OPT)
+    sched = optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
     override = dict(kv.split(":") for kv in os.environ.get("EW_ACCUMULATION", "").split(",") if kv)
     return eng.Stage2Engine(model, opt, sched, ds_config(stage), max_grad_norm=MAX_GRAD_NORM,
                             accumulation=override.get(stage))
@@ -119,8 +120,8 @@ class Reference:
 
     def __init__(self, model):
         self.model = model
-        self.opt = eng.build_optimizer(model, **OPT)
-        self.sched = eng.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
+        self.opt = optim.build_optimizer(model, **OPT)
+        self.sched = optim.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
 
     def step(self, per_rank: list[list[dict]], weight_of) -> dict:
         lr = self.opt.param_groups[0]["lr"]
@@ -266,8 +267,8 @@ def run_bf16(stage: str, info) -> dict:
     world, rank = info.world_size, info.rank
     model = tiny_model(seed=0)
     reference = Reference(copy.deepcopy(model)) if rank == 0 else None
-    opt = eng.build_optimizer(model, **OPT)
-    sched = eng.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
+    opt = optim.build_optimizer(model, **OPT)
+    sched = optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
     cfg = {**ds_config(stage), "bf16": {"enabled": True}}
     engine = eng.Stage2Engine(model, opt, sched, cfg, max_grad_norm=MAX_GRAD_NORM)
     rows = run_plan(engine, world, rank, range(len(PLAN[world])), reference)

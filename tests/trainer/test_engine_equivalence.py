@@ -78,14 +78,14 @@ WORLDS = [pytest.param(1, id="world1"), pytest.param(2, id="world2", marks=pytes
 
 # ---- pure helpers (no engine) ------------------------------------------------------------------------
 def test_import_does_not_import_deepspeed():
-    code = ("import sys; import toolkit.trainer.engine as e; "
+    code = ("import sys; import toolkit.trainer.engine as e, toolkit.trainer.optim as o; "
             "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules, 'eager import'; "
-            "e.lr_lambda(0, 10, 2, 'cosine'); assert 'deepspeed' not in sys.modules")
+            "o.lr_lambda(0, 10, 2, 'cosine'); assert 'deepspeed' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_lr_lambda_warmup_then_decay():
-    from toolkit.trainer.engine import lr_lambda
+    from toolkit.trainer.optim import lr_lambda
 
     assert [lr_lambda(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert [lr_lambda(s, 10, 2, "linear") for s in (2, 6, 10)] == [1.0, 0.5, 0.0]
@@ -98,7 +98,7 @@ def test_lr_lambda_warmup_then_decay():
 def test_build_optimizer_groups_by_role_and_freezes_lr0():
     import torch
 
-    from toolkit.trainer.engine import build_optimizer
+    from toolkit.trainer.optim import build_optimizer
 
     model = torch.nn.Module()
     model.visual = torch.nn.Module()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
-import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,15 +29,10 @@ from toolkit.trainer.export import apply_lora  # noqa: F401  (re-exported: the t
 
 log = logging.getLogger(__name__)
 
-# Parameter-name components that select the per-module learning rates (Qwen-VL, LLaVA, InternVL, ...).
-# The aligner is checked first: Qwen-VL keeps its merger inside `visual`.
-VIT_PARTS = frozenset({"visual", "vision_tower", "vision_model"})
-ALIGNER_PARTS = frozenset({"merger", "deepstack_merger_list", "multi_modal_projector", "aligner"})
 # How each ZeRO stage accumulates over the step's packs (cpu_engines.md, re-measured by
 # tests/trainer/test_engine_equivalence.py): "boundary" = set_gradient_accumulation_boundary(last pack);
 # "coalesce" = one reduction when the coalesce_grad_reduction block exits.
 ACCUMULATION = {0: "boundary", 1: "boundary", 2: "coalesce", 3: "boundary"}
-SCHEDULES = ("constant", "linear", "cosine")
 CLIENT_KEY = "stage2_client_state"
 
 
@@ -104,75 +97,6 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _param_role(name: str) -> str:
-    parts = set(name.split("."))
-    if parts & ALIGNER_PARTS:
-        return "aligner"
-    return "vit" if parts & VIT_PARTS else "llm"
-
-
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim < 2 or "norm" in name.lower()
-
-
-def build_optimizer(model, lr: float, vit_lr: float | None = None, aligner_lr: float | None = None,
-                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """torch AdamW over trainable params, grouped by role (vit / aligner / llm) × decay / no-decay.
-
-    `vit_lr`/`aligner_lr` None means `lr`. A role whose lr is 0 is frozen (requires_grad=False, so no
-    engine reduces gradients nobody steps); empty groups are dropped. Biases and norms get no decay.
-    """
-    role_lr = {"llm": lr, "vit": lr if vit_lr is None else vit_lr,
-               "aligner": lr if aligner_lr is None else aligner_lr}
-    buckets: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        role = _param_role(name)
-        if role_lr[role] == 0:
-            param.requires_grad_(False)
-            continue
-        buckets.setdefault((role, _no_decay(name, param)), []).append(param)
-    groups = [{"name": f"{role}{'_no_decay' if nd else ''}", "params": params, "lr": role_lr[role],
-               "weight_decay": 0.0 if nd else weight_decay}
-              for (role, nd), params in sorted(buckets.items())]
-    if not groups:
-        raise ValueError("build_optimizer: the model has no trainable parameters with a non-zero learning rate")
-    for g in groups:
-        log.info("optimizer group %s: %d tensors, %d params, lr=%g, weight_decay=%g", g["name"],
-                 len(g["params"]), sum(p.numel() for p in g["params"]), g["lr"], g["weight_decay"])
-    frozen = [r for r, v in role_lr.items() if v == 0]
-    if frozen:
-        log.info("optimizer: frozen by lr=0: %s", ", ".join(frozen))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-
-
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """LR multiplier for optimizer step `step` (0-based).
-
-    1) warmup: (step+1)/warmup_steps, so the first step already moves; 2) then constant, linear to 0
-    or cosine to 0 over the remaining steps (progress measured from the end of warmup).
-    """
-    if kind not in SCHEDULES:
-        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_lr_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str):
-    """LambdaLR over `lr_lambda` (the same multiplier for every param group)."""
-    lr_lambda(0, total_steps, warmup_steps, kind)  # fail fast on a bad kind
-    fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, kind=kind)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:

@@ -27,7 +27,8 @@ from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.channel_b import SampleInput, prepare_channel_b
-from toolkit.trainer.engine import Stage2Engine, apply_lora, build_optimizer, init_distributed, lr_lambda
+from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
+from toolkit.trainer.optim import build_optimizer, lr_lambda
 from toolkit.trainer.evaluate import evaluate_rollouts
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
@@ -145,11 +146,20 @@ class Stage2Trainer:
     def _setup_backend(self):
         rm = self.cfg.rollout_matching_cfg
         settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
-        if rm["rollout_backend"] != "hf":
-            raise NotImplementedError(
-                f"rollout_matching.rollout_backend={rm['rollout_backend']!r} is not available in this build; "
-                "use rollout_matching.rollout_backend: hf (fix: --set rollout_matching.rollout_backend=hf)"
-            )
+        if rm["rollout_backend"] == "vllm":
+            # Both vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3,
+            # so every rank joins each sync and the start-up name check) and reload them once per step.
+            common = dict(eos_id=self.codec.im_end_id, weights=self.engine.named_full_params,
+                          object_key_ids=self.codec.object_key_token_ids())
+            if rm["vllm"]["mode"] == "server":
+                from toolkit.rollout.backends.vllm_server import VLLMServerBackend
+
+                return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
+                                                     device=str(self.device), **common)
+            from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
+
+            return VLLMColocateBackend.create(model=self.cfg.model.model, vcfg=rm["vllm"], settings=settings,
+                                              model_dtype=self.cfg.model.torch_dtype, **common)
         return HFBackend(
             self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id, device=self.device,
             # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
