@@ -5,6 +5,7 @@
 # Variables (all optional):
 #   STAGE2_REPO          checkout to run in (default: $SLURM_SUBMIT_DIR, where you ran sbatch)
 #   STAGE2_LAUNCH        the launch command (default: stage2-launch from PATH)
+#   STAGE2_PYTHON        the project's python, for port derivation and health waits (default: python)
 #   STAGE2_CPU=1         CPU mode (no GPUs): --gpus cpu --nproc ${STAGE2_NPROC:-1} (what the tests use)
 #   STAGE2_GPUS          learner GPU ids on each node (default: every GPU SLURM gave the job, minus
 #                        STAGE2_SERVER_GPUS)
@@ -18,6 +19,7 @@ stage2_log() { echo "[stage2 sbatch $(date +%H:%M:%S)] $*" >&2; }
 stage2_cd_repo() {
     cd "${STAGE2_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || { stage2_log "cannot cd to the repo"; exit 1; }
     STAGE2_LAUNCH=${STAGE2_LAUNCH:-stage2-launch}
+    STAGE2_PYTHON=${STAGE2_PYTHON:-python}
     stage2_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s), repo $PWD"
 }
 
@@ -43,6 +45,23 @@ stage2_placement() {
     fi
     STAGE2_PLACEMENT=(--gpus "$gpus")
     if [ -n "${STAGE2_SERVER_GPUS:-}" ]; then STAGE2_PLACEMENT+=(--server-gpus "$STAGE2_SERVER_GPUS"); fi
+}
+
+# Only the `--set K=V` pairs of "$@" (what `stage2 serve` shares with stage2-launch), into STAGE2_SETS.
+stage2_set_args() {
+    STAGE2_SETS=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --set) [ $# -ge 2 ] && STAGE2_SETS+=(--set "$2"); shift 2 ;;
+            --set=*) STAGE2_SETS+=("$1"); shift ;;
+            *) shift ;;
+        esac
+    done
+}
+
+# A port in [20000, 40000) that every node and rerun of this job derives the same (launchers/topology.py).
+stage2_job_port() {
+    "$STAGE2_PYTHON" -c "from launchers.topology import job_port; print(job_port('$SLURM_JOB_ID', '$1'))"
 }
 
 # Run "$@" in the background, forward USR1/TERM/INT to it, wait until it really exits; sets STAGE2_RC.
