@@ -45,10 +45,10 @@ def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
 
 
 def child_env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    """The test process's env without job/port variables of its own, plus OMP_NUM_THREADS=1 and `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "MASTER_PORT", "SLURM_RESTART_COUNT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("SLURM_JOB_ID", None)
-    env.pop("MASTER_PORT", None)
     return env
 
 
