@@ -50,12 +50,12 @@ def test_sampling_is_seeded_per_step_and_restores_the_rng(model):
 
 
 def test_repeat_processor_forces_end_of_turn_only_on_tripped_rows():
-    proc = RepeatTerminateProcessor(RepeatRule(max_consecutive_token_repeats=3), key_ids=(), eos_id=3, prompt_width=2)
-    ids = torch.tensor([[1, 2, 9, 9, 9], [1, 2, 9, 8, 9]])
-    scores = proc(ids, torch.zeros(2, 16))
+    proc = RepeatTerminateProcessor(RepeatRule(max_consecutive_token_repeats=2), key_ids=(), eos_id=3, prompt_width=2)
+    ids = torch.tensor([[1, 2, 9, 9, 9], [1, 2, 9, 8, 9], [1, 2, 3, 0, 0]])  # row 2 finished, then padding
+    scores = proc(ids, torch.zeros(3, 16))
     assert proc.cut == {0}
     assert scores[0].argmax().item() == 3 and torch.isinf(scores[0, 5])
-    assert torch.equal(scores[1], torch.zeros(16))
+    assert torch.equal(scores[1], torch.zeros(16)) and torch.equal(scores[2], torch.zeros(16))
 
 
 def test_repeat_terminated_rollouts_report_it(model):

@@ -91,8 +91,8 @@ def test_matched_prefix_supervises_structure_only_not_desc_or_fp(codec):
     check_segment(codec, seg)
     assert [(i, j) for i, j, _ in match.pairs] == [(1, 0)] and match.fp_indices == [0, 2]
     cat = parse.objects[1]
-    n_pre = len(parse.prefix_token_ids)
-    offsets = parse.token_offsets
+    n_pre = len(parse.prefix_token_ids) - 1  # the last rollout token is re-encoded with the closing `}`
+    offsets = parse.token_offsets[:n_pre]
     for y, ((s, e), w) in enumerate(zip(offsets, seg.ce_weights[seg.prompt_len:][:n_pre])):
         t = parse.prefix_token_ids[y]
         in_cat = s < cat.span[1] and e > cat.span[0]
@@ -101,6 +101,8 @@ def test_matched_prefix_supervises_structure_only_not_desc_or_fp(codec):
     supervised = "".join(parse.prefix_text[s:e] for (s, e), w in zip(offsets, seg.ce_weights[seg.prompt_len:]) if w)
     assert "cow" not in supervised and "cat" not in supervised and "object_2" in supervised
     assert '"object_1"' not in supervised and '"object_3"' not in supervised
+    # the FP object's closing `"]}` fuses with the outermost `}` into one token: closure, so supervised
+    assert codec.pieces(seg.input_ids[-2:]) == ['"]}}', "<|im_end|>"] and seg.ce_weights[-2] == 1.0
     # geometry: the matched object's 4 coord slots, prefix group, GT bins
     assert seg.box_groups == ["prefix"] and seg.coord_bins == CAT["bbox_2d"]
     assert seg.coord_pos == [seg.prompt_len + p for p in cat.coord_positions]
@@ -129,7 +131,8 @@ def test_fn_only_sample_has_coord_slots_and_full_tail_supervision(codec):
     # canonical order (sorted by y1, x1) among the FN objects; group fn; bins from the appended tokens
     assert seg.box_groups == ["fn", "fn"] and seg.coord_bins == CAT["bbox_2d"] + DOG["bbox_2d"]
     toks = assistant(codec, seg)
-    assert toks[0] == ("{", 0.0)  # the synthesized opening brace is context, not a target
+    # the synthesized `{` is re-encoded with the first FN key into the token the model should emit first
+    assert toks[0] == ('{"object_', 1.0)
     assert dict(toks)["cat"] == 0.25 and dict(toks)["dog"] == 0.25
     assert all(w == 1.0 for p, w in toks[1:] if codec.coord_bin(codec.encode(p)[0]) is None and p not in ("cat", "dog"))
     assert seg.meta["rollout/invalid_rollout"] == 1 and seg.meta["rollout/fn_coord_slots"] == 8
@@ -169,7 +172,8 @@ def test_perfect_rollout_is_all_matched_and_closes(codec):
     assert len(match.pairs) == 3 and match.fn_indices == []
     answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
     assert answer == text + "<|im_end|>"
-    assert codec.pieces(seg.input_ids[-3:]) == ['"]}', "}", "<|im_end|>"]  # fused `"]}}` cut, `}` appended
+    # the cut inside the fused `"]}}` is healed: the target is the rollout's own tokenization, token for token
+    assert seg.input_ids[seg.prompt_len:] == codec.encode(text) + [codec.im_end_id]
     a = build_channel_a_segment(PROMPT, gt, codec)
     assert seg.coord_pos == a.coord_pos and seg.coord_bins == a.coord_bins  # same slot rule in A and B
     assert seg.box_groups == ["prefix"] * 3

@@ -121,15 +121,13 @@ def build_channel_b_segment(
         fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
         return Drop("prefix_not_append_ready", sample_id, str(e), meta)
-    frag_ids = codec.encode(fragment)
-    frag_pieces = codec.pieces(frag_ids)
-    if "".join(frag_pieces) != fragment or codec.im_end_id in frag_ids:
+    prefix_ids, pieces = _join_at_boundary(parse, fragment, codec)
+    if prefix_ids is None:
         return Drop("fragment_encoding", sample_id, f"fragment {fragment[:200]!r} does not round-trip cleanly", meta)
-    prefix_ids = list(parse.prefix_token_ids)
-    n_pre = len(prefix_ids)
-    ids = prefix_ids + frag_ids + [codec.im_end_id]
-    pieces = [parse.prefix_text[s:e] for s, e in parse.token_offsets] + frag_pieces + codec.pieces([codec.im_end_id])
-    meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(frag_ids) + 1, "rollout/train_len": len(ids)})
+    n_pre = len(prefix_ids)  # rollout tokens kept verbatim; everything after is the (re-encoded) tail
+    ids = prefix_ids + codec.encode("".join(pieces[n_pre:])) + [codec.im_end_id]
+    pieces = pieces[:n_pre] + codec.pieces(ids[n_pre:-1]) + codec.pieces([codec.im_end_id])
+    meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(ids) - n_pre, "rollout/train_len": len(ids)})
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
     text = "".join(pieces)
@@ -138,9 +136,12 @@ def build_channel_b_segment(
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
     offsets = _token_spans(pieces)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
-    weights = _prefix_weights(ids[:n_pre], offsets[:n_pre], [o for o, _ in matched], codec)
+    # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
+    # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
+    n_split = n_pre + sum(1 for s, e in offsets[n_pre:] if e <= len(parse.prefix_text))
+    weights = _prefix_weights(ids[:n_split], offsets[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, offsets, n_pre, close, fn_desc, desc_ce_weight, mult, codec)
+    weights += _answer_weights(ids, offsets, n_split, close, fn_desc, desc_ce_weight, mult, codec)
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
@@ -161,6 +162,26 @@ def build_channel_b_segment(
         sample_id=sample_id,
         meta=meta,
     )
+
+
+def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[list[int] | None, list[str]]:
+    """Rollout token ids kept verbatim, and the pieces of everything after, for prefix + fragment.
+
+    The prefix is cut right after an object's `}`, which usually falls inside a fused BPE token (`"]}}`,
+    `"]}, "`). Appending the fragment's own encoding after the re-tokenized cut would teach token splits
+    the model never emits (`"]}` + `}` instead of `"]}}`: CE ~25 nats per boundary on the Stage-1 model).
+    So the last prefix token is re-encoded together with the fragment, giving the tokens the model would
+    produce when writing that text. Returns (kept ids, pieces of kept ids + the tail text as one piece),
+    or (None, []) when the tail does not round-trip through the tokenizer.
+    """
+    keep = max(len(parse.prefix_token_ids) - 1, 0)
+    start = parse.token_offsets[keep][0] if keep < len(parse.token_offsets) else len(parse.prefix_text)
+    tail = parse.prefix_text[start:] + fragment
+    tail_ids = codec.encode(tail)
+    if "".join(codec.pieces(tail_ids)) != tail or codec.im_end_id in tail_ids:
+        return None, []
+    kept = [parse.prefix_text[s:e] for s, e in parse.token_offsets[:keep]]
+    return list(parse.prefix_token_ids[:keep]), kept + [tail]
 
 
 def channel_b_meta(parse: ParseResult, match: MatchResult, n_gt: int, prompt_len: int) -> dict:

@@ -116,6 +116,8 @@ class RepeatTerminateProcessor:
 
     def __call__(self, input_ids, scores):
         for row, ids in enumerate(input_ids[:, self.prompt_width :].tolist()):
+            if self.eos_id in ids:  # finished rows only grow padding, which must not count as a repeat
+                continue
             if row not in self.cut and self.rule.should_stop(ids, self.key_ids):
                 self.cut.add(row)
             if row in self.cut:
