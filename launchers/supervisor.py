@@ -3,7 +3,7 @@
 Flow of `Supervisor.run(plan)`: start every server (own session/process group, output to
 `<logs>/serverN.log`) → wait for `GET /health/` of all of them (bounded, a progress line to stderr)
 → check `/get_world_size/` against the planned DP×TP and the plan's other checks → start the learner
-(torchrun / deepspeed runner, own group, output teed to `<logs>/learner.log` and to stderr) → watch.
+(torchrun / deepspeed runner, own group, output to `<logs>/learner.log`, copied to stderr) → watch.
 
 Signals: SIGINT/SIGTERM/SIGUSR1 received by the launcher are forwarded to the learner's process groups
 (the trainer finishes its step, checkpoints, exits 128+N); a second stop signal kills everything now.
@@ -16,6 +16,7 @@ Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import signal
@@ -82,6 +83,7 @@ class Child:
     proc: subprocess.Popen
     log_file: TextIO
     tee_thread: threading.Thread | None = None
+    tee_done: threading.Event = field(default_factory=threading.Event)
     groups: set[int] = field(default_factory=set)  # every live process group seen in this child's tree
 
     @property
@@ -124,28 +126,38 @@ class Supervisor:
         log_file = open(spec.log_path, "a", buffering=1)
         log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} stage2-launch starts {spec.name}: "
                        f"{' '.join(spec.argv)}\n")
-        out = subprocess.PIPE if spec.tee else log_file
-        proc = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=out,
+        offset = log_file.tell()
+        # The child writes to the log file itself, never to a pipe of ours: if the launcher dies, the
+        # ranks keep a valid stdout (a broken pipe would crash one rank mid-step and hang the others).
+        proc = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_child_setup(spec.ignore_usr1))
         child = Child(spec, proc, log_file, groups={proc.pid})
         if spec.tee:
-            child.tee_thread = threading.Thread(target=self._tee, args=(proc.stdout, log_file), daemon=True)
+            child.tee_thread = threading.Thread(target=self._tee, args=(spec.log_path, offset, child.tee_done),
+                                                daemon=True)
             child.tee_thread.start()
         self.children.append(child)
         log.info("started %s (pid %d, own process group), log %s", spec.name, proc.pid, spec.log_path)
         return child
 
-    def _tee(self, pipe, log_file: TextIO) -> None:
-        for raw in iter(pipe.readline, b""):  # drains until every process holding the pipe has exited
-            line = raw.decode(errors="replace")
-            log_file.write(line)
-            try:
-                self.console.write(line)
-                self.console.flush()
-            except (OSError, ValueError):
-                pass
-        pipe.close()
+    def _tee(self, path: Path, offset: int, done: threading.Event) -> None:
+        """Copy what the child appends to its log onto the console until `done` and nothing is left."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            while True:
+                chunk = fh.read(65536)
+                if chunk:
+                    try:
+                        self.console.write(decoder.decode(chunk))
+                        self.console.flush()
+                    except (OSError, ValueError):
+                        pass
+                elif done.is_set():
+                    return
+                else:
+                    time.sleep(0.1)
 
     def refresh(self) -> dict:
         """Record the live process groups under every child (ranks run in their own sessions) and
@@ -203,6 +215,7 @@ class Supervisor:
                 if not self.wait_child(child, 10.0):
                     log.error("%s: processes %s survived SIGKILL", name, self.live(child.groups))
         child.proc.poll()
+        child.tee_done.set()
         if child.tee_thread is not None:
             child.tee_thread.join(timeout=5.0)
         if not child.log_file.closed:

@@ -90,3 +90,19 @@ def test_server_mode_with_the_real_rollout_server_on_cpu(spawn, tmp_path, tiny):
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
     assert (out / "logs" / "server0.log").is_file()
     assert wait_until(lambda: not live_mentioning(str(tmp_path)), 20)
+
+
+@pytest.mark.slow
+def test_sigkilled_launcher_still_gets_the_learner_to_checkpoint(spawn, tmp_path, tiny):
+    """No launcher left to forward anything: PR_SET_PDEATHSIG sends torchrun SIGTERM, it stops the ranks,
+    they checkpoint. The ranks write to the log file, not to a pipe of the dead launcher."""
+    out = tmp_path / "out"
+    proc = spawn([*LAUNCH, "--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "2",
+                  *run_sets(tiny, out, "training.max_steps=200")], child_env())
+    assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
+    learner = started_pids(proc.stderr)["learner"]
+    ranks = rank_pids(str(tmp_path), learner)
+    proc.proc.kill()
+    assert wait_until(lambda: not live_in_group(learner) and not any(live_in_group(r) for r in ranks), 120)
+    done = len(metrics(out))
+    assert (out / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").is_file()
