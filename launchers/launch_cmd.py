@@ -144,7 +144,9 @@ def check_external_servers(lp: LaunchPlan) -> None:
                             f"--gpus …`, give --server-gpus to let stage2-launch start it, or fix the base_url)")
             continue
         try:
-            problems += probe.verify_server(url, lp.expectation)
+            want = lp.expectation
+            problems += probe.verify_server(url, probe.Expectation(lp.topo.external_world_size, want.model,
+                                                                   want.min_model_len))
         except probe.ProbeError as exc:
             problems.append(str(exc))
     if problems:
@@ -196,7 +198,7 @@ def _setup_logging() -> None:
 @click.option("--gpus", metavar="IDS|cpu", help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks per node with --gpus cpu (default 1).")
 @click.option("--server-gpus", metavar="IDS", help="GPUs for the rollout server(s) this launch starts (server mode).")
-@click.option("--server-dp", type=click.IntRange(min=1), help="Data-parallel engines per server (default: GPUs per server / TP).")
+@click.option("--server-dp", type=click.IntRange(min=1), help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: the DP running servers must report.")
 @click.option("--server-tp", type=click.IntRange(min=1), help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
 @click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Learner nodes (torchrun c10d rendezvous).")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1).")

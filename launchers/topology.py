@@ -76,6 +76,7 @@ class Topology:
     rdzv_id: str = "stage2"
     servers: tuple[ServerPlan, ...] = ()
     external_servers: tuple[str, ...] = ()  # server-mode URLs this launch does not start
+    external_world_size: int | None = None  # --server-dp × TP expected of each of them (None: any)
     server_mode: bool = False
     notes: tuple[str, ...] = field(default=())
 
@@ -100,6 +101,7 @@ class Topology:
                          "dp": s.dp, "tp": s.tp, "http_port": _port_dict(s.http), "group_port": _port_dict(s.group)}
                         for s in self.servers],
             "external_servers": list(self.external_servers),
+            "external_world_size": self.external_world_size,
             "notes": list(self.notes),
         }
 
@@ -284,20 +286,21 @@ def build_topology(flags: LaunchFlags, profile: ProfileServers, env: Mapping[str
     ids, nproc = learner_layout(flags)
     inherited = env.get("CUDA_VISIBLE_DEVICES")
     learner = visible_to_physical(ids, inherited, "--gpus") if ids is not None else None
-    started, external, notes = _plan_servers(flags, profile, ids, env)
+    started, external, notes, want = _plan_servers(flags, profile, ids, env)
     if flags.rdzv_endpoint:
         host, port = split_endpoint(flags.rdzv_endpoint)
         rdzv_id = env.get("SLURM_JOB_ID") or f"stage2-{port}"
         return Topology(learner, nproc, flags.nnodes, flags.node_rank, host,
                         Port(port, "--rdzv-endpoint", bind_here=flags.node_rank == 0), flags.rdzv_endpoint, rdzv_id,
-                        started, external, profile.server_mode, notes)
+                        started, external, want, profile.server_mode, notes)
     return Topology(learner, nproc, 1, 0, "127.0.0.1", master_port(env, probe), None, "stage2",
-                    started, external, profile.server_mode, notes)
+                    started, external, want, profile.server_mode, notes)
 
 
 def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tuple[int, ...] | None,
-                  env: Mapping[str, str]) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...]]:
-    """Which profile servers this launch starts (and on what) and which must already be running."""
+                  env: Mapping[str, str]) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...], int | None]:
+    """Which profile servers this launch starts (and on what), which must already be running, notes,
+    and the world size expected of the running ones (--server-dp × TP, or None)."""
     server_ids = parse_gpu_flag(flags.server_gpus, "--server-gpus")
     if server_ids == CPU:
         raise PlacementError("--server-gpus takes GPU ids (e.g. 2,3); CPU servers start with --gpus cpu")
@@ -308,7 +311,7 @@ def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tupl
             if value is not None:
                 raise PlacementError(f"{flag} needs a server-mode profile (rollout_matching.rollout_backend: vllm, "
                                      "rollout_matching.vllm.mode: server)")
-        return (), (), ()
+        return (), (), (), None
     if server_ids is not None and learner_ids is not None:
         overlap = sorted(set(server_ids) & set(learner_ids))
         if overlap:
@@ -320,10 +323,11 @@ def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tupl
         if server_ids is not None:
             raise PlacementError("--server-gpus with --nnodes > 1: start the servers as their own job step "
                                  "(`stage2 serve`, see launchers/slurm/stage2_server_split.sbatch)")
-        for flag, value in (("--server-dp", flags.server_dp), ("--server-tp", flags.server_tp)):
-            if value is not None:
-                raise PlacementError(f"{flag} applies to servers this launch starts (give --server-gpus)")
-        return (), urls, (f"server mode: using the running servers {', '.join(urls)}",)
+        if flags.server_tp is not None and flags.server_dp is None:
+            raise PlacementError("--server-tp without --server-dp: give both to check running servers' world size")
+        want = flags.server_dp * _server_tp(flags, profile) if flags.server_dp else None
+        note = f"server mode: using the running servers {', '.join(urls)}"
+        return (), urls, (note + (f", each with world size {want}" if want else ""),), want
     if server_ids is not None and not loopback:
         raise PlacementError(f"servers started by stage2-launch listen on this machine, but the profile lists "
                              f"{', '.join(urls)}; use 127.0.0.1 URLs or start remote servers with `stage2 serve`")
@@ -335,7 +339,7 @@ def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tupl
                              f"({len(gpu_blocks[0])}: --server-gpus {flags.server_gpus} over {len(urls)} server(s))")
     plans = tuple(_server_plan(i, url, gport, gpu_blocks[i], dp, tp, env)
                   for i, (url, gport) in enumerate(profile.servers))
-    return plans, (), ()
+    return plans, (), (), None
 
 
 def _server_tp(flags: LaunchFlags, profile: ProfileServers) -> int:

@@ -123,6 +123,7 @@ def test_unreachable_external_server_fails_before_any_rank_starts(tmp_path):
 
 @pytest.mark.parametrize("extra, standin_model, message", [
     ((), "/models/other", "serves model '/models/other' but the profile's model.model is"),
+    (("--server-dp", "2"), None, "/get_world_size/ says 1, the plan has DP×TP = 2"),
     (("global_max_length=2048", "rollout_matching.vllm.max_model_len=2048"), None, "max_model_len 1024 < 2048 needed"),
 ])
 def test_external_server_must_match_model_and_length(spawn, tmp_path, extra, standin_model, message):
@@ -134,8 +135,10 @@ def test_external_server_must_match_model_and_length(spawn, tmp_path, extra, sta
                    child_env(STANDIN_MODE="ok", STANDIN_MODEL=model))
     assert server.wait_for("", 5) is not None
     assert wait_for_health(port)
-    result = invoke("-p", "smoke/ab_mixed", "--gpus", "0", *sets(*SERVER_MODE, server_list(port), *extra,
-                                                                  "model.model=assets/stage1"))
+    flags = [e for e in extra if e.startswith("--") or e.isdigit()]
+    result = invoke("-p", "smoke/ab_mixed", "--gpus", "0", *flags, *sets(*SERVER_MODE, server_list(port),
+                                                                         *[e for e in extra if "=" in e],
+                                                                         "model.model=assets/stage1"))
     assert result.exit_code == 1, result.output
     assert message in result.output
 

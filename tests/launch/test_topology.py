@@ -78,6 +78,8 @@ def test_which_servers_are_started():
     gpu_external = topo(ONE, gpus="0,1")  # GPUs without --server-gpus: they must be running already
     assert gpu_external.servers == () and gpu_external.external_servers == ("http://127.0.0.1:8000",)
     assert topo(REMOTE, gpus="cpu").external_servers == ("http://rollout01:8000",)
+    assert topo(ONE, gpus="0,1", server_dp=4).external_world_size == 4  # checked against /get_world_size/
+    assert gpu_external.external_world_size is None
     with pytest.raises(PlacementError, match="listen on this machine"):
         topo(REMOTE, gpus="0", server_gpus="1")
     with pytest.raises(PlacementError, match="--server-gpus with --nnodes > 1"):
