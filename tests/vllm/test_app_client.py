@@ -28,6 +28,7 @@ class EchoEngine:
         self.calls = {"infer": 0, "update_weights": 0}
         self.fail_infer: list[errors.EngineError] = []
         self.delay_s = 0.0
+        self.reverse = False
 
     def health(self):
         return True, ""
@@ -49,8 +50,9 @@ class EchoEngine:
             raise self.fail_infer.pop(0)
         if expect_version is not None and expect_version != self.version:
             raise errors.StaleWeights(f"holds weight version {self.version}, the learner expects {expect_version}")
-        return [{"prompt_ids": p, "completion_ids": p[::-1][: s["max_tokens"]], "text": "", "finish_reason": "length",
-                 "weight_version": self.version} for p, s in zip(prompts, sampling * len(prompts))]
+        out = [{"prompt_ids": p, "completion_ids": p[::-1][: s["max_tokens"]], "text": "", "finish_reason": "length",
+                "weight_version": self.version} for p, s in zip(prompts, sampling * len(prompts))]
+        return out[::-1] if self.reverse else out
 
     def init_communicator(self, port, world_size, backend, timeout_s):
         if port == 6666:
@@ -152,6 +154,24 @@ def test_client_typed_errors_carry_url_status_body(live):
     client.group_port = 6666
     with pytest.raises(WeightSyncError, match="group_port 6666 is already in use"):
         client.init_communicator(timeout_s=5)
+
+
+def test_backend_rounds_caps_and_order_check(live):
+    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.rollout.backends.vllm_server import VLLMServerBackend
+
+    eng, client = live
+    s = DecodeSettings(max_new_tokens=3, decode_batch_size=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
+                       repetition_penalty=1.0, repeat=None, seed=0)
+    backend = VLLMServerBackend([client], s, eos_id=2, rank=1, world_size=2)
+    assert (backend.chunk, backend.caps) == (3, [3])  # dbs 2 × world 3 / 2 learners
+    prompts = [[10 + i, 20 + i] for i in range(7)]
+    out = backend.generate(prompts, step=0)
+    assert [r.prompt_ids for r in out] == prompts and [r.completion_ids for r in out] == [p[::-1] for p in prompts]
+    assert eng.calls["infer"] == 3  # rounds of 3, 3, 1
+    eng.reverse = True
+    with pytest.raises(RolloutServerError, match="do not match"):
+        backend.generate(prompts, step=1)
 
 
 def test_server_down_at_start_names_the_url():

@@ -271,7 +271,12 @@ class VLLMServerBackend:
                                                            sampling, self.expected_version)))
                 offset += n
             for i, idx, fut in jobs:
-                for j, o in zip(idx, fut.result()):
+                outputs = fut.result()
+                if len(outputs) != len(idx) or any(o["prompt_ids"] != prompts[j] for j, o in zip(idx, outputs)):
+                    url = self.clients[i].base_url
+                    raise RolloutServerError(f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
+                                             f"{len(idx)} prompts sent (order or content)", url=url)
+                for j, o in zip(idx, outputs):
                     out[j] = self._rollout(i, o)
         return out  # type: ignore[return-value]
 
