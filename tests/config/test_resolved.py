@@ -122,7 +122,8 @@ def test_rollout_matching_cfg_normalization():
     assert "max_num_seqs" not in rm["vllm"] and "kv_cache_gb" not in rm["vllm"]  # null → dropped
     assert rm["vllm"]["server"]["infer_timeout_s"] == 240.0  # null means timeout_s
     assert rm["packing_enabled"] is True and rm["packing_length"] == 1024
-    assert (rm["packing_buffer"], rm["packing_min_fill_ratio"], rm["packing_drop_last"]) == (256, 0.5, True)
+    assert (rm["packing_buffer"], rm["packing_min_fill_ratio"]) == (256, 0.5)
+    assert "packing_drop_last" not in rm
     assert rm["object_field_order"] == "desc_first"
     assert rm["decoding"] == {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
     assert set(cfg.to_dict()["rollout_matching"]) <= set(rm)
