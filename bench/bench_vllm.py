@@ -1,6 +1,6 @@
 """vLLM rollout benchmark: ratios measured in ONE run (same machine, same load), medians of --repeat.
 
-    python bench/bench_vllm.py [--model DIR] [--prompts 32] [--new-tokens 64] [--repeat 3] [--server URL]
+    python bench/bench_vllm.py [--model DIR] [--prompts 32] [--new-tokens 64] [--repeat 5] [--server URL]
 
 1. our colocate backend vs raw `LLM.generate` on the same prompts (same engine, same chunks of 8;
    plus raw with every prompt in one call, vLLM's best case) — the cost of our wrapper;
@@ -48,16 +48,102 @@ def settings(dbs: int, new_tokens: int):
 
 
 def median_time(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
+    return paired({"x": fn}, repeat)["x"]
+
+
+def paired(fns: dict, repeat: int) -> dict:
+    """name → (median seconds, last output); the callables run interleaved, so load drift hits all alike."""
+    times: dict = {k: [] for k in fns}
+    outs: dict = {}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(times[k]), outs[k]) for k in fns}
 
 
 def tok_s(rollouts, seconds: float) -> float:
     return sum(len(r.completion_ids) for r in rollouts) / seconds
+
+
+def bench_wrapper(colo, prompts, n: int, r: int) -> tuple[list, float, object]:
+    """1. our backend vs raw LLM.generate on the same engine (same chunks of 8, and one call)."""
+    from vllm.inputs import TokensPrompt
+
+    from toolkit.rollout.backends.vllm_colocate import sampling_dict, to_sampling_params
+
+    params = to_sampling_params(sampling_dict(settings(8, n), EOS, None))
+
+    def raw(chunk: int):
+        outs = []
+        for i in range(0, len(prompts), chunk):
+            outs += colo.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i:i + chunk]], params, use_tqdm=False)
+        return outs
+
+    m = paired({"ours": lambda: colo.generate(prompts, step=0), "raw": lambda: raw(8), "all": lambda: raw(len(prompts))}, r)
+    (t_ours, ours), (t_raw, raw_out), (t_raw_all, _) = m["ours"], m["raw"], m["all"]
+    toks = sum(len(o.outputs[0].token_ids) for o in raw_out)
+    rows = [("vLLM colocate backend tok/s (dbs 8)", tok_s(ours, t_ours)), ("raw LLM.generate tok/s (chunks of 8)", toks / t_raw),
+            ("raw LLM.generate tok/s (one call)", toks / t_raw_all)]
+    return rows, tok_s(ours, t_ours) / (toks / t_raw), (ours, t_ours)
+
+
+def bench_batching(colo, learner, prompts, n: int, r: int, ours) -> tuple[list, list]:
+    """2. decode_batch_size 8 vs 1 for vLLM and for HF."""
+    from toolkit.rollout.backends.hf import HFBackend
+
+    def vllm_dbs(d: int):
+        colo.s = settings(d, n)
+        return colo.generate(prompts, step=0)
+
+    hf8 = HFBackend(learner, settings(8, n), pad_id=PAD, eos_id=EOS)
+    hf1 = HFBackend(learner, settings(1, n), pad_id=PAD, eos_id=EOS)
+    m = paired({"v8": lambda: vllm_dbs(8), "v1": lambda: vllm_dbs(1), "h8": lambda: hf8.generate(prompts, step=0),
+                "h1": lambda: hf1.generate(prompts, step=0)}, r)
+    (t_v1, v1), (t_h8, h8), (t_h1, h1) = m["v1"], m["h8"], m["h1"]
+    v8 = tok_s(m["v8"][1], m["v8"][0])
+    colo.s = settings(8, n)
+    rows = [("vLLM tok/s (dbs 1)", tok_s(v1, t_v1)), ("HF tok/s (dbs 8)", tok_s(h8, t_h8)), ("HF tok/s (dbs 1)", tok_s(h1, t_h1))]
+    ratios = [("vLLM dbs 8 / dbs 1", v8 / tok_s(v1, t_v1)), ("HF dbs 8 / dbs 1", tok_s(h8, t_h8) / tok_s(h1, t_h1)),
+              ("vLLM / HF tok/s (dbs 8)", v8 / tok_s(h8, t_h8))]
+    return rows, ratios
+
+
+def bench_sync(colo, learner, tmp: Path, r: int) -> tuple[list, float, float]:
+    """3. a colocate weight sync vs torch.save of the same state dict."""
+    import torch
+
+    def sync():
+        colo.loaded_step = None
+        colo.sync_weights(0)
+
+    state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    m = paired({"sync": sync, "save": lambda: torch.save(state, tmp / "sd.pt")}, r)
+    t_sync, t_save = m["sync"][0], m["save"][0]
+    mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
+    return [("colocate weight sync s", t_sync), (f"torch.save s ({mb:.1f} MB)", t_save)], t_sync, t_save
+
+
+def bench_server(url: str, weights, prompts, n: int, r: int, ours, t_save: float) -> tuple[list, list]:
+    """Optional: the server backend's tok/s and its bucketed gloo weight sync."""
+    from toolkit.rollout.backends.vllm_server import ServerClient, VLLMServerBackend
+
+    client = ServerClient(url, 51599, timeout_s=60, infer_timeout_s=600)
+    client.wait_healthy(60)
+    srv = VLLMServerBackend([client], settings(8, n), eos_id=EOS, weights=weights, bucket_size_mb=64)
+    srv.connect_weight_sync()
+    srv.generate(prompts[:2], step=0)
+    t_srv, so = median_time(lambda: srv.generate(prompts, step=0), r)
+
+    def push():
+        srv.synced_step = None
+        srv.sync_weights(0)
+
+    t_push, _ = median_time(push, r)
+    srv.close()
+    rows = [("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)), ("server gloo weight sync s", t_push)]
+    return rows, [("server / colocate tok/s", tok_s(so, t_srv) / tok_s(*ours)), ("server sync / torch.save", t_push / t_save)]
 
 
 def main() -> None:
@@ -65,15 +151,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF model dir (default: the committed tiny model)")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--server", default=None, help="URL of a running `stage2 serve` of the same model")
     args = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from toolkit.rollout.backends.hf import HFBackend
-    from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend, sampling_dict, to_sampling_params
+    from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     model_dir = args.model or str(tiny_model_dir(tmp))
@@ -88,71 +173,16 @@ def main() -> None:
                                       eos_id=EOS, weights=weights)
     colo.generate(prompts[:2], step=0)  # warm-up and first weight load
 
-    rows = []
-    # 1. wrapper overhead: ours vs raw LLM.generate, same engine, same chunks
-    from vllm.inputs import TokensPrompt
-
-    params = to_sampling_params(sampling_dict(settings(8, n), EOS, None))
-
-    def raw(chunk: int):
-        outs = []
-        for i in range(0, len(prompts), chunk):
-            outs += colo.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i:i + chunk]], params, use_tqdm=False)
-        return outs
-
-    t_ours, ro = median_time(lambda: colo.generate(prompts, step=0), r)
-    t_raw, raw_out = median_time(lambda: raw(8), r)
-    t_raw_all, _ = median_time(lambda: raw(len(prompts)), r)
-    toks = sum(len(o.outputs[0].token_ids) for o in raw_out)
-    rows.append(("vLLM colocate backend tok/s (dbs 8)", tok_s(ro, t_ours)))
-    rows.append(("raw LLM.generate tok/s (chunks of 8)", toks / t_raw))
-    rows.append(("raw LLM.generate tok/s (one call)", toks / t_raw_all))
-    ratio_wrapper = tok_s(ro, t_ours) / (toks / t_raw)
-
-    # 2. decode_batch_size 8 vs 1
-    colo.s = settings(1, n)
-    t_v1, v1 = median_time(lambda: colo.generate(prompts, step=0), r)
-    colo.s = settings(8, n)
-    hf8, hf1 = HFBackend(learner, settings(8, n), pad_id=PAD, eos_id=EOS), HFBackend(learner, settings(1, n), pad_id=PAD, eos_id=EOS)
-    t_h8, h8 = median_time(lambda: hf8.generate(prompts, step=0), r)
-    t_h1, h1 = median_time(lambda: hf1.generate(prompts, step=0), r)
-    rows += [("vLLM tok/s (dbs 1)", tok_s(v1, t_v1)), ("HF tok/s (dbs 8)", tok_s(h8, t_h8)), ("HF tok/s (dbs 1)", tok_s(h1, t_h1))]
-
-    # 3. weight sync vs torch.save of the same state dict
-    def sync():
-        colo.loaded_step = None
-        colo.sync_weights(0)
-
-    t_sync, _ = median_time(sync, r)
-    state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
-    t_save, _ = median_time(lambda: torch.save(state, tmp / "sd.pt"), r)
-    mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
-    rows += [("colocate weight sync s", t_sync), (f"torch.save s ({mb:.1f} MB)", t_save)]
-    ratios = [("ours / raw LLM.generate (same chunks)", ratio_wrapper),
-              ("vLLM dbs 8 / dbs 1", tok_s(ro, t_ours) / tok_s(v1, t_v1)),
-              ("HF dbs 8 / dbs 1", tok_s(h8, t_h8) / tok_s(h1, t_h1)),
-              ("vLLM / HF tok/s (dbs 8)", tok_s(ro, t_ours) / tok_s(h8, t_h8)),
-              ("colocate sync / torch.save", t_sync / t_save)]
+    rows, wrapper_ratio, ours = bench_wrapper(colo, prompts, n, r)
+    more, ratios = bench_batching(colo, learner, prompts, n, r, ours)
+    rows += more
+    more, t_sync, t_save = bench_sync(colo, learner, tmp, r)
+    rows += more
+    ratios = [("ours / raw LLM.generate (same chunks)", wrapper_ratio)] + ratios + [("colocate sync / torch.save", t_sync / t_save)]
     colo.close()
-
     if args.server:
-        from toolkit.rollout.backends.vllm_server import ServerClient, VLLMServerBackend
-
-        client = ServerClient(args.server, 51599, timeout_s=60, infer_timeout_s=600)
-        client.wait_healthy(60)
-        srv = VLLMServerBackend([client], settings(8, n), eos_id=EOS, weights=weights, bucket_size_mb=64)
-        srv.connect_weight_sync()
-        srv.generate(prompts[:2], step=0)
-        t_srv, so = median_time(lambda: srv.generate(prompts, step=0), r)
-
-        def push():
-            srv.synced_step = None
-            srv.sync_weights(0)
-
-        t_push, _ = median_time(push, r)
-        srv.close()
-        rows += [("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)), ("server gloo weight sync s", t_push)]
-        ratios += [("server / colocate tok/s", tok_s(so, t_srv) / tok_s(ro, t_ours)), ("server sync / torch.save", t_push / t_save)]
+        more, more_ratios = bench_server(args.server, weights, prompts, n, r, ours, t_save)
+        rows, ratios = rows + more, ratios + more_ratios
 
     print(f"# bench_vllm: {args.prompts} prompts × ≤{n} new tokens, median of {r}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     for name, value in rows:

@@ -251,8 +251,11 @@ class VLLMColocateBackend:
         out: list[Rollout] = []
         version = 0 if self.loaded_step is None else self.loaded_step + 1
         for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
-            params = [to_sampling_params(sampling_dict(self.s, self.eos_id, (base + offset + i) & 0x7FFFFFFF))
-                      for i in range(len(chunk))]
+            if self.s.do_sample:  # one seed per request: reproducible whatever the chunking
+                params = [to_sampling_params(sampling_dict(self.s, self.eos_id, (base + offset + i) & 0x7FFFFFFF))
+                          for i in range(len(chunk))]
+            else:
+                params = to_sampling_params(sampling_dict(self.s, self.eos_id, None))
             results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in chunk], params, use_tqdm=False)
             for p, res in zip(chunk, results):
                 out.append(finish_rollout(p, res.outputs[0].token_ids, eos_id=self.eos_id, rule=self.s.repeat,

@@ -32,15 +32,25 @@ CACHED_RESULTS = 256
 def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, infer_timeout_s: float = 240.0) -> FastAPI:
     """The rollout server app over `engine` (see module docstring for the contract)."""
     app = FastAPI(title="stage2 rollout server", version="1")
-    inflight: dict[str, asyncio.Future] = {}
-    done: collections.OrderedDict[str, list] = collections.OrderedDict()
 
     async def run(fn: Callable[..., Any], *args, timeout: float = timeout_s, **kwargs):
+        """The engine's blocking call in a worker thread, under a timeout (the event loop never blocks)."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout)
         except asyncio.TimeoutError:
             raise errors.Timeout(f"{getattr(fn, '__name__', 'call')} did not finish within {timeout:g} s") from None
 
+    @app.exception_handler(errors.EngineError)
+    async def engine_error(_request, exc: errors.EngineError):
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc), "error": type(exc).__name__})
+
+    _read_routes(app, engine)
+    _infer_route(app, engine, run, infer_timeout_s)
+    _weight_routes(app, engine, run, _token_guard(token), timeout_s)
+    return app
+
+
+def _token_guard(token: str | None):
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if token is None:
             return
@@ -49,10 +59,10 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
             raise HTTPException(status_code=401, detail="weight-changing endpoints need 'Authorization: Bearer <token>' "
                                                         "(the server's STAGE2_SERVE_TOKEN)")
 
-    @app.exception_handler(errors.EngineError)
-    async def engine_error(_request, exc: errors.EngineError):
-        return JSONResponse(status_code=exc.status, content={"detail": str(exc), "error": type(exc).__name__})
+    return require_token
 
+
+def _read_routes(app: FastAPI, engine) -> None:
     @app.get("/health/", response_model=Health)
     async def health():
         """Liveness of every DP worker. 200 `{"status": "ok", "detail": ""}`; 503
@@ -77,6 +87,11 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
         """Tensors of the served checkpoint (the names weight updates must use), e.g.
         `{"tensors": [{"name": "lm_head.weight", "dtype": "float32", "shape": [1319, 128]}, ...]}`."""
         return WeightsSchema(tensors=engine.weights_schema())
+
+
+def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float) -> None:
+    inflight: dict[str, asyncio.Future] = {}
+    done: collections.OrderedDict[str, list] = collections.OrderedDict()
 
     @app.post("/infer/", response_model=InferResponse)
     async def infer(req: InferRequest):
@@ -108,7 +123,11 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
             done.popitem(last=False)
         return InferResponse(request_id=req.request_id, outputs=outputs)
 
-    @app.post("/init_communicator/", response_model=InitCommunicatorResponse, dependencies=[Depends(require_token)])
+
+def _weight_routes(app: FastAPI, engine, run, require_token, timeout_s: float) -> None:
+    guarded = [Depends(require_token)]
+
+    @app.post("/init_communicator/", response_model=InitCommunicatorResponse, dependencies=guarded)
     async def init_communicator(req: InitCommunicatorRequest):
         """Open the weight-sync group on `port` (learner = last rank). Request: `{"port": 51216,
         "world_size": 3, "backend": null, "timeout_s": 240}`. Response: `{"backend": "gloo", "world_size": 3,
@@ -116,7 +135,7 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
         return InitCommunicatorResponse(**await run(engine.init_communicator, req.port, req.world_size, req.backend,
                                                     req.timeout_s))
 
-    @app.post("/update_weights/", response_model=UpdateWeightsResponse, dependencies=[Depends(require_token)])
+    @app.post("/update_weights/", response_model=UpdateWeightsResponse, dependencies=guarded)
     async def update_weights(req: UpdateWeightsRequest):
         """Announce one bucket; the learner broadcasts its bytes right after this returns. Request:
         `{"version": 4, "tensors": [{"name": "model.norm.weight", "dtype": "float32", "shape": [128]}],
@@ -125,16 +144,14 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
         return UpdateWeightsResponse(**await run(engine.update_weights, req.version,
                                                  [t.model_dump() for t in req.tensors], req.last))
 
-    @app.post("/reset_prefix_cache/", response_model=WeightVersion, dependencies=[Depends(require_token)])
+    @app.post("/reset_prefix_cache/", response_model=WeightVersion, dependencies=guarded)
     async def reset_prefix_cache():
         """Reset the prefix cache after every pending bucket is loaded; returns the version all ranks hold,
         e.g. `{"weight_version": 4}` (the learner's handshake). A failed bucket surfaces here as an error."""
         return WeightVersion(weight_version=await run(engine.reset_prefix_cache, timeout_s))
 
-    @app.post("/close_communicator/", response_model=Ok, dependencies=[Depends(require_token)])
+    @app.post("/close_communicator/", response_model=Ok, dependencies=guarded)
     async def close_communicator():
         """Tear down the weight-sync group (the learner calls it once at exit). Response: `{"ok": true}`."""
         await run(engine.close_communicator, timeout_s)
         return Ok()
-
-    return app

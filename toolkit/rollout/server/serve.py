@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Sequence
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
