@@ -39,14 +39,14 @@ def servers_override(topo: Topology) -> str:
     return f"{SERVERS_KEY}=[{items}]"
 
 
-def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str = "python",
-                        stop_timeout: int = 600) -> list[str]:
+def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str = "python") -> list[str]:
     """`python -m torch.distributed.run …` for this node.
 
     Single node: --master_addr/--master_port (a port chosen by topology, never torchrun's 29500 default).
-    Multi-node: c10d rendezvous at --rdzv_endpoint with --rdzv_id, the same on every node.
-    --shutdown_timeout lets ranks finish the current step and checkpoint after a forwarded signal
-    before torchrun escalates to SIGKILL.
+    Multi-node: c10d rendezvous at --rdzv_endpoint with --rdzv_id, the same on every node. How long
+    torchrun lets ranks checkpoint after a forwarded signal is TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the
+    env (build_learner_env): the --shutdown_timeout flag exists in torch 2.13 but not in 2.11, whose
+    torchrun rejects it, while unknown env vars are ignored.
     """
     argv = [python, "-m", "torch.distributed.run", "--nnodes", str(topo.nnodes),
             "--nproc_per_node", str(topo.nproc_per_node)]
@@ -55,7 +55,7 @@ def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str =
                  "--rdzv_endpoint", topo.rdzv_endpoint, "--rdzv_id", topo.rdzv_id]
     else:
         argv += ["--master_addr", topo.master_addr, "--master_port", str(topo.master_port.port)]
-    argv += ["--max_restarts", "0", "--signals_to_handle", TORCHRUN_SIGNALS, "--shutdown_timeout", str(stop_timeout)]
+    argv += ["--max_restarts", "0", "--signals_to_handle", TORCHRUN_SIGNALS]
     return argv + ["-m", TRAIN_MODULE, *train_args]
 
 
@@ -78,11 +78,10 @@ def build_deepspeed_argv(topo: Topology, train_args: Sequence[str], python: str 
     return argv + ["--module", TRAIN_MODULE, *train_args]
 
 
-def build_learner_argv(launcher: str, topo: Topology, train_args: Sequence[str], python: str = "python",
-                       stop_timeout: int = 600) -> list[str]:
+def build_learner_argv(launcher: str, topo: Topology, train_args: Sequence[str], python: str = "python") -> list[str]:
     """The learner command for `--launcher torchrun|deepspeed`."""
     if launcher == "torchrun":
-        return build_torchrun_argv(topo, train_args, python, stop_timeout)
+        return build_torchrun_argv(topo, train_args, python)
     if launcher == "deepspeed":
         return build_deepspeed_argv(topo, train_args, python)
     raise PlacementError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
@@ -121,9 +120,15 @@ def _common_env(base: Mapping[str, str], topo: Topology) -> dict:
     return env
 
 
-def build_learner_env(base: Mapping[str, str], topo: Topology, launcher: str) -> dict:
-    """The learner launcher's environment (torchrun/deepspeed pass it on to every rank)."""
+def build_learner_env(base: Mapping[str, str], topo: Topology, launcher: str, stop_timeout: int = 600) -> dict:
+    """The learner launcher's environment (torchrun/deepspeed pass it on to every rank).
+
+    stop_timeout: seconds torchrun lets the ranks finish a step and checkpoint after a forwarded stop
+    signal before it SIGKILLs them (its default is 30 s).
+    """
     env = _common_env(base, topo)
+    if launcher == "torchrun":
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(stop_timeout)
     if launcher == "deepspeed":
         env.pop("CUDA_VISIBLE_DEVICES", None)  # devices go through --include/--num_gpus; the runner sets it per rank
     elif topo.cpu:
@@ -143,7 +148,7 @@ def build_server_env(base: Mapping[str, str], topo: Topology, server: ServerPlan
 
 
 MANAGED_VARS = ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "NO_PROXY", "no_proxy",
-                "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", *PROXY_VARS)
+                "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", *PROXY_VARS)
 
 
 def env_delta(base: Mapping[str, str], env: Mapping[str, str]) -> dict:

@@ -118,10 +118,9 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
         lambda url, w=want, n=s.world_size: probe.verify_server(url, probe.Expectation(n, w.model, w.min_model_len)),
     ) for s in topo.servers]
     train_args = commands.build_train_args(profile, sets, req.resume)
-    learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python,
-                                                                 int(req.stop_timeout)),
-                          commands.build_learner_env(env, topo, req.launcher), logs / f"learner{suffix}.log",
-                          tee=True, ignore_usr1=True)
+    learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
+                          commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
+                          logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want)
 

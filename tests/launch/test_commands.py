@@ -10,8 +10,7 @@ from launchers.topology import LaunchFlags, PlacementError, ProfileServers, buil
 TRAIN = build_train_args("/r/configs/stage2_ab/prod/ab_mixed.yaml", ["training.max_steps=2"], "auto")
 ENTRY = ["-m", "toolkit.train", "--profile", "/r/configs/stage2_ab/prod/ab_mixed.yaml",
          "--set", "training.max_steps=2", "--resume", "auto"]
-SIGNALS = ["--max_restarts", "0", "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-           "--shutdown_timeout", "600"]
+SIGNALS = ["--max_restarts", "0", "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
 SERVER = ProfileServers(True, (("http://127.0.0.1:8000", 51216),), 1)
 BASE = {"PATH": "/usr/bin", "http_proxy": "http://proxy:3128", "HTTPS_PROXY": "http://proxy:3128",
         "NO_PROXY": "corp.example", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
@@ -29,16 +28,18 @@ def test_torchrun_single_node_gpu():
         "--master_addr", "127.0.0.1", "--master_port", "29511", *SIGNALS, *ENTRY]
     env = build_learner_env({"PATH": "/usr/bin"}, t, "torchrun")
     assert env == {"PATH": "/usr/bin", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "CUDA_VISIBLE_DEVICES": "0,1"}
+                   "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "CUDA_VISIBLE_DEVICES": "0,1",
+                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}
 
 
 def test_torchrun_single_node_cpu():
     t = topo(gpus="cpu", nproc=2)
-    assert build_torchrun_argv(t, TRAIN, python="/venv/bin/python", stop_timeout=90) == [
+    assert build_torchrun_argv(t, TRAIN, python="/venv/bin/python") == [
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", "29511", "--max_restarts", "0",
-        "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout", "90", *ENTRY]
-    env = build_learner_env({"PATH": "/usr/bin", "OMP_NUM_THREADS": "4"}, t, "torchrun")
+        "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *ENTRY]
+    env = build_learner_env({"PATH": "/usr/bin", "OMP_NUM_THREADS": "4"}, t, "torchrun", stop_timeout=90)
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "90"  # not a flag: torchrun < 2.13 rejects --shutdown_timeout
     assert env["OMP_NUM_THREADS"] == "4"  # the user's choice wins over the default of 1
     assert (env["DS_ACCELERATOR"], env["CUDA_VISIBLE_DEVICES"]) == ("cpu", "")
 
@@ -65,6 +66,7 @@ def test_deepspeed_gpu_uses_include_and_never_cuda_visible_devices():
         "--profile", "/r/configs/stage2_ab/prod/ab_mixed.yaml", "--set", "training.max_steps=2", "--resume", "auto"]
     env = build_learner_env(BASE, t, "deepspeed")
     assert "CUDA_VISIBLE_DEVICES" not in env  # the runner would ignore --include next to it (DeepSpeed#5818)
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in env
 
 
 def test_deepspeed_gpu_ids_are_mapped_through_an_inherited_device_list():
