@@ -67,7 +67,8 @@ def main(model_dir: str, out: str) -> None:
     rule = RepeatRule(min_new_tokens=4, max_consecutive_token_repeats=3, ngram_size=2, ngram_repeats=3)
     colo.s, ref.s = settings(repeat=rule), settings(repeat=rule)
     a, b = colo.generate(PROMPTS, step=1), ref.generate(PROMPTS, step=1)
-    report["repeat"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a]}
+    report["repeat"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a],
+                        "hf_finish": [r.finish_reason for r in b]}
     # Seeded sampling: reproducible per step, different across steps.
     colo.s = settings(do_sample=True, temperature=1.0)
     s1, s1b, s2 = (ids(colo.generate(PROMPTS, step=st)) for st in (1, 1, 2))

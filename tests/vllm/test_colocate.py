@@ -41,7 +41,7 @@ def test_greedy_equals_hf_after_weight_update(report):
 def test_repeat_terminate_cut_matches_hf(report):
     rep = report["repeat"]
     assert rep["vllm"] == rep["hf"]
-    assert "repeat" in rep["vllm_finish"]
+    assert rep["vllm_finish"] == rep["hf_finish"] and "repeat" in rep["vllm_finish"]
 
 
 def test_seeded_sampling_reproducible(report):
