@@ -75,6 +75,8 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        # Handlers first: a stop signal during setup (minutes on a real model) is honoured after the first step.
+        self._install_signal_handlers()
         self.dist = init_distributed()
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -183,7 +185,6 @@ class Stage2Trainer:
         """Run to total_steps or a stop signal. Returns the process exit code (0, or 128 + signal)."""
         from tqdm import tqdm
 
-        self._install_signal_handlers()
         tr = self.cfg.training
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.dist.rank != 0, desc="stage2", unit="step")
         while self.state.step < self.total_steps:
