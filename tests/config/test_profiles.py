@@ -45,7 +45,7 @@ def test_prod_leaves(name, b_ratio, ebs):
 
 
 @pytest.mark.parametrize("name,b_ratio,steps", [("smoke/a_only", 0.0, 20), ("smoke/b_only", 1.0, 20),
-                                                ("smoke/ab_mixed", 0.5, 40)])
+                                                ("smoke/ab_mixed", 0.5, 100)])
 def test_smoke_leaves(name, b_ratio, steps):
     cfg = load_profile(name)
     assert cfg.stage2_ab.schedule.b_ratio == b_ratio and cfg.training.max_steps == steps
