@@ -87,3 +87,35 @@ def test_malformed_record_is_a_clear_error_naming_the_line(tiny, tmp_path):
     assert res.returncode == 1
     assert f"{bad}:4:" in res.stderr and "bbox_2d" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("profile,channels", [("smoke/a_only", ["A", "A"]), ("smoke/b_only", ["B", "B"]),
+                                              ("smoke/ab_mixed", ["A", "B"])])
+def test_each_smoke_profile_trains_from_the_stage1_checkpoint(profile, channels, tmp_path):
+    """The shipped profiles as they are (assets/stage1), shortened: real matches from the first B step."""
+    # answers run to 66 tokens: decode up to 96 (the FAST default of 48 would truncate them)
+    res = run_train(profile, tmp_path, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2",
+                    "rollout_matching.max_new_tokens=96", "data.val_sample_limit=8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert [r["channel"] for r in rows] == channels
+    for r in rows:
+        if r["channel"] == "B":
+            assert r["rollout/matched"] > 0 and r["rollout/f1"] > 0.3  # the Stage-1 model finds objects
+    assert rows[-1]["eval_rollout/valid_json_rate"] > 0.5
+    ckpt = tmp_path / "checkpoints" / "step-000002"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "resolved_config.yaml").read_text().startswith("# ")
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_lora_run_exports_a_merged_model(tmp_path):
+    res = run_train("smoke/b_only", tmp_path, "training.max_steps=1", "training.save_steps=1",
+                    "training.eval_strategy=no", "tuner.train_type=lora", "tuner.lora_rank=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "checkpoints" / "step-000001" / "hf" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("lora" in k for k in keys)
+    assert metrics(tmp_path)[0]["loss/total"] > 0

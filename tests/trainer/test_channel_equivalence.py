@@ -7,16 +7,11 @@ different pack counts, weighted n_segments / N_raw_local, and the trainer's loss
 is one optimizer step from the same initial state. `_channel_worker.py` runs as a plain process (world 1)
 and under torchrun with 2 CPU ranks (`dist`); rank 0 writes one JSON report. Run with `-s` for the table.
 """
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from _torchrun import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_channel_worker.py")
@@ -26,39 +21,9 @@ TIMEOUT_S = 300
 WORLDS = [pytest.param(1, id="world1"), pytest.param(2, id="world2", marks=pytest.mark.dist)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_worker(world: int, tmp: Path) -> dict:
-    """Run the worker (its own process group, killed whole on timeout) and load rank 0's report."""
-    out = tmp / "report.json"
-    args = [str(WORKER), "--out", str(out), "--tmp", str(tmp), "--stages", ",".join(STAGES)]
-    if world > 1:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                "--master_port", str(_free_port())] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    log_path = tmp / "worker.log"
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
-    tail = log_path.read_text()[-6000:]
-    assert rc == 0 and out.exists(), f"channel worker (world {world}) failed: rc={rc}\n{tail}"
-    report = json.loads(out.read_text())
-    report["job_s"] = round(time.time() - t0, 1)
-    return report
+    return run_worker(WORKER, ["--stages", ",".join(STAGES)], world, tmp, TIMEOUT_S, "channel")
 
 
 @pytest.fixture(scope="module")

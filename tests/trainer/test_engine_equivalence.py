@@ -5,16 +5,14 @@ and under torchrun with 2 CPU ranks (`dist`). Each worker run covers ZeRO 0-3 (Z
 `stage3_param_persistence_threshold: 0`, so parameters really are partitioned) and writes one JSON
 report from rank 0; the tests below assert on it. Run with `-s` to see the measured max |Δ| table.
 """
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from _torchrun import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_engine_worker.py")
@@ -23,40 +21,9 @@ TOL = 1e-6
 TIMEOUT_S = 420
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _run_worker(world: int, tmp: Path) -> dict:
-    """Run the worker (its own process group, killed whole on timeout) and load rank 0's report."""
-    out = tmp / "report.json"
-    args = [str(WORKER), "--out", str(out), "--tmp", str(tmp), "--lora", "--stages", ",".join(STAGES),
-            "--bf16-stages", "0,1,2,3" if world > 1 else ""]
-    if world > 1:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                "--master_port", str(_free_port())] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    log_path = tmp / "worker.log"
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
-    tail = log_path.read_text()[-6000:]
-    assert rc == 0 and out.exists(), f"engine worker (world {world}) failed: rc={rc}\n{tail}"
-    report = json.loads(out.read_text())
-    report["job_s"] = round(time.time() - t0, 1)
-    return report
+    return run_worker(WORKER, ["--lora", "--stages", ",".join(STAGES), "--bf16-stages", "0,1,2,3" if world > 1 else ""], world, tmp, TIMEOUT_S, "engine")
 
 
 @pytest.fixture(scope="module")
