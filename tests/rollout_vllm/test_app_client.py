@@ -17,7 +17,7 @@ from toolkit.rollout.backends.vllm_server import (
 )
 from toolkit.rollout.server import errors
 from toolkit.rollout.server.app import create_app
-from conftest import free_port
+from _vllm_helpers import free_port
 
 
 class EchoEngine:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env
+from _vllm_helpers import ROOT, child_env
 
 pytestmark = pytest.mark.vllm
 

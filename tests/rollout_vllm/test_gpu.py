@@ -97,7 +97,7 @@ def test_nccl_group_between_two_gpus():
 
 @needs_cuda
 def test_colocate_parity_on_cuda_vllm(tmp_path):
-    from conftest import vllm_missing
+    from _vllm_helpers import vllm_missing
 
     if vllm_missing():
         pytest.skip("no CUDA vLLM build installed here (pip install -e '.[vllm]')")

@@ -3,7 +3,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import ROOT, child_env
+from _vllm_helpers import ROOT, child_env
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import torch
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.backends.vllm_server import ServerClient, StaleWeightsError, VLLMServerBackend, WeightSyncError
-from conftest import EOS
+from _vllm_helpers import EOS
 
 pytestmark = pytest.mark.vllm
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
@@ -43,7 +43,7 @@ def perturb(model, seed: int) -> None:
 
 
 def free_group_port() -> int:
-    from conftest import free_port
+    from _vllm_helpers import free_port
 
     return free_port()
 

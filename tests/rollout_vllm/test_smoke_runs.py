@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ENGINE_SETS, ROOT, child_env, free_port
+from _vllm_helpers import ENGINE_SETS, ROOT, child_env, free_port
 
 pytestmark = pytest.mark.vllm
 FAST = ("training.max_steps=2", "rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "training.logging_steps=1")

