@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from _shared import tiny_model_dir  # noqa: E402,F401  (re-exported for the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,15 +27,6 @@ def env() -> dict:
     return e
 
 
-def tiny_model_dir(tmp: Path) -> Path:
-    """The committed random-init tiny Qwen2 + tokenizer as one from_pretrained directory."""
-    out = tmp / "tiny_model"
-    if not out.exists():
-        out.mkdir(parents=True)
-        for part in ("tiny_qwen2", "tokenizer"):
-            for f in (ROOT / "assets" / part).iterdir():
-                shutil.copy(f, out / f.name)
-    return out
 
 
 def train_argv(profile: str, out: Path, *sets: str) -> list[str]:

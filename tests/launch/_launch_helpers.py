@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from _shared import tiny_model_dir  # noqa: E402,F401  (re-exported for the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -24,15 +25,6 @@ FAST = ("rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "traini
         "training.eval_strategy=no")
 
 
-def tiny_model_dir(tmp: Path) -> Path:
-    """The committed random-init tiny Qwen2 + tokenizer as one from_pretrained directory (not assets/stage1)."""
-    out = tmp / "tiny_model"
-    if not out.exists():
-        out.mkdir(parents=True)
-        for part in ("tiny_qwen2", "tokenizer"):
-            for f in (ROOT / "assets" / part).iterdir():
-                shutil.copy(f, out / f.name)
-    return out
 
 
 def run_sets(model: Path, out: Path, *extra: str) -> list[str]:

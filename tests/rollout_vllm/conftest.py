@@ -8,13 +8,13 @@ at the end. vLLM engines in tests use `enforce_eager` (torch.compile costs ~40 s
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from _shared import tiny_model_dir
 from _vllm_helpers import (ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, serve_argv, stop,
                            vllm_missing, wait_healthy)
 
@@ -30,12 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """assets/tiny_qwen2 + assets/tokenizer as one from_pretrained / vLLM directory (untied, head_dim 32)."""
-    out = tmp_path_factory.mktemp("vllm_assets") / "tiny_model"
-    out.mkdir()
-    for part in ("tiny_qwen2", "tokenizer"):
-        for f in (ROOT / "assets" / part).iterdir():
-            shutil.copy(f, out / f.name)
-    return out
+    return tiny_model_dir(tmp_path_factory.mktemp("vllm_assets"))
 
 
 @pytest.fixture(scope="session")
