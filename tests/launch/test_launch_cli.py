@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -151,30 +150,4 @@ def wait_for_health(port: int) -> bool:
 
 
 HEAVY = ("torch", "transformers", "deepspeed", "vllm", "fastapi")
-STARTUP = """
-import json, sys, contextlib, io
-from launchers.cli import main
-codes = []
-for args in (["launch", "--help"], ["launch", "-p", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--dry-run"],
-             ["launch", "-p", "smoke/ab_mixed", "--gpus", "0,1", "--dry-run", "--set", "rollout_matching.rollout_backend=vllm",
-              "--set", "rollout_matching.vllm.mode=server", "--server-gpus", "2,3", "--launcher", "deepspeed"]):
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            main.main(args=args, prog_name="stage2", standalone_mode=False)
-            codes.append(0)
-        except SystemExit as exc:
-            codes.append(exc.code)
-import launchers.supervisor, launchers.probe
-print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
-"""
-
-
-def test_launch_help_and_dry_run_import_nothing_heavy():
-    """The same check as tests/config/test_startup.py, for `launch --help` and `launch --dry-run`."""
-    proc = subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=child_env())
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["codes"] == [0, 0, 0]
-    assert [m for m in out["modules"] if m.split(".")[0] in HEAVY] == []
-    assert "launchers.launch_cmd" in out["modules"]
+# The import-weight check of `launch --help` / `--dry-run` lives with the others in tests/config/test_startup.py.
