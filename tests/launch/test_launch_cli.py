@@ -149,5 +149,4 @@ def wait_for_health(port: int) -> bool:
     return bool(wait_until(lambda: health(f"http://127.0.0.1:{port}")[0], 10))
 
 
-HEAVY = ("torch", "transformers", "deepspeed", "vllm", "fastapi")
 # The import-weight check of `launch --help` / `--dry-run` lives with the others in tests/config/test_startup.py.
