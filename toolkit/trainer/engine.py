@@ -7,7 +7,8 @@ live in toolkit/trainer/export.py (the engine's methods delegate). Must not impo
 
 Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
 `Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
-exactly one `engine.step()`. Ranks may hold different pack counts: the count is equalized with one
+exactly one `engine.step()` — in one call, or incrementally (`begin_step` → `backward_packs` × k →
+`end_step`) when the packs arrive chunk by chunk (server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
 all-reduce (MAX) and short ranks run zero-weight padding packs, because ZeRO-3 forwards all-gather
 parameters (every rank must make the same module calls) and ZeRO-2 reduce-scatters per backward
 outside `coalesce_grad_reduction`. See `train_step` for the weights that give the global mean.
@@ -132,6 +133,7 @@ class Stage2Engine:
         if self.accumulation not in ("boundary", "coalesce") or (self.accumulation, self.zero_stage) == ("coalesce", 0):
             raise ValueError(f"accumulation must be 'boundary' or (ZeRO 1-3) 'coalesce', got {self.accumulation!r} "
                              f"on ZeRO-{self.zero_stage}")
+        self._step: _OpenStep | None = None
         log.info("[rank %d] engine: ZeRO-%d, world %d, accumulation=%s", self.dist.rank, self.zero_stage,
                  self.dist.world_size, self.accumulation)
 
@@ -156,46 +158,95 @@ class Stage2Engine:
         packs), so under ZeRO-3 every pack of a step must make the same sequence of module calls
         (same channel, same number of forwards, images in all or none). When no rank has a pack,
         nothing is updated and only the LR schedule advances (`skipped`).
+
+        The one-call form of `begin_step` → `backward_packs(..., last=True)` → `end_step`.
         """
+        self.begin_step()
+        self.backward_packs(packs, loss_fn, weights, last=True)
+        return self.end_step()
+
+    def begin_step(self) -> None:
+        """Open a step whose packs arrive in several `backward_packs` calls (e.g. per rollout chunk)."""
+        if self._step is not None:
+            raise RuntimeError("begin_step: the previous step was not ended (call end_step)")
+        self._step = _OpenStep()
+
+    def backward_packs(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
+                       weights: Sequence[float], *, last: bool) -> None:
+        """Backward some of the step's packs (see `train_step` for loss_fn, weights and padding).
+
+        Collective, with one pack-count all-reduce per call: every rank makes the same number of calls
+        per step and passes the same `last` (True on exactly the final call). Weights are shares of
+        the whole step (w_p = n_p / N_raw with the step's N_raw), so any split of a step's packs into
+        calls gives the gradient of one call. The DeepSpeed accumulation boundary falls on the last
+        backward of the `last` call; when no rank has a pack in that call but earlier calls had, every
+        rank runs one zero-weight padding pack there, so the boundary still falls on a backward.
+        """
+        st = self._open_step("backward_packs")
+        if st.last_seen:
+            raise RuntimeError("backward_packs: the step's last call was made already (call end_step)")
         if len(packs) != len(weights):
-            raise ValueError(f"train_step: {len(packs)} packs but {len(weights)} weights")
-        n_max, n_min, src = self._agree_pack_counts(len(packs))
+            raise ValueError(f"backward_packs: {len(packs)} packs but {len(weights)} weights")
+        st.last_seen = last
+        pad = packs[-1] if packs else st.pad
+        n_max, every_rank_has_pad, src = self._agree_pack_counts(len(packs), pad is not None)
+        if last and n_max == 0 and st.n_max_total and self.accumulation == "boundary":
+            n_max = 1  # the boundary must fall on a backward: one all-padding round
         if n_max == 0:
-            return self._skip_step()
-        pad = packs[-1] if packs else None
-        if n_min == 0:
+            return
+        if not every_rank_has_pad:
             pad = self._broadcast_pack(pad, src)
+        st.pad = pad
+        if st.block is None:  # ZeRO-2: one reduction when the block exits in end_step
+            st.block = contextlib.ExitStack()
+            st.block.enter_context(self._accumulation_block())
         schedule = list(zip(packs, map(float, weights))) + [(pad, 0.0)] * (n_max - len(packs))
-        total = torch.zeros((), dtype=torch.float64)
-        metrics = []
-        with self._accumulation_block():
-            for i, (pack, weight) in enumerate(schedule):
-                if self.accumulation == "boundary":
-                    self.engine.set_gradient_accumulation_boundary(i == n_max - 1)
-                loss, aux = loss_fn(self.engine, pack)
-                # A finite loss × 0.0 backpropagates exact zeros: adding them changes no gradient bit.
-                self.engine.backward(loss * weight, scale_wrt_gas=False)
-                if i < len(packs):
-                    total += loss.detach().double().cpu() * weight  # a device sync point, once per pack
-                    metrics.append(aux)
-                del loss, aux  # frees the graph's activations before the next pack
+        for i, (pack, weight) in enumerate(schedule):
+            if self.accumulation == "boundary":
+                self.engine.set_gradient_accumulation_boundary(last and i == n_max - 1)
+            loss, aux = loss_fn(self.engine, pack)
+            # A finite loss × 0.0 backpropagates exact zeros: adding them changes no gradient bit.
+            self.engine.backward(loss * weight, scale_wrt_gas=False)
+            if i < len(packs):
+                st.total += loss.detach().double().cpu() * weight  # a device sync point, once per pack
+                st.metrics.append(aux)
+            del loss, aux  # frees the graph's activations before the next pack
+        st.n_packs += len(packs)
+        st.n_max_total += n_max
+
+    def end_step(self) -> StepResult:
+        """One optimizer step over everything `backward_packs` accumulated since `begin_step`."""
+        st = self._open_step("end_step")
+        self._step = None
+        if st.block is not None:
+            st.block.close()  # ZeRO-2: the coalesced gradient reduction runs here
+        if st.n_max_total == 0:
+            return self._skip_step()
+        if not st.last_seen:
+            raise RuntimeError("end_step: no backward_packs(..., last=True) call ended this step")
         lrs = self._lrs()
         local_norm = self._local_grad_norm() if self.zero_stage == 0 else None
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = local_norm if norm is None else float(norm)
-        return StepResult(loss=float(total), grad_norm=norm, lr=next(iter(lrs.values())), lrs=lrs,
-                          n_packs=len(packs), n_padding=n_max - len(packs), n_packs_max=n_max,
-                          pack_metrics=metrics)
+        return StepResult(loss=float(st.total), grad_norm=norm, lr=next(iter(lrs.values())), lrs=lrs,
+                          n_packs=st.n_packs, n_padding=st.n_max_total - st.n_packs, n_packs_max=st.n_max_total,
+                          pack_metrics=st.metrics)
 
-    def _agree_pack_counts(self, n_local: int) -> tuple[int, int, int]:
-        """One all-reduce (MAX) → (max count, min count, highest rank holding packs or -1)."""
+    def _open_step(self, caller: str) -> "_OpenStep":
+        if self._step is None:
+            raise RuntimeError(f"{caller}: no step is open (call begin_step first)")
+        return self._step
+
+    def _agree_pack_counts(self, n_local: int, has_pad: bool) -> tuple[int, bool, int]:
+        """One all-reduce (MAX) → (max count, whether every rank holds a padding pack, highest rank holding one)."""
         import torch.distributed as dist
 
-        counts = torch.tensor([n_local, -n_local, self.dist.rank if n_local else -1], dtype=torch.int64,
+        counts = torch.tensor([n_local, -int(has_pad), self.dist.rank if has_pad else -1], dtype=torch.int64,
                               device=self.engine.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        return int(counts[0]), -int(counts[1]), int(counts[2])
+        every_rank_has_pad = int(counts[1]) == -1  # MAX of -has_pad is -1 only when no rank lacks one
+        return int(counts[0]), every_rank_has_pad, int(counts[2])
 
     def _broadcast_pack(self, pad, src: int):
         """A padding pack from rank `src` for ranks without packs (collective; only on such steps)."""
@@ -322,6 +373,18 @@ class Stage2Engine:
     def export_hf(self, directory: str, tokenizer=None) -> None:
         """HF `save_pretrained` (safetensors, LoRA merged) on rank 0; all ranks call it."""
         export.export_hf(self.module, self.zero_stage == 3, self.dist.rank, directory, tokenizer)
+
+
+@dataclasses.dataclass
+class _OpenStep:
+    """What a step accumulates between begin_step and end_step."""
+    total: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    metrics: list = dataclasses.field(default_factory=list)
+    n_packs: int = 0  # real packs on this rank
+    n_max_total: int = 0  # backwards every rank ran (real + padding), the same on all ranks
+    pad: Any = None  # this rank's last real pack so far, or the broadcast one: the padding pack
+    block: contextlib.ExitStack | None = None  # the accumulation block, entered at the first backward
+    last_seen: bool = False  # the call with last=True was made
 
 
 @dataclasses.dataclass
