@@ -43,6 +43,8 @@ setup(
             "stage2=launchers.cli:main",
             "stage2-launch=launchers.cli:launch_main",
             "stage2-lint-profiles=launchers.cli:lint_main",
-        ]
+        ],
+        # Lets vLLM load Qwen-VL models where torchvision is absent (toolkit/vlm/vllm_plugin.py).
+        "vllm.general_plugins": ["stage2_vlm = toolkit.vlm.vllm_plugin:register"],
     },
 )
