@@ -48,6 +48,8 @@ DATA = Section("Training and validation records.", {
     "train_jsonl": Key(Str(), "Training JSONL; relative paths resolve against the project root."),
     "val_jsonl": Key(Nullable(Str()), "Validation JSONL (needed when training.eval_strategy is steps).", None),
     "image_root": Key(Nullable(Str(), "directory of train_jsonl"), "Root for relative image paths in records.", None),
+    "bbox_format": Key(Enum("norm1000", "pixel"), "Box units in the records: integer bins 0..999, or pixels of the "
+                       "record's width x height (converted to bins on load; docs/DATA.md).", "norm1000"),
     "train_sample_limit": Key(Nullable(POS_INT), "Use only the first N training records.", None),
     "val_sample_limit": Key(Nullable(POS_INT), "Use only the first N validation records.", None),
     "shuffle": Key(Bool(), "Shuffle training records each epoch (seeded).", True),
@@ -155,6 +157,8 @@ SERVER_ITEM = Section("One rollout server.", {
 SERVER = Section("Server mode: the rollout servers the learner calls.", {
     "timeout_s": Key(POS_FLOAT, "Timeout of control calls (seconds).", 240.0),
     "infer_timeout_s": Key(Nullable(POS_FLOAT, "= timeout_s"), "Timeout of /infer/ calls (seconds).", None),
+    "overlap": Key(Bool(), "Decode the next server round while the learner trains on the previous round's packs "
+                           "(false: the same rounds, packs and gradient, one after the other).", True),
     "servers": ItemList("Servers, each {base_url, group_port}.", SERVER_ITEM),
 })
 

@@ -1,13 +1,15 @@
 """Channel-B sample preparation: rollout → strict parse → Hungarian match → FN-append → Segment.
 
 Owns the per-sample bookkeeping of one Channel-B step (what was decoded, parsed, matched, dropped)
-and nothing about gradients: the loop packs the segments and the engine runs the backwards.
+and nothing about gradients: the loop packs the segments and the engine runs the backwards. In vLLM
+server mode the same recipe runs one server round at a time (`stream_channel_b`).
 A sample that cannot be trained becomes a counted drop; it never fails the step.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import parse_rollout
@@ -34,7 +36,38 @@ def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: 
     t0 = time.perf_counter()
     rollouts = backend.generate([s.prompt_ids for s in samples], step=step)
     t1 = time.perf_counter()
-    segments, items = [], []
+    items: list = []
+    segments = rollouts_to_segments(samples, rollouts, codec, m, items, rm=rm, sab=sab, max_len=max_len, ordering=ordering)
+    _finish(m, step, codec, items, rm, dump_to, gen_s=t1 - t0, wait_s=t1 - t0, parse_s=time.perf_counter() - t1)
+    return segments
+
+
+def stream_channel_b(backend, samples: list[SampleInput], step: int, codec, m: StepMetrics, *, rm: dict, sab: dict,
+                     max_len: int, ordering: str, background: bool, dump_to=None) -> Iterator[list]:
+    """`prepare_channel_b` one server round at a time: yields each round's segments (in sample order)
+    as soon as the round is decoded, while the next round decodes (`background`; see
+    VLLMServerBackend.generate_chunks). The metrics and the dump are complete once it is exhausted."""
+    t0 = time.perf_counter()
+    chunks = backend.generate_chunks([s.prompt_ids for s in samples], step=step, background=background)
+    items: list = []
+    gen_s = parse_s = 0.0
+    try:
+        for idx, rollouts in chunks:
+            gen_s = time.perf_counter() - t0  # when the last round arrived: the decode wall time
+            t1 = time.perf_counter()
+            segments = rollouts_to_segments([samples[i] for i in idx], rollouts, codec, m, items, rm=rm, sab=sab,
+                                            max_len=max_len, ordering=ordering)
+            parse_s += time.perf_counter() - t1
+            yield segments
+    finally:
+        chunks.close()
+    _finish(m, step, codec, items, rm, dump_to, gen_s=gen_s, wait_s=chunks.wait_s, parse_s=parse_s)
+
+
+def rollouts_to_segments(samples: list[SampleInput], rollouts: list, codec, m: StepMetrics, items: list, *, rm: dict,
+                         sab: dict, max_len: int, ordering: str) -> list:
+    """Segments of the samples that train; drops and rollout counters go to `m`, (sample, rollout, segment) to `items`."""
+    segments = []
     for sample, ro in zip(samples, rollouts):
         seg = rollout_to_segment(sample, ro, codec, rm=rm, sab=sab, max_len=max_len, ordering=ordering)
         items.append((sample, ro, seg))
@@ -47,13 +80,19 @@ def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: 
             m.count(f"stage2/drop/{seg.reason}")
         else:
             segments.append(seg)
+    return segments
+
+
+def _finish(m: StepMetrics, step: int, codec, items: list, rm: dict, dump_to, *, gen_s: float, wait_s: float,
+            parse_s: float) -> None:
+    """Step-level rollout rates, the monitor dump and the timings (wait = the learner blocked on rollouts)."""
     _rollout_rates(m)
     if dump_to is not None:
         write_dump(dump_to, step, rm["monitor_dump"], codec, items)
-    m.time("time/rollout_generate_s", t1 - t0)
-    m.time("time/rollout_parse_match_s", time.perf_counter() - t1)
-    m.add_ratio("rollout/gen_tokens_per_s", m.finalize().get("rollout/gen_new_tokens", 0.0), t1 - t0)
-    return segments
+    m.time("time/rollout_generate_s", gen_s)
+    m.time("time/rollout_wait_s", wait_s)
+    m.time("time/rollout_parse_match_s", parse_s)
+    m.add_ratio("rollout/gen_tokens_per_s", m.finalize().get("rollout/gen_new_tokens", 0.0), gen_s)
 
 
 def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, max_len: int, ordering: str):

@@ -3,7 +3,8 @@
 
 Reads only the frozen ResolvedConfig. Channel-A and Channel-B are helpers it calls, not subclasses.
 Collectives happen at fixed places in `train_step` (engine step, one metrics reduction, one stop-flag
-reduction), never inside logging or rank-dependent branches.
+reduction), never inside logging or rank-dependent branches. In vLLM server mode Channel-B learns one
+server round at a time (one pack-count all-reduce per round, same on every rank) while the next decodes.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_a import softctx_logits
-from toolkit.trainer.channel_b import SampleInput, prepare_channel_b
+from toolkit.trainer.channel_b import SampleInput, prepare_channel_b, stream_channel_b
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.optim import build_optimizer, lr_lambda
 from toolkit.trainer.evaluate import evaluate_rollouts
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
-from toolkit.trainer.packing import collate_pack, plan_packs
+from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 from toolkit.trainer.scheduler import channel_for_step
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,48 @@ def _summary(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
 
 
+def _weights(packs: list, samples: list) -> list[float]:
+    """w_p = n_p / N_raw: each pack's loss is a mean within the pack; weighting it by its share of the step's
+    raw samples makes the update the mean over raw samples (drops count in N_raw), whatever the pack count."""
+    return [p.n_segments / len(samples) for p in packs]
+
+
 def _digest(ids) -> int:
     """A small exact fingerprint of the step's sample ids (summed over ranks) to prove resume order."""
     return zlib.crc32(",".join(ids).encode()) % 1_000_003
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class RoundPacker:
+    """Post-rollout packing across server rounds (Channel-B in vLLM server mode).
+
+    Each round's segments join a buffer; while the buffer holds ≥ min_fill·capacity tokens a pack is
+    cut with `select_pack` (the choice `plan_packs` makes) and the rest is carried into the next round;
+    `flush()` packs what is left after the last round. Packs depend only on the rounds, never on
+    timing, so overlapped and serial execution pack alike, and a one-round step packs exactly like
+    `plan_packs` over the whole step. packing off: one pack per segment, at once.
+    """
+
+    def __init__(self, capacity: int, min_fill: float, packing: bool = True):
+        self.capacity, self.min_fill, self.packing = capacity, min_fill, packing
+        self.buffer: list = []
+
+    def add(self, segments: list) -> list:
+        self.buffer += segments
+        if not self.packing:
+            return self.flush()
+        packs = []
+        while sum(len(s) for s in self.buffer) >= self.min_fill * self.capacity:
+            chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
+            packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen]))
+            self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
+        return packs
+
+    def flush(self) -> list:
+        plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
+        packs = [collate_pack([self.buffer[i] for i in idx]) for idx in plan]
+        self.buffer = []
+        return packs
 
 
 class Stage2Trainer:
@@ -92,6 +131,8 @@ class Stage2Trainer:
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
         self.backend = self._setup_backend()
+        # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round.
+        self.stream_b = hasattr(self.backend, "generate_chunks")
         self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
@@ -216,6 +257,18 @@ class Stage2Trainer:
         self.state.b_steps += channel == "B"
         samples = [self.train_set[i] for i in self.budget.step_indices(step)]
         m = StepMetrics()
+        if channel == "B" and self.stream_b:
+            res, packs, n_segments = self._channel_b_streamed(samples, step, m)
+        else:
+            res, packs, n_segments = self._whole_step(channel, samples, step, m)
+        self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=n_segments)
+        m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
+        m.time("time/step_s", time.perf_counter() - t0)
+        return reduce_metrics(m)
+
+    def _whole_step(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
+        """Build every segment of the step, pack them all, one engine call → (result, packs, n_segments)."""
+        t0 = time.perf_counter()
         if channel == "A":
             segments = self._channel_a_segments(samples, m)
         else:
@@ -223,18 +276,37 @@ class Stage2Trainer:
         t1 = time.perf_counter()
         plan = self._plan(segments)
         packs = [collate_pack([segments[i] for i in idx]) for idx in plan]
-        # Each pack's loss is a mean within the pack; weighting it by its share of the raw samples makes the
-        # update the mean over the step's raw samples (drops count in the denominator), whatever the pack count.
-        weights = [p.n_segments / len(samples) for p in packs]
         t2 = time.perf_counter()
-        res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, weights)
-        self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=len(segments))
-        m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
+        res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, _weights(packs, samples))
         m.time("time/build_segments_s", t1 - t0)
         m.time("time/post_rollout_pack_s", t2 - t1)
         m.time("time/forward_backward_s", time.perf_counter() - t2)
-        m.time("time/step_s", time.perf_counter() - t0)
-        return reduce_metrics(m)
+        return res, packs, len(segments)
+
+    def _channel_b_streamed(self, samples: list[SampleInput], step: int, m: StepMetrics):
+        """Channel-B in vLLM server mode: each server round's segments are packed (RoundPacker) and learned
+        while the next round decodes (`vllm.server.overlap: true`) or before it is requested (false) —
+        the same rounds, segments, packs and gradient either way. → (result, packs, n_segments)."""
+        rm = self.cfg.rollout_matching_cfg
+        packer = RoundPacker(self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio,
+                             self.cfg.training.packing)
+        packs: list = []
+        n_segments, learn_s = 0, 0.0
+        self.engine.begin_step()
+        for segments in self._channel_b_rounds(samples, step, m, background=rm["vllm"]["server"]["overlap"]):
+            n_segments += len(segments)
+            learn_s += self._backward_b(packer.add(segments), samples, packs, last=False)
+        learn_s += self._backward_b(packer.flush(), samples, packs, last=True)
+        res = self.engine.end_step()
+        m.time("time/forward_backward_s", learn_s)
+        return res, packs, n_segments
+
+    def _backward_b(self, new_packs: list, samples: list[SampleInput], packs: list, *, last: bool) -> float:
+        """Backward some Channel-B packs of the step (collective: every rank, every round); returns seconds."""
+        t0 = time.perf_counter()
+        self.engine.backward_packs(new_packs, self._loss_b, _weights(new_packs, samples), last=last)
+        packs += new_packs
+        return time.perf_counter() - t0
 
     def _plan(self, segments: list) -> list[list[int]]:
         """Post-rollout packing to global_max_length (FIFO vs bin-packing), or one segment per pack."""
@@ -287,6 +359,14 @@ class Stage2Trainer:
         return prepare_channel_b(
             self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
             max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
+            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
+        )
+
+    def _channel_b_rounds(self, samples: list[SampleInput], step: int, m: StepMetrics, *, background: bool):
+        rm = self.cfg.rollout_matching_cfg
+        return stream_channel_b(
+            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
+            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering, background=background,
             dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
         )
 

@@ -7,17 +7,20 @@ that carry the URL, status and a body excerpt, and weight sync after each optimi
 sync owner) streams buckets of `bucket_size_mb` to every server over its weight-sync group, then
 resets the prefix cache and checks the version each server reports. Every /infer/ carries the
 version the learner pushed last, so a stale or restarted server is an error, never silent
-off-policy data. torch is imported inside functions; requests is the only HTTP dependency.
+off-policy data. `generate_chunks` hands rounds over as they finish (ChunkStream: a producer thread,
+HTTP only, one round ahead) so the trainer can learn on round k while round k+1 decodes. torch is imported inside functions; requests is the only HTTP dependency.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
 import requests
@@ -256,35 +259,57 @@ class VLLMServerBackend:
     def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
         """Completions in order: rounds of `chunk` requests split over servers within their caps."""
         self.sync_weights(step)
-        prompts = [list(p) for p in prompts]
-        base = seed_base(self.s.seed, step)
-        call = next(self._calls)
         out: list[Rollout | None] = [None] * len(prompts)
-        for start in range(0, len(prompts), self.chunk):
-            jobs, offset = [], start
-            for i, n in enumerate(allocate_counts(min(self.chunk, len(prompts) - start), self.caps)):
-                if n:
-                    idx = list(range(offset, offset + n))
-                    sampling = [sampling_dict(self.s, self.eos_id, (base + j) & 0x7FFFFFFF) for j in idx]
-                    rid = f"{self.run_id}-r{self.rank}-s{step}-c{call}-o{offset}-srv{i}"
-                    jobs.append((i, idx, self._pool.submit(self.clients[i].infer, rid, [prompts[j] for j in idx],
-                                                           sampling, self.expected_version)))
-                offset += n
-            for i, idx, fut in jobs:
-                outputs = fut.result()
-                if len(outputs) != len(idx) or any(o["prompt_ids"] != prompts[j] for j, o in zip(idx, outputs)):
-                    url = self.clients[i].base_url
-                    raise RolloutServerError(f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
-                                             f"{len(idx)} prompts sent (order or content)", url=url)
-                for j, o in zip(idx, outputs):
-                    out[j] = self._rollout(i, o)
+        for idx, rollouts in self._rounds(prompts, step):
+            for j, ro in zip(idx, rollouts):
+                out[j] = ro
         return out  # type: ignore[return-value]
 
-    def _rollout(self, server: int, o: dict) -> Rollout:
-        if self.expected_version is not None and o["weight_version"] != self.expected_version:
+    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True) -> "ChunkStream":
+        """The same rounds as `generate`, handed over one at a time as (prompt indices, rollouts).
+
+        The weight sync (collective under ZeRO-3, and the version all-reduce) runs here, on the
+        caller's thread, before any round starts. With `background` the rounds then run in a producer
+        thread that does HTTP only, one finished round ahead of the caller (see ChunkStream).
+        """
+        self.sync_weights(step)
+        return ChunkStream(self._rounds(prompts, step), background=background)
+
+    def _rounds(self, prompts: Sequence[list[int]], step: int) -> Iterator[tuple[list[int], list[Rollout]]]:
+        prompts = [list(p) for p in prompts]
+        call = next(self._calls)  # taken now, on the caller's thread: request ids stay per call
+        expected = self.expected_version
+        return (self._round(prompts, start, step, call, expected) for start in range(0, len(prompts), self.chunk))
+
+    def _round(self, prompts: list[list[int]], start: int, step: int, call: int,
+               expected: int | None) -> tuple[list[int], list[Rollout]]:
+        """One round of up to `chunk` requests from `start`, allocated over servers within their caps."""
+        base = seed_base(self.s.seed, step)
+        jobs, offset = [], start
+        for i, n in enumerate(allocate_counts(min(self.chunk, len(prompts) - start), self.caps)):
+            if n:
+                idx = list(range(offset, offset + n))
+                sampling = [sampling_dict(self.s, self.eos_id, (base + j) & 0x7FFFFFFF) for j in idx]
+                rid = f"{self.run_id}-r{self.rank}-s{step}-c{call}-o{offset}-srv{i}"
+                jobs.append((i, idx, self._pool.submit(self.clients[i].infer, rid, [prompts[j] for j in idx],
+                                                       sampling, expected)))
+            offset += n
+        out_idx, out = [], []
+        for i, idx, fut in jobs:
+            outputs = fut.result()
+            if len(outputs) != len(idx) or any(o["prompt_ids"] != prompts[j] for j, o in zip(idx, outputs)):
+                url = self.clients[i].base_url
+                raise RolloutServerError(f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
+                                         f"{len(idx)} prompts sent (order or content)", url=url)
+            out_idx += idx
+            out += [self._rollout(i, o, expected) for o in outputs]
+        return out_idx, out
+
+    def _rollout(self, server: int, o: dict, expected: int | None) -> Rollout:
+        if expected is not None and o["weight_version"] != expected:
             url = self.clients[server].base_url
             raise StaleWeightsError(f"{url} answered with weight version {o['weight_version']}, the learner pushed "
-                                    f"{self.expected_version}", url=url)
+                                    f"{expected}", url=url)
         return finish_rollout(o["prompt_ids"], o["completion_ids"], eos_id=self.eos_id, rule=self.s.repeat,
                               key_ids=self.key_ids, weight_version=o["weight_version"])
 
@@ -358,6 +383,78 @@ class VLLMServerBackend:
         for c in self.clients:
             c.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ChunkStream:
+    """Rollout rounds as they finish: iterate for (prompt indices, rollouts), one round at a time.
+
+    background=True: a daemon producer thread runs the rounds into a queue holding at most `depth`
+    finished rounds, so round k+1 decodes while the caller trains on round k. The producer does HTTP
+    and rollout post-processing only — never a torch.distributed collective (those are not
+    thread-safe beside the learner's, and every rank must issue them in the same order). Whatever it
+    raises (ServerUnavailableError, StaleWeightsError, …) is re-raised, unchanged, by the caller's
+    next `next()`. background=False: the same rounds, run inline by `next()` (the serial reference).
+    `wait_s` is the time the caller spent blocked in `next()`.
+    """
+
+    def __init__(self, rounds: Iterator, *, background: bool, depth: int = 1):
+        self._rounds = rounds
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._done = False
+        self.wait_s = 0.0
+        if background:
+            self._queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
+            self._thread.start()
+
+    def __iter__(self) -> "ChunkStream":
+        return self
+
+    def __next__(self) -> tuple[list[int], list[Rollout]]:
+        if self._done:
+            raise StopIteration
+        t0 = time.perf_counter()
+        try:
+            kind, item = ("chunk", next(self._rounds, None)) if self._queue is None else self._queue.get()
+        finally:
+            self.wait_s += time.perf_counter() - t0
+        if kind == "chunk" and item is not None:
+            return item
+        self._done = True
+        if self._thread is not None:
+            self._thread.join()
+        if kind == "error":
+            raise item
+        raise StopIteration
+
+    def _produce(self) -> None:
+        try:
+            for item in self._rounds:
+                if not self._put(("chunk", item)):
+                    return  # the consumer closed the stream
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(("error", exc))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop the producer after its current round (a caller that stops early, e.g. on an error)."""
+        self._done = True
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+            if self._thread.is_alive():
+                log.warning("rollout producer still waiting on a server answer; it exits when that call returns")
 
 
 def _all_ranks_ok(ok: bool) -> bool:

@@ -1,0 +1,133 @@
+"""Server-mode overlap: learning on round k while round k+1 decodes changes nothing but the wall time.
+
+`_overlap_worker.py` runs the real trainer (DeepSpeed ZeRO-2, one CPU rank) for two Channel-B steps
+against the session's `stage2 serve --dp 2` with `vllm.server.overlap` true, then false: 8 samples per
+step in rounds of 2 (decode_batch_size 1 × server world 2), packs of ≤ 512 tokens carried across rounds.
+The ChunkStream tests use the real server too, except the fault test, which runs the toy-engine app of
+test_app_client.py: a DP worker dying mid-stream (503) cannot be provoked on the shared session server.
+"""
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from toolkit.rollout.backends.base import DecodeSettings
+from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError, VLLMServerBackend
+from toolkit.rollout.server import errors
+from toolkit.rollout.server.app import create_app
+from _vllm_helpers import EOS, ROOT, child_env, free_port
+
+WORKER = Path(__file__).with_name("_overlap_worker.py")
+PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
+TOL = 1e-6
+
+
+def settings(dbs: int = 1) -> DecodeSettings:
+    return DecodeSettings(max_new_tokens=24, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
+                          repetition_penalty=1.0, repeat=None, seed=7)
+
+
+@pytest.fixture(scope="module")
+def report(server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("overlap")
+    out = tmp / "report.json"
+    argv = [sys.executable, str(WORKER), "--out", str(out), "--tmp", str(tmp), "--url", server.url, "--model", str(server.model)]
+    proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.vllm
+def test_overlap_gives_the_serial_segments_packs_and_update(report):
+    a, b = report["overlap"], report["serial"]
+    assert len(a["rounds"]) == 8 and [len(r) for r in a["rounds"]] == [2] * 8  # 2 steps × 4 rounds of 2 samples
+    assert a["rounds"] == b["rounds"]  # sample ids, token ids and weights of every segment, round by round
+    assert a["calls"] == b["calls"]  # the same packs, weights and last flags in every backward_packs call
+    assert any(a["carried"]) and a["carried"] == b["carried"]  # some segments waited for a later round's pack
+    assert sum(c["last"] for c in a["calls"]) == 2 and len(a["calls"]) == 10  # per step: 4 rounds + the flush
+    for ma, mb in zip(a["metrics"], b["metrics"]):
+        assert ma["loss/total"] == pytest.approx(mb["loss/total"], abs=TOL)
+        assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], abs=TOL)
+        assert ma["stage2/segments"] == mb["stage2/segments"] and ma["packing/packs"] == mb["packing/packs"]
+        assert ma["time/rollout_wait_s"] >= 0 and "time/rollout_generate_s" in ma
+    assert report["params_keys_equal"] and report["params_max_abs"] <= TOL
+    assert a["moved"] > 5e-5  # the steps trained (lr 1e-4), so equal params mean something
+
+
+@pytest.mark.vllm
+def test_producer_thread_calls_no_collective(report):
+    assert report["collective_threads"] == ["MainThread"]
+
+
+@pytest.mark.vllm
+def test_chunks_equal_generate_and_sync_runs_on_the_caller(server, hf_model):
+    weights = lambda device: ((n, p.detach().to(device)) for n, p in hf_model.named_parameters())  # noqa: E731
+    client = ServerClient(server.url, free_port(), timeout_s=30, infer_timeout_s=120)
+    backend = VLLMServerBackend([client], settings(), eos_id=EOS, weights=weights, bucket_size_mb=1)
+    try:
+        backend.connect_weight_sync()
+        whole = backend.generate(PROMPTS, step=3)
+        stream = backend.generate_chunks(PROMPTS, step=4)
+        assert backend.synced_step == 4  # the (collective) sync ran before the producer started
+        got = list(stream)
+        inline = list(backend.generate_chunks(PROMPTS, step=4, background=False))
+    finally:
+        backend.close()
+    assert [idx for idx, _ in got] == [[0, 1], [2, 3], [4, 5], [6]] == [idx for idx, _ in inline]
+    flat = [r.completion_ids for _, ros in got for r in ros]
+    assert flat == [r.completion_ids for r in whole] == [r.completion_ids for _, ros in inline for r in ros]
+    assert {r.weight_version for _, ros in got for r in ros} == {5}
+
+
+@pytest.fixture
+def toy():
+    from test_app_client import EchoEngine
+
+    eng = EchoEngine()
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(eng), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    client = ServerClient(f"http://127.0.0.1:{port}", 51999, timeout_s=5, infer_timeout_s=5, backoff_s=0.05)
+    client.wait_healthy(10, interval_s=0.05)
+    yield eng, client
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_producer_error_surfaces_in_the_consumer_with_the_url(toy):
+    eng, client = toy
+    eng.delay_s = 0.3  # round 2 is still decoding when the worker dies
+    backend = VLLMServerBackend([client], settings(dbs=1), eos_id=2)  # rounds of 3 (toy server world 3)
+    prompts = [[10 + i, 20 + i] for i in range(9)]
+    stream = backend.generate_chunks(prompts, step=0)
+    first = next(stream)
+    assert first[0] == [0, 1, 2]
+    eng.fail_infer = [errors.Unavailable("dp rank 1 exited with code -9")] * 3  # every retry of round 2 fails
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailableError, match=r"/infer/: HTTP 503: .*dp rank 1 exited with code -9"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(StopIteration):  # the stream is over, not hanging
+        next(stream)
+    backend.close()
+
+
+def test_closing_early_stops_the_producer(toy):
+    eng, client = toy
+    eng.delay_s = 0.2
+    backend = VLLMServerBackend([client], settings(dbs=1), eos_id=2)
+    stream = backend.generate_chunks([[i, i + 1] for i in range(30)], step=0)
+    next(stream)
+    stream.close()
+    time.sleep(0.5)
+    calls = eng.calls["infer"]
+    time.sleep(0.6)
+    assert eng.calls["infer"] == calls <= 4  # no round after the close (one in flight, one queued at most)
+    backend.close()
