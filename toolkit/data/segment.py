@@ -23,6 +23,8 @@ class Segment:
     channel:     "A" or "B".
     sample_id:   the record id, for dumps and debugging.
     meta:        per-sample metrics (parse/match counters, lengths) summed into the step's metrics.
+    images:      absolute image paths the prompt's `<|image_pad|>` runs stand for, in order (VLM only).
+    image_grids: each image's (t, h, w) patch grid; the prompt holds t·h·w/merge² pads per image.
     """
 
     input_ids: list[int]
@@ -34,6 +36,8 @@ class Segment:
     channel: str = "A"
     sample_id: str = ""
     meta: dict = field(default_factory=dict)
+    images: tuple[str, ...] = ()
+    image_grids: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)

@@ -105,13 +105,17 @@ def plan_packs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 class PackBatch:
     """One padding-free row holding `n_segments` segments back to back.
 
-    input_ids, position_ids: [1, L] long; position ids restart at 0 for every segment.
+    input_ids:  [1, L] long.
+    position_ids: [1, L] long, restarting at 0 for every segment; for a VLM [4, 1, L]: those text
+                positions on top of the three M-RoPE rows (toolkit/vlm/mrope.py).
     ce_weights: [1, L] float32, label-aligned (weight of predicting token t from the logits at t-1).
     coord_pos:  [N] long, global label positions of coordinate slots (4 per box, x1, y1, x2, y2).
     coord_bins: [N] long, ground-truth bins 0..999.
     box_group:  [N/4] long, 0 = matched rollout prefix, 1 = FN-appended / Channel-A object.
     seq_lens:   [S] long, segment lengths in order.
     n_segments: S.  channel: "A" or "B" (channels never share a pack).
+    images:     the segments' image paths in order (the loss turns them into pixel inputs).
+    image_grids: their (t, h, w) grids, same order.
     """
 
     input_ids: torch.Tensor
@@ -123,11 +127,13 @@ class PackBatch:
     seq_lens: torch.Tensor
     n_segments: int
     channel: str
+    images: tuple[str, ...] = ()
+    image_grids: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def length(self) -> int:
         """Tokens in the pack (L)."""
-        return int(self.input_ids.shape[1])
+        return int(self.input_ids.shape[-1])
 
     total_len = length
 
@@ -152,8 +158,12 @@ def _check_segment_for_packing(seg: Segment, index: int) -> None:
         raise ValueError(f"segment {index} ({seg.sample_id!r}): box_groups must be 'prefix' or 'fn', got {bad[0]!r}")
 
 
-def collate_pack(segments: Sequence[Segment], capacity: int | None = None) -> PackBatch:
+def collate_pack(segments: Sequence[Segment], capacity: int | None = None,
+                 mrope: tuple[int, int] | None = None) -> PackBatch:
     """Concatenate segments into one `PackBatch` (CPU tensors; move with `.to(device)`).
+
+    `mrope`: (image pad id, spatial merge size) for a Qwen-VL model: position ids become the four rows of
+    toolkit/vlm/mrope.py, also for text-only packs (the text row is what keeps segments apart).
 
     Raises:
         ValueError: no segments, mixed channels, total length above `capacity`, or a segment whose first
@@ -187,9 +197,16 @@ def collate_pack(segments: Sequence[Segment], capacity: int | None = None) -> Pa
         groups.extend(BOX_GROUP_IDS[g] for g in seg.box_groups)
 
     long = torch.long
+    if mrope is not None:
+        from toolkit.vlm.mrope import packed_mrope
+
+        rows = packed_mrope([(s.input_ids, s.image_grids) for s in segments], *mrope)
+        position_ids = torch.tensor(rows, dtype=long)[:, None, :]
+    else:
+        position_ids = torch.tensor([pos], dtype=long)
     return PackBatch(
         input_ids=torch.tensor([ids], dtype=long),
-        position_ids=torch.tensor([pos], dtype=long),
+        position_ids=position_ids,
         ce_weights=torch.tensor([weights], dtype=torch.float32),
         coord_pos=torch.tensor(coord_pos, dtype=long),
         coord_bins=torch.tensor(coord_bins, dtype=long),
@@ -197,4 +214,6 @@ def collate_pack(segments: Sequence[Segment], capacity: int | None = None) -> Pa
         seq_lens=torch.tensor([len(s) for s in segments], dtype=long),
         n_segments=len(segments),
         channel=segments[0].channel,
+        images=tuple(p for s in segments for p in s.images),
+        image_grids=tuple(g for s in segments for g in s.image_grids),
     )

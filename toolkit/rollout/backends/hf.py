@@ -28,6 +28,7 @@ class HFBackend:
         object_key_ids: Sequence[int] = (),
         device=None,
         generation_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        vision=None,
     ):
         self.module = module
         self.s = settings
@@ -36,11 +37,15 @@ class HFBackend:
         self.object_key_ids = list(object_key_ids)
         self.device = device
         self.generation_context = generation_context
+        self.vision = vision  # toolkit.vlm.inputs.VisionProcessor for a Qwen-VL model, else None
 
-    def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
+    def generate(self, prompts: Sequence[list[int]], *, step: int,
+                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+        """`prompts`: the learner's (expanded) prompt ids; `images`: per prompt, its image paths (VLM)."""
         out: list[Rollout] = []
         for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
-            out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset))
+            paths = [p for row in images[offset:offset + len(chunk)] for p in row] if images else []
+            out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset, paths=paths))
         return out
 
     def sync_weights(self, step: int) -> None:  # the module *is* the learner: nothing to copy
@@ -49,7 +54,7 @@ class HFBackend:
     def close(self) -> None:
         return None
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int) -> list[Rollout]:
+    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int, paths: Sequence[str] = ()) -> list[Rollout]:
         import torch
 
         width = max(len(p) for p in prompts)
@@ -58,16 +63,18 @@ class HFBackend:
         for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
+        if self.device is not None:
+            ids, mask = ids.to(self.device), mask.to(self.device)
         was_training = self.module.training
         self.module.eval()
         try:
             kwargs = self._generate_kwargs(prompt_width=width)
+            if paths:
+                # mm_token_type_ids is what makes HF compute M-RoPE positions; without it generate
+                # silently falls back to 1-D positions.
+                kwargs.update(self.vision.model_inputs(paths, self.device), mm_token_type_ids=(ids == self.vision.pad_id).int())
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
-                seqs = self.module.generate(
-                    input_ids=ids.to(self.device) if self.device is not None else ids,
-                    attention_mask=mask.to(self.device) if self.device is not None else mask,
-                    **kwargs,
-                )
+                seqs = self.module.generate(input_ids=ids, attention_mask=mask, **kwargs)
         finally:
             self.module.train(was_training)
         cut = next((p.cut for p in kwargs["logits_processor"] if isinstance(p, RepeatTerminateProcessor)), set())

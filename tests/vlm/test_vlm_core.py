@@ -1,0 +1,144 @@
+"""The learner's VLM path on the tiny Qwen2-VL: M-RoPE positions, packing, soft self-context, HF rollouts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _shared import shape_images, tiny_vlm_dir
+from toolkit.data.segment import Segment
+from toolkit.trainer.channel_a import softctx_logits
+from toolkit.trainer.packing import collate_pack
+from toolkit.vlm.images import collapse_image_pads
+from toolkit.vlm.mrope import segment_mrope
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from transformers import AutoModelForImageTextToText
+
+    from toolkit.vlm.inputs import VisionProcessor
+
+    d = tiny_vlm_dir()
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_pretrained(d).eval(), VisionProcessor(d)
+
+
+@pytest.fixture(scope="module")
+def segments(vlm, tmp_path_factory):
+    """Three image segments (different image sizes, so different grids) and one text segment."""
+    _, vp = vlm
+    words = lambda k: [int(t) for t in np.random.RandomState(k).randint(4, 300, size=12)]  # noqa: E731
+    out = []
+    for k, path in enumerate(shape_images(tmp_path_factory.mktemp("img"))):
+        grids = vp.grids([path])
+        ids = vp.expand(words(k)[:5] + [vp.pad_id] + words(k)[5:], grids)
+        coords = [len(ids) - 3, len(ids) - 2]  # two "coordinate slots" after the image
+        out.append(Segment(ids, 5, [0.0] * len(ids), images=(path,), image_grids=grids))
+        out[-1].meta["slots"] = coords
+    out.append(Segment(words(9), 2, [0.0] * 12))
+    return out
+
+
+def _single_logits(model, vp, seg):
+    """HF's own path for one unpacked sequence: it computes the M-RoPE positions itself."""
+    ids = torch.tensor([seg.input_ids])
+    kw = vp.model_inputs(seg.images)
+    if kw:
+        kw["mm_token_type_ids"] = (ids == vp.pad_id).int()
+    return model(input_ids=ids, use_cache=False, **kw).logits[0]
+
+
+def test_expand_gives_one_pad_per_merged_patch_and_collapse_undoes_it(vlm, segments):
+    _, vp = vlm
+    seg = segments[0]
+    t, h, w = seg.image_grids[0]
+    assert seg.input_ids.count(vp.pad_id) == t * h * w // 4 == 16  # 112x112 → 8x8 patches → 16 merged
+    collapsed = collapse_image_pads(seg.input_ids, vp.pad_id)
+    assert collapsed.count(vp.pad_id) == 1
+    assert vp.expand(collapsed, seg.image_grids) == seg.input_ids
+    with pytest.raises(ValueError, match="fewer <\\|image_pad\\|>"):
+        vp.expand([5, 6], seg.image_grids)
+
+
+def test_mrope_rows_equal_hf_get_rope_index(vlm, segments):
+    model, vp = vlm
+    for seg in segments[:3]:
+        ids = torch.tensor([seg.input_ids])
+        hf, _ = model.model.get_rope_index(ids, (ids == vp.pad_id).int(), image_grid_thw=torch.tensor(seg.image_grids))
+        ours = torch.tensor(segment_mrope(seg.input_ids, seg.image_grids, vp.pad_id, vp.merge))
+        assert torch.equal(hf[:, 0], ours)
+    assert len({seg.image_grids for seg in segments[:3]}) == 3  # three different grids were covered
+
+
+def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments):
+    """Segment-aware M-RoPE (+ the text row for the block mask) == running each segment alone."""
+    model, vp = vlm
+    pack = collate_pack(segments, mrope=(vp.pad_id, vp.merge))
+    assert tuple(pack.position_ids.shape) == (4, 1, sum(len(s) for s in segments))
+    assert pack.images == tuple(p for s in segments for p in s.images)
+    with torch.no_grad():
+        packed = model(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
+                       **vp.model_inputs(pack.images)).logits[0]
+        offset = 0
+        for seg in segments:
+            single = _single_logits(model, vp, seg)
+            torch.testing.assert_close(packed[offset:offset + len(seg)], single, atol=1e-5, rtol=0)
+            offset += len(seg)
+        # Without the per-segment restart the later segments see the wrong positions: the test can fail.
+        flat = collate_pack([segments[2]], mrope=None)
+        wrong = model(input_ids=flat.input_ids, position_ids=flat.position_ids, use_cache=False,
+                      **vp.model_inputs(segments[2].images)).logits[0]
+        assert (wrong - _single_logits(model, vp, segments[2])).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("grad_mode", ["unroll", "em_detach"])
+def test_soft_context_keeps_vision_rows_and_placeholders_bitwise(vlm, segments, grad_mode):
+    """Every pass feeds the language model the very same image features and text rows; only coord slots move."""
+    model, vp = vlm
+    segs = segments[:2]
+    pack = collate_pack(segs, mrope=(vp.pad_id, vp.merge))
+    offsets = np.cumsum([0] + [len(s) for s in segs])
+    pack.coord_pos = torch.tensor([int(o) + p for o, s in zip(offsets, segs) for p in s.meta["slots"]])
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+    try:
+        coord_ids = list(range(319, 1319))
+        softctx_logits(model, pack, coord_ids, 3, 1.0, grad_mode, model_kwargs=vp.model_inputs(pack.images))
+    finally:
+        hook.remove()
+    assert len(seen) == 3
+    image_rows = (pack.input_ids[0] == vp.pad_id)
+    slots = torch.zeros_like(image_rows)
+    slots[pack.coord_pos] = True
+    features = torch.cat(model.model.get_image_features(**vp.model_inputs(pack.images), return_dict=True).pooler_output)
+    text_rows = model.get_input_embeddings()(pack.input_ids)[0]
+    for it, embeds in enumerate(seen):
+        assert torch.equal(embeds[0, image_rows], features.detach())  # vision rows: bitwise, every pass
+        keep = ~image_rows & ~slots
+        assert torch.equal(embeds[0, keep], text_rows[keep].detach())
+        if it > 0:
+            assert not torch.equal(embeds[0, slots], text_rows[slots].detach())  # the soft rows did change
+
+
+def test_hf_backend_rollouts_see_the_image(vlm, segments):
+    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.rollout.backends.hf import HFBackend
+
+    model, vp = vlm
+    settings = DecodeSettings(max_new_tokens=6, decode_batch_size=2, do_sample=False, temperature=1.0, top_p=1.0,
+                              top_k=-1, repetition_penalty=1.0, repeat=None, seed=0)
+    backend = HFBackend(model, settings, pad_id=0, eos_id=2, vision=vp)
+    prompts = [s.input_ids for s in segments[:3]]
+    images = [s.images for s in segments[:3]]
+    rollouts = backend.generate(prompts, step=0, images=images)
+    assert [r.prompt_ids for r in rollouts] == prompts
+    for seg, ro in zip(segments[:3], rollouts):  # batched, left-padded == one at a time with HF's processor path
+        ids = torch.tensor([seg.input_ids])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                 mm_token_type_ids=(ids == vp.pad_id).int(), eos_token_id=2, pad_token_id=0,
+                                 **vp.model_inputs(seg.images))[0, ids.shape[1]:].tolist()
+        ref = ref[: ref.index(2) + 1] if 2 in ref else ref
+        assert ro.completion_ids == ref

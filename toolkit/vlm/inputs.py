@@ -1,0 +1,67 @@
+"""The learner's image side: which models see images, patch grids, expanded prompts, pixel tensors.
+
+One `VisionProcessor` per process, built from the model folder's own processor (the image-only
+Qwen2-VL processor where torchvision is absent), so the learner, the HF backend and vLLM resize and
+patch images the same way. Prompts are rendered with one `<|image_pad|>` per image (collapsed) and
+expanded here to one pad per merged patch: the ids the learner trains on. Heavy imports inside.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from toolkit.vlm.images import IMAGE_PAD, open_image
+from toolkit.vlm.mrope import Grid
+
+
+def is_vlm(model_dir: str | Path) -> bool:
+    """True when the model folder's config declares a vision tower."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
+class VisionProcessor:
+    """Image → (pixel patches, grid) with the model's processor; prompt expansion by grid."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.image_processor = proc.image_processor
+        self.pad_id = int(proc.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
+        self.merge = int(self.image_processor.merge_size)
+
+    def pixels(self, paths: Sequence[str]):
+        """(pixel_values [patches, dim], image_grid_thw [images, 3]) for the images in order."""
+        out = self.image_processor(images=[open_image(p) for p in paths], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def grids(self, paths: Sequence[str]) -> tuple[Grid, ...]:
+        return tuple(tuple(int(v) for v in g) for g in self.pixels(paths)[1].tolist()) if paths else ()
+
+    def tokens_per_image(self, grid: Grid) -> int:
+        t, h, w = grid
+        return t * h * w // (self.merge * self.merge)
+
+    def expand(self, ids: Sequence[int], grids: Sequence[Grid]) -> list[int]:
+        """Each single `<|image_pad|>` becomes one pad per merged patch of its image."""
+        out: list[int] = []
+        images = iter(grids)
+        for t in ids:
+            if t == self.pad_id:
+                out.extend([t] * self.tokens_per_image(next(images)))
+            else:
+                out.append(int(t))
+        if next(images, None) is not None:
+            raise ValueError(f"prompt has fewer <|image_pad|> tokens than images ({len(grids)})")
+        return out
+
+    def model_inputs(self, paths: Sequence[str], device=None) -> dict:
+        """Forward kwargs for the images of one row, in order (empty for a text row)."""
+        if not paths:
+            return {}
+        pixel_values, grid = self.pixels(paths)
+        if device is not None:
+            pixel_values, grid = pixel_values.to(device), grid.to(device)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
