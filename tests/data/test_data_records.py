@@ -50,7 +50,7 @@ def test_blank_lines_are_skipped(tmp_path):
     (with_(scene=3), "scene must be a non-empty string"),
     (with_(objects={}), "objects must be a list"),
     (with_(extra=1), "unknown keys ['extra']"),
-    (with_(images=["a.png"]), "image variant"),
+    (with_(images=["a.png"]), "both scene and images"),
     (with_(objects=[obj(bbox_2d=[1, 2, 3])]), "list of 4 integers"),
     (with_(objects=[obj(bbox_2d=[1.5, 2, 3, 4])]), "floats are not bins"),
     (with_(objects=[obj(bbox_2d=[True, 2, 3, 4])]), "must be integers"),

@@ -31,3 +31,15 @@ def parse_coord_token(text: str) -> int | None:
 def bin_to_unit(k: int) -> float:
     """Bin -> normalized coordinate in [0, 1]."""
     return k / MAX_BIN
+
+
+def pixel_to_bin(v: float, size: int) -> int:
+    """Pixel coordinate -> bin, the inverse of `bin_to_unit` scaled by the image side (`size` pixels).
+
+    Bin k stands for the fraction k / 999 of the side, so v pixels is bin round(v / size * 999), clamped to
+    0..999 (Python's round: halves go to the even bin). Edges map to the edge bins: 0 -> 0, size -> 999.
+
+    >>> [pixel_to_bin(v, 112) for v in (0, 1, 56, 111.5, 112)]
+    [0, 9, 500, 995, 999]
+    """
+    return min(MAX_BIN, max(0, round(v / size * MAX_BIN)))
