@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repo root, for toolkit.data
 sys.path.insert(0, str(HERE))  # stage1.py
 
-from toolkit.data.coords import COORD_TOKENS  # noqa: E402
+from toolkit.data.coords import COORD_TOKENS, pixel_to_bin  # noqa: E402
 from toolkit.data.records import dump_records  # noqa: E402
-from toolkit.data.render import render_answer, render_messages  # noqa: E402
+from toolkit.data.render import canonical_order, render_answer, render_messages  # noqa: E402
 from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
-PARTS = ("tokenizer", "data", "model", "stage1")
+PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1")
 
 # ---- synthetic data -------------------------------------------------------------------------------------
 CLASSES = ("cat", "dog", "car", "tree", "person", "bird", "boat", "chair",
@@ -197,6 +198,159 @@ def build_model(out: Path) -> None:
     model.save_pretrained(str(out / "tiny_qwen2"))
 
 
+# ---- VLM: synthetic shapes on small canvases ---------------------------------------------------------------
+VLM_DIR = "vlm"
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ((220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 170, 20), (150, 60, 190), (20, 170, 190))
+BACKGROUNDS = ((245, 245, 245), (230, 230, 220), (215, 225, 235))
+VLM_DATA = {
+    "seed": 20261124,
+    "n_train": 1000,
+    "n_val": 64,
+    "size": 112,            # square canvas: 8 x 8 patches of 14 px -> 16 merged image tokens
+    "min_objects": 1,
+    "max_objects": 3,
+    "min_side": 20,         # shape side in pixels (each shape fills a square box)
+    "max_side": 44,
+    "gap": 2,               # pixels kept free between boxes, so every box shows its whole shape
+}
+
+
+def place_boxes(rng: random.Random, n: int, cfg: dict) -> list[tuple[int, int, int]]:
+    """n non-overlapping (x0, y0, side) squares inside the canvas, by seeded rejection sampling."""
+    boxes: list[tuple[int, int, int]] = []
+    while len(boxes) < n:
+        s = rng.randint(cfg["min_side"], cfg["max_side"])
+        x, y = rng.randint(0, cfg["size"] - s), rng.randint(0, cfg["size"] - s)
+        g = cfg["gap"]
+        if all(x + s + g <= bx or bx + bs + g <= x or y + s + g <= by or by + bs + g <= y for bx, by, bs in boxes):
+            boxes.append((x, y, s))
+    return boxes
+
+
+def draw_shape(draw, shape: str, x: int, y: int, s: int, colour) -> None:
+    """Fill the square [x, x+s) x [y, y+s) with the shape; PIL's corner coordinates are inclusive."""
+    x1, y1 = x + s - 1, y + s - 1
+    if shape == "circle":
+        draw.ellipse((x, y, x1, y1), fill=colour)
+    elif shape == "square":
+        draw.rectangle((x, y, x1, y1), fill=colour)
+    else:  # an upward triangle touching all four sides of its box
+        draw.polygon(((x, y1), (x1, y1), ((x + x1) / 2, y)), fill=colour)
+
+
+def make_vlm_sample(rng: random.Random, rid: str, n: int, cfg: dict):
+    """(record dict, PIL image): n shapes; boxes as bins of the pixel box [x, y, x+s, y+s]; canonical order."""
+    from PIL import Image, ImageDraw
+
+    size = cfg["size"]
+    image = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for x, y, s in place_boxes(rng, n, cfg):
+        shape = rng.choice(SHAPES)
+        draw_shape(draw, shape, x, y, s, rng.choice(COLOURS))
+        objects.append({"desc": shape, "bbox_2d": [pixel_to_bin(v, size) for v in (x, y, x + s, y + s)]})
+    record = {"id": rid, "images": [f"images/{rid}.png"], "width": size, "height": size,
+              "objects": canonical_order(objects)}
+    return record, image
+
+
+def build_vlm_split(data_dir: Path, split: str, count: int, cfg: dict) -> None:
+    """Images under data_dir/images/ and data_dir/<split>.jsonl; object counts cycle min..max."""
+    rng = random.Random(f"{cfg['seed']}-{split}")
+    lo, hi = cfg["min_objects"], cfg["max_objects"]
+    records = []
+    for i in range(count):
+        record, image = make_vlm_sample(rng, f"{split}-{i + 1:06d}", lo + i % (hi - lo + 1), cfg)
+        image.save(data_dir / record["images"][0], format="PNG", optimize=True)  # PIL writes no timestamp
+        records.append(record)
+    dump_records(records, data_dir / f"{split}.jsonl")
+
+
+def build_vlm_data(out: Path, cfg: dict = VLM_DATA) -> None:
+    data_dir = out / VLM_DIR / "data"
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # no stale images from an earlier, larger build
+    (data_dir / "images").mkdir(parents=True)
+    build_vlm_split(data_dir, "train", cfg["n_train"], cfg)
+    build_vlm_split(data_dir, "val", cfg["n_val"], cfg)
+
+
+# ---- VLM: tiny Qwen2-VL -------------------------------------------------------------------------------------
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # ids 1319..1322
+VLM_MODEL = {
+    # head_dim 32 (= hidden / heads): vLLM's CPU attention rejects 16; mrope_section sums to head_dim / 2
+    "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+             "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6], "rope_type": "default"}},
+    "vision": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+    # 112 x 112 stays 112 x 112 (a multiple of patch 14 x merge 2): 64 patches, 16 image tokens
+    "processor": {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "merge_size": 2,
+                  "temporal_patch_size": 2},
+    "init_seed": 4321,
+}
+VLM_MODEL_DIR = "tiny_qwen2_vl"
+PROCESSOR_MODULE = "processing_image_only"  # toolkit/vlm/processing_image_only.py, shipped as remote code
+
+
+def vlm_tokenizer(out: Path):
+    """The literal tokenizer (out/tokenizer) plus the four vision tokens (special, ids 1319..1322)."""
+    from toolkit.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": list(VISION_TOKENS)})
+    return tok
+
+
+def vlm_config(tok):
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    specials = {"bos_token_id": tok.convert_tokens_to_ids("<|im_start|>"), "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id}
+    text = dict(VLM_MODEL["text"], vocab_size=len(tok), tie_word_embeddings=False, **specials)
+    return Qwen2VLConfig(
+        text_config=text, vision_config=dict(VLM_MODEL["vision"]), tie_word_embeddings=False,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **specials)
+
+
+def save_vlm_processor(folder: Path, tok) -> None:
+    """Image-only processor (no torchvision anywhere) + tokenizer files, loadable by AutoProcessor."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.vlm.processing_image_only import ImageOnlyQwen2VLProcessor
+
+    ip = Qwen2VLImageProcessorPil(**VLM_MODEL["processor"])
+    proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    proc.save_pretrained(str(folder))
+    shutil.copyfile(HERE.parent / "toolkit" / "vlm" / f"{PROCESSOR_MODULE}.py", folder / f"{PROCESSOR_MODULE}.py")
+    cfg_path = folder / "processor_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["auto_map"] = {"AutoProcessor": f"{PROCESSOR_MODULE}.ImageOnlyQwen2VLProcessor"}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pin_tokenizer_class(folder)  # config.json says qwen2_vl: keep AutoTokenizer off the byte-level Qwen2Tokenizer
+
+
+def build_vlm_model(out: Path) -> None:
+    """Random-init Qwen2VLForConditionalGeneration (fixed seed, fp32, untied) + processor + tokenizer."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    tok = vlm_tokenizer(out)
+    torch.manual_seed(VLM_MODEL["init_seed"])
+    model = Qwen2VLForConditionalGeneration(vlm_config(tok)).float()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    folder = out / VLM_DIR / VLM_MODEL_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.save_pretrained(str(folder))
+    save_vlm_processor(folder, tok)
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -226,6 +380,10 @@ def main(argv=None) -> int:
     if "stage1" in args.parts:
         from stage1 import build_stage1  # assets/stage1.py, beside this script
         build_stage1(out, steps=args.stage1_steps)
+    if "vlm_data" in args.parts:
+        build_vlm_data(out)
+    if "vlm_model" in args.parts:
+        build_vlm_model(out)
     print(f"built {','.join(args.parts)} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
 
