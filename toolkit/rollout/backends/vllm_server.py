@@ -145,8 +145,11 @@ class ServerClient:
         tensors = self.request("GET", "/weights_schema/", timeout_s=self.timeout_s, retry=True)["tensors"]
         return None if tensors is None else {t["name"]: TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors}
 
-    def infer(self, request_id: str, prompts: list[list[int]], sampling: list[dict], expect_version: int | None) -> list[dict]:
+    def infer(self, request_id: str, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
+              images: list[list[str]] | None = None) -> list[dict]:
         body = {"request_id": request_id, "prompts": prompts, "sampling": sampling, "expect_weight_version": expect_version}
+        if images is not None:  # absolute paths: the server reads them from the filesystem it shares with the learner
+            body["images"] = images
         return self.request("POST", "/infer/", body, timeout_s=self.infer_timeout_s, retry=True)["outputs"]
 
     # ------------------------------------------------------------------ weight sync (never retried)
@@ -219,6 +222,7 @@ class VLLMServerBackend:
         self.expected_version: int | None = None
         self.last_sync_s = 0.0
         self.last_sync_bytes = 0
+        self._flat = None  # the CPU bucket buffer, reused by every sync
         log.info("rank %d: %d server(s) of world sizes %s; %d requests per round, caps %s", rank, len(clients), sizes,
                  self.chunk, self.caps)
 
@@ -256,16 +260,19 @@ class VLLMServerBackend:
                 c.init_communicator()
 
     # ------------------------------------------------------------------ rollouts
-    def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
-        """Completions in order: rounds of `chunk` requests split over servers within their caps."""
+    def generate(self, prompts: Sequence[list[int]], *, step: int,
+                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+        """Completions in order: rounds of `chunk` requests split over servers within their caps.
+        `images`: None or one tuple of absolute image paths per prompt (see base.RolloutBackend)."""
         self.sync_weights(step)
         out: list[Rollout | None] = [None] * len(prompts)
-        for idx, rollouts in self._rounds(prompts, step):
+        for idx, rollouts in self._rounds(prompts, step, images):
             for j, ro in zip(idx, rollouts):
                 out[j] = ro
         return out  # type: ignore[return-value]
 
-    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True) -> "ChunkStream":
+    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True,
+                        images: Sequence[Sequence[str]] | None = None) -> "ChunkStream":
         """The same rounds as `generate`, handed over one at a time as (prompt indices, rollouts).
 
         The weight sync (collective under ZeRO-3, and the version all-reduce) runs here, on the
@@ -273,16 +280,20 @@ class VLLMServerBackend:
         thread that does HTTP only, one finished round ahead of the caller (see ChunkStream).
         """
         self.sync_weights(step)
-        return ChunkStream(self._rounds(prompts, step), background=background)
+        return ChunkStream(self._rounds(prompts, step, images), background=background)
 
-    def _rounds(self, prompts: Sequence[list[int]], step: int) -> Iterator[tuple[list[int], list[Rollout]]]:
+    def _rounds(self, prompts: Sequence[list[int]], step: int,
+                images: Sequence[Sequence[str]] | None = None) -> Iterator[tuple[list[int], list[Rollout]]]:
         prompts = [list(p) for p in prompts]
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (give one tuple of paths per prompt)")
+        images = None if images is None else [list(paths) for paths in images]
         call = next(self._calls)  # taken now, on the caller's thread: request ids stay per call
         expected = self.expected_version
-        return (self._round(prompts, start, step, call, expected) for start in range(0, len(prompts), self.chunk))
+        return (self._round(prompts, start, step, call, expected, images) for start in range(0, len(prompts), self.chunk))
 
     def _round(self, prompts: list[list[int]], start: int, step: int, call: int,
-               expected: int | None) -> tuple[list[int], list[Rollout]]:
+               expected: int | None, images: list[list[str]] | None = None) -> tuple[list[int], list[Rollout]]:
         """One round of up to `chunk` requests from `start`, allocated over servers within their caps."""
         base = seed_base(self.s.seed, step)
         jobs, offset = [], start
@@ -291,13 +302,15 @@ class VLLMServerBackend:
                 idx = list(range(offset, offset + n))
                 sampling = [sampling_dict(self.s, self.eos_id, (base + j) & 0x7FFFFFFF) for j in idx]
                 rid = f"{self.run_id}-r{self.rank}-s{step}-c{call}-o{offset}-srv{i}"
+                paths = None if images is None else [images[j] for j in idx]
                 jobs.append((i, idx, self._pool.submit(self.clients[i].infer, rid, [prompts[j] for j in idx],
-                                                       sampling, expected)))
+                                                       sampling, expected, paths)))
             offset += n
         out_idx, out = [], []
         for i, idx, fut in jobs:
             outputs = fut.result()
-            if len(outputs) != len(idx) or any(o["prompt_ids"] != prompts[j] for j, o in zip(idx, outputs)):
+            if len(outputs) != len(idx) or any(not _same_prompt(prompts[j], o["prompt_ids"], bool(images and images[j]))
+                                               for j, o in zip(idx, outputs)):
                 url = self.clients[i].base_url
                 raise RolloutServerError(f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
                                          f"{len(idx)} prompts sent (order or content)", url=url)
@@ -358,26 +371,44 @@ class VLLMServerBackend:
         finally:
             for _ in it:  # after a failure, keep joining ZeRO-3 gathers so other ranks are not stranded
                 pass
-        for c in self.clients:
-            got = c.reset_prefix_cache()
-            if got != version:
-                raise WeightSyncError(f"{c.base_url} reports weight version {got} after the push of version {version}",
-                                      url=c.base_url)
         self.last_sync_bytes = sent
         log.info("weight sync v%d: %.1f MB to %d server(s)", version, sent / 2**20, len(self.clients))
 
     def _send_bucket(self, bucket, version: int, last: bool) -> int:
-        from toolkit.rollout.server.weight_sync import pack_bucket
+        """Announce the bucket to every server (each validates it before any byte moves), broadcast it to all
+        servers at once, and with the last bucket run the version handshake.
 
-        flat, specs = pack_bucket(bucket)  # on the tensors' device; gloo groups get a CPU copy
+        The handshake (`/reset_prefix_cache/`) is requested BEFORE the last broadcast: the server queues it
+        behind the bucket and answers once the bucket is loaded, so its HTTP round trip overlaps the
+        broadcast and the server's load instead of following them.
+        """
+        flat, specs = self._pack(bucket)
         meta = [s.to_dict() for s in specs]
         for c in self.clients:
             if c.group is None:
                 raise WeightSyncError(f"no weight-sync group with {c.base_url} (init_communicator failed?)", url=c.base_url)
-            data = flat.to(self.device if c.group.backend == "nccl" else "cpu")
-            c.update_weights(version, meta, last)
-            c.group.broadcast(data, src=c.group.world_size - 1)
+        for notice in [self._pool.submit(c.update_weights, version, meta, last) for c in self.clients]:
+            notice.result()
+        handshakes = [self._pool.submit(c.reset_prefix_cache) for c in self.clients] if last else []
+        works = [(c, c.group.broadcast_async(flat.to(self.device if c.group.backend == "nccl" else "cpu"),
+                                             src=c.group.world_size - 1)) for c in self.clients]
+        for c, work in works:
+            c.group.wait(work)
+        for c, handshake in zip(self.clients, handshakes):
+            got = handshake.result()
+            if got != version:
+                raise WeightSyncError(f"{c.base_url} reports weight version {got} after the push of version {version}",
+                                      url=c.base_url)
         return int(flat.numel())
+
+    def _pack(self, bucket):
+        """The bucket as one flat byte tensor; on CPU packed into a buffer kept between syncs (no allocation)."""
+        from toolkit.rollout.server.weight_sync import pack_bucket
+
+        flat, specs = pack_bucket(bucket, out=self._flat)
+        if flat.device.type == "cpu" and (self._flat is None or flat.numel() > self._flat.numel()):
+            self._flat = flat  # GPU buckets are not kept: there memory is scarcer than an allocation is slow
+        return flat, specs
 
     def close(self) -> None:
         for c in self.clients:
@@ -468,6 +499,15 @@ def _all_ranks_ok(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _same_prompt(sent: list[int], got: list[int], has_images: bool) -> bool:
+    """Is `got` the server's answer to `sent`? Image prompts may come back with another number of image pads
+    (vLLM expands them itself; the learner's parity check drops such samples), so compare runs collapsed."""
+    if not has_images:
+        return got == sent
+    runs = lambda ids: [t for k, t in enumerate(ids) if k == 0 or ids[k - 1] != t]  # noqa: E731
+    return runs(got) == runs(sent)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -177,16 +177,29 @@ def bucket_layout(specs: Sequence[TensorSpec]) -> tuple[list[int], int]:
     return offsets, -(-pos // ALIGN) * ALIGN
 
 
-def pack_bucket(tensors: Sequence[tuple[str, object]], device=None):
-    """(flat uint8 tensor, [TensorSpec]): every tensor's bytes at its aligned offset, in order."""
+def pack_bucket(tensors: Sequence[tuple[str, object]], device=None, out=None):
+    """(flat uint8 tensor, [TensorSpec]): every tensor's bytes at its aligned offset, in order.
+
+    One `torch.cat` of byte views (alignment gaps zero-filled) instead of a copy per tensor. `out`: a
+    uint8 buffer of at least the bucket's size on the same device to pack into (the flat tensor is then
+    a view of it): a sender that reuses one buffer per bucket skips the allocation and its page faults.
+    """
     import torch
 
     specs = [TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors]
     offsets, total = bucket_layout(specs)
     dev = device if device is not None else (tensors[0][1].device if tensors else "cpu")
-    flat = torch.zeros(total, dtype=torch.uint8, device=dev)
+    pieces, pos = [], 0
     for (_, t), spec, off in zip(tensors, specs, offsets):
-        flat[off:off + spec.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        if off > pos:
+            pieces.append(torch.zeros(off - pos, dtype=torch.uint8, device=dev))
+        pieces.append(t.detach().reshape(-1).view(torch.uint8).to(dev))
+        pos = off + spec.nbytes
+    if total > pos:
+        pieces.append(torch.zeros(total - pos, dtype=torch.uint8, device=dev))
+    flat = out[:total] if out is not None and out.numel() >= total else torch.empty(total, dtype=torch.uint8, device=dev)
+    if pieces:
+        torch.cat(pieces, out=flat)
     return flat, specs
 
 
@@ -250,6 +263,10 @@ class SyncGroup:
             raise BadRequest(f"weight-sync backend must be gloo or nccl, got {self.backend!r}")
 
     def broadcast(self, tensor, src: int) -> None:
+        self.wait(self.broadcast_async(tensor, src))
+
+    def broadcast_async(self, tensor, src: int):
+        """Start a broadcast and return its work handle (finish it with `wait`)."""
         import torch.distributed as dist
 
         if self.pg is None:
@@ -257,7 +274,10 @@ class SyncGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank = src
         opts.rootTensor = 0
-        self.pg.broadcast([tensor], opts).wait()
+        return self.pg.broadcast([tensor], opts)
+
+    def wait(self, work) -> None:
+        work.wait()
         if self.backend == "nccl":
             import torch
 
