@@ -131,8 +131,10 @@ class Stage2Trainer:
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
         self.backend = self._setup_backend()
-        # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round.
+        # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round,
+        # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
         self.stream_b = hasattr(self.backend, "generate_chunks")
+        self.overlap_b = self.stream_b and self.cfg.rollout_matching_cfg["vllm"]["server"]["overlap"]
         self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
@@ -287,13 +289,12 @@ class Stage2Trainer:
         """Channel-B in vLLM server mode: each server round's segments are packed (RoundPacker) and learned
         while the next round decodes (`vllm.server.overlap: true`) or before it is requested (false) —
         the same rounds, segments, packs and gradient either way. → (result, packs, n_segments)."""
-        rm = self.cfg.rollout_matching_cfg
         packer = RoundPacker(self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio,
                              self.cfg.training.packing)
         packs: list = []
         n_segments, learn_s = 0, 0.0
         self.engine.begin_step()
-        for segments in self._channel_b_rounds(samples, step, m, background=rm["vllm"]["server"]["overlap"]):
+        for segments in self._channel_b_rounds(samples, step, m, background=self.overlap_b):
             n_segments += len(segments)
             learn_s += self._backward_b(packer.add(segments), samples, packs, last=False)
         learn_s += self._backward_b(packer.flush(), samples, packs, last=True)
