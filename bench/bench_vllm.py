@@ -8,7 +8,11 @@
 3. a weight sync (colocate: `load_weights` from the learner's tensors + prefix-cache reset) vs
    `torch.save` of the same state dict to a file — a sync should cost about a checkpoint write or less.
 With --server URL (a running `stage2 serve` of the same model): the server backend's tok/s and its
-gloo weight sync (bucketed broadcast + version handshake) as well.
+gloo weight sync (bucketed broadcast + version handshake) as well, and
+4. one Channel-B trainer step (real DeepSpeed ZeRO-2, one rank, in a subprocess: the colocate engine above
+   leaves process-wide state) with `vllm.server.overlap` true vs false — the same step index, so the
+   same prompts, rounds and packs; the two modes interleaved. The workload is chosen so that learning and
+   decoding are both non-trivial: 8 samples in rounds of 2, ≤ 96 new tokens, gradient checkpointing, no packing.
 
 The default model is the committed tiny Qwen2 (random init, fp32); numbers on it measure overheads,
 not a real model's decode speed. Set OMP_NUM_THREADS=1 on small CPU machines (cpu_engines.md).
@@ -125,8 +129,29 @@ def bench_sync(colo, learner, tmp: Path, r: int) -> tuple[list, float, float]:
     return [("colocate weight sync s", t_sync), (f"torch.save s ({mb:.1f} MB)", t_save)], t_sync, t_save
 
 
-def bench_server(url: str, weights, prompts, n: int, r: int, ours, t_save: float) -> tuple[list, list]:
-    """Optional: the server backend's tok/s and its bucketed gloo weight sync."""
+def bench_colocate(model_dir: str, learner, weights, prompts, tmp: Path, n: int, r: int) -> tuple[list, list, float]:
+    """1-3 on one in-process colocate engine."""
+    from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
+
+    vcfg = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.3, "enable_prefix_caching": True,
+            "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.5}
+    colo = VLLMColocateBackend.create(model=model_dir, vcfg=vcfg, settings=settings(8, n), model_dtype="float32",
+                                      eos_id=EOS, weights=weights)
+    colo.generate(prompts[:2], step=0)  # warm-up and first weight load
+    rows, wrapper_ratio, ours = bench_wrapper(colo, prompts, n, r)
+    more, ratios = bench_batching(colo, learner, prompts, n, r, ours)
+    rows += more
+    more, t_sync, t_save = bench_sync(colo, learner, tmp, r)
+    rows += more
+    ratios = [("ours / raw LLM.generate (same chunks)", wrapper_ratio)] + ratios + [("colocate sync / torch.save", t_sync / t_save)]
+    colo.close()
+    return rows, ratios, tok_s(*ours)
+
+
+def bench_server(url: str, weights, learner, prompts, n: int, r: int, tmp: Path) -> tuple[list, list]:
+    """Optional: the server backend's tok/s and its bucketed gloo weight sync vs torch.save (paired)."""
+    import torch
+
     from toolkit.rollout.backends.vllm_server import ServerClient, VLLMServerBackend
 
     client = ServerClient(url, 51599, timeout_s=60, infer_timeout_s=600)
@@ -140,10 +165,74 @@ def bench_server(url: str, weights, prompts, n: int, r: int, ours, t_save: float
         srv.synced_step = None
         srv.sync_weights(0)
 
-    t_push, _ = median_time(push, r)
+    state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    m = paired({"push": push, "save": lambda: torch.save(state, tmp / "sd_server.pt")}, max(r, 9))
+    (t_push, _), (t_save, _) = m["push"], m["save"]
     srv.close()
-    rows = [("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)), ("server gloo weight sync s", t_push)]
-    return rows, [("server / colocate tok/s", tok_s(so, t_srv) / tok_s(*ours)), ("server sync / torch.save", t_push / t_save)]
+    rows = [("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)), ("server gloo weight sync s", t_push),
+            ("torch.save s (same state, paired with the sync)", t_save)]
+    return rows, [("server sync / torch.save (goal <= 2)", t_push / t_save)]
+
+
+OVERLAP_SETS = ("training.max_steps=50", "training.eval_strategy=no", "training.save_strategy=no",
+                "rollout_matching.max_new_tokens=48", "rollout_matching.decode_batch_size=2", "training.packing=false",
+                "training.gradient_checkpointing=true", "rollout_matching.vllm.max_model_len=1024")
+
+
+def bench_overlap(url: str, model_dir: str, r: int) -> tuple[list, list]:
+    """4. a server-mode Channel-B step, overlap vs serial (in a subprocess; see the module docstring)."""
+    import json
+    import subprocess
+
+    argv = [sys.executable, __file__, "--overlap-worker", "--server", url, "--model", model_dir, "--repeat", str(r)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OVERLAP ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"overlap worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    got = json.loads(lines[-1][len("OVERLAP "):])
+    rows = [("server step s, overlap", got["overlap_s"]), ("server step s, serial", got["serial_s"]),
+            ("  learner waited for rollouts s, overlap", got["overlap_wait_s"]),
+            ("  learner waited for rollouts s, serial", got["serial_wait_s"]),
+            ("  forward+backward s (serial)", got["learn_s"]), ("  server rounds per step", got["rounds_per_step"])]
+    print("# overlap step detail (last timed step of each mode):", json.dumps(got["detail"]))
+    return rows, [("server step overlap / serial (goal <= 0.8)", got["overlap_s"] / got["serial_s"])]
+
+
+def overlap_worker(url: str, model_dir: str, r: int) -> None:
+    """Subprocess body of bench_overlap: one trainer, the same step timed with overlap on and off."""
+    import json
+
+    import socket
+
+    from toolkit.config import load_profile
+    from toolkit.trainer.loop import Stage2Trainer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        group_port = sock.getsockname()[1]
+    out = tempfile.mkdtemp(prefix="bench_overlap_")
+    sets = (*OVERLAP_SETS, f"model.model={model_dir}", f"training.output_dir={out}", f"training.logging_dir={out}/tb",
+            "rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server",
+            f'rollout_matching.vllm.server.servers=[{{base_url: "{url}", group_port: {group_port}}}]')
+    trainer = Stage2Trainer(load_profile("smoke/b_only", sets, world_size=1))
+    trainer.setup()
+    step = 0
+    metrics: dict = {}
+
+    def run(overlap: bool):
+        trainer.overlap_b = overlap
+        trainer.backend.synced_step = None  # every timed step includes its weight sync, as in training
+        metrics[overlap] = trainer.train_step(step)  # the same step index: the same samples every time
+
+    run(True)  # warm-up
+    m = paired({"overlap": lambda: run(True), "serial": lambda: run(False)}, r)
+    trainer.backend.close()
+    print("OVERLAP " + json.dumps({
+        "overlap_s": m["overlap"][0], "serial_s": m["serial"][0], "overlap_wait_s": metrics[True]["time/rollout_wait_s"],
+        "serial_wait_s": metrics[False]["time/rollout_wait_s"], "learn_s": metrics[False]["time/forward_backward_s"],
+        "rounds_per_step": -(-len(trainer.budget.step_indices(step)) // trainer.backend.chunk),
+        "detail": {k: {key: round(v, 3) for key, v in metrics[k].items() if key.startswith("time/")} for k in metrics}}))
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -153,12 +242,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--server", default=None, help="URL of a running `stage2 serve` of the same model")
+    ap.add_argument("--server-only", action="store_true", help="with --server: skip the colocate and HF parts (1-3)")
+    ap.add_argument("--overlap-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.overlap_worker:
+        return overlap_worker(args.server, args.model, args.repeat)
 
     import torch
     from transformers import AutoModelForCausalLM
-
-    from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
     model_dir = args.model or str(tiny_model_dir(tmp))
@@ -166,22 +257,16 @@ def main() -> None:
     prompts = [[1] + [rng.randrange(3, 1000) for _ in range(rng.randint(16, 48))] for _ in range(args.prompts)]
     learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     weights = lambda device: ((n, p.detach().to(device)) for n, p in learner.named_parameters())  # noqa: E731
-    vcfg = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.3, "enable_prefix_caching": True,
-            "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.5}
     n, r = args.new_tokens, args.repeat
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=vcfg, settings=settings(8, n), model_dtype="float32",
-                                      eos_id=EOS, weights=weights)
-    colo.generate(prompts[:2], step=0)  # warm-up and first weight load
-
-    rows, wrapper_ratio, ours = bench_wrapper(colo, prompts, n, r)
-    more, ratios = bench_batching(colo, learner, prompts, n, r, ours)
-    rows += more
-    more, t_sync, t_save = bench_sync(colo, learner, tmp, r)
-    rows += more
-    ratios = [("ours / raw LLM.generate (same chunks)", wrapper_ratio)] + ratios + [("colocate sync / torch.save", t_sync / t_save)]
-    colo.close()
+    rows, ratios, colo_tok_s = [], [], None
+    if not args.server_only:
+        rows, ratios, colo_tok_s = bench_colocate(model_dir, learner, weights, prompts, tmp, n, r)
     if args.server:
-        more, more_ratios = bench_server(args.server, weights, prompts, n, r, ours, t_save)
+        more, more_ratios = bench_server(args.server, weights, learner, prompts, n, r, tmp)
+        rows, ratios = rows + more, ratios + more_ratios
+        if colo_tok_s:
+            ratios.append(("server / colocate tok/s", more[0][1] / colo_tok_s))
+        more, more_ratios = bench_overlap(args.server, model_dir, r)
         rows, ratios = rows + more, ratios + more_ratios
 
     print(f"# bench_vllm: {args.prompts} prompts × ≤{n} new tokens, median of {r}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")

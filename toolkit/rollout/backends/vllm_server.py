@@ -387,8 +387,7 @@ class VLLMServerBackend:
         for c in self.clients:
             if c.group is None:
                 raise WeightSyncError(f"no weight-sync group with {c.base_url} (init_communicator failed?)", url=c.base_url)
-        for notice in [self._pool.submit(c.update_weights, version, meta, last) for c in self.clients]:
-            notice.result()
+        self._on_every_server(lambda c: c.update_weights(version, meta, last))
         handshakes = [self._pool.submit(c.reset_prefix_cache) for c in self.clients] if last else []
         works = [(c, c.group.broadcast_async(flat.to(self.device if c.group.backend == "nccl" else "cpu"),
                                              src=c.group.world_size - 1)) for c in self.clients]
@@ -400,6 +399,14 @@ class VLLMServerBackend:
                 raise WeightSyncError(f"{c.base_url} reports weight version {got} after the push of version {version}",
                                       url=c.base_url)
         return int(flat.numel())
+
+    def _on_every_server(self, fn) -> None:
+        """fn(client) for every server, in parallel when there are several; the first error is raised."""
+        if len(self.clients) == 1:
+            fn(self.clients[0])  # no thread hand-off for the common case
+            return
+        for fut in [self._pool.submit(fn, c) for c in self.clients]:
+            fut.result()
 
     def _pack(self, bucket):
         """The bucket as one flat byte tensor; on CPU packed into a buffer kept between syncs (no allocation)."""
