@@ -59,6 +59,8 @@ def test_expand_gives_one_pad_per_merged_patch_and_collapse_undoes_it(vlm, segme
     assert vp.expand(collapsed, seg.image_grids) == seg.input_ids
     with pytest.raises(ValueError, match="fewer <\\|image_pad\\|>"):
         vp.expand([5, 6], seg.image_grids)
+    with pytest.raises(ValueError, match="more <\\|image_pad\\|>"):
+        vp.expand(seg.input_ids, seg.image_grids)  # already expanded: 16 pads, one grid
 
 
 def test_mrope_rows_equal_hf_get_rope_index(vlm, segments):
@@ -142,3 +144,22 @@ def test_hf_backend_rollouts_see_the_image(vlm, segments):
                                  **vp.model_inputs(seg.images))[0, ids.shape[1]:].tolist()
         ref = ref[: ref.index(2) + 1] if 2 in ref else ref
         assert ro.completion_ids == ref
+
+
+def test_lora_wraps_the_language_model_only_and_vision_lrs_decide_the_rest():
+    from transformers import AutoModelForImageTextToText
+
+    from toolkit.trainer.export import apply_lora
+    from toolkit.trainer.optim import build_optimizer
+
+    model = apply_lora(AutoModelForImageTextToText.from_pretrained(tiny_vlm_dir()), 4, 8, 0.0, "all-linear")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in names if "lora_" in n]
+    assert lora and all(".language_model." in n for n in lora)
+    opt = build_optimizer(model, 1e-4, vit_lr=0.0, aligner_lr=1e-5)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"llm", "aligner", "aligner_no_decay"}  # vit_lr 0 froze the tower
+    assert groups["aligner"]["lr"] == 1e-5
+    tower = [p for n, p in model.named_parameters() if ".visual.blocks." in n]
+    assert tower and not any(p.requires_grad for p in tower)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".merger." in n)

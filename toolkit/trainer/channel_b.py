@@ -8,7 +8,6 @@ A sample that cannot be trained becomes a counted drop; it never fails the step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 from toolkit.rollout.match import match_boxes
@@ -16,15 +15,7 @@ from toolkit.rollout.parse import parse_rollout
 from toolkit.rollout.targets import Drop, build_channel_b_segment
 from toolkit.trainer.dumps import write_dump
 from toolkit.trainer.metrics import StepMetrics
-
-
-@dataclass
-class SampleInput:
-    """What the trainer knows about one raw sample before decoding."""
-
-    sample_id: str
-    prompt_ids: list[int]
-    gt_objects: list[dict]
+from toolkit.trainer.samples import SampleInput, image_kwargs
 
 
 def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: StepMetrics, *, rm: dict,
@@ -34,7 +25,7 @@ def prepare_channel_b(backend, samples: list[SampleInput], step: int, codec, m: 
     `dump_to`: a directory to write this step's monitor dump to (rank 0 on dump steps), else None.
     """
     t0 = time.perf_counter()
-    rollouts = backend.generate([s.prompt_ids for s in samples], step=step)
+    rollouts = backend.generate([s.prompt_ids for s in samples], step=step, **image_kwargs(samples))
     t1 = time.perf_counter()
     items: list = []
     segments = rollouts_to_segments(samples, rollouts, codec, m, items, rm=rm, sab=sab, max_len=max_len, ordering=ordering)
@@ -48,7 +39,8 @@ def stream_channel_b(backend, samples: list[SampleInput], step: int, codec, m: S
     as soon as the round is decoded, while the next round decodes (`background`; see
     VLLMServerBackend.generate_chunks). The metrics and the dump are complete once it is exhausted."""
     t0 = time.perf_counter()
-    chunks = backend.generate_chunks([s.prompt_ids for s in samples], step=step, background=background)
+    chunks = backend.generate_chunks([s.prompt_ids for s in samples], step=step, background=background,
+                                     **image_kwargs(samples))
     items: list = []
     gen_s = parse_s = 0.0
     try:
@@ -97,6 +89,11 @@ def _finish(m: StepMetrics, step: int, codec, items: list, rm: dict, dump_to, *,
 
 def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, max_len: int, ordering: str):
     """One rollout → Segment (or Drop): the whole Channel-B target recipe for a single sample."""
+    if list(ro.prompt_ids) != list(sample.prompt_ids):
+        # The engine decoded from another prompt than the one we would train on (e.g. an image expanded
+        # twice): learning that completion under our prompt would be silently off-policy. Drop and count.
+        return Drop("prompt_mismatch", sample.sample_id, f"engine prompt {len(ro.prompt_ids)} ids, learner "
+                    f"{len(sample.prompt_ids)}", meta={"rollout/samples": 1.0, "rollout/prompt_mismatch": 1.0})
     parse = parse_rollout(ro.completion_ids, codec)
     match = match_boxes(
         [o.bbox for o in parse.objects],
@@ -107,7 +104,7 @@ def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, m
         fp_cost=rm["fp_cost"],
         fn_cost=rm["fn_cost"],
     )
-    return build_channel_b_segment(
+    seg = build_channel_b_segment(
         sample.prompt_ids,
         parse,
         sample.gt_objects,
@@ -120,6 +117,14 @@ def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, m
         sample_id=sample.sample_id,
         max_len=max_len,
     )
+    return with_images(seg, sample)
+
+
+def with_images(seg, sample: SampleInput):
+    """The segment carries its sample's images (packing turns them into pixel inputs); drops pass through."""
+    if not isinstance(seg, Drop):
+        seg.images, seg.image_grids = sample.images, sample.image_grids
+    return seg
 
 
 def _rollout_rates(m: StepMetrics) -> None:
@@ -131,5 +136,6 @@ def _rollout_rates(m: StepMetrics) -> None:
     m.add_ratio("rollout/recall", matched, gt)
     m.add_ratio("rollout/f1", 2 * matched, pred + gt)
     m.add_ratio("rollout/parse_truncated_rate", s.get("rollout/parse_truncated", 0.0), samples)
+    m.add_ratio("rollout/prompt_mismatch_rate", s.get("rollout/prompt_mismatch", 0.0), samples)
     m.add_ratio("rollout/matched_maskiou_mean", s.get("rollout/matched_maskiou_sum", 0.0), s.get("rollout/matched", 0.0))
     m.add_ratio("rollout/rollout_len_mean", s.get("rollout/rollout_len", 0.0), samples)

@@ -11,6 +11,7 @@ import time
 from toolkit.rollout.match import detection_counts
 from toolkit.rollout.parse import parse_rollout
 from toolkit.trainer.metrics import StepMetrics, reduce_metrics
+from toolkit.trainer.samples import image_kwargs
 
 PREFIX = "eval_rollout"
 
@@ -28,7 +29,7 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
 def evaluate_rollouts(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int) -> dict:
     t0 = time.perf_counter()
     samples, n_real = shard(val_set, rank, world_size)
-    rollouts = backend.generate([s.prompt_ids for s in samples], step=step) if samples else []
+    rollouts = backend.generate([s.prompt_ids for s in samples], step=step, **image_kwargs(samples)) if samples else []
     m = StepMetrics()
     for sample, ro in list(zip(samples, rollouts))[:n_real]:
         score_rollout(m, sample, ro, codec, rm)

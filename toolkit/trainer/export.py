@@ -16,16 +16,31 @@ import torch
 log = logging.getLogger(__name__)
 
 
+# LoRA wraps the language model only; these (vision tower, projector) keep full weights (regex, full match).
+VISION_MODULES = r".*\b(visual|vision_tower|vision_model|multi_modal_projector)\b.*"
+
+
 def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str]):
-    """Wrap `model` with peft LoRA adapters; "all-linear" targets every linear layer but the output head."""
+    """Wrap `model` with peft LoRA adapters; "all-linear" targets every linear layer but the output head.
+
+    On a vision-language model the adapters go on the language model only, and the vision tower and
+    aligner stay trainable in full: their own learning rates (`vit_lr`, `aligner_lr`; 0 freezes) decide.
+    """
     import peft
+
+    from toolkit.trainer.optim import param_role
 
     if isinstance(target_modules, str):
         targets = target_modules if target_modules == "all-linear" else [target_modules]
     else:
         targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    vlm = any(param_role(n) != "llm" for n, _ in model.named_parameters())
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             exclude_modules=VISION_MODULES if vlm else None)
     wrapped = peft.get_peft_model(model, config)
+    for name, param in wrapped.named_parameters():
+        if vlm and param_role(name) != "llm":
+            param.requires_grad_(True)  # peft froze the base model; build_optimizer applies vit/aligner lr
     n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     log.info("LoRA r=%d alpha=%g dropout=%g targets=%s: %d trainable params", rank, alpha, dropout, targets, n_train)
     return wrapped

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.data.records import load_records
-from toolkit.data.render import render_messages
-from toolkit.data.tokenizer import encode_prompt, load_tokenizer
+from toolkit.data.tokenizer import load_tokenizer
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
@@ -27,13 +25,15 @@ from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_a import softctx_logits
-from toolkit.trainer.channel_b import SampleInput, prepare_channel_b, stream_channel_b
+from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.optim import build_optimizer, lr_lambda
 from toolkit.trainer.evaluate import evaluate_rollouts
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
+from toolkit.trainer.samples import SampleInput, image_kwargs, load_samples
+from toolkit.vlm.inputs import VisionProcessor, copy_processor_files, is_vlm
 from toolkit.trainer.scheduler import channel_for_step
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ class RoundPacker:
     `plan_packs` over the whole step. packing off: one pack per segment, at once.
     """
 
-    def __init__(self, capacity: int, min_fill: float, packing: bool = True):
-        self.capacity, self.min_fill, self.packing = capacity, min_fill, packing
+    def __init__(self, capacity: int, min_fill: float, packing: bool = True, mrope: tuple[int, int] | None = None):
+        self.capacity, self.min_fill, self.packing, self.mrope = capacity, min_fill, packing, mrope
         self.buffer: list = []
 
     def add(self, segments: list) -> list:
@@ -94,13 +94,13 @@ class RoundPacker:
         packs = []
         while sum(len(s) for s in self.buffer) >= self.min_fill * self.capacity:
             chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
-            packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen]))
+            packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen], mrope=self.mrope))
             self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
         return packs
 
     def flush(self) -> list:
         plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
-        packs = [collate_pack([self.buffer[i] for i in idx]) for idx in plan]
+        packs = [collate_pack([self.buffer[i] for i in idx], mrope=self.mrope) for idx in plan]
         self.buffer = []
         return packs
 
@@ -122,6 +122,9 @@ class Stage2Trainer:
         self.out_dir = Path(cfg.training.output_dir)
         self.tok = load_tokenizer(cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
+        # A Qwen-VL model folder: images are patched by its own processor, positions are M-RoPE.
+        self.vision = VisionProcessor(cfg.model.model) if is_vlm(cfg.model.model) else None
+        self.mrope = (self.vision.pad_id, self.vision.merge) if self.vision else None
         self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
         self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []
         self.budget = StepBudget(
@@ -151,18 +154,16 @@ class Stage2Trainer:
 
     def _setup_data(self, path: str, limit: int | None) -> list[SampleInput]:
         """Records → prompt ids once; prompts never change during training."""
-        system = self.cfg.template.system_prompt
-        out = []
-        for rec in load_records(path, limit=limit):
-            msgs = render_messages(rec.scene) if system is None else render_messages(rec.scene, system)
-            out.append(SampleInput(rec.id, encode_prompt(self.tok, msgs), [dict(o) for o in rec.objects]))
-        return out
+        d = self.cfg.data
+        return load_samples(path, self.tok, limit=limit, system=self.cfg.template.system_prompt, vision=self.vision,
+                            image_root=d.image_root, bbox_format=d.bbox_format)
 
     def _setup_engine(self) -> Stage2Engine:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         cfg, tr = self.cfg, self.cfg.training
-        model = AutoModelForCausalLM.from_pretrained(
+        model_cls = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
+        model = model_cls.from_pretrained(
             cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype), attn_implementation=cfg.model.attn_impl
         )
         if cfg.tuner.train_type == "lora":
@@ -210,6 +211,7 @@ class Stage2Trainer:
             # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
             # different lengths without synced_gpus; every rank still makes the same number of calls.
             object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
+            vision=self.vision,
         )
 
     def _maybe_resume(self) -> None:
@@ -277,7 +279,7 @@ class Stage2Trainer:
             segments = self._channel_b_segments(samples, step, m)
         t1 = time.perf_counter()
         plan = self._plan(segments)
-        packs = [collate_pack([segments[i] for i in idx]) for idx in plan]
+        packs = [collate_pack([segments[i] for i in idx], mrope=self.mrope) for idx in plan]
         t2 = time.perf_counter()
         res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, _weights(packs, samples))
         m.time("time/build_segments_s", t1 - t0)
@@ -290,7 +292,7 @@ class Stage2Trainer:
         while the next round decodes (`vllm.server.overlap: true`) or before it is requested (false) —
         the same rounds, segments, packs and gradient either way. → (result, packs, n_segments)."""
         packer = RoundPacker(self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio,
-                             self.cfg.training.packing)
+                             self.cfg.training.packing, mrope=self.mrope)
         packs: list = []
         n_segments, learn_s = 0, 0.0
         self.engine.begin_step()
@@ -346,6 +348,7 @@ class Stage2Trainer:
                 s.prompt_ids, s.gt_objects, self.codec, field_order=t.object_field_order, ordering=t.object_ordering,
                 desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight, sample_id=s.sample_id, max_len=self.cfg.global_max_length,
             )
+            seg = with_images(seg, s)
             for key, value in seg.meta.items():
                 m.add_sum(key, value)
             if isinstance(seg, Drop):
@@ -374,13 +377,19 @@ class Stage2Trainer:
     def _loss_a(self, module, pack):
         pack = pack.to(self.device)
         sab = self.cfg.stage2_ab
-        first, last = softctx_logits(module, pack, self.coord_ids, sab.n_softctx_iter, sab.softctx_temperature, sab.softctx_grad_mode)
+        first, last = softctx_logits(module, pack, self.coord_ids, sab.n_softctx_iter, sab.softctx_temperature,
+                                     sab.softctx_grad_mode, model_kwargs=self._vision_inputs(pack))
         return pack_loss(first, last, pack, self.coord_ids, self.loss_weights)
 
     def _loss_b(self, module, pack):
         pack = pack.to(self.device)
-        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
+        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
+                        **self._vision_inputs(pack)).logits
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights)
+
+    def _vision_inputs(self, pack) -> dict:
+        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs)."""
+        return self.vision.model_inputs(pack.images, self.device) if self.vision else {}
 
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:
@@ -395,6 +404,8 @@ class Stage2Trainer:
         self.engine.save(path / "ds")
         ckpt.save_rng(path, self.dist.rank)
         self.engine.export_hf(path / "hf", tokenizer=self.tok)
+        if self.vision and self.dist.rank == 0:
+            copy_processor_files(self.cfg.model.model, path / "hf")
         score = metrics.get("eval_" + tr.metric_for_best_model, metrics.get(tr.metric_for_best_model))
         if score is not None and self.state.improved(score, tr.greater_is_better):
             self.state.best_metric, self.state.best_step = float(score), self.state.step

@@ -21,7 +21,8 @@ ALIGNER_PARTS = frozenset({"merger", "deepstack_merger_list", "multi_modal_proje
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def _param_role(name: str) -> str:
+def param_role(name: str) -> str:
+    """'vit', 'aligner' or 'llm' from a parameter name."""
     parts = set(name.split("."))
     if parts & ALIGNER_PARTS:
         return "aligner"
@@ -46,7 +47,7 @@ def build_optimizer(model, lr: float, vit_lr: float | None = None, aligner_lr: f
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        role = _param_role(name)
+        role = param_role(name)
         if role_lr[role] == 0:
             param.requires_grad_(False)
             continue

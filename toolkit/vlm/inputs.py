@@ -50,7 +50,10 @@ class VisionProcessor:
         images = iter(grids)
         for t in ids:
             if t == self.pad_id:
-                out.extend([t] * self.tokens_per_image(next(images)))
+                grid = next(images, None)
+                if grid is None:
+                    raise ValueError(f"prompt has more <|image_pad|> tokens than images ({len(grids)})")
+                out.extend([t] * self.tokens_per_image(grid))
             else:
                 out.append(int(t))
         if next(images, None) is not None:
@@ -65,3 +68,16 @@ class VisionProcessor:
         if device is not None:
             pixel_values, grid = pixel_values.to(device), grid.to(device)
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "processing_image_only.py")
+
+
+def copy_processor_files(model_dir: str | Path, export_dir: str | Path) -> None:
+    """Give an exported checkpoint its source's processor, so `AutoProcessor` loads it like the original."""
+    import shutil
+
+    for name in PROCESSOR_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            shutil.copy(src, Path(export_dir) / name)
