@@ -100,7 +100,9 @@ def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float) -> None:
         "temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "stop_token_ids": [151645],
         "seed": null}], "expect_weight_version": 3}`. Response: `{"request_id": "run1-r0-s3-o0-srv0", "outputs":
         [{"prompt_ids": [151644, 872, 198], "completion_ids": [90, 151645], "text": "", "finish_reason": "stop",
-        "weight_version": 3}]}`. 409 when `expect_weight_version` differs from the engine's version."""
+        "weight_version": 3}]}`. 409 when `expect_weight_version` differs from the engine's version.
+        Image prompts (VLM) add `"images": [["/abs/img0.png"], …]`, one list per prompt; a missing or
+        unreadable path is a 400 naming it; `prompt_ids` is then the engine's expanded prompt."""
         if req.request_id in done:
             return InferResponse(request_id=req.request_id, outputs=done[req.request_id])
         if req.request_id in inflight:  # a client retry while the first call still runs: share its result
@@ -109,8 +111,9 @@ def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float) -> None:
         fut = asyncio.get_running_loop().create_future()
         inflight[req.request_id] = fut
         try:
+            extra = {} if req.images is None else {"images": req.images}  # text requests: the engine call is unchanged
             outputs = await run(engine.infer, req.prompts, [s.model_dump() for s in req.sampling],
-                                req.expect_weight_version, infer_timeout_s, timeout=infer_timeout_s + 5)
+                                req.expect_weight_version, infer_timeout_s, timeout=infer_timeout_s + 5, **extra)
             fut.set_result(outputs)
         except BaseException as exc:
             fut.set_exception(exc)

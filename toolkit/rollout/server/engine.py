@@ -11,14 +11,16 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from toolkit.rollout.backends.vllm_colocate import served_specs
 from toolkit.rollout.chunking import split_counts
 from toolkit.rollout.server import errors
-from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_size, read_checkpoint_specs
+from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_size
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -60,6 +62,22 @@ def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
     return tuple(out)
 
 
+def check_image_paths(images: list[list[str]], n_prompts: int) -> None:
+    """400 before any decoding: one entry per prompt, every path absolute and a readable file here.
+
+    Paths are read on the server host: the learner and the server must share the filesystem."""
+    if len(images) != n_prompts:
+        raise errors.BadRequest(f"{n_prompts} prompts but {len(images)} image entries (send one list of paths per prompt)")
+    for i, paths in enumerate(images):
+        for path in paths:
+            if not os.path.isabs(path):
+                raise errors.BadRequest(f"prompt {i}: image path {path!r} is not absolute (the server reads images from "
+                                        "its own filesystem, shared with the learner)")
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise errors.BadRequest(f"prompt {i}: image {path} is missing or unreadable on the rollout server host "
+                                        "(learner and server must share the filesystem)")
+
+
 class _Worker:
     def __init__(self, rank: int, proc, conn):
         self.rank, self.proc, self.conn = rank, proc, conn
@@ -74,7 +92,7 @@ class DPEngine:
         self.spec = spec if spec.env else EngineSpec(**{**spec.to_dict(), "env": worker_env(spec)})
         self.start_timeout_s = start_timeout_s
         self.workers: list[_Worker] = []
-        self.schema = read_checkpoint_specs(spec.model)
+        self.schema = served_specs(spec.model)  # under the learner's names (a VLM's differ from the files')
         self._ids = itertools.count(1)
         self._rotate = itertools.count()
         self._pool = ThreadPoolExecutor(max_workers=max(4, 4 * spec.dp), thread_name_prefix="dp-call")
@@ -192,12 +210,15 @@ class DPEngine:
         return None if self.schema is None else [s.to_dict() for s in self.schema.values()]
 
     def infer(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
-              timeout_s: float) -> list[dict]:
-        """Decode `prompts` split over the DP ranks; outputs in prompt order."""
+              timeout_s: float, images: list[list[str]] | None = None) -> list[dict]:
+        """Decode `prompts` split over the DP ranks; outputs in prompt order. `images`: per prompt, the
+        absolute paths of its images (checked here, read by the workers)."""
         if len(sampling) == 1:
             sampling = sampling * len(prompts)
         if len(sampling) != len(prompts):
             raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
+        if images is not None:
+            check_image_paths(images, len(prompts))
         limit = int(self.spec.vllm["max_model_len"])
         for i, p in enumerate(prompts):
             if len(p) >= limit:
@@ -207,7 +228,7 @@ class DPEngine:
         for w, n in zip(self.workers, counts):
             if n:
                 kw = {"prompts": prompts[start:start + n], "sampling": sampling[start:start + n],
-                      "expect_version": expect_version}
+                      "expect_version": expect_version, "images": None if images is None else images[start:start + n]}
                 futures.append(self._pool.submit(self._call, w, "generate", kw, timeout_s))
             start += n
         return [out for f in futures for out in f.result()]

@@ -1,7 +1,8 @@
 """Request and response bodies of the rollout server (pydantic v2). Imports nothing heavy.
 
 Token ids in, token ids out: prompts are lists of ids (the learner renders and tokenizes), and every
-completion comes back as ids with its finish reason and the weight version that produced it.
+completion comes back as ids with its finish reason and the weight version that produced it. Image
+prompts (vision-language models) add file paths; `prompt_ids` is then the engine's expanded prompt.
 Unknown fields are rejected, so a misspelled knob is a 422, not a silent default.
 """
 from __future__ import annotations
@@ -32,10 +33,13 @@ class InferRequest(_Strict):
     prompts: list[list[int]] = Field(min_length=1)
     sampling: list[Sampling] = Field(min_length=1, description="one per prompt, or one for all")
     expect_weight_version: Optional[int] = Field(None, description="409 when the engine holds another version")
+    images: Optional[list[list[str]]] = Field(
+        None, description="per prompt, the absolute paths of its images in placeholder order ([] for a text prompt); "
+                          "the server reads them from its own filesystem (shared with the learner)")
 
 
 class InferOutput(_Strict):
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the engine's prompt (image pads as vLLM expanded them)
     completion_ids: list[int]
     text: str = ""
     finish_reason: str

@@ -46,7 +46,7 @@ def worker_main(spec: dict, dp_rank: int, conn) -> None:
 
 class WorkerRuntime:
     def __init__(self, spec: dict, dp_rank: int):
-        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group
+        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group, image_pad_id
 
         self.dp_rank = dp_rank
         self.tp = spec["tp"]
@@ -56,6 +56,7 @@ class WorkerRuntime:
         kw = engine_kwargs(spec["vllm"], model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], on_cpu=on_cpu,
                            executor="external_launcher" if self.tp == 1 else "mp", extension=True)
         self.llm = create_llm(kw, on_cpu=on_cpu)
+        self.image_pad_id = image_pad_id(spec["model"])  # None: a text model
         self.version = 0
         self.pending_error: dict | None = None
 
@@ -90,20 +91,24 @@ class WorkerRuntime:
                 conn.send(reply)
 
     # ------------------------------------------------------------------ commands
-    def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None) -> list[dict]:
-        from vllm.inputs import TokensPrompt
-
-        from toolkit.rollout.backends.vllm_colocate import to_sampling_params
-        from toolkit.rollout.server.errors import StaleWeights
+    def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
+                 images: list[list[str]] | None = None) -> list[dict]:
+        from toolkit.rollout.backends.vllm_colocate import engine_prompt, paths_per_prompt, to_sampling_params
+        from toolkit.rollout.server.errors import BadRequest, StaleWeights
 
         if expect_version is not None and expect_version != self.version:
             raise StaleWeights(f"holds weight version {self.version}, the learner expects "
                                f"{expect_version} (a restarted server, or a weight update that did not complete)")
         params = [to_sampling_params(s) for s in sampling]
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [{"prompt_ids": list(p), "completion_ids": list(r.outputs[0].token_ids), "text": "",
+        try:  # image pads collapsed + images read here (the same path as colocate)
+            per_prompt = paths_per_prompt(images, len(prompts))
+            inputs = [engine_prompt(p, paths, self.image_pad_id) for p, paths in zip(prompts, per_prompt)]
+        except ValueError as exc:  # an unreadable image, pads without images, a text model given images
+            raise BadRequest(str(exc)) from None
+        results = self.llm.generate(inputs, params, use_tqdm=False)
+        return [{"prompt_ids": list(r.prompt_token_ids), "completion_ids": list(r.outputs[0].token_ids), "text": "",
                  "finish_reason": str(r.outputs[0].finish_reason), "weight_version": self.version}
-                for p, r in zip(prompts, results)]
+                for r in results]
 
     def open_store(self, port: int, world_size: int, backend: str, timeout_s: float) -> list[int]:
         self.close_group()
@@ -114,14 +119,18 @@ class WorkerRuntime:
         self._rpc("stage2_join_group")
 
     def receive_bucket(self, specs: list[dict], nbytes: int, version: int, last: bool) -> None:
+        from toolkit.rollout.backends.vllm_colocate import reset_caches
+
         self._rpc("stage2_receive_bucket", specs=specs, nbytes=nbytes)
-        if last:
-            self.llm.reset_prefix_cache()
+        if last:  # prefix cache and cached vision embeddings were computed with the old weights
+            reset_caches(self.llm)
             self.version = version
             log.info("dp%d: weight version %d loaded", self.dp_rank, version)
 
     def reset_prefix_cache(self) -> int:
-        self.llm.reset_prefix_cache()
+        from toolkit.rollout.backends.vllm_colocate import reset_caches
+
+        reset_caches(self.llm)
         return self.version
 
     def close_group(self) -> None:
