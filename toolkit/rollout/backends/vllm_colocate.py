@@ -113,7 +113,7 @@ def vlm_engine_kwargs(vcfg: dict) -> dict:
 
     vLLM's Qwen2-VL input processor refuses `skip_tokenizer_init` (it needs the tokenizer to place
     image pads); the image-only processor is remote code in the model folder; videos are never sent.
-    `max_images_per_prompt` is not a profile knob yet: 1 unless the vllm dict carries it.
+    `rollout_matching.vllm.max_images_per_prompt` caps the images of one prompt.
     """
     images = int(vcfg.get("max_images_per_prompt") or DEFAULT_IMAGES_PER_PROMPT)
     return {"skip_tokenizer_init": False, "trust_remote_code": True, "limit_mm_per_prompt": {"image": images, "video": 0}}

@@ -1,0 +1,45 @@
+"""The image path through the public entry point: `python -m toolkit.train --profile smoke/vlm_ab_mixed`
+(tiny Qwen2-VL, rendered shapes, HF rollouts, DeepSpeed on CPU), shortened to one A and one B step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _e2e_runs import ROOT, metrics, run_train
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def vlm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm_run")
+    res = run_train("smoke/vlm_ab_mixed", out, "training.max_steps=2", "training.eval_steps=2",
+                    "training.save_steps=2", "rollout_matching.max_new_tokens=64")
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+def test_vlm_smoke_trains_both_channels_on_images(vlm_run):
+    rows = metrics(vlm_run)
+    assert [r["channel"] for r in rows] == ["A", "B"]
+    a, b = rows
+    assert a["stage2/segments"] == 8 and a["loss/total"] > 0
+    assert b["rollout/samples"] == 8 and b["rollout/prompt_mismatch_rate"] == 0  # HF decodes the learner's prompt
+    assert b["stage2/segments"] + b["stage2/dropped_samples"] == 8
+    assert b["eval_rollout/samples"] == 4
+
+
+def test_vlm_export_loads_with_its_processor_and_the_vision_tower_trained(vlm_run):
+    """vit_lr > 0 in the profile: the exported tower differs from the start; the export is self-contained."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from toolkit.trainer.samples import load_samples  # noqa: F401  (import check: trainer side is importable)
+
+    hf = vlm_run / "checkpoints" / "step-000002" / "hf"
+    AutoProcessor.from_pretrained(hf, trust_remote_code=True)
+    AutoModelForImageTextToText.from_pretrained(hf)
+    start = load_file(ROOT / "assets" / "vlm" / "stage1" / "model.safetensors")
+    end = load_file(hf / "model.safetensors")
+    tower = [k for k in start if ".visual.blocks." in k and k.endswith("weight")]
+    assert tower and any(not torch.equal(start[k], end[k]) for k in tower)
