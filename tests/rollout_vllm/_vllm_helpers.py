@@ -3,6 +3,7 @@ a late `from conftest import …` inside a test gets whichever folder's conftest
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -88,3 +89,20 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+SMOKE_FAST = ("training.max_steps=2", "rollout_matching.max_new_tokens=48", "data.val_sample_limit=4",
+              "training.logging_steps=1")
+
+
+def run_train(profile: str, out: Path, *sets: str) -> subprocess.CompletedProcess:
+    """A short real `python -m toolkit.train` of `profile` with the vLLM backend (mode and model via `sets`)."""
+    argv = [sys.executable, "-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}",
+            "--set", f"training.logging_dir={out / 'tb'}"]
+    for s in (*ENGINE_SETS, *SMOKE_FAST, *sets):
+        argv += ["--set", s]
+    return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

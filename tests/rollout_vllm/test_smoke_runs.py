@@ -2,28 +2,14 @@
 --profile smoke/b_only --set rollout_matching.rollout_backend=vllm …` in colocate mode and in server
 mode against the session server. Both exit 0 with rollout metrics, and — same weights, same greedy
 decoding — the two modes log the same first-step loss."""
-import json
-import subprocess
-import sys
+import functools
 
 import pytest
 
-from _vllm_helpers import ENGINE_SETS, ROOT, child_env, free_port
+from _vllm_helpers import free_port, metrics, run_train
 
 pytestmark = pytest.mark.vllm
-FAST = ("training.max_steps=2", "rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "training.logging_steps=1")
-
-
-def run_train(out, *sets) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "toolkit.train", "--profile", "smoke/b_only", "--set", f"training.output_dir={out}",
-            "--set", f"training.logging_dir={out / 'tb'}"]
-    for s in (*ENGINE_SETS, *FAST, *sets):
-        argv += ["--set", s]
-    return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+run_train = functools.partial(run_train, "smoke/b_only")
 
 
 def check_run(proc, out) -> list[dict]:

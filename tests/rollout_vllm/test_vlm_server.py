@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, serve_argv, stop, wait_healthy
+from _vllm_helpers import (ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, run_train, serve_argv, stop,
+                           wait_healthy)
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
@@ -129,3 +130,14 @@ def test_client_prompt_check_tolerates_pad_runs_only():
     assert _same_prompt([5, 9, 9, 6], [5, 9, 9, 9, 9, 6], has_images=True)
     assert not _same_prompt([5, 9, 9, 6], [5, 9, 9, 9, 9, 6], has_images=False)
     assert not _same_prompt([5, 9, 6], [5, 9, 7], has_images=True)
+
+
+def test_vlm_smoke_run_in_server_mode(vlm_server, tmp_path):
+    """smoke/vlm_ab_mixed against this server (the learner starts from the server's tiny model)."""
+    from test_vlm_smoke_runs import check_vlm_run
+
+    servers = f'rollout_matching.vllm.server.servers=[{{base_url: "{vlm_server.url}", group_port: {free_port()}}}]'
+    proc = run_train("smoke/vlm_ab_mixed", tmp_path, "rollout_matching.vllm.mode=server", servers,
+                     f"model.model={vlm_server.model}")
+    check_vlm_run(proc, tmp_path)
+    assert "weight sync v1" in proc.stderr
