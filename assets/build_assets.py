@@ -26,8 +26,10 @@ sys.path.insert(0, str(HERE.parent))  # the repo root, for toolkit.data
 sys.path.insert(0, str(HERE))  # stage1.py
 
 from toolkit.data.coords import COORD_TOKENS, pixel_to_bin  # noqa: E402
-from toolkit.data.records import dump_records  # noqa: E402
-from toolkit.data.render import canonical_order, render_answer, render_messages  # noqa: E402
+from toolkit.data.records import dump_records, load_records  # noqa: E402
+from toolkit.data.render import (  # noqa: E402
+    SYSTEM_PROMPT, USER_INSTRUCTION, canonical_order, render_answer, render_messages,
+)
 from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
 PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1")
@@ -210,8 +212,9 @@ VLM_DATA = {
     "size": 112,            # square canvas: 8 x 8 patches of 14 px -> 16 merged image tokens
     "min_objects": 1,
     "max_objects": 3,
-    "min_side": 20,         # shape side in pixels (each shape fills a square box)
-    "max_side": 44,
+    "grid": 7,              # box corners and sides are multiples of 7 px (half a patch): 17 values per axis
+    "min_side": 21,         # shape side in pixels (each shape fills a square box)
+    "max_side": 42,
     "gap": 2,               # pixels kept free between boxes, so every box shows its whole shape
 }
 
@@ -220,8 +223,9 @@ def place_boxes(rng: random.Random, n: int, cfg: dict) -> list[tuple[int, int, i
     """n non-overlapping (x0, y0, side) squares inside the canvas, by seeded rejection sampling."""
     boxes: list[tuple[int, int, int]] = []
     while len(boxes) < n:
-        s = rng.randint(cfg["min_side"], cfg["max_side"])
-        x, y = rng.randint(0, cfg["size"] - s), rng.randint(0, cfg["size"] - s)
+        q = cfg["grid"]
+        s = q * rng.randint(cfg["min_side"] // q, cfg["max_side"] // q)
+        x, y = q * rng.randint(0, (cfg["size"] - s) // q), q * rng.randint(0, (cfg["size"] - s) // q)
         g = cfg["gap"]
         if all(x + s + g <= bx or bx + bs + g <= x or y + s + g <= by or by + bs + g <= y for bx, by, bs in boxes):
             boxes.append((x, y, s))
@@ -351,12 +355,192 @@ def build_vlm_model(out: Path) -> None:
     save_vlm_processor(folder, tok)
 
 
+# ---- VLM: Stage-1 warm-up ----------------------------------------------------------------------------------
+# Plain teacher forcing so greedy rollouts are mostly valid JSON (Stage-2 then has something to fix).
+# Same scaffolding as stage1.py (lr schedule, parse/score), but images go through the processor.
+VLM_STAGE1 = {
+    "seed": 11,
+    "steps": 2000,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 100,
+    "weight_decay": 0.01,
+    "betas": (0.9, 0.98),
+    "grad_clip": 1.0,
+    "eval_every": 250,
+    "eval_batch": 32,
+}
+VLM_STAGE1_DIR = "stage1"
+
+
+def vlm_messages() -> list[dict]:
+    """System prompt + user turn with one collapsed image placeholder (the processor expands the pad)."""
+    from toolkit.vlm.images import IMAGE_PLACEHOLDER
+
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": IMAGE_PLACEHOLDER + USER_INSTRUCTION}]
+
+
+def vlm_processor(tok):
+    """The image-only processor built in process (no remote-code import needed for training)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from toolkit.vlm.processing_image_only import ImageOnlyQwen2VLProcessor
+
+    return ImageOnlyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**VLM_MODEL["processor"]),
+                                     tokenizer=tok, chat_template=tok.chat_template)
+
+
+def encode_vlm_prompt(proc, tok, rec) -> dict:
+    """Expanded prompt ids (one pad per merged patch), pixel_values and image_grid_thw of one record."""
+    from toolkit.vlm.images import open_image
+
+    text = tok.apply_chat_template(vlm_messages(), tokenize=False, add_generation_prompt=True)
+    enc = proc(text=[text], images=[open_image(rec.images[0])], return_tensors="pt")
+    # mm_token_type_ids (1 on image pads) is what Qwen2-VL's M-RoPE positions are computed from
+    return {"ids": enc["input_ids"][0].tolist(), "pixel_values": enc["pixel_values"], "grid": enc["image_grid_thw"],
+            "image_token_id": proc.image_token_id}
+
+
+def encode_vlm_split(proc, tok, records) -> list[dict]:
+    """Prompt encoding + teacher answer ids (answer + <|im_end|>) per record."""
+    from toolkit.data.tokenizer import encode_answer, im_end_id
+
+    out = []
+    for rec in records:
+        sample = encode_vlm_prompt(proc, tok, rec)
+        sample["answer"] = encode_answer(tok, render_answer(rec.objects)) + [im_end_id(tok)]
+        out.append(sample)
+    return out
+
+
+def vlm_train_batch(samples, pad_id: int) -> dict:
+    """Right-padded ids / mask / labels (labels on the answer only) + the images of the batch."""
+    import torch
+
+    seqs = [s["ids"] + s["answer"] for s in samples]
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for row, (s, seq) in enumerate(zip(samples, seqs)):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        labels[row, len(s["ids"]):len(seq)] = torch.tensor(s["answer"])
+    image_id = samples[0]["image_token_id"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": (ids == image_id).long(),
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "image_grid_thw": torch.cat([s["grid"] for s in samples])}
+
+
+def vlm_greedy_answers(model, tok, samples, batch: int, max_new_tokens: int) -> list[str | None]:
+    """Greedy rollouts (left-padded prompts); the text before <|im_end|>, or None when it never ended."""
+    import torch
+
+    end = tok.eos_token_id
+    texts: list[str | None] = []
+    model.eval()
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        enc = tok.pad({"input_ids": [s["ids"] for s in chunk]}, padding=True, return_tensors="pt")
+        types = (enc["input_ids"] == chunk[0]["image_token_id"]).long()
+        with torch.no_grad():
+            out = model.generate(**enc, mm_token_type_ids=types, pixel_values=torch.cat([s["pixel_values"] for s in chunk]),
+                                 image_grid_thw=torch.cat([s["grid"] for s in chunk]), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=end)
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            texts.append(tok.decode(row[:row.index(end)], skip_special_tokens=False) if end in row else None)
+    model.train()
+    return texts
+
+
+def vlm_evaluate(model, tok, samples, records, batch: int) -> dict:
+    """Valid-parse rate and object F1 (stage1.score: same class, IoU >= 0.5, Hungarian) of greedy rollouts."""
+    from stage1 import parse_answer, score
+
+    longest = max(len(s["answer"]) for s in samples)
+    texts = vlm_greedy_answers(model, tok, samples, batch, longest + 16)
+    preds = [parse_answer(t) if t is not None else None for t in texts]
+    return score(preds, [list(r.objects) for r in records])
+
+
+def vlm_optimizer(model, cfg: dict):
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+
+
+def train_vlm(model, tok, train, val, val_records, cfg: dict, log) -> list[dict]:
+    """Teacher-force for cfg['steps'] steps on uniformly sampled train records; eval rows as the curve."""
+    import torch
+    from stage1 import lr_at
+
+    torch.manual_seed(cfg["seed"])
+    rng = random.Random(cfg["seed"])
+    opt = vlm_optimizer(model, cfg)
+    model.train()
+    curve, losses, t0 = [], [], time.time()
+    for step in range(cfg["steps"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = vlm_train_batch([train[rng.randrange(len(train))] for _ in range(cfg["batch_size"])], tok.pad_token_id)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        losses.append(loss.item())
+        done = step + 1
+        if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+            metrics = vlm_evaluate(model, tok, val, val_records, cfg["eval_batch"])
+            row = {"step": done, "loss": round(sum(losses) / len(losses), 4), **{k: round(v, 4) for k, v in metrics.items()}}
+            curve.append(row)
+            log({**row, "elapsed_s": round(time.time() - t0, 1)})
+            losses = []
+    return curve
+
+
+def build_vlm_stage1(out: Path, steps: int | None = None) -> dict:
+    """Train from vlm/tiny_qwen2_vl on vlm/data; save model + the init folder's other files + curve to vlm/stage1."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from toolkit.data.tokenizer import load_tokenizer
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cfg = dict(VLM_STAGE1, **({"steps": steps} if steps is not None else {}))
+    init = out / VLM_DIR / VLM_MODEL_DIR
+    tok = load_tokenizer(init)
+    proc = vlm_processor(tok)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32)
+    train_records = load_records(out / VLM_DIR / "data" / "train.jsonl")
+    val_records = load_records(out / VLM_DIR / "data" / "val.jsonl")
+    train, val = encode_vlm_split(proc, tok, train_records), encode_vlm_split(proc, tok, val_records)
+    curve = train_vlm(model, tok, train, val, val_records, cfg, lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+    dest = out / VLM_DIR / VLM_STAGE1_DIR
+    if dest.exists():
+        shutil.rmtree(dest)
+    model.save_pretrained(str(dest))
+    for src in sorted(init.iterdir()):  # processor, tokenizer, remote code: byte copies of the init folder's
+        if not (dest / src.name).exists():
+            shutil.copyfile(src, dest / src.name)
+    with (dest / "training_curve.jsonl").open("w", encoding="utf-8", newline="\n") as fh:
+        for row in curve:
+            fh.write(json.dumps(row) + "\n")
+    return curve[-1]
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts out of {','.join(PARTS)}")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (default: assets/)")
     p.add_argument("--stage1-steps", type=int, default=None, help="override the Stage-1 step count (smoke builds)")
+    p.add_argument("--vlm-stage1-steps", type=int, default=None, help="override the VLM Stage-1 step count (smoke builds)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.parts if s not in PARTS]
@@ -384,6 +568,8 @@ def main(argv=None) -> int:
         build_vlm_data(out)
     if "vlm_model" in args.parts:
         build_vlm_model(out)
+    if "vlm_stage1" in args.parts:
+        build_vlm_stage1(out, steps=args.vlm_stage1_steps)
     print(f"built {','.join(args.parts)} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
 
