@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-import types
 
 import torch
 
@@ -115,6 +114,7 @@ def segments_for(step: int, rank: int) -> tuple[list, dict]:
     """This rank's segments for `step` (drops left out) and the summed per-sample meta counters."""
     from toolkit.data.render import render_messages
     from toolkit.data.tokenizer import encode_prompt
+    from toolkit.rollout.backends.base import Rollout
     from toolkit.rollout.targets import Drop, build_channel_a_segment
     from toolkit.trainer.channel_b import SampleInput, rollout_to_segment
 
@@ -126,7 +126,7 @@ def segments_for(step: int, rank: int) -> tuple[list, dict]:
         prompt = encode_prompt(tok, render_messages(rec.scene, SYSTEM))
         sample = SampleInput(rec.id, prompt, [dict(o) for o in rec.objects])
         if channel == "B":
-            ro = types.SimpleNamespace(completion_ids=synthetic_rollout(sample.gt_objects, variant, codec))
+            ro = Rollout(prompt, synthetic_rollout(sample.gt_objects, variant, codec), "stop")
             seg = rollout_to_segment(sample, ro, codec, rm=RM, sab=SAB, max_len=CAP, ordering="sorted")
         else:
             seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=SAB["desc_ce_weight"],
