@@ -73,7 +73,7 @@ def test_profile_paths_are_relative_to_project_root(project, tmp_path):
 def test_null_means_defaults_are_filled(minimal, tmp_path):
     cfg = load_profile(minimal)
     assert cfg.training.vit_lr == cfg.training.aligner_lr == 1e-5
-    assert cfg.data.image_root == str(tmp_path / "data")
+    assert cfg.data.image_root is None  # null: each records file's images resolve against its own directory
     assert cfg.rollout_matching.vllm.server.infer_timeout_s == cfg.rollout_matching.vllm.server.timeout_s
 
 

@@ -139,7 +139,7 @@ def _derived_and_normalized() -> list[str]:
               "- keys whose value is null dropped, recursively (list order kept), e.g. "
               "`vllm.max_num_seqs: null` is absent (vLLM's default applies);",
               "- null-means defaults already filled: `training.vit_lr`/`aligner_lr` (= learning_rate), "
-              "`data.image_root` (= directory of data.train_jsonl), `vllm.server.infer_timeout_s` (= timeout_s);",
+              "`vllm.server.infer_timeout_s` (= timeout_s);",
               "- `vllm.mode: null` already resolved to `colocate`; `decoding` always a mapping;",
               "- injected: `packing_enabled` (= training.packing), `packing_length` (= global_max_length), "
               + ", ".join(f"`{k}` (= training.{k})" for k in PACKING_KEYS)

@@ -47,7 +47,8 @@ TEMPLATE = Section("Prompt and answer rendering (toolkit.data.render).", {
 DATA = Section("Training and validation records.", {
     "train_jsonl": Key(Str(), "Training JSONL; relative paths resolve against the project root."),
     "val_jsonl": Key(Nullable(Str()), "Validation JSONL (needed when training.eval_strategy is steps).", None),
-    "image_root": Key(Nullable(Str(), "directory of train_jsonl"), "Root for relative image paths in records.", None),
+    "image_root": Key(Nullable(Str(), "each records file's own directory"),
+                      "Root for relative image paths in records (docs/DATA.md).", None),
     "bbox_format": Key(Enum("norm1000", "pixel"), "Box units in the records: integer bins 0..999, or pixels of the "
                        "record's width x height (converted to bins on load; docs/DATA.md).", "norm1000"),
     "train_sample_limit": Key(Nullable(POS_INT), "Use only the first N training records.", None),
