@@ -140,4 +140,4 @@ def test_vlm_smoke_run_in_server_mode(vlm_server, tmp_path):
     proc = run_train("smoke/vlm_ab_mixed", tmp_path, "rollout_matching.vllm.mode=server", servers,
                      f"model.model={vlm_server.model}")
     check_vlm_run(proc, tmp_path)
-    assert "weight sync v1" in proc.stderr
+    assert "weight sync v2" in proc.stderr  # the B step (step 1) pushed the learner's weights first

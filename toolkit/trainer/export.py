@@ -9,6 +9,7 @@ stays cheap.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -86,6 +87,22 @@ def named_full_params(module, zero3: bool, device: str | torch.device = "cpu") -
                 continue
             for name, tensor in _own_tensors(mod):
                 yield (f"{prefix}.{name}" if prefix else name), tensor.detach().to(device, copy=True)
+
+
+SUPPORT_FILES = ("*.py", "processor_config.json", "preprocessor_config.json", "chat_template.jinja")
+
+
+def copy_support_files(source: str | Path, directory: str | Path) -> None:
+    """Give an export what `save_pretrained` does not write: the source folder's remote code (the literal
+    tokenizer class, the image-only processor) and processor configs, so it loads like the original."""
+    import shutil
+
+    if not Path(source).is_dir():
+        return  # a hub id: nothing local to carry over
+    for pattern in SUPPORT_FILES:
+        for src in Path(source).glob(pattern):
+            if not (Path(directory) / src.name).exists():
+                shutil.copy(src, Path(directory) / src.name)
 
 
 def export_hf(module, zero3: bool, rank: int, directory: str, tokenizer=None) -> None:

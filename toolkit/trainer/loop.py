@@ -27,13 +27,14 @@ from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
+from toolkit.trainer.export import copy_support_files
 from toolkit.trainer.optim import build_optimizer, lr_lambda
 from toolkit.trainer.evaluate import evaluate_rollouts
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 from toolkit.trainer.samples import SampleInput, image_kwargs, load_samples
-from toolkit.vlm.inputs import VisionProcessor, copy_processor_files, is_vlm
+from toolkit.vlm.inputs import VisionProcessor, is_vlm
 from toolkit.trainer.scheduler import channel_for_step
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,8 @@ class Stage2Trainer:
         self.engine.save(path / "ds")
         ckpt.save_rng(path, self.dist.rank)
         self.engine.export_hf(path / "hf", tokenizer=self.tok)
-        if self.vision and self.dist.rank == 0:
-            copy_processor_files(self.cfg.model.model, path / "hf")
+        if self.dist.rank == 0:
+            copy_support_files(self.cfg.model.model, path / "hf")
         score = metrics.get("eval_" + tr.metric_for_best_model, metrics.get(tr.metric_for_best_model))
         if score is not None and self.state.improved(score, tr.greater_is_better):
             self.state.best_metric, self.state.best_step = float(score), self.state.step

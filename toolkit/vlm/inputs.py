@@ -69,15 +69,3 @@ class VisionProcessor:
             pixel_values, grid = pixel_values.to(device), grid.to(device)
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "processing_image_only.py")
-
-
-def copy_processor_files(model_dir: str | Path, export_dir: str | Path) -> None:
-    """Give an exported checkpoint its source's processor, so `AutoProcessor` loads it like the original."""
-    import shutil
-
-    for name in PROCESSOR_FILES:
-        src = Path(model_dir) / name
-        if src.is_file():
-            shutil.copy(src, Path(export_dir) / name)
