@@ -106,3 +106,20 @@ def run_train(profile: str, out: Path, *sets: str) -> subprocess.CompletedProces
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def serving(model: Path, log_dir: Path, dp: int = 2):
+    """Generator for fixtures: one real server on 127.0.0.1 serving `model`, healthy, stopped afterwards."""
+    port = free_port()
+    log = Path(log_dir) / "server.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(serve_argv(model, port, dp), cwd=ROOT, env=child_env(), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, model)
+    try:
+        t0 = time.monotonic()
+        wait_healthy(srv, SERVER_START_TIMEOUT_S)
+        srv.start_s = time.monotonic() - t0
+        yield srv
+    finally:
+        stop(proc)

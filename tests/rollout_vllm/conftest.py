@@ -8,15 +8,12 @@ at the end. vLLM engines in tests use `enforce_eager` (torch.compile costs ~40 s
 """
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from _shared import tiny_model_dir
-from _vllm_helpers import (ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, serve_argv, stop,
-                           vllm_missing, wait_healthy)
+from _vllm_helpers import serving, vllm_missing
 
 def pytest_collection_modifyitems(config, items):
     reason = vllm_missing()
@@ -39,19 +36,7 @@ def server(tiny_model, tmp_path_factory):
     reason = vllm_missing()
     if reason:
         pytest.skip(reason)
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_argv(tiny_model, port), cwd=ROOT, env=child_env(), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, tiny_model)
-    try:
-        t0 = time.monotonic()
-        wait_healthy(srv, SERVER_START_TIMEOUT_S)
-        srv.start_s = time.monotonic() - t0
-        yield srv
-    finally:
-        stop(proc)
+    yield from serving(tiny_model, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="session")

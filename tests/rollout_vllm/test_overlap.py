@@ -9,18 +9,16 @@ test_app_client.py: a DP worker dying mid-stream (503) cannot be provoked on the
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError, VLLMServerBackend
 from toolkit.rollout.server import errors
-from toolkit.rollout.server.app import create_app
 from _vllm_helpers import EOS, ROOT, child_env, free_port
+from test_app_client import live  # noqa: F401  (the fixture: the real app over sockets with a toy engine)
 
 WORKER = Path(__file__).with_name("_overlap_worker.py")
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
@@ -84,24 +82,8 @@ def test_chunks_equal_generate_and_sync_runs_on_the_caller(server, hf_model):
     assert {r.weight_version for _, ros in got for r in ros} == {5}
 
 
-@pytest.fixture
-def toy():
-    from test_app_client import EchoEngine
-
-    eng = EchoEngine()
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(eng), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    client = ServerClient(f"http://127.0.0.1:{port}", 51999, timeout_s=5, infer_timeout_s=5, backoff_s=0.05)
-    client.wait_healthy(10, interval_s=0.05)
-    yield eng, client
-    srv.should_exit = True
-    thread.join(10)
-
-
-def test_producer_error_surfaces_in_the_consumer_with_the_url(toy):
-    eng, client = toy
+def test_producer_error_surfaces_in_the_consumer_with_the_url(live):
+    eng, client = live
     eng.delay_s = 0.3  # round 2 is still decoding when the worker dies
     backend = VLLMServerBackend([client], settings(dbs=1), eos_id=2)  # rounds of 3 (toy server world 3)
     prompts = [[10 + i, 20 + i] for i in range(9)]
@@ -119,8 +101,8 @@ def test_producer_error_surfaces_in_the_consumer_with_the_url(toy):
     backend.close()
 
 
-def test_closing_early_stops_the_producer(toy):
-    eng, client = toy
+def test_closing_early_stops_the_producer(live):
+    eng, client = live
     eng.delay_s = 0.2
     backend = VLLMServerBackend([client], settings(dbs=1), eos_id=2)
     stream = backend.generate_chunks([[i, i + 1] for i in range(30)], step=0)

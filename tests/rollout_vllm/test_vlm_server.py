@@ -3,15 +3,12 @@
 paths (learner and server share the filesystem); the server reads them, collapses the pads and answers
 with the engine's expanded prompt. Weights, the vision tower included, go over the gloo group."""
 import copy
-import subprocess
-import time
 
 import pytest
 import requests
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import (ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, run_train, serve_argv, stop,
-                           wait_healthy)
+from _vllm_helpers import free_port, run_train, serving
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
@@ -20,19 +17,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def vlm_server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve_vlm") / "server.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_argv(tiny_vlm_dir(), port, 2), cwd=ROOT, env=child_env(), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, tiny_vlm_dir())
-    try:
-        t0 = time.monotonic()
-        wait_healthy(srv, SERVER_START_TIMEOUT_S)
-        srv.start_s = time.monotonic() - t0
-        yield srv
-    finally:
-        stop(proc)
+    yield from serving(tiny_vlm_dir(), tmp_path_factory.mktemp("serve_vlm"))
 
 
 @pytest.fixture(scope="module")
