@@ -58,6 +58,7 @@ class WorkerRuntime:
         self.llm = create_llm(kw, on_cpu=on_cpu)
         self.image_pad_id = image_pad_id(spec["model"])  # None: a text model
         self.version = 0
+        self.caches_fresh = False  # no request decoded since the last cache reset
         self.pending_error: dict | None = None
 
     # ------------------------------------------------------------------ loop
@@ -105,6 +106,7 @@ class WorkerRuntime:
             inputs = [engine_prompt(p, paths, self.image_pad_id) for p, paths in zip(prompts, per_prompt)]
         except ValueError as exc:  # an unreadable image, pads without images, a text model given images
             raise BadRequest(str(exc)) from None
+        self.caches_fresh = False
         results = self.llm.generate(inputs, params, use_tqdm=False)
         return [{"prompt_ids": list(r.prompt_token_ids), "completion_ids": list(r.outputs[0].token_ids), "text": "",
                  "finish_reason": str(r.outputs[0].finish_reason), "weight_version": self.version}
@@ -124,13 +126,16 @@ class WorkerRuntime:
         self._rpc("stage2_receive_bucket", specs=specs, nbytes=nbytes)
         if last:  # prefix cache and cached vision embeddings were computed with the old weights
             reset_caches(self.llm)
+            self.caches_fresh = True
             self.version = version
             log.info("dp%d: weight version %d loaded", self.dp_rank, version)
 
     def reset_prefix_cache(self) -> int:
         from toolkit.rollout.backends.vllm_colocate import reset_caches
 
-        reset_caches(self.llm)
+        if not self.caches_fresh:  # the learner's handshake right after a last bucket needs no second reset
+            reset_caches(self.llm)
+            self.caches_fresh = True
         return self.version
 
     def close_group(self) -> None:
