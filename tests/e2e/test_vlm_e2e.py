@@ -43,3 +43,18 @@ def test_vlm_export_loads_with_its_processor_and_the_vision_tower_trained(vlm_ru
     end = load_file(hf / "model.safetensors")
     tower = [k for k in start if "visual.blocks." in k and k.endswith("weight")]  # saved as visual.* (legacy names)
     assert tower and any(not torch.equal(start[k], end[k]) for k in tower)
+
+
+def test_vlm_lora_run_exports_merged_weights_with_the_tower_trained_in_full(tmp_path):
+    """LoRA adapters on the language model only; the vision tower (vit_lr > 0) trains in full and is exported."""
+    from safetensors.torch import load_file
+
+    res = run_train("smoke/vlm_ab_mixed", tmp_path, "training.max_steps=1", "training.save_steps=1",
+                    "training.eval_strategy=no", "tuner.train_type=lora", "tuner.lora_rank=4")
+    assert res.returncode == 0, res.stderr[-4000:]
+    start = load_file(ROOT / "assets" / "vlm" / "stage1" / "model.safetensors")
+    end = load_file(tmp_path / "checkpoints" / "step-000001" / "hf" / "model.safetensors")
+    assert set(end) == set(start)  # merged: no lora_A/lora_B tensors, the original names
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert any("visual.blocks." in k for k in changed)  # full-weight tower update
+    assert any("q_proj" in k for k in changed)  # merged LoRA delta on the language model
