@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _e2e_runs import ROOT, metrics, run_train
+from _e2e_runs import ROOT, metrics, run_torchrun, run_train
 
 pytestmark = pytest.mark.e2e
 
@@ -58,3 +58,20 @@ def test_vlm_lora_run_exports_merged_weights_with_the_tower_trained_in_full(tmp_
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert any("visual.blocks." in k for k in changed)  # full-weight tower update
     assert any("q_proj" in k for k in changed)  # merged LoRA delta on the language model
+
+
+def test_vlm_two_ranks_zero3_match_one_rank_zero2(tmp_path):
+    """Images under ZeRO-3 on 2 CPU ranks (gathered generate, sharded vision tower) log the same step losses as
+    one ZeRO-2 rank: same samples, same greedy rollouts. Packing off, so the logged loss (a segment-weighted
+    mean of per-pack means) does not depend on how segments are split across ranks."""
+    sets = ("training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no", "training.packing=false",
+            "rollout_matching.max_new_tokens=64")
+    one = run_train("smoke/vlm_ab_mixed", tmp_path / "one", *sets)
+    two = run_torchrun(2, "smoke/vlm_ab_mixed", tmp_path / "two", "deepspeed.config=zero3", *sets)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert two.returncode == 0, two.stdout[-4000:]
+    rows_one, rows_two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["channel"] for r in rows_two] == ["A", "B"]
+    assert rows_two[1]["rollout/prompt_mismatch_rate"] == 0 and rows_two[1]["rollout/samples"] == 8
+    for a, b in zip(rows_two, rows_one):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5)
