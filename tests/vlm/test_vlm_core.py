@@ -164,3 +164,11 @@ def test_lora_wraps_the_language_model_only_and_vision_lrs_decide_the_rest():
     tower = [p for n, p in model.named_parameters() if ".visual.blocks." in n]
     assert tower and not any(p.requires_grad for p in tower)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".merger." in n)
+
+
+@pytest.mark.parametrize("size", [(112, 112), (84, 112), (112, 56), (500, 300), (30, 40), (2000, 700)])
+def test_grid_from_the_record_size_equals_the_processor_grid(vlm, tmp_path, size):
+    """Start-up computes grids from width/height without decoding images; it must be the processor's grid."""
+    _, vp = vlm
+    path = shape_images(tmp_path, sizes=[size])[0]
+    assert vp.grid_for_size(*size) == vp.grids([path])[0]

@@ -45,7 +45,7 @@ def load_samples(path: str, tok, *, limit: int | None = None, system: str | None
         if vision is None:
             raise ValueError(f"{path}: record {rec.id!r} has images but the model has no vision tower "
                              "(fix: point model.model at a Qwen2-VL folder, or use text records)")
-        grids = vision.grids(rec.images)
+        grids = (vision.grid_for_size(rec.width, rec.height),)  # one image per record (docs/DATA.md)
         ids = vision.expand(encode_prompt(tok, image_messages(len(rec.images), system)), grids)
         out.append(SampleInput(rec.id, ids, objects, tuple(rec.images), grids))
     return out

@@ -40,6 +40,16 @@ class VisionProcessor:
     def grids(self, paths: Sequence[str]) -> tuple[Grid, ...]:
         return tuple(tuple(int(v) for v in g) for g in self.pixels(paths)[1].tolist()) if paths else ()
 
+    def grid_for_size(self, width: int, height: int) -> Grid:
+        """The grid `grids()` gives a width×height image, computed from the size alone (records carry it, and
+        the loader checks it against the file), so start-up never decodes the dataset's images."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
+                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        return (1, h // ip.patch_size, w // ip.patch_size)
+
     def tokens_per_image(self, grid: Grid) -> int:
         t, h, w = grid
         return t * h * w // (self.merge * self.merge)
