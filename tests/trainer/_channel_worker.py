@@ -14,7 +14,6 @@ n_segments / (N_raw · world), clips and steps the same AdamW.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import faulthandler
 import functools
@@ -28,6 +27,7 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
+from _torchrun import worker_parser, write_report  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer import optim  # noqa: E402
 
@@ -295,11 +295,7 @@ def sensitivity(world: int, step: int, **other) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tmp", required=True)
-    parser.add_argument("--stages", default="0,1,2,3")
-    args = parser.parse_args()
+    args = worker_parser("0,1,2,3").parse_args()
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
     info = eng.init_distributed()
@@ -318,10 +314,7 @@ def main() -> None:
     for stage in [s for s in args.stages.split(",") if s]:
         report["stages"][stage] = run_stage(stage, info, args.tmp)
     report["wall_s"] = round(time.time() - t0, 2)
-    if info.rank == 0:
-        with open(args.out + ".tmp", "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
-        os.replace(args.out + ".tmp", args.out)
+    write_report(report, args.out, info.rank)
     eng.close_distributed()
 
 

@@ -8,7 +8,6 @@ different init, loads that checkpoint and replays steps 2.. which must match eng
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import faulthandler
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
+from _torchrun import worker_parser, write_report  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer import optim  # noqa: E402
 
@@ -325,10 +325,7 @@ def run_lora(info, tmp: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tmp", required=True)
-    parser.add_argument("--stages", default="0,1,2,3", help="comma list of 0,1,2,3 and 3o (ZeRO-3 offload)")
+    parser = worker_parser("0,1,2,3")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--bf16-stages", default="", help="comma list of stages to smoke-test in bf16")
     args = parser.parse_args()
@@ -345,10 +342,7 @@ def main() -> None:
         report["lora"] = run_lora(info, args.tmp)
     report["bf16"] = {stage: run_bf16(stage, info) for stage in args.bf16_stages.split(",") if stage}
     report["wall_s"] = round(time.time() - t0, 2)
-    if info.rank == 0:
-        with open(args.out + ".tmp", "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
-        os.replace(args.out + ".tmp", args.out)
+    write_report(report, args.out, info.rank)
     eng.close_distributed()
 
 

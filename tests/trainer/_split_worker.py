@@ -9,9 +9,7 @@ forced padding round that carries the accumulation boundary).
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import sys
 
@@ -19,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_worker import N_RAW, build, loss_fn, max_abs, packs_for, tiny_model  # noqa: E402
+from _torchrun import worker_parser, write_report  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 
 # CUTS[step][rank] = (a, b): calls get packs[:a], packs[a:b], packs[b:]; None = all in the first call.
@@ -66,11 +65,7 @@ def compare(one: list[dict], split_rows: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tmp", required=True)
-    parser.add_argument("--stages", default="0,2,3")
-    args = parser.parse_args()
+    args = worker_parser("0,2,3").parse_args()
     torch.set_num_threads(1)
     info = eng.init_distributed()
     report = {"world": info.world_size, "stages": {}}
@@ -81,9 +76,7 @@ def main() -> None:
         report["stages"][stage] = compare(one, many)
         moved.append(max_abs(one[0]["params"], one[-1]["params"]))
     report["params_moved"] = moved
-    if info.rank == 0:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+    write_report(report, args.out, info.rank)
     eng.close_distributed()
 
 

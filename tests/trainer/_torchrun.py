@@ -45,3 +45,23 @@ def run_worker(worker: Path, args: list[str], world: int, tmp: Path, timeout_s: 
     report = json.loads(out.read_text())
     report["job_s"] = round(time.time() - t0, 1)
     return report
+
+
+# ---- the worker side (imported by the worker scripts, which run from this folder) ----------------------------
+def worker_parser(default_stages: str):
+    """argparse for a worker: `--out/--tmp` (what `run_worker` passes) and `--stages`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tmp", required=True)
+    parser.add_argument("--stages", default=default_stages, help="comma list of ZeRO stages (3o: ZeRO-3 offload)")
+    return parser
+
+
+def write_report(report: dict, out: str, rank: int) -> None:
+    """Rank 0 writes the JSON report atomically (a killed worker never leaves half a report)."""
+    if rank == 0:
+        with open(out + ".tmp", "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+        os.replace(out + ".tmp", out)
