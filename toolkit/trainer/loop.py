@@ -33,8 +33,8 @@ from toolkit.trainer.evaluate import evaluate_rollouts
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
-from toolkit.trainer.samples import SampleInput, image_kwargs, load_samples
-from toolkit.vlm.inputs import VisionProcessor, is_vlm
+from toolkit.trainer.samples import SampleInput, load_samples
+from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 from toolkit.trainer.scheduler import channel_for_step
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Stage2Trainer:
         self.tok = load_tokenizer(cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
         # A Qwen-VL model folder: images are patched by its own processor, positions are M-RoPE.
-        self.vision = VisionProcessor(cfg.model.model) if is_vlm(cfg.model.model) else None
+        self.vision = VisionProcessor(cfg.model.model) if image_pad_id(cfg.model.model) is not None else None
         self.mrope = (self.vision.pad_id, self.vision.merge) if self.vision else None
         self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
         self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []

@@ -15,10 +15,21 @@ from toolkit.vlm.images import IMAGE_PAD, open_image
 from toolkit.vlm.mrope import Grid
 
 
-def is_vlm(model_dir: str | Path) -> bool:
-    """True when the model folder's config declares a vision tower."""
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and "vision_config" in json.loads(config.read_text())
+def model_config(model: str) -> dict:
+    """`model`'s config.json as a dict; {} when `model` is not a local directory (nothing is downloaded)."""
+    path = Path(model) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def image_pad_id(model: str) -> int | None:
+    """The `<|image_pad|>` id of a vision-language model (its config has a `vision_config`), else None."""
+    cfg = model_config(model)
+    if "vision_config" not in cfg:
+        return None
+    pad = cfg.get("image_token_id", cfg.get("text_config", {}).get("image_token_id"))
+    if pad is None:
+        raise ValueError(f"{model}/config.json has a vision_config but no image_token_id (not a Qwen2-VL-family model?)")
+    return int(pad)
 
 
 class VisionProcessor:

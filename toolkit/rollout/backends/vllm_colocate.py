@@ -19,16 +19,15 @@ with its images, and the engine's own prompt ids come back in `Rollout.prompt_id
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from toolkit.rollout.backends.base import DecodeSettings, Rollout
 from toolkit.rollout.chunking import chunked, seed_base
 from toolkit.rollout.repeat import RepeatRule
+from toolkit.vlm.inputs import image_pad_id
 
 log = logging.getLogger(__name__)
 
@@ -89,23 +88,6 @@ def engine_kwargs(vcfg: dict, *, model: str, dtype: str, seed: int, on_cpu: bool
 
 
 # ------------------------------------------------------------------ vision-language models
-
-
-def model_config(model: str) -> dict:
-    """`model`'s config.json as a dict; {} when `model` is not a local directory (nothing is downloaded)."""
-    path = Path(model) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def image_pad_id(model: str) -> int | None:
-    """The `<|image_pad|>` id of a vision-language model (its config has a `vision_config`), else None."""
-    cfg = model_config(model)
-    if "vision_config" not in cfg:
-        return None
-    pad = cfg.get("image_token_id", cfg.get("text_config", {}).get("image_token_id"))
-    if pad is None:
-        raise ValueError(f"{model}/config.json has a vision_config but no image_token_id (not a Qwen2-VL-family model?)")
-    return int(pad)
 
 
 def vlm_engine_kwargs(vcfg: dict) -> dict:

@@ -46,7 +46,8 @@ def worker_main(spec: dict, dp_rank: int, conn) -> None:
 
 class WorkerRuntime:
     def __init__(self, spec: dict, dp_rank: int):
-        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group, image_pad_id
+        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group
+        from toolkit.vlm.inputs import image_pad_id
 
         self.dp_rank = dp_rank
         self.tp = spec["tp"]
