@@ -51,6 +51,8 @@ DATA = Section("Training and validation records.", {
                       "Root for relative image paths in records (docs/DATA.md).", None),
     "bbox_format": Key(Enum("norm1000", "pixel"), "Box units in the records: integer bins 0..999, or pixels of the "
                        "record's width x height (converted to bins on load; docs/DATA.md).", "norm1000"),
+    "poly_policy": Key(Enum("error", "drop"), "Poly objects in the records (Stage-2 trains boxes): error names each "
+                       "file:line; drop skips them, counted per file in the log and data/*_poly_dropped metrics.", "error"),
     "train_sample_limit": Key(Nullable(POS_INT), "Use only the first N training records.", None),
     "val_sample_limit": Key(Nullable(POS_INT), "Use only the first N validation records.", None),
     "shuffle": Key(Bool(), "Shuffle training records each epoch (seeded).", True),

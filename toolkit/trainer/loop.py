@@ -141,6 +141,9 @@ class Stage2Trainer:
         self.overlap_b = self.stream_b and self.cfg.rollout_matching_cfg["vllm"]["server"]["overlap"]
         self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
+        # data.poly_policy "drop": how many poly objects each file lost (logged on load, written every step).
+        self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
+                             "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
                                        schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
         self._maybe_resume()
@@ -157,7 +160,7 @@ class Stage2Trainer:
         """Records → prompt ids once; prompts never change during training."""
         d = self.cfg.data
         return load_samples(path, self.tok, limit=limit, system=self.cfg.template.system_prompt, vision=self.vision,
-                            image_root=d.image_root, bbox_format=d.bbox_format)
+                            image_root=d.image_root, bbox_format=d.bbox_format, poly_policy=d.poly_policy)
 
     def _setup_engine(self) -> Stage2Engine:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -240,6 +243,7 @@ class Stage2Trainer:
             if tr.eval_strategy == "steps" and self.val_set and self.state.step % tr.eval_steps == 0:
                 metrics.update(self.validate(self.state.step))
             channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
+            metrics.update(self.data_metrics)
             self.writer.write(step, channel, metrics)
             if self.dist.rank == 0 and (step + 1) % tr.logging_steps == 0:
                 log.info("step %d/%d [%s] %s", step + 1, self.total_steps, channel, _summary(metrics))

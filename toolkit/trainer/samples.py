@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from toolkit.data.records import load_records
+from toolkit.data.records import RecordError, RecordIssue, load_records
 from toolkit.data.render import SYSTEM_PROMPT, USER_INSTRUCTION, render_messages
 from toolkit.data.tokenizer import encode_prompt
 from toolkit.vlm.images import IMAGE_PLACEHOLDER
@@ -24,6 +24,7 @@ class SampleInput:
     gt_objects: list[dict]
     images: tuple[str, ...] = ()  # absolute paths, in prompt order
     image_grids: tuple[tuple[int, int, int], ...] = ()
+    dropped_poly: int = 0  # poly objects data.poly_policy "drop" removed from this record
 
 
 def image_messages(n_images: int, system: str = SYSTEM_PROMPT) -> list[dict]:
@@ -33,21 +34,25 @@ def image_messages(n_images: int, system: str = SYSTEM_PROMPT) -> list[dict]:
 
 
 def load_samples(path: str, tok, *, limit: int | None = None, system: str | None = None, vision=None,
-                 image_root: str | None = None, bbox_format: str = "norm1000") -> list[SampleInput]:
+                 image_root: str | None = None, bbox_format: str = "norm1000",
+                 poly_policy: str = "error") -> list[SampleInput]:
     """Validated records of `path` as samples. Image records need `vision` (a VisionProcessor)."""
     system = SYSTEM_PROMPT if system is None else system
+    records = load_records(path, limit=limit, image_root=image_root, bbox_format=bbox_format, poly_policy=poly_policy)
+    if vision is None and any(rec.images for rec in records):
+        raise RecordError([RecordIssue(rec.file, rec.line, "image record, but the model has no vision tower",
+                                       "point model.model at a Qwen-VL folder, or use text records")
+                           for rec in records if rec.images])
     out = []
-    for rec in load_records(path, limit=limit, image_root=image_root, bbox_format=bbox_format):
+    for rec in records:
         objects = [dict(o) for o in rec.objects]
         if not rec.images:
-            out.append(SampleInput(rec.id, encode_prompt(tok, render_messages(rec.scene, system)), objects))
+            ids = encode_prompt(tok, render_messages(rec.scene, system))
+            out.append(SampleInput(rec.id, ids, objects, dropped_poly=rec.dropped_poly))
             continue
-        if vision is None:
-            raise ValueError(f"{path}: record {rec.id!r} has images but the model has no vision tower "
-                             "(fix: point model.model at a Qwen2-VL folder, or use text records)")
         grids = (vision.grid_for_size(rec.width, rec.height),)  # one image per record (docs/DATA.md)
         ids = vision.expand(encode_prompt(tok, image_messages(len(rec.images), system)), grids)
-        out.append(SampleInput(rec.id, ids, objects, tuple(rec.images), grids))
+        out.append(SampleInput(rec.id, ids, objects, tuple(rec.images), grids, rec.dropped_poly))
     return out
 
 
