@@ -74,3 +74,30 @@ def test_a_directory_is_a_clear_error(tmp_path):
     res = check(tmp_path)
     assert res.exit_code == 1 and "is a directory, not a JSONL records file" in res.stderr
     assert "Traceback" not in res.output
+
+
+LIGHT = """
+import json, sys, contextlib, io
+from launchers.cli import main
+codes = []
+for args in (["data", "--help"], ["data", "convert", "--help"], ["data", "check", "assets/vlm/data/val.jsonl"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main.main(args=args, prog_name="stage2", standalone_mode=False)
+            codes.append(0)
+        except SystemExit as exc:
+            codes.append(exc.code)
+heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "deepspeed", "vllm", "fastapi")]
+print(json.dumps({"codes": codes, "heavy": heavy, "data": "toolkit.data.check" in sys.modules}))
+"""
+
+
+def test_data_commands_without_a_profile_import_nothing_heavy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", LIGHT], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 0], "heavy": [], "data": True}
