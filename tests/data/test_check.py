@@ -67,7 +67,7 @@ def test_profile_counts_answer_tokens_against_the_limits(tmp_path):
 def test_image_records_on_a_text_profile_are_problems(tmp_path):
     path = dataset(tmp_path, [image_rec("a.png", [])])
     res = check(path, "--profile", "smoke/a_only")
-    assert res.exit_code == 1 and f"{path}:1: image record, but the model has no vision tower" in res.output
+    assert res.exit_code == 1 and f"{path}:1: record 'd.jsonl:1' has images but the model has no vision tower" in res.output
 
 
 def test_a_directory_is_a_clear_error(tmp_path):

@@ -134,7 +134,7 @@ def test_image_records_on_a_text_model_name_every_line(tmp_path, tok):
     with pytest.raises(RecordError) as err:
         load_samples(str(path), tok, vision=None)
     text = str(err.value)
-    assert f"{path}:2: image record, but the model has no vision tower" in text and f"{path}:3: " in text
+    assert f"{path}:2: record 'r.jsonl:2' has images but the model has no vision tower" in text and f"{path}:3: " in text
 
 
 # ---------------------------------------------------------------------------------------------- record fuzz

@@ -130,7 +130,7 @@ def check_dataset(path: str, *, cfg=None, image_root: str | None = None, bbox_fo
     if cfg is not None and records:
         report.stats.update(token_stats(records, cfg))
         if report.stats["image records on a model without a vision tower"]:
-            report.issues += [RecordIssue(r.file, r.line, "image record, but the model has no vision tower",
+            report.issues += [RecordIssue(r.file, r.line, f"record {r.id!r} has images but the model has no vision tower",
                                           "point model.model at a Qwen-VL folder, or use text records")
                               for r in records if r.is_image]
     return report

@@ -40,7 +40,7 @@ def load_samples(path: str, tok, *, limit: int | None = None, system: str | None
     system = SYSTEM_PROMPT if system is None else system
     records = load_records(path, limit=limit, image_root=image_root, bbox_format=bbox_format, poly_policy=poly_policy)
     if vision is None and any(rec.images for rec in records):
-        raise RecordError([RecordIssue(rec.file, rec.line, "image record, but the model has no vision tower",
+        raise RecordError([RecordIssue(rec.file, rec.line, f"record {rec.id!r} has images but the model has no vision tower",
                                        "point model.model at a Qwen-VL folder, or use text records")
                            for rec in records if rec.images])
     out = []
