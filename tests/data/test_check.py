@@ -101,3 +101,17 @@ def test_data_commands_without_a_profile_import_nothing_heavy():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 0], "heavy": [], "data": True}
+
+
+def test_decode_finds_damage_inside_a_complete_image(tmp_path):
+    """Bytes garbled mid-file, header and end marker intact: the load passes, --decode names the line."""
+    path = dataset(tmp_path, [image_rec("a.png", []), image_rec("b.png", [])])
+    Image.effect_noise((112, 112), 64).convert("RGB").save(tmp_path / "images" / "b.png")
+    raw = bytearray((tmp_path / "images" / "b.png").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(64)
+    (tmp_path / "images" / "b.png").write_bytes(bytes(raw))
+    assert check(path).exit_code == 0
+    res = check(path, "--decode")
+    assert res.exit_code == 1 and f"{path}:2: image 'images/b.png' at {tmp_path / 'images' / 'b.png'} does not decode" in res.output
+    assert "does not decode: 1" in res.output

@@ -37,7 +37,8 @@ def _image_kind(issue: RecordIssue) -> str | None:
     msg = issue.message
     if msg.startswith("image "):
         for needle, kind in (("not found", "missing"), ("pixels but the record says", "wrong size"),
-                             ("truncated", "truncated"), ("too large", "too large"), ("not a readable", "unreadable")):
+                             ("truncated", "truncated"), ("too large", "too large"), ("not a readable", "unreadable"),
+                             ("does not decode", "does not decode")):
             if needle in msg:
                 return kind
     return None
@@ -119,13 +120,31 @@ def token_stats(records: list[Record], cfg) -> dict:
     }
 
 
+def decode_issues(records: list[Record]) -> list[RecordIssue]:
+    """Decode every image in full: finds damage inside a complete file, which the loader's cheap checks cannot."""
+    from PIL import Image
+
+    issues = []
+    for rec in records:
+        for entry, path in zip(rec.image_entries, rec.images):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what PIL's decoders raise
+                issues.append(RecordIssue(rec.file, rec.line, f"image {entry!r} at {path} does not decode: {exc}",
+                                          "re-export or re-copy the file"))
+    return issues
+
+
 def check_dataset(path: str, *, cfg=None, image_root: str | None = None, bbox_format: str = "norm1000",
-                  poly_policy: str = "error") -> CheckReport:
+                  poly_policy: str = "error", decode: bool = False) -> CheckReport:
     """Check `path`: all problems, record statistics, and token statistics when a resolved profile `cfg` is given
-    (its data.image_root / bbox_format / poly_policy then apply)."""
+    (its data.image_root / bbox_format / poly_policy then apply); `decode` decodes every image in full."""
     if cfg is not None:
         image_root, bbox_format, poly_policy = cfg.data.image_root, cfg.data.bbox_format, cfg.data.poly_policy
     records, issues = read_records(path, image_root=image_root, bbox_format=bbox_format, poly_policy=poly_policy)
+    if decode:
+        issues += decode_issues(records)
     report = CheckReport(str(path), issues, len(records), record_stats(records, issues))
     if cfg is not None and records:
         report.stats.update(token_stats(records, cfg))

@@ -67,7 +67,8 @@ def convert(annotations, images_dir, out, max_objects, max_side, grid, model_dir
 @click.option("--image-root", default=None, help="Root for relative image entries (default: the file's folder).")
 @click.option("--bbox-format", type=click.Choice(["norm1000", "pixel"]), default="norm1000", show_default=True)
 @click.option("--poly-policy", type=click.Choice(["error", "drop"]), default="error", show_default=True)
-def check(path, profile, sets, image_root, bbox_format, poly_policy) -> None:
+@click.option("--decode", is_flag=True, help="Decode every image in full (slow; finds damage the load-time checks miss).")
+def check(path, profile, sets, image_root, bbox_format, poly_policy, decode) -> None:
     """Check a records file: every problem (file:line) at once, then statistics. Exit 1 on any problem.
 
     \b
@@ -82,7 +83,7 @@ def check(path, profile, sets, image_root, bbox_format, poly_policy) -> None:
     try:
         cfg = load_profile(profile, sets, world_size=1) if profile else None
         report = check_dataset(str(path), cfg=cfg, image_root=image_root, bbox_format=bbox_format,
-                               poly_policy=poly_policy)
+                               poly_policy=poly_policy, decode=decode)
     except (ConfigError, RecordError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("\n".join(report.lines()))
