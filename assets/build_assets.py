@@ -33,6 +33,7 @@ from toolkit.data.render import (  # noqa: E402
 from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
 PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1")
+OPT_IN_PARTS = ("lvis_synth",)  # built only when named in --only; not committed (toolkit/data/synth_lvis.py)
 
 # ---- synthetic data -------------------------------------------------------------------------------------
 CLASSES = ("cat", "dog", "car", "tree", "person", "bird", "boat", "chair",
@@ -543,7 +544,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vlm-stage1-steps", type=int, default=None, help="override the VLM Stage-1 step count (smoke builds)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in args.parts if s not in PARTS]
+    unknown = [s for s in args.parts if s not in PARTS + OPT_IN_PARTS]
     if unknown:
         p.error(f"unknown parts {unknown}; choose from {','.join(PARTS)}")
     return args
@@ -570,6 +571,9 @@ def main(argv=None) -> int:
         build_vlm_model(out)
     if "vlm_stage1" in args.parts:
         build_vlm_stage1(out, steps=args.vlm_stage1_steps)
+    if "lvis_synth" in args.parts:  # LVIS-shaped scenes: 40-60 objects, 1-2k-token answers (docs/DATA.md)
+        from toolkit.data.synth_lvis import main as synth_lvis_main
+        synth_lvis_main([str(out / "lvis_synth")])
     print(f"built {','.join(args.parts)} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
 
