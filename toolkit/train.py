@@ -5,18 +5,35 @@
     python -m toolkit.train --profile smoke/ab_mixed --resume auto            # newest complete checkpoint
 
 Exit codes: 0 done; 1 bad profile / bad data (a message, never a traceback); 128+N after a stop
-signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written.
+signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written; during
+start-up (before the first step) the same codes at once, with nothing written.
 Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import click
 
 WORLD_ENV = ("WORLD_SIZE", "1")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # as the trainer's (toolkit/trainer/loop.py)
+log = logging.getLogger("toolkit.train")
+
+
+class StartupStopped(BaseException):
+    """A stop signal arrived during start-up. A BaseException (like KeyboardInterrupt) so that no library's
+    `except Exception` retry loop (hub downloads, server waits) swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_now(signum, _frame):
+    raise StartupStopped(signum)
 
 
 def setup_logging() -> None:
@@ -28,7 +45,22 @@ def setup_logging() -> None:
 
 
 def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None) -> int:
-    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code."""
+    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code.
+
+    Until setup is done a stop signal ends the run at once (128 + N): there is nothing to checkpoint yet, and
+    start-up can take minutes (model download, data, servers). The trainer then installs its own handlers,
+    which finish the current step and write a checkpoint.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_now)
+    try:
+        return _start_and_train(profile, overrides, resume)
+    except StartupStopped as stop:
+        log.warning("signal %d during start-up: stopped before the first step (nothing to checkpoint)", stop.signum)
+        return 128 + stop.signum
+
+
+def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None) -> int:
     from toolkit.config import load_profile
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
@@ -59,11 +91,12 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None) 
     """
     from toolkit.config import ConfigError
     from toolkit.data.records import RecordError
+    from toolkit.trainer.checkpoint import CheckpointError
 
     setup_logging()
     try:
         code = run(profile, overrides, resume)
-    except (ConfigError, RecordError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, CheckpointError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     sys.exit(code)
 
