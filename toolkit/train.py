@@ -5,8 +5,8 @@
     python -m toolkit.train --profile smoke/ab_mixed --resume auto            # newest complete checkpoint
 
 Exit codes: 0 done; 1 bad profile / bad data (a message, never a traceback); 128+N after a stop
-signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written; during
-start-up (before the first step) the same codes at once, with nothing written.
+signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written; SIGTERM or
+SIGINT during start-up (before the first step) stop at once, writing nothing (143, 130).
 Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ import sys
 import click
 
 WORLD_ENV = ("WORLD_SIZE", "1")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # as the trainer's (toolkit/trainer/loop.py)
+STOP_NOW = (signal.SIGTERM, signal.SIGINT)  # during start-up: stop at once
 log = logging.getLogger("toolkit.train")
 
 
 class StartupStopped(BaseException):
-    """A stop signal arrived during start-up. A BaseException (like KeyboardInterrupt) so that no library's
+    """SIGTERM/SIGINT arrived during start-up. A BaseException (like KeyboardInterrupt) so that no library's
     `except Exception` retry loop (hub downloads, server waits) swallows it."""
 
     def __init__(self, signum: int):
@@ -36,6 +36,27 @@ def _stop_now(signum, _frame):
     raise StartupStopped(signum)
 
 
+class StartupSignals:
+    """Signal handling until the trainer's own handlers take over (the end of its setup).
+
+    SIGTERM / SIGINT stop the process at once: there is nothing to checkpoint yet, and start-up can wait
+    for minutes (model download retries, data, servers). SIGUSR1 (SLURM's "checkpoint, then requeue"
+    warning) is kept and handed to the trainer, which checkpoints after the first step as always.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = 0
+
+    def install(self) -> None:
+        for sig in STOP_NOW:
+            signal.signal(sig, _stop_now)
+        signal.signal(signal.SIGUSR1, self._defer)
+
+    def _defer(self, signum, _frame) -> None:
+        self.deferred = signum
+        log.warning("signal %d during start-up: will checkpoint and stop after the first step", signum)
+
+
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -45,22 +66,18 @@ def setup_logging() -> None:
 
 
 def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None) -> int:
-    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code.
-
-    Until setup is done a stop signal ends the run at once (128 + N): there is nothing to checkpoint yet, and
-    start-up can take minutes (model download, data, servers). The trainer then installs its own handlers,
-    which finish the current step and write a checkpoint.
-    """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _stop_now)
+    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code
+    (128 + N at once for SIGTERM/SIGINT during start-up; see StartupSignals)."""
+    startup = StartupSignals()
+    startup.install()
     try:
-        return _start_and_train(profile, overrides, resume)
+        return _start_and_train(profile, overrides, resume, startup)
     except StartupStopped as stop:
         log.warning("signal %d during start-up: stopped before the first step (nothing to checkpoint)", stop.signum)
         return 128 + stop.signum
 
 
-def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None) -> int:
+def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None, startup: StartupSignals) -> int:
     from toolkit.config import load_profile
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
@@ -69,7 +86,8 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
 
     trainer = Stage2Trainer(cfg, resume=resume)
     try:
-        trainer.setup()
+        trainer.setup()  # installs the trainer's handlers last
+        trainer.stop_signum = trainer.stop_signum or startup.deferred
         return trainer.train()
     finally:
         trainer.cleanup()

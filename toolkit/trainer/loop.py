@@ -145,7 +145,8 @@ class Stage2Trainer:
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
         # Graceful handlers (finish the step, checkpoint) only now: during setup (minutes on a real model)
-        # toolkit/train.py's start-up handler stops the process at once, as there is nothing to save yet.
+        # toolkit/train.py's start-up handlers stop at once on SIGTERM/SIGINT (nothing to save yet) and
+        # hand a SIGUSR1 over to stop_signum.
         self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
