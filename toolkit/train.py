@@ -5,18 +5,56 @@
     python -m toolkit.train --profile smoke/ab_mixed --resume auto            # newest complete checkpoint
 
 Exit codes: 0 done; 1 bad profile / bad data (a message, never a traceback); 128+N after a stop
-signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written.
+signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written; SIGTERM or
+SIGINT during start-up (before the first step) stop at once, writing nothing (143, 130).
 Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import click
 
 WORLD_ENV = ("WORLD_SIZE", "1")
+STOP_NOW = (signal.SIGTERM, signal.SIGINT)  # during start-up: stop at once
+log = logging.getLogger("toolkit.train")
+
+
+class StartupStopped(BaseException):
+    """SIGTERM/SIGINT arrived during start-up. A BaseException (like KeyboardInterrupt) so that no library's
+    `except Exception` retry loop (hub downloads, server waits) swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_now(signum, _frame):
+    raise StartupStopped(signum)
+
+
+class StartupSignals:
+    """Signal handling until the trainer's own handlers take over (the end of its setup).
+
+    SIGTERM / SIGINT stop the process at once: there is nothing to checkpoint yet, and start-up can wait
+    for minutes (model download retries, data, servers). SIGUSR1 (SLURM's "checkpoint, then requeue"
+    warning) is kept and handed to the trainer, which checkpoints after the first step as always.
+    """
+
+    def __init__(self) -> None:
+        self.deferred = 0
+
+    def install(self) -> None:
+        for sig in STOP_NOW:
+            signal.signal(sig, _stop_now)
+        signal.signal(signal.SIGUSR1, self._defer)
+
+    def _defer(self, signum, _frame) -> None:
+        self.deferred = signum
+        log.warning("signal %d during start-up: will checkpoint and stop after the first step", signum)
 
 
 def setup_logging() -> None:
@@ -28,7 +66,18 @@ def setup_logging() -> None:
 
 
 def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None) -> int:
-    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code."""
+    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code
+    (128 + N at once for SIGTERM/SIGINT during start-up; see StartupSignals)."""
+    startup = StartupSignals()
+    startup.install()
+    try:
+        return _start_and_train(profile, overrides, resume, startup)
+    except StartupStopped as stop:
+        log.warning("signal %d during start-up: stopped before the first step (nothing to checkpoint)", stop.signum)
+        return 128 + stop.signum
+
+
+def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None, startup: StartupSignals) -> int:
     from toolkit.config import load_profile
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
@@ -37,7 +86,8 @@ def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None
 
     trainer = Stage2Trainer(cfg, resume=resume)
     try:
-        trainer.setup()
+        trainer.setup()  # installs the trainer's handlers last
+        trainer.stop_signum = trainer.stop_signum or startup.deferred
         return trainer.train()
     finally:
         trainer.cleanup()
@@ -59,11 +109,12 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None) 
     """
     from toolkit.config import ConfigError
     from toolkit.data.records import RecordError
+    from toolkit.trainer.checkpoint import CheckpointError
 
     setup_logging()
     try:
         code = run(profile, overrides, resume)
-    except (ConfigError, RecordError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, CheckpointError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     sys.exit(code)
 

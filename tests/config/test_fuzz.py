@@ -150,3 +150,70 @@ def test_mutated_leaf_text_loads_or_fails_cleanly(fuzz_leaf, text):
         event("ConfigError")
         assert err.issues and all(i.key_path.strip() and i.file and i.message for i in err.issues)
         str(err)
+
+
+LEAF_BYTES = LEAF_TEXT.encode("utf-8")
+
+
+@st.composite
+def alias_bombs(draw):
+    """Nested anchors, each repeating the previous one `width` times, as a mapping or a list, placed under
+    custom.extra or as a new top-level key: levels × width bytes standing for width**levels values."""
+    levels, width = draw(st.integers(1, 9)), draw(st.integers(1, 12))
+    as_map = draw(st.booleans())
+    lines = []
+    for i in range(levels):
+        item = "x" if i == 0 else f"*b{i - 1}"
+        body = ("{" + ", ".join(f"k{j}: {item}" for j in range(width)) + "}") if as_map else \
+               ("[" + ", ".join([item] * width) + "]")
+        lines.append(f"b{i}: &b{i} {body}")
+    if draw(st.booleans()):
+        text = LEAF_TEXT + "custom:\n  extra:\n" + "".join(f"    {line}\n" for line in lines)
+    else:
+        text = LEAF_TEXT + "".join(f"{line}\n" for line in lines)
+    return text, sum(width ** (i + 1) for i in range(levels)) * (2 if as_map else 1)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(bomb=alias_bombs())
+def test_alias_bombs_fail_cleanly_naming_the_file(fuzz_leaf, bomb):
+    from toolkit.config.yamlio import MAX_NODES
+
+    text, expanded = bomb
+    fuzz_leaf.write_text(text, encoding="utf-8")
+    try:
+        load_profile(fuzz_leaf)
+        event("loaded")
+        assert expanded <= MAX_NODES
+    except ConfigError as err:
+        event("ConfigError")
+        assert err.issues and all(i.key_path.strip() and i.file and i.message for i in err.issues)
+        if expanded > 2 * MAX_NODES:  # well over the budget: refused by it, at a line of this file
+            assert any(i.file == str(fuzz_leaf) and i.line and "alias" in i.message for i in err.issues), err
+        str(err)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(at=st.integers(0, len(LEAF_BYTES)), junk=st.binary(min_size=1, max_size=6))
+def test_non_utf8_bytes_fail_cleanly_at_their_line(fuzz_leaf, at, junk):
+    raw = LEAF_BYTES[:at] + junk + LEAF_BYTES[at:]
+    fuzz_leaf.write_bytes(raw)
+    try:
+        raw.decode("utf-8")
+        bad = None
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    try:
+        load_profile(fuzz_leaf)
+        event("loaded")
+        assert bad is None
+    except ConfigError as err:
+        event("ConfigError")
+        assert err.issues and all(i.key_path.strip() and i.file and i.message for i in err.issues)
+        if bad is not None:
+            [issue] = err.issues
+            assert "not UTF-8" in issue.message and issue.file == str(fuzz_leaf)
+            assert issue.line == raw[:bad].count(b"\n") + 1
+        str(err)

@@ -88,4 +88,6 @@ def merge_documents(docs: list[Document], file: str | None = None) -> Document:
             if path and loc is not None:
                 merged[path] = loc
         positions = merged
+    if ("extends",) in docs[-1].positions:  # where the loaded file names its parent (validate blames it there)
+        positions[("extends",)] = docs[-1].positions[("extends",)]
     return Document(file or docs[-1].file, data, positions)

@@ -34,14 +34,26 @@ def _looks_like_path(value: str, base: Path) -> bool:
     return "/" in value and (base / value).exists()
 
 
+def base_for(path: tuple, doc: Document, project_root: Path, cwd: Path) -> Path:
+    """The folder a relative path value resolves against: the project root of the file that WROTE the value
+    (so a profile outside the repo that extends a canonical one keeps the parent's `assets/...` pointing into
+    the repo), the cwd for a --set value, and `project_root` (the loaded profile's) for a schema default."""
+    written = doc.positions.get(path)
+    if written is None:
+        return project_root
+    if written.file == OVERRIDE_SOURCE:
+        return cwd
+    return project_root_for(Path(written.file))
+
+
 def resolve_paths(cfg: dict, doc: Document, project_root: Path, cwd: Path) -> None:
-    """Make relative path values absolute in place: against the project root, or the cwd for --set values."""
+    """Make relative path values absolute in place, each against `base_for` its writer."""
     for path in PATH_KEYS + (MODEL_PATH_KEY,):
         section, key = path
         value = cfg[section].get(key)
         if not isinstance(value, str):
             continue
-        base = cwd if doc.where(path).file == OVERRIDE_SOURCE else project_root
+        base = base_for(path, doc, project_root, cwd)
         if path == MODEL_PATH_KEY and not _looks_like_path(value, base):
             continue  # a hub id such as Qwen/Qwen3-VL-4B-Instruct
         expanded = os.path.expanduser(value)

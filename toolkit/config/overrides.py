@@ -28,7 +28,14 @@ def parse_override(text: str) -> tuple[tuple, Any]:
             raise ValueError(f"{key!r} is not a dotted key path (e.g. rollout_matching.vllm.server.servers[0].base_url)")
         path.append(match.group(1))
         path.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
-    return tuple(path), parse_value(value)
+    try:
+        return tuple(path), parse_value(value)
+    except ValueError as exc:
+        raise BadValue(str(exc)) from None
+
+
+class BadValue(ValueError):
+    """The VALUE of KEY=VALUE is not usable YAML (the key path itself was fine)."""
 
 
 def _set(doc: Document, path: tuple, value: Any) -> str | None:
@@ -69,8 +76,9 @@ def apply_overrides(doc: Document, overrides: Sequence[str]) -> list[Issue]:
         try:
             path, value = parse_override(text)
         except ValueError as exc:
-            issues.append(Issue.at(OVERRIDE_LOCATION, text.split("=", 1)[0] or "<override>", str(exc),
-                                   "write --set KEY=VALUE with a dotted key path"))
+            fix = ("write VALUE as plain YAML (a number, a string, [a, list] or {a: mapping}); quote it to keep "
+                   "it a string" if isinstance(exc, BadValue) else "write --set KEY=VALUE with a dotted key path")
+            issues.append(Issue.at(OVERRIDE_LOCATION, text.split("=", 1)[0] or "<override>", str(exc), fix))
             continue
         problem = _set(doc, path, value)
         if problem:

@@ -18,7 +18,7 @@ from toolkit.config.normalize import DERIVED_DOCS, PACKING_KEYS
 from toolkit.config.rules import all_rules
 from toolkit.config.schema import ROOT
 from toolkit.config.spec import REQUIRED, ItemList, Key, Section
-from toolkit.config.yamlio import render_path
+from toolkit.config.yamlio import MAX_NESTING, MAX_NODES, render_path
 
 HEADER = """# Config reference
 
@@ -34,10 +34,15 @@ A profile is YAML with the sections below. `stage2 config --profile NAME` prints
    the YAML 1.2 core schema, fixing two PyYAML (YAML 1.1) warts: `1e-5` is a float (PyYAML reads it as a
    string), and only `true`/`false` are booleans (`eval_strategy: no` stays the string "no"). Numbers in
    quotes are strings and fail where a number is expected: there is no coercion.
+   Limits, checked before anything is expanded: a file must be UTF-8 (else one error at the first bad
+   byte's line and column); it may stand for at most {max_nodes:,} values once YAML aliases are expanded
+   (anchors and aliases work, but nested aliases that multiply, an "alias bomb", are refused at the
+   anchor's line) and nest at most {max_nesting} levels; an alias inside its own anchor is an error.
 2. `extends: <one relative path>`: the parent is loaded first, then this file is deep-merged on top
    (mappings merge key by key; lists and scalars replace). Cycles, missing parents and lists of parents
    are errors.
-3. `--set KEY=VALUE` overrides (VALUE is YAML; `a.b[0].c` paths work) are merged on top; their location is `--set`.
+3. `--set KEY=VALUE` overrides (VALUE is YAML with the same rules and limits; `a.b[0].c` paths work) are
+   merged on top; their location is `--set`.
 4. Legacy keys (table below) fail with a migration message naming the replacement, before the schema,
    so the tailored message always wins over "unknown key". No alias fallback, no dual read.
 5. The strict schema: unknown keys fail at every depth (with a did-you-mean), types are checked,
@@ -48,7 +53,9 @@ A profile is YAML with the sections below. `stage2 config --profile NAME` prints
    `ResolvedConfig`.
 
 Every error names `file:line:col`, the dotted key path (with list indices) and a fix; all errors of a
-run are reported together.
+run are reported together. A missing required key is reported in the file being loaded (at the nearest
+section that file writes, else at its `extends:` line), never in the parent that happens to hold the
+section: parents are bases, not complete profiles.
 
 ## Profiles
 
@@ -62,11 +69,15 @@ run are reported together.
 ## Paths
 
 Relative paths in `data.train_jsonl`, `data.val_jsonl`, `data.image_root`, `training.output_dir`,
-`training.logging_dir` and `model.model` resolve against the **project root**: the parent of the
-`configs/` directory that holds the profile (for a profile outside any `configs/` directory, the
-profile's own directory). `model.model` is treated as a path only when it starts with `.`, `/` or `~`,
-or contains `/` and exists under the project; otherwise it is a hub id and kept as written. Values
-given with `--set` resolve against the current directory. The resolved config shows absolute paths.
+`training.logging_dir` and `model.model` resolve against the **project root of the file that wrote the
+value**: the parent of the `configs/` directory that holds that file (for a file outside any `configs/`
+directory, the file's own directory). So a profile kept elsewhere that extends a canonical one (by an
+absolute or relative `extends:`) keeps the parent's `model.model: assets/stage1` pointing into the
+toolkit checkout, while the paths it writes itself resolve next to it. `model.model` is treated as a
+path only when it starts with `.`, `/` or `~`, or contains `/` and exists under that project root;
+otherwise it is a hub id and kept as written. Values given with `--set` resolve against the current
+directory; a schema default against the loaded profile's project root. The resolved config shows
+absolute paths.
 """
 
 
@@ -164,7 +175,8 @@ def _ds_and_legacy() -> list[str]:
 
 def render_reference() -> str:
     """The full text of docs/CONFIG_REFERENCE.md."""
-    parts = [HEADER, "## Sections", ""] + _section_tables(ROOT) + _rules() + _leaf_rules()
+    header = HEADER.replace("{max_nodes:,}", f"{MAX_NODES:,}").replace("{max_nesting}", str(MAX_NESTING))
+    parts = [header, "## Sections", ""] + _section_tables(ROOT) + _rules() + _leaf_rules()
     parts += _derived_and_normalized() + _ds_and_legacy()
     return "\n".join(parts).rstrip("\n") + "\n"
 

@@ -178,12 +178,12 @@ def server_list_valid(ctx: RuleContext) -> list:
     out, used = [], {}  # (host, port) → "servers[i].key" that took it
     for i, srv in enumerate(servers):
         url = srv["base_url"]
-        parts = urlsplit(url)
-        try:
+        try:  # urlsplit itself raises on a broken IPv6 literal (`http://[::1`), .port on a bad port
+            parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            port = None
-        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None:
             out.append(ctx.issue(base + (i, "base_url"), f"base_url {url!r} is not an http(s) URL with host and port",
                                  "write it as http://HOST:PORT (e.g. http://127.0.0.1:8000)"))
             continue

@@ -11,7 +11,7 @@ from typing import Any
 from voluptuous import Invalid, MultipleInvalid, Schema
 
 from toolkit.config.atoms import closest, received
-from toolkit.config.errors import Issue
+from toolkit.config.errors import OVERRIDE_SOURCE, Issue, Location
 from toolkit.config.spec import ItemList, Key, Section, key_index, node_at
 from toolkit.config.yamlio import Document, render_path
 
@@ -66,11 +66,22 @@ def to_issue(root: Section, index: dict, doc: Document, err: Invalid) -> Issue:
     if node is None and path and isinstance(path[-1], int):
         node = node_at(root, path[:-1])  # an item of a list-valued key
     if text == _REQUIRED:
-        return Issue.at(doc.where(path), render_path(path), "required key is missing",
+        return Issue.at(_required_at(doc, path), render_path(path), "required key is missing",
                         f"set {render_path(path)} ({_spec_text(node)})")
     if text in ("expected a dictionary", "expected a list"):
         text = f"{text.replace('dictionary', 'mapping')}, got {received(value_at(doc.data, path))}"
     return Issue.at(doc.where(path), render_path(path), text, _fix_for(text, path, value_at(doc.data, path)))
+
+
+def _required_at(doc: Document, path: tuple) -> Location:
+    """Where a missing key is reported: in the file being loaded (`doc.file`), never in a parent that merely
+    holds its section (a parent is a base, not a complete profile). The nearest ancestor section that file
+    (or --set) wrote, else its `extends:` line, else its first line."""
+    for n in range(len(path), -1, -1):
+        loc = doc.positions.get(tuple(path[:n]))
+        if loc is not None and loc.file in (doc.file, OVERRIDE_SOURCE):
+            return loc
+    return doc.positions.get(("extends",)) or Location(doc.file, 1, 1)
 
 
 def _fix_for(text: str, path: tuple, raw: Any) -> str:

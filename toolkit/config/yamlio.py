@@ -189,31 +189,102 @@ class _Walker:
         return out
 
 
+# Limits on what one YAML text may expand to. A profile holds a few hundred values and nests about six
+# levels deep; anchors and aliases repeat a value at every use, so 400 bytes of nested aliases can stand
+# for billions of values (an "alias bomb"). The size is counted on the node graph, before anything is
+# expanded, so an over-budget file is refused at once.
+MAX_NODES = 10_000
+MAX_NESTING = 64
+
+
 def load_document(path: Path) -> tuple[Document | None, list[Issue]]:
     """Read one YAML file. Returns (None, issues) when it cannot be parsed or is not a mapping."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         return None, [Issue.at(Location(file), "<document>", f"cannot read file: {exc.strerror or exc}",
                                "check the path")]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [_not_utf8(file, raw, exc)]
     return parse_document(text, file)
 
 
-def parse_document(text: str, file: str) -> tuple[Document | None, list[Issue]]:
-    """Parse YAML text that must hold one mapping (an empty document counts as `{}`)."""
+def _not_utf8(file: str, raw: bytes, exc: UnicodeDecodeError) -> Issue:
+    """The first byte that is not UTF-8, as a line and column."""
+    before = raw[:exc.start]
+    line, col = before.count(b"\n") + 1, exc.start - (before.rfind(b"\n") + 1) + 1
+    return Issue.at(Location(file, line, col), "<document>",
+                    f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
+def _compose(text: str, file: str):
+    """(root node or None, issues): the node graph of one YAML document, within the size limits."""
     loader = StrictLoader(text)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-        return None, [Issue.at(loc, "<document>", f"YAML syntax error: {exc.problem or exc}",
-                               "fix the YAML syntax at this position")]
+        return loader, None, [Issue.at(loc, "<document>", f"YAML syntax error: {exc.problem or exc}",
+                                       "fix the YAML syntax at this position")]
     except yaml.YAMLError as exc:
-        return None, [Issue.at(Location(file), "<document>", f"YAML error: {exc}", "fix the YAML syntax")]
+        return loader, None, [Issue.at(Location(file), "<document>", f"YAML error: {exc}", "fix the YAML syntax")]
     finally:
         loader.dispose()
+    if node is not None:
+        try:
+            _measure(node, 1, {}, set())
+        except _OverLimit as over:
+            return loader, None, [Issue.at(_mark(file, over.node), "<document>", over.message, over.fix)]
+    return loader, node, []
+
+
+class _OverLimit(Exception):
+    def __init__(self, node, message: str, fix: str):
+        super().__init__(message)
+        self.node, self.message, self.fix = node, message, fix
+
+
+def _measure(node, depth: int, memo: dict, active: set) -> tuple[int, int]:
+    """(values the node expands to, its nesting height), each shared node counted once per use but
+    measured once (memo). Raises _OverLimit at the first node over MAX_NODES or MAX_NESTING."""
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return 1, 1
+    if id(node) in memo:
+        size, height = memo[id(node)]
+    elif id(node) in active:
+        return 1, 1  # an alias to its own ancestor: the walker reports it
+    else:
+        active.add(id(node))
+        children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+        size, height = 1, 1
+        for child in children:
+            if depth + 1 > MAX_NESTING:
+                raise _OverLimit(child, f"values nest deeper than {MAX_NESTING} levels",
+                                 "flatten the value (a profile nests about six levels)")
+            child_size, child_height = _measure(child, depth + 1, memo, active)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_NODES:
+                raise _OverLimit(node, f"this value expands to more than {MAX_NODES:,} values (YAML aliases "
+                                       "repeat their anchor's value at every use)",
+                                 "write the values out without nested aliases (a profile holds a few hundred)")
+        active.discard(id(node))
+        memo[id(node)] = size, height
+    if depth + height - 1 > MAX_NESTING:
+        raise _OverLimit(node, f"values nest deeper than {MAX_NESTING} levels",
+                         "flatten the value (a profile nests about six levels)")
+    return size, height
+
+
+def parse_document(text: str, file: str) -> tuple[Document | None, list[Issue]]:
+    """Parse YAML text that must hold one mapping (an empty document counts as `{}`)."""
+    loader, node, issues = _compose(text, file)
+    if issues:
+        return None, issues
     if node is None:
         return Document(file, {}), []
     walker = _Walker(loader, file)
@@ -225,14 +296,22 @@ def parse_document(text: str, file: str) -> tuple[Document | None, list[Issue]]:
     return Document(file, data, walker.positions), walker.issues
 
 
-def parse_value(text: str) -> Any:
-    """Parse a `--set` value with the same YAML rules as profiles; raises ValueError on bad YAML."""
+def parse_value(text: str, source: str = "--set") -> Any:
+    """Parse a `--set` value with the same YAML rules and limits as profiles (no tags, no merge keys,
+    no self-referring or exploding aliases); raises ValueError naming the first problem."""
     if text.strip() == "":
         return ""
-    try:
-        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
-    except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    loader, node, issues = _compose(text, source)
+    if node is None and not issues:
+        return None
+    if not issues:
+        walker = _Walker(loader, source)
+        value = walker.walk(node, ())
+        issues = walker.issues
+    if issues:
+        first = issues[0]
+        raise ValueError(first.message if first.message.startswith("YAML") else f"not a usable YAML value: {first.message}")
+    return value
 
 
 def type_name(value: Any) -> str:

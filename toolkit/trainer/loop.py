@@ -115,8 +115,6 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        # Handlers first: a stop signal during setup (minutes on a real model) is honoured after the first step.
-        self._install_signal_handlers()
         self.dist = init_distributed()
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -149,6 +147,10 @@ class Stage2Trainer:
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
+        # Graceful handlers (finish the step, checkpoint) only now: during setup (minutes on a real model)
+        # toolkit/train.py's start-up handlers stop at once on SIGTERM/SIGINT (nothing to save yet) and
+        # hand a SIGUSR1 over to stop_signum.
+        self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
@@ -224,9 +226,12 @@ class Stage2Trainer:
             if self.resume:
                 log.info("--resume %s: no complete checkpoint under %s; starting fresh", self.resume, self.out_dir)
             return
+        # Every file is checked before DeepSpeed's pickle loader sees one (docs/STAGE2_RUNBOOK.md, Security model).
+        ckpt.check_deepspeed_files(path / "ds")
+        rng, state = ckpt.read_rng(path, self.dist.rank), ckpt.read_state(path)
         self.engine.load(path / "ds")
-        ckpt.load_rng(path, self.dist.rank)
-        self.state = ckpt.read_state(path)
+        ckpt.set_rng(rng)
+        self.state = state
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------ train
