@@ -103,3 +103,11 @@ def test_vllm_refused_without_torchvision_and_plugin(monkeypatch):
     with pytest.raises(support.ModelSupportError, match="rollout backend vllm cannot serve architecture "
                                                         "Qwen3VLForConditionalGeneration.*fix: `pip install -e .`"):
         support.check_model_support(model, "vllm")
+
+
+def test_serve_refuses_it_before_any_engine_starts(unknown_vlm):
+    proc = stage2("serve", "--profile", "smoke/vlm_qwen3_ab_mixed", "--gpus", "cpu", "--port", "1",
+                  "--set", f"model.model={unknown_vlm}", timeout=120)
+    assert proc.returncode == 1 and "Qwen3VLMoeForConditionalGeneration" in proc.stderr
+    assert "rollout backend vllm" in proc.stderr and "Traceback" not in proc.stderr
+    assert "starting" not in proc.stderr  # no DP worker was started
