@@ -1,4 +1,5 @@
-"""Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1.
+"""Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1,
+and the VLM set: shape images, tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the last two: vlm_families.py), Stage-1s.
 
     python assets/build_assets.py                          # everything into assets/ (~30 min on one CPU thread)
     python assets/build_assets.py --only tokenizer,data,model --out /tmp/a   # the fast part (seconds)
