@@ -1,4 +1,5 @@
-"""Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1.
+"""Build the embedded default assets, deterministically: tokenizer, synthetic data, tiny Qwen2 init, Stage-1,
+and the VLM set: shape images, tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the last two: vlm_families.py), Stage-1s.
 
     python assets/build_assets.py                          # everything into assets/ (~30 min on one CPU thread)
     python assets/build_assets.py --only tokenizer,data,model --out /tmp/a   # the fast part (seconds)
@@ -32,7 +33,8 @@ from toolkit.data.render import (  # noqa: E402
 )
 from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
-PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1")
+PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1",
+         "qwen2_5_vl_model", "qwen2_5_vl_stage1", "qwen3_vl_model", "qwen3_vl_stage1")  # the last four: vlm_families.py
 OPT_IN_PARTS = ("lvis_synth",)  # built only when named in --only; not committed (toolkit/data/synth_lvis.py)
 
 # ---- synthetic data -------------------------------------------------------------------------------------
@@ -541,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts out of {','.join(PARTS)}")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (default: assets/)")
     p.add_argument("--stage1-steps", type=int, default=None, help="override the Stage-1 step count (smoke builds)")
-    p.add_argument("--vlm-stage1-steps", type=int, default=None, help="override the VLM Stage-1 step count (smoke builds)")
+    p.add_argument("--vlm-stage1-steps", type=int, default=None, help="override the step count of every VLM Stage-1 (smoke builds)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.parts if s not in PARTS + OPT_IN_PARTS]
@@ -571,6 +573,13 @@ def main(argv=None) -> int:
         build_vlm_model(out)
     if "vlm_stage1" in args.parts:
         build_vlm_stage1(out, steps=args.vlm_stage1_steps)
+    for family in ("qwen2_5_vl", "qwen3_vl"):  # assets/vlm_families.py: Qwen2.5-VL and Qwen3-VL
+        if f"{family}_model" in args.parts or f"{family}_stage1" in args.parts:
+            import vlm_families
+        if f"{family}_model" in args.parts:
+            vlm_families.build_family_model(out, family)
+        if f"{family}_stage1" in args.parts:
+            vlm_families.build_family_stage1(out, family, steps=args.vlm_stage1_steps)
     if "lvis_synth" in args.parts:  # LVIS-shaped scenes: 40-60 objects, 1-2k-token answers (docs/DATA.md)
         from toolkit.data.synth_lvis import main as synth_lvis_main
         synth_lvis_main([str(out / "lvis_synth")])

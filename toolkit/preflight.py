@@ -116,6 +116,16 @@ def _check_placement(cfg: ResolvedConfig, learner: list[int] | str, server_gpus:
                              f"vllm.tensor_parallel_size={tp}")
 
 
+def _check_model(model: str, backend: str) -> None:
+    """An architecture the learner or the backend cannot run is refused here, before anything starts."""
+    from toolkit.vlm.support import ModelSupportError, check_model_support
+
+    try:
+        check_model_support(model, backend)
+    except ModelSupportError as err:
+        raise PreflightError(str(err)) from None
+
+
 def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, nproc: int | None = None,
                     server_gpus: Sequence[int] | None = None) -> dict:
     """The validated launcher contract of a resolved config and its placement.
@@ -133,6 +143,7 @@ def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, np
     _check_placement(cfg, learner, server_gpus)
     rm = cfg.rollout_matching_cfg  # the same normalized contract the trainer reads
     backend, vllm = rm["rollout_backend"], rm["vllm"]
+    _check_model(cfg.model.model, backend)
     server_mode = backend == "vllm" and vllm["mode"] == "server"
     servers = vllm["server"]["servers"] if server_mode else []
     return validate_preflight({

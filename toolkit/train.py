@@ -81,6 +81,9 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
     from toolkit.config import load_profile
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
+    from toolkit.vlm.support import check_model_support
+
+    check_model_support(cfg.model.model, cfg.rollout_matching_cfg["rollout_backend"])  # before any engine starts
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from toolkit.trainer.loop import Stage2Trainer
 
@@ -110,11 +113,12 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None) 
     from toolkit.config import ConfigError
     from toolkit.data.records import RecordError
     from toolkit.trainer.checkpoint import CheckpointError
+    from toolkit.vlm.support import ModelSupportError
 
     setup_logging()
     try:
         code = run(profile, overrides, resume)
-    except (ConfigError, RecordError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, CheckpointError, FileNotFoundError, ModelSupportError) as err:
         raise click.ClickException(str(err)) from None
     sys.exit(code)
 

@@ -35,7 +35,7 @@ def test_lint_clean_exit_0_and_summary_on_stderr():
     result = run(["lint-profiles", str(REPO / "configs")])
     assert result.exit_code == 0
     assert result.stdout == ""
-    assert "linted 7 profiles and 2 parents: 0 errors, 0 warnings" in result.stderr
+    assert "linted 8 profiles and 2 parents: 0 errors, 0 warnings" in result.stderr
 
 
 def test_lint_findings_exit_1_with_position_lines(project):
@@ -52,8 +52,8 @@ def test_lint_json(project):
     result = run(["lint-profiles", "--format", "json", str(project / "configs")])
     assert result.exit_code == 0
     data = json.loads(result.stdout)
-    assert data["summary"] == {"profiles": 7, "parents": 2, "errors": 0, "warnings": 0}
-    assert len(data["profiles"]) == 7
+    assert data["summary"] == {"profiles": 8, "parents": 2, "errors": 0, "warnings": 0}
+    assert len(data["profiles"]) == 8
 
 
 def test_lint_usage_errors_exit_2(tmp_path):

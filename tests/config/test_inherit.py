@@ -117,7 +117,7 @@ def test_stray_profile_under_stage2_ab_is_reported(project):
     report = lint_targets([project / "configs"])
     [warning] = report.warnings
     assert warning.file.endswith("experimental/x.yaml") and "not a canonical profile" in warning.message
-    assert not report.errors and len(report.profiles) == 7
+    assert not report.errors and len(report.profiles) == 8
 
 
 @pytest.mark.parametrize("group", ["prod", "smoke"])

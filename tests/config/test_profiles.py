@@ -13,10 +13,10 @@ from toolkit.config import schema
 from _config_helpers import REPO
 
 LEAVES = ["prod/a_only", "prod/b_only", "prod/ab_mixed", "smoke/a_only", "smoke/b_only", "smoke/ab_mixed",
-          "smoke/vlm_ab_mixed"]
+          "smoke/vlm_ab_mixed", "smoke/vlm_qwen3_ab_mixed"]
 
 
-def test_canonical_names_are_exactly_the_seven_leaves():
+def test_canonical_names_are_exactly_the_eight_leaves():
     assert sorted(profile_names(REPO)) == sorted(LEAVES)
 
 
@@ -32,7 +32,7 @@ def test_every_canonical_leaf_loads(name):
 def test_whole_configs_tree_lints_clean():
     report = lint_targets([REPO / "configs"])
     assert [str(i) for i in report.issues] == []
-    assert len(report.profiles) == 7 and len(report.parents) == 2
+    assert len(report.profiles) == 8 and len(report.parents) == 2
 
 
 @pytest.mark.parametrize("name,b_ratio,ebs", [("prod/a_only", 0.0, 64), ("prod/b_only", 1.0, 64),

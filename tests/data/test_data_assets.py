@@ -37,7 +37,7 @@ def test_fast_parts_rebuild_byte_identical(assets_dir, tmp_path):
 
 def test_assets_stay_small(assets_dir):
     total = sum(p.stat().st_size for p in assets_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    assert total < 20 * 2**20
+    assert total < 24 * 2**20  # 21.1 MiB with the tiny Qwen2.5-VL and Qwen3-VL folders (assets/README.md)
 
 
 def test_init_model_shape(assets_dir, tok):

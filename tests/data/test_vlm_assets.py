@@ -39,7 +39,8 @@ def test_fast_vlm_parts_rebuild_byte_identical(assets_dir, vlm_dir, tmp_path):
 
 
 def test_vlm_folder_stays_small(vlm_dir):
-    assert sum(p.stat().st_size for p in vlm_dir.rglob("*") if p.is_file()) < 5 * 2**20
+    # 3.5 MiB for Qwen2-VL + data, 6.4 MiB for the tiny Qwen2.5-VL and Qwen3-VL init + Stage-1 folders
+    assert sum(p.stat().st_size for p in vlm_dir.rglob("*") if p.is_file()) < 12 * 2**20
 
 
 @pytest.mark.parametrize("split, count", [("train", 1000), ("val", 64)])

@@ -27,10 +27,13 @@ MODEL = Section("The policy model (the Stage-1 checkpoint Stage-2 starts from)."
 }, required=True)
 
 TUNER = Section("Which parameters train.", {
-    "train_type": Key(Enum("full", "lora"), "Full fine-tuning or LoRA adapters.", "full"),
-    "lora_rank": Key(POS_INT, "LoRA rank (train_type: lora).", 16),
-    "lora_alpha": Key(POS_INT, "LoRA alpha (train_type: lora).", 32),
-    "lora_dropout": Key(Float(lo=0.0, hi=1.0, hi_open=True), "LoRA dropout (train_type: lora).", 0.05),
+    "train_type": Key(Enum("full", "lora", "dora"),
+                      "Full fine-tuning, LoRA adapters, or DoRA (weight-decomposed LoRA, peft use_dora); adapters go "
+                      "on the language model, the vision tower and aligner train in full at vit_lr / aligner_lr.",
+                      "full"),
+    "lora_rank": Key(POS_INT, "LoRA/DoRA rank (train_type: lora | dora).", 16),
+    "lora_alpha": Key(POS_INT, "LoRA/DoRA alpha (train_type: lora | dora).", 32),
+    "lora_dropout": Key(Float(lo=0.0, hi=1.0, hi_open=True), "LoRA/DoRA dropout (train_type: lora | dora).", 0.05),
     "target_modules": Key(Either(Const("all-linear"), ListOf(Str())),
                           "Modules that get adapters: \"all-linear\" or a list of module names.", "all-linear"),
     "freeze_vit": Key(Bool(), "Freeze the vision tower.", False),

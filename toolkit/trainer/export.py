@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 VISION_MODULES = r".*\b(visual|vision_tower|vision_model|multi_modal_projector)\b.*"
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str]):
-    """Wrap `model` with peft LoRA adapters; "all-linear" targets every linear layer but the output head.
+def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str],
+               use_dora: bool = False):
+    """Wrap `model` with peft LoRA (or DoRA: `use_dora`) adapters; "all-linear" targets every linear layer
+    but the output head.
 
     On a vision-language model the adapters go on the language model only, and the vision tower and
     aligner stay trainable in full: their own learning rates (`vit_lr`, `aligner_lr`; 0 freezes) decide.
@@ -37,13 +39,14 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: s
         targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
     vlm = any(param_role(n) != "llm" for n, _ in model.named_parameters())
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             exclude_modules=VISION_MODULES if vlm else None)
+                             exclude_modules=VISION_MODULES if vlm else None, use_dora=use_dora)
     wrapped = peft.get_peft_model(model, config)
     for name, param in wrapped.named_parameters():
         if vlm and param_role(name) != "llm":
             param.requires_grad_(True)  # peft froze the base model; build_optimizer applies vit/aligner lr
     n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    log.info("LoRA r=%d alpha=%g dropout=%g targets=%s: %d trainable params", rank, alpha, dropout, targets, n_train)
+    log.info("%s r=%d alpha=%g dropout=%g targets=%s: %d trainable params", "DoRA" if use_dora else "LoRA", rank, alpha,
+             dropout, targets, n_train)
     return wrapped
 
 
@@ -120,6 +123,21 @@ def export_hf(module, zero3: bool, rank: int, directory: str, tokenizer=None) ->
     dist.barrier()
 
 
+def _merge_adapter(mod, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """W + ΔW for LoRA; for DoRA m · (W + ΔW) / ‖W + ΔW‖ (row norms of the unmerged weight, as peft's
+    own merge and forward compute them)."""
+    delta = mod.get_delta_weight(adapter).to(weight.dtype)
+    if not mod.use_dora.get(adapter, False):
+        return weight + delta
+    from peft.utils.other import transpose
+
+    magnitude = mod.lora_magnitude_vector[adapter]
+    fan_in_fan_out = getattr(mod, "fan_in_fan_out", False)
+    norm = magnitude.get_weight_norm(weight, transpose(delta, fan_in_fan_out), scaling=1).detach()
+    factor = transpose((magnitude.weight / norm).view(-1, 1), fan_in_fan_out)
+    return (factor * (weight + delta)).to(weight.dtype)
+
+
 def _own_tensors(mod) -> Iterator[tuple[str, torch.Tensor]]:
     yield from mod.named_parameters(recurse=False)
     for name, buf in mod.named_buffers(recurse=False):
@@ -130,10 +148,10 @@ def _own_tensors(mod) -> Iterator[tuple[str, torch.Tensor]]:
 def _merged_lora_tensors(prefix: str, mod, device) -> Iterator[tuple[str, torch.Tensor]]:
     base = mod.get_base_layer()
     weight = base.weight.detach().clone()
-    if not mod.disable_adapters and not mod.merged:  # a merged layer already holds W + ΔW
+    if not mod.disable_adapters and not mod.merged:  # a merged layer already holds the merged weight
         for adapter in mod.active_adapters:
             if adapter in mod.lora_A:
-                weight += mod.get_delta_weight(adapter).to(weight.dtype)
+                weight = _merge_adapter(mod, adapter, weight)
     yield f"{prefix}.weight", weight.to(device)
     for name, tensor in _own_tensors(base):
         if name != "weight":

@@ -172,9 +172,10 @@ class Stage2Trainer:
         model = model_cls.from_pretrained(
             cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype), attn_implementation=cfg.model.attn_impl
         )
-        if cfg.tuner.train_type == "lora":
+        if cfg.tuner.train_type in ("lora", "dora"):
             tu = cfg.tuner
-            model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules)
+            model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules,
+                               use_dora=tu.train_type == "dora")
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # tuner.freeze_vit / freeze_aligner freeze those modules (lr 0 → not trained, not in the optimizer).

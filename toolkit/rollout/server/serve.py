@@ -97,6 +97,12 @@ def run_server(opts: ServeOptions) -> int:
                          f"(fix: export {TOKEN_ENV}=<secret> on the server and the learner, or bind 127.0.0.1)")
     device, gpus = parse_gpus(opts.gpus, opts.dp, opts.tp)
     cfg = load_profile(opts.profile, opts.sets)
+    from toolkit.vlm.support import ModelSupportError, check_model_support
+
+    try:
+        check_model_support(cfg.model.model, "vllm")  # before any engine process starts
+    except ModelSupportError as err:
+        raise ServeError(str(err)) from None
     port = opts.port or default_port(cfg)
     check_port_free(opts.host, port)
     spec = build_spec(cfg, device, gpus, opts.dp, opts.tp)
