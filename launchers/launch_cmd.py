@@ -75,7 +75,7 @@ def _profile_servers(cfg) -> topology.ProfileServers:
 
 def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
     """toolkit.preflight's contract for this placement (it counts one node; the world spans all nodes)."""
-    from toolkit.preflight import CPU, build_preflight, validate_preflight
+    from toolkit.preflight import CPU, build_preflight, check_multinode_servers, validate_preflight
 
     flags = req.flags
     server_ids = topology.parse_gpu_flag(flags.server_gpus, "--server-gpus") or ()
@@ -84,6 +84,7 @@ def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
         return build_preflight(cfg, list(ids) if isinstance(ids, tuple) else CPU, topo.nproc_per_node, list(server_ids))
     contract = build_preflight(cfg, CPU, topo.world_size, list(server_ids))
     contract["learner_gpus"] = list(ids) if isinstance(ids, tuple) else CPU
+    check_multinode_servers(contract, topo.nnodes)
     return validate_preflight(contract)
 
 
