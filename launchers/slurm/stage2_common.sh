@@ -104,17 +104,21 @@ stage2_rc_dir() {
 }
 
 # One learner task (run by srun as `bash -c "$STAGE2_TASK" LAUNCH ARGS...`): starts stage2-launch with
-# this node's rank, forwards srun's signals to it, records and prints its exit code, exits with it.
-# The node rank comes from $SLURM_NODEID on EACH node (the single quotes keep it unexpanded here).
+# this node's rank, records and prints its exit code, exits with it (138 → 0: --kill-on-bad-exit
+# would otherwise TERM the nodes still finishing their part of the checkpoint). The node rank comes from
+# $SLURM_NODEID on EACH node (the single quotes keep it unexpanded here). Signals: slurmstepd delivers
+# what srun forwards (USR1, TERM) to every process of the task, stage2-launch included, so this shell
+# only ignores them (set after the fork: the launch keeps the default handlers); a trap here would
+# interrupt `wait` and lose the launch's exit code.
 # shellcheck disable=SC2016
 STAGE2_TASK='
     $0 --nnodes "$SLURM_STEP_NUM_NODES" --node-rank "$SLURM_NODEID" "$@" &
     child=$!
-    for sig in USR1 TERM INT; do trap "kill -$sig $child 2>/dev/null" $sig; done
-    while kill -0 $child 2>/dev/null; do wait $child; done
+    trap "" USR1 TERM INT
     wait $child; rc=$?
     echo "$rc" > "$STAGE2_RC_DIR/task-$SLURM_PROCID" 2>/dev/null
     echo "[stage2 task] task $SLURM_PROCID (node rank $SLURM_NODEID, $SLURMD_NODENAME) exit $rc" >&2
+    [ "$rc" = 138 ] && exit 0  # checkpointed: not a failure that should make srun kill the other nodes
     exit $rc'
 
 # Run "$@" in the background, forward USR1/TERM/INT to it (the traps above), wait until it really
@@ -136,7 +140,8 @@ stage2_run_forwarding() {
 }
 
 # The job's code from the tasks' codes ($STAGE2_RC_DIR/task-*, $1 = tasks expected; srun's own code
-# is the highest, which says little once --kill-on-bad-exit has TERMed the others):
+# is the highest, which says little once --kill-on-bad-exit has TERMed the others, and a task that
+# checkpointed reports 0 to srun):
 #   every task 138 (each node saw a complete checkpoint after USR1) → 138 (stage2_finish requeues);
 #   every task 0 → 0; a task that failed by itself (1..127) → its code, naming the task;
 #   stopped (a signal reached the learners) but not every task checkpointed → 1;
@@ -146,7 +151,9 @@ stage2_task_codes() {
     for ((i = 0; i < expected; i++)); do
         f=$STAGE2_RC_DIR/task-$i
         if [ ! -s "$f" ]; then
-            stage2_log "task $i left no exit code (not on a shared filesystem?): using srun's code $STAGE2_RC"
+            stage2_log "task $i left no exit code in $STAGE2_RC_DIR (not on a filesystem all nodes share?):" \
+                "using srun's code $STAGE2_RC${STAGE2_STOP:+, or 1 after $STAGE2_STOP (no requeue)}"
+            if [ -n "$STAGE2_STOP" ] && [ "$STAGE2_RC" = 0 ]; then STAGE2_RC=1; fi
             return
         fi
         rc=$(cat "$f")

@@ -86,6 +86,16 @@ class LocalSlurm:
         self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
         self.daemons: list[subprocess.Popen] = []
 
+    def job_nodes(self, info: dict) -> list[str]:
+        """A job's nodes in SLURM_NODEID order (`scontrol show hostnames` of its NodeList)."""
+        return self.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+
+    @staticmethod
+    def cpus_allowed_all() -> str:
+        """Cpus_allowed_list of a process bound to every CPU of a node (each node here is the whole machine)."""
+        n = os.cpu_count() or 1
+        return "0" if n == 1 else f"0-{n - 1}"
+
     def write_conf(self) -> None:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
