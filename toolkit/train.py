@@ -36,11 +36,21 @@ def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None
     from toolkit.trainer.loop import Stage2Trainer
 
     trainer = Stage2Trainer(cfg, resume=resume)
+    clean = False
     try:
         trainer.setup()
-        return trainer.train()
+        code = trainer.train()
+        clean = True
+        return code
+    except Exception as exc:
+        from toolkit.trainer.engine import describe_peer_failure
+
+        lost = describe_peer_failure(exc, cfg.training.collective_timeout_s)
+        if lost:
+            logging.getLogger("toolkit.train").error("%s", lost)
+        raise
     finally:
-        trainer.cleanup()
+        trainer.cleanup(clean)
 
 
 @click.command("train", context_settings={"show_default": True})
