@@ -138,3 +138,25 @@ def test_usr1_before_the_learners_start_does_not_kill_the_batch_shell(slurm, tmp
     assert info.get("ExitCode") == "1:0", (info, text[-3000:])
     assert "USR1 before the learners started" in text and "USR1 during the health wait: exit 1" in text
     assert not records(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_two_node_training_checkpoints_requeues_and_resumes(slurm, tiny, tmp_path):
+    """The REAL stage2-launch and trainer on both nodes (torchrun c10d, one CPU rank each): USR1 to the
+    batch shell → both nodes checkpoint (task codes 138 138) → requeue → the rerun resumes → done."""
+    out = tmp_path / "run"
+    env = child_env(STAGE2_CPU="1", STAGE2_NPROC="1", STAGE2_PYTHON=PYTHON, STAGE2_STATE_DIR=str(tmp_path / "state"))
+    env["PATH"] = str(ROOT / ".venv" / "bin") + os.pathsep + env["PATH"]  # stage2-launch
+    job, log = submit(slurm, MULTI, tmp_path, env, "smoke/a_only",
+                      *run_sets(tiny, out, "training.max_steps=30", "training.save_steps=100"))
+    assert wait_until(lambda: metrics(out), 400), log.read_text()[-3000:] if log.exists() else "no output yet"
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    info, text = finished(slurm, job, log, timeout=800)
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", (info, text[-4000:])
+    assert "task exit codes: 138 138" in text and "task exit codes: 0 0" in text
+    assert "0: " in text and "1: " in text  # labelled task output
+    stopped = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert stopped[0] != "step-000030" and stopped[-1] == "step-000030", stopped
+    assert f"resumed from {out / 'checkpoints' / stopped[0]}" in text
+    assert [r["step"] for r in metrics(out)] == list(range(30))
+    assert (out / "logs" / "learner.log").is_file() and (out / "logs" / "learner-node1.log").is_file()
