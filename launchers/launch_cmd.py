@@ -75,7 +75,7 @@ def _profile_servers(cfg) -> topology.ProfileServers:
 
 def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
     """toolkit.preflight's contract for this placement (it counts one node; the world spans all nodes)."""
-    from toolkit.preflight import CPU, build_preflight, check_multinode_servers, validate_preflight
+    from toolkit.preflight import CPU, build_preflight, validate_preflight
 
     flags = req.flags
     server_ids = topology.parse_gpu_flag(flags.server_gpus, "--server-gpus") or ()
@@ -84,7 +84,6 @@ def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
         return build_preflight(cfg, list(ids) if isinstance(ids, tuple) else CPU, topo.nproc_per_node, list(server_ids))
     contract = build_preflight(cfg, CPU, topo.world_size, list(server_ids))
     contract["learner_gpus"] = list(ids) if isinstance(ids, tuple) else CPU
-    check_multinode_servers(contract, topo.nnodes)
     return validate_preflight(contract)
 
 
@@ -96,6 +95,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
         PreflightError, PlacementError: contract or placement problems, taken ports.
     """
     from toolkit.config import load_profile
+    from toolkit.preflight import check_multinode_servers
 
     world = topology.world_size_of(req.flags)
     cfg = load_profile(req.profile, req.sets, world_size=world)
@@ -122,6 +122,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
                           commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
                           logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
+    check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want)
 
