@@ -72,7 +72,7 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # = training.collective_timeout_s's defau
 PEER_HOSTS: list[str] = []  # host name of every rank, gathered once at init (names a lost peer)
 # Texts of torch.distributed / gloo / NCCL errors that mean a peer is gone or hung.
 PEER_FAILURE_MARKERS = ("timed out", "connection closed by peer", "connection reset by peer", "broken pipe",
-                        "nccl", "watchdog", "dist_backend", "distbackenderror")
+                        "watchdog caught collective operation timeout", "communicator was aborted")
 
 
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
