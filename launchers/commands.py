@@ -43,7 +43,8 @@ def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str =
     """`python -m torch.distributed.run …` for this node.
 
     Single node: --master_addr/--master_port (a port chosen by topology, never torchrun's 29500 default).
-    Multi-node: c10d rendezvous at --rdzv_endpoint with --rdzv_id, the same on every node. How long
+    Multi-node: c10d rendezvous at --rdzv_endpoint with --rdzv_id, the same on every node; no
+    --node_rank (c10d ignores it, with a warning, and gives global ranks in join order). How long
     torchrun lets ranks checkpoint after a forwarded signal is TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the
     env (build_learner_env): the --shutdown_timeout flag exists in torch 2.13 but not in 2.11, whose
     torchrun rejects it, while unknown env vars are ignored.
@@ -51,7 +52,7 @@ def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str =
     argv = [python, "-m", "torch.distributed.run", "--nnodes", str(topo.nnodes),
             "--nproc_per_node", str(topo.nproc_per_node)]
     if topo.rdzv_endpoint:
-        argv += ["--node_rank", str(topo.node_rank), "--rdzv_backend", "c10d",
+        argv += ["--rdzv_backend", "c10d",
                  "--rdzv_endpoint", topo.rdzv_endpoint, "--rdzv_id", topo.rdzv_id]
     else:
         argv += ["--master_addr", topo.master_addr, "--master_port", str(topo.master_port.port)]

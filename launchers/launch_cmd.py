@@ -95,6 +95,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
         PreflightError, PlacementError: contract or placement problems, taken ports.
     """
     from toolkit.config import load_profile
+    from toolkit.preflight import check_multinode_servers
 
     world = topology.world_size_of(req.flags)
     cfg = load_profile(req.profile, req.sets, world_size=world)
@@ -121,6 +122,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
                           commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
                           logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
+    check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want)
 

@@ -345,7 +345,8 @@ class Supervisor:
         if server_died is not None:
             return code or 1, f"{server_died.spec.name} died mid-run"
         if self.stop_forwarded:
-            return code, f"stopped by signal {self.stop_forwarded[0]}"
+            done = "" if code == 128 + self.stop_forwarded[0] else ", no checkpoint written"
+            return code, f"stopped by signal {self.stop_forwarded[0]}{done}"
         return code, "learner finished" if code == 0 else f"learner exited with code {code}"
 
     def _handle_signals(self, learner: Child) -> None:
@@ -368,7 +369,9 @@ class Supervisor:
 
     def _exit_code(self, plan: Plan, wrapper: int) -> int:
         """The learner's code. torchrun exits 1 after it forwarded a stop signal even though every rank
-        checkpointed and exited 128+N; a checkpoint written after the forward is the ranks' answer."""
+        checkpointed and exited 128+N; a checkpoint written after the forward is the ranks' answer.
+        128+N means exactly that: stopped AND checkpointed. Stopped without a new checkpoint is 1 (a
+        SIGTERMed torchrun would say 143, which the SLURM wrappers would take for a checkpoint)."""
         if not self.stop_forwarded or wrapper == 0:
             return wrapper
         signum, since = self.stop_forwarded
@@ -376,7 +379,9 @@ class Supervisor:
         if ckpt is not None:
             log.info("the learner checkpointed %s after signal %d", ckpt, signum)
             return 128 + signum
-        return wrapper
+        log.error("the learner stopped after signal %d without writing a checkpoint (its code %d): exit 1",
+                  signum, wrapper)
+        return 1
 
 
 class _Interrupted(Exception):

@@ -7,8 +7,11 @@ here reads os.environ or spawns anything. The only effects are two socket helper
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 
 Port policy (every port carries the `source` that chose it, so errors can name it):
-  * MASTER_PORT (single node): $MASTER_PORT if set; else derived from $SLURM_JOB_ID (every node and
-    every rerun of a job computes the same value, parallel jobs rarely collide); else probed free.
+  * MASTER_PORT (single node): $MASTER_PORT if set; else derived from $SLURM_JOB_ID (every rerun of
+    a job computes the same value, parallel jobs rarely collide); else probed free.
+  * job-derived ports lie in [20000, start of the ephemeral range) read from
+    /proc/sys/net/ipv4/ip_local_port_range (32768 by default), so an outgoing socket never holds one;
+    the sbatch scripts derive the multi-node ones once and hand the same value to every node.
   * rendezvous (multi-node): the port of --rdzv-endpoint HOST:PORT, the same on every node.
   * servers the launcher starts: the profile's base_url port and group_port; under SLURM both are
     derived from $SLURM_JOB_ID instead (two jobs on one node must not share 8000/51216) and the
@@ -25,7 +28,8 @@ from urllib.parse import urlsplit
 
 CPU = "cpu"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PORT_LO, PORT_SPAN = 20000, 20000  # job-derived ports fall in [20000, 40000): below the ephemeral range
+PORT_LO = 20000  # job-derived ports: [PORT_LO, first ephemeral port)
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 class PlacementError(ValueError):
@@ -147,10 +151,32 @@ def visible_to_physical(ids: Sequence[int], inherited: str | None, flag: str) ->
 
 
 # ----------------------------------------------------------------------------- ports
-def job_port(job_id: str, salt: str) -> int:
-    """A port in [20000, 40000) that is the same for every node and rerun of SLURM job `job_id`."""
+def ephemeral_start(path: str = EPHEMERAL_RANGE_FILE) -> int:
+    """First port of the kernel's ephemeral range (outgoing sockets take ports from it); Linux's
+    default 32768 when the file cannot be read (not Linux)."""
+    try:
+        return int(open(path).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def job_port_range(first_ephemeral: int | None = None) -> tuple[int, int]:
+    """[lo, hi) of job-derived ports: from 20000 (1024 when the ephemeral range starts below 22000)
+    up to the first ephemeral port. Raises PlacementError when fewer than 1000 ports remain."""
+    hi = ephemeral_start() if first_ephemeral is None else first_ephemeral
+    lo = PORT_LO if hi >= PORT_LO + 2000 else 1024
+    if hi - lo < 1000:
+        raise PlacementError(f"{EPHEMERAL_RANGE_FILE} starts at {hi}: too few ports below it for job-derived "
+                             "ports; set MASTER_PORT / STAGE2_RDZV_PORT / STAGE2_SERVER_PORT explicitly")
+    return lo, hi
+
+
+def job_port(job_id: str, salt: str, first_ephemeral: int | None = None) -> int:
+    """A port below the ephemeral range (see job_port_range) that is the same for every rerun of
+    SLURM job `job_id` on machines with the same range; `salt` names its use (rdzv, master, ...)."""
+    lo, hi = job_port_range(first_ephemeral)
     digest = hashlib.sha256(f"{job_id}:{salt}".encode()).digest()
-    return PORT_LO + int.from_bytes(digest[:4], "big") % PORT_SPAN
+    return lo + int.from_bytes(digest[:4], "big") % (hi - lo)
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install a minimal single-node SLURM (slurmctld + slurmd + client + munge) from the distribution's
-# packages, for the `slurm`-marked tests (tests/launch/test_slurm.py) and for trying the sbatch
+# Install a minimal SLURM (slurmctld + slurmd + client + munge) from the distribution's
+# packages, for the `slurm`-marked tests (tests/launch/test_slurm.py: one node; test_slurm_multinode.py:
+# two slurmd daemons on this machine) and for trying the sbatch
 # wrappers in launchers/slurm/ on one machine. Idempotent: does nothing when the binaries are there.
 # Skips (exit 0, with a message) when not root or without apt-get. No daemon is started here; the
 # tests write their own slurm.conf and start/stop the daemons themselves (see docs/STAGE2_RUNBOOK.md).

@@ -126,6 +126,26 @@ def _check_model(model: str, backend: str) -> None:
         raise PreflightError(str(err)) from None
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def check_multinode_servers(contract: dict, nnodes: int) -> None:
+    """A multi-node launch cannot use loopback server URLs: each node would talk to a server on itself,
+    yet only the first learner rank pushes weights (and no node starts servers). Raises PreflightError."""
+    from urllib.parse import urlsplit
+
+    if nnodes <= 1:
+        return
+    local = [u for u in contract["server_base_urls"]
+             if (urlsplit(u).hostname or "") in LOOPBACK_HOSTS or (urlsplit(u).hostname or "").startswith("127.")]
+    if local:
+        raise PreflightError(
+            f"rollout_matching.vllm.server.servers: {', '.join(local)} is a loopback address, but this launch "
+            f"spans {nnodes} nodes: every node would reach only a server on itself. Start the servers on "
+            "their own nodes with launchers/slurm/stage2_server_split.sbatch (it hands their URLs to the "
+            "learners), or list URLs every node can reach (http://<server node>:<port>)")
+
+
 def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, nproc: int | None = None,
                     server_gpus: Sequence[int] | None = None) -> dict:
     """The validated launcher contract of a resolved config and its placement.

@@ -88,12 +88,22 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
     from toolkit.trainer.loop import Stage2Trainer
 
     trainer = Stage2Trainer(cfg, resume=resume)
+    clean = False
     try:
         trainer.setup()  # installs the trainer's handlers last
         trainer.stop_signum = trainer.stop_signum or startup.deferred
-        return trainer.train()
+        code = trainer.train()
+        clean = True
+        return code
+    except Exception as exc:
+        from toolkit.trainer.engine import describe_peer_failure
+
+        lost = describe_peer_failure(exc, cfg.training.collective_timeout_s)
+        if lost:
+            log.error("%s", lost)
+        raise
     finally:
-        trainer.cleanup()
+        trainer.cleanup(clean)
 
 
 @click.command("train", context_settings={"show_default": True})

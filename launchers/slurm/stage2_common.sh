@@ -1,6 +1,8 @@
 # Shared by the stage2_*.sbatch wrappers (sourced, not run). Owns: finding the repo, the learner
-# placement flags from STAGE2_* variables, forwarding SLURM's pre-timeout signal to the launch, and
-# the requeue decision. Every process is started and stopped by stage2-launch; this file only signals it.
+# placement flags from STAGE2_* variables, the CPU request of each srun step, forwarding SLURM's
+# pre-timeout signal to the launch, per-task exit codes, and the requeue decision. Every process is
+# started and stopped by stage2-launch; this file only signals it. See docs/STAGE2_RUNBOOK.md,
+# "Running on a cluster".
 #
 # Variables (all optional):
 #   STAGE2_REPO          checkout to run in (default: $SLURM_SUBMIT_DIR, where you ran sbatch)
@@ -10,17 +12,46 @@
 #   STAGE2_GPUS          learner GPU ids on each node (default: every GPU SLURM gave the job, minus
 #                        STAGE2_SERVER_GPUS)
 #   STAGE2_SERVER_GPUS   rollout-server GPU ids (single node; server mode)
+#   STAGE2_CPUS_PER_TASK CPUs of each srun task = one node's stage2-launch or server (default: every CPU
+#                        SLURM gave the job on the node, $SLURM_CPUS_ON_NODE); srun no longer inherits it
+#   STAGE2_SOCKET_IFNAME network interface for NCCL and gloo (exported as NCCL_SOCKET_IFNAME and
+#                        GLOO_SOCKET_IFNAME unless those are set; every srun task inherits them)
 #   STAGE2_MAX_REQUEUES  give up requeueing after this many restarts (default 20): no requeue loops
+#   STAGE2_STATE_DIR     where the learner tasks leave their exit codes (default: .stage2-slurm in the
+#                        submit dir; must be on a filesystem every node shares)
 
 set -uo pipefail
 
 stage2_log() { echo "[stage2 sbatch $(date +%H:%M:%S)] $*" >&2; }
 
+# The stop-signal traps are installed as soon as this file is sourced: a USR1 that arrives before the
+# launch started (e.g. during the split script's health wait) must not kill the batch shell.
+STAGE2_STOP=""
+STAGE2_CHILD=""
+stage2_on_signal() {
+    STAGE2_STOP=$1
+    if [ -n "$STAGE2_CHILD" ]; then
+        stage2_log "$1: forwarding to the launch (the learners checkpoint and exit)"
+        kill -"$1" "$STAGE2_CHILD" 2>/dev/null
+    else
+        stage2_log "$1 before the learners started: they will not start"
+    fi
+}
+trap 'stage2_on_signal USR1' USR1
+trap 'stage2_on_signal TERM' TERM
+trap 'stage2_on_signal INT' INT
+
 stage2_cd_repo() {
     cd "${STAGE2_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || { stage2_log "cannot cd to the repo"; exit 1; }
     STAGE2_LAUNCH=${STAGE2_LAUNCH:-stage2-launch}
     STAGE2_PYTHON=${STAGE2_PYTHON:-python}
-    stage2_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s), repo $PWD"
+    STAGE2_CPT=${STAGE2_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+    if [ -n "${STAGE2_SOCKET_IFNAME:-}" ]; then
+        export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$STAGE2_SOCKET_IFNAME}
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$STAGE2_SOCKET_IFNAME}
+    fi
+    stage2_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s), repo $PWD," \
+        "$STAGE2_CPT CPU(s) per task"
 }
 
 # Count the GPUs SLURM exposed (CUDA_VISIBLE_DEVICES), as ids 0..n-1 relative to that list.
@@ -59,28 +90,94 @@ stage2_set_args() {
     done
 }
 
-# A port in [20000, 40000) that every node and rerun of this job derives the same (launchers/topology.py).
+# A port below the ephemeral range that every node and rerun of this job derives the same
+# (launchers/topology.py job_port); computed once here and handed to every node.
 stage2_job_port() {
     "$STAGE2_PYTHON" -c "from launchers.topology import job_port; print(job_port('$SLURM_JOB_ID', '$1'))"
 }
 
-# Run "$@" in the background, forward USR1/TERM/INT to it, wait until it really exits; sets STAGE2_RC.
-# With `#SBATCH --signal=B:USR1@N` SLURM signals only this batch shell; stage2-launch (or srun, which
-# forwards to every node's stage2-launch) passes it to the learner, which checkpoints and exits 138.
+# Where the learner tasks write their exit codes (one file per task): the submit dir is on the shared
+# filesystem the checkpoints need anyway. Missing files fall back to srun's code.
+stage2_rc_dir() {
+    STAGE2_RC_DIR=${STAGE2_STATE_DIR:-$PWD/.stage2-slurm}/job-${SLURM_JOB_ID:-0}-restart-${SLURM_RESTART_COUNT:-0}
+    rm -rf "$STAGE2_RC_DIR" && mkdir -p "$STAGE2_RC_DIR"
+}
+
+# One learner task (run by srun as `bash -c "$STAGE2_TASK" LAUNCH ARGS...`): starts stage2-launch with
+# this node's rank, records and prints its exit code, exits with it (138 → 0: --kill-on-bad-exit
+# would otherwise TERM the nodes still finishing their part of the checkpoint). The node rank comes from
+# $SLURM_NODEID on EACH node (the single quotes keep it unexpanded here). Signals: slurmstepd delivers
+# what srun forwards (USR1, TERM) to every process of the task, stage2-launch included, so this shell
+# only ignores them (set after the fork: the launch keeps the default handlers); a trap here would
+# interrupt `wait` and lose the launch's exit code.
+# shellcheck disable=SC2016
+STAGE2_TASK='
+    $0 --nnodes "$SLURM_STEP_NUM_NODES" --node-rank "$SLURM_NODEID" "$@" &
+    child=$!
+    trap "" USR1 TERM INT
+    wait $child; rc=$?
+    echo "$rc" > "$STAGE2_RC_DIR/task-$SLURM_PROCID" 2>/dev/null
+    echo "[stage2 task] task $SLURM_PROCID (node rank $SLURM_NODEID, $SLURMD_NODENAME) exit $rc" >&2
+    [ "$rc" = 138 ] && exit 0  # checkpointed: not a failure that should make srun kill the other nodes
+    exit $rc'
+
+# Run "$@" in the background, forward USR1/TERM/INT to it (the traps above), wait until it really
+# exits; sets STAGE2_RC. With `#SBATCH --signal=B:USR1@N` SLURM signals only this batch shell;
+# stage2-launch (or srun, which forwards to every task) passes it to the learner, which checkpoints
+# and exits 138.
 stage2_run_forwarding() {
-    STAGE2_STOP=""
+    if [ -n "$STAGE2_STOP" ]; then
+        stage2_log "not starting the learners: $STAGE2_STOP arrived before them"
+        STAGE2_RC=1
+        return
+    fi
     "$@" &
     STAGE2_CHILD=$!
-    trap 'STAGE2_STOP=USR1; stage2_log "USR1: asking the learner to checkpoint"; kill -USR1 $STAGE2_CHILD 2>/dev/null' USR1
-    trap 'STAGE2_STOP=TERM; stage2_log "TERM: forwarding"; kill -TERM $STAGE2_CHILD 2>/dev/null' TERM
-    trap 'STAGE2_STOP=INT; kill -INT $STAGE2_CHILD 2>/dev/null' INT
     while kill -0 "$STAGE2_CHILD" 2>/dev/null; do wait "$STAGE2_CHILD"; done  # a trapped signal interrupts wait
     wait "$STAGE2_CHILD"
     STAGE2_RC=$?
-    trap - USR1 TERM INT
+    STAGE2_CHILD=""
 }
 
-# 138 = the learner stopped on SIGUSR1 after writing a checkpoint: requeue; the rerun passes
+# The job's code from the tasks' codes ($STAGE2_RC_DIR/task-*, $1 = tasks expected; srun's own code
+# is the highest, which says little once --kill-on-bad-exit has TERMed the others, and a task that
+# checkpointed reports 0 to srun):
+#   every task 138 (each node saw a complete checkpoint after USR1) → 138 (stage2_finish requeues);
+#   every task 0 → 0; a task that failed by itself (1..127) → its code, naming the task;
+#   stopped (a signal reached the learners) but not every task checkpointed → 1;
+#   otherwise the highest code (e.g. 143 when the job was cancelled).
+stage2_task_codes() {
+    local expected=$1 codes=() f rc first_fail=""
+    for ((i = 0; i < expected; i++)); do
+        f=$STAGE2_RC_DIR/task-$i
+        if [ ! -s "$f" ]; then
+            stage2_log "task $i left no exit code in $STAGE2_RC_DIR (not on a filesystem all nodes share?):" \
+                "using srun's code $STAGE2_RC${STAGE2_STOP:+, or 1 after $STAGE2_STOP (no requeue)}"
+            if [ -n "$STAGE2_STOP" ] && [ "$STAGE2_RC" = 0 ]; then STAGE2_RC=1; fi
+            return
+        fi
+        rc=$(cat "$f")
+        codes+=("$rc")
+        if [ -z "$first_fail" ] && [ "$rc" -ge 1 ] && [ "$rc" -le 127 ]; then first_fail=$i; fi
+    done
+    stage2_log "task exit codes: ${codes[*]} (srun: $STAGE2_RC)"
+    if [ "$(printf '%s\n' "${codes[@]}" | sort -u)" = 138 ]; then
+        STAGE2_RC=138
+    elif [ "$(printf '%s\n' "${codes[@]}" | sort -u)" = 0 ]; then
+        STAGE2_RC=0
+    elif [ -n "$first_fail" ]; then
+        STAGE2_RC=${codes[$first_fail]}
+        stage2_log "task $first_fail failed with code $STAGE2_RC (see its lines, labelled '$first_fail:');" \
+            "the other tasks were stopped because of it"
+    elif [ -n "$STAGE2_STOP" ] || printf '%s\n' "${codes[@]}" | grep -qx 138; then
+        STAGE2_RC=1
+        stage2_log "stopped, but not every node wrote a complete checkpoint: exit 1, no requeue"
+    else
+        STAGE2_RC=$(printf '%s\n' "${codes[@]}" | sort -n | tail -n 1)
+    fi
+}
+
+# 138 = every learner stopped on SIGUSR1 after a complete checkpoint: requeue; the rerun passes
 # --resume auto and continues from it. Anything else ends the job with that code.
 stage2_finish() {
     local restarts=${SLURM_RESTART_COUNT:-0} max=${STAGE2_MAX_REQUEUES:-20}

@@ -1,9 +1,15 @@
-"""A throw-away single-node SLURM cluster in a tmp dir (per /work/shared/reference/slurm_local.md).
+"""A throw-away SLURM cluster in a tmp dir: one slurmctld and one slurmd per node, all on this machine.
 
 Installs nothing: `available()` says whether slurmctld/slurmd/sbatch are installed (install them with
 scripts/install_slurm.sh). The daemons run in the foreground as our children (own sessions), with
 their own ports, state and logs under the tmp dir, and auth/none when the plugin exists (no munged);
 so a cluster per test session neither needs nor touches a system SLURM.
+
+Two nodes on one machine: each node is a name that already resolves to a loopback address here
+(`hostname -s` and `localhost`, see `loopback_names`), with its own slurmd (`slurmd -N NAME`), port,
+spool, pid and log (%n in slurm.conf). Jobs, steps, `srun --nodes/--ntasks/-w`, per-task exit codes
+and `--kill-on-bad-exit` then behave as on a real two-node cluster; the nodes share the CPUs, memory
+and filesystem of this machine (a real cluster's shared filesystem is assumed anyway).
 """
 from __future__ import annotations
 
@@ -44,23 +50,51 @@ def _auth_lines() -> list[str]:
     return ["AuthType=auth/munge", "CredType=cred/munge"]  # needs munged running (see slurm_local.md)
 
 
-def _node_line(host: str) -> str:
+def _node_line(host: str, port: int | None = None) -> str:
     out = subprocess.run([shutil.which("slurmd", path=SBIN_PATH), "-C"], capture_output=True, text=True).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), f"NodeName={host} CPUs={os.cpu_count()}")
     line = re.sub(r"^NodeName=\S+", f"NodeName={host}", line)
     mem = re.search(r"RealMemory=(\d+)", line)
     if mem:  # leave headroom: memory is not a consumable here anyway
         line = line.replace(mem.group(0), f"RealMemory={int(int(mem.group(1)) * 0.9)}")
+    if port is not None:  # several slurmd on one machine: each its own port, reached over loopback
+        line += f" NodeAddr=127.0.0.1 Port={port}"
     return line + " State=UNKNOWN"
 
 
+def loopback_names(count: int) -> list[str] | None:
+    """`count` distinct host names that resolve to a 127.x address here (this host first), or None."""
+    names = []
+    for name in (socket.gethostname().split(".")[0], "localhost"):
+        try:
+            if socket.gethostbyname(name).startswith("127.") and name not in names:
+                names.append(name)
+        except OSError:
+            pass
+    return names[:count] if len(names) >= count else None
+
+
 class LocalSlurm:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nodes: int = 1, task_plugin: str = "task/none"):
         self.root = root
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host] if nodes == 1 else loopback_names(nodes)
+        if self.nodes is None:
+            raise RuntimeError(f"{nodes} nodes need {nodes} host names resolving to 127.x (have: this host, localhost)")
+        self.task_plugin = task_plugin
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=SBIN_PATH)
         self.daemons: list[subprocess.Popen] = []
+
+    def job_nodes(self, info: dict) -> list[str]:
+        """A job's nodes in SLURM_NODEID order (`scontrol show hostnames` of its NodeList)."""
+        return self.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+
+    @staticmethod
+    def cpus_allowed_all() -> str:
+        """Cpus_allowed_list of a process bound to every CPU of a node (each node here is the whole machine)."""
+        n = os.cpu_count() or 1
+        return "0" if n == 1 else f"0-{n - 1}"
 
     def write_conf(self) -> None:
         for sub in ("state", "spool"):
@@ -69,29 +103,35 @@ class LocalSlurm:
         lines = [
             "ClusterName=stage2ci", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             *_auth_lines(), "AuthInfo=cred_expire=10",  # requeued jobs become eligible 11 s later (default 121)
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            f"SlurmctldPort={_free_port()}",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc", f"TaskPlugin={self.task_plugin}",
+            "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "SwitchType=switch/none", "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=2,bf_interval=2", "MailProg=/bin/true", "ReturnToService=2",
-            "KillWait=5", "MinJobAge=3600", _node_line(self.host),
+            "KillWait=5", "MinJobAge=3600",
+            *(_node_line(n, _free_port()) for n in self.nodes),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 30) -> None:
         self.write_conf()
-        for daemon, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D"])):
-            log = open(self.root / f"{daemon}.stdout", "w")
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        daemons = [("slurmctld", ["-D", "-i"], "slurmctld")] + [("slurmd", ["-D", "-N", n], f"slurmd-{n}")
+                                                               for n in self.nodes]
+        for daemon, args, name in daemons:
+            log = open(self.root / f"{name}.stdout", "w")
             self.daemons.append(subprocess.Popen([shutil.which(daemon, path=SBIN_PATH), *args], env=self.env,
                                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+            state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if state == ["idle"] * len(self.nodes):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"local SLURM did not become idle (sinfo: {state!r}); logs in {self.root}")

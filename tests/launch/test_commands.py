@@ -49,13 +49,21 @@ def test_torchrun_multi_node_uses_c10d_rendezvous():
     t = topo(gpus="0,1,2,3", nnodes=2, node_rank=1, rdzv_endpoint="node001:29400", env=env)
     assert build_torchrun_argv(t, TRAIN) == [
         "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
-        "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "node001:29400", "--rdzv_id", "777",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", "node001:29400", "--rdzv_id", "777",
         *SIGNALS, *ENTRY]
     assert build_learner_env({}, t, "torchrun")["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     cpu = topo(gpus="cpu", nproc=1, nnodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400", env={})
-    assert build_torchrun_argv(cpu, TRAIN)[3:15] == [
-        "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "0", "--rdzv_backend", "c10d",
+    assert build_torchrun_argv(cpu, TRAIN)[3:13] == [
+        "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "127.0.0.1:29400", "--rdzv_id", "stage2-29400"]
+    assert "--node_rank" not in build_torchrun_argv(t, TRAIN)  # c10d ignores it (with a warning) and ranks by join order
+
+
+def test_socket_interface_variables_reach_the_learner():
+    """NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (set by the sbatch scripts from STAGE2_SOCKET_IFNAME) pass through."""
+    t = topo(gpus="0,1", nnodes=2, node_rank=0, rdzv_endpoint="node001:29400", env={})
+    env = build_learner_env({"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"}, t, "torchrun")
+    assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"]) == ("ib0", "ib0")
 
 
 def test_deepspeed_gpu_uses_include_and_never_cuda_visible_devices():

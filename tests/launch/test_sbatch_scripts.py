@@ -3,7 +3,8 @@
 The fake srun runs the step once per node with that node's SLURM_NODEID, so the test sees exactly what
 each node would execute: the node rank must come from the node (escaped inside srun), the rendezvous
 HOST:PORT must be the same everywhere (first host, job-derived port), and in the split job the
-learners must receive the servers' URLs. The real-SLURM runs are in test_slurm.py.
+learners must receive the servers' URLs. The fake ignores task counts, CPUs and node lists: what srun
+does with those is tested on a real two-node SLURM in test_slurm_multinode.py (and test_slurm.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ if [ "$1" != bash ]; then
     exec "$FAKE_PYTHON" "$FAKE_STANDIN" "$@" >> "$FAKE_LOG" 2>&1
 fi
 rc=0
-for ((id = 0; id < nodes; id++)); do SLURM_NODEID=$id SLURM_STEP_NUM_NODES=$nodes "$@" || rc=$?; done
+for ((id = 0; id < nodes; id++)); do
+    SLURM_NODEID=$id SLURM_PROCID=$id SLURMD_NODENAME=node$id SLURM_STEP_NUM_NODES=$nodes "$@" || rc=$?
+done
 exit $rc
 """
 
@@ -49,7 +52,8 @@ def fake_slurm(tmp_path):
     log = tmp_path / "fake.log"
     env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_PYTHON=sys.executable,
                     FAKE_STANDIN=STANDIN, STAGE2_REPO=str(ROOT), STAGE2_PYTHON=sys.executable,
-                    STAGE2_LAUNCH="echo LAUNCH", STAGE2_CPU="1", SLURM_JOB_ID="4711", SLURM_RESTART_COUNT="0")
+                    STAGE2_LAUNCH="echo LAUNCH", STAGE2_CPU="1", SLURM_JOB_ID="4711", SLURM_RESTART_COUNT="0",
+                    STAGE2_STATE_DIR=str(tmp_path / "state"), STAGE2_SERVER_LOG=str(tmp_path / "server.log"))
     return env, log
 
 
@@ -86,7 +90,7 @@ def test_multinode_expands_the_node_rank_on_each_node_and_shares_one_endpoint(fa
     assert res.returncode == 0, res.stderr
     port = job_port("4711", "rdzv")
     assert res.stdout.splitlines() == [
-        f"LAUNCH --profile prod/ab_mixed --nnodes 2 --node-rank {rank} --rdzv-endpoint node001:{port} --resume auto "
+        f"LAUNCH --nnodes 2 --node-rank {rank} --profile prod/ab_mixed --rdzv-endpoint node001:{port} --resume auto "
         "--gpus cpu --nproc 1 --set x=1" for rank in (0, 1)]
 
 
@@ -100,7 +104,7 @@ def test_server_split_starts_servers_first_and_hands_their_urls_to_the_learners(
     assert res.returncode == 0, res.stderr
     servers = f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{http}', group_port: {group}}}]"
     (line,) = res.stdout.splitlines()  # one learner node
-    assert line == (f"LAUNCH --profile smoke/b_only --nnodes 1 --node-rank 0 --rdzv-endpoint localhost:{job_port('4711', 'rdzv')} "
+    assert line == (f"LAUNCH --nnodes 1 --node-rank 0 --profile smoke/b_only --rdzv-endpoint localhost:{job_port('4711', 'rdzv')} "
                     f"--resume auto --set {servers} --gpus cpu --nproc 1 --set training.output_dir={tmp_path} --launcher torchrun")
     step = log.read_text()
     assert re.search(rf"server step: \S+ -m toolkit.rollout.server --profile smoke/b_only --gpus cpu --dp 1 --tp 1 "

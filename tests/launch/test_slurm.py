@@ -35,7 +35,8 @@ def job_env() -> dict:
 
 def submit(slurm, tiny, tmp_path, *sets: str) -> tuple[str, str]:
     """sbatch the single-node wrapper in CPU mode; returns (job id, path of its output file)."""
-    job = slurm.sbatch(f"--output={tmp_path}/job-%j.out", "--time=10", SCRIPT, "smoke/a_only",
+    # --exclusive=user overrides the script's whole-node request: the two jobs of this module share the node.
+    job = slurm.sbatch(f"--output={tmp_path}/job-%j.out", "--time=10", "--exclusive=user", SCRIPT, "smoke/a_only",
                        *run_sets(tiny, tmp_path / "run", *sets), env=job_env(), cwd=ROOT)
     return job, f"{tmp_path}/job-{job}.out"
 

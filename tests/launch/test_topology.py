@@ -6,6 +6,7 @@ import socket
 import pytest
 
 from launchers.topology import (CPU, LaunchFlags, PlacementError, Port, ProfileServers, build_topology, check_ports,
+                                ephemeral_start,
                                 job_port, learner_layout, servers_rewritten, visible_to_physical, world_size_of)
 
 HF = ProfileServers(server_mode=False)
@@ -101,10 +102,35 @@ def test_ports_are_deterministic_per_slurm_job():
     ports = lambda t: (t.master_port.port, t.servers[0].http.port, t.servers[0].group.port)  # noqa: E731
     assert ports(a) == ports(b) != ports(c)
     assert a.master_port == Port(job_port("4242", "master"), "derived from SLURM_JOB_ID=4242")
-    assert all(20000 <= p < 40000 for p in ports(a))
+    assert all(20000 <= p < ephemeral_start() for p in ports(a))
     assert len(set(ports(a))) == 3
     assert a.servers[0].base_url == f"http://127.0.0.1:{job_port('4242', 'server0.http')}"
     assert servers_rewritten(a, ONE) and not servers_rewritten(topo(ONE, gpus="cpu"), ONE)
+
+
+def test_job_ports_stay_below_the_ephemeral_range():
+    """An outgoing socket takes its port from ip_local_port_range: a derived port inside it may be held."""
+    first = ephemeral_start()
+    assert first == int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {job_port(str(job), salt) for job in range(2000) for salt in ("rdzv", "master", "server0.http")}
+    assert min(ports) >= 20000 and max(ports) < first
+    assert len(ports) > 2000  # spread over the range, not a handful of values
+    assert all(20000 <= job_port(str(j), "rdzv", first_ephemeral=25000) < 25000 for j in range(500))
+    assert all(1024 <= job_port(str(j), "rdzv", first_ephemeral=15000) < 15000 for j in range(500))
+    with pytest.raises(PlacementError, match="ip_local_port_range starts at 1500"):
+        job_port("1", "rdzv", first_ephemeral=1500)
+
+
+def test_a_taken_job_derived_port_is_refused_at_preflight():
+    """The port a SLURM job derives is checked free before anything starts, naming its source."""
+    t = topo(env={"SLURM_JOB_ID": "4242"})
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", t.master_port.port))
+        held.listen()
+        with pytest.raises(PlacementError, match=f"port {t.master_port.port} on 127.0.0.1 is already in use "
+                                                 r"\(derived from SLURM_JOB_ID=4242\)"):
+            check_ports(t, host_is_local=lambda h: True)
 
 
 def test_master_port_sources():

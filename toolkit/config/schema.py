@@ -99,6 +99,10 @@ TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
                                   "(packing/underfilled_packs); server mode starts a pack once this full.", 0.5),
     "report_to": Key(ListOf(Enum("tensorboard", "jsonl")), "Metric sinks.", ["tensorboard", "jsonl"]),
     "gradient_checkpointing": Key(Bool(), "Recompute activations in backward to save memory.", False),
+    "collective_timeout_s": Key(POS_FLOAT, "Longest wait of a learner collective for its peers (seconds): a lost or "
+                                           "hung rank fails the others after this instead of hanging. Must exceed the "
+                                           "longest gap between collectives (a slow rollout round, a checkpoint).",
+                                1800.0),
 }, required=True)
 
 DEEPSPEED = Section("The DeepSpeed engine config, by name from ds_configs/.", {

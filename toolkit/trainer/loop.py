@@ -115,7 +115,7 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.training.collective_timeout_s)
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.out_dir = Path(cfg.training.output_dir)
@@ -448,11 +448,12 @@ class Stage2Trainer:
             self.stop_signum = int(flag)
         return bool(flag)
 
-    def cleanup(self) -> None:
-        """Release what setup created, also after a failed setup (so the real error is what the user sees)."""
+    def cleanup(self, clean: bool = True) -> None:
+        """Release what setup created, also after a failed setup (so the real error is what the user sees).
+        clean=False (an error): no exit barrier, whose peer may be the one that is gone."""
         from toolkit.trainer.engine import close_distributed
 
         for part in ("backend", "writer"):
             if hasattr(self, part):
                 getattr(self, part).close()
-        close_distributed()
+        close_distributed(barrier=clean)
