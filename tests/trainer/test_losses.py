@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _pack_helpers import COORD_IDS, VOCAB, make_segment
-from toolkit.trainer.losses import PART_KEYS, LossWeights, complete_iou, expectation_decode, pack_loss
+from toolkit.trainer.losses import PART_KEYS, LossWeights, complete_iou, expectation_decode, huber, pack_loss
 from toolkit.trainer.packing import collate_pack
 
 ALL_ON = LossWeights(
@@ -251,7 +251,7 @@ def _reference(logits, b, w):
         cce.append(-math.log(_ref_softmax(zc)[k]))
         errs = [abs(j / 999 - g) for j in range(1000)]
         el1.append(sum(pj * e for pj, e in zip(pt, errs)))
-        eh.append(sum(pj * (0.5 * e * e if e < delta else delta * (e - 0.5 * delta)) for pj, e in zip(pt, errs)))
+        eh.append(sum(pj * (0.5 * e * e / delta if e < delta else e - 0.5 * delta) for pj, e in zip(pt, errs)))
         ent.append(-sum(pj * math.log(pj) for pj in pt if pj > 0))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     cious = [1 - _ref_ciou(chat[i:i + 4], gts[i:i + 4]) for i in range(0, len(chat), 4)]
@@ -284,3 +284,40 @@ def test_fp32_matches_float64_reference():
     ref = _reference(logits.double(), b, ALL_ON)
     for key, value in ref.items():
         assert parts[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.parametrize("delta", [0.001, 0.05])
+def test_huber_value_and_gradient_on_both_sides_of_delta(delta):
+    """0.5·d²/δ inside δ (slope d/δ), |d| − δ/2 outside (slope ±1): the predecessor's expected-Huber."""
+    d = torch.tensor([-3 * delta, -0.5 * delta, -0.1 * delta, 0.25 * delta, 0.9 * delta, 1.5 * delta, 0.7],
+                     dtype=torch.float64, requires_grad=True)
+    value = huber(d, delta)
+    value.sum().backward()
+    for x, v, g in zip(d.detach().tolist(), value.tolist(), d.grad.tolist()):
+        inside = abs(x) < delta
+        assert v == pytest.approx(0.5 * x * x / delta if inside else abs(x) - delta / 2, rel=1e-12, abs=1e-15), x
+        assert g == pytest.approx(x / delta if inside else math.copysign(1.0, x), rel=1e-12), x
+    at = torch.tensor([delta], dtype=torch.float64)
+    assert float(huber(at, delta)) == pytest.approx(delta / 2)  # continuous at δ: both branches give δ/2
+
+
+def test_expected_huber_term_gradient_matches_the_formula():
+    """d/dz_k of Σ_j q_j·huber(j/999 − gt) is q_k·(h_k − E_q[h]) / τ, bins inside and outside δ alike."""
+    b = _batch()
+    w = LossWeights(**{**ALL_ON.__dict__, "coord_ehuber_weight": 1.0, "coord_huber_delta": 0.05})
+    logits = _logits(b, seed=7, dtype=torch.float64).requires_grad_(True)
+    _, parts = pack_loss(logits, logits, b, COORD_IDS, w)
+    slot_rows = (b.coord_pos - 1).tolist()
+    z = logits[0, slot_rows][:, COORD_IDS]
+    from toolkit.trainer.losses import _coord_terms  # the term alone, without the other losses' gradients
+    eh = _coord_terms(logits[0], b, torch.tensor(COORD_IDS), w)["ehuber"]
+    (grad,) = torch.autograd.grad(eh, logits)
+    tau, n = w.softctx_temperature, len(slot_rows)
+    for r, (row, k) in enumerate(zip(slot_rows, b.coord_bins.tolist())):
+        q = torch.softmax(z[r].detach() / tau, dim=-1)
+        errs = (torch.arange(1000, dtype=torch.float64) / 999 - k / 999).abs()
+        h = torch.where(errs < 0.05, 0.5 * errs**2 / 0.05, errs - 0.025)
+        assert (errs < 0.05).any() and (errs >= 0.05).any()
+        want = q * (h - (q * h).sum()) / tau / n
+        assert torch.allclose(grad[0, row, COORD_IDS], want, rtol=1e-9, atol=1e-15), r
+    assert parts["loss/coord_ehuber"] == pytest.approx(float(eh.detach()), rel=1e-12)
