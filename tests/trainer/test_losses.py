@@ -131,13 +131,38 @@ def test_fn_only_pack_has_geometry_and_tail_part():
     assert parts["loss/coord_tail"] == pytest.approx(parts["loss/bbox_smoothl1"] + parts["loss/bbox_ciou"])
 
 
-def test_prefix_and_tail_parts_combine_by_box_count():
+def test_prefix_and_tail_parts_combine_by_box_count_or_by_sample():
     b = collate_pack([make_segment(30, n_boxes=2, group="prefix", channel="B"), make_segment(31, group="fn", channel="B")])
     logits = _logits(b)
     w = LossWeights(bbox_smoothl1_weight=2.0, bbox_ciou_weight=0.5)
-    _, parts = pack_loss(logits, logits, b, COORD_IDS, w)
+    _, parts = pack_loss(logits, logits, b, COORD_IDS, w, "per_pack_token_mean")
     bbox = 2.0 * parts["loss/bbox_smoothl1"] + 0.5 * parts["loss/bbox_ciou"]
     assert bbox == pytest.approx((2 * parts["loss/coord_prefix"] + 1 * parts["loss/coord_tail"]) / 3)
+    # per_sample: each sample here holds one group, so the pack's geometry is (prefix_30 + tail_31) / 2
+    # and each group part is its sample's geometry / 2.
+    _, parts = pack_loss(logits, logits, b, COORD_IDS, w, "per_sample")
+    bbox = 2.0 * parts["loss/bbox_smoothl1"] + 0.5 * parts["loss/bbox_ciou"]
+    assert bbox == pytest.approx(parts["loss/coord_prefix"] + parts["loss/coord_tail"])
+
+
+def test_per_sample_pack_loss_is_the_mean_of_each_sample_alone():
+    """The packing invariance at the loss level: a pack's loss = the mean of its samples' one-sample losses."""
+    segs = [make_segment(50, n_boxes=2, group="prefix", channel="B"), make_segment(51, n_boxes=0, channel="B"),
+            make_segment(52, n_boxes=1, text_per_box=5, group="fn", channel="B")]
+    b = collate_pack(segs)
+    logits = _logits(b, seed=9, dtype=torch.float64)
+    loss, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON)
+    offsets = [0, len(segs[0]), len(segs[0]) + len(segs[1])]
+    alone = []
+    for seg, off in zip(segs, offsets):
+        one = collate_pack([seg])
+        alone.append(pack_loss(logits[:, off:off + len(seg)], logits[:, off:off + len(seg)], one, COORD_IDS, ALL_ON)[1])
+    for key in PART_KEYS:
+        assert parts[key] == pytest.approx(sum(a[key] for a in alone) / 3, rel=1e-12, abs=1e-12), key
+    _, pooled = pack_loss(logits, logits, b, COORD_IDS, ALL_ON, "per_pack_token_mean")
+    assert abs(pooled["loss/total"] - parts["loss/total"]) > 1e-3
+    with pytest.raises(ValueError, match="per_sample|per_pack_token_mean"):
+        pack_loss(logits, logits, b, COORD_IDS, ALL_ON, "per_token")
 
 
 def test_no_coord_slots_and_no_supervision_give_zero_terms_with_graph():
@@ -223,20 +248,36 @@ def _ref_ciou(p, g, eps=1e-7):
     return iou - rho2 / c2 - alpha * v
 
 
-def _reference(logits, b, w):
+def _reference(logits, b, w, normalization="per_sample"):
+    """Per-token / per-slot / per-box values, each tagged with its sample, then averaged by the rule:
+    per_sample = within each sample, then over samples; per_pack_token_mean = over the pack."""
     z_all = logits[0].tolist()
     ids = b.input_ids[0].tolist()
     cw = b.ce_weights[0].tolist()
-    num = den = 0.0
+    owner = [i for i, n in enumerate(b.seq_lens.tolist()) for _ in range(n)]  # sample of each position
+    n_samples = len(b.seq_lens)
+
+    def avg(items):  # items: (sample, value, weight)
+        if not items:
+            return 0.0
+        if normalization == "per_pack_token_mean":
+            return sum(v * wt for _, v, wt in items) / sum(wt for _, _, wt in items)
+        total = 0.0
+        for s_ in range(n_samples):
+            mine = [(v, wt) for o, v, wt in items if o == s_]
+            if mine:
+                total += sum(v * wt for v, wt in mine) / sum(wt for _, wt in mine)
+        return total / n_samples
+
+    ce = []
     for t in range(1, len(ids)):
         if cw[t]:
-            p = _ref_softmax(z_all[t - 1])
-            num += cw[t] * -math.log(p[ids[t]])
-            den += cw[t]
-    ce = num / den
+            pr = _ref_softmax(z_all[t - 1])
+            ce.append((owner[t], -math.log(pr[ids[t]]), cw[t]))
     tau, delta = w.softctx_temperature, w.coord_huber_delta
     chat, gts, sl1, gate, cce, el1, eh, ent = [], [], [], [], [], [], [], []
     for p_lab, k in zip(b.coord_pos.tolist(), b.coord_bins.tolist()):
+        o = owner[p_lab]
         row = z_all[p_lab - 1]
         zc = [row[i] for i in COORD_IDS]
         pt = _ref_softmax([v / tau for v in zc])
@@ -245,43 +286,52 @@ def _reference(logits, b, w):
         chat.append(c)
         gts.append(g)
         d = abs(c - g)
-        sl1.append(0.5 * d * d if d < 1 else d - 0.5)
+        sl1.append((o, 0.5 * d * d if d < 1 else d - 0.5, 1.0))
         full = _ref_softmax(row)
-        gate.append(-math.log(sum(full[i] for i in COORD_IDS)))
-        cce.append(-math.log(_ref_softmax(zc)[k]))
+        gate.append((o, -math.log(sum(full[i] for i in COORD_IDS)), 1.0))
+        cce.append((o, -math.log(_ref_softmax(zc)[k]), 1.0))
         errs = [abs(j / 999 - g) for j in range(1000)]
-        el1.append(sum(pj * e for pj, e in zip(pt, errs)))
-        eh.append(sum(pj * (0.5 * e * e / delta if e < delta else e - 0.5 * delta) for pj, e in zip(pt, errs)))
-        ent.append(-sum(pj * math.log(pj) for pj in pt if pj > 0))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    cious = [1 - _ref_ciou(chat[i:i + 4], gts[i:i + 4]) for i in range(0, len(chat), 4)]
-    reg = w.coord_ce_weight * mean(cce) + w.coord_el1_weight * mean(el1) + w.coord_ehuber_weight * mean(eh) \
-        + w.coord_entropy_weight * mean(ent)
-    total = ce + w.bbox_smoothl1_weight * mean(sl1) + w.bbox_ciou_weight * mean(cious) + reg \
-        + w.coord_gate_weight * mean(gate)
-    return {"loss/ce": ce, "loss/bbox_smoothl1": mean(sl1), "loss/bbox_ciou": mean(cious),
-            "loss/coord_gate": mean(gate), "loss/coord_ce": mean(cce), "loss/coord_el1": mean(el1),
-            "loss/coord_ehuber": mean(eh), "loss/coord_entropy": mean(ent), "loss/coord_reg": reg,
+        el1.append((o, sum(pj * e for pj, e in zip(pt, errs)), 1.0))
+        eh.append((o, sum(pj * (0.5 * e * e / delta if e < delta else e - 0.5 * delta) for pj, e in zip(pt, errs)), 1.0))
+        ent.append((o, -sum(pj * math.log(pj) for pj in pt if pj > 0), 1.0))
+    box_owner = [owner[p_lab] for p_lab in b.coord_pos.tolist()[0::4]]
+    cious = [(box_owner[i // 4], 1 - _ref_ciou(chat[i:i + 4], gts[i:i + 4]), 1.0) for i in range(0, len(chat), 4)]
+    reg = w.coord_ce_weight * avg(cce) + w.coord_el1_weight * avg(el1) + w.coord_ehuber_weight * avg(eh) \
+        + w.coord_entropy_weight * avg(ent)
+    total = avg(ce) + w.bbox_smoothl1_weight * avg(sl1) + w.bbox_ciou_weight * avg(cious) + reg \
+        + w.coord_gate_weight * avg(gate)
+    return {"loss/ce": avg(ce), "loss/bbox_smoothl1": avg(sl1), "loss/bbox_ciou": avg(cious),
+            "loss/coord_gate": avg(gate), "loss/coord_ce": avg(cce), "loss/coord_el1": avg(el1),
+            "loss/coord_ehuber": avg(eh), "loss/coord_entropy": avg(ent), "loss/coord_reg": reg,
             "loss/total": total}
 
 
-def test_hand_computed_example_matches():
-    b = _batch(groups=("prefix", "fn"))
+NORMS = ["per_sample", "per_pack_token_mean"]
+
+
+@pytest.mark.parametrize("normalization", NORMS)
+def test_hand_computed_example_matches(normalization):
+    # Two samples of different sizes, so the two rules give different numbers.
+    b = collate_pack([make_segment(20, prompt_len=3, n_boxes=1, group="prefix", channel="B"),
+                      make_segment(21, prompt_len=4, n_boxes=2, text_per_box=3, group="fn", channel="B")])
     # Sharpen a few coord rows so the Huber branch and the expectation both move away from 0.5.
     logits = _logits(b, seed=3, dtype=torch.float64)
     for slot, k in zip((b.coord_pos - 1).tolist(), b.coord_bins.tolist()):
         logits[0, slot, COORD_IDS[k]] += 6.0
-    _, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON)
-    ref = _reference(logits, b, ALL_ON)
+    _, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON, normalization)
+    ref = _reference(logits, b, ALL_ON, normalization)
     for key, value in ref.items():
         assert parts[key] == pytest.approx(value, abs=1e-6), key
+    other = _reference(logits, b, ALL_ON, NORMS[1 - NORMS.index(normalization)])
+    assert abs(other["loss/total"] - ref["loss/total"]) > 1e-3  # the example tells the rules apart
 
 
-def test_fp32_matches_float64_reference():
+@pytest.mark.parametrize("normalization", NORMS)
+def test_fp32_matches_float64_reference(normalization):
     b = _batch()
     logits = _logits(b, seed=5, dtype=torch.float32)
-    _, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON)
-    ref = _reference(logits.double(), b, ALL_ON)
+    _, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON, normalization)
+    ref = _reference(logits.double(), b, ALL_ON, normalization)
     for key, value in ref.items():
         assert parts[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
