@@ -173,3 +173,11 @@ def test_detection_counts_pool_and_rates():
     assert total.precision == 0.5 and total.recall == 0.5 and total.f1 == 0.5
     assert DetectionCounts().f1 == 1.0  # nothing to find, nothing predicted
     assert detection_counts([], [[0, 0, 1, 1]], **KNOBS).f1 == 0.0
+
+
+def test_no_predictions_and_no_gt_score_one_not_zero():
+    """Differs from the predecessor (0): an image with nothing to find, answered with nothing, is perfect."""
+    empty = DetectionCounts()
+    assert (empty.precision, empty.recall, empty.f1) == (1.0, 1.0, 1.0)
+    assert (DetectionCounts(pred=0, gt=2).recall, DetectionCounts(pred=2, gt=0).precision) == (0.0, 0.0)
+    assert (empty + DetectionCounts(pred=1, gt=1, matched=1)).f1 == 1.0

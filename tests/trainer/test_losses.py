@@ -371,3 +371,35 @@ def test_expected_huber_term_gradient_matches_the_formula():
         want = q * (h - (q * h).sum()) / tau / n
         assert torch.allclose(grad[0, row, COORD_IDS], want, rtol=1e-9, atol=1e-15), r
     assert parts["loss/coord_ehuber"] == pytest.approx(float(eh.detach()), rel=1e-12)
+
+
+def test_ciou_alpha_is_detached_same_value_other_gradient():
+    """Differs from the predecessor (α with gradient): the value is the same, the gradient is that of
+    IoU − ρ²/c² − α·v with α held constant (as torchvision's complete_box_iou_loss)."""
+    gt = torch.tensor([[0.2, 0.1, 0.6, 0.7]], dtype=torch.float64)
+    start = torch.tensor([[0.25, 0.2, 0.5, 0.5]], dtype=torch.float64)
+
+    def ciou_with(alpha_grad: bool, pred):
+        x1, y1, x2, y2 = pred[:, 0], pred[:, 1], pred[:, 2], pred[:, 3]
+        gx1, gy1, gx2, gy2 = gt[:, 0], gt[:, 1], gt[:, 2], gt[:, 3]
+        inter = (torch.minimum(x2, gx2) - torch.maximum(x1, gx1)).clamp(min=0) * \
+            (torch.minimum(y2, gy2) - torch.maximum(y1, gy1)).clamp(min=0)
+        eps = 1e-7
+        iou = inter / ((x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - inter + eps)
+        c2 = (torch.maximum(x2, gx2) - torch.minimum(x1, gx1)) ** 2 + (torch.maximum(y2, gy2) - torch.minimum(y1, gy1)) ** 2
+        rho2 = ((x1 + x2 - gx1 - gx2) ** 2 + (y1 + y2 - gy1 - gy2) ** 2) / 4
+        v = 4 / math.pi**2 * (torch.atan((gx2 - gx1) / (gy2 - gy1 + eps)) - torch.atan((x2 - x1) / (y2 - y1 + eps))) ** 2
+        alpha = v / (1 - iou + v + eps)
+        alpha = alpha if alpha_grad else alpha.detach()
+        return iou - rho2 / (c2 + eps) - alpha * v
+
+    grads = {}
+    for name, fn in (("ours", lambda p: complete_iou(p, gt)), ("detached", lambda p: ciou_with(False, p)),
+                     ("predecessor", lambda p: ciou_with(True, p))):
+        pred = start.clone().requires_grad_(True)
+        value = fn(pred)
+        (1 - value).sum().backward()
+        grads[name] = (float(value.detach()), pred.grad.clone())
+    assert grads["ours"][0] == pytest.approx(grads["predecessor"][0], rel=1e-12)
+    assert torch.allclose(grads["ours"][1], grads["detached"][1], rtol=1e-10, atol=1e-12)
+    assert (grads["ours"][1] - grads["predecessor"][1]).abs().max() > 1e-4
