@@ -424,7 +424,7 @@ def _break(what: str) -> None:
     from toolkit.trainer import step as step_mod
 
     if what == "per_pack_weights":  # each rank's packs averaged, whatever their sample counts
-        step_mod.pack_weights = lambda packs, n_raw: [1.0 / len(packs)] * len(packs)
+        step_mod.pack_weights = lambda packs, n_raw: [1.0 / len(packs)] * len(packs) if packs else []
     elif what == "no_position_ids":  # Channel-B forward without the per-segment positions
         def loss_b(self, module, pack):
             pack = pack.to(self.device)
