@@ -431,6 +431,12 @@ def _break(what: str) -> None:
             logits = module(input_ids=pack.input_ids, use_cache=False).logits
             return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
         step_mod.StepLearner.loss_b = loss_b
+    elif what == "use_cache_default":  # Channel-B forward without use_cache=False (a cache disables the packed mask)
+        def loss_b(self, module, pack):
+            pack = pack.to(self.device)
+            logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids).logits
+            return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
+        step_mod.StepLearner.loss_b = loss_b
     elif what == "per_pack_token_mean":  # the predecessor's normalization as the default
         global learner
         plain = learner

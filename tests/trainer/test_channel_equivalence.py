@@ -12,7 +12,8 @@ invariant normalization, docs/METRICS_LOSSES.md §1). `_channel_worker.py` runs 
 and under torchrun with 2 CPU ranks (`dist`); rank 0 writes one JSON report. Run with `-s` for the table.
 
 Deliberate breaks (env CW_BREAK, `test_deliberate_breaks_are_caught`, `slow`): per-pack-mean weights, a
-Channel-B forward without position_ids, and the predecessor's normalization as default each fail the rows.
+Channel-B forward without position_ids or without use_cache=False, and the predecessor's normalization as
+default each fail the rows.
 """
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_every_rank_reports_its_own_weighted_loss_and_pack_counts(request, world
                     assert got["n_padding"] == max(counts) - counts[rank]
 
 
-BREAKS = ["per_pack_weights", "no_position_ids", "per_pack_token_mean"]
+BREAKS = ["per_pack_weights", "no_position_ids", "use_cache_default", "per_pack_token_mean"]
 
 
 @pytest.mark.slow
