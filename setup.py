@@ -13,6 +13,7 @@ TRAIN = [
     "tensorboard>=2.15",
     "binpacking>=1.5",
     "scipy>=1.11",
+    "pycocotools>=2.0.8",  # the Channel-B mask-IoU gate (toolkit/rollout/match.py)
     "tqdm>=4.60",
 ]
 

@@ -22,32 +22,77 @@ def test_box_iou():
     assert box_iou([3, 3, 3, 9], [3, 3, 3, 9]) == 0.0  # zero-area union
 
 
-def brute_mask_iou(a, b, r):
-    """Reference raster: paint each box's pixel set on an r×r grid and count."""
-    def mask(box):
-        m = np.zeros((r, r), bool)
-        u = [min(max(v, 0), 999) * (r - 1) / 999 for v in box]
-        c1, r1 = int(np.floor(u[0])), int(np.floor(u[1]))
-        c2, r2 = max(int(np.ceil(u[2])), c1 + 1), max(int(np.ceil(u[3])), r1 + 1)
-        m[r1:r2, c1:c2] = True
-        return m
-    ma, mb = mask(a), mask(b)
-    return (ma & mb).sum() / (ma | mb).sum()
+def oracle_mask_iou(a, b, r):
+    """The predecessor's gate IoU, pair by pair: pycocotools polygon masks of the clamped, scaled quads."""
+    from pycocotools import mask as mask_utils
+
+    def rle(box):
+        x1, y1, x2, y2 = (min(max(float(v), 0.0), 999.0) * max(r - 1, 1) / 999.0 for v in box)
+        x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+        return mask_utils.merge(mask_utils.frPyObjects([[x1, y1, x2, y1, x2, y2, x1, y2]], r, r))
+
+    return float(mask_utils.iou([rle(a)], [rle(b)], [0])[0][0])
 
 
-@pytest.mark.parametrize("r", [1, 2, 7, 256])
-def test_mask_iou_is_exact_raster_iou(r):
-    rng = np.random.default_rng(r)
-    boxes = []
-    for _ in range(12):
-        x1, x2 = sorted(rng.integers(0, 1000, 2))
-        y1, y2 = sorted(rng.integers(0, 1000, 2))
-        boxes.append([int(x1), int(y1), int(x2), int(y2)])
-    boxes += [[0, 0, 0, 0], [999, 999, 999, 999], [500, 500, 501, 501]]
-    got = mask_iou_matrix(boxes, boxes, r)
-    for i, j in itertools.product(range(len(boxes)), repeat=2):
-        assert got[i, j] == pytest.approx(brute_mask_iou(boxes[i], boxes[j], r), abs=1e-12)
-    assert np.allclose(np.diag(got), 1.0)  # degenerate and sub-pixel boxes still match themselves
+def random_box(rng, max_side=999):
+    """A box of a log-uniform side from 0 (degenerate) or 1 bin up to the full canvas, anywhere on it."""
+    def side():
+        return 0 if rng.random() < 0.05 else int(round(np.exp(rng.uniform(0, np.log(max_side)))))
+    w, h = side(), side()
+    x1, y1 = int(rng.integers(0, 1000 - w)), int(rng.integers(0, 1000 - h))
+    return [x1, y1, x1 + w, y1 + h]
+
+
+def near(rng, box):
+    """A second box near `box` (shifted and rescaled by up to its own size), so IoUs span 0..1."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    dx, dy = (int(rng.integers(-s - 1, s + 2)) for s in (w, h))
+    x1, y1 = box[0] + dx, box[1] + dy
+    nw, nh = (max(0, int(round(s * rng.uniform(0.5, 1.5)))) for s in (w, h))
+    return [min(max(v, 0), 999) for v in (x1, y1, x1 + nw, y1 + nh)]
+
+
+def test_mask_iou_equals_pycocotools_polygon_iou_on_random_pairs():
+    """≥ 10,000 pairs, 1 bin to full canvas, degenerate boxes, R ∈ {1, 2, 7, 256, 1000}: agree to 1e-6."""
+    rng = np.random.default_rng(0)
+    checked, positive = 0, 0
+    for r, n in ((256, 6000), (1000, 2000), (7, 1000), (2, 500), (1, 500)):
+        preds, gts = [], []
+        for _ in range(n):
+            a = random_box(rng)
+            preds.append(a)
+            gts.append(near(rng, a) if rng.random() < 0.8 else random_box(rng))
+        got = np.array([mask_iou_matrix([a], [b], r)[0, 0] for a, b in zip(preds, gts)])
+        want = np.array([oracle_mask_iou(a, b, r) for a, b in zip(preds, gts)])
+        assert np.abs(got - want).max() <= 1e-6, r
+        block = mask_iou_matrix(preds[:40], gts[:30], r)  # the P×G form agrees with the pairs too
+        assert block.shape == (40, 30)
+        for i, j in itertools.product(range(40), range(30)):
+            assert abs(block[i, j] - oracle_mask_iou(preds[i], gts[j], r)) <= 1e-6
+        checked += n
+        positive += int(((want > 0) & (want < 1)).sum())
+    assert checked >= 10_000 and positive > 3000  # the IoUs are not all 0 or 1
+
+
+def test_mask_iou_of_small_near_miss_is_the_reference_value_and_is_gated():
+    """The audit's case: pycocotools gives 0.143 (= box IoU), below the 0.3 gate; a pixel-cover raster said 0.391."""
+    pred, gt = [105, 105, 115, 115], [100, 100, 110, 110]
+    assert mask_iou_matrix([pred], [gt], 256)[0, 0] == pytest.approx(1 / 7, abs=1e-6)
+    m = match_boxes([pred], [gt], **KNOBS)
+    assert m.pairs == [] and m.fp_indices == [0] and m.fn_indices == [0] and m.gating_rejections == 1
+
+
+def test_degenerate_boxes_have_empty_masks_and_never_match():
+    """As in the reference: a zero-width box has no pixels, so even an identical GT scores 0."""
+    line, dot = [5, 5, 5, 50], [0, 0, 0, 0]
+    assert mask_iou_matrix([line, dot], [line, dot, [0, 0, 999, 999]], 256).tolist() == [[0.0] * 3] * 2
+    assert match_boxes([line], [line], **KNOBS).pairs == []
+    assert mask_iou_matrix([], [line], 256).shape == (0, 1)
+
+
+def test_coordinates_outside_the_bins_are_clamped():
+    assert mask_iou_matrix([[-50, -50, 500, 500]], [[0, 0, 500, 500]], 256)[0, 0] == 1.0
+    assert mask_iou_matrix([[500, 500, 5000, 5000]], [[500, 500, 999, 999]], 256)[0, 0] == 1.0
 
 
 def test_identical_boxes_match_one_to_one():
@@ -68,7 +113,8 @@ def test_far_apart_boxes_are_all_fp_and_fn():
 
 
 def test_candidate_top_k_is_respected():
-    # pred 0 overlaps GT 0 best, GT 1 second; with k=1 only GT 0 is a candidate, and GT 0 goes to pred 1.
+    # pred 0 overlaps GT 0 best, GT 1 second; with k=1 only GT 0 is a candidate of either pred, and GT 0
+    # goes to pred 1 (mask IoU 0.958 against pred 0's 0.950).
     preds = [[0, 0, 100, 100], [0, 0, 90, 100]]
     gts = [[0, 0, 95, 100], [0, 0, 60, 100]]
     assert box_iou(preds[0], gts[0]) > box_iou(preds[0], gts[1]) > 0.5
@@ -76,7 +122,7 @@ def test_candidate_top_k_is_respected():
     wide = match_boxes(preds, gts, **{**KNOBS, "candidate_top_k": 2})
     narrow = match_boxes(preds, gts, **{**KNOBS, "candidate_top_k": 1})
     assert len(wide.pairs) == 2
-    assert len(narrow.pairs) == 1 and narrow.fp_indices == [1] and narrow.fn_indices == [1]
+    assert [(i, j) for i, j, _ in narrow.pairs] == [(1, 0)] and narrow.fp_indices == [0] and narrow.fn_indices == [1]
 
 
 def test_gate_is_inclusive_and_counts_rejections():
@@ -127,3 +173,11 @@ def test_detection_counts_pool_and_rates():
     assert total.precision == 0.5 and total.recall == 0.5 and total.f1 == 0.5
     assert DetectionCounts().f1 == 1.0  # nothing to find, nothing predicted
     assert detection_counts([], [[0, 0, 1, 1]], **KNOBS).f1 == 0.0
+
+
+def test_no_predictions_and_no_gt_score_one_not_zero():
+    """Differs from the predecessor (0): an image with nothing to find, answered with nothing, is perfect."""
+    empty = DetectionCounts()
+    assert (empty.precision, empty.recall, empty.f1) == (1.0, 1.0, 1.0)
+    assert (DetectionCounts(pred=0, gt=2).recall, DetectionCounts(pred=2, gt=0).precision) == (0.0, 0.0)
+    assert (empty + DetectionCounts(pred=1, gt=1, matched=1)).f1 == 1.0

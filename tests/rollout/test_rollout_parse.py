@@ -1,10 +1,13 @@
 """Strict token-aligned parser: the behaviours domain.md §4.2 / §5 pin down, on the straddling ToyCodec."""
+import functools
 import json
+from pathlib import Path
 
 import pytest
 
 from toolkit.data.coords import coord_token
 from toolkit.data.render import dumps_payload, object_payload
+from toolkit.rollout.codec import ToyCodec
 from toolkit.rollout.parse import DROP_REASONS, RetokenizeError, parse_rollout, scan_object
 
 
@@ -206,3 +209,62 @@ def test_geometry_first_objects_parse(codec):
     res = parse_text(codec, body(entry(1, "cat", (1, 2, 3, 4), "geometry_first")))
     check_prefix(codec, res)
     assert [(o.desc, o.bbox) for o in res.objects] == [("cat", (1, 2, 3, 4))]
+
+
+# ---- non-canonical coordinate text: always dropped as non_coord_token --------------------------------
+# JSON-valid spellings around / instead of one `<|coord_k|>`: json.loads may turn some into the canonical
+# text (`\\u0031`, `\\u003c`), which only the token check can then catch.
+_JUNK = ["", " ", "\\n", "\\t", "\\r", "x", "0", ",", "\\u0020", "<|coord_2|>"]
+_CORES = ["<|coord_{k}|>", "<|coord_0{k}|>", "<|coord_{k}0000|>", "<|coord_-{k}|>", "<|coord_|>", "<|COORD_{k}|>",
+          "<|coord_{k}|", "|coord_{k}|>", "<|coord_\\u0031|>", "\\u003c|coord_{k}|>", "<|coord_{k} |>", "coord_{k}",
+          "<|coord_{k}|><|coord_{k}|>", "<|coord_\\u0661|>"]
+
+
+@functools.lru_cache(maxsize=1)
+def _real_codec():
+    from toolkit.data.tokenizer import load_tokenizer
+    from toolkit.rollout.codec import HFTokenCodec
+
+    return HFTokenCodec(load_tokenizer(str(Path(__file__).resolve().parents[2] / "assets" / "tokenizer")))
+
+
+@pytest.fixture(scope="module")
+def real_codec():
+    return _real_codec()
+
+
+def test_coord_with_trailing_newline_is_non_coord_token(codec, real_codec):
+    """`"<|coord_1|>\\n"` was bin 1 under a `$`-anchored regex; the reference drops it as non_coord_token."""
+    from toolkit.data.coords import parse_coord_token
+
+    assert parse_coord_token("<|coord_1|>\n") is None and parse_coord_token("<|coord_1|>") == 1
+    for c in (codec, real_codec):
+        text = body('"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>\\n", "<|coord_2|>", "<|coord_3|>", '
+                    '"<|coord_4|>"]}')
+        res = parse_text(c, text)
+        assert res.objects == [] and res.drops["non_coord_token"] == 1, c
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["toy", "real_tokenizer"])
+def test_fuzz_any_non_canonical_coordinate_text_is_dropped_as_non_coord_token(real):
+    """Every junk-before × spelling × junk-after combination (a random bin, a rotating bbox slot)."""
+    import itertools
+    import random
+
+    c = _real_codec() if real else ToyCodec()
+    rng = random.Random(0)
+    n_bad = 0
+    for before, core, after in itertools.product(_JUNK, _CORES, _JUNK):
+        k, slot = rng.randrange(1000), rng.randrange(4)
+        value = before + core.format(k=k) + after
+        bins = ['"<|coord_1|>"', '"<|coord_2|>"', '"<|coord_3|>"', '"<|coord_4|>"']
+        bins[slot] = '"' + value + '"'
+        res = parse_text(c, body(entry(1), '"object_2": {"desc": "a", "bbox_2d": [' + ", ".join(bins) + "]}"))
+        check_prefix(c, res)
+        if value == coord_token(k):  # the canonical spelling parses
+            assert [o.index for o in res.objects] == [1, 2] and res.n_dropped == 0
+            continue
+        n_bad += 1
+        assert [o.index for o in res.objects] == [1], value
+        assert res.drops == {**dict.fromkeys(DROP_REASONS, 0), "non_coord_token": 1}, (value, res.drops)
+    assert n_bad == len(_JUNK) ** 2 * len(_CORES) - 1

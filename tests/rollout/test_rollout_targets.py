@@ -250,3 +250,14 @@ def test_channel_a_given_order_and_empty_answer(codec):
 def test_channel_a_too_long(codec):
     seg = build_channel_a_segment(PROMPT, [CAT], codec, max_len=8, sample_id="x")
     assert isinstance(seg, Drop) and seg.reason == "too_long" and seg.sample_id == "x"
+
+
+def test_empty_object_is_a_valid_rollout_not_invalid(codec):
+    """Differs from the predecessor (docs/METRICS_LOSSES.md): `{}` is the right answer for an image with
+    nothing to find, so it is not counted in rollout/invalid_rollout; `{` alone or no JSON still is."""
+    for text, invalid in (("{}", 0), ("{", 1), ("no json", 1)):
+        _, _, seg = build_b(codec, text, [])
+        check_segment(codec, seg)
+        assert seg.meta["rollout/invalid_rollout"] == invalid, text
+    _, _, seg = build_b(codec, "{}", [])
+    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len:])) == "{}<|im_end|>"

@@ -1,16 +1,25 @@
-"""Channel worker for tests/trainer/test_channel_equivalence.py: the real Channel-A / Channel-B losses through
-`Stage2Engine.train_step`, against plain PyTorch. One process per rank (torchrun), or a plain process for
-world size 1; rank 0 writes a JSON report to --out, the test asserts.
+"""Channel worker for tests/trainer/test_channel_equivalence.py: the trainer's own step code
+(`toolkit.trainer.step.StepLearner`: packing, per-pack loss, pack weights, round-by-round learning) through
+`Stage2Engine`, against an independent plain-PyTorch reference. One process per rank (torchrun), or a
+plain process for world size 1; rank 0 writes a JSON report to --out, the test asserts.
 
 Samples are real: records from assets/data/val.jsonl, prompts from the project tokenizer's chat template
 (assets/tokenizer), Channel-B segments from synthetic rollouts (the canonical answer with objects
 dropped, shifted, moved far away, duplicated, made invalid, truncated, or no JSON at all) through the
 trainer's parse → match → FN-append recipe (`channel_b.rollout_to_segment`), Channel-A segments from
-`build_channel_a_segment`; then `plan_packs` / `collate_pack` and the trainer's pack weights
-n_segments / N_raw_local (drops count in N_raw). Each ZeRO stage runs one engine through STEPS, one
-optimizer step per loss variant, each from the same initial state (a checkpoint reload); a plain-PyTorch
-reference on rank 0 backpropagates every rank's packs from that state with weight
-n_segments / (N_raw · world), clips and steps the same AdamW.
+`build_channel_a_segment`. The engine side hands those segments to `StepLearner.learn` (or, for the
+round variants, `StepLearner.learn_rounds`) exactly as `Stage2Trainer.train_step` does.
+
+The reference never packs: on rank 0 it runs every rank's kept segments one at a time through the plain
+model (`model(input_ids)` with default positions; Channel-A's soft self-context re-written here in a few
+lines), takes each sample's loss (`pack_loss` of a one-segment pack, pinned against a float64 hand
+computation in test_losses.py), backpropagates Σ_samples loss / (N_raw · world) — the mean over the
+step's raw samples, drops included in N_raw — then clips and steps the same AdamW and LambdaLR.
+
+Each ZeRO stage runs one engine; before every optimizer step it reloads the initial checkpoint, so each
+row is one step from the same state. Rows: every entry of STEPS with the trainer's default packing
+(global_max_length CAP, uneven pack counts across ranks), and for INVARIANCE_STEPS the same segments
+packed into one pack, into one pack per segment, and (Channel-B) learned in 1 or 3 server rounds.
 """
 from __future__ import annotations
 
@@ -38,8 +47,11 @@ CAP = 256  # global_max_length: the pack capacity and the segments' max_len
 OPT = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-3)  # eps ≫ |g|: the update scales with g
 MAX_GRAD_NORM, WARMUP, TOTAL = 1.0, 2, 8
 GRAD_CKPT_STAGES = {"2", "3"}  # recompute in backward, as the real runs do
-# stage2_ab loss weights with every term on, so each one is in the gradient.
-LOSS = dict(bbox_smoothl1_weight=1.0, bbox_ciou_weight=1.0, coord_ce_weight=0.2, coord_el1_weight=0.5,
+# stage2_ab loss weights with every term on, so each one is in the gradient. CIoU is small: on the nearly
+# degenerate boxes a random model predicts (every expected coordinate ≈ 0.5) its gradient is ill-conditioned
+# in fp32 (w = x2 − x1 of two close numbers), so a packed forward's 1e-7 logit noise moves it by ~1e-4 at
+# weight 1 — noise, the same on both sides, but above the 1e-6 tolerance once Adam has scaled it.
+LOSS = dict(bbox_smoothl1_weight=1.0, bbox_ciou_weight=0.01, coord_ce_weight=0.2, coord_el1_weight=0.5,
             coord_ehuber_weight=0.5, coord_huber_delta=0.01, coord_entropy_weight=0.02, coord_gate_weight=1.0,
             softctx_temperature=0.7)
 RM = dict(candidate_top_k=10, maskiou_gate=0.3, maskiou_resolution=256, fp_cost=1.0, fn_cost=1.0,
@@ -49,6 +61,9 @@ SAB = dict(desc_ce_weight=0.5, channel_b={"drop_invalid_struct_ce_multiplier": 2
 # no_grad middle pass (under ZeRO-3 a forward outside autograd between two recorded ones).
 STEPS = [("B", 1, "-"), ("A", 1, "unroll"), ("A", 1, "em_detach"), ("A", 2, "unroll"), ("A", 2, "em_detach"),
          ("A", 3, "em_detach"), ("B", 1, "-")]
+# Steps whose segments are also packed 1 and K ways (and, for B, learned in 1 or 3 rounds).
+INVARIANCE_STEPS = (3, 6)
+ROUND_CUTS = {1: (5,), 3: (1, 2, 2)}  # samples per server round; 1,2,2 cuts other packs than one round on step 6
 # SAMPLES[step][rank]: (val record index, rollout variant) of the N_RAW raw samples; world 1 runs rank 0's.
 # Val record i holds i % 4 + 1 objects. Pack counts (rank 0, rank 1): 3:1, 1:3, 3:1, 2:3, 3:1, 1:3, 3:0.
 def _same(first: int, variant: str = "") -> list[tuple[int, str]]:
@@ -110,8 +125,9 @@ def synthetic_rollout(gt: list[dict], variant: str, codec) -> list[int]:
     return codec.encode("{" + ", ".join(items) + "}") + end
 
 
-def segments_for(step: int, rank: int) -> tuple[list, dict]:
-    """This rank's segments for `step` (drops left out) and the summed per-sample meta counters."""
+@functools.lru_cache(maxsize=None)
+def segments_of(step: int, rank: int, i: int) -> tuple[list, dict]:
+    """Sample i of this rank's step: ([its segment] or [] when dropped, its meta counters)."""
     from toolkit.data.render import render_messages
     from toolkit.data.tokenizer import encode_prompt
     from toolkit.rollout.backends.base import Rollout
@@ -119,36 +135,69 @@ def segments_for(step: int, rank: int) -> tuple[list, dict]:
     from toolkit.trainer.channel_b import SampleInput, rollout_to_segment
 
     tok, codec, records = data()
-    channel = STEPS[step][0]
+    index, variant = SAMPLES[step][rank][i]
+    rec = records[index]
+    prompt = encode_prompt(tok, render_messages(rec.scene, SYSTEM))
+    sample = SampleInput(rec.id, prompt, [dict(o) for o in rec.objects])
+    if STEPS[step][0] == "B":
+        ro = Rollout(prompt, synthetic_rollout(sample.gt_objects, variant, codec), "stop")
+        seg = rollout_to_segment(sample, ro, codec, rm=RM, sab=SAB, max_len=CAP, ordering="sorted")
+    else:
+        seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=SAB["desc_ce_weight"],
+                                      sample_id=sample.sample_id, max_len=CAP)
+    meta = dict(seg.meta)
+    if isinstance(seg, Drop):
+        meta[f"stage2/drop/{seg.reason}"] = 1
+        return [], meta
+    return [seg], meta
+
+
+def segments_for(step: int, rank: int) -> tuple[list, dict]:
+    """This rank's segments for `step` (drops left out) and the summed per-sample meta counters."""
     segs, meta = [], {}
-    for index, variant in SAMPLES[step][rank]:
-        rec = records[index]
-        prompt = encode_prompt(tok, render_messages(rec.scene, SYSTEM))
-        sample = SampleInput(rec.id, prompt, [dict(o) for o in rec.objects])
-        if channel == "B":
-            ro = Rollout(prompt, synthetic_rollout(sample.gt_objects, variant, codec), "stop")
-            seg = rollout_to_segment(sample, ro, codec, rm=RM, sab=SAB, max_len=CAP, ordering="sorted")
-        else:
-            seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=SAB["desc_ce_weight"],
-                                          sample_id=sample.sample_id, max_len=CAP)
-        for key, value in seg.meta.items():
+    for i in range(len(SAMPLES[step][rank])):
+        mine, m = segments_of(step, rank, i)
+        segs += mine
+        for key, value in m.items():
             meta[key] = meta.get(key, 0) + value
-        if isinstance(seg, Drop):
-            meta[f"stage2/drop/{seg.reason}"] = meta.get(f"stage2/drop/{seg.reason}", 0) + 1
-        else:
-            segs.append(seg)
     return segs, meta
 
 
+def learner(step: int, normalization: str = "per_sample", **change):
+    """The trainer's StepLearner for this step (Channel-A knobs from STEPS); `change` overrides fields."""
+    from toolkit.trainer.losses import LossWeights
+    from toolkit.trainer.step import StepLearner
+
+    _, n_iter, grad_mode = STEPS[step]
+    base = dict(coord_ids=torch.tensor(data()[1].coord_token_ids, dtype=torch.long, device=DEV),
+                loss_weights=LossWeights(**LOSS), normalization=normalization, n_softctx_iter=n_iter,
+                softctx_temperature=LOSS["softctx_temperature"],
+                softctx_grad_mode=grad_mode if grad_mode != "-" else "unroll", capacity=CAP, min_fill=0.5,
+                packing=True, device=DEV)
+    return StepLearner(**{**base, **change})
+
+
+# Packing variants of the same segments: the trainer's default, all in one pack, one pack per segment.
+PACKING = {"default": {}, "one_pack": {"capacity": 4 * CAP * N_RAW}, "per_segment": {"packing": False}}
+
+
 @functools.lru_cache(maxsize=None)
-def packs_for(step: int, rank: int) -> tuple[list, list[float], dict]:
-    """(packs, weights n_segments / N_raw_local, meta) exactly as Stage2Trainer.train_step builds them."""
-    from toolkit.trainer.packing import collate_pack, plan_packs
+def packs_for(step: int, rank: int, packing: str = "default") -> tuple[list, list[float], dict]:
+    """(packs, weights, meta) as StepLearner.learn builds them for this rank's segments."""
+    from toolkit.trainer.step import pack_weights
 
     segs, meta = segments_for(step, rank)
-    plan = plan_packs([len(s) for s in segs], CAP) if segs else []
-    packs = [collate_pack([segs[i] for i in idx]).to(DEV) for idx in plan]
-    return packs, [p.n_segments / N_RAW for p in packs], meta
+    packs = learner(step, **PACKING[packing]).plan(segs)
+    return packs, pack_weights(packs, N_RAW), meta
+
+
+def rounds_for(step: int, rank: int, n_rounds: int) -> list[list]:
+    """This rank's samples in `n_rounds` consecutive server rounds (ROUND_CUTS; each round's kept segments)."""
+    rounds, k = [], 0
+    for size in ROUND_CUTS[n_rounds]:
+        rounds.append([s for i in range(k, k + size) for s in segments_of(step, rank, i)[0]])
+        k += size
+    return rounds
 
 
 def plan_counts(world: int) -> list[list[int]]:
@@ -167,60 +216,87 @@ def tiny_model(seed: int):
     return Qwen2ForCausalLM(cfg).float().to(DEV)
 
 
-def make_loss_fn(step: int, n_iter: int | None = None, grad_mode: str | None = None):
-    """The trainer's per-pack loss for this step (as Stage2Trainer._loss_a / _loss_b); Channel-A knobs overridable."""
-    from toolkit.trainer.channel_a import softctx_logits
-    from toolkit.trainer.losses import LossWeights, pack_loss
-
+def reference_logits(model, seg, step: int, n_iter: int | None = None, grad_mode: str | None = None):
+    """(CE logits, geometry logits) of one segment alone, in plain PyTorch: no packing, default positions.
+    Channel-A: soft self-context written out here (pass 0 on token embeddings; each later pass feeds
+    Σ_k softmax(z[p−1, coord]/τ)_k · E[coord_k] at every coordinate slot p)."""
     channel = STEPS[step][0]
     n_iter = STEPS[step][1] if n_iter is None else n_iter
     grad_mode = STEPS[step][2] if grad_mode is None else grad_mode
-    weights = LossWeights(**LOSS)
-    coord_ids = torch.tensor(data()[1].coord_token_ids, dtype=torch.long)
+    ids = torch.tensor([seg.input_ids], device=DEV)
+    if channel == "B":
+        logits = model(input_ids=ids).logits
+        return logits, logits
+    emb = model.get_input_embeddings()
+    coord = torch.tensor(data()[1].coord_token_ids, device=DEV)
+    slots = torch.tensor(seg.coord_pos, device=DEV)
+    first = logits = model(inputs_embeds=emb(ids)).logits
+    for it in range(1, n_iter):
+        with torch.set_grad_enabled(grad_mode == "unroll" or it == n_iter - 1):
+            probs = torch.softmax(logits[0, slots - 1][:, coord] / LOSS["softctx_temperature"], dim=-1)
+            soft = probs @ emb(coord)
+            if grad_mode == "em_detach":
+                soft = soft.detach()
+            x = emb(ids).clone()
+            x[0, slots] = soft
+            logits = model(inputs_embeds=x).logits
+    return first, logits
 
-    def loss_b(module, pack):
-        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
-        return pack_loss(logits, logits, pack, coord_ids, weights)
 
-    def loss_a(module, pack):
-        first, last = softctx_logits(module, pack, coord_ids, n_iter, LOSS["softctx_temperature"], grad_mode)
-        return pack_loss(first, last, pack, coord_ids, weights)
+def sample_loss(model, seg, step: int, **variant):
+    """One sample's loss: the loss terms of a one-segment pack (the normalization rules agree there)."""
+    from toolkit.trainer.losses import LossWeights, pack_loss
+    from toolkit.trainer.packing import collate_pack
 
-    return loss_b if channel == "B" else loss_a
+    first, last = reference_logits(model, seg, step, **variant)
+    coord = torch.tensor(data()[1].coord_token_ids, device=DEV)
+    return pack_loss(first, last, collate_pack([seg]).to(DEV), coord, LossWeights(**LOSS))[0]
 
 
 class Reference:
-    """Plain PyTorch on one process: same init, every rank's packs, same AdamW, clipping and LambdaLR."""
+    """Plain PyTorch on one process: same init, every rank's samples, same AdamW, clipping and LambdaLR."""
 
     def __init__(self, model):
         self.model = model
         self.opt = optim.build_optimizer(model, **OPT)
         self.sched = optim.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
 
-    def step(self, step: int, world: int, weight_of, loss_fn=None) -> dict:
-        """weight_of(pack, rank's packs, world) scales each pack's loss; returns per-rank Σ w·loss."""
+    def _update(self, backward) -> dict:
         lr = self.opt.param_groups[0]["lr"]
-        loss_fn = loss_fn or make_loss_fn(step)
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
-        rank_losses = []
-        for rank in range(world):
-            packs, weights, _ = packs_for(step, rank)
-            total = 0.0
-            for pack, w in zip(packs, weights):
-                loss, _ = loss_fn(self.model, pack)
-                (loss * weight_of(pack, packs, world)).backward()
-                total += float(loss.detach()) * w
-            rank_losses.append(total)
+        rank_losses = backward()
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM))
         self.opt.step()
         self.sched.step()
         return {"rank_losses": rank_losses, "grad_norm": norm, "lr": lr}
 
+    def step(self, step: int, world: int, **variant) -> dict:
+        """The mean over the step's raw samples, each sample forwarded alone; `variant` (n_iter=/grad_mode=)
+        changes Channel-A's soft self-context. Returns per-rank (1/N_raw) Σ loss_sample too."""
+        def backward():
+            rank_losses = []
+            for rank in range(world):
+                total = 0.0
+                for seg in segments_for(step, rank)[0]:
+                    loss = sample_loss(self.model, seg, step, **variant)
+                    (loss / (N_RAW * world)).backward()
+                    total += float(loss.detach()) / N_RAW
+                rank_losses.append(total)
+            return rank_losses
+        return self._update(backward)
 
-def global_mean_weight(pack, packs, world):
-    """The update of the mean over all ranks' raw samples: n_segments / (N_raw · world)."""
-    return pack.n_segments / (N_RAW * world)
+    def step_legacy(self, step: int, world: int) -> dict:
+        """The predecessor's objective on the trainer's default packs: per-pack token means × n_p / N_raw."""
+        loss_fn = learner(step, "per_pack_token_mean").loss_fn(STEPS[step][0])
+
+        def backward():
+            for rank in range(world):
+                packs, weights, _ = packs_for(step, rank)
+                for pack, w in zip(packs, weights):
+                    (loss_fn(self.model, pack)[0] * w / world).backward()
+            return []
+        return self._update(backward)
 
 
 def max_abs(a: dict, b: dict) -> float:
@@ -242,10 +318,28 @@ def ds_config(stage: str) -> dict:
     return cfg
 
 
+def engine_variants(step: int) -> list[str]:
+    """Which ways of feeding this step's segments to the learner the engine runs."""
+    if step not in INVARIANCE_STEPS:
+        return ["default"]
+    rounds = ["rounds_1", "rounds_3"] if STEPS[step][0] == "B" else []
+    return list(PACKING) + rounds
+
+
+def learn_variant(engine, step: int, rank: int, variant: str):
+    """One optimizer step through the trainer's StepLearner → (StepResult, packs)."""
+    if variant.startswith("rounds_"):
+        n_rounds = int(variant.split("_")[1])
+        res, packs, _, _ = learner(step).learn_rounds(engine, rounds_for(step, rank, n_rounds), N_RAW)
+        return res, packs
+    segs, _ = segments_for(step, rank)
+    return learner(step, **PACKING[variant]).learn(engine, STEPS[step][0], segs, N_RAW)
+
+
 def run_stage(stage: str, info, tmp: str) -> dict:
-    """One engine runs every entry of STEPS; before each it reloads the initial checkpoint (exact, see
+    """One engine runs every (step, variant); before each it reloads the initial checkpoint (exact, see
     test_engine_equivalence), so each row is one optimizer step from the same parameters, optimizer and
-    LR state, compared with a fresh reference, while the engine itself sees the channels alternate."""
+    LR state, compared with one reference per step, while the engine itself sees the channels alternate."""
     import torch.distributed as dist
 
     world, rank = info.world_size, info.rank
@@ -259,43 +353,50 @@ def run_stage(stage: str, info, tmp: str) -> dict:
                               max_grad_norm=MAX_GRAD_NORM)
     ckpt = os.path.join(tmp, f"init_z{stage}")
     engine.save(ckpt, "init")
-    rows, mine = [], []
+    rows, mine, first = [], [], True
     for step in range(len(STEPS)):
-        if step:
-            engine.load(ckpt, "init")
-        packs, weights, _ = packs_for(step, rank)
-        res = engine.train_step(packs, make_loss_fn(step), weights)
-        state = engine.full_state_dict()  # collective under ZeRO-3
-        mine.append({"loss": res.loss, "n_packs": res.n_packs, "n_padding": res.n_padding,
-                     "n_packs_max": res.n_packs_max})
+        ref = ref_params = None
         if init is not None:
             reference = Reference(copy.deepcopy(init))
-            ref = reference.step(step, world, global_mean_weight)
-            rows.append({"max_abs": max_abs(state, params_of(reference.model)), "grad_norm": res.grad_norm,
-                         "ref_grad_norm": ref["grad_norm"], "lr": res.lr, "ref_lr": ref["lr"],
-                         "ref_rank_losses": ref["rank_losses"], "skipped": res.skipped})
+            ref = reference.step(step, world)
+            ref_params = params_of(reference.model)
+        for variant in engine_variants(step):
+            if not first:
+                engine.load(ckpt, "init")
+            first = False
+            res, packs = learn_variant(engine, step, rank, variant)
+            state = engine.full_state_dict()  # collective under ZeRO-3
+            mine.append({"step": step, "variant": variant, "loss": res.loss, "n_packs": res.n_packs,
+                         "n_padding": res.n_padding, "n_packs_max": res.n_packs_max,
+                         "segments_per_pack": [p.n_segments for p in packs]})
+            if init is not None:
+                rows.append({"step": step, "variant": variant, "max_abs": max_abs(state, ref_params),
+                             "grad_norm": res.grad_norm, "ref_grad_norm": ref["grad_norm"], "lr": res.lr,
+                             "ref_lr": ref["lr"], "ref_rank_losses": ref["rank_losses"], "skipped": res.skipped})
     all_ranks = [None] * world
     dist.all_gather_object(all_ranks, mine)
     del engine, model
     gc.collect()
-    return {"accumulation": eng.ACCUMULATION[int(stage)], "steps": rows, "all_ranks": all_ranks,
+    return {"accumulation": eng.ACCUMULATION[int(stage)], "rows": rows, "all_ranks": all_ranks,
             "stage_s": round(time.time() - t0, 2)}
 
 
 def sensitivity(world: int, step: int, **other) -> float:
-    """How far the reference moves under a wrong weighting (mean over each rank's packs) or, with `other`
-    (n_iter=/grad_mode=), under the right weighting with another Channel-A variant."""
+    """How far the reference moves under the predecessor's per-pack rule on the default packs or, with
+    `other` (n_iter=/grad_mode=), under another Channel-A variant."""
     a, b = Reference(tiny_model(0)), Reference(tiny_model(0))
-    a.step(step, world, global_mean_weight)
+    a.step(step, world)
     if other:
-        b.step(step, world, global_mean_weight, make_loss_fn(step, **other))
+        b.step(step, world, **other)
     else:
-        b.step(step, world, lambda pack, packs, w: 1.0 / (len(packs) * w))
+        b.step_legacy(step, world)
     return max_abs(params_of(a.model), params_of(b.model))
 
 
 def main() -> None:
     args = worker_parser("0,1,2,3").parse_args()
+    if os.environ.get("CW_BREAK"):  # the deliberate-break checks of the test suite (see the test module)
+        _break(os.environ["CW_BREAK"])
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
     info = eng.init_distributed()
@@ -316,6 +417,32 @@ def main() -> None:
     report["wall_s"] = round(time.time() - t0, 2)
     write_report(report, args.out, info.rank)
     eng.close_distributed()
+
+
+def _break(what: str) -> None:
+    """Deliberately break the trainer's step code in this process, to show the test catches it."""
+    from toolkit.trainer import step as step_mod
+
+    if what == "per_pack_weights":  # each rank's packs averaged, whatever their sample counts
+        step_mod.pack_weights = lambda packs, n_raw: [1.0 / len(packs)] * len(packs) if packs else []
+    elif what == "no_position_ids":  # Channel-B forward without the per-segment positions
+        def loss_b(self, module, pack):
+            pack = pack.to(self.device)
+            logits = module(input_ids=pack.input_ids, use_cache=False).logits
+            return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
+        step_mod.StepLearner.loss_b = loss_b
+    elif what == "use_cache_default":  # Channel-B forward without use_cache=False (a cache disables the packed mask)
+        def loss_b(self, module, pack):
+            pack = pack.to(self.device)
+            logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids).logits
+            return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
+        step_mod.StepLearner.loss_b = loss_b
+    elif what == "per_pack_token_mean":  # the predecessor's normalization as the default
+        global learner
+        plain = learner
+        learner = lambda step, normalization="per_sample", **change: plain(step, "per_pack_token_mean", **change)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown CW_BREAK {what!r}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 import torch
 
 from _pack_helpers import make_segment
-from toolkit.trainer.loop import RoundPacker
+from toolkit.trainer.packing import RoundPacker
 from toolkit.trainer.packing import collate_pack, plan_packs
 
 

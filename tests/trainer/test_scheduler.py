@@ -63,3 +63,26 @@ def test_realized_ratio():
     assert realized_b_ratio(iter(["A", "B", "B", "A"])) == 0.5
     with pytest.raises(ValueError, match="channel"):
         realized_b_ratio(["A", "C"])
+
+
+def test_b_ratio_realized_is_cumulative_not_a_200_step_window():
+    """Differs from the predecessor (mean over the last 200 steps): the trainer logs B steps so far / steps
+    so far. With b = 0.3 after 201 steps that is 60/201, where a 200-step window would give 60/200."""
+    from types import SimpleNamespace
+
+    from toolkit.trainer.engine import StepResult
+    from toolkit.trainer.loop import Stage2Trainer
+    from toolkit.trainer.metrics import StepMetrics
+
+    b = 0.3
+    state = SimpleNamespace(b_steps=0)
+    trainer = SimpleNamespace(state=state, budget=SimpleNamespace(epoch_of=lambda s: 0.0),
+                              cfg=SimpleNamespace(global_max_length=8, training=SimpleNamespace(packing_min_fill_ratio=0.5)))
+    res = StepResult(loss=0.0, grad_norm=0.0, lr=0.0, lrs={}, n_packs=0, n_padding=0, n_packs_max=0)
+    for step in range(201):
+        channel = channel_for_step(step, b)
+        state.b_steps += channel == "B"  # as Stage2Trainer.train_step counts them
+        m = StepMetrics()
+        Stage2Trainer._step_metrics(trainer, m, res, [], channel, step, n_raw=1, n_segments=1)
+    assert state.b_steps == 60
+    assert m.finalize()["stage2_ab/b_ratio_realized"] == pytest.approx(60 / 201, rel=1e-12)

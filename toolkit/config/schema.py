@@ -134,6 +134,10 @@ STAGE2_AB = Section("Stage-2 AB: schedule and loss weights.", {
     "coord_huber_delta": Key(POS_FLOAT, "Huber delta (normalized coordinates).", 0.001),
     "coord_entropy_weight": Key(Float(), "Weight of the coordinate-distribution entropy term (may be negative).", 0.0),
     "coord_gate_weight": Key(NONNEG_FLOAT, "Gate that keeps probability mass on coordinate tokens at coordinate slots.", 1.0),
+    "loss_normalization": Key(Enum("per_sample", "per_pack_token_mean"),
+                              "per_sample: each sample's terms are means over its own tokens/slots, samples weigh equally "
+                              "(independent of packing, rounds, ranks); per_pack_token_mean: the predecessor's means over "
+                              "each pack, for reproducing old runs (docs/METRICS_LOSSES.md).", "per_sample"),
     "channel_b": CHANNEL_B,
 }, required=True)
 

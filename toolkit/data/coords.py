@@ -9,7 +9,7 @@ import re
 NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1
 COORD_TOKENS = tuple(f"<|coord_{k}|>" for k in range(NUM_BINS))
-_COORD_RE = re.compile(r"^<\|coord_(\d{1,3})\|>$")
+_COORD_RE = re.compile(r"<\|coord_([0-9]{1,3})\|>")  # used with fullmatch only
 
 
 def coord_token(k: int) -> str:
@@ -21,7 +21,8 @@ def coord_token(k: int) -> str:
 
 def parse_coord_token(text: str) -> int | None:
     """Bin index of a coord-token string, or None if `text` is not exactly one coord token."""
-    m = _COORD_RE.match(text)
+    # fullmatch: `$` would also accept a trailing newline ("<|coord_1|>\n" is a format error, not bin 1).
+    m = _COORD_RE.fullmatch(text)
     if m is None:
         return None
     k = int(m.group(1))

@@ -1,13 +1,13 @@
 """Hungarian matching of predicted boxes to ground truth with a mask-IoU gate (domain.md §4.3).
 
-Owns box IoU, the exact raster ("mask") IoU of axis-aligned boxes, candidate selection, the
-dummy-augmented assignment and detection counts (precision/recall/F1). numpy + scipy only.
+Owns box IoU, the polygon ("mask") IoU of boxes on the virtual canvas, candidate selection, the
+dummy-augmented assignment and detection counts (precision/recall/F1). numpy + scipy + pycocotools.
 
-Rasterization rule (replaces the predecessor's pycocotools quad fill): coordinates are clamped to
-0..999 and scaled by (R-1)/999 onto an R×R canvas whose pixel (c, r) covers [c, c+1) × [r, r+1). A box
-covers every pixel whose interior meets the box, columns floor(u1) .. ceil(u2)-1 (rows alike), and at
-least one column and one row, so a degenerate or sub-pixel box is still a one-pixel-wide mask and
-identical boxes always have mask IoU 1. The scaling is done in integers, so the result is exact.
+Mask IoU is the predecessor's, computed by the same library: each box is drawn by pycocotools as the
+quad (x1,y1)-(x2,y1)-(x2,y2)-(x1,y2) on an R×R canvas, with coordinates clamped to 0..999 and scaled by
+(R−1)/999 (1/999 when R = 1), and the IoU of the two run-length masks is pycocotools' `iou`. A box
+thinner than the polygon filler's resolution has an empty mask, so its IoU with anything (itself
+included) is 0: degenerate predictions are never matched (docs/METRICS_LOSSES.md).
 """
 from __future__ import annotations
 
@@ -63,21 +63,27 @@ def _rect_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) -> np.ndarray:
         return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float64)
 
 
-def _pixel_ranges(boxes: np.ndarray, resolution: int) -> np.ndarray:
-    """[c1, r1, c2, r2) pixel ranges of boxes under the module's rasterization rule."""
-    v = np.clip(boxes, 0, MAX_BIN) * (resolution - 1)
-    lo = v[:, :2] // MAX_BIN
-    hi = -((-v[:, 2:]) // MAX_BIN)  # ceil
-    hi = np.maximum(hi, lo + 1)
-    return np.concatenate([lo, hi], axis=1)
+def _quad_rles(boxes: np.ndarray, resolution: int) -> list:
+    """pycocotools RLEs of the boxes drawn as quads on the R×R canvas."""
+    from pycocotools import mask as mask_utils
+
+    v = np.clip(boxes.astype(np.float64), 0, MAX_BIN) * (max(resolution - 1, 1) / MAX_BIN)
+    x1, x2 = np.minimum(v[:, 0], v[:, 2]), np.maximum(v[:, 0], v[:, 2])
+    y1, y2 = np.minimum(v[:, 1], v[:, 3]), np.maximum(v[:, 1], v[:, 3])
+    quads = np.stack([x1, y1, x2, y1, x2, y2, x1, y2], axis=1)
+    # A list of 8-number lists is read as one polygon each (a 4-number list would be a bbox).
+    return mask_utils.frPyObjects(quads.tolist(), resolution, resolution)
 
 
 def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]], resolution: int) -> np.ndarray:
-    """P×G IoU of the boxes' masks on the virtual R×R canvas (exact, from integer pixel ranges)."""
-    p = _pixel_ranges(_as_boxes(preds), resolution).astype(np.float64)
-    g = _pixel_ranges(_as_boxes(gts), resolution).astype(np.float64)
-    return _rect_iou(p[:, None, 0], p[:, None, 1], p[:, None, 2], p[:, None, 3], g[None, :, 0], g[None, :, 1],
-                     g[None, :, 2], g[None, :, 3])
+    """P×G pycocotools polygon-mask IoU of the boxes on the virtual R×R canvas."""
+    from pycocotools import mask as mask_utils
+
+    p, g = _as_boxes(preds), _as_boxes(gts)
+    if len(p) == 0 or len(g) == 0:
+        return np.zeros((len(p), len(g)))
+    ious = mask_utils.iou(_quad_rles(p, resolution), _quad_rles(g, resolution), [0] * len(g))
+    return np.asarray(ious, dtype=np.float64).reshape(len(p), len(g))
 
 
 def _candidates(box_iou_row: np.ndarray, centre_d2_row: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:

@@ -11,7 +11,7 @@ exactly one `engine.step()` — in one call, or incrementally (`begin_step` → 
 `end_step`) when the packs arrive chunk by chunk (server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
 all-reduce (MAX) and short ranks run zero-weight padding packs, because ZeRO-3 forwards all-gather
 parameters (every rank must make the same module calls) and ZeRO-2 reduce-scatters per backward
-outside `coalesce_grad_reduction`. See `train_step` for the weights that give the global mean.
+outside `coalesce_grad_reduction`. The weights are the caller's (toolkit/trainer/step.py: n_p / N_raw).
 Measured against plain PyTorch (max |Δ| ≤ 1.2e-7, fp32, ZeRO 0-3 and ZeRO-3 offload, 1 and 2 ranks):
 tests/trainer/test_engine_equivalence.py.
 """
@@ -197,9 +197,9 @@ class Stage2Engine:
         `loss_fn(model, pack) -> (loss, aux)` must run its forwards through `model` (the DeepSpeed
         engine; submodules via `model.module`): the engine's forward hooks drive ZeRO's backward.
         DeepSpeed averages gradients over data-parallel ranks, so weights are per-rank shares: the
-        update is that of Σ_r Σ_p w_p·loss_p / world_size. With equal raw-sample counts per rank
-        (the step budget's E/W), w_p = n_segments_p / N_raw_local gives the global mean over raw
-        samples; with unequal counts use w_p = n_segments_p · world_size / N_raw_global.
+        update is that of Σ_r Σ_p w_p·loss_p / world_size. The trainer's w_p = n_segments_p / N_raw_local
+        with a per-sample-mean pack loss (toolkit/trainer/step.py) makes that the mean over the step's
+        raw samples, because every rank holds the step budget's E/W of them.
 
         Collective: every rank calls it once per step, packs or not. Short ranks run `loss × 0.0`
         padding packs (their own last pack; a rank with none gets one broadcast from a rank that has
@@ -225,7 +225,7 @@ class Stage2Engine:
 
         Collective, with one pack-count all-reduce per call: every rank makes the same number of calls
         per step and passes the same `last` (True on exactly the final call). Weights are shares of
-        the whole step (w_p = n_p / N_raw with the step's N_raw), so any split of a step's packs into
+        the whole step (w_p = n_p / N_raw with the step's N_raw), so any split of the same packs into
         calls gives the gradient of one call. The DeepSpeed accumulation boundary falls on the last
         backward of the `last` call; when no rank has a pack in that call but earlier calls had, every
         rank runs one zero-weight padding pack there, so the boundary still falls on a backward.

@@ -24,16 +24,15 @@ from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
-from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.export import copy_support_files
 from toolkit.trainer.optim import build_optimizer, lr_lambda
 from toolkit.trainer.evaluate import evaluate_rollouts
-from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
-from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
+from toolkit.trainer.packing import RoundPacker  # noqa: F401  (re-exported: tests spy on loop.RoundPacker.add)
 from toolkit.trainer.samples import SampleInput, load_samples
+from toolkit.trainer.step import StepLearner
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 from toolkit.trainer.scheduler import channel_for_step
 
@@ -62,48 +61,12 @@ def _summary(metrics: dict) -> str:
     return " ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
 
 
-def _weights(packs: list, samples: list) -> list[float]:
-    """w_p = n_p / N_raw: each pack's loss is a mean within the pack; weighting it by its share of the step's
-    raw samples makes the update the mean over raw samples (drops count in N_raw), whatever the pack count."""
-    return [p.n_segments / len(samples) for p in packs]
-
-
 def _digest(ids) -> int:
     """A small exact fingerprint of the step's sample ids (summed over ranks) to prove resume order."""
     return zlib.crc32(",".join(ids).encode()) % 1_000_003
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class RoundPacker:
-    """Post-rollout packing across server rounds (Channel-B in vLLM server mode).
-
-    Each round's segments join a buffer; while the buffer holds ≥ min_fill·capacity tokens a pack is
-    cut with `select_pack` (the choice `plan_packs` makes) and the rest is carried into the next round;
-    `flush()` packs what is left after the last round. Packs depend only on the rounds, never on
-    timing, so overlapped and serial execution pack alike, and a one-round step packs exactly like
-    `plan_packs` over the whole step. packing off: one pack per segment, at once.
-    """
-
-    def __init__(self, capacity: int, min_fill: float, packing: bool = True, mrope: tuple[int, int] | None = None):
-        self.capacity, self.min_fill, self.packing, self.mrope = capacity, min_fill, packing, mrope
-        self.buffer: list = []
-
-    def add(self, segments: list) -> list:
-        self.buffer += segments
-        if not self.packing:
-            return self.flush()
-        packs = []
-        while sum(len(s) for s in self.buffer) >= self.min_fill * self.capacity:
-            chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
-            packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen], mrope=self.mrope))
-            self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
-        return packs
-
-    def flush(self) -> list:
-        plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
-        packs = [collate_pack([self.buffer[i] for i in idx], mrope=self.mrope) for idx in plan]
-        self.buffer = []
-        return packs
 
 
 class Stage2Trainer:
@@ -137,11 +100,11 @@ class Stage2Trainer:
         # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
         self.stream_b = hasattr(self.backend, "generate_chunks")
         self.overlap_b = self.stream_b and self.cfg.rollout_matching_cfg["vllm"]["server"]["overlap"]
-        self.loss_weights = LossWeights.from_mapping(cfg.stage2_ab.to_dict())
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         # data.poly_policy "drop": how many poly objects each file lost (logged on load, written every step).
         self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
                              "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
+        self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
                                        schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
         self._maybe_resume()
@@ -282,51 +245,28 @@ class Stage2Trainer:
         return reduce_metrics(m)
 
     def _whole_step(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Build every segment of the step, pack them all, one engine call → (result, packs, n_segments)."""
+        """Build every segment of the step, then `StepLearner.learn` (pack, backward, one engine step)
+        → (result, packs, n_segments)."""
         t0 = time.perf_counter()
         if channel == "A":
             segments = self._channel_a_segments(samples, m)
         else:
             segments = self._channel_b_segments(samples, step, m)
         t1 = time.perf_counter()
-        plan = self._plan(segments)
-        packs = [collate_pack([segments[i] for i in idx], mrope=self.mrope) for idx in plan]
-        t2 = time.perf_counter()
-        res = self.engine.train_step(packs, self._loss_a if channel == "A" else self._loss_b, _weights(packs, samples))
+        res, packs = self.learner.learn(self.engine, channel, segments, n_raw=len(samples))
         m.time("time/build_segments_s", t1 - t0)
-        m.time("time/post_rollout_pack_s", t2 - t1)
-        m.time("time/forward_backward_s", time.perf_counter() - t2)
+        m.time("time/forward_backward_s", time.perf_counter() - t1)  # packing included (milliseconds)
         return res, packs, len(segments)
 
     def _channel_b_streamed(self, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Channel-B in vLLM server mode: each server round's segments are packed (RoundPacker) and learned
-        while the next round decodes (`vllm.server.overlap: true`) or before it is requested (false) —
-        the same rounds, segments, packs and gradient either way. → (result, packs, n_segments)."""
-        packer = RoundPacker(self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio,
-                             self.cfg.training.packing, mrope=self.mrope)
-        packs: list = []
-        n_segments, learn_s = 0, 0.0
-        self.engine.begin_step()
-        for segments in self._channel_b_rounds(samples, step, m, background=self.overlap_b):
-            n_segments += len(segments)
-            learn_s += self._backward_b(packer.add(segments), samples, packs, last=False)
-        learn_s += self._backward_b(packer.flush(), samples, packs, last=True)
-        res = self.engine.end_step()
+        """Channel-B in vLLM server mode: each server round's segments are packed and learned
+        (`StepLearner.learn_rounds`) while the next round decodes (`vllm.server.overlap: true`) or before it
+        is requested (false) — the same rounds, segments, packs and gradient either way.
+        → (result, packs, n_segments)."""
+        rounds = self._channel_b_rounds(samples, step, m, background=self.overlap_b)
+        res, packs, n_segments, learn_s = self.learner.learn_rounds(self.engine, rounds, n_raw=len(samples))
         m.time("time/forward_backward_s", learn_s)
         return res, packs, n_segments
-
-    def _backward_b(self, new_packs: list, samples: list[SampleInput], packs: list, *, last: bool) -> float:
-        """Backward some Channel-B packs of the step (collective: every rank, every round); returns seconds."""
-        t0 = time.perf_counter()
-        self.engine.backward_packs(new_packs, self._loss_b, _weights(new_packs, samples), last=last)
-        packs += new_packs
-        return time.perf_counter() - t0
-
-    def _plan(self, segments: list) -> list[list[int]]:
-        """Post-rollout packing to global_max_length (FIFO vs bin-packing), or one segment per pack."""
-        if not self.cfg.training.packing:
-            return [[i] for i in range(len(segments))]
-        return plan_packs([len(s) for s in segments], self.cfg.global_max_length)
 
     def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
         """Loss parts weighted by segment count, optimizer facts, packing fill and schedule bookkeeping."""
@@ -384,23 +324,6 @@ class Stage2Trainer:
             max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering, background=background,
             dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
         )
-
-    def _loss_a(self, module, pack):
-        pack = pack.to(self.device)
-        sab = self.cfg.stage2_ab
-        first, last = softctx_logits(module, pack, self.coord_ids, sab.n_softctx_iter, sab.softctx_temperature,
-                                     sab.softctx_grad_mode, model_kwargs=self._vision_inputs(pack))
-        return pack_loss(first, last, pack, self.coord_ids, self.loss_weights)
-
-    def _loss_b(self, module, pack):
-        pack = pack.to(self.device)
-        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
-                        **self._vision_inputs(pack)).logits
-        return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights)
-
-    def _vision_inputs(self, pack) -> dict:
-        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs)."""
-        return self.vision.model_inputs(pack.images, self.device) if self.vision else {}
 
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:

@@ -1,9 +1,16 @@
 """Per-pack loss: token CE, coordinate geometry (smooth-L1 + CIoU on the expected box), optional
 coord-distribution regularizers, and the coord-vocabulary gate.
 
-Owns `LossWeights` and `pack_loss`. Every term is a mean *within the pack* (CE over CE weights, geometry
-over coord slots / boxes); scaling a pack into the optimizer step (n_segments / N_raw, cross-rank
-normalization) is the trainer's job. Imports torch inside functions only.
+Owns `LossWeights`, `pack_loss` and the normalization rules (`NORMALIZATIONS`). A pack's loss is a mean
+over its samples, so the trainer weights it by its sample share n_segments / N_raw (toolkit/trainer/step.py):
+
+- `per_sample` (default): each term is first a mean within each sample (CE over that sample's CE
+  weights, geometry over its slots / boxes), then the pack's samples are averaged. The step objective is
+  then (1/N_raw) Σ_samples loss_sample, whatever the packing, server rounds or rank split.
+- `per_pack_token_mean` (the predecessor's rule, for reproducing old runs): each term is a mean over the
+  whole pack's tokens / slots / boxes, so the objective changes with how samples fall into packs.
+
+See docs/METRICS_LOSSES.md §1 for why. Imports torch inside functions only.
 
 Conventions (toolkit/data/segment.py): label position t is predicted by the logits at t-1; coordinate
 bin k is the normalized value k/999; `coord_token_ids[k]` is the token id of bin k.
@@ -21,6 +28,7 @@ if TYPE_CHECKING:
     from toolkit.trainer.packing import PackBatch
 
 NUM_BINS = 1000
+NORMALIZATIONS = ("per_sample", "per_pack_token_mean")
 PART_KEYS = (
     "loss/ce",
     "loss/bbox_smoothl1",
@@ -146,8 +154,41 @@ def complete_iou(pred: torch.Tensor, gt: torch.Tensor, eps: float = 1e-7) -> tor
     return iou - rho2 / (cw**2 + ch**2 + eps) - alpha * v
 
 
-def _ce_term(logits: torch.Tensor, batch: PackBatch) -> torch.Tensor:
-    """Σ w·CE / Σ w over supervised labels; 0 when nothing is supervised."""
+class _Means:
+    """Weighted means of per-token / per-slot / per-box values of one pack under a normalization rule.
+
+    `mean(values, positions, weights)`: `positions` are the values' label positions in the pack (a box
+    counts at its first slot). per_pack_token_mean: Σw·v / Σw over the pack. per_sample: the same within
+    each sample, then the plain mean over the pack's samples (a sample with nothing to average adds 0).
+    """
+
+    def __init__(self, batch: PackBatch, normalization: str, device):
+        import torch
+
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss normalization must be one of {'|'.join(NORMALIZATIONS)}, got {normalization!r}")
+        self.per_sample = normalization == "per_sample"
+        self.n = int(batch.n_segments)
+        lens = batch.seq_lens.to(device)
+        self.sample_of = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+
+    def mean(self, values: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        if values.numel() == 0:
+            return torch.zeros((), device=values.device, dtype=values.dtype)
+        w = torch.ones_like(values) if weights is None else weights.to(values.dtype)
+        if not self.per_sample:
+            return (values * w).sum() / w.sum()
+        owner = self.sample_of.index_select(0, positions)
+        num = torch.zeros(self.n, device=values.device, dtype=values.dtype).index_add(0, owner, values * w)
+        den = torch.zeros(self.n, device=values.device, dtype=values.dtype).index_add(0, owner, w)
+        # den = 0 only where num = 0: divide by 1 there, never 0/0 (a NaN gradient through torch.where).
+        return (num / torch.where(den > 0, den, torch.ones_like(den))).sum() / self.n
+
+
+def _ce_term(logits: torch.Tensor, batch: PackBatch, means: _Means) -> torch.Tensor:
+    """Σ w·CE / Σ w over supervised labels (per sample or per pack); 0 when nothing is supervised."""
     import torch
     import torch.nn.functional as F
 
@@ -160,16 +201,11 @@ def _ce_term(logits: torch.Tensor, batch: PackBatch) -> torch.Tensor:
     labels = batch.input_ids[0, 1:].to(logits.device).index_select(0, rows)
     # Cost: n_sup × V × 4 bytes for the fp32 rows, the same again for log-softmax saved for backward.
     token_ce = F.cross_entropy(_upcast(logits.index_select(0, rows)), labels, reduction="none")
-    return (token_ce * w_sup).sum() / w_sup.sum()
+    return means.mean(token_ce, rows + 1, w_sup)  # row r predicts label position r + 1
 
 
-def _mean_or_zero(x: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return x.mean() if x.numel() else torch.zeros((), device=x.device, dtype=x.dtype)
-
-
-def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights) -> dict:
+def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights,
+                 means: _Means | None = None) -> dict:
     """Geometry, regularizers and gate over the pack's coord slots (all zero when there are none)."""
     import torch
     import torch.nn.functional as F
@@ -183,6 +219,8 @@ def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor
         return out
     if slots.numel() % 4:
         raise ValueError(f"pack has {slots.numel()} coord slots; need 4 per box")
+    means = means or _Means(batch, "per_sample", dev)
+    first = slots[0::4]  # a box belongs where its first slot is
     # Only the N rows predicting coord slots: N × V × 4 bytes in fp32, never [L, V].
     full = _upcast(logits.index_select(0, slots - 1))
     z = full.index_select(1, coord_ids)  # [N, 1000] coord slice
@@ -195,30 +233,38 @@ def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor
 
     sl1_slot = _finite_or_zero(F.smooth_l1_loss(c_hat, gt, beta=1.0, reduction="none"))
     ciou_box = _finite_or_zero(1.0 - complete_iou(c_hat.view(-1, 4), gt.view(-1, 4)))
-    out["sl1"], out["ciou"] = sl1_slot.mean(), ciou_box.mean()
+    out["sl1"], out["ciou"] = means.mean(sl1_slot, slots), means.mean(ciou_box, first)
     group = batch.box_group.to(dev)
-    for name, gid in (("prefix", 0), ("tail", 1)):
+    for name, gid in (("prefix", 0), ("tail", 1)):  # logged only: the same means over one group's boxes
         in_box = group == gid
-        out[name] = weights.bbox_smoothl1_weight * _mean_or_zero(
-            sl1_slot[in_box.repeat_interleave(4)]
-        ) + weights.bbox_ciou_weight * _mean_or_zero(ciou_box[in_box])
+        in_slot = in_box.repeat_interleave(4)
+        out[name] = weights.bbox_smoothl1_weight * means.mean(sl1_slot[in_slot], slots[in_slot]) \
+            + weights.bbox_ciou_weight * means.mean(ciou_box[in_box], first[in_box])
 
     # Gate: -log of the probability mass the full-vocabulary softmax keeps on coord tokens.
     with torch.set_grad_enabled(torch.is_grad_enabled() and weights.coord_gate_weight != 0):
-        out["gate"] = (torch.logsumexp(full, dim=-1) - torch.logsumexp(z, dim=-1)).mean()
+        out["gate"] = means.mean(torch.logsumexp(full, dim=-1) - torch.logsumexp(z, dim=-1), slots)
     if weights.coord_ce_weight != 0:
-        out["coord_ce"] = F.cross_entropy(z, bins)  # untempered
+        out["coord_ce"] = means.mean(F.cross_entropy(z, bins, reduction="none"), slots)  # untempered
     if weights.coord_el1_weight != 0 or weights.coord_ehuber_weight != 0:
         err = (unit[None, :] - gt[:, None]).abs()  # [N, 1000]
         if weights.coord_el1_weight != 0:
-            out["el1"] = (p * err).sum(-1).mean()
+            out["el1"] = means.mean((p * err).sum(-1), slots)
         if weights.coord_ehuber_weight != 0:
-            d = weights.coord_huber_delta
-            huber = torch.where(err < d, 0.5 * err**2, d * (err - 0.5 * d))
-            out["ehuber"] = (p * huber).sum(-1).mean()
+            out["ehuber"] = means.mean((p * huber(err, weights.coord_huber_delta)).sum(-1), slots)
     if weights.coord_entropy_weight != 0:
-        out["entropy"] = -(p * log_p).sum(-1).mean()
+        out["entropy"] = means.mean(-(p * log_p).sum(-1), slots)
     return out
+
+
+def huber(err: torch.Tensor, delta: float) -> torch.Tensor:
+    """Huber of |d| with the predecessor's scale: 0.5·d²/δ for |d| < δ, else |d| − δ/2 (slope 1 outside δ,
+    continuous with continuous slope at δ). Not δ·that: at the default δ = 0.001 a weight tuned on the
+    predecessor would do 1000× less."""
+    import torch
+
+    a = err.abs()
+    return torch.where(a < delta, 0.5 * a**2 / delta, a - 0.5 * delta)
 
 
 def _as_2d(logits: torch.Tensor, length: int, name: str) -> torch.Tensor:
@@ -240,8 +286,9 @@ def pack_loss(
     batch: PackBatch,
     coord_token_ids: Sequence[int] | torch.Tensor,
     weights: LossWeights,
+    normalization: str = "per_sample",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of one pack and its logged parts.
+    """Total loss of one pack (a mean over its samples) and its logged parts.
 
     Args:
         logits_ce: [1, L, V] (or [L, V]) logits for the CE term (Channel-A: first soft-context pass).
@@ -249,6 +296,7 @@ def pack_loss(
         batch: the collated pack.
         coord_token_ids: 1000 token ids, entry k = bin k.
         weights: loss weights.
+        normalization: `per_sample` | `per_pack_token_mean` (module docstring).
 
     Returns:
         (total, parts): `total` = CE + w_sl1·sl1 + w_ciou·ciou + coord_reg + w_gate·gate (a scalar with
@@ -264,8 +312,9 @@ def pack_loss(
     if coord_ids.shape != (NUM_BINS,):
         raise ValueError(f"coord_token_ids must hold {NUM_BINS} ids (bin k at index k), got shape {tuple(coord_ids.shape)}")
 
-    ce = _ce_term(lce, batch)
-    t = _coord_terms(lgeo, batch, coord_ids, weights)
+    means = _Means(batch, normalization, lgeo.device)
+    ce = _ce_term(lce, batch, means)
+    t = _coord_terms(lgeo, batch, coord_ids, weights, means)
     reg = (
         weights.coord_ce_weight * t["coord_ce"]
         + weights.coord_el1_weight * t["el1"]

@@ -1,6 +1,7 @@
 """Post-rollout packing: choose which segments share one forward, and collate them into one row.
 
-Owns pack selection (FIFO baseline vs. a `binpacking` candidate), pack planning, and `PackBatch`
+Owns pack selection (FIFO baseline vs. a `binpacking` candidate), pack planning (`plan_packs`, and
+`RoundPacker` across server rounds), and `PackBatch`
 (the one-row, padding-free tensor batch that losses and Channel-A read). Imports torch and binpacking
 inside functions only; selection itself is pure Python.
 
@@ -217,3 +218,35 @@ def collate_pack(segments: Sequence[Segment], capacity: int | None = None,
         images=tuple(p for s in segments for p in s.images),
         image_grids=tuple(g for s in segments for g in s.image_grids),
     )
+
+
+class RoundPacker:
+    """Post-rollout packing across server rounds (Channel-B in vLLM server mode).
+
+    Each round's segments join a buffer; while the buffer holds ≥ min_fill·capacity tokens a pack is
+    cut with `select_pack` (the choice `plan_packs` makes) and the rest is carried into the next round;
+    `flush()` packs what is left after the last round. Packs depend only on the rounds, never on
+    timing, so overlapped and serial execution pack alike, and a one-round step packs exactly like
+    `plan_packs` over the whole step. packing off: one pack per segment, at once.
+    """
+
+    def __init__(self, capacity: int, min_fill: float, packing: bool = True, mrope: tuple[int, int] | None = None):
+        self.capacity, self.min_fill, self.packing, self.mrope = capacity, min_fill, packing, mrope
+        self.buffer: list = []
+
+    def add(self, segments: list) -> list:
+        self.buffer += segments
+        if not self.packing:
+            return self.flush()
+        packs = []
+        while sum(len(s) for s in self.buffer) >= self.min_fill * self.capacity:
+            chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
+            packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen], mrope=self.mrope))
+            self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
+        return packs
+
+    def flush(self) -> list:
+        plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
+        packs = [collate_pack([self.buffer[i] for i in idx], mrope=self.mrope) for idx in plan]
+        self.buffer = []
+        return packs
