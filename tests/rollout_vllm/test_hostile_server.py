@@ -193,3 +193,91 @@ def test_store_binds_the_server_address_and_a_failed_join_poisons_nothing(hostil
     assert requests.get(hostile.url + "/info/", timeout=10).json()["weight_version"] == version  # not -1
     assert post(hostile, "/reset_prefix_cache/", {}).json() == {"weight_version": version}  # reported once
     assert_still_normal(hostile)
+
+
+# ------------------------------------------------------------------ the fuzz
+
+
+FUZZ_BATCHES, FUZZ_BATCH = 12, 100  # 1,200 generated requests, a normal request after every batch
+
+
+def test_fuzz_every_endpoint_no_5xx_and_a_normal_request_after_every_batch(hostile, image_root):
+    from _fuzz_requests import Fuzzer
+
+    (image_root / "fuzz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    tensors = requests.get(hostile.url + "/weights_schema/", timeout=10).json()["tensors"]
+    seed = int(os.environ.get("STAGE2_FUZZ_SEED", "15"))
+    vocab = json.loads((hostile.model / "config.json").read_text())["vocab_size"]
+    fuzz = Fuzzer(seed, vocab=vocab, tensors=tensors, image_files=[str(image_root / "fuzz.png")], free_port=free_port)
+    session = requests.Session()
+    session.trust_env = False
+    statuses: dict[int, int] = {}
+    t0 = time.monotonic()
+    for batch in range(FUZZ_BATCHES):
+        for _ in range(FUZZ_BATCH):
+            method, path, body = fuzz.request()
+            try:
+                r = session.request(method, hostile.url + path, data=body, timeout=120,
+                                    headers={"content-type": "application/json"})
+            except requests.RequestException as exc:
+                pytest.fail(f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {exc}\n{hostile.log_tail()}")
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {r.status_code} " \
+                                        f"{r.text[:600]}\n{hostile.log_tail()}"
+            if r.status_code >= 400 and r.status_code not in (404, 405):
+                assert isinstance(r.json()["detail"], (str, list)), r.text  # a sentence or the fields, as JSON
+        assert_still_normal(hostile)
+    print(f"fuzz seed {seed}: {fuzz.n} requests in {time.monotonic() - t0:.0f} s, statuses {sorted(statuses.items())}")
+    assert fuzz.n >= 1000 and statuses.get(200, 0) > 50  # many reached the engine, not just the schema
+
+
+# ------------------------------------------------------------------ a generate that overruns its deadline
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_overrun_generate_marks_unhealthy_clients_stop_waiting_and_sigterm_ends_it(tiny_model, tmp_path):
+    """infer_timeout_s 3 s and a batch that decodes far longer: the server says it is unhealthy (and
+    why), refuses at once instead of queueing, the client neither retries nor waits, and SIGTERM ends
+    the server and its still-busy worker within 10 s."""
+    import signal
+
+    from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
+
+    srv = start_server(tiny_model, tmp_path, sets=("rollout_matching.vllm.server.infer_timeout_s=3",))
+    try:
+        big = {"request_id": "big", "prompts": [[1, 5 + i % 50, 7 + i % 31] for i in range(128)],
+               "sampling": [{"max_tokens": 1000, "temperature": 2.0, "seed": 1}]}
+        r = post(srv, "/infer/", big, timeout=120)
+        assert r.status_code == 504 and "did not answer generate within 3 s" in r.json()["detail"], r.text
+        health = requests.get(srv.url + "/health/", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "did not finish a generate within 3 s" in health.json()["detail"] and "restart" in health.json()["detail"]
+        t0 = time.monotonic()
+        refused = infer(srv)
+        assert refused.status_code == 503 and "unhealthy" in refused.json()["detail"]
+        client = ServerClient(srv.url, 0, timeout_s=120, infer_timeout_s=120, backoff_s=30)
+        with pytest.raises(ServerUnavailableError) as err:
+            client.infer("after-wedge", [[1, 2]], [{"max_tokens": 2}], expect_version=None)
+        assert "is unhealthy" in str(err.value) and "did not finish a generate" in str(err.value)
+        with pytest.raises(ServerUnavailableError) as err:
+            client.wait_healthy(total_timeout_s=120)
+        assert "is unhealthy" in str(err.value)
+        assert time.monotonic() - t0 < 30  # no 30 s backoff retry, no 120 s health wait
+        # the worker is still decoding the big batch; SIGTERM to the server alone
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        while (srv.proc.poll() is None or group_alive(srv.proc.pid)) and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        print(f"SIGTERM → server and workers gone after {took:.1f} s")
+        assert srv.proc.poll() is not None and not group_alive(srv.proc.pid), srv.log_tail()
+        assert took < 10, f"{took:.1f} s\n{srv.log_tail()}"
+    finally:
+        stop(srv.proc)

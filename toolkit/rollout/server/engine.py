@@ -135,7 +135,6 @@ class DPEngine:
         self.image_roots = tuple(image_roots)
         self.vocab_size: int | None = None  # reported by the workers when ready
         self.broken: str | None = None  # why the engine can no longer be trusted (health says so)
-        self._join_until = 0.0  # a weight-sync join in progress holds the workers until then
         self.workers: list[_Worker] = []
         self.schema = served_specs(spec.model)  # under the learner's names (a VLM's differ from the files')
         self._ids = itertools.count(1)
@@ -291,7 +290,6 @@ class DPEngine:
             images = check_image_paths(images, len(prompts), self.image_roots)
         if self.broken is not None:
             raise errors.Unavailable(f"the rollout server is unhealthy: {self.broken}")
-        timeout_s += max(0.0, self._join_until - time.monotonic())  # a weight-sync join holds the workers
         counts = split_counts(len(prompts), len(self.workers), start=next(self._rotate) % len(self.workers))
         futures, start = [], 0
         for w, n in zip(self.workers, counts):
@@ -345,9 +343,8 @@ class DPEngine:
         except errors.EngineError:
             self._close_quietly()  # no store left listening after a failed open
             raise
-        for w in self.workers:  # the join completes when the learner joins (after this answer), or fails
-            self._send(w, "join_group", {})  # after timeout_s: the workers then close the group themselves
-        self._join_until = time.monotonic() + timeout_s
+        for w in self.workers:  # each joins when the learner arrives (after this answer); one that has not by
+            self._send(w, "join_group", {"timeout_s": timeout_s})  # timeout_s closes the group; /infer/ runs meanwhile
         self._group = {"backend": backend, "world_size": world_size, "learner_rank": world_size - 1, "port": port}
         log.info("weight-sync group: %s", self._group)
         return dict(self._group)

@@ -29,6 +29,10 @@ class WeightSyncExtension:
     def stage2_join_group(self) -> None:
         self._stage2_require().join()
 
+    def stage2_peer_ready(self) -> bool:
+        """Has the learner announced itself in the store? (non-blocking)"""
+        return self._stage2_require().peer_ready()
+
     def stage2_receive_bucket(self, specs: list[dict], nbytes: int) -> int:
         """Receive one flat bucket from the learner (the last rank) and load it; returns tensors loaded."""
         import torch

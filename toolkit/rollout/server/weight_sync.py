@@ -37,6 +37,7 @@ TIED_ALIASES = ("lm_head.weight",)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 WRAPPER_INFIXES = (".base_layer.", ".modules_to_save.default.", "._orig_mod.")
 MAX_LISTED = 12
+LEARNER_READY_KEY = "stage2_learner_ready"
 
 
 @dataclass(frozen=True)
@@ -283,10 +284,13 @@ class SyncGroup:
                               f"{self.timeout.total_seconds():g} s: {text.splitlines()[0] if text else type(exc).__name__}") from None
 
     def join(self) -> None:
-        """Build the process group (blocks until every rank, the learner included, has joined)."""
+        """Build the process group (blocks until every rank, the learner included, has joined). The learner
+        first announces itself in the store, so server ranks wait for it without blocking (peer_ready)."""
         import torch
         import torch.distributed as dist
 
+        if self.rank == self.world_size - 1:
+            self.store.set(LEARNER_READY_KEY, "1")
         store = dist.PrefixStore("stage2_weight_sync", self.store)
         if self.backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, self.rank, self.world_size, self.timeout)
@@ -299,6 +303,12 @@ class SyncGroup:
             self.broadcast(probe, src=self.world_size - 1)
         else:
             raise BadRequest(f"weight-sync backend must be gloo or nccl, got {self.backend!r}")
+
+    def peer_ready(self) -> bool:
+        """True once the learner (the last rank) has started its join; never blocks."""
+        if self.store is None:
+            raise EngineError("weight-sync store is not open (fix: POST /init_communicator/ first)")
+        return bool(self.store.check([LEARNER_READY_KEY]))
 
     def broadcast(self, tensor, src: int) -> None:
         self.wait(self.broadcast_async(tensor, src))

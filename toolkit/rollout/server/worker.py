@@ -3,6 +3,10 @@
 Talks to the parent (`engine.py`) over a `multiprocessing` Pipe: first `{"status": "ready"}` (or
 `{"status": "failed", "error": …}`), then one reply per command that asks for one. Commands are
 small dicts `{"id", "method", "kwargs", "reply"}`; every reply carries the engine's weight version.
+The weight-sync join never blocks the command loop while it waits for the learner: `join_group` only
+arms a deadline, the loop checks between commands (every 0.2 s) whether the learner has announced
+itself in the store, and builds the group then (quick: everyone is there). A learner that never comes
+costs nothing but the open store until the deadline, when the group is closed.
 A command sent without `reply` (weight-sync group join, bucket receive) reports a failure on the next
 replied weight-sync command (`reset_prefix_cache`, the learner's handshake) — never on a generate,
 which has nothing to do with it. A failed join closes the group (its store stops listening); a bucket
@@ -18,10 +22,12 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 
 log = logging.getLogger(__name__)
 UNKNOWN_VERSION = -1
+JOIN_POLL_S = 0.2
 
 
 def _die_with_parent() -> None:
@@ -67,11 +73,16 @@ class WorkerRuntime:
         self.caches_fresh = False  # no request decoded since the last cache reset
         self.pending_error: dict | None = None
         self.joined = False  # a weight-sync group is joined and can receive buckets
+        self.join_deadline: float | None = None  # a join waits for the learner until then
+        self.join_timeout_s = 0.0
 
     # ------------------------------------------------------------------ loop
     def serve(self, conn) -> None:
         while True:
             try:
+                if self.join_deadline is not None and not conn.poll(JOIN_POLL_S):
+                    self.advance_join()
+                    continue
                 msg = conn.recv()
             except (EOFError, OSError):
                 return  # parent gone
@@ -149,15 +160,34 @@ class WorkerRuntime:
         return self._rpc("stage2_open_store", host=connect_host(self.store_host), bind_host=self.store_host, port=port, world_size=world_size,
                          rank_base=self.dp_rank * self.tp, backend=backend, timeout_s=timeout_s)
 
-    def join_group(self) -> None:
+    def join_group(self, timeout_s: float) -> None:
+        """Wait (without blocking the loop) up to `timeout_s` for the learner, then join; see advance_join."""
+        self.join_deadline = time.monotonic() + timeout_s
+        self.join_timeout_s = timeout_s
+
+    def advance_join(self) -> None:
+        """Join once the learner has announced itself; close the group when it has not by the deadline. A
+        failure is kept for the learner's next handshake (reset_prefix_cache), never given to a generate."""
         try:
+            ready = all(self._as_list(self._rpc("stage2_peer_ready")))
+            if not ready and time.monotonic() < self.join_deadline:
+                return
+            self.join_deadline = None
+            if not ready:
+                raise TimeoutError(f"the learner did not join within {self.join_timeout_s:g} s")
             self._rpc("stage2_join_group")
-        except Exception as exc:  # the learner never joined: close the store now, report on the next sync call
+            self.joined = True
+        except Exception as exc:  # close the store now; report on the next weight-sync call
+            self.join_deadline = None
             self.close_group()
-            self.joined = False
-            raise NoGroup(f"the weight-sync join failed, so the group was closed: {_text(exc)} (fix: POST "
-                          "/init_communicator/ again and join the group within its timeout_s)") from None
-        self.joined = True
+            self.pending_error = {"kind": "Conflict", "error": (
+                f"the weight-sync join failed, so the group was closed: {_text(exc)} (fix: POST /init_communicator/ "
+                "again and join the group within its timeout_s)")}
+            log.error("dp%d: %s", self.dp_rank, self.pending_error["error"])
+
+    @staticmethod
+    def _as_list(result) -> list:
+        return result if isinstance(result, list) else [result]
 
     def receive_bucket(self, specs: list[dict], nbytes: int, version: int, last: bool) -> None:
         from toolkit.rollout.backends.vllm_colocate import reset_caches
@@ -180,7 +210,7 @@ class WorkerRuntime:
         return self.version
 
     def close_group(self) -> None:
-        self.joined, self.pending_error = False, None
+        self.joined, self.pending_error, self.join_deadline = False, None, None
         try:
             self._rpc("stage2_close_group")
         except Exception as exc:  # closing must not fail the caller
