@@ -242,19 +242,14 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def test_overrun_generate_marks_unhealthy_clients_stop_waiting_and_sigterm_ends_it(tiny_model, tmp_path):
-    """infer_timeout_s 3 s and a batch that decodes far longer: the server says it is unhealthy (and
-    why), refuses at once instead of queueing, the client neither retries nor waits, and SIGTERM ends
-    the server and its still-busy worker within 10 s."""
-    import signal
-
+def test_overrun_generate_marks_unhealthy_and_clients_stop_waiting(tiny_model, tmp_path):
+    """infer_timeout_s 3 s and a batch that decodes for minutes: the server says it is unhealthy (and
+    why), refuses at once instead of queueing, and the client neither retries nor waits."""
     from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
 
     srv = start_server(tiny_model, tmp_path, sets=("rollout_matching.vllm.server.infer_timeout_s=3",))
     try:
-        big = {"request_id": "big", "prompts": [[1, 5 + i % 50, 7 + i % 31] for i in range(128)],
-               "sampling": [{"max_tokens": 1000, "temperature": 2.0, "seed": 1}]}
-        r = post(srv, "/infer/", big, timeout=120)
+        r = post(srv, "/infer/", BIG, timeout=120)
         assert r.status_code == 504 and "did not answer generate within 3 s" in r.json()["detail"], r.text
         health = requests.get(srv.url + "/health/", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
@@ -270,14 +265,42 @@ def test_overrun_generate_marks_unhealthy_clients_stop_waiting_and_sigterm_ends_
             client.wait_healthy(total_timeout_s=120)
         assert "is unhealthy" in str(err.value)
         assert time.monotonic() - t0 < 30  # no 30 s backoff retry, no 120 s health wait
-        # the worker is still decoding the big batch; SIGTERM to the server alone
+    finally:
+        stop(srv.proc)
+
+
+def test_sigterm_ends_a_busy_server_and_its_worker_within_10_s(tiny_model, tmp_path):
+    """A request in flight, its worker decoding for minutes: SIGTERM to the server alone ends both."""
+    import signal
+    import threading
+
+    srv = start_server(tiny_model, tmp_path)
+    try:
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(_post_quietly(srv, BIG)), daemon=True)
+        thread.start()
+        time.sleep(3)  # the batch is decoding
+        assert thread.is_alive()
         srv.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         while (srv.proc.poll() is None or group_alive(srv.proc.pid)) and time.monotonic() - t0 < 60:
             time.sleep(0.1)
         took = time.monotonic() - t0
-        print(f"SIGTERM → server and workers gone after {took:.1f} s")
+        print(f"SIGTERM → server and worker gone after {took:.1f} s")
         assert srv.proc.poll() is not None and not group_alive(srv.proc.pid), srv.log_tail()
         assert took < 10, f"{took:.1f} s\n{srv.log_tail()}"
+        thread.join(10)
+        assert answers and answers[0] in (503, "connection closed"), answers  # told, not left hanging
     finally:
         stop(srv.proc)
+
+
+BIG = {"request_id": "big", "prompts": [[1, 5 + i % 50, 7 + i % 31] for i in range(128)],
+       "sampling": [{"max_tokens": 1000, "temperature": 2.0, "seed": 1}]}  # ~3 min of decoding on one CPU worker
+
+
+def _post_quietly(srv, body):
+    try:
+        return post(srv, "/infer/", body, timeout=300).status_code
+    except requests.ConnectionError:
+        return "connection closed"

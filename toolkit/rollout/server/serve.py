@@ -5,7 +5,7 @@ every `rollout_matching.vllm.*` knob), so the launcher passes `--profile`/`--set
 port is checked before the engines start (a taken port fails in a second, not after a minute of
 engine start-up). uvicorn handles SIGINT/SIGTERM: the first signal also ends every waiting engine
 call (503) at once, in-flight requests get 2 s, and the DP workers are stopped on the way out (a busy
-one is killed), so even a server wedged in a generate exits within 10 s. Security (docs/STAGE2_RUNBOOK.md
+one is terminated after 3 s), so even a server busy in a long generate exits within 10 s. Security (docs/STAGE2_RUNBOOK.md
 "Security model"): off loopback every endpoint but /health/ needs the token; images are read only
 under the image roots (the profile's data folders plus `--image-root`).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -136,10 +137,15 @@ def run_server(opts: ServeOptions) -> int:
         app = create_app(engine, token=token, timeout_s=server_cfg["timeout_s"], infer_timeout_s=server_cfg["infer_timeout_s"],
                          token_for_all=not is_loopback(opts.host))
         log.info("serving on http://%s:%d (world size %d)", opts.host, port, engine.world_size())
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # uvicorn re-raises it after its shutdown: exit via finally
         serve_http(app, engine, opts.host, port)
     finally:
         engine.close()
     return 0
+
+
+def _exit_on_sigterm(_sig, _frame):
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 GRACE_S = 2  # seconds in-flight requests get after SIGTERM
