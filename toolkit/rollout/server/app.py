@@ -86,7 +86,8 @@ def _read_routes(app: FastAPI, engine, guarded: list) -> None:
     @app.get("/health/", response_model=Health)
     async def health():
         """Liveness of every DP worker. 200 `{"status": "ok", "detail": ""}`; 503
-        `{"status": "unhealthy", "detail": "dp rank 1 exited with code -9"}`."""
+        `{"status": "unhealthy", "detail": "dp rank 1 exited with code -9"}` (or a generate that overran its
+        deadline: the engine may be wedged). Never needs the token."""
         ok, detail = engine.health()
         body = Health(status="ok" if ok else "unhealthy", detail=detail)
         return body if ok else JSONResponse(status_code=503, content=body.model_dump())
@@ -121,8 +122,9 @@ def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float, guarded: lis
         "seed": null}], "expect_weight_version": 3}`. Response: `{"request_id": "run1-r0-s3-o0-srv0", "outputs":
         [{"prompt_ids": [151644, 872, 198], "completion_ids": [90, 151645], "text": "", "finish_reason": "stop",
         "weight_version": 3}]}`. 409 when `expect_weight_version` differs from the engine's version.
-        Image prompts (VLM) add `"images": [["/abs/img0.png"], …]`, one list per prompt; a missing or
-        unreadable path is a 400 naming it; `prompt_ids` is then the engine's expanded prompt."""
+        Image prompts (VLM) add `"images": [["/abs/img0.png"], …]`, one list per prompt, read only under the
+        server's image roots (a path that is not a readable file there is a 400 naming it); `prompt_ids` is
+        then the engine's expanded prompt. Limits of every field: docs/VLLM.md "Request limits"."""
         if req.request_id in done:
             return InferResponse(request_id=req.request_id, outputs=done[req.request_id])
         if req.request_id in inflight:  # a client retry while the first call still runs: share its result

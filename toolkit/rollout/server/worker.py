@@ -12,8 +12,9 @@ replied weight-sync command (`reset_prefix_cache`, the learner's handshake) — 
 which has nothing to do with it. A failed join closes the group (its store stops listening); a bucket
 that arrives with no group leaves the weights, and so the version, as they were; a bucket that failed
 while loading leaves the version unknown (-1), so no rollout claims to come from weights it does not
-hold. A generate that fails inside vLLM is reported as `broken` (the engine's state is unknown). torch and vLLM are imported inside functions (spawn imports this
-module in the child before the environment is set).
+hold. A generate that fails inside vLLM is reported as `broken` (the engine's state is unknown).
+torch and vLLM are imported inside functions (spawn imports this module in the child before the
+environment is set).
 """
 from __future__ import annotations
 
@@ -157,8 +158,8 @@ class WorkerRuntime:
 
     def open_store(self, port: int, world_size: int, backend: str, timeout_s: float) -> list[int]:
         self.close_group()
-        return self._rpc("stage2_open_store", host=connect_host(self.store_host), bind_host=self.store_host, port=port, world_size=world_size,
-                         rank_base=self.dp_rank * self.tp, backend=backend, timeout_s=timeout_s)
+        return self._rpc("stage2_open_store", host=connect_host(self.store_host), bind_host=self.store_host, port=port,
+                         world_size=world_size, rank_base=self.dp_rank * self.tp, backend=backend, timeout_s=timeout_s)
 
     def join_group(self, timeout_s: float) -> None:
         """Wait (without blocking the loop) up to `timeout_s` for the learner, then join; see advance_join."""
