@@ -56,8 +56,8 @@ def post(srv, path: str, body, timeout: float = 120.0) -> requests.Response:
     return requests.post(srv.url + path, data=data, headers={"content-type": "application/json"}, timeout=timeout)
 
 
-def infer(srv, **body) -> requests.Response:
-    return post(srv, "/infer/", {"request_id": f"h{next(_ids)}-{time.monotonic_ns()}", **NORMAL, **body})
+def infer(srv, timeout: float = 120.0, **body) -> requests.Response:
+    return post(srv, "/infer/", {"request_id": f"h{next(_ids)}-{time.monotonic_ns()}", **NORMAL, **body}, timeout=timeout)
 
 
 def assert_still_normal(srv) -> None:
@@ -170,6 +170,18 @@ def listening(port: int) -> list[str]:
             if state == "0A" and int(hexport, 16) == port:  # 0A = LISTEN
                 out.append(addr)
     return out
+
+
+def test_an_open_group_waiting_for_its_learner_blocks_nothing_and_closes(hostile):
+    port = free_port()
+    r = post(hostile, "/init_communicator/", {"port": port, "world_size": 2, "timeout_s": 300})
+    assert r.status_code == 200, r.text
+    assert listening(port) == ["0100007F"]
+    r = infer(hostile, timeout=30)  # served while the worker waits for a learner that never comes
+    assert r.status_code == 200, r.text
+    assert post(hostile, "/close_communicator/", {}).json() == {"ok": True}
+    assert listening(port) == []
+    assert_still_normal(hostile)
 
 
 def test_store_binds_the_server_address_and_a_failed_join_poisons_nothing(hostile):
