@@ -126,3 +126,16 @@ def test_client_names_an_unhealthy_server_and_does_not_retry():
     assert _says_unhealthy(response(503, {"detail": "the rollout server is unhealthy: x", "error": "Unavailable"}))
     assert not _says_unhealthy(response(503, {"detail": "dp rank 1 exited", "error": "Unavailable"}))  # still retried
     assert not _says_unhealthy(response(504, {"detail": "the rollout server is unhealthy: x"}))
+
+
+def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
+    import subprocess
+    import sys
+
+    from _vllm_helpers import ROOT, child_env, free_port
+
+    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--port", str(free_port()),
+            "--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.max_model_len=1024",
+            "--image-root", str(tmp_path / "nope")]
+    proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"--image-root {tmp_path / 'nope'} is not a directory" in proc.stderr, proc.stderr
