@@ -25,6 +25,9 @@ class ProbeError(RuntimeError):
 def _session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # never route launcher→server calls through a proxy
+    token = os.environ.get("STAGE2_SERVE_TOKEN")
+    if token:  # a server bound off loopback wants it on every endpoint but /health/
+        session.headers["Authorization"] = f"Bearer {token}"
     return session
 
 

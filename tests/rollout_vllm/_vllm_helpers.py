@@ -113,7 +113,9 @@ def serving(model: Path, log_dir: Path, dp: int = 2):
     port = free_port()
     log = Path(log_dir) / "server.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_argv(model, port, dp), cwd=ROOT, env=child_env(), stdout=fh,
+        # images are read only under the image roots: the test session's temp folder and the VLM assets
+        roots = ["--image-root", str(Path(log_dir).parent), "--image-root", str(ROOT / "assets" / "vlm" / "data")]
+        proc = subprocess.Popen(serve_argv(model, port, dp) + roots, cwd=ROOT, env=child_env(), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, model)
     try:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "STAGE2_SERVE_TOKEN"
 CONNECT_TIMEOUT_S = 10.0
 RETRY_STATUSES = (502, 503, 504)
+UNHEALTHY_PREFIX = "the rollout server is unhealthy"  # toolkit/rollout/server/engine.py: a wedged engine
 
 
 class RolloutServerError(RuntimeError):
@@ -53,6 +54,25 @@ class StaleWeightsError(RolloutServerError):
 
 class WeightSyncError(RolloutServerError):
     """Pushing weights failed (group port taken, version handshake mismatch, server error mid-sync)."""
+
+
+def _detail(resp) -> str:
+    try:
+        return str(resp.json().get("detail", "")) or resp.text[:300]
+    except (ValueError, AttributeError):
+        return resp.text[:300]
+
+
+def _says_unhealthy(resp) -> bool:
+    """A 503 from a server that marked itself unhealthy (a wedged engine): retrying will not help."""
+    if resp.status_code != 503:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and (body.get("status") == "unhealthy"
+                                       or str(body.get("detail", "")).startswith(UNHEALTHY_PREFIX))
 
 
 class ServerClient:
@@ -92,7 +112,7 @@ class ServerClient:
                     f"{method} {url}: {type(exc).__name__} after {attempts} attempt(s) (timeout {timeout_s:g} s): "
                     f"{_first_line(exc)} (is the rollout server running? start it with `stage2 serve --profile …`, "
                     "or fix rollout_matching.vllm.server.servers[].base_url)", url=url) from None
-            if resp.status_code in RETRY_STATUSES and not last:
+            if resp.status_code in RETRY_STATUSES and not last and not _says_unhealthy(resp):
                 time.sleep(self.backoff_s * 2 ** attempt)
                 continue
             if resp.status_code >= 400:
@@ -108,6 +128,9 @@ class ServerClient:
         except ValueError:
             pass
         cls = StaleWeightsError if kind == "StaleWeights" else (ServerUnavailableError if resp.status_code == 503 else error_cls)
+        if _says_unhealthy(resp):
+            return cls(f"rollout server {self.base_url} is unhealthy: {_detail(resp)} ({method} {url}, HTTP 503; restart "
+                       "`stage2 serve` — its log says more)", url=url, status=resp.status_code, body=body)
         return cls(f"{method} {url}: HTTP {resp.status_code}: {body}", url=url, status=resp.status_code, body=body)
 
     # ------------------------------------------------------------------ idempotent calls (retried)
@@ -121,6 +144,10 @@ class ServerClient:
                 resp = self.session.get(self.base_url + "/health/", timeout=(min(CONNECT_TIMEOUT_S, total), total))
                 if resp.status_code == 200:
                     return
+                if resp.status_code == 503:  # up but unhealthy (a wedged engine, a dead worker): waiting will not help
+                    raise ServerUnavailableError(
+                        f"rollout server {self.base_url} is unhealthy: {_detail(resp)} (restart `stage2 serve` — its "
+                        "log says more)", url=self.base_url + "/health/", status=503, body=resp.text[:500])
                 detail = f"HTTP {resp.status_code}: {resp.text[:200]}"
             except (requests.ConnectionError, requests.Timeout) as exc:
                 detail = f"{type(exc).__name__}: {_first_line(exc)}"

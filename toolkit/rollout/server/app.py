@@ -5,8 +5,11 @@ pass any object with the same methods). Every handler is `async` and runs the en
 in a thread under a timeout (504 when it expires). Engine errors map to statuses by type
 (errors.py): 400 bad request, 409 stale weights / port taken, 503 worker gone, 504 timeout. /infer/
 is idempotent per `request_id`: a retried id joins the in-flight call or gets the cached answer.
-Weight-changing endpoints require `Authorization: Bearer <token>` when the app has a token (the CLI
-insists on one when the server binds a non-loopback address).
+A malformed body is a 422 whose `detail` lists each bad field (`loc`, `msg`; never the raw input,
+which may be NaN and cannot be written as JSON). Weight-changing endpoints require
+`Authorization: Bearer <token>` when the app has a token; with `token_for_all` (the CLI sets it when
+the server binds a non-loopback address, and insists on a token there) every endpoint but /health/
+does, and the interactive docs are off.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from toolkit.rollout.server import errors
@@ -29,9 +33,13 @@ log = logging.getLogger(__name__)
 CACHED_RESULTS = 256
 
 
-def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, infer_timeout_s: float = 240.0) -> FastAPI:
+def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, infer_timeout_s: float = 240.0,
+               token_for_all: bool = False) -> FastAPI:
     """The rollout server app over `engine` (see module docstring for the contract)."""
-    app = FastAPI(title="stage2 rollout server", version="1")
+    if token_for_all and not token:
+        raise ValueError("token_for_all needs a token")
+    docs = {} if not token_for_all else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="stage2 rollout server", version="1", **docs)
 
     async def run(fn: Callable[..., Any], *args, timeout: float = timeout_s, **kwargs):
         """The engine's blocking call in a worker thread, under a timeout (the event loop never blocks)."""
@@ -44,56 +52,69 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
     async def engine_error(_request, exc: errors.EngineError):
         return JSONResponse(status_code=exc.status, content={"detail": str(exc), "error": type(exc).__name__})
 
-    _read_routes(app, engine)
-    _infer_route(app, engine, run, infer_timeout_s)
-    _weight_routes(app, engine, run, _token_guard(token), timeout_s)
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": validation_details(exc.errors()), "error": "BadRequest"})
+
+    guard = _token_guard(token, "every endpoint but /health/" if token_for_all else "weight-changing endpoints")
+    _read_routes(app, engine, [Depends(guard)] if token_for_all else [])
+    _infer_route(app, engine, run, infer_timeout_s, [Depends(guard)] if token_for_all else [])
+    _weight_routes(app, engine, run, guard, timeout_s)
     return app
 
 
-def _token_guard(token: str | None):
+def validation_details(errs) -> list[dict]:
+    """pydantic's errors without `input`/`ctx` (they may hold NaN or huge values): field path and message,
+    e.g. `[{"loc": ["body", "sampling", 0, "temperature"], "msg": "Input should be a finite number"}]`."""
+    return [{"loc": [part if isinstance(part, (int, str)) else str(part) for part in e.get("loc", ())],
+             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errs]
+
+
+def _token_guard(token: str | None, scope: str):
     def require_token(authorization: str | None = Header(default=None)) -> None:
         if token is None:
             return
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(status_code=401, detail="weight-changing endpoints need 'Authorization: Bearer <token>' "
+            raise HTTPException(status_code=401, detail=f"{scope} need 'Authorization: Bearer <token>' "
                                                         "(the server's STAGE2_SERVE_TOKEN)")
 
     return require_token
 
 
-def _read_routes(app: FastAPI, engine) -> None:
+def _read_routes(app: FastAPI, engine, guarded: list) -> None:
     @app.get("/health/", response_model=Health)
     async def health():
         """Liveness of every DP worker. 200 `{"status": "ok", "detail": ""}`; 503
-        `{"status": "unhealthy", "detail": "dp rank 1 exited with code -9"}`."""
+        `{"status": "unhealthy", "detail": "dp rank 1 exited with code -9"}` (or a generate that overran its
+        deadline: the engine may be wedged). Never needs the token."""
         ok, detail = engine.health()
         body = Health(status="ok" if ok else "unhealthy", detail=detail)
         return body if ok else JSONResponse(status_code=503, content=body.model_dump())
 
-    @app.get("/get_world_size/", response_model=WorldSize)
+    @app.get("/get_world_size/", response_model=WorldSize, dependencies=guarded)
     async def get_world_size():
         """Rollout world size DP × TP, e.g. `{"world_size": 2}` (the learner's chunk arithmetic reads it)."""
         return WorldSize(world_size=engine.world_size())
 
-    @app.get("/info/", response_model=Info)
+    @app.get("/info/", response_model=Info, dependencies=guarded)
     async def info():
         """What is served, e.g. `{"model": "/ckpt/stage1", "max_model_len": 1024, "dtype": "float32",
         "weight_version": 3, "device": "cpu", "data_parallel_size": 2, "tensor_parallel_size": 1}`."""
         return Info(**engine.info())
 
-    @app.get("/weights_schema/", response_model=WeightsSchema)
+    @app.get("/weights_schema/", response_model=WeightsSchema, dependencies=guarded)
     async def weights_schema():
         """Tensors of the served checkpoint (the names weight updates must use), e.g.
         `{"tensors": [{"name": "lm_head.weight", "dtype": "float32", "shape": [1319, 128]}, ...]}`."""
         return WeightsSchema(tensors=engine.weights_schema())
 
 
-def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float) -> None:
+def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float, guarded: list) -> None:
     inflight: dict[str, asyncio.Future] = {}
     done: collections.OrderedDict[str, list] = collections.OrderedDict()
 
-    @app.post("/infer/", response_model=InferResponse)
+    @app.post("/infer/", response_model=InferResponse, dependencies=guarded)
     async def infer(req: InferRequest):
         """Decode token-id prompts. Request:
         `{"request_id": "run1-r0-s3-o0-srv0", "prompts": [[151644, 872, 198]], "sampling": [{"max_tokens": 256,
@@ -101,8 +122,9 @@ def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float) -> None:
         "seed": null}], "expect_weight_version": 3}`. Response: `{"request_id": "run1-r0-s3-o0-srv0", "outputs":
         [{"prompt_ids": [151644, 872, 198], "completion_ids": [90, 151645], "text": "", "finish_reason": "stop",
         "weight_version": 3}]}`. 409 when `expect_weight_version` differs from the engine's version.
-        Image prompts (VLM) add `"images": [["/abs/img0.png"], …]`, one list per prompt; a missing or
-        unreadable path is a 400 naming it; `prompt_ids` is then the engine's expanded prompt."""
+        Image prompts (VLM) add `"images": [["/abs/img0.png"], …]`, one list per prompt, read only under the
+        server's image roots (a path that is not a readable file there is a 400 naming it); `prompt_ids` is
+        then the engine's expanded prompt. Limits of every field: docs/VLLM.md "Request limits"."""
         if req.request_id in done:
             return InferResponse(request_id=req.request_id, outputs=done[req.request_id])
         if req.request_id in inflight:  # a client retry while the first call still runs: share its result

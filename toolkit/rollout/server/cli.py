@@ -21,9 +21,11 @@ import click
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="HTTP port [default: the port of the profile's first servers[].base_url].")
 @click.option("--token", default=None, envvar="STAGE2_SERVE_TOKEN", show_envvar=True,
-              help="Bearer token required by weight-changing endpoints.")
+              help="Bearer token: weight-changing endpoints need it; off loopback every endpoint but /health/ does.")
+@click.option("--image-root", "image_roots", multiple=True, metavar="DIR",
+              help="Also read /infer/ images under DIR (repeatable) [default: only the profile's data folders].")
 def serve_command(profile: str, sets: tuple[str, ...], gpus: str, dp: int, tp: int, host: str, port: int | None,
-                  token: str | None) -> None:
+                  token: str | None, image_roots: tuple[str, ...]) -> None:
     """Serve vLLM rollouts over HTTP for server-mode learners (DESIGN §6; docs/VLLM.md).
 
     \b
@@ -37,7 +39,7 @@ def serve_command(profile: str, sets: tuple[str, ...], gpus: str, dp: int, tp: i
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s [serve] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        code = run_server(ServeOptions(profile, tuple(sets), gpus, dp, tp, host, port, token))
+        code = run_server(ServeOptions(profile, tuple(sets), gpus, dp, tp, host, port, token, tuple(image_roots)))
     except (ConfigError, ServeError) as err:
         raise click.ClickException(str(err)) from None
     sys.exit(code)

@@ -5,6 +5,12 @@ split of each /infer/ batch across DP ranks (near-equal contiguous shares, the r
 rank is starved or always favoured), command timeouts, and the weight-sync bookkeeping (which group
 is open, which version each rank reported). Blocking calls only: the app runs them in threads.
 Imports no torch and no vLLM (the workers do).
+
+Hostile input (docs/VLLM.md "Request limits"): every request is checked against the served model
+before a worker sees it (token ids < vocab size, prompt within max_model_len, image paths under the
+allowed roots after realpath). A generate that overruns its deadline, or fails inside vLLM, leaves
+that engine in an unknown state: the server is then marked unhealthy (/health/ 503 with the reason)
+and every later call fails fast with 503 instead of queueing behind it; restart the server.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-JOIN_TIMEOUT_S = 10.0
+STOP_WAIT_S = 3.0  # per stage of close(): shutdown message, then SIGTERM, then SIGKILL (a busy server ends in < 10 s)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class EngineSpec:
     device: str = "cpu"  # "cpu" | "cuda"
     gpus: tuple[int, ...] = ()  # physical ids, dp × tp of them on GPU
     env: tuple[dict, ...] = field(default=())  # per DP rank; filled by worker_env()
+    store_host: str = "127.0.0.1"  # where the weight-sync store binds: the HTTP bind address
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,20 +69,54 @@ def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def check_image_paths(images: list[list[str]], n_prompts: int) -> None:
-    """400 before any decoding: one entry per prompt, every path absolute and a readable file here.
+def check_image_paths(images: list[list[str]], n_prompts: int, roots: tuple[str, ...]) -> list[list[str]]:
+    """The real paths of `images`; 400 before any decoding unless there is one entry per prompt and every
+    path is absolute and, after realpath (no `..`, no symlink escape), a readable file under one of `roots`.
 
-    Paths are read on the server host: the learner and the server must share the filesystem."""
+    Missing and forbidden paths get the same message, so the answer never tells what exists outside the
+    roots. Paths are read on the server host: the learner and the server must share the filesystem."""
     if len(images) != n_prompts:
         raise errors.BadRequest(f"{n_prompts} prompts but {len(images)} image entries (send one list of paths per prompt)")
+    out = []
     for i, paths in enumerate(images):
+        out.append([])
         for path in paths:
             if not os.path.isabs(path):
-                raise errors.BadRequest(f"prompt {i}: image path {path!r} is not absolute (the server reads images from "
+                raise errors.BadRequest(f"images[{i}]: image path {path!r} is not absolute (the server reads images from "
                                         "its own filesystem, shared with the learner)")
-            if not os.path.isfile(path) or not os.access(path, os.R_OK):
-                raise errors.BadRequest(f"prompt {i}: image {path} is missing or unreadable on the rollout server host "
-                                        "(learner and server must share the filesystem)")
+            real = allowed_file(path, roots)
+            if real is None:
+                raise errors.BadRequest(f"images[{i}]: image {path!r} is not a readable file under the server's image "
+                                        "roots (learner and server must share the filesystem; the roots are the served "
+                                        "profile's data folders plus `stage2 serve --image-root DIR`, listed in the "
+                                        "server log at start-up)")
+            out[-1].append(real)
+    return out
+
+
+def allowed_file(path: str, roots: tuple[str, ...]) -> str | None:
+    """realpath(path) if it is a readable regular file inside one of `roots` (themselves real paths), else None.
+
+    >>> allowed_file("/etc/../etc/hostname", ("/tmp",)) is None
+    True
+    """
+    try:
+        real = os.path.realpath(path)
+        inside = any(os.path.commonpath((real, root)) == root for root in roots)
+        return real if inside and os.path.isfile(real) and os.access(real, os.R_OK) else None
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return None
+
+
+def image_roots(folders) -> tuple[str, ...]:
+    """Real paths of the existing directories among `folders` (duplicates and nested ones kept: harmless)."""
+    out = []
+    for folder in folders:
+        if folder:
+            real = os.path.realpath(folder)
+            if os.path.isdir(real) and real not in out:
+                out.append(real)
+    return tuple(out)
 
 
 class _Worker:
@@ -88,9 +129,12 @@ class _Worker:
 class DPEngine:
     """Blocking engine API used by the FastAPI app (see app.py for the endpoint contract)."""
 
-    def __init__(self, spec: EngineSpec, *, start_timeout_s: float = 900.0):
+    def __init__(self, spec: EngineSpec, *, start_timeout_s: float = 900.0, image_roots: tuple[str, ...] = ()):
         self.spec = spec if spec.env else EngineSpec(**{**spec.to_dict(), "env": worker_env(spec)})
         self.start_timeout_s = start_timeout_s
+        self.image_roots = tuple(image_roots)
+        self.vocab_size: int | None = None  # reported by the workers when ready
+        self.broken: str | None = None  # why the engine can no longer be trusted (health says so)
         self.workers: list[_Worker] = []
         self.schema = served_specs(spec.model)  # under the learner's names (a VLM's differ from the files')
         self._ids = itertools.count(1)
@@ -117,6 +161,8 @@ class DPEngine:
             for w in self.workers:
                 msg = self._wait_ready(w, t0 + self.start_timeout_s)
                 log.info("dp%d ready (pid %s) after %.1f s", w.rank, msg.get("pid"), time.monotonic() - t0)
+                vocab = msg.get("vocab_size")
+                self.vocab_size = vocab if self.vocab_size is None else min(self.vocab_size, vocab)
         except Exception:
             self.close()
             raise
@@ -133,25 +179,38 @@ class DPEngine:
                 raise RuntimeError(f"rollout server dp rank {w.rank} exited with code {w.proc.exitcode} while starting")
         raise RuntimeError(f"rollout server dp rank {w.rank} was not ready within {self.start_timeout_s:g} s")
 
+    def begin_close(self) -> None:
+        """Refuse new calls and end waiting ones (503) within a poll; safe from a signal handler."""
+        self._closed = True
+
     def close(self) -> None:
-        """Ask every worker to stop, join each for 10 s, then terminate (and kill) what is left."""
-        if self._closed:
+        """Ask every worker to stop; SIGTERM what still runs after 3 s (a worker busy in generate never
+        reads the message), SIGKILL after 3 more: a busy server ends well within 10 s."""
+        if self.workers and all(not w.proc.is_alive() and w.proc.exitcode is not None for w in self.workers):
+            self._closed = True
             return
         self._closed = True
         for w in self.workers:
-            try:
-                with w.lock:
+            if w.lock.acquire(timeout=1.0):  # a waiting _call lets go within a poll once _closed is set
+                try:
                     w.conn.send({"id": 0, "method": "shutdown", "kwargs": {}, "reply": False})
-            except (OSError, EOFError):
-                pass
+                except (OSError, EOFError, BrokenPipeError):
+                    pass
+                finally:
+                    w.lock.release()
+        deadline = time.monotonic() + STOP_WAIT_S
         for w in self.workers:
-            w.proc.join(JOIN_TIMEOUT_S)
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
             if w.proc.is_alive():
-                log.warning("dp%d did not stop within %g s: terminating", w.rank, JOIN_TIMEOUT_S)
+                log.warning("dp%d did not stop within %g s: terminating", w.rank, STOP_WAIT_S)
                 w.proc.terminate()
-                w.proc.join(JOIN_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for w in self.workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 w.proc.kill()
+                w.proc.join(1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ worker calls
@@ -170,11 +229,20 @@ class DPEngine:
                     w.version = msg.get("version", w.version)
                     if msg["ok"]:
                         return msg.get("result")
+                    if msg.get("broken"):  # vLLM itself failed mid-generate: its state is unknown
+                        self.mark_broken(f"dp rank {w.rank} failed inside the engine: {msg['error']}")
                     raise getattr(errors, msg.get("kind", "EngineError"), errors.EngineError)(
                         f"dp rank {w.rank}: {msg['error']}")
                 self._check_alive(w)
                 if time.monotonic() > deadline:
+                    if method == "generate":  # still busy: every later request would queue behind it
+                        self.mark_broken(f"dp rank {w.rank} did not finish a generate within {timeout_s:g} s")
                     raise errors.Timeout(f"dp rank {w.rank} did not answer {method} within {timeout_s:g} s")
+
+    def mark_broken(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason + " (the engine may be wedged; restart the rollout server)"
+            log.error("marking the server unhealthy: %s", self.broken)
 
     def _send(self, w: _Worker, method: str, kwargs: dict) -> None:
         with w.lock:
@@ -184,6 +252,8 @@ class DPEngine:
     def _check_alive(self, w: _Worker) -> None:
         if self._closed:
             raise errors.Unavailable("the rollout server is shutting down")
+        if self.broken is not None:
+            raise errors.Unavailable(f"the rollout server is unhealthy: {self.broken}")
         if not w.proc.is_alive():
             raise errors.Unavailable(f"dp rank {w.rank} (pid {w.proc.pid}) exited with code {w.proc.exitcode}")
 
@@ -196,6 +266,8 @@ class DPEngine:
         dead = [f"dp rank {w.rank} exited with code {w.proc.exitcode}" for w in self.workers if not w.proc.is_alive()]
         if self._closed:
             return False, "shutting down"
+        if self.broken is not None:
+            dead.append(self.broken)
         return (not dead), "; ".join(dead)
 
     def world_size(self) -> int:
@@ -213,16 +285,11 @@ class DPEngine:
               timeout_s: float, images: list[list[str]] | None = None) -> list[dict]:
         """Decode `prompts` split over the DP ranks; outputs in prompt order. `images`: per prompt, the
         absolute paths of its images (checked here, read by the workers)."""
-        if len(sampling) == 1:
-            sampling = sampling * len(prompts)
-        if len(sampling) != len(prompts):
-            raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
+        sampling = self.check_request(prompts, sampling)
         if images is not None:
-            check_image_paths(images, len(prompts))
-        limit = int(self.spec.vllm["max_model_len"])
-        for i, p in enumerate(prompts):
-            if len(p) >= limit:
-                raise errors.BadRequest(f"prompt {i} has {len(p)} tokens; max_model_len is {limit}")
+            images = check_image_paths(images, len(prompts), self.image_roots)
+        if self.broken is not None:
+            raise errors.Unavailable(f"the rollout server is unhealthy: {self.broken}")
         counts = split_counts(len(prompts), len(self.workers), start=next(self._rotate) % len(self.workers))
         futures, start = [], 0
         for w, n in zip(self.workers, counts):
@@ -233,6 +300,34 @@ class DPEngine:
             start += n
         return [out for f in futures for out in f.result()]
 
+    def check_request(self, prompts: list[list[int]], sampling: list[dict]) -> list[dict]:
+        """One sampling dict per prompt, checked against the served model (400 naming the field): every
+        token id < vocab size, prompt shorter than max_model_len, max_tokens ≤ max_model_len. max_tokens is
+        cut to what the prompt leaves (vLLM would stop there anyway, finish_reason "length")."""
+        if len(sampling) == 1:
+            sampling = sampling * len(prompts)
+        if len(sampling) != len(prompts):
+            raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
+        limit = int(self.spec.vllm["max_model_len"])
+        vocab = self.vocab_size
+        out = []
+        for i, (p, s) in enumerate(zip(prompts, sampling)):
+            if not p:
+                raise errors.BadRequest(f"prompts[{i}] is empty (send at least one token id)")
+            if len(p) >= limit:
+                raise errors.BadRequest(f"prompts[{i}] has {len(p)} tokens; max_model_len is {limit}")
+            if s["max_tokens"] > limit:
+                raise errors.BadRequest(f"sampling[{i}].max_tokens {s['max_tokens']} exceeds max_model_len {limit}")
+            if vocab is not None:
+                bad = next((t for t in p if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise errors.BadRequest(f"prompts[{i}] holds token id {bad}, outside the vocabulary [0, {vocab})")
+                bad = next((t for t in s["stop_token_ids"] if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise errors.BadRequest(f"sampling[{i}].stop_token_ids holds {bad}, outside the vocabulary [0, {vocab})")
+            out.append({**s, "max_tokens": min(s["max_tokens"], limit - len(p))})
+        return out
+
     def init_communicator(self, port: int, world_size: int, backend: str | None, timeout_s: float) -> dict:
         """Open the weight-sync store on rank 0 (fails fast if `port` is taken), then let every rank join."""
         want = self.world_size() + 1
@@ -242,10 +337,14 @@ class DPEngine:
         if backend == "nccl" and self.spec.device != "cuda":
             raise errors.BadRequest("backend nccl needs a GPU server; this one runs on CPU (use gloo)")
         kw = {"port": port, "world_size": world_size, "backend": backend, "timeout_s": timeout_s}
-        for w in self.workers:  # rank 0 first: it binds the store the others connect to
-            self._call(w, "open_store", kw, timeout_s)
-        for w in self.workers:
-            self._send(w, "join_group", {})
+        try:
+            for w in self.workers:  # rank 0 first: it binds the store the others connect to
+                self._call(w, "open_store", kw, timeout_s)
+        except errors.EngineError:
+            self._close_quietly()  # no store left listening after a failed open
+            raise
+        for w in self.workers:  # each joins when the learner arrives (after this answer); one that has not by
+            self._send(w, "join_group", {"timeout_s": timeout_s})  # timeout_s closes the group; /infer/ runs meanwhile
         self._group = {"backend": backend, "world_size": world_size, "learner_rank": world_size - 1, "port": port}
         log.info("weight-sync group: %s", self._group)
         return dict(self._group)
@@ -284,3 +383,11 @@ class DPEngine:
     def close_communicator(self, timeout_s: float) -> None:
         self._on_all("close_group", {}, timeout_s)
         self._group = None
+
+    def _close_quietly(self) -> None:
+        self._group = None
+        for w in self.workers:
+            try:
+                self._call(w, "close_group", {}, 30.0)
+            except errors.EngineError as exc:
+                log.warning("dp%d: closing the weight-sync group after a failed open: %s", w.rank, exc)

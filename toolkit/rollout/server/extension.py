@@ -16,18 +16,22 @@ class WeightSyncExtension:
     """Weight-sync receiver methods mixed into vLLM's Worker (state errors name the fix)."""
 
     def stage2_open_store(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
-                          timeout_s: float) -> int:
+                          timeout_s: float, bind_host: str | None = None) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         from toolkit.rollout.server.weight_sync import SyncGroup
 
         rank = rank_base + get_tensor_model_parallel_rank()
         self._stage2_group = SyncGroup(host, port, world_size, rank, backend, timeout_s)
-        self._stage2_group.open_store(is_master=rank == 0)
+        self._stage2_group.open_store(is_master=rank == 0, bind_host=bind_host)
         return rank
 
     def stage2_join_group(self) -> None:
         self._stage2_require().join()
+
+    def stage2_peer_ready(self) -> bool:
+        """Has the learner announced itself in the store? (non-blocking)"""
+        return self._stage2_require().peer_ready()
 
     def stage2_receive_bucket(self, specs: list[dict], nbytes: int) -> int:
         """Receive one flat bucket from the learner (the last rank) and load it; returns tensors loaded."""

@@ -3,37 +3,50 @@
 Token ids in, token ids out: prompts are lists of ids (the learner renders and tokenizes), and every
 completion comes back as ids with its finish reason and the weight version that produced it. Image
 prompts (vision-language models) add file paths; `prompt_ids` is then the engine's expanded prompt.
-Unknown fields are rejected, so a misspelled knob is a 422, not a silent default.
+Unknown fields are rejected, so a misspelled knob is a 422, not a silent default. Every number is
+bounded here, before any engine sees it (docs/VLLM.md "Request limits"): integers within the ranges
+below, floats finite; what depends on the served model (token ids < vocab size, prompt + max_tokens
+within max_model_len) is checked by the engine (engine.check_request).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT32_MAX = 2**31 - 1
+INT63_MAX = 2**63 - 1
+MAX_PROMPTS = 4096  # prompts per /infer/ call (a learner sends decode_batch_size × server world per round)
+MAX_JOIN_TIMEOUT_S = 3600.0
+
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # < vocab size is checked by the engine
+Prompt = Annotated[list[TokenId], Field(min_length=1)]
+ImagePath = Annotated[str, Field(min_length=1, max_length=4096)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity are 422s, never reach vLLM
 
 
 class Sampling(_Strict):
     """One request's decoding knobs (vLLM `SamplingParams`); temperature 0 is greedy."""
 
-    max_tokens: int = Field(gt=0)
-    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: int = Field(gt=0, le=INT32_MAX)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # vLLM's own limit
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    seed: Optional[int] = None
+    top_k: int = Field(-1, ge=-1, le=INT32_MAX)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=1000.0)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=1024)
+    seed: Optional[int] = Field(None, ge=0, le=INT63_MAX)
 
 
 class InferRequest(_Strict):
     request_id: str = Field(min_length=1, max_length=200)
-    prompts: list[list[int]] = Field(min_length=1)
-    sampling: list[Sampling] = Field(min_length=1, description="one per prompt, or one for all")
-    expect_weight_version: Optional[int] = Field(None, description="409 when the engine holds another version")
-    images: Optional[list[list[str]]] = Field(
+    prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
+    sampling: list[Sampling] = Field(min_length=1, max_length=MAX_PROMPTS, description="one per prompt, or one for all")
+    expect_weight_version: Optional[int] = Field(None, ge=-INT63_MAX, le=INT63_MAX,
+                                                 description="409 when the engine holds another version")
+    images: Optional[list[list[ImagePath]]] = Field(
         None, description="per prompt, the absolute paths of its images in placeholder order ([] for a text prompt); "
                           "the server reads them from its own filesystem (shared with the learner)")
 
@@ -71,9 +84,9 @@ class Info(_Strict):
 
 
 class TensorMeta(_Strict):
-    name: str
-    dtype: str
-    shape: list[int]
+    name: str = Field(min_length=1, max_length=1000)
+    dtype: str = Field(max_length=32)
+    shape: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(max_length=8)
 
 
 class WeightsSchema(_Strict):
@@ -82,9 +95,9 @@ class WeightsSchema(_Strict):
 
 class InitCommunicatorRequest(_Strict):
     port: int = Field(ge=1024, le=65535)
-    world_size: int = Field(ge=2, description="server world size + 1 (the learner is the last rank)")
+    world_size: int = Field(ge=2, le=65536, description="server world size + 1 (the learner is the last rank)")
     backend: Optional[Literal["gloo", "nccl"]] = None
-    timeout_s: float = Field(240.0, gt=0)
+    timeout_s: float = Field(240.0, gt=0, le=MAX_JOIN_TIMEOUT_S)
 
 
 class InitCommunicatorResponse(_Strict):
@@ -95,8 +108,8 @@ class InitCommunicatorResponse(_Strict):
 
 
 class UpdateWeightsRequest(_Strict):
-    version: int = Field(ge=0)
-    tensors: list[TensorMeta] = Field(min_length=1)
+    version: int = Field(ge=0, le=INT63_MAX)
+    tensors: list[TensorMeta] = Field(min_length=1, max_length=100_000)
     last: bool = False
 
 

@@ -3,13 +3,18 @@
 Reads the SAME resolved profile as the learner (model.model, model.torch_dtype, training.seed and
 every `rollout_matching.vllm.*` knob), so the launcher passes `--profile`/`--set` unchanged. The HTTP
 port is checked before the engines start (a taken port fails in a second, not after a minute of
-engine start-up). uvicorn handles SIGINT/SIGTERM; the DP workers are stopped on the way out.
+engine start-up). uvicorn handles SIGINT/SIGTERM: the first signal also ends every waiting engine
+call (503) at once, in-flight requests get 2 s, and the DP workers are stopped on the way out (a busy
+one is terminated after 3 s), so even a server busy in a long generate exits within 10 s. Security (docs/STAGE2_RUNBOOK.md
+"Security model"): off loopback every endpoint but /health/ needs the token; images are read only
+under the image roots (the profile's data folders plus `--image-root`).
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -32,6 +37,7 @@ class ServeOptions:
     host: str
     port: int | None
     token: str | None
+    image_roots: tuple[str, ...] = ()
 
 
 def is_loopback(host: str) -> bool:
@@ -70,7 +76,7 @@ def check_port_free(host: str, port: int) -> None:
                              "the process holding it)") from None
 
 
-def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int):
+def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int, store_host: str = "127.0.0.1"):
     from toolkit.rollout.backends.vllm_colocate import resolve_dtype
     from toolkit.rollout.server.engine import EngineSpec
 
@@ -79,7 +85,22 @@ def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int):
         raise ServeError("rollout_matching.vllm.max_model_len is not set (fix: --set rollout_matching.vllm.max_model_len=N)")
     vcfg = {**vcfg, "tensor_parallel_size": tp}
     return EngineSpec(model=cfg.model.model, dtype=resolve_dtype(vcfg["dtype"], cfg.model.torch_dtype), vllm=vcfg,
-                      seed=int(cfg.training.seed), dp=dp, tp=tp, device=device, gpus=gpus)
+                      seed=int(cfg.training.seed), dp=dp, tp=tp, device=device, gpus=gpus, store_host=store_host)
+
+
+def data_folders(cfg) -> list[str]:
+    """The profile's data folders: data.image_root and the folders of the records files."""
+    data = cfg.data
+    return [data.image_root] + [os.path.dirname(p) for p in (data.train_jsonl, data.val_jsonl) if p]
+
+
+def resolve_image_roots(cfg, extra: tuple[str, ...]) -> tuple[str, ...]:
+    from toolkit.rollout.server.engine import image_roots
+
+    for root in extra:
+        if not os.path.isdir(root):
+            raise ServeError(f"--image-root {root} is not a directory on this host")
+    return image_roots([*data_folders(cfg), *extra])
 
 
 def default_port(cfg) -> int:
@@ -105,7 +126,8 @@ def run_server(opts: ServeOptions) -> int:
         raise ServeError(str(err)) from None
     port = opts.port or default_port(cfg)
     check_port_free(opts.host, port)
-    spec = build_spec(cfg, device, gpus, opts.dp, opts.tp)
+    spec = build_spec(cfg, device, gpus, opts.dp, opts.tp, store_host=opts.host)
+    roots = resolve_image_roots(cfg, opts.image_roots)
     server_cfg = cfg.rollout_matching_cfg["vllm"]["server"]
 
     import uvicorn
@@ -113,13 +135,37 @@ def run_server(opts: ServeOptions) -> int:
     from toolkit.rollout.server.app import create_app
     from toolkit.rollout.server.engine import DPEngine
 
-    engine = DPEngine(spec)
+    engine = DPEngine(spec, image_roots=roots)
     log.info("starting %d DP worker(s) × TP %d on %s for %s", opts.dp, opts.tp, opts.gpus, spec.model)
+    log.info("image roots (images are read only under these): %s", ", ".join(roots) or "none")
     engine.start()
     try:
-        app = create_app(engine, token=token, timeout_s=server_cfg["timeout_s"], infer_timeout_s=server_cfg["infer_timeout_s"])
+        app = create_app(engine, token=token, timeout_s=server_cfg["timeout_s"], infer_timeout_s=server_cfg["infer_timeout_s"],
+                         token_for_all=not is_loopback(opts.host))
         log.info("serving on http://%s:%d (world size %d)", opts.host, port, engine.world_size())
-        uvicorn.Server(uvicorn.Config(app, host=opts.host, port=port, log_level="warning", access_log=False)).run()
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # uvicorn re-raises it after its shutdown: exit via finally
+        serve_http(app, engine, opts.host, port)
     finally:
         engine.close()
     return 0
+
+
+def _exit_on_sigterm(_sig, _frame):
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+GRACE_S = 2  # seconds in-flight requests get after SIGTERM
+
+
+def serve_http(app, engine, host: str, port: int) -> None:
+    """uvicorn until SIGINT/SIGTERM; the exit signal also ends the engine's waiting calls, since a handler
+    thread blocked on a busy worker would otherwise keep the process alive until its timeout."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.begin_close()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=GRACE_S)).run()
