@@ -97,14 +97,38 @@ def test_request_id_is_idempotent():
     assert eng.calls["infer"] == 1
 
 
+class BlockingEngine(EchoEngine):
+    """An engine whose calls block until the test releases them (at most `HOLD_S`, then they answer
+    normally): only the app's own asyncio.wait_for can turn such a call into a 504."""
+
+    HOLD_S = 60.0
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def infer(self, prompts, sampling, expect_version, timeout_s):
+        self.release.wait(self.HOLD_S)
+        return super().infer(prompts, sampling, expect_version, timeout_s)
+
+    def reset_prefix_cache(self, timeout_s):
+        self.release.wait(self.HOLD_S)
+        return self.version
+
+
 def test_server_side_timeout_is_504():
-    eng = EchoEngine()
-    eng.delay_s = 1.0
-    c = TestClient(create_app(eng, infer_timeout_s=0.01))
-    # the handler waits infer_timeout_s + 5 s of slack; the engine gets infer_timeout_s itself
-    eng.fail_infer = [errors.Timeout("dp rank 0 did not answer generate within 0.01 s")]
-    r = c.post("/infer/", json=INFER)
-    assert r.status_code == 504 and "did not answer" in r.json()["detail"]
+    """The engine never raises: the 504 must come from the app's own timeout (the handler's wait_for)."""
+    eng = BlockingEngine()
+    c = TestClient(create_app(eng, timeout_s=0.2, infer_timeout_s=0.01))
+    try:
+        r = c.post("/reset_prefix_cache/")
+        assert r.status_code == 504 and r.json() == {"detail": "reset_prefix_cache did not finish within 0.2 s",
+                                                     "error": "Timeout"}
+        # /infer/ waits the engine's own infer timeout plus 5 s of slack before giving up
+        r = c.post("/infer/", json=INFER)
+        assert r.status_code == 504 and r.json()["detail"] == "infer did not finish within 5.01 s"
+    finally:
+        eng.release.set()
 
 
 def test_token_guards_weight_endpoints_only():
