@@ -61,6 +61,56 @@ def test_overlap_gives_the_serial_segments_packs_and_update(report):
     assert a["moved"] > 5e-5  # the steps trained (lr 1e-4), so equal params mean something
 
 
+def peel(pack: list[int], segments: list[list[int]]) -> list[list[int]] | None:
+    """The segments `pack` concatenates (in some order), or None if it is not a concatenation of them."""
+    if not pack:
+        return []
+    for i, seg in enumerate(segments):
+        if seg and pack[: len(seg)] == seg:
+            rest = peel(pack[len(seg):], segments[:i] + segments[i + 1:])
+            if rest is not None:
+                return [seg, *rest]
+    return None
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("mode", ["overlap", "serial"])
+def test_each_step_accumulates_every_segment_once_and_steps_at_the_flush(report, mode):
+    """Checked directly on the trainer (not only overlap against serial): within a step no optimizer step
+    runs and no parameter moves between backward_packs calls; the last call (the flush of what rounds
+    carried) is the only `last` one; the step's packs hold each of its segments exactly once; the weights
+    add up to the step's segments over its raw samples; exactly one optimizer step per trainer step."""
+    run = report[mode]
+    assert run["optimizer_steps"] == 2
+    for step in range(2):
+        calls = [c for c in run["calls"] if c["optimizer_steps_before"] == step]
+        assert [c["last"] for c in calls] == [False] * (len(calls) - 1) + [True]
+        assert all(c["params_unchanged"] for c in calls)
+        segments = [seg[1] for rnd in run["rounds"][4 * step: 4 * step + 4] for seg in rnd]
+        left = list(segments)
+        for pack in (p for c in calls for p in c["packs"]):
+            used = peel(pack, left)
+            assert used is not None, f"step {step}: a pack is not made of this step's untrained segments"
+            for seg in used:
+                left.remove(seg)
+        assert left == [], f"step {step}: {len(left)} segment(s) never trained (lost at the flush?)"
+        m = run["metrics"][step]
+        weights = sum(w for c in calls for w in c["weights"])
+        assert weights == pytest.approx(m["stage2/segments"] / m["stage2/raw_samples"], abs=1e-12)
+
+
+@pytest.mark.vllm
+def test_trainer_weight_sync_reaches_the_server(report):
+    """After training (and a move of the learner's weights that changes its greedy output), the trainer's own
+    backend pushes its weights (version STEPS + 1) before decoding: the server reports that version, and its
+    greedy rollouts equal an HF copy of the learner's current weights."""
+    sync = report["overlap"]["sync"]
+    assert sync["greedy"]
+    assert sync["server_version"] == 3 and sync["rollout_versions"] == [3]
+    assert sync["reference"] != sync["trained"]  # the prompts tell the old weights from the new
+    assert sync["served"] == sync["reference"]
+
+
 @pytest.mark.vllm
 def test_producer_thread_calls_no_collective(report):
     assert report["collective_threads"] == ["MainThread"]
