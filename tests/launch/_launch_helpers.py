@@ -123,7 +123,7 @@ class TreeWatch:
     workers), and parent links break once a process dies (its children are re-parented), so the tree is
     followed live: a process joins when its parent is the root or any process already recorded, and stays
     recorded (pid + start time) after it is orphaned. `alive()` lists the recorded ones still running.
-    Processes born and gone between two polls (0.1 s) are missed; they are gone anyway.
+    Processes born and gone between two polls (0.2 s) are missed; they are gone anyway.
     """
 
     def __init__(self, root: int):
@@ -136,7 +136,7 @@ class TreeWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(0.2):
             self._poll()
 
     def _poll(self) -> None:
