@@ -48,9 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, resume: str | None = None,
+                 timeout: int = 900) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", *train_argv(profile, out, *sets)]  # torchrun's own -m: run a module
+    argv += ["--resume", resume] if resume else []
     proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

@@ -47,6 +47,30 @@ def test_resume_reproduces_the_straight_run(tiny, tmp_path):
     assert a[1]["rollout/gen_new_tokens"] == b[1]["rollout/gen_new_tokens"]
 
 
+@pytest.mark.dist
+def test_two_rank_resume_with_uneven_packs_reproduces_the_straight_run(tiny, tmp_path):
+    """2 ranks, packs of ≤ 256 tokens so the ranks pack their samples into different numbers of packs (the
+    short rank runs zero-weight padding packs): 4 steps straight == 2 steps + --resume auto + 2 steps."""
+    common = _sets(tiny, "training.lr_scheduler_type=constant", "training.save_steps=2", "training.eval_strategy=no",
+                   "global_max_length=256")
+    straight = run_torchrun(2, "smoke/ab_mixed", tmp_path / "a", *common, "training.max_steps=4")
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    half = run_torchrun(2, "smoke/ab_mixed", tmp_path / "b", *common, "training.max_steps=2")
+    assert half.returncode == 0, half.stdout[-3000:]
+    rest = run_torchrun(2, "smoke/ab_mixed", tmp_path / "b", *common, "training.max_steps=4", resume="auto")
+    assert rest.returncode == 0, rest.stdout[-3000:]
+    assert "resumed from" in rest.stdout
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    # uneven packs before and after the resume point (a rank with fewer packs pads)
+    assert any(r["packing/padding_packs"] > 0 for r in a[:2]) and any(r["packing/padding_packs"] > 0 for r in a[2:])
+    for ra, rb in zip(a, b):
+        for key in ("loss/total", "train/grad_norm"):
+            assert abs(ra[key] - rb[key]) <= 1e-6, (ra["step"], key, ra[key], rb[key])
+        for key in ("stage2/sample_digest", "packing/packs", "packing/padding_packs", "stage2/segments"):
+            assert ra[key] == rb[key], (ra["step"], key)
+
+
 def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
     res = run_torchrun(2, "smoke/ab_mixed", tmp_path, *_sets(tiny, "training.max_steps=2", "training.save_steps=2",
                                                               "training.eval_steps=2", "rollout_matching.monitor_dump.enabled=true",

@@ -1,6 +1,7 @@
 """Run one launch through the real planner and supervisor, with the rollout server swapped for the
-stand-in (tests/launch/standin_server.py), so the tests can provoke server faults. Everything else —
-the learner command (torchrun + toolkit.train), envs, logs, signals, cleanup — is the real thing.
+stand-in (tests/launch/standin_server.py) for the faults a real server cannot be made to show, or
+kept real with `"standin_mode": "real"`. Everything else — the learner command (torchrun +
+toolkit.train), envs, logs, signals, cleanup — is the real thing.
 
     python tests/launch/_drive.py '{"profile": "smoke/a_only", "sets": [...], "flags": {"gpus": "cpu"},
                                     "standin_mode": "never_healthy", "health_timeout": 3}'
@@ -28,7 +29,7 @@ def main() -> int:
                                    stop_timeout=spec.get("stop_timeout", 120.0))
     launch_cmd._setup_logging()
     lp = launch_cmd.plan_launch(req, dict(os.environ))
-    for server in lp.plan.servers:
+    for server in lp.plan.servers if spec.get("standin_mode") != "real" else ():
         argv = server.process.argv
         assert argv[1:3] == ["-m", "toolkit.rollout.server"], argv
         server.process.argv = [argv[0], STANDIN, *argv[3:]]

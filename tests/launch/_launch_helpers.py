@@ -102,6 +102,75 @@ def rank_pids(marker: str, launcher_pgid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a live pid, or None: the pair names a process
+    even after its pid is reused."""
+    f = _stat_fields(str(pid))
+    return (f[0], int(f[19])) if f and len(f) > 19 else None
+
+
+class TreeWatch:
+    """Every process that descends from `root`, recorded by polling /proc from a thread while the test runs.
+
+    Command-line markers miss processes that do not name the test's paths (vLLM's engine and data-parallel
+    workers), and parent links break once a process dies (its children are re-parented), so the tree is
+    followed live: a process joins when its parent is the root or any process already recorded, and stays
+    recorded (pid + start time) after it is orphaned. `alive()` lists the recorded ones still running.
+    Processes born and gone between two polls (0.2 s) are missed; they are gone anyway.
+    """
+
+    def __init__(self, root: int):
+        self.root = root
+        self.seen: dict[int, int] = {}  # pid -> start time
+        self.cmdlines: dict[int, str] = {}  # pid -> command line when first seen
+        self._stop = threading.Event()
+        self._poll()
+        self._thread = threading.Thread(target=self._run, name="tree-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._poll()
+
+    def _poll(self) -> None:
+        parents = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            f = _stat_fields(pid)
+            if f and len(f) > 19:
+                parents[int(pid)] = (int(f[1]), int(f[19]))
+        grew = True
+        while grew:  # a whole new chain (child of a child) joins in one poll
+            grew = False
+            for pid, (ppid, start) in parents.items():
+                if pid not in self.seen and (ppid == self.root or ppid in self.seen):
+                    self.seen[pid] = start
+                    self.cmdlines[pid] = _cmdline(pid)
+                    grew = True
+
+    def alive(self) -> list[int]:
+        """Recorded descendants still running (not zombies), the same processes (start time checked)."""
+        out = []
+        for pid, start in self.seen.items():
+            now = _start_time(pid)
+            if now and now[0] != "Z" and now[1] == start:
+                out.append(pid)
+        return sorted(out)
+
+    def describe(self, pids) -> dict[int, str]:
+        return {pid: self.cmdlines.get(pid, "")[:200] for pid in pids}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def wait_until(predicate, timeout: float, step: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,6 +195,12 @@ class Proc:
                          for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
         for t in self._threads:
             t.start()
+        self.tree = TreeWatch(self.proc.pid)  # every descendant, for the orphan checks and the cleanup
+
+    def left_behind(self, timeout: float) -> list[int]:
+        """Descendants still running after `timeout` s of waiting for them to go ([] = none left)."""
+        wait_until(lambda: not self.tree.alive(), timeout)
+        return self.tree.alive()
 
     @staticmethod
     def _drain(stream, buf: list[str]) -> None:
@@ -159,10 +234,17 @@ class Proc:
         return code
 
     def kill_group(self) -> None:
+        """Teardown: SIGKILL the group and every recorded descendant still running."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in self.tree.alive():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.tree.stop()
         try:
             self.wait(timeout=10)
         except subprocess.TimeoutExpired:

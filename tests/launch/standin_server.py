@@ -2,12 +2,14 @@
 
 It takes the real server's command line (--profile --gpus --dp --tp --host --port [--set ...]) and
 speaks the read-only part of the protocol (GET /health/, /get_world_size/, /info/), so the launcher
-can start, probe and stop it exactly like the real server. It exists to provoke process faults the
-real server does not produce on demand: never becoming healthy, dying mid-run, a wrong world size.
+can start, probe and stop it exactly like the real server. It exists ONLY for faults the real server
+cannot be made to show: never becoming healthy, a world size other than the one the launcher started
+it with, ignoring SIGTERM. (A server exiting at start-up and one dying mid-run are provoked on the
+real server: a corrupt checkpoint, SIGKILL to its process group; see test_supervisor.py.)
 STANDIN_MODE selects the fault:
-    ok                healthy at once; world size = dp × tp
+    ok                healthy at once; world size = dp × tp (the fake-srun server step of
+                      test_sbatch_scripts.py, which checks command lines, not serving)
     never_healthy     /health/ answers 503 forever
-    die_after:S       healthy, then exits with code 3 after S seconds
     world_size:N      healthy, but /get_world_size/ says N
     ignore_term       healthy, and ignores SIGTERM (the supervisor must SIGKILL it)
 Stdlib only; starts in well under a second.
@@ -19,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -52,8 +53,6 @@ def main() -> None:
             sys.stderr.write("standin: " + fmt % a + "\n")
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
-    if mode == "die_after":
-        threading.Timer(float(value), lambda: os._exit(3)).start()
     if mode == "ignore_term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(f"standin server ({mode}) on {args.host}:{args.port} argv={sys.argv[1:]}", flush=True)

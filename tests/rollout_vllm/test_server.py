@@ -13,7 +13,9 @@ import torch
 
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
-from toolkit.rollout.backends.vllm_server import ServerClient, StaleWeightsError, VLLMServerBackend, WeightSyncError
+from toolkit.rollout.backends.vllm_server import (
+    RolloutServerError, ServerClient, StaleWeightsError, VLLMServerBackend, WeightSyncError,
+)
 from _vllm_helpers import EOS
 
 pytestmark = pytest.mark.vllm
@@ -119,3 +121,45 @@ def test_name_mismatch_listed_before_any_transfer(server, learner):
                                       weights=renamed)
     msg = str(err.value)
     assert server.url in msg and "not sent by the learner: model.layers.0." in msg and "model.decoder.layers.0." in msg
+
+
+def test_bad_requests_are_422_and_400_naming_the_field(server):
+    """Request validation (422) and the engine's own length check (400) on the real engine."""
+    base = {"request_id": "bad-0", "prompts": [[1, 2, 3]], "sampling": [{"max_tokens": 2}]}
+    zero = requests.post(server.url + "/infer/", json={**base, "sampling": [{"max_tokens": 0}]}, timeout=30)
+    assert zero.status_code == 422 and "max_tokens" in zero.text
+    bogus = requests.post(server.url + "/infer/", json={**base, "request_id": "bad-1", "bogus": 1}, timeout=30)
+    assert bogus.status_code == 422 and "bogus" in bogus.text
+    client = ServerClient(server.url, 0, timeout_s=10, infer_timeout_s=60)
+    with pytest.raises(RolloutServerError) as err:
+        client.infer("bad-2", [[1] * 1100], [{"max_tokens": 2}], None)
+    assert err.value.status == 400 and "prompt 0 has 1100 tokens; max_model_len is 1024" in str(err.value)
+    assert err.value.url == server.url + "/infer/"
+
+
+def test_request_id_is_idempotent_on_the_real_engine(server):
+    """Sampled decoding without a seed differs call to call; the same request id returns the first answer."""
+    sampling = [{"max_tokens": 24, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": None}] * 3
+    prompts = [[1, 5, 6], [1, 9], [1, 42, 43]]
+
+    def infer(request_id):
+        r = requests.post(server.url + "/infer/", json={"request_id": request_id, "prompts": prompts, "sampling": sampling},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        return [o["completion_ids"] for o in r.json()["outputs"]]
+
+    first = infer("idem-1")
+    assert infer("idem-1") == first  # the cached answer, not a new decode
+    assert infer("idem-2") != first  # a new id decodes again (and samples differently)
+
+
+def test_rounds_and_caps_on_the_real_server(server):
+    """Learner rank 1 of 2, decode_batch_size 3, server world 2: 3 requests per round → rounds of 3, 3, 1,
+    answers back in prompt order. The client is spied on (wrapped), never replaced."""
+    client = ServerClient(server.url, 0, timeout_s=30, infer_timeout_s=120)
+    sent, infer = [], client.infer
+    client.infer = lambda request_id, prompts, *a, **kw: (sent.append(len(prompts)), infer(request_id, prompts, *a, **kw))[1]
+    backend = VLLMServerBackend([client], settings(dbs=3), eos_id=EOS, rank=1, world_size=2)
+    assert (backend.chunk, backend.caps) == (3, [3])
+    out = backend.generate(PROMPTS, step=0)
+    assert sent == [3, 3, 1] and [r.prompt_ids for r in out] == PROMPTS
