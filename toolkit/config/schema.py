@@ -58,8 +58,10 @@ DATA = Section("Training and validation records.", {
 
 TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "run_name": Key(Str(), "Run identity used in logs and metrics."),
-    "output_dir": Key(Str(), "Checkpoints and resolved_config.yaml; relative to the project root."),
-    "logging_dir": Key(Str(), "TensorBoard and metrics.jsonl directory; relative to the project root."),
+    "output_dir": Key(Str(), "The run's folder: resolved_config.yaml, metrics.jsonl, checkpoints/, tb/, logs/ "
+                      "(toolkit/runlayout.py); relative to the project root. One run per folder."),
+    "logging_dir": Key(Nullable(Str(), "<output_dir>/tb"), "TensorBoard directory; relative to the project root; "
+                       "null follows output_dir.", None),
     "seed": Key(Int(), "Global seed (data order, init, sampling).", 17),
     "learning_rate": Key(POS_FLOAT, "Learning rate of the language model parameters."),
     "vit_lr": Key(Nullable(NONNEG_FLOAT, "= learning_rate"), "Learning rate of the vision tower.", None),
