@@ -106,12 +106,14 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None, 
     except ModuleNotFoundError as err:
         raise click.ClickException(f"{err}: {VENV_HINT}") from None
     from toolkit.preflight import PreflightError
+    from toolkit.rollout.backends.vllm_server import RolloutServerError  # requests only, no vLLM
     from toolkit.runlayout import RunFolderError
 
     setup_logging()
     try:
         code = run(profile, overrides, resume, overwrite)
-    except (ConfigError, RecordError, FileNotFoundError, RunFolderError, PreflightError) as err:
+    except (ConfigError, RecordError, FileNotFoundError, RunFolderError, PreflightError, RolloutServerError) as err:
+        # Errors a user fixes from the message alone (it names the file/key/server and the fix): no traceback.
         raise click.ClickException(str(err)) from None
     sys.exit(code)
 

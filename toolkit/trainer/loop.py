@@ -9,6 +9,7 @@ server round at a time (one pack-count all-reduce per round, same on every rank)
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 import zlib
@@ -201,6 +202,7 @@ class Stage2Trainer:
             if rm["vllm"]["mode"] == "server":
                 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
+                self._wait_for_servers(rm["vllm"]["server"])
                 return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
                                                      device=str(self.device), **common)
             from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
@@ -214,6 +216,32 @@ class Stage2Trainer:
             object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
             vision=self.vision,
         )
+
+    def _wait_for_servers(self, srv: dict) -> None:
+        """Server mode: say what the run waits for and where, show the wait, fail with one message."""
+        from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
+
+        total, every = float(srv["timeout_s"]), 15.0
+        urls = [s["base_url"] for s in srv["servers"]]
+        if self.dist.rank == 0:
+            log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
+                     "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
+                     "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
+                     "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
+        t0 = time.monotonic()
+        for url in urls:
+            client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
+            while True:
+                left = total - (time.monotonic() - t0)
+                try:
+                    client.wait_healthy(total_timeout_s=max(1.0, min(every, left)))
+                    break
+                except ServerUnavailableError as exc:
+                    if left <= every:  # the message names the whole wait, not the last poll
+                        raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
+                                                     url=exc.url) from None
+                    if self.dist.rank == 0:
+                        log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)
 
     def _maybe_resume(self) -> None:
         path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)

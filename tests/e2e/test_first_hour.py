@@ -1,0 +1,76 @@
+"""What a new user meets in the first hour: messages, not tracebacks, through the installed commands."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _e2e_runs import ROOT, env, free_port
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def stage2(*args: str, tool: str = "stage2", extra_env: dict | None = None, timeout: int = 300):
+    e = {**env(), **(extra_env or {})}
+    return subprocess.run([str(BIN / tool), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_takes_dash_p_and_a_typo_gets_did_you_mean():
+    assert "--profile, -p" in stage2("train", "--help").stdout or "-p, --profile" in stage2("train", "--help").stdout
+    typo = stage2("trian")
+    assert typo.returncode == 2 and "Did you mean 'train'?" in typo.stderr
+
+
+def test_completion_offers_profile_names_and_set_keys():
+    words = {"COMP_WORDS": "stage2 train -p smoke/ab", "COMP_CWORD": "3", "_STAGE2_COMPLETE": "bash_complete"}
+    assert "plain,smoke/ab_mixed" in stage2(extra_env=words).stdout.splitlines()
+    words = {"COMP_WORDS": "stage2 config --set training.max_st", "COMP_CWORD": "3", "_STAGE2_COMPLETE": "bash_complete"}
+    assert stage2(extra_env=words).stdout.splitlines() == ["plain,training.max_steps="]
+
+
+def test_a_missing_model_folder_or_records_file_stops_before_anything_starts(tmp_path):
+    res = stage2("train", "-p", "smoke/a_only", "--set", f"model.model={tmp_path}/no/model",
+                 "--set", f"data.train_jsonl={tmp_path}/none.jsonl", "--set", f"training.output_dir={tmp_path}/run")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"model.model: no folder {tmp_path}/no/model" in res.stderr and f"no file {tmp_path}/none.jsonl" in res.stderr
+    launch = stage2("-p", "prod/ab_mixed", "--gpus", "cpu", "--set", f"training.output_dir={tmp_path}/run",
+                    tool="stage2-launch")
+    assert launch.returncode == 1 and "model.model: no folder /models/" in launch.stderr
+    assert not (tmp_path / "run" / "logs").exists()  # no server was started
+
+
+def test_launch_refuses_gpu_ids_on_a_machine_without_gpus(tmp_path):
+    if Path("/proc/driver/nvidia/gpus").is_dir():
+        pytest.skip("this machine has NVIDIA GPUs")
+    e = {k: v for k, v in env().items() if k != "CUDA_VISIBLE_DEVICES"}
+    res = subprocess.run([str(BIN / "stage2-launch"), "-p", "smoke/ab_mixed", "--gpus", "0,1", "--set",
+                          f"training.output_dir={tmp_path}"], cwd=ROOT, env={**e, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "no visible NVIDIA GPU" in res.stderr and "--gpus cpu" in res.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_server_mode_says_what_it_waits_for_and_fails_with_the_message_alone(tmp_path):
+    port = free_port()
+    res = stage2("train", "-p", "smoke/b_only", "--set", "rollout_matching.rollout_backend=vllm",
+                 "--set", f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: 51999}}]",
+                 "--set", "rollout_matching.vllm.server.timeout_s=20", "--set", f"training.output_dir={tmp_path}")
+    assert res.returncode == 1
+    assert f"rollouts come from http://127.0.0.1:{port}; waiting up to 20 s for /health/" in res.stderr
+    assert "stage2 serve" in res.stderr and "still waiting for" in res.stderr
+    assert f"Error: rollout server http://127.0.0.1:{port} is not healthy after 20 s" in res.stderr
+    assert "Traceback" not in res.stderr and "[rank0]:" not in res.stderr
+
+
+def test_outside_the_venv_the_entry_point_says_which_python_to_use():
+    system = "/usr/bin/python3"
+    if not os.path.exists(system) or subprocess.run([system, "-c", "import voluptuous"]).returncode == 0:
+        pytest.skip("needs a python3 without the project's packages")
+    res = subprocess.run([system, "-m", "toolkit.train", "--profile", "smoke/a_only"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "No module named" in res.stderr and ".venv/bin/python -m toolkit.train" in res.stderr
