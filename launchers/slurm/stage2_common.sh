@@ -20,6 +20,11 @@ stage2_cd_repo() {
     cd "${STAGE2_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}" || { stage2_log "cannot cd to the repo"; exit 1; }
     STAGE2_LAUNCH=${STAGE2_LAUNCH:-stage2-launch}
     STAGE2_PYTHON=${STAGE2_PYTHON:-python}
+    if ! command -v "${STAGE2_LAUNCH%% *}" >/dev/null 2>&1; then
+        stage2_log "'$STAGE2_LAUNCH' is not on PATH: activate the project's venv before sbatch" \
+            "(source $PWD/.venv/bin/activate; sbatch exports your environment) or set STAGE2_LAUNCH=$PWD/.venv/bin/stage2-launch"
+        exit 1
+    fi
     stage2_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s), repo $PWD"
 }
 

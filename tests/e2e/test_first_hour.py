@@ -74,3 +74,18 @@ def test_outside_the_venv_the_entry_point_says_which_python_to_use():
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "No module named" in res.stderr and ".venv/bin/python -m toolkit.train" in res.stderr
+
+
+def test_the_sbatch_wrapper_without_stage2_launch_on_path_says_which_venv_to_activate(tmp_path):
+    script = f"source {ROOT}/launchers/slurm/stage2_common.sh; stage2_cd_repo; echo reached"
+    e = {"PATH": "/usr/bin:/bin", "STAGE2_REPO": str(ROOT), "HOME": str(tmp_path)}
+    res = subprocess.run(["bash", "-c", script], env=e, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "reached" not in res.stdout
+    assert f"source {ROOT}/.venv/bin/activate" in res.stderr and "'stage2-launch' is not on PATH" in res.stderr
+
+
+def test_a_partial_asset_build_into_an_empty_folder_names_the_missing_part(tmp_path):
+    res = subprocess.run([sys.executable, "assets/build_assets.py", "--only", "vlm_model", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "vlm_model needs the tokenizer part first" in res.stderr and "--only tokenizer,vlm_model" in res.stderr

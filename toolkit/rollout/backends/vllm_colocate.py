@@ -201,6 +201,19 @@ def ensure_process_group() -> tuple[int, int]:
     return rank, world
 
 
+class _ChatWarmupNote(logging.Filter):
+    """vLLM renders a text-only "warmup" chat at start-up and logs a traceback when a model's template
+    (ours need the detector's prompt layout) rejects it. Harmless here: rollouts hand vLLM token ids and
+    never use its chat renderer, so the traceback becomes one explained line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Chat template warmup failed"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "Chat template warmup failed (harmless: rollouts send token ids, vLLM's chat renderer is unused)",
+                (), None, None)
+        return True
+
+
 def create_llm(kwargs: dict, *, on_cpu: bool):
     """Build `vllm.LLM(**kwargs)` without disturbing the caller: torch's RNG is restored afterwards
     (vLLM reseeds the global generator during start-up)."""
@@ -209,6 +222,8 @@ def create_llm(kwargs: dict, *, on_cpu: bool):
     if on_cpu:
         patch_cpu_gemm()
     from vllm import LLM
+
+    logging.getLogger("vllm.renderers.base").addFilter(_ChatWarmupNote())
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
