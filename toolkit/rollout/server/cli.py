@@ -24,7 +24,7 @@ import click
               help="Bearer token required by weight-changing endpoints.")
 def serve_command(profile: str, sets: tuple[str, ...], gpus: str, dp: int, tp: int, host: str, port: int | None,
                   token: str | None) -> None:
-    """Serve vLLM rollouts over HTTP for server-mode learners (DESIGN §6; docs/VLLM.md).
+    """Serve vLLM rollouts over HTTP for server-mode learners (docs/VLLM.md).
 
     \b
     Examples:
