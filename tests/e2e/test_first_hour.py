@@ -89,3 +89,24 @@ def test_a_partial_asset_build_into_an_empty_folder_names_the_missing_part(tmp_p
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "vlm_model needs the tokenizer part first" in res.stderr and "--only tokenizer,vlm_model" in res.stderr
+
+
+def test_launch_checks_the_run_folder_before_starting_anything_and_overwrite_moves_it(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    sets = ["--set", f"training.output_dir={out}", "--set", "training.max_steps=1", "--set", "training.eval_strategy=no"]
+    taken = stage2("-p", "smoke/a_only", "--gpus", "cpu", *sets, tool="stage2-launch")
+    assert taken.returncode == 1 and "already holds another run" in taken.stderr and "--overwrite" in taken.stderr
+    assert not (out / "logs").exists()  # refused before any process started
+    dry = stage2("-p", "smoke/a_only", "--gpus", "cpu", *sets, "--overwrite", "--dry-run", tool="stage2-launch")
+    assert json.loads(dry.stdout)["run_folder"] == [f"--overwrite: would move {out} aside"]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # a dry run moves nothing
+    run = stage2("-p", "smoke/a_only", "--gpus", "cpu", *sets, "--overwrite", tool="stage2-launch", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    moved = list(tmp_path.glob("run.old-*"))
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert "(newest step-000001)" in run.stderr

@@ -31,6 +31,10 @@ def test_a_run_owns_its_folder_and_extending_it_continues_the_schedule(tiny, tmp
     assert first.returncode == 0, first.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert (out / "resolved_config.yaml").read_text().startswith("# resolved from: ")
+    # checkpoint lines name the real DeepSpeed tag and say plainly that nothing was evaluated
+    assert f"saved DeepSpeed checkpoint {out}/checkpoints/step-000002/ds/global_step2" in first.stderr
+    assert f"checkpoint written: {out}/checkpoints/step-000002 (no rollout/f1 measured yet)" in first.stderr
+    assert "None" not in "".join(line for line in first.stderr.splitlines() if "checkpoint written" in line)
 
     again = run_train("smoke/a_only", out, *_sets(tiny, "training.max_steps=2"))
     assert again.returncode == 1 and "Traceback" not in again.stderr

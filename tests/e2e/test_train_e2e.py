@@ -57,6 +57,8 @@ def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
     assert all(r["stage2/raw_samples"] == 8 for r in rows)  # E=8 over 2 ranks: 4 each, summed once per step
     assert "eval_rollout/f1" in rows[-1]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    # the best metric is named as logged: the eval's value, not the training batch's rollout/f1
+    assert f"(best eval_rollout/f1={rows[-1]['eval_rollout/f1']:.4g} at step 2)" in res.stdout
     # rank 0 dumps its Channel-B samples (step 2 is the only B step): rollout, target, supervised tokens
     dump = [json.loads(line) for line in (tmp_path / "monitor_dumps" / "step_000002.jsonl").read_text().splitlines()]
     assert len(dump) == 2 and all("rollout" in d and ("target_supervised" in d or "dropped" in d) for d in dump)
