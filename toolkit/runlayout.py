@@ -189,7 +189,8 @@ def _check_same_config(out: Path, new_config: Mapping, strict: bool) -> list[str
     if old is None:
         return [f"{out / RESOLVED_CONFIG} is missing: cannot check that the run being resumed had this config"]
     diffs = config_differences(old, new_config)
-    bad = [d for d in diffs if strict and not _may_change(d[0])]
+    # A key the old file lacks is one a newer toolkit added (with its default): noted, not refused.
+    bad = [d for d in diffs if strict and not _may_change(d[0]) and type(d[1]) is not object]
     if bad:
         listed = "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, a, b in bad)
         raise RunFolderError(

@@ -71,6 +71,8 @@ def test_resume_auto_continues_only_a_run_with_the_same_config(tmp_path):
     # an explicit checkpoint of this folder continues whatever differs, saying what
     ckpt = str(runlayout.checkpoint_dir(out, 2))
     assert claim_run_folder(out, other, resume=ckpt) == ["resume: training.learning_rate changed 0.0001 → 0.001"]
+    newer = {**CONFIG, "training": {**CONFIG["training"], "new_key": 1}}  # a key a newer toolkit added
+    assert claim_run_folder(out, newer, resume="auto") == ["resume: training.new_key changed (absent) → 1"]
     with pytest.raises(RunFolderError, match="pass only one"):
         claim_run_folder(out, CONFIG, resume="auto", overwrite=True)
 
