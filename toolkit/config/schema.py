@@ -86,7 +86,8 @@ TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "save_strategy": Key(Enum("no", "steps"), "Save checkpoints every save_steps, or never.", "steps"),
     "save_steps": Key(POS_INT, "Optimizer steps between checkpoints.", 500),
     "save_total_limit": Key(Nullable(POS_INT, "keep all"), "Keep at most N checkpoints.", None),
-    "metric_for_best_model": Key(Str(), "Metric that ranks checkpoints (group/name).", "rollout/f1"),
+    "metric_for_best_model": Key(Str(), "Metric that ranks checkpoints (group/name); with a rollout eval "
+                                  "configured, its eval_ value on checkpoints taken at an eval step.", "rollout/f1"),
     "greater_is_better": Key(Bool(), "Whether a larger metric_for_best_model is better.", True),
     "packing": Key(Bool(), "Pack teacher-forced segments into global_max_length sequences.", True),
     "packing_buffer": Key(POS_INT, "Most segments one rank may hold for post-rollout packing in one step "

@@ -449,10 +449,11 @@ class Stage2Trainer:
         self.engine.export_hf(path / "hf", tokenizer=self.tok)
         if self.dist.rank == 0:
             copy_support_files(self.cfg.model.model, path / "hf")
-        # The rollout eval's value when this step evaluated, else the training-batch value; named as logged.
-        key = next((k for k in ("eval_" + tr.metric_for_best_model, tr.metric_for_best_model) if k in metrics), None)
-        if key is not None and self.state.metric_name.startswith("eval_") and key != self.state.metric_name:
-            key = None  # never rank a training-batch value against an eval one
+        # With a rollout eval configured only its values rank checkpoints (a checkpoint taken between evals
+        # does not); without one, the training batch's value does. Named as logged.
+        evaluates = tr.eval_strategy == "steps" and bool(self.val_set)
+        key = ("eval_" if evaluates else "") + tr.metric_for_best_model
+        key = key if key in metrics else None
         if key is not None:
             score = float(metrics[key])
             if self.state.improved(score, tr.greater_is_better):
