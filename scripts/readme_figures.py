@@ -57,13 +57,18 @@ def demo_figures(metrics: list[dict]) -> dict:
 
 
 def b_only_figures(metrics: list[dict]) -> dict:
-    """The B-hot collapse signature: valid JSON falls, predicted objects per GT rise, precision falls."""
+    """The B-hot collapse signature: eval valid JSON falls (first → last eval), training rollouts' predicted
+    objects per GT rise (Σ rollout/pred_objects / Σ rollout/gt_objects over the first vs the last 20 steps),
+    eval precision falls."""
     evals = [r for r in metrics if "eval_rollout/f1" in r]
     first, last = evals[0], evals[-1]
-    ratio = lambda r: r["eval_rollout/pred_objects"] / r["eval_rollout/gt_objects"]  # noqa: E731
+
+    def per_gt(window: list[dict]) -> float:
+        return round(sum(r["rollout/pred_objects"] for r in window) / sum(r["rollout/gt_objects"] for r in window), 2)
+
     return {
         "valid_json": [round(first["eval_rollout/valid_json_rate"], 2), round(last["eval_rollout/valid_json_rate"], 2)],
-        "pred_per_gt": [round(ratio(first), 2), round(ratio(last), 2)],
+        "pred_per_gt": [per_gt(metrics[:20]), per_gt(metrics[-20:])],
         "precision": [round(first["eval_rollout/precision"], 2), round(last["eval_rollout/precision"], 2)],
     }
 
