@@ -193,6 +193,7 @@ def check_gpus_exist(topo: topology.Topology, env: Mapping[str, str]) -> None:
 def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
     done = runlayout.complete_checkpoints(lp.output_dir)
     newest = f" (newest {done[-1].name})" if done else " (none complete)"
+    reason = reason.split("\n", 1)[0]  # a failure's log tail was printed with the error already
     return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / 'logs'}; "
             f"checkpoints: {lp.output_dir / 'checkpoints'}{newest}")
 

@@ -110,3 +110,13 @@ def test_launch_checks_the_run_folder_before_starting_anything_and_overwrite_mov
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert "(newest step-000001)" in run.stderr
+
+
+def test_the_launch_summary_does_not_repeat_a_failures_log_tail(tmp_path):
+    from types import SimpleNamespace
+
+    from launchers.launch_cmd import summary_line
+
+    reason = f"server0 exited with code 1 before becoming healthy; see {tmp_path}/logs/server0.log\n  last lines of the log:\n    OSError: Repo id"
+    line = summary_line(SimpleNamespace(output_dir=tmp_path), 1, 3.0, reason)
+    assert "server0 exited with code 1" in line and "last lines" not in line and "OSError" not in line
