@@ -120,3 +120,20 @@ def test_the_launch_summary_does_not_repeat_a_failures_log_tail(tmp_path):
     reason = f"server0 exited with code 1 before becoming healthy; see {tmp_path}/logs/server0.log\n  last lines of the log:\n    OSError: Repo id"
     line = summary_line(SimpleNamespace(output_dir=tmp_path), 1, 3.0, reason)
     assert "server0 exited with code 1" in line and "last lines" not in line and "OSError" not in line
+
+
+def test_vllms_harmless_chat_template_warmup_traceback_becomes_one_explained_line():
+    import logging
+
+    from toolkit.rollout.backends.vllm_colocate import _ChatWarmupNote
+
+    try:
+        raise ValueError("template needs the detector prompt")
+    except ValueError:
+        import sys as _sys
+
+        record = logging.LogRecord("vllm.renderers.base", logging.WARNING, "base.py", 380,
+                                   "Chat template warmup failed", (), _sys.exc_info())
+    assert _ChatWarmupNote().filter(record)
+    text = logging.Formatter().format(record)
+    assert "harmless" in text and "Traceback" not in text and "\n" not in text
