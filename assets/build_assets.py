@@ -552,8 +552,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# What each part reads from --out, written by an earlier part: checked before anything is built.
+NEEDS = {"model": ("tokenizer",), "stage1": ("tokenizer", "data", "model"), "vlm_model": ("tokenizer",),
+         "vlm_stage1": ("tokenizer", "vlm_data", "vlm_model")}
+MADE = {"tokenizer": "tokenizer/tokenizer.json", "data": "data/train.jsonl", "model": "tiny_qwen2/config.json",
+        "vlm_data": "vlm/data/train.jsonl", "vlm_model": "vlm/tiny_qwen2_vl/config.json"}
+
+
+def missing_parts(parts: list[str], out: Path) -> list[str]:
+    """'part needs X' for every dependency neither built in this call nor already under out."""
+    return [f"{part} needs the {need} part first ({out / MADE[need]} is missing)"
+            for part in parts for need in NEEDS.get(part, ()) if need not in parts and not (out / MADE[need]).exists()]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = missing_parts(args.parts, args.out.resolve())
+    if missing:
+        sys.exit("; ".join(missing) + f" (fix: add them to --only, e.g. --only {','.join(p for p in PARTS if p in args.parts or any(p in NEEDS.get(q, ()) for q in args.parts))})")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

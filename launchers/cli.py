@@ -8,6 +8,7 @@ registered by "module:attr" in LAZY_SUBCOMMANDS and imported only when invoked o
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 from pathlib import Path
@@ -37,6 +38,15 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """An unknown subcommand gets "did you mean" (`stage2 trian` → train)."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=2, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            ctx.fail(f"No such command {name!r}.{hint} Commands: {', '.join(self.list_commands(ctx))}.")
+        return super().resolve_command(ctx, args)
+
 
 class ConfigFailure(click.ClickException):
     """A ConfigError or PreflightError shown as `Error:` plus one line per issue; exit code 1."""
@@ -64,10 +74,24 @@ def _check_gpus(ctx, param, value):
     return value
 
 
+def _complete_profile(ctx, param, incomplete):
+    from launchers.completion import complete_profile
+
+    return complete_profile(ctx, param, incomplete)
+
+
+def _complete_set(ctx, param, incomplete):
+    from launchers.completion import complete_set
+
+    return complete_set(ctx, param, incomplete)
+
+
 def profile_options(func):
-    """--profile and --set, shared by every command that resolves a profile."""
-    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets, help=SET_HELP)(func)
-    return click.option("--profile", "-p", required=True, metavar="NAME|PATH", help=PROFILE_HELP)(func)
+    """--profile and --set, shared by every command that resolves a profile (both shell-complete)."""
+    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets, help=SET_HELP,
+                        shell_complete=_complete_set)(func)
+    return click.option("--profile", "-p", required=True, metavar="NAME|PATH", help=PROFILE_HELP,
+                        shell_complete=_complete_profile)(func)
 
 
 def _echo_warnings(warnings) -> None:

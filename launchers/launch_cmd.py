@@ -20,6 +20,7 @@ from typing import Mapping
 import click
 
 from launchers import commands, probe, topology
+from toolkit import runlayout
 from launchers.cli import ConfigFailure, profile_options
 from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
 
@@ -35,6 +36,7 @@ class LaunchRequest:
     flags: topology.LaunchFlags = topology.LaunchFlags()
     launcher: str = "torchrun"
     resume: str | None = None
+    overwrite: bool = False
     health_timeout: float = 600.0
     stop_timeout: float = 600.0
 
@@ -49,6 +51,8 @@ class LaunchPlan:
     plan: Plan
     output_dir: Path
     expectation: probe.Expectation
+    folder_notes: list[str]
+    cfg: object  # the ResolvedConfig (learner world size)
 
     def to_dict(self, base_env: Mapping[str, str]) -> dict:
         def proc(spec: ProcessSpec) -> dict:
@@ -61,8 +65,8 @@ class LaunchPlan:
                         for s in self.plan.servers],
             "learner": proc(self.plan.learner),
             "checks": {"server_min_model_len": self.expectation.min_model_len, "server_model": self.expectation.model},
-            "output_dir": str(self.output_dir), "logs": str(self.output_dir / "logs"),
-            "checkpoints": str(self.output_dir / "checkpoints"),
+            "output_dir": str(self.output_dir), "logs": str(self.output_dir / runlayout.LOGS),
+            "checkpoints": str(self.output_dir / runlayout.CHECKPOINTS), "run_folder": self.folder_notes,
         }
 
 
@@ -104,13 +108,16 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     contract = _contract(cfg, req, topo)
     topology.check_ports(topo, lambda host: host in topology.local_hostnames())
     out = Path(cfg.training.output_dir)
+    # The learner's rank 0 checks again; checking here fails before any server starts (nothing moved yet).
+    notes = runlayout.claim_run_folder(out, runlayout.as_written(cfg), req.resume, req.overwrite,
+                                       cfg.training.logging_dir, act=False)
     min_len, _ = probe.required_model_len(cfg.global_max_length, contract["max_new_tokens"])
     want = probe.Expectation(None, contract["server_model"], min_len)
     sets = list(req.sets)
     if topology.servers_rewritten(topo, servers_info):
         sets.append(commands.servers_override(topo))
     profile = str(Path(cfg.profile_path).resolve())
-    logs = out / "logs"
+    logs = out / runlayout.LOGS
     suffix = "" if topo.node_rank == 0 else f"-node{topo.node_rank}"
     server_specs = [ServerSpec(
         ProcessSpec(f"server{s.index}", commands.build_server_argv(s, profile, sets, python),
@@ -124,14 +131,13 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
                           logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
     check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
-    return LaunchPlan(req, contract, topo, plan, out, want)
+    return LaunchPlan(req, contract, topo, plan, out, want, notes, cfg)
 
 
 def checkpoint_since(output_dir: Path, since: float) -> Path | None:
     """The newest complete checkpoint (trainer_state.json written last) finished after `since`."""
-    from toolkit.trainer.checkpoint import STATE_FILE, complete_checkpoints  # stdlib-only module
-
-    done = [p for p in complete_checkpoints(output_dir) if (p / STATE_FILE).stat().st_mtime >= since - 1.0]
+    done = [p for p in runlayout.complete_checkpoints(output_dir)
+            if (p / runlayout.STATE_FILE).stat().st_mtime >= since - 1.0]
     return done[-1] if done else None
 
 
@@ -154,11 +160,42 @@ def check_external_servers(lp: LaunchPlan) -> None:
         raise LaunchError("configured rollout servers are not usable: " + "; ".join(problems))
 
 
-def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
-    from toolkit.trainer.checkpoint import complete_checkpoints
+def visible_gpu_count(env: Mapping[str, str]) -> int:
+    """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set (SLURM sets it),
+    else the NVIDIA driver's device list (/proc/driver/nvidia/gpus, then `nvidia-smi -L`)."""
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([x for x in cvd.split(",") if x.strip() and x.strip() != "-1"])
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return len(list(proc.iterdir()))
+    import shutil
+    import subprocess
 
-    done = complete_checkpoints(lp.output_dir)
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return 0
+
+
+def check_gpus_exist(topo: topology.Topology, env: Mapping[str, str]) -> None:
+    """GPU ids on a machine without those GPUs would silently train on CPU: refuse them."""
+    wanted = [i for ids in (topo.learner_gpus, *[s.gpus for s in topo.servers]) if isinstance(ids, tuple) for i in ids]
+    if not wanted:
+        return
+    have = visible_gpu_count(env)
+    if have == 0:
+        raise LaunchError(f"GPU ids {','.join(map(str, sorted(set(wanted))))} were given but this machine has no "
+                          f"visible NVIDIA GPU (fix: --gpus cpu [--nproc N] for CPU ranks, or run on a GPU node)")
+
+
+def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
+    done = runlayout.complete_checkpoints(lp.output_dir)
     newest = f" (newest {done[-1].name})" if done else " (none complete)"
+    reason = reason.split("\n", 1)[0]  # a failure's log tail was printed with the error already
     return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / 'logs'}; "
             f"checkpoints: {lp.output_dir / 'checkpoints'}{newest}")
 
@@ -166,7 +203,7 @@ def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
     """Plan (and unless dry_run, run) one launch. Returns the exit code; raises ClickException on bad input."""
     from toolkit.config import ConfigError
-    from toolkit.preflight import PreflightError
+    from toolkit.preflight import PreflightError, check_files
 
     env = dict(os.environ)
     try:
@@ -174,11 +211,18 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         if dry_run:
             click.echo(json.dumps(lp.to_dict(env), indent=2))
             return 0
+        check_files(lp.cfg)
         check_external_servers(lp)
+        check_gpus_exist(lp.topo, env)
     except (ConfigError, PreflightError, topology.PlacementError) as exc:
         raise ConfigFailure(exc) from None
-    except LaunchError as exc:
+    except (LaunchError, runlayout.RunFolderError) as exc:
         raise click.ClickException(str(exc)) from None
+    log.info("profile %s; run folder %s", lp.contract["profile"], lp.output_dir)
+    if req.overwrite:
+        for note in runlayout.claim_run_folder(lp.output_dir, runlayout.as_written(lp.cfg), None, True,
+                                               lp.cfg.training.logging_dir):
+            log.info("%s", note)
     outcome = Supervisor(stop_timeout=req.stop_timeout).run(lp.plan)
     click.echo(summary_line(lp, outcome.exit_code, outcome.wall_s, outcome.reason), err=True)
     return outcome.exit_code
@@ -205,12 +249,13 @@ def _setup_logging() -> None:
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1).")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
 @click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True, help="Learner launcher.")
-@click.option("--resume", metavar="auto|PATH", help="Resume from the newest complete checkpoint (auto) or PATH.")
+@click.option("--resume", metavar="auto|PATH", help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
+@click.option("--overwrite", is_flag=True, help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
 @click.option("--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
 @click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds to wait for /health/ of started servers.")
 @click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds the learner gets to checkpoint after a stop signal.")
 def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint,
-           launcher, resume, dry_run, health_timeout, stop_timeout) -> None:
+           launcher, resume, overwrite, dry_run, health_timeout, stop_timeout) -> None:
     """Launch a Stage-2 run: joint preflight, rollout servers (server mode), then the learner.
 
     \b
@@ -227,6 +272,6 @@ def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes
     """
     _setup_logging()
     flags = topology.LaunchFlags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint)
-    req = LaunchRequest(profile, sets, flags, launcher, resume, health_timeout, stop_timeout)
+    req = LaunchRequest(profile, sets, flags, launcher, resume, overwrite, health_timeout, stop_timeout)
     sys.exit(run_launch(req, dry_run))
 

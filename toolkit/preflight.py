@@ -190,6 +190,35 @@ def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, np
     })
 
 
+def _local_model_path(value: str) -> bool:
+    """A model.model that names a folder, not a hub id: absolute, ./ or ~ prefixed, or more than org/name."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1
+
+
+def missing_files(cfg: ResolvedConfig) -> list[str]:
+    """What the run reads from disk and is not there: the model folder, the records files (no network)."""
+    problems = []
+    model = cfg.model.model
+    if _local_model_path(model) and not Path(model).expanduser().is_dir():
+        problems.append(f"model.model: no folder {model} (fix: point it at a Hugging Face model folder, "
+                        f"e.g. --set model.model=/path/to/stage1; a hub id looks like org/name)")
+    data = cfg.data
+    wanted = [("data.train_jsonl", data.train_jsonl)]
+    if data.val_jsonl:  # the trainer loads it whenever it is set
+        wanted.append(("data.val_jsonl", data.val_jsonl))
+    for key, path in wanted:
+        if not Path(path).is_file():
+            problems.append(f"{key}: no file {path} (fix: --set {key}=/path/to/records.jsonl; docs/DATA.md)")
+    return problems
+
+
+def check_files(cfg: ResolvedConfig) -> None:
+    """Raise PreflightError listing every missing model folder / records file before anything starts."""
+    problems = missing_files(cfg)
+    if problems:
+        raise PreflightError("; ".join(problems))
+
+
 def preflight_for_profile(profile: str | Path, overrides: Sequence[str] = (), gpus: str | None = None,
                           nproc: int | None = None, server_gpus: str | None = None) -> dict:
     """Parse placement flags, resolve the profile for the learner world size, build the contract."""

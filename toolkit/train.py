@@ -4,9 +4,13 @@
     torchrun --nproc_per_node 2 -m toolkit.train --profile smoke/ab_mixed     # two CPU ranks (gloo)
     python -m toolkit.train --profile smoke/ab_mixed --resume auto            # newest complete checkpoint
 
-Exit codes: 0 done; 1 bad profile / bad data (a message, never a traceback); 128+N after a stop
-signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written; SIGTERM or
-SIGINT during start-up (before the first step) stop at once, writing nothing (143, 130).
+A run owns its training.output_dir (toolkit/runlayout.py): a fresh run refuses a folder holding another
+run's checkpoints or metrics unless --overwrite (which moves that run aside); --resume auto continues
+only a run with the same resolved config. Rank 0 checks, before any rank loads a model.
+
+Exit codes: 0 done; 1 bad profile / bad data / a taken folder (a message, never a traceback); 128+N after
+a stop signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and the checkpoint was written;
+SIGTERM or SIGINT during start-up (before the first step) stop at once, writing nothing (143, 130).
 Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
 """
 from __future__ import annotations
@@ -16,7 +20,11 @@ import os
 import signal
 import sys
 
-import click
+try:
+    import click
+except ModuleNotFoundError as _err:  # `python3 -m toolkit.train` outside the project's venv
+    sys.exit(f"{_err}: run with the project's venv: `.venv/bin/python -m toolkit.train …` or "
+             "`source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
 
 WORLD_ENV = ("WORLD_SIZE", "1")
 STOP_NOW = (signal.SIGTERM, signal.SIGINT)  # during start-up: stop at once
@@ -57,6 +65,22 @@ class StartupSignals:
         log.warning("signal %d during start-up: will checkpoint and stop after the first step", signum)
 
 
+VENV_HINT = ("run with the project's venv: `.venv/bin/stage2 train …` / `.venv/bin/python -m toolkit.train …`, "
+             "or `source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
+
+
+def _complete_profile(ctx, param, incomplete: str):
+    from launchers.completion import complete_profile
+
+    return complete_profile(ctx, param, incomplete)
+
+
+def _complete_set(ctx, param, incomplete: str):
+    from launchers.completion import complete_set
+
+    return complete_set(ctx, param, incomplete)
+
+
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -65,25 +89,39 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None) -> int:
-    """Load the profile for this rank's world size, then setup → train → cleanup. Returns the exit code
-    (128 + N at once for SIGTERM/SIGINT during start-up; see StartupSignals)."""
+def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None, overwrite: bool = False) -> int:
+    """Load the profile for this rank's world size, claim the run folder (rank 0), then setup → train →
+    cleanup. Returns the exit code (128 + N at once for SIGTERM/SIGINT during start-up; see StartupSignals)."""
     startup = StartupSignals()
     startup.install()
     try:
-        return _start_and_train(profile, overrides, resume, startup)
+        return _start_and_train(profile, overrides, resume, overwrite, startup)
     except StartupStopped as stop:
         log.warning("signal %d during start-up: stopped before the first step (nothing to checkpoint)", stop.signum)
         return 128 + stop.signum
 
 
-def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None, startup: StartupSignals) -> int:
-    from toolkit.config import load_profile
+def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None, overwrite: bool,
+                     startup: StartupSignals) -> int:
+    try:
+        from toolkit.config import load_profile
+    except ModuleNotFoundError as err:
+        raise click.ClickException(f"{err}: {VENV_HINT}") from None
+
+    from toolkit.preflight import check_files
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
+    log.info("profile %s (project root %s)", cfg.profile_path, cfg.project_root)
+    check_files(cfg)
     from toolkit.vlm.support import check_model_support
 
     check_model_support(cfg.model.model, cfg.rollout_matching_cfg["rollout_backend"])  # before any engine starts
+    if os.environ.get("RANK", "0") == "0":
+        from toolkit.runlayout import as_written, claim_run_folder
+
+        tr = cfg.training
+        for note in claim_run_folder(tr.output_dir, as_written(cfg), resume, overwrite, tr.logging_dir):
+            log.warning("%s", note)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from toolkit.trainer.loop import Stage2Trainer
 
@@ -107,28 +145,42 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
 
 
 @click.command("train", context_settings={"show_default": True})
-@click.option("--profile", required=True, help="Profile name (smoke/ab_mixed, prod/b_only, ...) or path to a .yaml file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable; VALUE is YAML).")
+@click.option("--profile", "-p", required=True, metavar="NAME|PATH", shell_complete=_complete_profile,
+              help="Profile name (smoke/ab_mixed, prod/b_only, ...) or path to a .yaml file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", shell_complete=_complete_set,
+              help="Override a profile key (repeatable; VALUE is YAML).")
 @click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue from the newest complete checkpoint under training.output_dir (auto) or from PATH.")
-def train_command(profile: str, overrides: tuple[str, ...], resume: str | None) -> None:
+              help="Continue from the newest complete checkpoint under training.output_dir (auto; the run's "
+                   "config must match) or from the checkpoint PATH.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in a folder that holds another run: move that run to <output_dir>.old-<time>/ first.")
+def train_command(profile: str, overrides: tuple[str, ...], resume: str | None, overwrite: bool) -> None:
     """Train one rank of a Stage-2 AB run (all ranks when started by torchrun).
 
     \b
     Examples:
       stage2 train --profile smoke/ab_mixed
+      stage2 train -p smoke/ab_mixed --resume auto
       stage2 train --profile smoke/b_only --set training.max_steps=4 --set training.output_dir=/tmp/run
       torchrun --nproc_per_node 2 -m toolkit.train --profile smoke/ab_mixed
     """
-    from toolkit.config import ConfigError
-    from toolkit.data.records import RecordError
+    try:
+        from toolkit.config import ConfigError
+        from toolkit.data.records import RecordError
+    except ModuleNotFoundError as err:
+        raise click.ClickException(f"{err}: {VENV_HINT}") from None
+    from toolkit.preflight import PreflightError
+    from toolkit.rollout.backends.vllm_server import RolloutServerError  # requests only, no vLLM
+    from toolkit.runlayout import RunFolderError
     from toolkit.trainer.checkpoint import CheckpointError
     from toolkit.vlm.support import ModelSupportError
 
     setup_logging()
     try:
-        code = run(profile, overrides, resume)
-    except (ConfigError, RecordError, CheckpointError, FileNotFoundError, ModelSupportError) as err:
+        code = run(profile, overrides, resume, overwrite)
+    except (ConfigError, RecordError, CheckpointError, FileNotFoundError, ModelSupportError, RunFolderError,
+            PreflightError, RolloutServerError) as err:
+        # Errors a user fixes from the message alone (it names the file/key/server and the fix): no traceback.
         raise click.ClickException(str(err)) from None
     sys.exit(code)
 

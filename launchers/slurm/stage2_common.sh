@@ -50,6 +50,11 @@ stage2_cd_repo() {
         export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$STAGE2_SOCKET_IFNAME}
         export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$STAGE2_SOCKET_IFNAME}
     fi
+    if ! command -v "${STAGE2_LAUNCH%% *}" >/dev/null 2>&1; then
+        stage2_log "'$STAGE2_LAUNCH' is not on PATH: activate the project's venv before sbatch" \
+            "(source $PWD/.venv/bin/activate; sbatch exports your environment) or set STAGE2_LAUNCH=$PWD/.venv/bin/stage2-launch"
+        exit 1
+    fi
     stage2_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s), repo $PWD," \
         "$STAGE2_CPT CPU(s) per task"
 }

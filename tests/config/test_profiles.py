@@ -56,7 +56,7 @@ def test_smoke_leaves(name, b_ratio, steps):
     assert cfg.deepspeed.config == "zero2"
     short = name.split("/")[1]
     assert cfg.training.output_dir == str(REPO / "output" / "stage2_ab" / "smoke" / short)
-    assert cfg.training.logging_dir == str(REPO / "tb" / "stage2_ab" / "smoke" / short)
+    assert cfg.training.logging_dir == str(REPO / "output" / "stage2_ab" / "smoke" / short / "tb")  # follows output_dir
     assert cfg.data.train_jsonl == str(REPO / "assets" / "data" / "train.jsonl")
 
 

@@ -30,15 +30,15 @@ def env() -> dict:
 
 
 def train_argv(profile: str, out: Path, *sets: str) -> list[str]:
-    argv = ["-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}",
-            "--set", f"training.logging_dir={out / 'tb'}"]
+    argv = ["-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}"]  # tb: <out>/tb
     for s in (*FAST, *sets):
         argv += ["--set", s]
     return argv
 
 
-def run_train(profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    argv = [sys.executable, *train_argv(profile, out, *sets)] + (["--resume", resume] if resume else [])
+def run_train(profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600,
+              flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    argv = [sys.executable, *train_argv(profile, out, *sets)] + (["--resume", resume] if resume else []) + list(flags)
     return subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

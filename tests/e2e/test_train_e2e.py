@@ -39,7 +39,7 @@ def test_resume_reproduces_the_straight_run(tiny, tmp_path):
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resumed from" in rest.stderr
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["channel"] for r in a] == [r["channel"] for r in b] == ["A", "B", "A", "B"]
     for ra, rb in zip(a, b):
         assert abs(ra["loss/total"] - rb["loss/total"]) <= 1e-6, (ra["step"], ra["loss/total"], rb["loss/total"])
@@ -81,10 +81,12 @@ def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
     assert all(r["stage2/raw_samples"] == 8 for r in rows)  # E=8 over 2 ranks: 4 each, summed once per step
     assert "eval_rollout/f1" in rows[-1]
     assert (tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
-    # rank 0 dumps its Channel-B samples (step 1 is the only B step): rollout, target, supervised tokens
-    dump = [json.loads(line) for line in (tmp_path / "monitor_dumps" / "step_000001.jsonl").read_text().splitlines()]
+    # the best metric is named as logged: the eval's value, not the training batch's rollout/f1
+    assert f"(best eval_rollout/f1={rows[-1]['eval_rollout/f1']:.4g} at step 2)" in res.stdout
+    # rank 0 dumps its Channel-B samples (step 2 is the only B step): rollout, target, supervised tokens
+    dump = [json.loads(line) for line in (tmp_path / "monitor_dumps" / "step_000002.jsonl").read_text().splitlines()]
     assert len(dump) == 2 and all("rollout" in d and ("target_supervised" in d or "dropped" in d) for d in dump)
-    assert not (tmp_path / "monitor_dumps" / "step_000000.jsonl").exists()  # A steps decode nothing
+    assert not (tmp_path / "monitor_dumps" / "step_000001.jsonl").exists()  # A steps decode nothing
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
@@ -99,6 +101,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     done = len(metrics(tmp_path))
+    assert metrics(tmp_path)[-1]["step"] == done  # one numbering: the metrics line, the message, the checkpoint
+    assert f"stopping after step {done} on signal 15 (checkpoint step-{done:06d} written)" in err
     state = json.loads((tmp_path / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").read_text())
     assert state["step"] == done < 200
 

@@ -47,7 +47,7 @@ def _free_port() -> int:
 def _auth_lines() -> list[str]:
     if any(Path(d, "auth_none.so").exists() for d in PLUGIN_DIRS):
         return ["AuthType=auth/none", "CredType=cred/none"]
-    return ["AuthType=auth/munge", "CredType=cred/munge"]  # needs munged running (see slurm_local.md)
+    return ["AuthType=auth/munge", "CredType=cred/munge"]  # needs munged running (scripts/install_slurm.sh)
 
 
 def _node_line(host: str, port: int | None = None) -> str:

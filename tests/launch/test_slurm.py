@@ -78,4 +78,4 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, jobs):
     assert stopped[0] != "step-000012" and stopped[-1] == "step-000012", stopped
     assert f"resumed from {out / 'checkpoints' / stopped[0]}" in text
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(12))  # metrics.jsonl trimmed on resume: each step once
+    assert [r["step"] for r in rows] == list(range(1, 13))  # metrics.jsonl trimmed on resume: each step once

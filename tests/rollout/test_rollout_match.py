@@ -1,4 +1,4 @@
-"""Hungarian matching with candidate top-k, mask-IoU gate and dummy costs (domain.md §4.3, §5)."""
+"""Hungarian matching with candidate top-k, mask-IoU gate and dummy costs."""
 import itertools
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Strict token-aligned parser: the behaviours domain.md §4.2 / §5 pin down, on the straddling ToyCodec."""
+"""Strict token-aligned parser: the behaviours the strict-parse contract pins down, on the straddling ToyCodec."""
 import functools
 import json
 from pathlib import Path

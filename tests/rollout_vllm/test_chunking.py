@@ -1,4 +1,4 @@
-"""Server-mode chunk arithmetic (domain.md §3.8): per-rank chunk, feasibility, per-server caps, allocation."""
+"""Server-mode chunk arithmetic: per-rank chunk, feasibility, per-server caps, allocation."""
 import doctest
 import itertools
 

@@ -15,7 +15,7 @@ run_train = functools.partial(run_train, "smoke/b_only")
 def check_run(proc, out) -> list[dict]:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [0, 1] and all(r["channel"] == "B" for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["channel"] == "B" for r in rows)
     for r in rows:
         assert r["rollout/gen_new_tokens"] > 0 and r["rollout/gen_tokens_per_s"] > 0 and "rollout/f1" in r
     return rows

@@ -1,6 +1,7 @@
 """Step metrics: aggregation rules, 2-rank gloo reduction, jsonl and TensorBoard output."""
 import glob
 import json
+import time
 import os
 
 import pytest
@@ -174,13 +175,27 @@ def test_shorthands_and_alias():
 
 
 def test_writer_resume_drops_records_of_replayed_steps_and_honours_sinks(tmp_path):
+    """Steps are named by optimizer steps completed: resuming the checkpoint after step 2 keeps steps 1-2."""
     w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("jsonl",))
-    for step in range(4):
+    for step in range(1, 5):
         w.write(step, "A", {"loss/total": float(step)})
     w.close()
     assert not (tmp_path / "tb").exists()
     w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("jsonl",), resume_step=2)
-    w.write(2, "B", {"loss/total": 9.0})
+    w.write(3, "B", {"loss/total": 9.0})
     w.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["channel"]) for r in rows] == [(0, "A"), (1, "A"), (2, "B")]
+    assert [(r["step"], r["channel"]) for r in rows] == [(1, "A"), (2, "A"), (3, "B")]
+
+
+def test_writer_resume_hides_tensorboard_points_after_the_checkpoint(tmp_path):
+    """A resumed run's curve has each step once: points logged after the checkpoint are purged."""
+    w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("tensorboard",))
+    for step in range(1, 5):
+        w.write(step, "A", {"loss/total": float(step)})
+    w.close()
+    time.sleep(1.1)  # a new events file (names carry the second)
+    w = MetricsWriter(tmp_path, tmp_path / "tb", rank=0, sinks=("tensorboard",), resume_step=2)
+    w.write(3, "B", {"loss/total": 9.0})
+    w.close()
+    assert _read_tb_scalars(str(tmp_path / "tb"))["loss/total"] == [(1, 1.0), (2, 2.0), (3, 9.0)]

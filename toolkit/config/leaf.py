@@ -15,7 +15,7 @@ from toolkit.config.yamlio import Document, render_path
 CANONICAL_PARENT = "../base.yaml"
 CANONICAL_GROUPS = ("prod", "smoke")
 PINNED: tuple[tuple, ...] = (
-    ("model", "model"), ("training", "run_name"), ("training", "output_dir"), ("training", "logging_dir"),
+    ("model", "model"), ("training", "run_name"), ("training", "output_dir"),
     ("training", "learning_rate"), ("training", "vit_lr"), ("training", "aligner_lr"),
     ("training", "effective_batch_size"), ("training", "eval_strategy"), ("training", "eval_steps"),
     ("training", "save_strategy"), ("training", "save_steps"), ("stage2_ab", "schedule", "b_ratio"),

@@ -62,12 +62,15 @@ def resolve_paths(cfg: dict, doc: Document, project_root: Path, cwd: Path) -> No
 
 def fill_null_defaults(cfg: dict) -> None:
     """Resolve the keys whose null means "same as another key", in place (after resolve_paths):
-    training.vit_lr/aligner_lr ← learning_rate; rollout_matching.vllm.server.infer_timeout_s ← timeout_s.
+    training.vit_lr/aligner_lr ← learning_rate; rollout_matching.vllm.server.infer_timeout_s ← timeout_s;
+    training.logging_dir ← <output_dir>/tb (so TensorBoard follows a --set training.output_dir).
     (data.image_root stays null: the loader then resolves each records file's images against its own directory.)"""
     training = cfg["training"]
     for key in ("vit_lr", "aligner_lr"):
         if training[key] is None:
             training[key] = training["learning_rate"]
+    if training.get("logging_dir") is None:
+        training["logging_dir"] = os.path.join(training["output_dir"], "tb")
     server = cfg["rollout_matching"]["vllm"]["server"]
     if server["infer_timeout_s"] is None:
         server["infer_timeout_s"] = server["timeout_s"]

@@ -63,8 +63,10 @@ DATA = Section("Training and validation records.", {
 
 TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "run_name": Key(Str(), "Run identity used in logs and metrics."),
-    "output_dir": Key(Str(), "Checkpoints and resolved_config.yaml; relative to the project root."),
-    "logging_dir": Key(Str(), "TensorBoard and metrics.jsonl directory; relative to the project root."),
+    "output_dir": Key(Str(), "The run's folder: resolved_config.yaml, metrics.jsonl, checkpoints/, tb/, logs/ "
+                      "(toolkit/runlayout.py); relative to the project root. One run per folder."),
+    "logging_dir": Key(Nullable(Str(), "<output_dir>/tb"), "TensorBoard directory; relative to the project root; "
+                       "null follows output_dir.", None),
     "seed": Key(Int(), "Global seed (data order, init, sampling).", 17),
     "learning_rate": Key(POS_FLOAT, "Learning rate of the language model parameters."),
     "vit_lr": Key(Nullable(NONNEG_FLOAT, "= learning_rate"), "Learning rate of the vision tower.", None),
@@ -89,7 +91,8 @@ TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "save_strategy": Key(Enum("no", "steps"), "Save checkpoints every save_steps, or never.", "steps"),
     "save_steps": Key(POS_INT, "Optimizer steps between checkpoints.", 500),
     "save_total_limit": Key(Nullable(POS_INT, "keep all"), "Keep at most N checkpoints.", None),
-    "metric_for_best_model": Key(Str(), "Metric that ranks checkpoints (group/name).", "rollout/f1"),
+    "metric_for_best_model": Key(Str(), "Metric that ranks checkpoints (group/name); with a rollout eval "
+                                  "configured, its eval_ value on checkpoints taken at an eval step.", "rollout/f1"),
     "greater_is_better": Key(Bool(), "Whether a larger metric_for_best_model is better.", True),
     "packing": Key(Bool(), "Pack teacher-forced segments into global_max_length sequences.", True),
     "packing_buffer": Key(POS_INT, "Most segments one rank may hold for post-rollout packing in one step "

@@ -1,6 +1,6 @@
 """Decode microbatching: how a rank's requests are cut into generation calls. Imports nothing heavy.
 
-`decode_batch_size` is the one knob (DESIGN §3): no rollout engine decodes more than that many
+`decode_batch_size` is the one knob (docs/VLLM.md, Per-rank chunk): no rollout engine decodes more than that many
 sequences per call. Server-mode chunk arithmetic (per-rank chunk from server world sizes) lives here too.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ def chunked(items: Sequence[T], size: int) -> Iterator[tuple[int, Sequence[T]]]:
 
 
 def seed_base(seed: int, step: int) -> int:
-    """The per-step sampling seed shared by every backend (domain.md §3.8)."""
+    """The per-step sampling seed shared by every backend."""
     return (seed + step * 1000003) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------------
-# Server mode (domain.md §3.8): S = Σ server world sizes (DP×TP each), W = learner world size.
+# Server mode: S = Σ server world sizes (DP×TP each), W = learner world size.
 
 
 def per_rank_chunk(decode_batch_size: int, server_world_sizes: Sequence[int], learner_world_size: int) -> int:

@@ -1,4 +1,4 @@
-"""Hungarian matching of predicted boxes to ground truth with a mask-IoU gate (domain.md §4.3).
+"""Hungarian matching of predicted boxes to ground truth with a mask-IoU gate.
 
 Owns box IoU, the polygon ("mask") IoU of boxes on the virtual canvas, candidate selection, the
 dummy-augmented assignment and detection counts (precision/recall/F1). numpy + scipy + pycocotools.

@@ -1,7 +1,7 @@
 """Strict, token-aligned parsing of a rollout into an append-ready prefix and its valid objects.
 
 Owns the JSON member scanner (also used by targets.py for append-readiness and closure) and
-`parse_rollout` (domain.md §4.2). No repair: an object is either taken exactly as emitted or dropped
+`parse_rollout`. No repair: an object is either taken exactly as emitted or dropped
 into one reason bucket. Pure Python + the codec; imports nothing heavy.
 
 Frames: character offsets index `"".join(codec.pieces(ids))` of the rollout cut at its first
@@ -210,7 +210,7 @@ class ParseResult:
 
 
 def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[int] = ()) -> ParseResult:
-    """Strictly parse a rollout's token ids (domain.md §4.2); never raises on any token sequence.
+    """Strictly parse a rollout's token ids; never raises on any token sequence.
 
     Args:
         token_ids: the generated ids (prompt excluded). Parsing stops at the first `<|im_end|>`

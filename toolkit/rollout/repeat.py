@@ -1,7 +1,7 @@
 """Repeat-terminate: when a rollout must be cut short (object spam, token loops). Imports nothing heavy.
 
 One pure rule shared by every backend, so HF, colocated vLLM and the rollout server stop the same
-sequences (the predecessor's vLLM path silently skipped it, domain.md §6.2). Once at least
+sequences (the predecessor's vLLM path silently skipped it). Once at least
 `min_new_tokens` were generated, a sequence stops when any of these holds:
 - it opened more than `max_object_keys` objects (so at most that many complete objects survive);
 - its last `max_consecutive_token_repeats` tokens are one token repeated;

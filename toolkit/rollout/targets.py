@@ -1,4 +1,4 @@
-"""Teacher-forced targets: FN-append (domain.md §4.4) and the Channel-A / Channel-B `Segment`s (§3.6, §3.7, §4.5).
+"""Teacher-forced targets: FN-append and the Channel-A / Channel-B `Segment`s.
 
 Owns which assistant token gets which CE weight and which coordinate slots get which GT bins. Pure
 Python + the codec; imports nothing heavy. A rollout that cannot be trained gives a `Drop`, never an

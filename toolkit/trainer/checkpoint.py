@@ -1,14 +1,17 @@
-"""Checkpoint layout, resume discovery, rotation and RNG state. Torch is imported inside functions.
+"""Checkpoint contents, resume discovery, rotation and RNG state. Torch is imported inside functions.
+Paths come from toolkit/runlayout.py (the run folder's one layout).
 
-    <output_dir>/checkpoints/step-000040/
+    <output_dir>/checkpoints/step-000040/       the state after 40 optimizer steps
         ds/                   DeepSpeed checkpoint (model, optimizer, scheduler; every rank writes its part)
         rng/rank0.pt …        Python / NumPy / torch RNG states of each rank (plain values and tensors:
                               read with torch.load(weights_only=True), so a planted pickle is refused)
         hf/                   `save_pretrained` export + tokenizer (loads with from_pretrained)
         trainer_state.json    written LAST by rank 0: the checkpoint is complete iff this file exists
 
-`step` in trainer_state is the next optimizer step to run; the data cursor and the A/B schedule are
-pure functions of it (budget.py, scheduler.py), so it is all a resume needs besides the engine state.
+`step` in trainer_state is the number of optimizer steps completed (= the index of the next step to
+run); the data cursor and the A/B schedule are pure functions of it (budget.py, scheduler.py), so it is all
+a resume needs besides the engine state. `run_id` names the run that wrote the checkpoint: rotation only
+ever removes checkpoints of the current run.
 """
 from __future__ import annotations
 
@@ -17,11 +20,17 @@ import logging
 import os
 import random
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from toolkit.runlayout import STATE_FILE, checkpoint_dir, checkpoint_run_id, complete_checkpoints  # noqa: F401
+
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.json"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 class CheckpointError(ValueError):
@@ -37,22 +46,12 @@ class TrainerState:
     schedule_b_ratio: float = 0.0
     b_steps: int = 0
     history: list = field(default_factory=list)  # [(step, metric)] of evaluated checkpoints
+    run_id: str = field(default_factory=new_run_id)  # the run that wrote it (kept across resumes)
 
     def improved(self, value: float, greater_is_better: bool = True) -> bool:
         if self.best_metric is None:
             return True
         return value > self.best_metric if greater_is_better else value < self.best_metric
-
-
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
 
 
 def find_resume_dir(output_dir: str | Path, resume: str | None) -> Path | None:
@@ -79,7 +78,8 @@ def write_state(ckpt: Path, state: TrainerState) -> None:
 
 
 def read_state(ckpt: Path) -> TrainerState:
-    """The trainer state (JSON: data only). Raises CheckpointError naming the file when it is not one."""
+    """The trainer state (JSON: data only). Raises CheckpointError naming the file when it is not one.
+    A checkpoint written before run ids existed gets a fresh one (its own older files stay untouched)."""
     path = ckpt / STATE_FILE
     try:
         return TrainerState(**json.loads(path.read_text(encoding="utf-8")))
@@ -192,11 +192,12 @@ def check_deepspeed_files(ds_dir: Path) -> None:
                                   f"({', '.join(unknown)}); loading it could run code (fix: {fix})")
 
 
-def rotate(output_dir: str | Path, keep: int | None, protect: set[Path]) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `keep`, never one in `protect` (the best)."""
+def rotate(output_dir: str | Path, keep: int | None, protect: set[Path], run_id: str) -> list[Path]:
+    """Delete the oldest complete checkpoints of run `run_id` beyond `keep`, never one in `protect` (the best)
+    and never one written by another run."""
     if not keep:
         return []
-    found = complete_checkpoints(output_dir)
+    found = [p for p in complete_checkpoints(output_dir) if checkpoint_run_id(p) == run_id]
     doomed = [p for p in found[: max(0, len(found) - keep)] if p not in protect]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)

@@ -30,7 +30,7 @@ from toolkit.trainer.export import apply_lora  # noqa: F401  (re-exported: the t
 
 log = logging.getLogger(__name__)
 
-# How each ZeRO stage accumulates over the step's packs (cpu_engines.md, re-measured by
+# How each ZeRO stage accumulates over the step's packs (measured by
 # tests/trainer/test_engine_equivalence.py): "boundary" = set_gradient_accumulation_boundary(last pack);
 # "coalesce" = one reduction when the coalesce_grad_reduction block exits.
 ACCUMULATION = {0: "boundary", 1: "boundary", 2: "coalesce", 3: "boundary"}

@@ -1,6 +1,6 @@
 """Rollout eval: decode the val set in decode_batch_size chunks → strict parse → match → detection metrics.
 
-No teacher-forced pass and no eval loss (domain.md §4.6). Each rank decodes an equal-sized shard
+No teacher-forced pass and no eval loss. Each rank decodes an equal-sized shard
 (padded by repeating its last prompt, whose results are discarded) so ZeRO-3's synchronized forwards
 line up; the counters are merged with the same one-collective reduction as training metrics.
 """

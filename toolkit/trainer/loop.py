@@ -9,6 +9,7 @@ server round at a time (one pack-count all-reduce per round, same on every rank)
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 import zlib
@@ -170,6 +171,7 @@ class Stage2Trainer:
             if rm["vllm"]["mode"] == "server":
                 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
+                self._wait_for_servers(rm["vllm"]["server"])
                 return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
                                                      device=str(self.device), **common)
             from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
@@ -184,6 +186,32 @@ class Stage2Trainer:
             vision=self.vision,
         )
 
+    def _wait_for_servers(self, srv: dict) -> None:
+        """Server mode: say what the run waits for and where, show the wait, fail with one message."""
+        from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
+
+        total, every = float(srv["timeout_s"]), 15.0
+        urls = [s["base_url"] for s in srv["servers"]]
+        if self.dist.rank == 0:
+            log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
+                     "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
+                     "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
+                     "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
+        t0 = time.monotonic()
+        for url in urls:
+            client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
+            while True:
+                left = total - (time.monotonic() - t0)
+                try:
+                    client.wait_healthy(total_timeout_s=max(1.0, min(every, left)))
+                    break
+                except ServerUnavailableError as exc:
+                    if left <= every:  # the message names the whole wait, not the last poll
+                        raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
+                                                     url=exc.url) from None
+                    if self.dist.rank == 0:
+                        log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)
+
     def _maybe_resume(self) -> None:
         path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)
         if path is None:
@@ -196,7 +224,18 @@ class Stage2Trainer:
         self.engine.load(path / "ds")
         ckpt.set_rng(rng)
         self.state = state
-        log.info("resumed from %s at step %d", path, self.state.step)
+        self._reschedule()
+        log.info("resumed from %s after step %d of %d", path, self.state.step, self.total_steps)
+
+    def _reschedule(self) -> None:
+        """Extending a run (a larger training.max_steps on resume) continues on the schedule a run planned
+        with the new total would follow from this step on; the lr restored with the optimizer is the old
+        schedule's (0 at the end of a finished cosine run), so it is recomputed now. Same total: no change."""
+        sched = self.engine.engine.lr_scheduler
+        if sched is None:
+            return
+        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
 
     # ------------------------------------------------------------------ train
     def train(self) -> int:
@@ -206,24 +245,27 @@ class Stage2Trainer:
         tr = self.cfg.training
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.dist.rank != 0, desc="stage2", unit="step")
         while self.state.step < self.total_steps:
-            step = self.state.step
-            metrics = self.train_step(step)
-            self.state.step = step + 1
-            if tr.eval_strategy == "steps" and self.val_set and self.state.step % tr.eval_steps == 0:
-                metrics.update(self.validate(self.state.step))
-            channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
+            index = self.state.step  # 0-based: seeds, data cursor and A/B schedule are functions of it
+            metrics = self.train_step(index)
+            # From here on a step is named by the optimizer steps completed (as HF/TRL log it): the console,
+            # metrics.jsonl, TensorBoard, eval, checkpoints and signal messages all say `done`.
+            self.state.step = done = index + 1
+            if tr.eval_strategy == "steps" and self.val_set and done % tr.eval_steps == 0:
+                metrics.update(self.validate(done))
+            channel = channel_for_step(index, self.cfg.stage2_ab.schedule.b_ratio)
             metrics.update(self.data_metrics)
-            self.writer.write(step, channel, metrics)
-            if self.dist.rank == 0 and (step + 1) % tr.logging_steps == 0:
-                log.info("step %d/%d [%s] %s", step + 1, self.total_steps, channel, _summary(metrics))
+            self.writer.write(done, channel, metrics)
+            if self.dist.rank == 0 and done % tr.logging_steps == 0:
+                log.info("step %d/%d [%s] %s", done, self.total_steps, channel, _summary(metrics))
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics})
             stop = self._agree_to_stop()
-            due = tr.save_strategy == "steps" and self.state.step % tr.save_steps == 0
-            if due or stop or self.state.step == self.total_steps:
+            due = tr.save_strategy == "steps" and done % tr.save_steps == 0
+            if due or stop or done == self.total_steps:
                 self.save_checkpoint(metrics)
             if stop:
-                log.warning("stopping after step %d on signal %d (checkpoint written)", step, self.stop_signum)
+                log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
+                            ckpt.checkpoint_dir(self.out_dir, done).name)
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
         return 0
@@ -335,25 +377,34 @@ class Stage2Trainer:
     def save_checkpoint(self, metrics: dict) -> Path:
         tr = self.cfg.training
         path = ckpt.checkpoint_dir(self.out_dir, self.state.step)
-        self.engine.save(path / "ds")
+        self.engine.save(path / "ds", tag=f"global_step{self.state.step}")
         ckpt.save_rng(path, self.dist.rank)
         self.engine.export_hf(path / "hf", tokenizer=self.tok)
         if self.dist.rank == 0:
             copy_support_files(self.cfg.model.model, path / "hf")
-        score = metrics.get("eval_" + tr.metric_for_best_model, metrics.get(tr.metric_for_best_model))
-        if score is not None and self.state.improved(score, tr.greater_is_better):
-            self.state.best_metric, self.state.best_step = float(score), self.state.step
-        if score is not None:
-            self.state.history.append([self.state.step, float(score)])
+        # With a rollout eval configured only its values rank checkpoints (a checkpoint taken between evals
+        # does not); without one, the training batch's value does. Named as logged.
+        evaluates = tr.eval_strategy == "steps" and bool(self.val_set)
+        key = ("eval_" if evaluates else "") + tr.metric_for_best_model
+        key = key if key in metrics else None
+        if key is not None:
+            score = float(metrics[key])
+            if self.state.improved(score, tr.greater_is_better):
+                self.state.best_metric, self.state.best_step, self.state.metric_name = score, self.state.step, key
+            self.state.history.append([self.state.step, score])
         self.engine.barrier()
         if self.dist.rank == 0:
             ckpt.write_state(path, self.state)
             best = ckpt.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
-            ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set())
-            log.info("checkpoint written: %s (best %s=%s at step %s)", path, tr.metric_for_best_model,
-                     self.state.best_metric, self.state.best_step)
+            ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set(), run_id=self.state.run_id)
+            log.info("checkpoint written: %s (%s)", path, self._best_text())
         self.engine.barrier()
         return path
+
+    def _best_text(self) -> str:
+        if self.state.best_step is None:
+            return f"no {self.cfg.training.metric_for_best_model} measured yet"
+        return f"best {self.state.metric_name}={self.state.best_metric:.4g} at step {self.state.best_step}"
 
     # ------------------------------------------------------------------ signals / cleanup
     def _install_signal_handlers(self) -> None:

