@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from toolkit.data.tokenizer import load_tokenizer
+from toolkit.model_source import check_model_source, from_pretrained
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
@@ -29,7 +30,7 @@ from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.export import copy_support_files
 from toolkit.trainer.optim import build_optimizer, lr_lambda
-from toolkit.trainer.evaluate import evaluate_rollouts
+from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
@@ -121,6 +122,7 @@ class Stage2Trainer:
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.out_dir = Path(cfg.training.output_dir)
+        check_model_source(cfg.model.model)  # a missing path said plainly, before any hub client sees it
         self.tok = load_tokenizer(cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
         # A Qwen-VL model folder: images are patched by its own processor, positions are M-RoPE.
@@ -164,9 +166,8 @@ class Stage2Trainer:
 
         cfg, tr = self.cfg, self.cfg.training
         model_cls = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
-        model = model_cls.from_pretrained(
-            cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype), attn_implementation=cfg.model.attn_impl
-        )
+        model = from_pretrained(model_cls.from_pretrained, cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype),
+                                attn_implementation=cfg.model.attn_impl)
         if cfg.tuner.train_type == "lora":
             tu = cfg.tuner
             model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules)
@@ -394,9 +395,18 @@ class Stage2Trainer:
 
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:
-        """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing."""
-        return evaluate_rollouts(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg,
-                                 rank=self.dist.rank, world_size=self.dist.world_size, step=step)
+        """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing
+        (the function `stage2 eval` calls); rank 0 draws its first few samples (toolkit/trainer/draw.py)."""
+        from toolkit.trainer.draw import N_PICTURES, PictureLog
+
+        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg, rank=self.dist.rank,
+                       world_size=self.dist.world_size, step=step, keep=N_PICTURES, progress=True)
+        if self.dist.rank == 0:
+            if not hasattr(self, "pictures"):
+                tr = self.cfg.training
+                self.pictures = PictureLog(self.out_dir, tr.logging_dir, "tensorboard" in tr.report_to)
+            self.pictures.write(step, res.records)
+        return res.metrics
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, metrics: dict) -> Path:
@@ -442,7 +452,7 @@ class Stage2Trainer:
         """Release what setup created, also after a failed setup (so the real error is what the user sees)."""
         from toolkit.trainer.engine import close_distributed
 
-        for part in ("backend", "writer"):
+        for part in ("backend", "writer", "pictures"):
             if hasattr(self, part):
                 getattr(self, part).close()
         close_distributed()
