@@ -88,7 +88,7 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
     from toolkit.model_source import from_pretrained
 
     cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = from_pretrained(cls.from_pretrained, ck.model, dtype=getattr(torch, cfg.model.torch_dtype),
+    model = from_pretrained(cls.from_pretrained, ck.model, "model.model" if ck.adapter else "--checkpoint", dtype=getattr(torch, cfg.model.torch_dtype),
                             attn_implementation=cfg.model.attn_impl)
     if ck.adapter:
         from peft import PeftModel
@@ -126,7 +126,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
                         pictures: int) -> tuple[dict, Path]:
     """Load, decode, score and write eval.json / predictions.jsonl / pictures; returns (metrics, out)."""
     from toolkit.data.tokenizer import load_tokenizer
-    from toolkit.model_source import check_model_source
+    from toolkit.model_source import from_pretrained
     from toolkit.rollout.codec import HFTokenCodec
     from toolkit.trainer.draw import write_pngs
     from toolkit.trainer.evaluate import run_eval
@@ -137,9 +137,9 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
         raise EvalError("data.val_jsonl is not set in the profile: `stage2 eval` scores the profile's val set "
                         "(fix: --set data.val_jsonl=PATH)")
     ck = resolve_checkpoint(checkpoint, cfg.model.model)
-    check_model_source(ck.model, key="--checkpoint" if ck.model != cfg.model.model else "model.model")
+    key = "model.model" if ck.model == cfg.model.model else "--checkpoint"
     tok_dir = ck.adapter if ck.adapter and (Path(ck.adapter) / "tokenizer.json").is_file() else ck.model
-    tok = load_tokenizer(tok_dir)
+    tok = from_pretrained(load_tokenizer, tok_dir, key)
     codec = HFTokenCodec(tok)
     vision = VisionProcessor(ck.model) if image_pad_id(ck.model) is not None else None
     d = cfg.data

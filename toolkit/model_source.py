@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 
-class ModelSourceError(ValueError):
-    """model.model names neither an existing folder nor a reachable / cached hub model."""
+class ModelSourceError(FileNotFoundError):
+    """model.model names neither an existing folder nor a reachable / cached hub model (a FileNotFoundError,
+    so `stage2 train` reports it as one message)."""
 
 
 def looks_like_path(name: str) -> bool:
@@ -35,7 +36,8 @@ def check_model_source(name: str, key: str = "model.model") -> None:
 
 def hub_unreachable(name: str, key: str = "model.model") -> ModelSourceError:
     return ModelSourceError(
-        f"{key}: {name!r} is not a local folder, and the Hugging Face hub could not be reached to download it "
+        f"{key}: {name!r} is not a local folder (no {Path(name).expanduser().resolve()}), and the Hugging Face hub "
+        "could not be reached to download it "
         f"(no network?): download it where there is network (`hf download {name} --local-dir DIR`) and set "
         f"{key} to DIR")
 

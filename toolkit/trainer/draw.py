@@ -67,10 +67,13 @@ def draw_boxes(record: dict, image_path: str | None = None) -> Image.Image:
 def _box(draw: ImageDraw.ImageDraw, xy, colour, width: int, label: str | None) -> None:
     x1, y1, x2, y2 = xy
     draw.rectangle((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), outline=colour, width=width)
-    if label:
-        tx, ty = min(x1, x2) + width + 1, min(y1, y2) + width + 1
-        left, top, right, bottom = draw.textbbox((tx, ty), label)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(255, 255, 255))
+    if label:  # above the top-left corner when there is room, else just inside it
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        height = bottom - top + 2
+        tx = min(x1, x2)
+        ty = min(y1, y2) - height - width if min(y1, y2) - height - width >= 0 else min(y1, y2) + width + 1
+        box = draw.textbbox((tx, ty), label)
+        draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(255, 255, 255))
         draw.text((tx, ty), label, fill=colour)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from toolkit.data.tokenizer import load_tokenizer
-from toolkit.model_source import check_model_source, from_pretrained
+from toolkit.model_source import from_pretrained
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
@@ -122,8 +122,8 @@ class Stage2Trainer:
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.out_dir = Path(cfg.training.output_dir)
-        check_model_source(cfg.model.model)  # a missing path said plainly, before any hub client sees it
-        self.tok = load_tokenizer(cfg.model.model)
+        # A missing path or an unreachable hub said plainly, before any hub client retries (model_source.py).
+        self.tok = from_pretrained(load_tokenizer, cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
         # A Qwen-VL model folder: images are patched by its own processor, positions are M-RoPE.
         self.vision = VisionProcessor(cfg.model.model) if image_pad_id(cfg.model.model) is not None else None
