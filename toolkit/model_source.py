@@ -45,21 +45,27 @@ def hub_unreachable(name: str, key: str = "model.model") -> ModelSourceError:
 def from_pretrained(load, name: str, key: str = "model.model", **kwargs):
     """`load(name, **kwargs)` (a from_pretrained), with a missing path or an unreachable hub said plainly."""
     check_model_source(name, key)
-    if Path(name).expanduser().exists():
-        return load(name, **kwargs)
+    if not Path(name).expanduser().exists():
+        check_hub(name, key)
+    return load(name, **kwargs)
+
+
+def check_hub(name: str, key: str = "model.model") -> None:
+    """A hub id must be in the local cache, or on a reachable hub; else one sentence saying which failed."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
     try:
-        return load(name, **kwargs)
-    except OSError as err:
-        if _offline_error(err):
-            raise hub_unreachable(name, key) from None
-        raise ModelSourceError(f"{key}: {name!r} is not a local folder and not a model on the Hugging Face "
-                               f"hub ({str(err).splitlines()[0]})") from None
-
-
-def _offline_error(err: BaseException) -> bool:
-    """Was this OSError caused by having no network (or HF_HUB_OFFLINE)?"""
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # downloaded before: from_pretrained loads it from the cache, network or not
+    except HFValidationError:
+        raise ModelSourceError(f"{key}: {name!r} is neither an existing folder nor a hub id ('org/name')") from None
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return True
-    text = repr(err) + repr(err.__cause__) + repr(err.__context__)
-    return any(s in text for s in ("ConnectionError", "ConnectError", "offline", "Max retries", "Name or service",
-                                   "Temporary failure in name resolution", "LocalEntryNotFoundError"))
+        raise hub_unreachable(name, key)
+    try:
+        model_info(name, timeout=20)
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"{key}: {name!r} is not a local folder (no {Path(name).resolve()}) and not a model "
+                               "on the Hugging Face hub; fix the path or the id") from None
+    except Exception:  # noqa: BLE001 - any transport failure (DNS, proxy, timeout) reads the same to the user
+        raise hub_unreachable(name, key) from None

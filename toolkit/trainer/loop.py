@@ -37,6 +37,7 @@ from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 from toolkit.trainer.samples import SampleInput, load_samples
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 from toolkit.trainer.scheduler import channel_for_step
+from toolkit.trainer.wandb_log import with_wandb
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class Stage2Trainer:
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
+        self.writer = with_wandb(self.writer, cfg, self.dist.rank, self.out_dir, resumed=self.state.step > 0)
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
@@ -405,7 +407,9 @@ class Stage2Trainer:
             if not hasattr(self, "pictures"):
                 tr = self.cfg.training
                 self.pictures = PictureLog(self.out_dir, tr.logging_dir, "tensorboard" in tr.report_to)
-            self.pictures.write(step, res.records)
+            paths = self.pictures.write(step, res.records)
+            if hasattr(self.writer, "wandb"):  # W&B gets them with this step's metrics
+                self.writer.wandb.add_pictures({f"eval_pictures/{r['sample_id']}": p for r, p in zip(res.records, paths)})
         return res.metrics
 
     # ------------------------------------------------------------------ checkpoint
