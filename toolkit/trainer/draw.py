@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from toolkit.data.coords import bin_to_unit
 
@@ -47,34 +47,35 @@ def draw_boxes(record: dict, image_path: str | None = None) -> Image.Image:
     draw = ImageDraw.Draw(im)
     w, h = im.size
     line = max(1, round(min(w, h) / 250))
+    font = ImageFont.load_default(size=max(10, min(w, h) // 45))
     match = record["match"]
     matched_gt = {g for _, g, _ in match["pairs"]}
     for g, obj in enumerate(record["gt"]):
         if g in matched_gt:
-            _box(draw, to_pixels(obj["bbox_2d"], w, h), MATCHED, 1, None)
+            _box(draw, to_pixels(obj["bbox_2d"], w, h), MATCHED, 1, None, font)
     for g in match["fn"]:
         obj = record["gt"][g]
-        _box(draw, to_pixels(obj["bbox_2d"], w, h), MISSED, line, f"missed: {obj['desc']}")
+        _box(draw, to_pixels(obj["bbox_2d"], w, h), MISSED, line, f"missed: {obj['desc']}", font)
     for p, _, iou in match["pairs"]:
         obj = record["pred"][p]
-        _box(draw, to_pixels(obj["bbox_2d"], w, h), MATCHED, line, f"{obj['desc']} {iou:.2f}")
+        _box(draw, to_pixels(obj["bbox_2d"], w, h), MATCHED, line, f"{obj['desc']} {iou:.2f}", font)
     for p in match["fp"]:
         obj = record["pred"][p]
-        _box(draw, to_pixels(obj["bbox_2d"], w, h), FALSE_POSITIVE, line, f"FP: {obj['desc']}")
+        _box(draw, to_pixels(obj["bbox_2d"], w, h), FALSE_POSITIVE, line, f"FP: {obj['desc']}", font)
     return im
 
 
-def _box(draw: ImageDraw.ImageDraw, xy, colour, width: int, label: str | None) -> None:
+def _box(draw: ImageDraw.ImageDraw, xy, colour, width: int, label: str | None, font) -> None:
     x1, y1, x2, y2 = xy
     draw.rectangle((min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), outline=colour, width=width)
     if label:  # above the top-left corner when there is room, else just inside it
-        left, top, right, bottom = draw.textbbox((0, 0), label)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         height = bottom - top + 2
         tx = min(x1, x2)
         ty = min(y1, y2) - height - width if min(y1, y2) - height - width >= 0 else min(y1, y2) + width + 1
-        box = draw.textbbox((tx, ty), label)
+        box = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=(255, 255, 255))
-        draw.text((tx, ty), label, fill=colour)
+        draw.text((tx, ty), label, fill=colour, font=font)
 
 
 def file_name(sample_id: str) -> str:

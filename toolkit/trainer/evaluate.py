@@ -43,13 +43,16 @@ def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: 
     """Decode this rank's shard in decode_batch_size chunks (every rank makes the same number of calls),
     score each rollout, reduce once. `keep`: how many per-sample records (rollout text, parsed objects,
     matches) to return from this rank; `progress`: show an eval bar (rank 0, a terminal only)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
+
+    from toolkit.trainer.console import interactive
 
     t0 = time.perf_counter()
     samples, n_real = shard(val_set, rank, world_size)
     size = rm["decode_batch_size"]
     m, records = StepMetrics(), []
-    bar = tqdm(total=n_real, desc="eval", unit="sample", leave=False, disable=not progress or rank != 0)
+    bar = tqdm(total=n_real, desc="eval", unit="sample", leave=False, disable=not (progress and interactive(rank)),
+               dynamic_ncols=True)
     for start in range(0, len(samples), size):
         chunk = samples[start:start + size]
         rollouts = backend.generate([s.prompt_ids for s in chunk], step=step, **image_kwargs(chunk))

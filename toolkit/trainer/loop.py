@@ -232,10 +232,10 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ train
     def train(self) -> int:
         """Run to total_steps or a stop signal. Returns the process exit code (0, or 128 + signal)."""
-        from tqdm import tqdm
+        from toolkit.trainer.console import StepBar
 
         tr = self.cfg.training
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.dist.rank != 0, desc="stage2", unit="step")
+        bar = StepBar(self.total_steps, self.state.step, self.dist.rank)  # logs above the bar (console.py)
         while self.state.step < self.total_steps:
             step = self.state.step
             metrics = self.train_step(step)
@@ -254,6 +254,7 @@ class Stage2Trainer:
                 self.save_checkpoint(metrics)
             if stop:
                 log.warning("stopping after step %d on signal %d (checkpoint written)", step, self.stop_signum)
+                bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
         return 0

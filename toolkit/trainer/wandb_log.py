@@ -9,6 +9,7 @@ and step, plus the eval pictures (toolkit/trainer/draw.py). The run id is kept i
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class WandbLog:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         id_file = out / ID_FILE
-        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         tr = cfg.training
         self.run = wandb.init(project=tr.wandb_project, name=tr.run_name, id=run_id, resume="allow", dir=str(out),
