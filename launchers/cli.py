@@ -20,7 +20,8 @@ import click
 # e.g. "train": "launchers.train_cmd:train", "launch": "launchers.launch_cmd:launch",
 #      "serve": "launchers.serve_cmd:serve"
 LAZY_SUBCOMMANDS: dict[str, str] = {"train": "toolkit.train:train_command", "launch": "launchers.launch_cmd:launch",
-                                     "serve": "launchers.serve_cmd:serve", "data": "toolkit.data.cli:data"}
+                                     "serve": "launchers.serve_cmd:serve", "data": "toolkit.data.cli:data",
+                                     "eval": "toolkit.eval_cmd:eval_command"}
 
 PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
 SET_HELP = "Override KEY=VALUE (repeatable); VALUE is YAML, e.g. --set 'x.servers=[{base_url: ..., group_port: 51300}]'."

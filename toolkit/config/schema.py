@@ -100,7 +100,9 @@ TRAINING = Section("Optimization, evaluation, checkpointing and logging.", {
     "packing_min_fill_ratio": Key(Float(lo=0.0, hi=1.0, lo_open=True),
                                   "Packs filled below this fraction of global_max_length are counted "
                                   "(packing/underfilled_packs); server mode starts a pack once this full.", 0.5),
-    "report_to": Key(ListOf(Enum("tensorboard", "jsonl")), "Metric sinks.", ["tensorboard", "jsonl"]),
+    "report_to": Key(ListOf(Enum("tensorboard", "jsonl", "wandb")),
+                     "Metric sinks; wandb needs the `.[wandb]` extra (docs/STAGE2_RUNBOOK.md).", ["tensorboard", "jsonl"]),
+    "wandb_project": Key(Str(), "Weights & Biases project (report_to: wandb); the run is named run_name.", "stage2"),
     "gradient_checkpointing": Key(Bool(), "Recompute activations in backward to save memory.", False),
     "collective_timeout_s": Key(POS_FLOAT, "Longest wait of a learner collective for its peers (seconds): a lost or "
                                            "hung rank fails the others after this instead of hanging. Must exceed the "

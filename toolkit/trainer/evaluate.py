@@ -1,5 +1,8 @@
 """Rollout eval: decode the val set in decode_batch_size chunks → strict parse → match → detection metrics.
 
+One function, `run_eval`, serves the training loop's eval and `stage2 eval` (toolkit/eval_cmd.py), so a
+checkpoint scored offline gets exactly the `eval_rollout/*` numbers training logged for it.
+
 No teacher-forced pass and no eval loss. Each rank decodes an equal-sized shard
 (padded by repeating its last prompt, whose results are discarded) so ZeRO-3's synchronized forwards
 line up; the counters are merged with the same one-collective reduction as training metrics.
@@ -7,13 +10,22 @@ line up; the counters are merged with the same one-collective reduction as train
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from toolkit.rollout.match import detection_counts
+from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import parse_rollout
 from toolkit.trainer.metrics import StepMetrics, reduce_metrics
 from toolkit.trainer.samples import image_kwargs
 
 PREFIX = "eval_rollout"
+
+
+@dataclass
+class EvalResult:
+    """The reduced metrics (same dict on every rank) and this rank's first `keep` per-sample records."""
+
+    metrics: dict
+    records: list[dict] = field(default_factory=list)
 
 
 def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
@@ -26,37 +38,74 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     return mine, n_real
 
 
-def evaluate_rollouts(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int) -> dict:
+def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int,
+             keep: int = 0, progress: bool = False) -> EvalResult:
+    """Decode this rank's shard in decode_batch_size chunks (every rank makes the same number of calls),
+    score each rollout, reduce once. `keep`: how many per-sample records (rollout text, parsed objects,
+    matches) to return from this rank; `progress`: show an eval bar (rank 0, a terminal only)."""
+    from tqdm import tqdm
+
+    from toolkit.trainer.console import interactive
+
     t0 = time.perf_counter()
     samples, n_real = shard(val_set, rank, world_size)
-    rollouts = backend.generate([s.prompt_ids for s in samples], step=step, **image_kwargs(samples)) if samples else []
-    m = StepMetrics()
-    for sample, ro in list(zip(samples, rollouts))[:n_real]:
-        score_rollout(m, sample, ro, codec, rm)
+    size = rm["decode_batch_size"]
+    m, records = StepMetrics(), []
+    bar = tqdm(total=n_real, desc="eval", unit="sample", leave=False, disable=not (progress and interactive(rank)),
+               dynamic_ncols=True)
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        rollouts = backend.generate([s.prompt_ids for s in chunk], step=step, **image_kwargs(chunk))
+        for i, (sample, ro) in enumerate(zip(chunk, rollouts)):
+            if start + i >= n_real:
+                break  # padding: decoded only to keep the ranks' forwards in step
+            record = score_rollout(m, sample, ro, codec, rm)
+            if len(records) < keep:
+                records.append(record)
+        bar.update(min(len(chunk), max(0, n_real - start)))
+    bar.close()
     m.time(f"{PREFIX}/runtime_s", time.perf_counter() - t0)
-    return reduce_metrics(m)
+    return EvalResult(reduce_metrics(m), records)
 
 
-def score_rollout(m: StepMetrics, sample, ro, codec, rm: dict) -> None:
-    """Add one rollout's parse and match counts to `m` (training-gate matching and the class-aware F1@0.5)."""
+def evaluate_rollouts(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int) -> dict:
+    """The reduced `eval_rollout/*` metrics only (see `run_eval`)."""
+    return run_eval(backend, val_set, codec, rm, rank=rank, world_size=world_size, step=step).metrics
+
+
+def score_rollout(m: StepMetrics, sample, ro, codec, rm: dict) -> dict:
+    """Add one rollout's parse and match counts to `m` (training-gate matching and the class-aware F1@0.5);
+    return the sample's record: rollout text, parsed objects, GT and the gate matching."""
     parse = parse_rollout(ro.completion_ids, codec)
     preds = [o.bbox for o in parse.objects]
     gts = [o["bbox_2d"] for o in sample.gt_objects]
     knobs = dict(candidate_top_k=rm["candidate_top_k"], resolution=rm["maskiou_resolution"],
                  fp_cost=rm["fp_cost"], fn_cost=rm["fn_cost"])
-    gate = detection_counts(preds, gts, gate=rm["maskiou_gate"], **knobs)
-    strict = detection_counts(preds, gts, gate=0.5, pred_descs=[o.desc for o in parse.objects],
-                              gt_descs=[o["desc"] for o in sample.gt_objects], require_desc_match=True, **knobs)
-    m.add_detection_counts(PREFIX, gate.matched, gate.pred, gate.gt)
-    m.add_detection_counts(f"{PREFIX}/class50", strict.matched, strict.pred, strict.gt)
-    m.add_ratio(f"{PREFIX}/matched_iou_mean", gate.iou_sum, gate.matched)
+    gate = match_boxes(preds, gts, gate=rm["maskiou_gate"], **knobs)
+    strict = match_boxes(preds, gts, gate=0.5, pred_descs=[o.desc for o in parse.objects],
+                         gt_descs=[o["desc"] for o in sample.gt_objects], require_desc_match=True, **knobs)
+    m.add_detection_counts(PREFIX, len(gate.pairs), len(preds), len(gts))
+    m.add_detection_counts(f"{PREFIX}/class50", len(strict.pairs), len(preds), len(gts))
+    m.add_ratio(f"{PREFIX}/matched_iou_mean", gate.iou_sum, len(gate.pairs))
     m.add_sum(f"{PREFIX}/gating_rejections", gate.gating_rejections)
     m.add_ratio(f"{PREFIX}/valid_json_rate", float(_valid_json(parse)), 1.0)
     m.add_ratio(f"{PREFIX}/parse_truncated_rate", float(parse.truncated), 1.0)
     m.add_sum(f"{PREFIX}/parse_dropped_invalid", parse.n_dropped)
-    m.add_ratio(f"{PREFIX}/sample_any_match_rate", float(gate.matched > 0), 1.0)
+    m.add_ratio(f"{PREFIX}/sample_any_match_rate", float(len(gate.pairs) > 0), 1.0)
     m.add_mean(f"{PREFIX}/rollout_len_mean", len(ro.completion_ids))
     m.add_sum(f"{PREFIX}/samples", 1)
+    return {
+        "sample_id": sample.sample_id,
+        "images": list(sample.images),
+        "rollout": "".join(codec.pieces(list(ro.completion_ids))),
+        "finish_reason": ro.finish_reason,
+        "valid_json": _valid_json(parse),
+        "gt": [{"desc": o["desc"], "bbox_2d": list(o["bbox_2d"])} for o in sample.gt_objects],
+        "pred": [{"desc": o.desc, "bbox_2d": list(o.bbox)} for o in parse.objects],
+        "match": {"pairs": [[p, g, round(iou, 4)] for p, g, iou in gate.pairs], "fp": gate.fp_indices,
+                  "fn": gate.fn_indices},
+        "class50_matched": len(strict.pairs),
+    }
 
 
 def _valid_json(parse) -> bool:

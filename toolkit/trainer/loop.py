@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from toolkit.data.tokenizer import load_tokenizer
+from toolkit.model_source import from_pretrained
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
@@ -29,13 +30,14 @@ from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.export import copy_support_files
 from toolkit.trainer.optim import build_optimizer, lr_lambda
-from toolkit.trainer.evaluate import evaluate_rollouts
+from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import RoundPacker  # noqa: F401  (re-exported: tests spy on loop.RoundPacker.add)
 from toolkit.trainer.samples import SampleInput, load_samples
 from toolkit.trainer.step import StepLearner
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 from toolkit.trainer.scheduler import channel_for_step
+from toolkit.trainer.wandb_log import with_wandb
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ class Stage2Trainer:
         torch.manual_seed(cfg.training.seed)
         self.device = torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.out_dir = Path(cfg.training.output_dir)
-        self.tok = load_tokenizer(cfg.model.model)
+        # A missing path or an unreachable hub said plainly, before any hub client retries (model_source.py).
+        self.tok = from_pretrained(load_tokenizer, cfg.model.model)
         self.codec = HFTokenCodec(self.tok)
         # A Qwen-VL model folder: images are patched by its own processor, positions are M-RoPE.
         self.vision = VisionProcessor(cfg.model.model) if image_pad_id(cfg.model.model) is not None else None
@@ -111,6 +114,7 @@ class Stage2Trainer:
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
+        self.writer = with_wandb(self.writer, cfg, self.dist.rank, self.out_dir, resumed=self.state.step > 0)
         # Graceful handlers (finish the step, checkpoint) only now: during setup (minutes on a real model)
         # toolkit/train.py's start-up handlers stop at once on SIGTERM/SIGINT (nothing to save yet) and
         # hand a SIGUSR1 over to stop_signum.
@@ -133,9 +137,8 @@ class Stage2Trainer:
 
         cfg, tr = self.cfg, self.cfg.training
         model_cls = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
-        model = model_cls.from_pretrained(
-            cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype), attn_implementation=cfg.model.attn_impl
-        )
+        model = from_pretrained(model_cls.from_pretrained, cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype),
+                                attn_implementation=cfg.model.attn_impl)
         if cfg.tuner.train_type in ("lora", "dora"):
             tu = cfg.tuner
             model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules,
@@ -240,10 +243,10 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ train
     def train(self) -> int:
         """Run to total_steps or a stop signal. Returns the process exit code (0, or 128 + signal)."""
-        from tqdm import tqdm
+        from toolkit.trainer.console import StepBar
 
         tr = self.cfg.training
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.dist.rank != 0, desc="stage2", unit="step")
+        bar = StepBar(self.total_steps, self.state.step, self.dist.rank)  # logs above the bar (console.py)
         while self.state.step < self.total_steps:
             index = self.state.step  # 0-based: seeds, data cursor and A/B schedule are functions of it
             metrics = self.train_step(index)
@@ -266,6 +269,7 @@ class Stage2Trainer:
             if stop:
                 log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
                             ckpt.checkpoint_dir(self.out_dir, done).name)
+                bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
         return 0
@@ -369,9 +373,20 @@ class Stage2Trainer:
 
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:
-        """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing."""
-        return evaluate_rollouts(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg,
-                                 rank=self.dist.rank, world_size=self.dist.world_size, step=step)
+        """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing
+        (the function `stage2 eval` calls); rank 0 draws its first few samples (toolkit/trainer/draw.py)."""
+        from toolkit.trainer.draw import N_PICTURES, PictureLog
+
+        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg, rank=self.dist.rank,
+                       world_size=self.dist.world_size, step=step, keep=N_PICTURES, progress=True)
+        if self.dist.rank == 0:
+            if not hasattr(self, "pictures"):
+                tr = self.cfg.training
+                self.pictures = PictureLog(self.out_dir, tr.logging_dir, "tensorboard" in tr.report_to)
+            paths = self.pictures.write(step, res.records)
+            if hasattr(self.writer, "wandb"):  # W&B gets them with this step's metrics
+                self.writer.wandb.add_pictures({f"eval_pictures/{r['sample_id']}": p for r, p in zip(res.records, paths)})
+        return res.metrics
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, metrics: dict) -> Path:
@@ -427,7 +442,7 @@ class Stage2Trainer:
         clean=False (an error): no exit barrier, whose peer may be the one that is gone."""
         from toolkit.trainer.engine import close_distributed
 
-        for part in ("backend", "writer"):
+        for part in ("backend", "writer", "pictures"):
             if hasattr(self, part):
                 getattr(self, part).close()
         close_distributed(barrier=clean)
