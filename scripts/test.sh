@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The optional Weights & Biases sink is tested too (offline; tests/e2e/test_wandb.py).
+.venv/bin/pip install -q -e '.[wandb]'
 bash scripts/install_slurm.sh || echo "test: SLURM install failed; the slurm-marked tests will skip with a reason" >&2
 exec .venv/bin/python -m pytest "$@"
