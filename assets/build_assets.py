@@ -524,11 +524,16 @@ def build_vlm_stage1(out: Path, steps: int | None = None) -> dict:
     val_records = load_records(out / VLM_DIR / "data" / "val.jsonl")
     train, val = encode_vlm_split(proc, tok, train_records), encode_vlm_split(proc, tok, val_records)
     curve = train_vlm(model, tok, train, val, val_records, cfg, lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
-    dest = out / VLM_DIR / VLM_STAGE1_DIR
+    return save_vlm_stage1(model, init, out / VLM_DIR / VLM_STAGE1_DIR, curve)
+
+
+def save_vlm_stage1(model, init: Path, dest: Path, curve: list[dict]) -> dict:
+    """The trained model, the init folder's other files (processor, tokenizer, remote code: byte copies) and
+    the curve into `dest`; returns the last curve row."""
     if dest.exists():
         shutil.rmtree(dest)
     model.save_pretrained(str(dest))
-    for src in sorted(init.iterdir()):  # processor, tokenizer, remote code: byte copies of the init folder's
+    for src in sorted(init.iterdir()):
         if not (dest / src.name).exists():
             shutil.copyfile(src, dest / src.name)
     with (dest / "training_curve.jsonl").open("w", encoding="utf-8", newline="\n") as fh:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from build_assets import (  # noqa: E402  (assets/ is on sys.path when build_assets runs)
-    HERE, VISION_TOKENS, VLM_DIR, VLM_STAGE1, encode_vlm_split, pin_tokenizer_class, train_vlm, vlm_tokenizer,
+    HERE, VISION_TOKENS, VLM_DIR, VLM_STAGE1, encode_vlm_split, pin_tokenizer_class, save_vlm_stage1, train_vlm,
+    vlm_tokenizer,
 )
 from toolkit.data.records import load_records
 
@@ -131,14 +132,4 @@ def build_family_stage1(out: Path, family: str, steps: int | None = None) -> dic
     train, val = encode_vlm_split(proc, tok, train_records), encode_vlm_split(proc, tok, val_records)
     log = lambda row: print(json.dumps({"family": family, **row}), file=sys.stderr, flush=True)  # noqa: E731
     curve = train_vlm(model, tok, train, val, val_records, cfg, log)
-    dest = out / VLM_DIR / fam["stage1_dir"]
-    if dest.exists():
-        shutil.rmtree(dest)
-    model.save_pretrained(str(dest))
-    for src in sorted(init.iterdir()):  # processor, tokenizer, remote code: byte copies of the init folder's
-        if not (dest / src.name).exists():
-            shutil.copyfile(src, dest / src.name)
-    with (dest / "training_curve.jsonl").open("w", encoding="utf-8", newline="\n") as fh:
-        for row in curve:
-            fh.write(json.dumps(row) + "\n")
-    return curve[-1]
+    return save_vlm_stage1(model, init, out / VLM_DIR / fam["stage1_dir"], curve)

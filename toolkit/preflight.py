@@ -207,7 +207,7 @@ def missing_files(cfg: ResolvedConfig) -> list[str]:
     if data.val_jsonl:  # the trainer loads it whenever it is set
         wanted.append(("data.val_jsonl", data.val_jsonl))
     for key, path in wanted:
-        if not Path(path).is_file():
+        if not Path(path).exists():  # a directory (or other non-record file) is the loader's clear error
             problems.append(f"{key}: no file {path} (fix: --set {key}=/path/to/records.jsonl; docs/DATA.md)")
     return problems
 

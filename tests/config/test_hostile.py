@@ -144,5 +144,5 @@ def test_parent_paths_resolve_against_the_parent_project(tmp_path):
     cfg = load_profile(mine, cwd=tmp_path)
     assert cfg.model.model == str(REPO / "assets" / "stage1")  # a path that exists, not a hub id
     assert cfg.data.train_jsonl == str(REPO / "assets" / "data" / "train.jsonl")
-    assert cfg.training.logging_dir == str(REPO / "tb" / "stage2_ab" / "smoke" / "ab_mixed")
+    assert cfg.training.logging_dir == str(tmp_path / "elsewhere" / "runs" / "x" / "tb")  # follows output_dir
     assert cfg.training.output_dir == str(tmp_path / "elsewhere" / "runs" / "x")

@@ -4,6 +4,7 @@ resolve, and every demo figure it quotes is the one in docs/readme_figures.json,
 then copy the figures it prints into the README)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -22,6 +23,7 @@ def readme_commands() -> list[str]:
     """Lines of ```bash blocks, and inline `code` spans (they may wrap lines) that start with a tool."""
     found = []
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued with a trailing backslash is one line
         found += [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     prose = re.sub(r"```.*?```", "", README, flags=re.S)
     for span in re.findall(r"`([^`]+)`", prose):
@@ -43,12 +45,13 @@ def _cli(tool: str) -> click.Command:
 def _parse(tool: str, args: list[str]) -> click.Context:
     """Parse like the real command line would, without running it (usage errors raise)."""
     cmd = _cli(tool)
-    if isinstance(cmd, click.Group):
-        with cmd.make_context(tool, list(args), resilient_parsing=True) as group_ctx:
+    name = tool
+    while isinstance(cmd, click.Group):  # `stage2 data convert …`: descend through nested groups
+        with cmd.make_context(name, list(args), resilient_parsing=True) as group_ctx:
             sub = cmd.get_command(group_ctx, args[0])
         assert sub is not None, f"no subcommand {args[0]!r}"
-        return sub.make_context(args[0], args[1:])
-    return cmd.make_context(tool, args)
+        cmd, name, args = sub, args[0], args[1:]
+    return cmd.make_context(name, list(args))
 
 
 def _world(params: dict, argv: list[str]) -> int:
@@ -75,11 +78,24 @@ def check_command(line: str) -> None:
             continue
         if tool in ("tensorboard", "jq"):
             continue
+        if tool in ("torchrun", "python") and "toolkit.train" not in argv:
+            module = argv[argv.index("-m") + 1]  # e.g. python -m toolkit.data.synth_lvis OUT
+            assert importlib.util.find_spec(module) is not None, f"{line}: no module {module}"
+            continue
         if tool in ("torchrun", "python"):
-            assert "toolkit.train" in argv, line
             ctx = _parse("toolkit.train", argv[argv.index("toolkit.train") + 1:])
         else:
-            ctx = _parse(tool, argv[1:])
+            try:
+                ctx = _parse(tool, argv[1:])
+            except click.MissingParameter:
+                if any(a.startswith("-") for a in argv):
+                    raise
+                continue  # prose naming a command (`stage2 data check`), not an invocation
+            except click.BadParameter as err:
+                if "does not exist" not in str(err):
+                    raise
+                continue  # an example path of the user's (`--coco lvis_v1_train.json`): the options parsed
+
         params = ctx.params
         if params.get("profile"):
             sets = params.get("sets") or params.get("overrides") or ()

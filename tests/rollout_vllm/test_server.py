@@ -133,7 +133,7 @@ def test_bad_requests_are_422_and_400_naming_the_field(server):
     client = ServerClient(server.url, 0, timeout_s=10, infer_timeout_s=60)
     with pytest.raises(RolloutServerError) as err:
         client.infer("bad-2", [[1] * 1100], [{"max_tokens": 2}], None)
-    assert err.value.status == 400 and "prompt 0 has 1100 tokens; max_model_len is 1024" in str(err.value)
+    assert err.value.status == 400 and "prompts[0] has 1100 tokens; max_model_len is 1024" in str(err.value)
     assert err.value.url == server.url + "/infer/"
 
 
