@@ -139,3 +139,23 @@ def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
             "--image-root", str(tmp_path / "nope")]
     proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and f"--image-root {tmp_path / 'nope'} is not a directory" in proc.stderr, proc.stderr
+
+
+def test_a_damaged_weights_file_is_one_sentence_before_any_engine_starts(tmp_path):
+    """A model folder whose safetensors header is cut (copied, then truncated) names the file, no traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    from _vllm_helpers import ROOT, child_env, free_port
+
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "assets" / "stage1", model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--port", str(free_port()),
+            "--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.max_model_len=1024",
+            "--set", f"model.model={model}"]
+    proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{weights}: not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -124,6 +124,12 @@ def run_server(opts: ServeOptions) -> int:
         check_model_support(cfg.model.model, "vllm")  # before any engine process starts
     except ModelSupportError as err:
         raise ServeError(str(err)) from None
+    from toolkit.rollout.server.weight_sync import read_checkpoint_specs
+
+    try:
+        read_checkpoint_specs(cfg.model.model)  # a damaged weights file: one sentence, before any engine starts
+    except ValueError as err:
+        raise ServeError(str(err)) from None
     port = opts.port or default_port(cfg)
     check_port_free(opts.host, port)
     spec = build_spec(cfg, device, gpus, opts.dp, opts.tp, store_host=opts.host)

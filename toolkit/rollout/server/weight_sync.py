@@ -93,9 +93,14 @@ def read_checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec] | None
         return None
     specs: dict[str, TensorSpec] = {}
     for path in files:
-        with open(path, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (struct.error, ValueError, MemoryError, OverflowError) as exc:  # cut or damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}) "
+                             "(fix: re-export the model folder with save_pretrained, or point model.model "
+                             "at an intact copy)") from None
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
