@@ -97,7 +97,7 @@ def rank_pids(marker: str, launcher_pgid: int) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "toolkit.train" in cmd and "torch.distributed.run" not in cmd and pid not in live_in_group(launcher_pgid):
+        if "toolkit.train" in cmd and "toolkit.torchrun" not in cmd and pid not in live_in_group(launcher_pgid):
             out.append(pid)
     return out
 

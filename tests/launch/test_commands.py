@@ -24,7 +24,7 @@ def topo(profile=ProfileServers(False), env=None, **flags):
 def test_torchrun_single_node_gpu():
     t = topo(gpus="0,1")
     assert build_torchrun_argv(t, TRAIN) == [
-        "python", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "python", "-m", "toolkit.torchrun", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", "29511", *SIGNALS, *ENTRY]
     env = build_learner_env({"PATH": "/usr/bin"}, t, "torchrun")
     assert env == {"PATH": "/usr/bin", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -35,7 +35,7 @@ def test_torchrun_single_node_gpu():
 def test_torchrun_single_node_cpu():
     t = topo(gpus="cpu", nproc=2)
     assert build_torchrun_argv(t, TRAIN, python="/venv/bin/python") == [
-        "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "/venv/bin/python", "-m", "toolkit.torchrun", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", "29511", "--max_restarts", "0",
         "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *ENTRY]
     env = build_learner_env({"PATH": "/usr/bin", "OMP_NUM_THREADS": "4"}, t, "torchrun", stop_timeout=90)
@@ -48,7 +48,7 @@ def test_torchrun_multi_node_uses_c10d_rendezvous():
     env = {"SLURM_JOB_ID": "777"}
     t = topo(gpus="0,1,2,3", nnodes=2, node_rank=1, rdzv_endpoint="node001:29400", env=env)
     assert build_torchrun_argv(t, TRAIN) == [
-        "python", "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
+        "python", "-m", "toolkit.torchrun", "--nnodes", "2", "--nproc_per_node", "4",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "node001:29400", "--rdzv_id", "777",
         *SIGNALS, *ENTRY]
     assert build_learner_env({}, t, "torchrun")["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

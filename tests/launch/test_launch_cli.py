@@ -41,7 +41,7 @@ def test_dry_run_prints_placement_commands_and_env_as_json(tmp_path):
     assert plan["contract"]["learner_world_size"] == 2 and plan["contract"]["gradient_accumulation_steps"] == 4
     assert plan["placement"]["rendezvous"]["master_port"] == {"port": 29533, "source": "MASTER_PORT environment variable"}
     argv = plan["learner"]["argv"]
-    assert argv[1:7] == ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    assert argv[1:7] == ["-m", "toolkit.torchrun", "--nnodes", "1", "--nproc_per_node", "2"]
     assert argv[argv.index("--profile") + 1] == str(ROOT / "configs/stage2_ab/smoke/ab_mixed.yaml")
     assert plan["learner"]["env"]["DS_ACCELERATOR"] == "cpu"
     assert plan["learner"]["log"] == str(tmp_path / "logs" / "learner.log")

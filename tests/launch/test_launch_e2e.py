@@ -25,7 +25,7 @@ def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
     log = (out / "logs" / "learner.log").read_text()
-    assert "torch.distributed.run" in log and "checkpoint written" in log  # header + the ranks' output
+    assert "toolkit.torchrun" in log and "checkpoint written" in log  # header + the ranks' output
     assert "checkpoint written" in proc.stderr  # teed to the console
     assert proc.stdout == ""  # stdout carries data only; a run prints none
     assert f"stage2-launch: exit 0 (learner finished)" in proc.stderr and "(newest step-000002)" in proc.stderr
@@ -61,6 +61,9 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
     assert state["step"] == done < 200
     assert "forwarding signal 15 to the learner's process group" in proc.stderr
     assert f"exit 143 (stopped by signal 15)" in proc.stderr
+    learner_log = (out / "logs" / "learner.log").read_text()
+    assert "torchrun: stopped by signal 15" in learner_log, learner_log[-3000:]
+    assert "SignalException" not in learner_log and "Traceback" not in learner_log, learner_log[-3000:]
     assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), \
         (live_in_group(learner), live_mentioning(str(tmp_path)))
     assert not any(live_in_group(r) for r in ranks)
