@@ -45,7 +45,7 @@ def tiny_model_dir(tmp: Path) -> Path:
 
 
 def settings(dbs: int, new_tokens: int):
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
 
     return DecodeSettings(max_new_tokens=new_tokens, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0,
                           top_k=-1, repetition_penalty=1.0, repeat=None, seed=0)

@@ -99,10 +99,9 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
 
 
 def build_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
-    from toolkit.rollout.backends.base import DecodeSettings
-
+    
     rm = cfg.rollout_matching_cfg
-    settings = DecodeSettings.from_rollout_cfg(rm, seed=cfg.training.seed)
+    settings = cfg.settings.decode
     if name == "vllm":
         from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 

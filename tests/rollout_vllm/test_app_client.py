@@ -161,7 +161,7 @@ def test_client_retries_idempotent_infer_not_weight_updates(live):
 
 def test_backend_rejects_answers_out_of_order(live):
     """Round sizes and caps run on the real server (test_server.py); answers in the wrong order cannot be."""
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
     eng, client = live

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.rollout.backends.base import DecodeSettings
+from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError, VLLMServerBackend
 from toolkit.rollout.server import errors
 from _vllm_helpers import EOS, ROOT, child_env, free_port

@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from toolkit.rollout.backends.base import DecodeSettings
+from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.backends.vllm_server import (
     RolloutServerError, ServerClient, StaleWeightsError, VLLMServerBackend, WeightSyncError,

@@ -19,7 +19,6 @@ import torch
 
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.model_source import from_pretrained
-from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
@@ -165,7 +164,7 @@ class Stage2Trainer:
 
     def _setup_backend(self):
         rm = self.cfg.rollout_matching_cfg
-        settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
+        settings = self.cfg.settings.decode
         if rm["rollout_backend"] == "vllm":
             # Both vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3,
             # so every rank joins each sync and the start-up name check) and reload them once per step.

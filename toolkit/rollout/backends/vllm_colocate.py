@@ -24,9 +24,9 @@ import os
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
-from toolkit.rollout.backends.base import DecodeSettings, Rollout
+from toolkit.config.settings import DecodeSettings, RepeatSettings
+from toolkit.rollout.backends.base import Rollout
 from toolkit.rollout.chunking import chunked, seed_base
-from toolkit.rollout.repeat import RepeatRule
 from toolkit.vlm.inputs import image_pad_id
 
 log = logging.getLogger(__name__)
@@ -271,8 +271,8 @@ def to_sampling_params(d: dict):
                           stop_token_ids=list(d["stop_token_ids"]), seed=d.get("seed"), detokenize=False)
 
 
-def repeat_cut(generated: Sequence[int], rule: RepeatRule | None, key_ids: frozenset, limit: int) -> int | None:
-    """Smallest i in [1, limit] with `rule.should_stop(generated[:i])`, in O(n): the HF backend forces
+def repeat_cut(generated: Sequence[int], rule: RepeatSettings | None, key_ids: frozenset, limit: int) -> int | None:
+    """Smallest i in [1, limit] with `should_stop(rule, generated[:i])`, in O(n): the HF backend forces
     <|im_end|> right after such a prefix, so cutting there reproduces its rollout exactly."""
     if rule is None:
         return None
@@ -293,7 +293,7 @@ def repeat_cut(generated: Sequence[int], rule: RepeatRule | None, key_ids: froze
     return None
 
 
-def finish_rollout(prompt: Sequence[int], completion: Sequence[int], *, eos_id: int, rule: RepeatRule | None,
+def finish_rollout(prompt: Sequence[int], completion: Sequence[int], *, eos_id: int, rule: RepeatSettings | None,
                    key_ids: frozenset, weight_version: int = 0) -> Rollout:
     """A raw vLLM completion → the HF backend's Rollout (ends with <|im_end|> when stopped)."""
     completion = list(completion)

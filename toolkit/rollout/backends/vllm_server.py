@@ -25,7 +25,8 @@ from urllib.parse import urlparse
 
 import requests
 
-from toolkit.rollout.backends.base import DecodeSettings, Rollout
+from toolkit.config.settings import DecodeSettings
+from toolkit.rollout.backends.base import Rollout
 from toolkit.rollout.backends.vllm_colocate import WeightsFn, finish_rollout, sampling_dict
 from toolkit.rollout.chunking import allocate_counts, per_rank_chunk, seed_base, server_caps
 
