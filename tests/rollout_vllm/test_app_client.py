@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from toolkit.rollout.backends.vllm_server import (
     RolloutServerError, ServerClient, ServerUnavailableError,
 )
-from toolkit.rollout.server import errors
+from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
 from _vllm_helpers import free_port
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from toolkit.rollout.server.app import create_app
 from toolkit.rollout.server.engine import allowed_file, check_image_paths, image_roots
-from toolkit.rollout.server import errors
+from toolkit.rollout import errors
 
 
 class TinyEngine:

@@ -11,8 +11,8 @@ from toolkit.rollout.backends.vllm_colocate import engine_kwargs, finish_rollout
 from toolkit.config.settings import DecodeSettings
 from toolkit.config.settings import RepeatSettings
 from toolkit.rollout.repeat import should_stop
-from toolkit.rollout.server.errors import BadRequest, Conflict
-from toolkit.rollout.server.weight_sync import (
+from toolkit.rollout.errors import BadRequest, Conflict
+from toolkit.rollout.weight_sync import (
     SyncGroup, TensorSpec, check_specs, checkpoint_name, iter_buckets, pack_bucket, read_checkpoint_specs, spec_problems,
     specs_of, unpack_bucket,
 )

@@ -13,7 +13,7 @@ from _shared import shape_images, tiny_vlm_dir
 from _vllm_helpers import ROOT, child_env
 from _vlm_helpers import EOS, hf_learner, settings
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend, engine_kwargs, engine_prompt, served_specs
-from toolkit.rollout.server.weight_sync import check_specs, specs_of
+from toolkit.rollout.weight_sync import check_specs, specs_of
 
 IMAGE_PAD = 1321
 VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,

@@ -121,7 +121,7 @@ def hf_param_name(name: str) -> str:
 def served_specs(model: str):
     """The served checkpoint's tensor specs (safetensors headers) under the learner's names; None when
     `model` is not a local safetensors directory. Only a VLM's names change (`hf_param_name`)."""
-    from toolkit.rollout.server.weight_sync import TensorSpec, read_checkpoint_specs
+    from toolkit.rollout.weight_sync import TensorSpec, read_checkpoint_specs
 
     specs = read_checkpoint_specs(model)
     if specs is None or image_pad_id(model) is None:
@@ -337,7 +337,7 @@ class VLLMColocateBackend:
         """
         import torch
 
-        from toolkit.rollout.server.weight_sync import check_specs, specs_of
+        from toolkit.rollout.weight_sync import check_specs, specs_of
 
         if vcfg["tensor_parallel_size"] != 1:
             raise NotImplementedError(
@@ -384,7 +384,7 @@ class VLLMColocateBackend:
         """Load the learner's weights (after `step` optimizer steps) unless they are loaded already."""
         if self.weights is None or step == self.loaded_step:
             return
-        from toolkit.rollout.server.weight_sync import checkpoint_name, sendable
+        from toolkit.rollout.weight_sync import checkpoint_name, sendable
 
         t0 = time.perf_counter()
         named = ((checkpoint_name(n), t) for n, t in self.weights(self.device))

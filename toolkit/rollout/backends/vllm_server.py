@@ -168,7 +168,7 @@ class ServerClient:
         return self.request("GET", "/info/", timeout_s=self.timeout_s, retry=True)
 
     def weights_schema(self) -> dict | None:
-        from toolkit.rollout.server.weight_sync import TensorSpec
+        from toolkit.rollout.weight_sync import TensorSpec
 
         tensors = self.request("GET", "/weights_schema/", timeout_s=self.timeout_s, retry=True)["tensors"]
         return None if tensors is None else {t["name"]: TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors}
@@ -183,7 +183,7 @@ class ServerClient:
     # ------------------------------------------------------------------ weight sync (never retried)
     def init_communicator(self, timeout_s: float | None = None) -> None:
         """Open this server's weight-sync group and join it as the last rank."""
-        from toolkit.rollout.server.weight_sync import SyncGroup
+        from toolkit.rollout.weight_sync import SyncGroup
 
         t = self.timeout_s if timeout_s is None else timeout_s
         world = self.world_size() + 1
@@ -277,7 +277,7 @@ class VLLMServerBackend:
         """Name/shape check against every server (all ranks: collective under ZeRO-3), then rank 0 joins the groups."""
         if self.weights is None:
             return
-        from toolkit.rollout.server.weight_sync import check_specs, specs_of
+        from toolkit.rollout.weight_sync import check_specs, specs_of
 
         learner = specs_of(self.weights("meta"))
         for i, c in enumerate(self.clients):
@@ -383,7 +383,7 @@ class VLLMServerBackend:
         self.last_sync_s = time.perf_counter() - t0
 
     def _push(self, version: int) -> None:
-        from toolkit.rollout.server.weight_sync import checkpoint_name, iter_buckets, sendable
+        from toolkit.rollout.weight_sync import checkpoint_name, iter_buckets, sendable
 
         served = self.schemas[0]
         named = ((checkpoint_name(n), t) for n, t in self.weights(self.device))
@@ -438,7 +438,7 @@ class VLLMServerBackend:
 
     def _pack(self, bucket):
         """The bucket as one flat byte tensor; on CPU packed into a buffer kept between syncs (no allocation)."""
-        from toolkit.rollout.server.weight_sync import pack_bucket
+        from toolkit.rollout.weight_sync import pack_bucket
 
         flat, specs = pack_bucket(bucket, out=self._flat)
         if flat.device.type == "cpu" and (self._flat is None or flat.numel() > self._flat.numel()):

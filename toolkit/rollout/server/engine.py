@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 from toolkit.rollout.backends.vllm_colocate import served_specs
 from toolkit.rollout.chunking import split_counts
-from toolkit.rollout.server import errors
-from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_size
+from toolkit.rollout import errors
+from toolkit.rollout.weight_sync import TensorSpec, bucket_layout, dtype_size
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2

@@ -124,7 +124,7 @@ def run_server(opts: ServeOptions) -> int:
         check_model_support(cfg.model.model, "vllm")  # before any engine process starts
     except ModelSupportError as err:
         raise ServeError(str(err)) from None
-    from toolkit.rollout.server.weight_sync import read_checkpoint_specs
+    from toolkit.rollout.weight_sync import read_checkpoint_specs
 
     try:
         read_checkpoint_specs(cfg.model.model)  # a damaged weights file: one sentence, before any engine starts

@@ -120,7 +120,7 @@ class WorkerRuntime:
     def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
                  images: list[list[str]] | None = None) -> list[dict]:
         from toolkit.rollout.backends.vllm_colocate import engine_prompt, paths_per_prompt, to_sampling_params
-        from toolkit.rollout.server.errors import BadRequest, StaleWeights
+        from toolkit.rollout.errors import BadRequest, StaleWeights
 
         if expect_version is not None and expect_version != self.version:
             raise StaleWeights(f"holds weight version {self.version}, the learner expects "
@@ -151,7 +151,7 @@ class WorkerRuntime:
         except Exception:  # the engine cannot even say: assume the worst
             leftover = True
         if isinstance(exc, (ValueError, TypeError)) and not leftover:
-            from toolkit.rollout.server.errors import BadRequest
+            from toolkit.rollout.errors import BadRequest
 
             return BadRequest(f"vLLM refused the request: {text}")
         return _EngineFailed(f"generate failed inside vLLM: {text}")
@@ -248,7 +248,7 @@ class _Deferred(Exception):
 
 
 def _kind(exc: Exception) -> str:
-    from toolkit.rollout.server import errors
+    from toolkit.rollout import errors
 
     name = type(exc).__name__
     if isinstance(exc, NoGroup):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from toolkit.rollout.server.errors import BadRequest, Conflict, EngineError
+from toolkit.rollout.errors import BadRequest, Conflict, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def check_specs(learner: dict[str, TensorSpec], served: dict[str, TensorSpec] | 
             f"weight sync to {where}: the learner's tensors do not match the served checkpoint:\n  - "
             + "\n  - ".join(problems)
             + "\n(fix: serve the same architecture as model.model; LoRA must be merged (sync.mode full) and "
-            "wrapper prefixes stripped — see toolkit.rollout.server.weight_sync.checkpoint_name)"
+            "wrapper prefixes stripped — see toolkit.rollout.weight_sync.checkpoint_name)"
         )
 
 
