@@ -19,11 +19,11 @@ from toolkit.config.settings import DecodeSettings  # noqa: E402
 from toolkit.rollout.backends.hf import HFBackend  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
 from toolkit.config.settings import RepeatSettings  # noqa: E402
+from _vllm_helpers import vllm_settings  # noqa: E402
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3]]
-VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.25}
+VCFG = vllm_settings()
 
 
 def settings(**kw) -> DecodeSettings:
@@ -43,7 +43,7 @@ def main(model_dir: str, out: str) -> None:
     report = {}
     t0 = time.perf_counter()
     rng_before = torch.random.get_rng_state()
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=VCFG, settings=settings(), model_dtype="float32", eos_id=EOS,
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32", eos_id=EOS,
                                       weights=weights)
     report["engine_start_s"] = time.perf_counter() - t0
     report["rng_untouched"] = bool(torch.equal(rng_before, torch.random.get_rng_state()))

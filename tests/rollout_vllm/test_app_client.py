@@ -16,9 +16,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from toolkit.rollout.backends.vllm_server import (
-    RolloutServerError, ServerClient, ServerUnavailableError,
-)
+from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
 from _vllm_helpers import free_port

@@ -115,7 +115,7 @@ def test_client_names_an_unhealthy_server_and_does_not_retry():
     with the server's reason (retrying or waiting on a wedged engine only delays the failure)."""
     import requests
 
-    from toolkit.rollout.backends.vllm_server import _says_unhealthy
+    from toolkit.rollout.client import _says_unhealthy
 
     def response(status, body):
         r = requests.Response()

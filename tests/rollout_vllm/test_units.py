@@ -7,11 +7,13 @@ import socket
 import pytest
 import torch
 
-from toolkit.rollout.backends.vllm_colocate import engine_kwargs, finish_rollout, repeat_cut, resolve_dtype, sampling_dict
+from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict
+from toolkit.rollout.vllm_engine import engine_kwargs, resolve_dtype
 from toolkit.config.settings import DecodeSettings
 from toolkit.config.settings import RepeatSettings
 from toolkit.rollout.repeat import should_stop
 from toolkit.rollout.errors import BadRequest, Conflict
+from _vllm_helpers import vllm_settings
 from toolkit.rollout.weight_sync import (
     SyncGroup, TensorSpec, check_specs, checkpoint_name, iter_buckets, pack_bucket, read_checkpoint_specs, spec_problems,
     specs_of, unpack_bucket,
@@ -19,8 +21,7 @@ from toolkit.rollout.weight_sync import (
 
 EOS = 2
 KEYS = frozenset({7, 8})
-VCFG = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": False, "dtype": "auto"}
+VCFG = dict(max_model_len=1024, enforce_eager=False, kv_cache_gb=None)
 
 
 # ------------------------------------------------------------------ repeat-terminate parity
@@ -66,10 +67,10 @@ def test_finish_rollout_semantics():
 
 
 def test_engine_kwargs_cpu_defaults_and_knobs():
-    kw = engine_kwargs(dict(VCFG, max_num_seqs=8), model="/m", dtype="float32", seed=3, on_cpu=True, executor="external_launcher")
+    kw = engine_kwargs(vllm_settings(**VCFG, max_num_seqs=8), model="/m", dtype="float32", seed=3, on_cpu=True, executor="external_launcher")
     assert kw["kv_cache_memory_bytes"] == 1 << 30 and kw["skip_tokenizer_init"] and kw["max_num_seqs"] == 8
     assert kw["distributed_executor_backend"] == "external_launcher" and "max_num_batched_tokens" not in kw
-    gpu = engine_kwargs(dict(VCFG, kv_cache_gb=2.5), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True)
+    gpu = engine_kwargs(vllm_settings(**dict(VCFG, kv_cache_gb=2.5)), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True)
     assert gpu["kv_cache_memory_bytes"] == int(2.5 * (1 << 30)) and gpu["worker_extension_cls"].endswith("WeightSyncExtension")
     assert "distributed_executor_backend" not in gpu
     assert resolve_dtype("auto", "float32") == "float32" and resolve_dtype("bfloat16", "float32") == "bfloat16"

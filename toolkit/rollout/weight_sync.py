@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from toolkit.rollout.errors import BadRequest, Conflict, EngineError
 
@@ -38,6 +38,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 WRAPPER_INFIXES = (".base_layer.", ".modules_to_save.default.", "._orig_mod.")
 MAX_LISTED = 12
 LEARNER_READY_KEY = "stage2_learner_ready"
+# The learner's weights as both vLLM backends take them: device → (HF name, full tensor); collective on ZeRO-3.
+WeightsFn = Callable[[str], Iterator[tuple[str, object]]]
 
 
 @dataclass(frozen=True)
