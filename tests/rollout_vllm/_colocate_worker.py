@@ -43,8 +43,8 @@ def main(model_dir: str, out: str) -> None:
     report = {}
     t0 = time.perf_counter()
     rng_before = torch.random.get_rng_state()
-    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32", eos_id=EOS,
-                                      weights=weights)
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32",
+                                      eos_id=EOS, weights=weights)
     report["engine_start_s"] = time.perf_counter() - t0
     report["rng_untouched"] = bool(torch.equal(rng_before, torch.random.get_rng_state()))
     ref = HFBackend(learner, settings(), pad_id=PAD, eos_id=EOS)

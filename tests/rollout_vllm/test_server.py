@@ -57,8 +57,9 @@ def learner(hf_model):
 
 
 def test_infer_parity_then_weight_update_through_gloo(server, learner):
-    backend = VLLMServerBackend.from_settings(server_settings(server.url, free_group_port()), settings(), bucket_size_mb=1,
-                                              eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
+    srv = server_settings(server.url, free_group_port())
+    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                              weights=weights_of(learner))
     ref = HFBackend(learner, settings(), pad_id=0, eos_id=EOS)
     try:
         assert backend.chunk == 4 and backend.caps == [4]  # dbs 2 × server world 2 / 1 learner
@@ -78,8 +79,9 @@ def test_infer_parity_then_weight_update_through_gloo(server, learner):
 
 
 def test_stale_version_is_an_error(server, learner):
-    backend = VLLMServerBackend.from_settings(server_settings(server.url, free_group_port()), settings(), bucket_size_mb=1,
-                                              eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
+    srv = server_settings(server.url, free_group_port())
+    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                              weights=weights_of(learner))
     try:
         backend.generate(PROMPTS[:2], step=20)  # pushes version 21
         backend.expected_version = 99  # as if the learner had pushed 99 and the server missed it

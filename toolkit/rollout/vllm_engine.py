@@ -233,7 +233,8 @@ def create_llm(kwargs: dict, *, on_cpu: bool):
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         llm = LLM(**kwargs)
-    log.info("vLLM engine ready in %.1f s (model %s, dtype %s)", time.perf_counter() - t0, kwargs["model"], kwargs["dtype"])
+    log.info("vLLM engine ready in %.1f s (model %s, dtype %s)", time.perf_counter() - t0, kwargs["model"],
+             kwargs["dtype"])
     return llm
 
 

@@ -65,8 +65,8 @@ class WorkerRuntime:
         on_cpu = spec["device"] == "cpu"
         if self.tp == 1:  # in-process engine: no EngineCore/Worker children, tensors load directly
             ensure_process_group()
-        kw = engine_kwargs(VllmSettings(**spec["vllm"]), model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], on_cpu=on_cpu,
-                           executor="external_launcher" if self.tp == 1 else "mp", extension=True)
+        kw = engine_kwargs(VllmSettings(**spec["vllm"]), model=spec["model"], dtype=spec["dtype"], seed=spec["seed"],
+                           on_cpu=on_cpu, executor="external_launcher" if self.tp == 1 else "mp", extension=True)
         self.llm = create_llm(kw, on_cpu=on_cpu)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.store_host = spec.get("store_host", "127.0.0.1")
