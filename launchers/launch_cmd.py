@@ -1,8 +1,9 @@
 """`stage2 launch` / `stage2-launch`: resolve → joint preflight → placement → start servers → learner.
 
-Owns the command and the planning step that joins the pieces: the profile resolved for the learner
-world size (GA must divide: the config error says so), the launcher contract (toolkit.preflight),
-the placement and ports (launchers.topology), the argv/env of every child (launchers.commands), the
+Owns the command and the planning step that joins the pieces: the flags parsed once into a Placement
+(toolkit/config/placement.py), the profile resolved for its learner world size (GA must divide: the config
+error says so), the launcher contract (toolkit.preflight), ports and servers (launchers.topology), the run
+folder (toolkit/runlayout.py), the argv/env of every child (launchers.commands), the
 server probes (launchers.probe), and hands the plan to launchers.supervisor, which alone spawns.
 Importing this module is cheap: no torch/transformers/deepspeed/vllm/fastapi, here or below.
 """
@@ -12,17 +13,17 @@ import json
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import click
 
 from launchers import commands, probe, topology
-from toolkit import runlayout
-from launchers.cli import ConfigFailure, profile_options
+from launchers.options import ConfigFailure, profile_options
 from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
+from toolkit import runlayout
+from toolkit.config.placement import Placement, PlacementError
 
 log = logging.getLogger("stage2.launch")
 
@@ -33,7 +34,7 @@ class LaunchRequest:
 
     profile: str
     sets: tuple[str, ...] = ()
-    flags: topology.LaunchFlags = topology.LaunchFlags()
+    placement: Placement = field(default_factory=Placement)
     launcher: str = "torchrun"
     resume: str | None = None
     overwrite: bool = False
@@ -71,24 +72,9 @@ class LaunchPlan:
 
 
 def _profile_servers(cfg) -> topology.ProfileServers:
-    rm = cfg.rollout_matching_cfg
-    server_mode = rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server"
-    servers = tuple((s["base_url"], s["group_port"]) for s in rm["vllm"]["server"]["servers"]) if server_mode else ()
-    return topology.ProfileServers(server_mode, servers, rm["vllm"]["tensor_parallel_size"])
-
-
-def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
-    """toolkit.preflight's contract for this placement (it counts one node; the world spans all nodes)."""
-    from toolkit.preflight import CPU, build_preflight, validate_preflight
-
-    flags = req.flags
-    server_ids = topology.parse_gpu_flag(flags.server_gpus, "--server-gpus") or ()
-    ids = topology.parse_gpu_flag(flags.gpus, "--gpus")
-    if topo.nnodes == 1:
-        return build_preflight(cfg, list(ids) if isinstance(ids, tuple) else CPU, topo.nproc_per_node, list(server_ids))
-    contract = build_preflight(cfg, CPU, topo.world_size, list(server_ids))
-    contract["learner_gpus"] = list(ids) if isinstance(ids, tuple) else CPU
-    return validate_preflight(contract)
+    server = cfg.derived.server_mode
+    servers = tuple((s.base_url, s.group_port) for s in cfg.settings.server.servers) if server else ()
+    return topology.ProfileServers(server, servers, cfg.settings.vllm.tensor_parallel_size)
 
 
 def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.executable) -> LaunchPlan:
@@ -99,13 +85,12 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
         PreflightError, PlacementError: contract or placement problems, taken ports.
     """
     from toolkit.config import load_profile
-    from toolkit.preflight import check_multinode_servers
+    from toolkit.preflight import build_preflight, check_multinode_servers
 
-    world = topology.world_size_of(req.flags)
-    cfg = load_profile(req.profile, req.sets, world_size=world)
+    cfg = load_profile(req.profile, req.sets, world_size=req.placement.world_size)
     servers_info = _profile_servers(cfg)
-    topo = topology.build_topology(req.flags, servers_info, env)
-    contract = _contract(cfg, req, topo)
+    topo = topology.build_topology(req.placement, servers_info, env)
+    contract = build_preflight(cfg, req.placement)
     topology.check_ports(topo, lambda host: host in topology.local_hostnames())
     out = Path(cfg.training.output_dir)
     # The learner's rank 0 checks again; checking here fails before any server starts (nothing moved yet).
@@ -135,7 +120,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
 
 
 def checkpoint_since(output_dir: Path, since: float) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json written last) finished after `since`."""
+    """The newest complete checkpoint (its state file written last) finished after `since`."""
     done = [p for p in runlayout.complete_checkpoints(output_dir)
             if (p / runlayout.STATE_FILE).stat().st_mtime >= since - 1.0]
     return done[-1] if done else None
@@ -196,8 +181,8 @@ def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
     done = runlayout.complete_checkpoints(lp.output_dir)
     newest = f" (newest {done[-1].name})" if done else " (none complete)"
     reason = reason.split("\n", 1)[0]  # a failure's log tail was printed with the error already
-    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / 'logs'}; "
-            f"checkpoints: {lp.output_dir / 'checkpoints'}{newest}")
+    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / runlayout.LOGS}; "
+            f"checkpoints: {lp.output_dir / runlayout.CHECKPOINTS}{newest}")
 
 
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
@@ -214,7 +199,7 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         check_files(lp.cfg)
         check_external_servers(lp)
         check_gpus_exist(lp.topo, env)
-    except (ConfigError, PreflightError, topology.PlacementError) as exc:
+    except (ConfigError, PreflightError, PlacementError) as exc:
         raise ConfigFailure(exc) from None
     except (LaunchError, runlayout.RunFolderError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -271,7 +256,11 @@ def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes
     Exit code: the learner's (0 done, 1 launch or learner failure, 128+N after a stop signal).
     """
     _setup_logging()
-    flags = topology.LaunchFlags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint)
-    req = LaunchRequest(profile, sets, flags, launcher, resume, overwrite, health_timeout, stop_timeout)
+    try:
+        placement = Placement.from_flags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank,
+                                         rdzv_endpoint)
+    except PlacementError as exc:
+        raise ConfigFailure(exc) from None
+    req = LaunchRequest(profile, sets, placement, launcher, resume, overwrite, health_timeout, stop_timeout)
     sys.exit(run_launch(req, dry_run))
 
