@@ -23,6 +23,8 @@ from pathlib import Path
 
 import click
 
+from launchers.options import profile_options, resolve_profile
+
 log = logging.getLogger(__name__)
 TABLE_KEYS = ("eval_rollout/f1", "eval_rollout/precision", "eval_rollout/recall", "eval_rollout/class50/f1",
               "eval_rollout/matched_iou_mean", "eval_rollout/valid_json_rate", "eval_rollout/parse_truncated_rate",
@@ -166,8 +168,7 @@ def format_table(metrics: dict) -> str:
 
 
 @click.command("eval", context_settings={"show_default": True})
-@click.option("--profile", "-p", required=True, metavar="NAME|PATH", help="Profile whose val set, decoding and matching knobs are used.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable; VALUE is YAML).")
+@profile_options(profile_help="Profile whose val set, decoding and matching knobs are used.")
 @click.option("--checkpoint", required=True, metavar="DIR",
               help="Model folder, checkpoints/step-*/ (or its hf/), a run's output_dir, or a LoRA adapter folder.")
 @click.option("--backend", "backend_name", type=click.Choice(["hf", "vllm"]), default="hf", help="Rollout engine.")
@@ -186,13 +187,12 @@ def eval_command(profile: str, sets: tuple[str, ...], checkpoint: str, backend_n
       stage2 eval -p smoke/ab_mixed --checkpoint output/stage2_ab/smoke/ab_mixed/checkpoints/step-000100
       stage2 eval -p smoke/ab_mixed --checkpoint output/stage2_ab/smoke/ab_mixed --backend vllm
     """
-    from launchers.cli import _resolve
     from toolkit.data.records import RecordError
     from toolkit.model_source import ModelSourceError
     from toolkit.train import setup_logging
 
     setup_logging()
-    cfg = _resolve(profile, sets, 1)
+    cfg = resolve_profile(profile, sets)
     try:
         metrics, where = evaluate_checkpoint(cfg, checkpoint, backend_name, limit, out, pictures)
     except (RecordError, ModelSourceError, FileNotFoundError, ValueError) as err:
