@@ -102,18 +102,17 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     if topology.servers_rewritten(topo, servers_info):
         sets.append(commands.servers_override(topo))
     profile = str(Path(cfg.profile_path).resolve())
-    logs = out / runlayout.LOGS
-    suffix = "" if topo.node_rank == 0 else f"-node{topo.node_rank}"
     server_specs = [ServerSpec(
         ProcessSpec(f"server{s.index}", commands.build_server_argv(s, profile, sets, python),
-                    commands.build_server_env(env, topo, s), logs / f"server{s.index}{suffix}.log"),
+                    commands.build_server_env(env, topo, s),
+                    runlayout.process_log(out, f"server{s.index}", topo.node_rank)),
         s.base_url, s.world_size,
         lambda url, w=want, n=s.world_size: probe.verify_server(url, probe.Expectation(n, w.model, w.min_model_len)),
     ) for s in topo.servers]
     train_args = commands.build_train_args(profile, sets, req.resume)
     learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
                           commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
-                          logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
+                          runlayout.process_log(out, "learner", topo.node_rank), tee=True, ignore_usr1=True)
     check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want, notes, cfg)
