@@ -102,12 +102,14 @@ def config_command(profile: str, sets: tuple[str, ...], world_size: int, normali
       stage2 config --profile prod/ab_mixed
       stage2 config --profile smoke/ab_mixed --world-size 2 --derived
       stage2 config --profile smoke/b_only --set rollout_matching.decode_batch_size=8 --normalized
-      stage2 config -p prod/ab_mixed --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
+      stage2 config -p prod/ab_mixed \
+        --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
     """
     from toolkit.config.yamlio import dump_yaml
 
     cfg = resolve_profile(profile, sets, world_size)
-    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg), "derived": lambda: dump_yaml(cfg.derived.to_dict())}
+    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg),
+             "derived": lambda: dump_yaml(cfg.derived.to_dict())}
     view = "normalized" if normalized else "derived" if derived_only else None
     click.echo(views[view]() if view else cfg.to_yaml(), nl=False)
     _echo_warnings(cfg.warnings)

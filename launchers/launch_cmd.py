@@ -224,20 +224,33 @@ def _setup_logging() -> None:
 
 @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
 @profile_options
-@click.option("--gpus", metavar="IDS|cpu", help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
+@click.option("--gpus", metavar="IDS|cpu",
+              help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks per node with --gpus cpu (default 1).")
 @click.option("--server-gpus", metavar="IDS", help="GPUs for the rollout server(s) this launch starts (server mode).")
-@click.option("--server-dp", type=click.IntRange(min=1), help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: the DP running servers must report.")
-@click.option("--server-tp", type=click.IntRange(min=1), help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Learner nodes (torchrun c10d rendezvous).")
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1).")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
-@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True, help="Learner launcher.")
-@click.option("--resume", metavar="auto|PATH", help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
-@click.option("--overwrite", is_flag=True, help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
-@click.option("--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
-@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds to wait for /health/ of started servers.")
-@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds the learner gets to checkpoint after a stop signal.")
+@click.option("--server-dp", type=click.IntRange(min=1),
+              help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: "
+                   "the DP running servers must report.")
+@click.option("--server-tp", type=click.IntRange(min=1),
+              help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Learner nodes (torchrun c10d rendezvous).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This node's rank (0..nnodes-1).")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT",
+              help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
+@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True,
+              help="Learner launcher.")
+@click.option("--resume", metavar="auto|PATH",
+              help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
+@click.option("--dry-run", is_flag=True,
+              help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
+@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds to wait for /health/ of started servers.")
+@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds the learner gets to checkpoint after a stop signal.")
 def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint,
            launcher, resume, overwrite, dry_run, health_timeout, stop_timeout) -> None:
     """Launch a Stage-2 run: joint preflight, rollout servers (server mode), then the learner.

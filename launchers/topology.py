@@ -2,8 +2,9 @@
 
 Owns the `Topology` dataclass and the pure functions that build it from the launch's `Placement`
 (toolkit/config/placement.py: the flags, parsed once) plus an explicit environment mapping (SLURM_JOB_ID,
-MASTER_PORT, CUDA_VISIBLE_DEVICES); nothing here reads os.environ or spawns anything. The only effects are two socket helpers (`port_is_free`,
-`probe_free_port`) that bind and close a socket; callers pass them in, so tests can replace them.
+MASTER_PORT, CUDA_VISIBLE_DEVICES); nothing here reads os.environ or spawns anything. The only effects are
+two socket helpers (`port_is_free`, `probe_free_port`) that bind and close a socket; callers pass them in,
+so tests can replace them.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 
 Port policy (every port carries the `source` that chose it, so errors can name it):
