@@ -105,7 +105,7 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
     check_files(cfg)
     from toolkit.vlm.support import check_model_support
 
-    check_model_support(cfg.model.model, cfg.rollout_matching_cfg["rollout_backend"])  # before any engine starts
+    check_model_support(cfg.model.model, cfg.settings.rollout_backend)  # before any engine starts
     if os.environ.get("RANK", "0") == "0":
         from toolkit.runlayout import as_written, claim_run_folder
 
