@@ -119,7 +119,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
 
 
 def checkpoint_since(output_dir: Path, since: float) -> Path | None:
-    """The newest complete checkpoint (its state file written last) finished after `since`."""
+    """The newest complete checkpoint (trainer_state.json written last) finished after `since`."""
     done = [p for p in runlayout.complete_checkpoints(output_dir)
             if (p / runlayout.STATE_FILE).stat().st_mtime >= since - 1.0]
     return done[-1] if done else None
