@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit import runlayout
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.model_source import from_pretrained
 from toolkit.rollout.backends.build import build_backend
@@ -124,7 +125,7 @@ class Stage2Trainer:
         self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
+            (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(_provenance()))
         log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
                  self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
                  self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
@@ -173,9 +174,9 @@ class Stage2Trainer:
                 log.info("--resume %s: no complete checkpoint under %s; starting fresh", self.resume, self.out_dir)
             return
         # Every file is checked before DeepSpeed's pickle loader sees one (docs/STAGE2_RUNBOOK.md, Security model).
-        ckpt.check_deepspeed_files(path / "ds")
+        ckpt.check_deepspeed_files(path / runlayout.CHECKPOINT_DS)
         rng, state = ckpt.read_rng(path, self.dist.rank), ckpt.read_state(path)
-        self.engine.load(path / "ds")
+        self.engine.load(path / runlayout.CHECKPOINT_DS)
         ckpt.set_rng(rng)
         self.state = state
         self._reschedule()
@@ -219,7 +220,7 @@ class Stage2Trainer:
                 self.save_checkpoint(metrics)
             if stop:
                 log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
-                            ckpt.checkpoint_dir(self.out_dir, done).name)
+                            runlayout.checkpoint_dir(self.out_dir, done).name)
                 bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
@@ -342,12 +343,12 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, metrics: dict) -> Path:
         tr = self.cfg.training
-        path = ckpt.checkpoint_dir(self.out_dir, self.state.step)
-        self.engine.save(path / "ds", tag=f"global_step{self.state.step}")
+        path = runlayout.checkpoint_dir(self.out_dir, self.state.step)
+        self.engine.save(path / runlayout.CHECKPOINT_DS, tag=f"global_step{self.state.step}")
         ckpt.save_rng(path, self.dist.rank)
-        self.engine.export_hf(path / "hf", tokenizer=self.tok)
+        self.engine.export_hf(path / runlayout.CHECKPOINT_HF, tokenizer=self.tok)
         if self.dist.rank == 0:
-            copy_support_files(self.cfg.model.model, path / "hf")
+            copy_support_files(self.cfg.model.model, path / runlayout.CHECKPOINT_HF)
         # With a rollout eval configured only its values rank checkpoints (a checkpoint taken between evals
         # does not); without one, the training batch's value does. Named as logged.
         evaluates = tr.eval_strategy == "steps" and bool(self.val_set)
@@ -361,7 +362,7 @@ class Stage2Trainer:
         self.engine.barrier()
         if self.dist.rank == 0:
             ckpt.write_state(path, self.state)
-            best = ckpt.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
+            best = runlayout.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
             ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set(), run_id=self.state.run_id)
             log.info("checkpoint written: %s (%s)", path, self._best_text())
         self.engine.barrier()

