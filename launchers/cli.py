@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from launchers.options import ConfigFailure, profile_options, resolve_profile
+from toolkit.cli_options import ConfigFailure, profile_options, resolve_profile
 
 # Subcommands living in their own modules: name → "module:attr". `stage2 --help` imports each module
 # to read its short help, so those modules must import heavy engines inside their callbacks only.

@@ -20,7 +20,7 @@ from typing import Mapping
 import click
 
 from launchers import commands, probe, topology
-from launchers.options import ConfigFailure, profile_options
+from toolkit.cli_options import ConfigFailure, profile_options
 from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
 from toolkit import runlayout
 from toolkit.config.placement import Placement, PlacementError

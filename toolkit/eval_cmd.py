@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from launchers.options import profile_options, resolve_profile
+from toolkit.cli_options import profile_options, resolve_profile
 from toolkit.runlayout import CHECKPOINT_HF, EVAL, complete_checkpoints
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import sys
 try:
     import click
 
-    from launchers.options import profile_options
+    from toolkit.cli_options import profile_options
 except ModuleNotFoundError as _err:  # `python3 -m toolkit.train` outside the project's venv
     sys.exit(f"{_err}: run with the project's venv: `.venv/bin/python -m toolkit.train …` or "
              "`source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")

@@ -72,3 +72,12 @@ def test_no_import_arrow_between_backends_and_server(room, other):
 def test_imports_are_read_from_function_bodies_too():
     # The worker imports the engine module inside a method: the reader must see it, or the rule above is blind.
     assert "toolkit.rollout.vllm_engine" in imported(MODULES["toolkit.rollout.server.worker"])
+
+
+def test_toolkit_never_imports_the_launchers():
+    # The house is one-way: launchers/ (the outer CLI and supervision) import toolkit, never the reverse.
+    arrows = []
+    for path in sorted((ROOT / "toolkit").rglob("*.py")):
+        arrows += [f"{path.relative_to(ROOT)} → {m}" for m in imported(path) if m == "launchers" or
+                   m.startswith("launchers.")]
+    assert arrows == []

@@ -1,6 +1,6 @@
 """`stage2 data`: convert COCO/LVIS annotations to records, check a records file (docs/DATA.md).
 
-Registered lazily in launchers/cli.py; imports only click and launchers/options.py here (the library is
+Registered lazily in launchers/cli.py; imports only click and toolkit/cli_options.py here (the library is
 imported inside the command bodies, as the rest of the CLI). Reports go to stdout, progress and summaries to stderr.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from launchers.options import profile_options
+from toolkit.cli_options import profile_options
 
 
 @click.group("data")

@@ -2,12 +2,16 @@
 shell completion), resolving a profile, and `ConfigFailure` (a ConfigError/PreflightError/PlacementError as
 `Error:` plus one line per issue, exit 1).
 
-Imports only click at import time (the config room inside functions): `stage2 --help` and every command
-module import it, so it must stay light; it imports no other launchers module.
+Shell completion for `--profile` (profile names, .yaml paths) and `--set` (profile keys, as `KEY=`) is Click's
+own (docs/STAGE2_RUNBOOK.md, "Shell completion"): `eval "$(_STAGE2_COMPLETE=bash_source stage2)"`.
+
+Imports only click at import time (the config room inside functions, when a completion is asked for):
+`stage2 --help` and every command module import it, so it must stay light.
 """
 from __future__ import annotations
 
 import click
+from click.shell_completion import CompletionItem
 
 PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
 SET_HELP = ("Override KEY=VALUE (repeatable); VALUE is YAML, e.g. "
@@ -31,16 +35,29 @@ def check_sets(ctx, param, values):
     return tuple(values)
 
 
-def _complete_profile(ctx, param, incomplete):
-    from launchers.completion import complete_profile
+def complete_profile(ctx, param, incomplete: str) -> list:
+    """Canonical profile names (cwd's project first, then the installed checkout) and matching .yaml paths."""
+    from toolkit.config.profiles import profile_names
 
-    return complete_profile(ctx, param, incomplete)
+    items = [CompletionItem(name) for name in profile_names() if name.startswith(incomplete)]
+    if not items:
+        items = [CompletionItem(incomplete, type="file")]  # not a name: let the shell complete a .yaml path
+    return items
 
 
-def _complete_set(ctx, param, incomplete):
-    from launchers.completion import complete_set
+def set_keys() -> list[str]:
+    """Every leaf key of the profile schema as a dotted path (list items are set as a whole)."""
+    from toolkit.config.schema import ROOT
+    from toolkit.config.spec import Section, walk_spec
 
-    return complete_set(ctx, param, incomplete)
+    return [".".join(path) for path, node in walk_spec(ROOT) if not isinstance(node, Section) and "[]" not in path]
+
+
+def complete_set(ctx, param, incomplete: str) -> list:
+    """`training.max_st` → `training.max_steps=`; nothing once a `=` is typed (the value is YAML)."""
+    if "=" in incomplete:
+        return []
+    return [CompletionItem(f"{key}=") for key in set_keys() if key.startswith(incomplete)]
 
 
 def profile_options(func=None, *, required: bool = True, profile_help: str = PROFILE_HELP, set_help: str = SET_HELP):
@@ -50,9 +67,9 @@ def profile_options(func=None, *, required: bool = True, profile_help: str = PRO
     """
     def decorate(f):
         f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=check_sets, help=set_help,
-                         shell_complete=_complete_set)(f)
+                         shell_complete=complete_set)(f)
         return click.option("--profile", "-p", required=required, metavar="NAME|PATH",
-                            help=profile_help, shell_complete=_complete_profile)(f)
+                            help=profile_help, shell_complete=complete_profile)(f)
     return decorate(func) if func is not None else decorate
 
 
