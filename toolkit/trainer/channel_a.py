@@ -8,10 +8,11 @@ the loss.
 Every forward is `model(inputs_embeds=…, position_ids=…, use_cache=False)`: no input_ids, no
 attention mask, no cache, so transformers derives the packed block-causal mask from the per-segment
 position ids (see toolkit/trainer/packing.py). A pack with images runs the vision tower once per call, not
-once per pass: its output does not depend on the coordinate rows (docs/VLM.md, "The vision tower once").
+once per pass: its output does not depend on the coordinate rows (docs/VLM.md, "Images once").
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,14 @@ def encode_images_once(model: Any, model_kwargs: Mapping[str, Any]) -> dict:
     pixel_values = kwargs.pop("pixel_values", None)
     if pixel_values is None:
         return kwargs
-    features = model.get_image_features(pixel_values, kwargs.get("image_grid_thw"), return_dict=True)
+    get_features = model.get_image_features  # through the DeepSpeed / PEFT wrappers to the HF model's method
+    if "mm_encoder_outputs" not in inspect.signature(get_features.__self__.forward).parameters:
+        # an older forward would take the kwarg silently into **kwargs and train without the image
+        import transformers
+
+        raise RuntimeError(f"{type(get_features.__self__).__name__}.forward takes no mm_encoder_outputs in "
+                           f"transformers {transformers.__version__} (fix: install the version setup.py pins)")
+    features = get_features(pixel_values, kwargs.get("image_grid_thw"), return_dict=True)
     kwargs["mm_encoder_outputs"] = {"image": features}
     return kwargs
 
