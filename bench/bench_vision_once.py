@@ -121,7 +121,8 @@ def main() -> None:
         with every_pass:
             learn(learner.loss_a, model, a_packs)
 
-    m = paired({"b_old": lambda: learn(learner.loss_b, model, b_old), "b_new": lambda: learn(learner.loss_b, model, b_new),
+    m = paired({"b_old": lambda: learn(learner.loss_b, model, b_old),
+                "b_new": lambda: learn(learner.loss_b, model, b_new),
                 "a_old": a_old, "a_new": lambda: learn(learner.loss_a, model, a_packs)}, args.repeat)
     n_b = sum(p.n_segments for p in b_new)
     rows = [

@@ -93,7 +93,6 @@ class VisionProcessor:
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
 
-
 def split_pixels(inputs: dict, images_per_row: Sequence[int]) -> list[dict | None]:
     """`model_inputs` of a batch's images cut into each row's own, in order (None for a row without images).
 
@@ -116,9 +115,8 @@ def split_pixels(inputs: dict, images_per_row: Sequence[int]) -> list[dict | Non
     return out
 
 
-def join_pixels(parts: Sequence[dict], device=None) -> dict:
+def join_pixels(parts: Sequence[dict]) -> dict:
     """Rows' pixel inputs as one forward's kwargs: patches and grids concatenated in row order."""
     import torch
 
-    out = {key: torch.cat([p[key] for p in parts]) for key in ("pixel_values", "image_grid_thw")}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pixel_values", "image_grid_thw")}

@@ -54,7 +54,8 @@ class HFBackend:
     def close(self) -> None:
         return None
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int, rows: Sequence[tuple[str, ...]]) -> list[Rollout]:
+    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int,
+                        rows: Sequence[tuple[str, ...]]) -> list[Rollout]:
         """One left-padded `generate`; `rows`: each prompt's image paths. Each rollout carries its prompt's
         pixel inputs (`Rollout.pixels`): the images are opened and patched here once for the whole step."""
         import torch
@@ -77,7 +78,8 @@ class HFBackend:
             if pixels:
                 # mm_token_type_ids is what makes HF compute M-RoPE positions; without it generate
                 # silently falls back to 1-D positions.
-                kwargs.update({k: v.to(ids.device) for k, v in pixels.items()}, mm_token_type_ids=(ids == self.vision.pad_id).int())
+                kwargs.update({k: v.to(ids.device) for k, v in pixels.items()},
+                              mm_token_type_ids=(ids == self.vision.pad_id).int())
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
                 seqs = self.module.generate(input_ids=ids, attention_mask=mask, **kwargs)
         finally:
