@@ -65,14 +65,12 @@ def setup(profile: str, n_samples: int, softctx_iter: int | None):
 
 def channel_b_packs(cfg, tok, vision, model, codec, learner, samples) -> tuple[list, float]:
     """One HF-backend rollout of the samples → the step's packs (carrying the rollout's pixel inputs), decode s."""
-    from toolkit.rollout.backends.base import DecodeSettings
-    from toolkit.rollout.backends.hf import HFBackend
+    from toolkit.rollout.backends.build import build_backend
     from toolkit.trainer.channel_b import prepare_channel_b
     from toolkit.trainer.metrics import StepMetrics
 
     rm = cfg.rollout_matching_cfg
-    backend = HFBackend(model, DecodeSettings.from_rollout_cfg(rm, seed=0), pad_id=tok.pad_token_id,
-                        eos_id=codec.im_end_id, object_key_ids=codec.object_key_token_ids(), vision=vision)
+    backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
     t0 = time.perf_counter()
     segments = prepare_channel_b(backend, samples, 0, codec, StepMetrics(), rm=rm, sab=cfg.stage2_ab.to_dict(),
                                  max_len=cfg.global_max_length, ordering=cfg.template.object_ordering)

@@ -98,28 +98,20 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
     return model.to(device).eval(), device
 
 
-def build_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
-    from toolkit.rollout.backends.base import DecodeSettings
+def open_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
+    """The --backend for `ck`: hf on the loaded model, or vllm as an in-process engine (never the profile's servers)."""
+    from toolkit.rollout.backends.build import build_backend
 
-    rm = cfg.rollout_matching_cfg
-    settings = DecodeSettings.from_rollout_cfg(rm, seed=cfg.training.seed)
     if name == "vllm":
-        from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
-
         model_dir = ck.model
         if ck.adapter:  # vLLM loads a folder: merge the adapter into one first
             model, _ = load_model(ck, cfg, vision is not None)
             model_dir = str(out / "merged_model")
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
-        return VLLMColocateBackend.create(model=model_dir, vcfg=rm["vllm"], settings=settings,
-                                          model_dtype=cfg.model.torch_dtype, eos_id=codec.im_end_id,
-                                          object_key_ids=codec.object_key_token_ids())
-    from toolkit.rollout.backends.hf import HFBackend
-
+        return build_backend(cfg, codec, kind="colocate", model_dir=model_dir)
     model, device = load_model(ck, cfg, vision is not None)
-    return HFBackend(model, settings, pad_id=tok.pad_token_id, eos_id=codec.im_end_id, device=device,
-                     object_key_ids=codec.object_key_token_ids(), vision=vision)
+    return build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, device=device, vision=vision)
 
 
 def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | None, out: Path | None,
@@ -147,7 +139,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
                        vision=vision, image_root=d.image_root, bbox_format=d.bbox_format)
     out = Path(out) if out else default_out(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    backend = build_backend(backend_name, ck, cfg, tok, codec, vision, out)
+    backend = open_backend(backend_name, ck, cfg, tok, codec, vision, out)
     try:
         res = run_eval(backend, val, codec, cfg.rollout_matching_cfg, rank=0, world_size=1, step=ck.step,
                        keep=len(val), progress=sys.stderr.isatty())

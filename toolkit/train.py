@@ -170,7 +170,7 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None, 
     except ModuleNotFoundError as err:
         raise click.ClickException(f"{err}: {VENV_HINT}") from None
     from toolkit.preflight import PreflightError
-    from toolkit.rollout.backends.vllm_server import RolloutServerError  # requests only, no vLLM
+    from toolkit.rollout.client import RolloutServerError  # requests only, no vLLM
     from toolkit.runlayout import RunFolderError
     from toolkit.trainer.checkpoint import CheckpointError
     from toolkit.vlm.support import ModelSupportError

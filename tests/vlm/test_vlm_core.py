@@ -171,7 +171,7 @@ def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradie
 
 
 def test_hf_backend_rollouts_see_the_image(vlm, segments):
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.hf import HFBackend
 
     model, vp = vlm

@@ -81,8 +81,7 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
     from transformers import AutoModelForImageTextToText
 
     from _vlm_families import family_dir
-    from toolkit.rollout.backends.base import DecodeSettings
-    from toolkit.rollout.backends.hf import HFBackend
+    from toolkit.rollout.backends.build import build_backend
     from toolkit.trainer.channel_b import prepare_channel_b
     from toolkit.trainer.step import StepLearner
     from toolkit.vlm import inputs
@@ -96,8 +95,7 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
     monkeypatch.setattr(inputs, "open_image", lambda path: (opened.update([path]), real_open(path))[1])
     monkeypatch.setattr(vision, "pixels", lambda paths: (patched.update(paths), real_pixels(paths))[1])
 
-    backend = HFBackend(model, DecodeSettings.from_rollout_cfg(rm, seed=0), pad_id=tok.pad_token_id,
-                        eos_id=codec.im_end_id, object_key_ids=codec.object_key_token_ids(), vision=vision)
+    backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
     segments = prepare_channel_b(backend, samples, 0, codec, StepMetrics(), rm=rm, sab=cfg.stage2_ab.to_dict(),
                                  max_len=cfg.global_max_length, ordering=cfg.template.object_ordering)
     assert segments and all(s.pixels is not None for s in segments)

@@ -9,7 +9,6 @@ server round at a time (one pack-count all-reduce per round, same on every rank)
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 import zlib
@@ -19,8 +18,7 @@ import torch
 
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.model_source import from_pretrained
-from toolkit.rollout.backends.base import DecodeSettings
-from toolkit.rollout.backends.hf import HFBackend
+from toolkit.rollout.backends.build import build_backend
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
@@ -99,7 +97,12 @@ class Stage2Trainer:
         )
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
-        self.backend = self._setup_backend()
+        # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
+        # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
+        self.backend = build_backend(cfg, self.codec, module=self.engine.module, pad_id=self.tok.pad_token_id,
+                                     weights=self.engine.named_full_params, device=self.device, rank=self.dist.rank,
+                                     world_size=self.dist.world_size, vision=self.vision,
+                                     generation_context=self.engine.generation_context)
         # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round,
         # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
         self.stream_b = hasattr(self.backend, "generate_chunks")
@@ -162,58 +165,6 @@ class Stage2Trainer:
         if cfg.model.torch_dtype == "bfloat16":
             ds_config = {**ds_config, "bf16": {"enabled": True}}
         return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
-
-    def _setup_backend(self):
-        rm = self.cfg.rollout_matching_cfg
-        settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
-        if rm["rollout_backend"] == "vllm":
-            # Both vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3,
-            # so every rank joins each sync and the start-up name check) and reload them once per step.
-            common = dict(eos_id=self.codec.im_end_id, weights=self.engine.named_full_params,
-                          object_key_ids=self.codec.object_key_token_ids())
-            if rm["vllm"]["mode"] == "server":
-                from toolkit.rollout.backends.vllm_server import VLLMServerBackend
-
-                self._wait_for_servers(rm["vllm"]["server"])
-                return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
-                                                     device=str(self.device), **common)
-            from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
-
-            return VLLMColocateBackend.create(model=self.cfg.model.model, vcfg=rm["vllm"], settings=settings,
-                                              model_dtype=self.cfg.model.torch_dtype, **common)
-        return HFBackend(
-            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id, device=self.device,
-            # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
-            # different lengths without synced_gpus; every rank still makes the same number of calls.
-            object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
-            vision=self.vision,
-        )
-
-    def _wait_for_servers(self, srv: dict) -> None:
-        """Server mode: say what the run waits for and where, show the wait, fail with one message."""
-        from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
-
-        total, every = float(srv["timeout_s"]), 15.0
-        urls = [s["base_url"] for s in srv["servers"]]
-        if self.dist.rank == 0:
-            log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
-                     "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
-                     "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
-                     "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
-        t0 = time.monotonic()
-        for url in urls:
-            client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
-            while True:
-                left = total - (time.monotonic() - t0)
-                try:
-                    client.wait_healthy(total_timeout_s=max(1.0, min(every, left)))
-                    break
-                except ServerUnavailableError as exc:
-                    if left <= every:  # the message names the whole wait, not the last poll
-                        raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
-                                                     url=exc.url) from None
-                    if self.dist.rank == 0:
-                        log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)
 
     def _maybe_resume(self) -> None:
         path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)
