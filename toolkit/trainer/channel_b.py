@@ -117,13 +117,15 @@ def rollout_to_segment(sample: SampleInput, ro, codec, *, rm: dict, sab: dict, m
         sample_id=sample.sample_id,
         max_len=max_len,
     )
-    return with_images(seg, sample)
+    return with_images(seg, sample, ro.pixels)
 
 
-def with_images(seg, sample: SampleInput):
-    """The segment carries its sample's images (packing turns them into pixel inputs); drops pass through."""
+def with_images(seg, sample: SampleInput, pixels: dict | None = None):
+    """The segment carries its sample's images (packing turns them into pixel inputs) and, when the rollout
+    engine already patched them (HF backend), those pixel inputs, so the learner does not patch them again;
+    drops pass through."""
     if not isinstance(seg, Drop):
-        seg.images, seg.image_grids = sample.images, sample.image_grids
+        seg.images, seg.image_grids, seg.pixels = sample.images, sample.image_grids, pixels
     return seg
 
 

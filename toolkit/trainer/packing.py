@@ -16,7 +16,7 @@ lets segments attend to each other. So every packed forward must pass `use_cache
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ class PackBatch:
     n_segments: S.  channel: "A" or "B" (channels never share a pack).
     images:     the segments' image paths in order (the loss turns them into pixel inputs).
     image_grids: their (t, h, w) grids, same order.
+    pixels:     those images' pixel inputs joined, when every image segment carries its own (the HF
+                rollouts patched them); None: the loss patches `images`.
     """
 
     input_ids: torch.Tensor
@@ -130,6 +132,7 @@ class PackBatch:
     channel: str
     images: tuple[str, ...] = ()
     image_grids: tuple[tuple[int, int, int], ...] = ()
+    pixels: dict | None = field(default=None, compare=False, repr=False)  # tensors: kept out of == and repr
 
     @property
     def length(self) -> int:
@@ -217,7 +220,18 @@ def collate_pack(segments: Sequence[Segment], capacity: int | None = None,
         channel=segments[0].channel,
         images=tuple(p for s in segments for p in s.images),
         image_grids=tuple(g for s in segments for g in s.image_grids),
+        pixels=_joined_pixels(segments),
     )
+
+
+def _joined_pixels(segments: Sequence[Segment]) -> dict | None:
+    """The pack's pixel inputs from its segments' own, if every image segment has them (else None)."""
+    parts = [s.pixels for s in segments if s.images]
+    if not parts or any(p is None for p in parts):
+        return None
+    from toolkit.vlm.inputs import join_pixels
+
+    return join_pixels(parts)
 
 
 class RoundPacker:

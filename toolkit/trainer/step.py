@@ -83,8 +83,13 @@ class StepLearner:
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
 
     def _vision_inputs(self, pack) -> dict:
-        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs)."""
-        return self.vision.model_inputs(pack.images, self.device) if self.vision else {}
+        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs): those the
+        rollouts already patched when the pack carries them, else patched here."""
+        if not self.vision:
+            return {}
+        if pack.pixels is not None:
+            return {k: v.to(self.device) for k, v in pack.pixels.items()}
+        return self.vision.model_inputs(pack.images, self.device)
 
     # ---- packing ----------------------------------------------------------------------------------
     def plan(self, segments: list) -> list:

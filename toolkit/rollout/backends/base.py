@@ -18,6 +18,10 @@ class Rollout:
     completion_ids: list[int]
     finish_reason: str  # "stop" | "length" | "repeat"
     weight_version: int = 0
+    # HF backend, image prompts: the prompt's images as the engine patched them ({"pixel_values",
+    # "image_grid_thw"}, CPU), handed on so the learner does not open and patch them again. vLLM reads
+    # images itself and hands nothing: None.
+    pixels: dict | None = None
 
 
 class RolloutBackend(Protocol):
