@@ -92,10 +92,7 @@ class Stage2Trainer:
         self.mrope = (self.vision.pad_id, self.vision.merge) if self.vision else None
         self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
         self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []
-        self.budget = StepBudget(
-            len(self.train_set), cfg.training.effective_batch_size, cfg.training.per_device_train_batch_size,
-            self.dist.world_size, self.dist.rank, cfg.training.seed, cfg.data.shuffle,
-        )
+        self.budget = StepBudget.from_config(cfg, len(self.train_set), self.dist.world_size, self.dist.rank)
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
         self.backend = self._setup_backend()
