@@ -28,7 +28,7 @@ from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
 from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
 from toolkit.trainer.export import copy_support_files
-from toolkit.trainer.optim import build_optimizer, lr_lambda
+from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.packing import RoundPacker  # noqa: F401  (re-exported: tests spy on loop.RoundPacker.add)
@@ -148,10 +148,8 @@ class Stage2Trainer:
             model, lr=tr.learning_rate, vit_lr=vit_lr, aligner_lr=aligner_lr, weight_decay=tr.weight_decay,
             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
         )
-        warmup = int(tr.warmup_ratio * self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, self.total_steps, warmup, tr.lr_scheduler_type)
-        )
+        sched = build_lr_scheduler(optimizer, self.total_steps, int(tr.warmup_ratio * self.total_steps),
+                                   tr.lr_scheduler_type)
         from toolkit.config import load_ds_config
 
         ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
@@ -223,18 +221,9 @@ class Stage2Trainer:
         self.engine.load(path / "ds")
         ckpt.set_rng(rng)
         self.state = state
-        self._reschedule()
+        # A larger training.max_steps on resume: continue on the schedule planned with the new total.
+        reapply_schedule(self.engine.engine.lr_scheduler)
         log.info("resumed from %s after step %d of %d", path, self.state.step, self.total_steps)
-
-    def _reschedule(self) -> None:
-        """Extending a run (a larger training.max_steps on resume) continues on the schedule a run planned
-        with the new total would follow from this step on; the lr restored with the optimizer is the old
-        schedule's (0 at the end of a finished cosine run), so it is recomputed now. Same total: no change."""
-        sched = self.engine.engine.lr_scheduler
-        if sched is None:
-            return
-        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
 
     # ------------------------------------------------------------------ train
     def train(self) -> int:
