@@ -37,6 +37,7 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 from _torchrun import worker_parser, write_report  # noqa: E402
+from toolkit.trainer import distributed  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer import optim  # noqa: E402
 
@@ -399,7 +400,7 @@ def main() -> None:
         _break(os.environ["CW_BREAK"])
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
-    info = eng.init_distributed()
+    info = distributed.init_distributed()
     t0 = time.time()
     report = {"world": info.world_size, "steps": [list(s) for s in STEPS], "stages": {}}
     if info.rank == 0:
@@ -416,7 +417,7 @@ def main() -> None:
         report["stages"][stage] = run_stage(stage, info, args.tmp)
     report["wall_s"] = round(time.time() - t0, 2)
     write_report(report, args.out, info.rank)
-    eng.close_distributed()
+    distributed.close_distributed()
 
 
 def _break(what: str) -> None:

@@ -26,8 +26,9 @@ from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
-from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
-from toolkit.trainer.export import copy_support_files
+from toolkit.trainer.distributed import init_distributed
+from toolkit.trainer.engine import Stage2Engine
+from toolkit.trainer.export import apply_lora, copy_support_files
 from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
@@ -105,8 +106,7 @@ class Stage2Trainer:
         self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
                              "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
         self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
-        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
-                                       schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
+        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model)
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
@@ -425,7 +425,7 @@ class Stage2Trainer:
     def cleanup(self, clean: bool = True) -> None:
         """Release what setup created, also after a failed setup (so the real error is what the user sees).
         clean=False (an error): no exit barrier, whose peer may be the one that is gone."""
-        from toolkit.trainer.engine import close_distributed
+        from toolkit.trainer.distributed import close_distributed
 
         for part in ("backend", "writer", "pictures"):
             if hasattr(self, part):
