@@ -25,7 +25,7 @@ import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
-from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.chunking import chunked, seed_base
 from toolkit.vlm.inputs import image_pad_id
 
@@ -310,7 +310,7 @@ def finish_rollout(prompt: Sequence[int], completion: Sequence[int], *, eos_id: 
 # ------------------------------------------------------------------ the backend
 
 
-class VLLMColocateBackend:
+class VLLMColocateBackend(OneRoundChunks):
     """Rollouts from an in-process vLLM engine, in chunks of decode_batch_size, weights from the learner."""
 
     name = "vllm"
