@@ -8,7 +8,8 @@ live in toolkit/trainer/export.py (the engine's methods delegate). Must not impo
 Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
 `Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
 exactly one `engine.step()` — in one call, or incrementally (`begin_step` → `backward_packs` × k →
-`end_step`) when the packs arrive chunk by chunk (server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
+`end_step`) as the trainer does, one call per round of segments (toolkit/trainer/step.py `StepLearner.learn`;
+several rounds in server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
 all-reduce (MAX) and short ranks run zero-weight padding packs, because ZeRO-3 forwards all-gather
 parameters (every rank must make the same module calls) and ZeRO-2 reduce-scatters per backward
 outside `coalesce_grad_reduction`. The weights are the caller's (toolkit/trainer/step.py: n_p / N_raw).
