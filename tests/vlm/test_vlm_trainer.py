@@ -1,6 +1,7 @@
 """The trainer's image plumbing: samples from image records, the per-sample prompt-parity check, a VLM run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from toolkit.data.tokenizer import load_tokenizer
 from toolkit.rollout.backends.base import Rollout
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop
-from toolkit.trainer.channel_b import rollouts_to_segments
+from toolkit.trainer.channel_b import ChannelBSettings, rollouts_to_segments
 from toolkit.trainer.metrics import StepMetrics
 from toolkit.trainer.samples import load_samples
 from toolkit.vlm.images import collapse_image_pads
@@ -62,8 +63,8 @@ def test_prompt_mismatch_is_dropped_and_counted_never_trained(vlm_samples):
     assert len(doubled) > len(bad.prompt_ids)
     rollouts = [Rollout(list(good.prompt_ids), answer, "stop"), Rollout(doubled, answer, "stop")]
     m, items = StepMetrics(), []
-    segs = rollouts_to_segments([good, bad], rollouts, codec, m, items, rm=cfg.rollout_matching_cfg,
-                                sab=cfg.stage2_ab.to_dict(), max_len=cfg.global_max_length, ordering="sorted")
+    cb = dataclasses.replace(ChannelBSettings.from_config(cfg), ordering="sorted")
+    segs = rollouts_to_segments([good, bad], rollouts, codec, m, items, cb)
     assert [s.sample_id for s in segs] == [good.sample_id]
     assert segs[0].images == good.images and segs[0].image_grids == good.image_grids
     assert isinstance(items[1][2], Drop) and items[1][2].reason == "prompt_mismatch"

@@ -1,7 +1,7 @@
 """Post-rollout packing: choose which segments share one forward, and collate them into one row.
 
 Owns pack selection (FIFO baseline vs. a `binpacking` candidate), pack planning (`plan_packs`, and
-`RoundPacker` across server rounds), and `PackBatch`
+`RoundPacker`, which the trainer packs every step with, one round or several), and `PackBatch`
 (the one-row, padding-free tensor batch that losses and Channel-A read). Imports torch and binpacking
 inside functions only; selection itself is pure Python.
 
@@ -235,20 +235,22 @@ def _joined_pixels(segments: Sequence[Segment]) -> dict | None:
 
 
 class RoundPacker:
-    """Post-rollout packing across server rounds (Channel-B in vLLM server mode).
+    """Post-rollout packing of a step's segments as they arrive in rounds — the trainer's one packing path.
 
     Each round's segments join a buffer; while the buffer holds ≥ min_fill·capacity tokens a pack is
     cut with `select_pack` (the choice `plan_packs` makes) and the rest is carried into the next round;
-    `flush()` packs what is left after the last round. Packs depend only on the rounds, never on
-    timing, so overlapped and serial execution pack alike, and a one-round step packs exactly like
-    `plan_packs` over the whole step. packing off: one pack per segment, at once.
+    the step's last round (or `flush()`) packs what is left. Packs depend only on the rounds, never on
+    timing, so overlapped and serial execution pack alike, and a one-round step (Channel-A, or rollouts
+    decoded in one call) packs exactly like `plan_packs` over the whole step. packing off: one pack per
+    segment, at once.
     """
 
     def __init__(self, capacity: int, min_fill: float, packing: bool = True, mrope: tuple[int, int] | None = None):
         self.capacity, self.min_fill, self.packing, self.mrope = capacity, min_fill, packing, mrope
         self.buffer: list = []
 
-    def add(self, segments: list) -> list:
+    def add(self, segments: list, last: bool = False) -> list:
+        """The packs ready once `segments` joined the buffer; `last`: the step's final round, pack everything."""
         self.buffer += segments
         if not self.packing:
             return self.flush()
@@ -257,10 +259,14 @@ class RoundPacker:
             chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
             packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen], mrope=self.mrope))
             self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
-        return packs
+        return packs + self.flush() if last else packs
 
     def flush(self) -> list:
-        plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
+        """Pack what the buffer holds (`plan_packs`, or one pack per segment) and empty it."""
+        if self.packing:
+            plan = plan_packs([len(s) for s in self.buffer], self.capacity)
+        else:
+            plan = [[i] for i in range(len(self.buffer))]
         packs = [collate_pack([self.buffer[i] for i in idx], mrope=self.mrope) for idx in plan]
         self.buffer = []
         return packs

@@ -10,12 +10,12 @@ import contextlib
 from typing import Callable, ContextManager, Sequence
 
 from toolkit.config.settings import DecodeSettings
-from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.repeat import should_stop
 from toolkit.rollout.chunking import chunked, seed_base
 
 
-class HFBackend:
+class HFBackend(OneRoundChunks):
     """Greedy or sampled decoding with `module.generate`, left-padded chunks of decode_batch_size."""
 
     name = "hf"
