@@ -83,13 +83,13 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
 
     from _vlm_families import family_dir
     from toolkit.rollout.backends.build import build_backend
-    from toolkit.trainer.channel_b import prepare_channel_b
+    from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds
     from toolkit.trainer.step import StepLearner
     from toolkit.vlm import inputs
 
     tok, vision, samples = vlm_samples
     cfg = load_profile("smoke/vlm_ab_mixed")
-    rm, codec = cfg.rollout_matching_cfg, HFTokenCodec(tok)
+    codec = HFTokenCodec(tok)
     model = AutoModelForImageTextToText.from_pretrained(str(family_dir("qwen2_vl", stage1=True)), dtype=torch.float32)
     opened, patched = collections.Counter(), collections.Counter()
     real_open, real_pixels = inputs.open_image, vision.pixels
@@ -97,12 +97,13 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
     monkeypatch.setattr(vision, "pixels", lambda paths: (patched.update(paths), real_pixels(paths))[1])
 
     backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
-    segments = prepare_channel_b(backend, samples, 0, codec, StepMetrics(), rm=rm, sab=cfg.stage2_ab.to_dict(),
-                                 max_len=cfg.global_max_length, ordering=cfg.template.object_ordering)
+    rounds = channel_b_rounds(backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg),
+                              background=False)
+    segments = [seg for segs, _ in rounds for seg in segs]
     assert segments and all(s.pixels is not None for s in segments)
     coord_ids = torch.tensor(codec.coord_token_ids)
     learner = StepLearner.from_config(cfg, coord_ids, "cpu", vision=vision, mrope=(vision.pad_id, vision.merge))
-    packs = learner.plan(segments)
+    packs = learner.packer().add(segments, last=True)
     for pack in packs:
         loss, _ = learner.loss_b(model, pack)
         loss.backward()
