@@ -66,15 +66,15 @@ def setup(profile: str, n_samples: int, softctx_iter: int | None):
 def channel_b_packs(cfg, tok, vision, model, codec, learner, samples) -> tuple[list, float]:
     """One HF-backend rollout of the samples → the step's packs (carrying the rollout's pixel inputs), decode s."""
     from toolkit.rollout.backends.build import build_backend
-    from toolkit.trainer.channel_b import prepare_channel_b
+    from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds
     from toolkit.trainer.metrics import StepMetrics
 
-    rm = cfg.rollout_matching_cfg
     backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
     t0 = time.perf_counter()
-    segments = prepare_channel_b(backend, samples, 0, codec, StepMetrics(), rm=rm, sab=cfg.stage2_ab.to_dict(),
-                                 max_len=cfg.global_max_length, ordering=cfg.template.object_ordering)
-    return learner.plan(segments), time.perf_counter() - t0
+    rounds = channel_b_rounds(backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg),
+                              background=False)
+    segments = [seg for segs, _ in rounds for seg in segs]
+    return learner.packer().add(segments, last=True), time.perf_counter() - t0
 
 
 def channel_a_packs(cfg, codec, learner, samples) -> list:
@@ -86,7 +86,7 @@ def channel_a_packs(cfg, codec, learner, samples) -> list:
                                                 ordering=t.object_ordering, desc_ce_weight=cfg.stage2_ab.desc_ce_weight,
                                                 sample_id=s.sample_id, max_len=cfg.global_max_length), s)
             for s in samples]
-    return learner.plan([s for s in segs if not isinstance(s, Drop)])
+    return learner.packer().add([s for s in segs if not isinstance(s, Drop)], last=True)
 
 
 def learn(loss_fn, model, packs) -> None:

@@ -92,25 +92,27 @@ def lint_profiles(paths: tuple[Path, ...], fmt: str) -> None:
 @profile_options
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Learner world size W used for derived values (gradient accumulation = E / (P × W)).")
-@click.option("--normalized", is_flag=True, help="Print the normalized rollout contract (rollout_matching_cfg).")
+@click.option("--settings", "settings_only", is_flag=True,
+              help="Print only the typed runtime settings (cfg.settings: decode, match, packing, vllm, server, ...).")
 @click.option("--derived", "derived_only", is_flag=True, help="Print only the derived values.")
-def config_command(profile: str, sets: tuple[str, ...], world_size: int, normalized: bool, derived_only: bool) -> None:
+def config_command(profile: str, sets: tuple[str, ...], world_size: int, settings_only: bool,
+                   derived_only: bool) -> None:
     """Print the fully resolved config of a profile as YAML (defaults filled, paths absolute).
 
     \b
     Examples:
       stage2 config --profile prod/ab_mixed
       stage2 config --profile smoke/ab_mixed --world-size 2 --derived
-      stage2 config --profile smoke/b_only --set rollout_matching.decode_batch_size=8 --normalized
+      stage2 config --profile smoke/b_only --set rollout_matching.decode_batch_size=8 --settings
       stage2 config -p prod/ab_mixed \
         --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
     """
     from toolkit.config.yamlio import dump_yaml
 
     cfg = resolve_profile(profile, sets, world_size)
-    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg),
+    views = {"settings": lambda: dump_yaml(cfg.settings.to_dict()),
              "derived": lambda: dump_yaml(cfg.derived.to_dict())}
-    view = "normalized" if normalized else "derived" if derived_only else None
+    view = "settings" if settings_only else "derived" if derived_only else None
     click.echo(views[view]() if view else cfg.to_yaml(), nl=False)
     _echo_warnings(cfg.warnings)
 

@@ -74,9 +74,9 @@ def test_config_prints_loadable_yaml(tmp_path):
     assert load_profile(path, world_size=2).derived.gradient_accumulation_steps == 4
 
 
-def test_config_normalized_and_derived():
-    result = run(["config", "-p", "smoke/ab_mixed", "--normalized"])
-    assert result.exit_code == 0 and "packing_length: 1024" in result.stdout
+def test_config_settings_and_derived():
+    result = run(["config", "-p", "smoke/ab_mixed", "--settings"])
+    assert result.exit_code == 0 and "packing:\n  enabled: true\n  length: 1024" in result.stdout
     result = run(["config", "-p", "smoke/ab_mixed", "--derived", "--world-size", "4"])
     assert "gradient_accumulation_steps: 2" in result.stdout
 

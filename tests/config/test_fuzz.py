@@ -102,7 +102,7 @@ def test_mutated_profiles_load_or_fail_cleanly(fuzz_file, data, world_size):
         assert isinstance(cfg, ResolvedConfig)
         assert cfg.training.effective_batch_size % (cfg.training.per_device_train_batch_size * world_size) == 0
         cfg.to_yaml()
-        cfg.rollout_matching_cfg
+        cfg.settings.to_dict()
 
 
 LEAF_TEXT = (REPO / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml").read_text(encoding="utf-8")

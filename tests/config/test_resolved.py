@@ -1,4 +1,4 @@
-"""--set overrides, path resolution, the frozen ResolvedConfig and the normalized rollout contract."""
+"""--set overrides, path resolution and the frozen ResolvedConfig."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from toolkit.config import ConfigError, load_profile, normalize_rollout_matching, resolve_profile_path
+from toolkit.config import ConfigError, load_profile, resolve_profile_path
 from toolkit.config.overrides import parse_override
 from toolkit.config.yamlio import dump_yaml
 
@@ -103,9 +103,9 @@ def test_resolved_config_is_frozen():
     d = cfg.to_dict()
     d["training"]["learning_rate"] = 5.0
     assert cfg.training.learning_rate == 1e-4
-    rm = cfg.rollout_matching_cfg
-    rm["decode_batch_size"] = 99
-    assert cfg.rollout_matching_cfg["decode_batch_size"] == 4
+    with pytest.raises(FrozenInstanceError):
+        cfg.settings.decode.decode_batch_size = 99
+    assert cfg.settings.decode.decode_batch_size == 4
 
 
 def test_resolved_dict_reloads_to_the_same_config(tmp_path):
@@ -115,18 +115,12 @@ def test_resolved_dict_reloads_to_the_same_config(tmp_path):
     assert again.to_dict() == cfg.to_dict() and again.derived == cfg.derived
 
 
-def test_rollout_matching_cfg_normalization():
-    cfg = load_profile("smoke/ab_mixed")
-    rm = cfg.rollout_matching_cfg
-    assert rm == normalize_rollout_matching(cfg.to_dict())
-    assert "max_num_seqs" not in rm["vllm"] and "kv_cache_gb" not in rm["vllm"]  # null → dropped
-    assert rm["vllm"]["server"]["infer_timeout_s"] == 240.0  # null means timeout_s
-    assert rm["packing_enabled"] is True and rm["packing_length"] == 1024
-    assert (rm["packing_buffer"], rm["packing_min_fill_ratio"]) == (256, 0.5)
-    assert "packing_drop_last" not in rm
-    assert rm["object_field_order"] == "desc_first"
-    assert rm["decoding"] == {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
-    assert set(cfg.to_dict()["rollout_matching"]) <= set(rm)
+def test_settings_resolve_null_means_defaults_and_keep_engine_nulls():
+    s = load_profile("smoke/ab_mixed").settings
+    assert s.vllm.max_num_seqs is None and s.vllm.kv_cache_gb is None  # null stays null: vLLM's default applies
+    assert s.server.infer_timeout_s == 240.0  # null means timeout_s
+    assert s.packing.enabled is True and s.packing.length == 1024
+    assert (s.packing.buffer, s.packing.min_fill_ratio) == (256, 0.5)
 
 
 def test_to_yaml_header_lists_overrides_and_derived():

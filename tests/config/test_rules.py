@@ -62,7 +62,7 @@ def test_decode_batch_size_overrides_eval_batch_with_warning(tmp_path):
     cfg = load_profile(profile(tmp_path, "\n  per_device_eval_batch_size: 2", tail))
     assert cfg.derived.decode_batch_size == cfg.derived.eval_batch_size == 4
     assert cfg.training.per_device_eval_batch_size == 4
-    assert cfg.rollout_matching_cfg["decode_batch_size"] == 4
+    assert cfg.settings.decode.decode_batch_size == 4
     [warning] = cfg.warnings
     assert warning.severity == "warning" and warning.key_path == "training.per_device_eval_batch_size"
 

@@ -10,12 +10,12 @@ Must never import torch, transformers, deepspeed, vllm or fastapi (a test checks
 from toolkit.config.dsconfig import ds_config_names, ds_config_path, load_ds_config
 from toolkit.config.errors import ConfigError, Issue, Location
 from toolkit.config.loader import load_profile, run_pipeline
-from toolkit.config.normalize import Derived, derive, normalize_rollout_matching, project_root_for
+from toolkit.config.normalize import Derived, derive, project_root_for
 from toolkit.config.profiles import profile_names, resolve_profile_path
 from toolkit.config.resolved import ResolvedConfig
 
 __all__ = [
     "ConfigError", "Derived", "Issue", "Location", "ResolvedConfig", "derive", "ds_config_names",
-    "ds_config_path", "load_ds_config", "load_profile", "normalize_rollout_matching", "profile_names",
+    "ds_config_path", "load_ds_config", "load_profile", "profile_names",
     "project_root_for", "resolve_profile_path", "run_pipeline",
 ]

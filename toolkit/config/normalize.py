@@ -1,11 +1,10 @@
-"""Normalization: project-root paths, derived values, and the rollout contract `rollout_matching_cfg`.
+"""Normalization: project-root paths, null-means defaults, and the derived values.
 
-`derive()` and `normalize_rollout_matching()` are THE functions the trainer, preflight and
-`stage2 config` share; nothing else may recompute these values. Imports stdlib only.
+`derive()` is THE function the trainer, preflight and `stage2 config` share; nothing else may recompute
+these values (the typed runtime view is settings.py). Imports stdlib only.
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +14,6 @@ from toolkit.config.errors import OVERRIDE_SOURCE
 from toolkit.config.rules import batch_split_error, resolve_sync_mode
 from toolkit.config.schema import MODEL_PATH_KEY, PATH_KEYS
 from toolkit.config.yamlio import Document
-
-PACKING_KEYS = ("packing_buffer", "packing_min_fill_ratio")
-
 
 def project_root_for(profile: Path) -> Path:
     """The parent of the nearest `configs/` directory above the profile, else the profile's directory."""
@@ -125,28 +121,3 @@ def apply_derived(cfg: dict, derived: Derived) -> None:
     """Write derived values back into the typed config so the resolved view is self-consistent."""
     cfg["training"]["gradient_accumulation_steps"] = derived.gradient_accumulation_steps
     cfg["training"]["per_device_eval_batch_size"] = derived.eval_batch_size
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def normalize_rollout_matching(cfg: Mapping[str, Any]) -> dict:
-    """`rollout_matching.*` → the runtime dict `rollout_matching_cfg` (see docs/CONFIG_REFERENCE.md).
-
-    Same sub-keys as the profile, defaults filled, None values dropped recursively (list order
-    kept), plus the packing knobs the post-rollout packer needs.
-    """
-    out = _drop_none(copy.deepcopy(dict(cfg["rollout_matching"])))
-    out["decoding"] = dict(out.get("decoding") or {})
-    training = cfg["training"]
-    out["packing_enabled"] = bool(training["packing"])
-    out["packing_length"] = int(cfg["global_max_length"])
-    for key in PACKING_KEYS:
-        out[key] = training[key]
-    out["object_field_order"] = cfg["template"]["object_field_order"]
-    return out

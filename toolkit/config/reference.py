@@ -14,7 +14,8 @@ from pathlib import Path
 from toolkit.config.dsconfig import INJECTED_KEYS, ds_config_names
 from toolkit.config.leaf import CANONICAL_PARENT, PINNED, PINNED_WHEN_VLLM
 from toolkit.config.legacy import LEGACY
-from toolkit.config.normalize import DERIVED_DOCS, PACKING_KEYS
+from toolkit.config.normalize import DERIVED_DOCS
+from toolkit.config.settings import SETTINGS_DOCS
 from toolkit.config.rules import all_rules
 from toolkit.config.schema import ROOT
 from toolkit.config.spec import REQUIRED, ItemList, Key, Section
@@ -49,7 +50,7 @@ A profile is YAML with the sections below. `stage2 config --profile NAME` prints
    defaults are filled.
 6. Cross-field rules (below). They run only when the schema passes; otherwise the run says how many were skipped.
 7. Canonical leaf rules for `configs/stage2_ab/{prod,smoke}/*.yaml` (below).
-8. Normalization: paths made absolute, derived values, `rollout_matching_cfg`; the result is a frozen
+8. Normalization: paths made absolute, derived values, typed settings; the result is a frozen
    `ResolvedConfig`.
 
 Every error names `file:line:col`, the dotted key path (with list indices) and a fix; all errors of a
@@ -143,18 +144,12 @@ def _derived_and_normalized() -> list[str]:
              "`cfg.derived.<name>`. E = training.effective_batch_size, P = per_device_train_batch_size, "
              "W = learner world size.", ""]
     lines += [f"- `{name}`: {doc}" for name, doc in DERIVED_DOCS.items()]
-    lines += ["", "## rollout_matching_cfg (normalized rollout contract)", "",
-              "`toolkit.config.normalize_rollout_matching(cfg)` (= `cfg.rollout_matching_cfg`), used by the "
-              "trainer and by preflight; `stage2 config --normalized` prints it:", "",
-              "- the `rollout_matching` section with the same sub-keys, every default filled;",
-              "- keys whose value is null dropped, recursively (list order kept), e.g. "
-              "`vllm.max_num_seqs: null` is absent (vLLM's default applies);",
-              "- null-means defaults already filled: `training.vit_lr`/`aligner_lr` (= learning_rate), "
-              "`vllm.server.infer_timeout_s` (= timeout_s);",
-              "- `vllm.mode: null` already resolved to `colocate`; `decoding` always a mapping;",
-              "- injected: `packing_enabled` (= training.packing), `packing_length` (= global_max_length), "
-              + ", ".join(f"`{k}` (= training.{k})" for k in PACKING_KEYS)
-              + ", `object_field_order` (= template.object_field_order).", ""]
+    lines += ["", "## Typed settings", "",
+              "`cfg.settings` (toolkit/config/settings.py): the runtime knobs as frozen dataclasses, built once per "
+              "resolved config and read by the trainer, the backends, the rollout server and preflight, which never "
+              "re-derive a value or repeat a default. `stage2 config --settings` prints them:", ""]
+    lines += [f"- `{name}`: {doc}" for name, doc in SETTINGS_DOCS.items()]
+    lines += [""]
     return lines
 
 

@@ -11,7 +11,7 @@ from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any, Iterator
 
-from toolkit.config.normalize import Derived, normalize_rollout_matching
+from toolkit.config.normalize import Derived
 from toolkit.config.settings import Settings, build_settings
 from toolkit.config.yamlio import dump_yaml
 
@@ -70,15 +70,13 @@ class ConfigSection:
 class ResolvedConfig:
     """The resolved profile: sections, derived values, typed settings, and where it came from."""
 
-    __slots__ = ("_data", "derived", "settings", "profile_path", "project_root", "overrides", "warnings",
-                 "_rollout_cfg")
+    __slots__ = ("_data", "derived", "settings", "profile_path", "project_root", "overrides", "warnings")
     settings: Settings  # the typed runtime knobs (settings.py), built once here
 
     def __init__(self, data: dict, derived: Derived, profile_path: Path, project_root: Path,
                  overrides: tuple = (), warnings: tuple = ()):
         values = {"_data": copy.deepcopy(data), "derived": derived, "profile_path": Path(profile_path),
                   "project_root": Path(project_root), "overrides": tuple(overrides), "warnings": list(warnings)}
-        values["_rollout_cfg"] = normalize_rollout_matching(values["_data"])
         values["settings"] = build_settings(values["_data"], derived.vllm_sync_mode)
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -93,11 +91,6 @@ class ResolvedConfig:
         raise FrozenInstanceError(f"the resolved config is frozen; cannot set {name!r} (use --set on the command line)")
 
     __delattr__ = __setattr__
-
-    @property
-    def rollout_matching_cfg(self) -> dict:
-        """The normalized rollout contract (a fresh copy; see normalize_rollout_matching)."""
-        return copy.deepcopy(self._rollout_cfg)
 
     def to_dict(self) -> dict:
         """The resolved sections as a plain nested dict (a deep copy); loadable as a profile again."""

@@ -204,7 +204,7 @@ VLLM = Section("vLLM engine (colocate) or servers (server).", {
     "sync": SYNC,
 })
 
-ROLLOUT_MATCHING = Section("Rollouts, matching and decode batching (normalized to rollout_matching_cfg).", {
+ROLLOUT_MATCHING = Section("Rollouts, matching and decode batching (typed at runtime as `cfg.settings`).", {
     "rollout_backend": Key(Enum("hf", "vllm"), "Rollout engine: in-process HF generate or vLLM.", "hf"),
     "decode_batch_size": Key(POS_INT, "The one decode microbatch knob for rollouts and rollout-aware eval.", 1),
     "decode_mode": Key(Enum("greedy", "sample"), "Greedy decoding or sampling with `decoding`.", "greedy"),

@@ -137,6 +137,23 @@ class Settings:
         return asdict(self)
 
 
+SETTINGS_DOCS = {
+    "rollout_backend": "rollout_matching.rollout_backend.",
+    "decode": "max_new_tokens, decode_batch_size, do_sample (decode_mode sample or a temperature > 0), temperature "
+              "(1.0 when greedy), top_p, top_k, repetition_penalty, repeat (repeat_terminate; null when disabled), "
+              "seed (= training.seed).",
+    "match": "candidate_top_k, maskiou_gate, maskiou_resolution, fp_cost, fn_cost.",
+    "packing": "enabled (= training.packing), length (= global_max_length), buffer (= training.packing_buffer), "
+               "min_fill_ratio (= training.packing_min_fill_ratio).",
+    "vllm": "the engine knobs of rollout_matching.vllm (mode null already resolved to colocate; a null knob stays "
+            "null: vLLM's default applies).",
+    "server": "timeout_s, infer_timeout_s (null already resolved to timeout_s), overlap, servers (base_url, group_port).",
+    "sync": "mode (auto already resolved), fallback_to_full, bucket_size_mb.",
+    "monitor": "rollout_matching.monitor_dump.",
+    "object_field_order": "template.object_field_order.",
+}
+
+
 def _fields(cls, section: Mapping[str, Any], **given) -> Any:
     names = [n for n in cls.__dataclass_fields__ if n not in given]
     return cls(**{n: section[n] for n in names}, **given)
