@@ -96,7 +96,7 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     # The learner's rank 0 checks again; checking here fails before any server starts (nothing moved yet).
     notes = runlayout.claim_run_folder(out, runlayout.as_written(cfg), req.resume, req.overwrite,
                                        cfg.training.logging_dir, act=False)
-    min_len, _ = probe.required_model_len(cfg.global_max_length, contract["max_new_tokens"])
+    min_len = probe.required_model_len(cfg.global_max_length, contract["max_new_tokens"])
     want = probe.Expectation(None, contract["server_model"], min_len)
     sets = list(req.sets)
     if topology.servers_rewritten(topo, servers_info):

@@ -81,17 +81,15 @@ class Expectation:
     min_model_len: int  # conservative prompt estimate + max_new_tokens (see required_model_len)
 
 
-def required_model_len(global_max_length: int, max_new_tokens: int) -> tuple[int, str]:
-    """(tokens, how) the server's max_model_len must hold.
+def required_model_len(global_max_length: int, max_new_tokens: int) -> int:
+    """Tokens the server's max_model_len must hold.
 
     Conservative prompt estimate: the trainer only trains on sequences up to global_max_length, so a
     prompt may use up to `global_max_length - max_new_tokens` tokens and still leave room for a full
     completion; prompt estimate + max_new_tokens = global_max_length. Tokenizing the data would be
     exact but needs the tokenizer (and a pass over the data) before any process starts.
     """
-    prompt = max(global_max_length - max_new_tokens, 0)
-    return prompt + max_new_tokens, (f"prompt estimate {prompt} (global_max_length {global_max_length} − "
-                                     f"max_new_tokens {max_new_tokens}) + max_new_tokens {max_new_tokens}")
+    return max(global_max_length - max_new_tokens, 0) + max_new_tokens
 
 
 def _same_model(served: str, expected: str) -> bool:
@@ -119,6 +117,6 @@ def verify_server(base_url: str, want: Expectation, timeout: float = CALL_TIMEOU
         problems.append(f"{base_url}: serves model {model!r} but the profile's model.model is {want.model!r} "
                         "(fix: start the server with this profile, or point model.model at the served model)")
     if not isinstance(length, int) or length < want.min_model_len:
-        problems.append(f"{base_url}: max_model_len {length!r} < {want.min_model_len} needed "
+        problems.append(f"{base_url}: max_model_len {length!r} < {want.min_model_len} needed (prompt estimate + max_new_tokens) "
                         "(fix: raise rollout_matching.vllm.max_model_len, or lower global_max_length/max_new_tokens)")
     return problems
