@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -34,6 +35,14 @@ _NESTED_RE = re.compile(r'["{}\[\]]')
 _SCALAR_RE = re.compile(r'[^ \t\n\r,{}\[\]":]+')
 _KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
 _CLOSER = {"{": "}", "[": "]"}
+# Fast paths (possessive, so no backtracking): a container whose only nesting is arrays of strings or scalars
+# inside an object — every object value a detector writes — matched in one go; `_value_end`'s bracket
+# matching decides the rest (nested deeper, unclosed, mismatched). Strings as in _STR_TAIL_RE.
+_STR = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r')*+\]'
+_FLAT_RE = {"[": re.compile(_FLAT_ARRAY, re.S),
+            "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r')*+\}', re.S)}
+_MEMBER_HEAD_RE = re.compile("(" + _STR + r')[ \t\n\r]*+:[ \t\n\r]*+', re.S)  # "key" : (up to the value)
 
 
 class RetokenizeError(RuntimeError):
@@ -79,6 +88,9 @@ def _value_end(text: str, i: int) -> tuple[str, int, str]:
         m = _STR_TAIL_RE.match(text, i + 1)
         return ("ok", m.end(), "string") if m else ("open", len(text), "string")
     if c in _CLOSER:
+        flat = _FLAT_RE[c].match(text, i)
+        if flat is not None:
+            return "ok", flat.end(), "object" if c == "{" else "array"
         stack, j = [c], i + 1
         while True:
             m = _NESTED_RE.search(text, j)
@@ -124,6 +136,10 @@ def scan_object(text: str, start: int) -> ObjectScan:
             return scan
         if state == "after" and c == ",":
             scan.state, i = "key", i + 1
+        elif state in ("key_or_close", "key") and c == '"' and (head := _MEMBER_HEAD_RE.match(text, i)):
+            # key, colon and the whitespace before the value in one match (the same states as one by one)
+            scan.members.append(Member(head.group(1), i))
+            scan.state, i = "value", head.end()
         elif state in ("key_or_close", "key") and c == '"':
             m = _STR_TAIL_RE.match(text, i + 1)
             if m is None:
@@ -272,12 +288,8 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
 
 
 def _offsets(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
-    starts, ends, pos = [], [], 0
-    for p in pieces:
-        starts.append(pos)
-        pos += len(p)
-        ends.append(pos)
-    return starts, ends
+    ends = list(accumulate(map(len, pieces)))
+    return ([0, *ends[:-1]] if ends else []), ends
 
 
 def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
