@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -261,19 +262,20 @@ def build_channel_a_segment(
 
 def _token_spans(pieces: Sequence[str]) -> list[Span]:
     """Each token's character span; an empty piece takes the next character (see module docstring)."""
-    out, pos = [], 0
-    for p in pieces:
-        out.append((pos, pos + len(p)) if p else (pos, pos + 1))
-        pos += len(p)
-    return out
+    ends = list(accumulate(map(len, pieces)))
+    return [(s, e if e > s else s + 1) for s, e in zip([0, *ends[:-1]], ends)]
 
 
-def _overlaps(spans: list[Span], starts: list[int], s: int, e: int) -> bool:
-    """Does [s, e) overlap any span of a start-sorted list of disjoint spans?"""
-    k = bisect.bisect_right(starts, s) - 1
-    if k >= 0 and spans[k][1] > s:
-        return True
-    return k + 1 < len(spans) and spans[k + 1][0] < e
+def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
+    """Per character span [a, b), the tokens (from `lo` on) that overlap it: end > a and start < b. Token starts
+    and ends never decrease (`_token_spans`), so those tokens are one contiguous range [first, stop)."""
+    return [(max(bisect.bisect_right(ends, a), lo), bisect.bisect_left(starts, b)) for a, b in spans]
+
+
+def _paint(out: list, ranges, value, offset: int = 0) -> None:
+    for a, b in ranges:
+        if b > a:
+            out[a - offset:b - offset] = [value] * (b - a)
 
 
 def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
@@ -294,31 +296,26 @@ def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int
 
 
 def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
-    spans = sorted(o.span for o in matched_objs)
-    descs = sorted(o.desc_span for o in matched_objs)
-    s_starts, d_starts = [s for s, _ in spans], [s for s, _ in descs]
-    out = []
-    for t, (s, e) in zip(ids, offsets):
-        sup = codec.coord_bin(t) is None and _overlaps(spans, s_starts, s, e) and not _overlaps(descs, d_starts, s, e)
-        out.append(1.0 if sup else 0.0)
-    return out
+    """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
+    painted span by span (tokens of a span are one range), not token by token."""
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    out = [0.0] * len(ids)
+    _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
+    _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
+    coord = frozenset(codec.coord_token_ids)
+    return [0.0 if t in coord else w for t, w in zip(ids, out)]
 
 
 def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
-    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule."""
-    d_starts = [s for s, _ in descs]
-    out = []
-    for y in range(lo, len(ids)):
-        s, e = offsets[y]
-        if codec.coord_bin(ids[y]) is not None:
-            out.append(0.0)
-        elif y == len(ids) - 1 or s <= close < e:
-            out.append(1.0)
-        elif _overlaps(descs, d_starts, s, e):
-            out.append(float(desc_w))
-        else:
-            out.append(struct_w)
-    return out
+    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
+    from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    n = len(ids)
+    out = [struct_w] * (n - lo)
+    _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
+    _paint(out, _token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
+    coord = frozenset(codec.coord_token_ids)
+    return [0.0 if t in coord else w for t, w in zip(ids[lo:], out)]
 
 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
