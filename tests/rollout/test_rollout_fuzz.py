@@ -232,3 +232,16 @@ def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
             mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER):
         slow = _all_scans(text)
     assert fast == slow, text
+
+
+@settings(max_examples=5_000, **FUZZ)
+@given(st.binary(max_size=60), st.booleans())
+def test_parser_fast_paths_give_the_general_result(data, as_text):
+    """parse.py reads canonically written object values with one regex (`_CANONICAL_RE`) and scans with the
+    fast paths above; the parse equals the one with all of them off (JSON-loaded values, bracket matching)."""
+    ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
+    fast = parse_rollout(ids, CODEC)
+    with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
+            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_CANONICAL_RE", NEVER):
+        slow = parse_rollout(ids, CODEC)
+    assert fast == slow, ids

@@ -42,6 +42,11 @@ _STR = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 _FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r')*+\]'
 _FLAT_RE = {"[": re.compile(_FLAT_ARRAY, re.S),
             "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r')*+\}', re.S)}
+_BOX = r"(?P<{0}>\[" + ", ".join(rf'"<\|coord_(?P<{{0}}{k}>0|[1-9][0-9]{{{{0,2}}}})\|>"' for k in range(4)) + r"\])"
+_DESC = r'"(?P<{0}>[^"\\\x00-\x1f]*)"'
+_CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py writes it, either field order
+    r'\{"desc": ' + _DESC.format("d1") + r', "bbox_2d": ' + _BOX.format("b1") + r"\}"
+    + r'|\{"bbox_2d": ' + _BOX.format("b2") + r', "desc": ' + _DESC.format("d2") + r"\}", re.S)
 _MEMBER_HEAD_RE = re.compile("(" + _STR + r')[ \t\n\r]*+:[ \t\n\r]*+', re.S)  # "key" : (up to the value)
 
 
@@ -316,36 +321,60 @@ def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | 
     """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
     if key is None or mem.kind != "object":
         return None, "key_invalid"
-    try:
-        value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
-    except (ValueError, RecursionError):
-        return None, "key_invalid"
-    geom_keys = [k for k in value if k != "desc"]
-    if len(geom_keys) > 1:
-        return None, "key_invalid"
-    desc = value.get("desc")
-    if not isinstance(desc, str) or not desc.strip():
-        return None, "missing_desc"
-    if not geom_keys:
-        return None, "missing_geom"
-    if geom_keys[0] != "bbox_2d":
-        return None, "poly_unsupported" if geom_keys[0] == "poly" else "unknown_geom"
-    vals = value["bbox_2d"]
-    if not isinstance(vals, list) or len(vals) != 4:
-        return None, "wrong_arity"
-    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in vals]
-    fields = fields_of(text, mem)
-    if None in bins or fields is None or '"bbox_2d"' not in fields or '"desc"' not in fields:
-        return None, "non_coord_token" if None in bins else "key_invalid"
-    arr, dsc = fields['"bbox_2d"'], fields['"desc"']
-    lo, hi = bisect.bisect_left(starts, arr.value_start), bisect.bisect_left(starts, arr.value_end)
-    pos = [p for p in range(lo, hi) if ends[p] <= arr.value_end and codec.coord_bin(ids[p]) is not None]
+    got = _canonical_value(text, mem) or _general_value(text, mem)
+    if isinstance(got, str):
+        return None, got
+    desc, bins, (a_start, a_end), desc_span = got
+    lo, hi = bisect.bisect_left(starts, a_start), bisect.bisect_left(starts, a_end)
+    pos = [p for p in range(lo, hi) if ends[p] <= a_end and codec.coord_bin(ids[p]) is not None]
     if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
         return None, "non_coord_token"
     if bins[2] < bins[0] or bins[3] < bins[1]:
         return None, "bbox_invalid"
-    return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end),
-                        (dsc.value_start + 1, dsc.value_end - 1)), ""
+    return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end), desc_span), ""
+
+
+def _canonical_value(text: str, mem: Member):
+    """The value as the renderer writes it (either field order, a desc without escapes or control characters)
+    read with one regex → (desc, bins, bbox array span, desc content span), a drop reason, or None for any
+    other spelling (then `_general_value` decides, with the same outcome on canonical text)."""
+    m = _CANONICAL_RE.fullmatch(text, mem.value_start, mem.value_end)
+    if m is None:
+        return None
+    desc_group = "d1" if m.group("d1") is not None else "d2"
+    desc = m.group(desc_group)
+    if not desc.strip():
+        return "missing_desc"
+    box = "b1" if m.group("b1") is not None else "b2"
+    bins = [int(m.group(f"{box}{k}")) for k in range(4)]
+    return desc, bins, m.span(box), m.span(desc_group)
+
+
+def _general_value(text: str, mem: Member):
+    """Any other value: JSON-loaded and scanned → (desc, bins, bbox array span, desc content span) or a drop reason."""
+    try:
+        value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
+    except (ValueError, RecursionError):
+        return "key_invalid"
+    geom_keys = [k for k in value if k != "desc"]
+    if len(geom_keys) > 1:
+        return "key_invalid"
+    desc = value.get("desc")
+    if not isinstance(desc, str) or not desc.strip():
+        return "missing_desc"
+    if not geom_keys:
+        return "missing_geom"
+    if geom_keys[0] != "bbox_2d":
+        return "poly_unsupported" if geom_keys[0] == "poly" else "unknown_geom"
+    vals = value["bbox_2d"]
+    if not isinstance(vals, list) or len(vals) != 4:
+        return "wrong_arity"
+    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in vals]
+    fields = fields_of(text, mem)
+    if None in bins or fields is None or '"bbox_2d"' not in fields or '"desc"' not in fields:
+        return "non_coord_token" if None in bins else "key_invalid"
+    arr, dsc = fields['"bbox_2d"'], fields['"desc"']
+    return desc, bins, (arr.value_start, arr.value_end), (dsc.value_start + 1, dsc.value_end - 1)
 
 
 def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:

@@ -122,12 +122,13 @@ def build_channel_b_segment(
         fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
         return Drop("prefix_not_append_ready", sample_id, str(e), meta)
-    prefix_ids, pieces = _join_at_boundary(parse, fragment, codec)
-    if prefix_ids is None:
+    joined = _join_at_boundary(parse, fragment, codec)
+    if joined is None:
         return Drop("fragment_encoding", sample_id, f"fragment {fragment[:200]!r} does not round-trip cleanly", meta)
+    prefix_ids, prefix_pieces, tail_ids, tail_pieces = joined
     n_pre = len(prefix_ids)  # rollout tokens kept verbatim; everything after is the (re-encoded) tail
-    ids = prefix_ids + codec.encode("".join(pieces[n_pre:])) + [codec.im_end_id]
-    pieces = pieces[:n_pre] + codec.pieces(ids[n_pre:-1]) + codec.pieces([codec.im_end_id])
+    ids = prefix_ids + tail_ids + [codec.im_end_id]
+    pieces = prefix_pieces + tail_pieces + codec.pieces([codec.im_end_id])
     meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(ids) - n_pre, "rollout/train_len": len(ids)})
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
@@ -165,24 +166,26 @@ def build_channel_b_segment(
     )
 
 
-def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[list[int] | None, list[str]]:
-    """Rollout token ids kept verbatim, and the pieces of everything after, for prefix + fragment.
+def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[list[int], list[str], list[int], list[str]] | None:
+    """Rollout token ids kept verbatim and their pieces, then the ids and pieces of everything after
+    (re-encoded), for prefix + fragment.
 
     The prefix is cut right after an object's `}`, which usually falls inside a fused BPE token (`"]}}`,
     `"]}, "`). Appending the fragment's own encoding after the re-tokenized cut would teach token splits
     the model never emits (`"]}` + `}` instead of `"]}}`: CE ~25 nats per boundary on the Stage-1 model).
     So the last prefix token is re-encoded together with the fragment, giving the tokens the model would
-    produce when writing that text. Returns (kept ids, pieces of kept ids + the tail text as one piece),
-    or (None, []) when the tail does not round-trip through the tokenizer.
+    produce when writing that text. Returns (kept ids, their pieces, tail ids, their pieces), or None when
+    the tail does not round-trip through the tokenizer.
     """
     keep = max(len(parse.prefix_token_ids) - 1, 0)
     start = parse.token_offsets[keep][0] if keep < len(parse.token_offsets) else len(parse.prefix_text)
     tail = parse.prefix_text[start:] + fragment
     tail_ids = codec.encode(tail)
-    if "".join(codec.pieces(tail_ids)) != tail or codec.im_end_id in tail_ids:
-        return None, []
+    tail_pieces = codec.pieces(tail_ids)
+    if "".join(tail_pieces) != tail or codec.im_end_id in tail_ids:
+        return None
     kept = [parse.prefix_text[s:e] for s, e in parse.token_offsets[:keep]]
-    return list(parse.prefix_token_ids[:keep]), kept + [tail]
+    return list(parse.prefix_token_ids[:keep]), kept, tail_ids, tail_pieces
 
 
 def channel_b_meta(parse: ParseResult, match: MatchResult, n_gt: int, prompt_len: int) -> dict:
