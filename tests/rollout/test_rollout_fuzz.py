@@ -224,12 +224,12 @@ def _all_scans(text: str) -> list:
 @settings(max_examples=5_000, **FUZZ)
 @given(st.binary(max_size=48))
 def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
-    """parse.py matches flat containers and `"key":` heads with one regex each; every scan (from every `{`)
+    """parse.py matches flat containers and `[, ]"key":` heads with one regex each; every scan (from every `{`)
     equals the member-by-member, bracket-matching scan on fragment soups and documents."""
     text = text_from(data)
     fast = _all_scans(text)
     with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
-            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER):
+            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER):
         slow = _all_scans(text)
     assert fast == slow, text
 
@@ -242,6 +242,7 @@ def test_parser_fast_paths_give_the_general_result(data, as_text):
     ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
     fast = parse_rollout(ids, CODEC)
     with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
-            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_CANONICAL_RE", NEVER):
+            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER), \
+            mock.patch.object(parse, "_CANONICAL_RE", NEVER):
         slow = parse_rollout(ids, CODEC)
     assert fast == slow, ids

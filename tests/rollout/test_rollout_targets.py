@@ -1,6 +1,7 @@
 """FN-append and Channel-A/B segments: which token gets which CE weight and which coord slots (§4.4, §4.5)."""
 import random
 
+import numpy as np
 import pytest
 
 from toolkit.data.render import dumps_payload, object_payload, render_answer
@@ -298,3 +299,18 @@ def test_painted_weights_equal_the_per_token_rule(codec):
             want.append(0.0 if ids[y] in coord_ids else 1.0 if y == len(ids) - 1 or s <= close < e
                         else 0.7 if _overlaps_ref(descs, s, e) else 1.5)
         assert _answer_weights(ids, offsets, lo, close, descs, 0.7, 1.5, codec) == want, trial
+
+
+@pytest.mark.parametrize("bin_value, ok", [(0, True), (999, True), (1000, False), (-1, False), (True, False),
+                                           (5.0, False), ("5", False), (np.int64(7), True), (np.int64(1000), False)])
+def test_gt_bins_are_integers_in_range_of_any_integer_type(codec, bin_value, ok):
+    """Plain ints take a fast path in the GT check; numpy integers the general one; bools are never bins."""
+    gt = [{"desc": "a", "bbox_2d": [bin_value, 0, 999, 999]}]
+    parse = parse_rollout(rollout(codec, "{"), codec)
+    build = lambda: build_channel_a_segment(PROMPT, gt, codec)  # noqa: E731
+    if ok:
+        assert isinstance(build(), Segment)
+        assert isinstance(build_channel_b_segment(PROMPT, parse, gt, MatchResult([], [], [0], 0), codec), Segment)
+    else:
+        with pytest.raises(ValueError, match="GT object 0"):
+            build()

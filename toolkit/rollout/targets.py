@@ -332,6 +332,8 @@ def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
 
 
 def _is_bin(v) -> bool:
+    if type(v) is int:  # the common case, without the slower ABC check below
+        return 0 <= v <= MAX_BIN
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_BIN
 
 
