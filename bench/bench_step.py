@@ -20,8 +20,8 @@
    on an idle core; wall time on this shared machine is noisier).
 
 lr defaults to 1e-12 on both sides (the profile checker wants lr > 0): AdamW does its full update, but the
-fp32 weights stay put, so every repeat decodes from the same model (ours: the same completions every time). trl is optional
-(`pip install -e .[bench]`, see docs/PERFORMANCE.md); without it part 1 is skipped with a note.
+fp32 weights stay put, so every repeat decodes from the same model (ours: the same completions every time).
+trl is optional (`pip install -e .[bench]`, see docs/PERFORMANCE.md); without it part 1 is skipped with a note.
 The server weight sync figure (issue 13 item 5) comes from bench/bench_vllm.py --server; here it is null.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ def step_records(tmp: Path) -> Path:
     exactly these 16 samples, TRL's GRPO takes the 8 prompts × num_generations 2."""
     records = [json.loads(line) for line in RECORDS.read_text().splitlines()[:N_PROMPTS]]
     path = tmp / "step_records.jsonl"
-    path.write_text("".join(json.dumps({**rec, "id": f"{rec['id']}-g{g}"}) + "\n" for rec in records for g in range(N_GEN)))
+    rows = [json.dumps({**rec, "id": f"{rec['id']}-g{g}"}) for rec in records for g in range(N_GEN)]
+    path.write_text("".join(row + "\n" for row in rows))
     return path
 
 
@@ -80,7 +81,8 @@ def ours_overrides(args, tmp: Path, records: Path) -> list[str]:
             "training.save_strategy=no", "training.report_to=[jsonl]", f"training.output_dir={tmp}/ours",
             f"training.logging_dir={tmp}/ours/tb", "training.gradient_checkpointing=false",
             "deepspeed.config=zero0", "stage2_ab.schedule.b_ratio=0.5",
-            f"rollout_matching.max_new_tokens={args.new_tokens}", f"rollout_matching.decode_batch_size={N_PROMPTS * N_GEN}",
+            f"rollout_matching.max_new_tokens={args.new_tokens}",
+            f"rollout_matching.decode_batch_size={N_PROMPTS * N_GEN}",
             "rollout_matching.decode_mode=sample", "rollout_matching.decoding.temperature=1.0",
             "rollout_matching.decoding.top_p=1.0", "rollout_matching.decoding.top_k=-1",
             "rollout_matching.repeat_terminate.enabled=false"] + (VLLM_SETS if args.vllm else [])
@@ -280,8 +282,8 @@ def trl_trainer(args, tmp: Path):
     samples = load_samples(str(RECORDS), tok, limit=N_PROMPTS)
     texts = [tok.decode(s.prompt_ids, skip_special_tokens=False) for s in samples]
     same_ids = all(tok(text=t)["input_ids"] == s.prompt_ids for t, s in zip(texts, samples))
-    data = Dataset.from_list([{"prompt": t, "gt": json.dumps([o["bbox_2d"] for o in s.gt_objects]), "prompt_len": len(s.prompt_ids)}
-                              for t, s in zip(texts, samples)])
+    data = Dataset.from_list([{"prompt": t, "gt": json.dumps([o["bbox_2d"] for o in s.gt_objects]),
+                               "prompt_len": len(s.prompt_ids)} for t, s in zip(texts, samples)])
     tr = cfg.training
     conf = GRPOConfig(
         output_dir=str(tmp / "trl"), per_device_train_batch_size=N_PROMPTS * N_GEN, num_generations=N_GEN,
@@ -377,7 +379,8 @@ def bench_steps(args, tmp: Path) -> dict:
     out: dict = {"trl_note": trl_missing() if not args.no_trl else "skipped (--no-trl)"}
     ours = Worker("ours", args, tmp)
     trl = Worker("trl", args, tmp) if out["trl_note"] is None else None
-    plan = ["step_b", "rollout", "plain_b", "plain_b_padded", "step_a1", "plain_a"] + [f"step_a{n}" for n in range(2, args.max_softctx + 1)]
+    plan = ["step_b", "rollout", "plain_b", "plain_b_padded", "step_a1", "plain_a"]
+    plan += [f"step_a{n}" for n in range(2, args.max_softctx + 1)]
     if args.vllm:  # item 1 only: the overhead baselines are defined on HF generate
         plan = ["step_b"]
     times: dict = {k: [] for k in plan + ["trl_step"]}
@@ -434,7 +437,8 @@ def summarize_steps(args, out: dict, times: dict, extra: dict, ours_ready: dict,
         out.update({"trl_seq_tokens": median(t["seq_tokens"] for t in extra["trl_tokens"]),
                     "trl_padded_tokens": median(t["padded_tokens"] for t in extra["trl_tokens"])})
         out.update({"trl_step_s": m["trl_step"], "trl_gen_tokens": trl_tok,
-                    "trl_ms_per_gen_token": 1000 * m["trl_step"] / trl_tok, "trl_prompt_ids_equal": trl_ready["prompt_ids_equal"],
+                    "trl_ms_per_gen_token": 1000 * m["trl_step"] / trl_tok,
+                    "trl_prompt_ids_equal": trl_ready["prompt_ids_equal"],
                     "vs_trl_step_ratio": m["step_b"] / m["trl_step"],
                     "vs_trl_token_ratio": (m["step_b"] / ours_tok) / (m["trl_step"] / trl_tok)})
     return out
@@ -458,7 +462,8 @@ def lvis_samples(codec, prompt: list[int], n: int, seed: int = 0) -> list:
         for o in gt:
             if rng.random() < 0.85:
                 b = [min(999, max(0, v + rng.randint(-3, 3))) for v in o["bbox_2d"]]
-                preds.append({"desc": o["desc"], "bbox_2d": [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]})
+                box = [min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])]
+                preds.append({"desc": o["desc"], "bbox_2d": box})
         for _ in range(rng.randint(0, 5)):
             x, y = rng.randint(0, 980), rng.randint(0, 980)
             preds.append({"desc": "red circle", "bbox_2d": [x, y, x + rng.randint(1, 19), y + rng.randint(1, 19)]})
@@ -549,7 +554,8 @@ ROWS = [  # (key, label, format)
 
 
 def table(res: dict) -> str:
-    lines = [f"# bench_step: {res['machine']}, {res['date']}, repeats {res['repeats']}, max_new_tokens {res['new_tokens']}"]
+    lines = [f"# bench_step: {res['machine']}, {res['date']}, repeats {res['repeats']}, "
+             f"max_new_tokens {res['new_tokens']}, engine {res.get('engine', '-')}"]
     for key, label, fmt in ROWS:
         value = res.get(key)
         lines.append(f"{label:72s} {fmt.format(value) if isinstance(value, (int, float)) else 'n/a':>10}")
@@ -571,7 +577,8 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--quick", action="store_true", help="2 repeats, 32 new tokens, 16 host samples, soft-context ≤ 2")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 repeats, 32 new tokens, 16 host samples, soft-context ≤ 2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-12, help="both sides (tiny: the weights stay put in fp32)")

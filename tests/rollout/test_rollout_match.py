@@ -194,8 +194,8 @@ def _rowwise_reference(preds, gts, descs_p, descs_g, require, k, gate, r, fp_cos
     biou, miou = box_iou_matrix(preds, gts), mask_iou_matrix(preds, gts, r)
     cost, rejections = np.full((n_p, n_g), FORBIDDEN), 0
     for i in range(n_p):
-        idx = np.array([j for j in range(n_g) if not require or descs_p[i].strip().casefold() == descs_g[j].strip().casefold()],
-                       dtype=np.int64)
+        same = [descs_p[i].strip().casefold() == d.strip().casefold() for d in descs_g]
+        idx = np.array([j for j in range(n_g) if not require or same[j]], dtype=np.int64)
         if idx.size:
             pc = np.array(preds[i][:2]) + np.array(preds[i][2:])
             d2 = [int(((pc - (np.array(gts[j][:2]) + np.array(gts[j][2:]))) ** 2).sum()) for j in idx]

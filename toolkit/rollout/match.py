@@ -86,7 +86,8 @@ def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]]
     return np.asarray(ious, dtype=np.float64).reshape(len(p), len(g))
 
 
-def _candidates(box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per prediction (row), its top-k allowed GT indices by box IoU (ties by index), or by centre distance
     when no allowed IoU is positive → (P×k' column indices, P×k' validity); k' = min(k, G). A row with
     fewer than k' allowed GTs has its extra entries marked invalid."""

@@ -356,7 +356,8 @@ def _canonical_value(text: str, mem: Member):
 
 
 def _general_value(text: str, mem: Member):
-    """Any other value: JSON-loaded and scanned → (desc, bins, bbox array span, desc content span) or a drop reason."""
+    """Any other value, JSON-loaded and scanned → (desc, bins, bbox array span, desc content span) or a drop
+    reason."""
     try:
         value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
     except (ValueError, RecursionError):

@@ -166,7 +166,8 @@ def build_channel_b_segment(
     )
 
 
-def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[list[int], list[str], list[int], list[str]] | None:
+def _join_at_boundary(parse: ParseResult, fragment: str,
+                      codec) -> tuple[list[int], list[str], list[int], list[str]] | None:
     """Rollout token ids kept verbatim and their pieces, then the ids and pieces of everything after
     (re-encoded), for prefix + fragment.
 
