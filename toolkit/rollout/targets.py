@@ -89,6 +89,7 @@ def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_in
 # Channel-B
 
 
+# Over 60 lines: the Channel-B target recipe read top to bottom (append, join, weights, slots, checks).
 def build_channel_b_segment(
     prompt_ids: Sequence[int],
     parse: ParseResult,
