@@ -246,7 +246,7 @@ def f1_reward(codec):
     from toolkit.rollout.match import detection_counts
     from toolkit.rollout.parse import parse_rollout
 
-    tokens = {"gen": 0, "seq": 0, "padded": 0}
+    tokens = {"gen": 0, "seq": 0, "padded": 0, "generate_s": 0.0}
 
     def reward(completions, completion_ids, gt, prompt_len, **_):
         out = []
@@ -306,6 +306,16 @@ def trl_worker(args, tmp: Path) -> None:
 
     trainer, tokens, same_ids = trl_trainer(args, tmp)
     steps = commands()
+    generate = trainer._generate_single_turn  # a spy: times TRL's decoding (HF generate or vLLM), changes nothing
+
+    def timed_generate(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            tokens["generate_s"] += time.perf_counter() - t0
+
+    trainer._generate_single_turn = timed_generate
 
     class Driven(TrainerCallback):
         """Blocks each step until the parent says `step`; reports its wall time and generated tokens."""
@@ -320,7 +330,8 @@ def trl_worker(args, tmp: Path) -> None:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, targs, state, control, **kw):
-            reply("RESULT", {"s": time.perf_counter() - self.t0, **{f"{k}_tokens": v for k, v in tokens.items()}})
+            reply("RESULT", {"s": time.perf_counter() - self.t0, "generate_s": tokens["generate_s"],
+                             **{f"{k}_tokens": v for k, v in tokens.items() if k != "generate_s"}})
 
     trainer.add_callback(Driven())
     reply("READY", {"prompt_ids_equal": same_ids})
@@ -434,8 +445,14 @@ def summarize_steps(args, out: dict, times: dict, extra: dict, ours_ready: dict,
         out.update(overhead_figures(args, m, ours_ready))
     if "trl_step" in m:
         trl_tok = median(t["gen_tokens"] for t in extra["trl_tokens"])
+        trl_gen_s = median(t["generate_s"] for t in extra["trl_tokens"])
         out.update({"trl_seq_tokens": median(t["seq_tokens"] for t in extra["trl_tokens"]),
-                    "trl_padded_tokens": median(t["padded_tokens"] for t in extra["trl_tokens"])})
+                    "trl_padded_tokens": median(t["padded_tokens"] for t in extra["trl_tokens"]),
+                    "trl_generate_s": trl_gen_s, "ours_generate_s": detail["time/rollout_generate_s"],
+                    # the rest of each step: host work, the loss forward/backward, the optimizer
+                    "vs_trl_after_generate_ratio": (m["step_b"] - detail["time/rollout_generate_s"])
+                    / (m["trl_step"] - trl_gen_s),
+                    "vs_trl_generate_ratio": detail["time/rollout_generate_s"] / trl_gen_s})
         out.update({"trl_step_s": m["trl_step"], "trl_gen_tokens": trl_tok,
                     "trl_ms_per_gen_token": 1000 * m["trl_step"] / trl_tok,
                     "trl_prompt_ids_equal": trl_ready["prompt_ids_equal"],
@@ -529,6 +546,8 @@ SERVER_NOTE = ("not measured here: the server weight sync needs a running `stage
 ROWS = [  # (key, label, format)
     ("vs_trl_step_ratio", "1. ours / TRL, one Channel-B step (goal <= 0.8)", "{:.3f}"),
     ("vs_trl_token_ratio", "1. ours / TRL, per generated token", "{:.3f}"),
+    ("vs_trl_generate_ratio", "   ours / TRL, the decoding part of the step", "{:.3f}"),
+    ("vs_trl_after_generate_ratio", "   ours / TRL, the rest of the step (host, loss fwd/bwd, optimizer)", "{:.3f}"),
     ("ours_step_b_s", "   ours: Channel-B step s", "{:.3f}"),
     ("trl_step_s", "   TRL: GRPOTrainer step s", "{:.3f}"),
     ("ours_gen_tokens", "   ours: generated tokens per step", "{:.0f}"),
