@@ -3,13 +3,13 @@
 
 Reads only the frozen ResolvedConfig. Channel-A and Channel-B are helpers it calls, not subclasses.
 Collectives happen at fixed places in `train_step` (engine step, one metrics reduction, one stop-flag
-reduction), never inside logging or rank-dependent branches. In vLLM server mode Channel-B learns one
-server round at a time (one pack-count all-reduce per round, same on every rank) while the next decodes.
+reduction), never inside logging or rank-dependent branches. A step's segments reach the learner in rounds
+(`StepLearner.learn`): one round for Channel-A and for rollouts decoded in one call; in vLLM server mode one
+per server round (one pack-count all-reduce per round, same on every rank), learned while the next decodes.
 """
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 import zlib
@@ -17,22 +17,22 @@ from pathlib import Path
 
 import torch
 
+from toolkit import runlayout
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.model_source import from_pretrained
-from toolkit.rollout.backends.base import DecodeSettings
-from toolkit.rollout.backends.hf import HFBackend
+from toolkit.rollout.backends.build import build_backend
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
-from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
-from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
-from toolkit.trainer.export import copy_support_files
-from toolkit.trainer.optim import build_optimizer, lr_lambda
+from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds, with_images
+from toolkit.trainer.distributed import init_distributed
+from toolkit.trainer.engine import Stage2Engine
+from toolkit.trainer.export import apply_lora, copy_support_files
+from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
-from toolkit.trainer.packing import RoundPacker  # noqa: F401  (re-exported: tests spy on loop.RoundPacker.add)
 from toolkit.trainer.samples import SampleInput, load_samples
 from toolkit.trainer.step import StepLearner
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
@@ -93,24 +93,25 @@ class Stage2Trainer:
         self.mrope = (self.vision.pad_id, self.vision.merge) if self.vision else None
         self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
         self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []
-        self.budget = StepBudget(
-            len(self.train_set), cfg.training.effective_batch_size, cfg.training.per_device_train_batch_size,
-            self.dist.world_size, self.dist.rank, cfg.training.seed, cfg.data.shuffle,
-        )
+        self.budget = StepBudget.from_config(cfg, len(self.train_set), self.dist.world_size, self.dist.rank)
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
-        self.backend = self._setup_backend()
-        # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round,
-        # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
-        self.stream_b = hasattr(self.backend, "generate_chunks")
-        self.overlap_b = self.stream_b and self.cfg.rollout_matching_cfg["vllm"]["server"]["overlap"]
+        # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
+        # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
+        self.backend = build_backend(cfg, self.codec, module=self.engine.module, pad_id=self.tok.pad_token_id,
+                                     weights=self.engine.named_full_params, device=self.device, rank=self.dist.rank,
+                                     world_size=self.dist.world_size, vision=self.vision,
+                                     generation_context=self.engine.generation_context)
+        # Server mode: Channel-B learns each server round while the next decodes unless vllm.server.overlap
+        # is false (other backends hand a step's rollouts over as one round: nothing decodes meanwhile).
+        self.overlap_b = cfg.settings.server.overlap
+        self.channel_b = ChannelBSettings.from_config(cfg)
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         # data.poly_policy "drop": how many poly objects each file lost (logged on load, written every step).
         self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
                              "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
         self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
-        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
-                                       schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
+        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model)
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
@@ -121,7 +122,7 @@ class Stage2Trainer:
         self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
+            (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(_provenance()))
         log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
                  self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
                  self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
@@ -152,68 +153,14 @@ class Stage2Trainer:
             model, lr=tr.learning_rate, vit_lr=vit_lr, aligner_lr=aligner_lr, weight_decay=tr.weight_decay,
             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
         )
-        warmup = int(tr.warmup_ratio * self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, self.total_steps, warmup, tr.lr_scheduler_type)
-        )
+        sched = build_lr_scheduler(optimizer, self.total_steps, int(tr.warmup_ratio * self.total_steps),
+                                   tr.lr_scheduler_type)
         from toolkit.config import load_ds_config
 
         ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
         if cfg.model.torch_dtype == "bfloat16":
             ds_config = {**ds_config, "bf16": {"enabled": True}}
         return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
-
-    def _setup_backend(self):
-        rm = self.cfg.rollout_matching_cfg
-        settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
-        if rm["rollout_backend"] == "vllm":
-            # Both vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3,
-            # so every rank joins each sync and the start-up name check) and reload them once per step.
-            common = dict(eos_id=self.codec.im_end_id, weights=self.engine.named_full_params,
-                          object_key_ids=self.codec.object_key_token_ids())
-            if rm["vllm"]["mode"] == "server":
-                from toolkit.rollout.backends.vllm_server import VLLMServerBackend
-
-                self._wait_for_servers(rm["vllm"]["server"])
-                return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
-                                                     device=str(self.device), **common)
-            from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
-
-            return VLLMColocateBackend.create(model=self.cfg.model.model, vcfg=rm["vllm"], settings=settings,
-                                              model_dtype=self.cfg.model.torch_dtype, **common)
-        return HFBackend(
-            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id, device=self.device,
-            # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
-            # different lengths without synced_gpus; every rank still makes the same number of calls.
-            object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
-            vision=self.vision,
-        )
-
-    def _wait_for_servers(self, srv: dict) -> None:
-        """Server mode: say what the run waits for and where, show the wait, fail with one message."""
-        from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
-
-        total, every = float(srv["timeout_s"]), 15.0
-        urls = [s["base_url"] for s in srv["servers"]]
-        if self.dist.rank == 0:
-            log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
-                     "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
-                     "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
-                     "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
-        t0 = time.monotonic()
-        for url in urls:
-            client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
-            while True:
-                left = total - (time.monotonic() - t0)
-                try:
-                    client.wait_healthy(total_timeout_s=max(1.0, min(every, left)))
-                    break
-                except ServerUnavailableError as exc:
-                    if left <= every:  # the message names the whole wait, not the last poll
-                        raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
-                                                     url=exc.url) from None
-                    if self.dist.rank == 0:
-                        log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)
 
     def _maybe_resume(self) -> None:
         path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)
@@ -222,23 +169,14 @@ class Stage2Trainer:
                 log.info("--resume %s: no complete checkpoint under %s; starting fresh", self.resume, self.out_dir)
             return
         # Every file is checked before DeepSpeed's pickle loader sees one (docs/STAGE2_RUNBOOK.md, Security model).
-        ckpt.check_deepspeed_files(path / "ds")
+        ckpt.check_deepspeed_files(path / runlayout.CHECKPOINT_DS)
         rng, state = ckpt.read_rng(path, self.dist.rank), ckpt.read_state(path)
-        self.engine.load(path / "ds")
+        self.engine.load(path / runlayout.CHECKPOINT_DS)
         ckpt.set_rng(rng)
         self.state = state
-        self._reschedule()
+        # A larger training.max_steps on resume: continue on the schedule planned with the new total.
+        reapply_schedule(self.engine.engine.lr_scheduler)
         log.info("resumed from %s after step %d of %d", path, self.state.step, self.total_steps)
-
-    def _reschedule(self) -> None:
-        """Extending a run (a larger training.max_steps on resume) continues on the schedule a run planned
-        with the new total would follow from this step on; the lr restored with the optimizer is the old
-        schedule's (0 at the end of a finished cosine run), so it is recomputed now. Same total: no change."""
-        sched = self.engine.engine.lr_scheduler
-        if sched is None:
-            return
-        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
 
     # ------------------------------------------------------------------ train
     def train(self) -> int:
@@ -268,59 +206,40 @@ class Stage2Trainer:
                 self.save_checkpoint(metrics)
             if stop:
                 log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
-                            ckpt.checkpoint_dir(self.out_dir, done).name)
+                            runlayout.checkpoint_dir(self.out_dir, done).name)
                 bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
         return 0
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step on one channel: this rank's E/W raw samples, any number of packs."""
+        """One optimizer step on one channel: this rank's E/W raw samples, learned round by round."""
         t0 = time.perf_counter()
         channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
         self.state.b_steps += channel == "B"
         samples = [self.train_set[i] for i in self.budget.step_indices(step)]
         m = StepMetrics()
-        if channel == "B" and self.stream_b:
-            res, packs, n_segments = self._channel_b_streamed(samples, step, m)
-        else:
-            res, packs, n_segments = self._whole_step(channel, samples, step, m)
+        rounds = self._rounds(channel, samples, step, m)
+        res, packs, n_segments, learn_s = self.learner.learn(self.engine, channel, rounds, n_raw=len(samples))
+        m.time("time/build_segments_s", time.perf_counter() - t0 - learn_s)  # Channel-B: rollouts included
+        m.time("time/forward_backward_s", learn_s)  # packing and the optimizer step included
         self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=n_segments)
         m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
         m.time("time/step_s", time.perf_counter() - t0)
         return reduce_metrics(m)
 
-    def _whole_step(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Build every segment of the step, then `StepLearner.learn` (pack, backward, one engine step)
-        → (result, packs, n_segments)."""
-        t0 = time.perf_counter()
+    def _rounds(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
+        """The step's segments as rounds of (segments, last): Channel-A in one; Channel-B as the backend hands
+        its rollouts over (one round, or one per vLLM server round, decoded while the previous one learns)."""
         if channel == "A":
-            segments = self._channel_a_segments(samples, m)
-        else:
-            segments = self._channel_b_segments(samples, step, m)
-        t1 = time.perf_counter()
-        res, packs = self.learner.learn(self.engine, channel, segments, n_raw=len(samples))
-        m.time("time/build_segments_s", t1 - t0)
-        m.time("time/forward_backward_s", time.perf_counter() - t1)  # packing included (milliseconds)
-        return res, packs, len(segments)
-
-    def _channel_b_streamed(self, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Channel-B in vLLM server mode: each server round's segments are packed and learned
-        (`StepLearner.learn_rounds`) while the next round decodes (`vllm.server.overlap: true`) or before it
-        is requested (false) — the same rounds, segments, packs and gradient either way.
-        → (result, packs, n_segments)."""
-        rounds = self._channel_b_rounds(samples, step, m, background=self.overlap_b)
-        res, packs, n_segments, learn_s = self.learner.learn_rounds(self.engine, rounds, n_raw=len(samples))
-        m.time("time/forward_backward_s", learn_s)
-        return res, packs, n_segments
+            return [(self._channel_a_segments(samples, m), True)]
+        dump_to = self.out_dir if dumps.due(self.channel_b.monitor, step, self.dist.rank) else None
+        return channel_b_rounds(self.backend, samples, step, self.codec, m, self.channel_b,
+                                background=self.overlap_b, dump_to=dump_to)
 
     def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
-        """Loss parts weighted by segment count, optimizer facts, packing fill and schedule bookkeeping."""
-        for pack, parts in zip(packs, res.pack_metrics):
-            m.add_means(parts, weight=pack.n_segments)
-        m.add_sum("loss/weighted_step", res.loss)
-        m.add_max("train/grad_norm", res.grad_norm if res.grad_norm is not None else 0.0)
-        m.add_max("train/learning_rate", res.lr)
+        """The learner's loss, optimizer and packing facts (`StepLearner.add_metrics`), schedule bookkeeping."""
+        self.learner.add_metrics(m, res, packs)
         m.add_sum("stage2/raw_samples", n_raw)
         m.add_sum("stage2/segments", n_segments)
         m.add_sum("stage2/dropped_samples", n_raw - n_segments)
@@ -328,14 +247,6 @@ class Stage2Trainer:
         m.add_max("stage2/channel_a", float(channel == "A"))
         m.add_max("stage2_ab/b_ratio_realized", self.state.b_steps / (step + 1))
         m.add_max("train/epoch", self.budget.epoch_of(step + 1))
-        m.add_sum("packing/packs", res.n_packs)
-        m.add_sum("packing/padding_packs", res.n_padding)
-        cap, min_fill = self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio
-        for i, pack in enumerate(packs):
-            m.add_mean("packing/post_rollout_fill", pack.total_len / cap)
-            # The last pack of a step takes the remainder; only earlier packs below min fill are a planning smell.
-            m.add_sum("packing/underfilled_packs", i < len(packs) - 1 and pack.total_len < min_fill * cap)
-            m.add_max("packing/post_rollout_selected_total_len", pack.total_len)
 
     def _channel_a_segments(self, samples: list[SampleInput], m: StepMetrics) -> list:
         t = self.cfg.template
@@ -354,30 +265,13 @@ class Stage2Trainer:
                 segs.append(seg)
         return segs
 
-    def _channel_b_segments(self, samples: list[SampleInput], step: int, m: StepMetrics) -> list:
-        self.backend.sync_weights(step)
-        rm = self.cfg.rollout_matching_cfg
-        return prepare_channel_b(
-            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
-            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
-            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
-        )
-
-    def _channel_b_rounds(self, samples: list[SampleInput], step: int, m: StepMetrics, *, background: bool):
-        rm = self.cfg.rollout_matching_cfg
-        return stream_channel_b(
-            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
-            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering, background=background,
-            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
-        )
-
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:
         """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing
         (the function `stage2 eval` calls); rank 0 draws its first few samples (toolkit/trainer/draw.py)."""
         from toolkit.trainer.draw import N_PICTURES, PictureLog
 
-        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg, rank=self.dist.rank,
+        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.settings, rank=self.dist.rank,
                        world_size=self.dist.world_size, step=step, keep=N_PICTURES, progress=True)
         if self.dist.rank == 0:
             if not hasattr(self, "pictures"):
@@ -391,12 +285,12 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, metrics: dict) -> Path:
         tr = self.cfg.training
-        path = ckpt.checkpoint_dir(self.out_dir, self.state.step)
-        self.engine.save(path / "ds", tag=f"global_step{self.state.step}")
+        path = runlayout.checkpoint_dir(self.out_dir, self.state.step)
+        self.engine.save(path / runlayout.CHECKPOINT_DS, tag=f"global_step{self.state.step}")
         ckpt.save_rng(path, self.dist.rank)
-        self.engine.export_hf(path / "hf", tokenizer=self.tok)
+        self.engine.export_hf(path / runlayout.CHECKPOINT_HF, tokenizer=self.tok)
         if self.dist.rank == 0:
-            copy_support_files(self.cfg.model.model, path / "hf")
+            copy_support_files(self.cfg.model.model, path / runlayout.CHECKPOINT_HF)
         # With a rollout eval configured only its values rank checkpoints (a checkpoint taken between evals
         # does not); without one, the training batch's value does. Named as logged.
         evaluates = tr.eval_strategy == "steps" and bool(self.val_set)
@@ -410,7 +304,7 @@ class Stage2Trainer:
         self.engine.barrier()
         if self.dist.rank == 0:
             ckpt.write_state(path, self.state)
-            best = ckpt.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
+            best = runlayout.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
             ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set(), run_id=self.state.run_id)
             log.info("checkpoint written: %s (%s)", path, self._best_text())
         self.engine.barrier()
@@ -440,7 +334,7 @@ class Stage2Trainer:
     def cleanup(self, clean: bool = True) -> None:
         """Release what setup created, also after a failed setup (so the real error is what the user sees).
         clean=False (an error): no exit barrier, whose peer may be the one that is gone."""
-        from toolkit.trainer.engine import close_distributed
+        from toolkit.trainer.distributed import close_distributed
 
         for part in ("backend", "writer", "pictures"):
             if hasattr(self, part):
