@@ -123,7 +123,7 @@ class Ours:
         """The packs our step trains on: Channel-B from the raw rollouts (the same seed, so the same
         completions as the step's), Channel-A from the canonical answers."""
         from toolkit.rollout.targets import build_channel_a_segment
-        from toolkit.trainer.channel_b import rollouts_to_segments
+        from toolkit.trainer.channel_b import ChannelBSettings, rollouts_to_segments
         from toolkit.trainer.metrics import StepMetrics
 
         t, m = self.trainer, StepMetrics()
@@ -135,10 +135,9 @@ class Ours:
                                                 max_len=self.cfg.global_max_length) for s in self.samples]
         else:
             rollouts = self.raw_rollouts()
-            segments = rollouts_to_segments(self.samples, rollouts, t.codec, m, [], rm=self.cfg.rollout_matching_cfg,
-                                            sab=self.cfg.stage2_ab.to_dict(), max_len=self.cfg.global_max_length,
-                                            ordering=self.cfg.template.object_ordering)
-        return self.learner0.plan(segments)
+            cb = ChannelBSettings.from_config(self.cfg)
+            segments = rollouts_to_segments(self.samples, rollouts, t.codec, m, [], cb)
+        return self.learner0.packer().add(segments, last=True)
 
     def raw_rollouts(self) -> list:
         """A plain `model.generate` on the same left-padded batch, seed and sampling as the HF backend."""
@@ -152,7 +151,7 @@ class Ours:
         width, pad, eos = max(map(len, prompts)), self.trainer.tok.pad_token_id, self.trainer.codec.im_end_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-        gen = GenerationConfig(max_new_tokens=self.cfg.rollout_matching_cfg["max_new_tokens"], do_sample=True,
+        gen = GenerationConfig(max_new_tokens=self.cfg.settings.decode.max_new_tokens, do_sample=True,
                                temperature=1.0, top_p=1.0, top_k=None, repetition_penalty=1.0, eos_token_id=eos,
                                pad_token_id=pad)
         model = self.trainer.engine.module
@@ -506,24 +505,23 @@ def bench_host(args) -> dict:
     from toolkit.data.render import render_messages
     from toolkit.data.tokenizer import encode_prompt, load_tokenizer
     from toolkit.rollout.codec import HFTokenCodec
-    from toolkit.trainer.channel_b import rollout_to_segment
-    from toolkit.trainer.step import StepLearner
     from toolkit.rollout.targets import Drop
+    from toolkit.trainer.channel_b import ChannelBSettings, rollout_to_segment
+    from toolkit.trainer.step import StepLearner
 
     cfg = load_profile(str(REPO / "configs/stage2_ab/prod/ab_mixed.yaml"), [f"model.model={MODEL}"], world_size=1)
     tok = load_tokenizer(str(MODEL))
     codec = HFTokenCodec(tok)
     prompt = encode_prompt(tok, render_messages("detect"))
     samples = lvis_samples(codec, prompt, args.host_samples)
-    rm, sab, cap = cfg.rollout_matching_cfg, cfg.stage2_ab.to_dict(), cfg.global_max_length
+    cb = ChannelBSettings.from_config(cfg)
     learner = StepLearner.from_config(cfg, torch.tensor(codec.coord_token_ids), "cpu")
 
     def once() -> tuple[float, float, list]:
         t0 = time.thread_time()
-        segs = [rollout_to_segment(s, ro, codec, rm=rm, sab=sab, max_len=cap, ordering=cfg.template.object_ordering)
-                for s, ro in samples]
+        segs = [rollout_to_segment(s, ro, codec, cb) for s, ro in samples]
         t1 = time.thread_time()
-        learner.plan([s for s in segs if not isinstance(s, Drop)])
+        learner.packer().add([s for s in segs if not isinstance(s, Drop)], last=True)
         return t1 - t0, time.thread_time() - t1, segs
 
     once()
