@@ -40,6 +40,9 @@ setup(
         # Weights & Biases (training.report_to: [wandb]); offline with WANDB_MODE=offline.
         "wandb": ["wandb>=0.19"],
         "vllm": ["vllm==0.32.0", "fastapi>=0.133,<0.137", "uvicorn>=0.29", "httpx>=0.27"],
+        # bench/bench_step.py's peer (TRL's GRPOTrainer); never needed to train. Into a venv that already holds the
+        # train pins, install it without letting pip touch them: docs/PERFORMANCE.md, "Installing trl".
+        "bench": ["trl==1.16.0"],
     },
     entry_points={
         "console_scripts": [

@@ -7,6 +7,8 @@ Hypothesis draws (10,000 cases per fuzz in seconds) and still shrink to short in
 (`derandomize=True`), no example database.
 """
 import random
+import re
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import dumps_payload, object_payload, render_answer
 from toolkit.data.segment import Segment
 from toolkit.rollout.codec import ToyCodec
+from toolkit.rollout import parse
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import DROP_REASONS, parse_rollout, scan_object
 from toolkit.rollout.targets import Drop, build_channel_b_segment, fn_append_fragment
@@ -209,3 +212,37 @@ def test_channel_b_on_mutated_answers(data):
     fn_bins = sorted(tuple(gt[j]["bbox_2d"]) for j in match.fn_indices)
     assert sorted(tuple(seg.coord_bins[k:k + 4]) for k in range(4 * len(match.pairs), len(seg.coord_bins), 4)) == fn_bins
     assert set(seg.ce_weights) <= {0.0, 1.0, desc_w, min(max(mult, 1.0), 4.0)}
+
+
+NEVER = re.compile(r"(?!)")  # a pattern that matches nothing: turns the scanner's fast paths off
+
+
+def _all_scans(text: str) -> list:
+    return [scan_object(text, i) for i, c in enumerate(text) if c == "{"]
+
+
+@settings(max_examples=5_000, **FUZZ)
+@given(st.binary(max_size=48))
+def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
+    """parse.py matches flat containers and `[, ]"key":` heads with one regex each; every scan (from every `{`)
+    equals the member-by-member, bracket-matching scan on fragment soups and documents."""
+    text = text_from(data)
+    fast = _all_scans(text)
+    with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
+            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER):
+        slow = _all_scans(text)
+    assert fast == slow, text
+
+
+@settings(max_examples=5_000, **FUZZ)
+@given(st.binary(max_size=60), st.booleans())
+def test_parser_fast_paths_give_the_general_result(data, as_text):
+    """parse.py reads canonically written object values with one regex (`_CANONICAL_RE`) and scans with the
+    fast paths above; the parse equals the one with all of them off (JSON-loaded values, bracket matching)."""
+    ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
+    fast = parse_rollout(ids, CODEC)
+    with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
+            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER), \
+            mock.patch.object(parse, "_CANONICAL_RE", NEVER):
+        slow = parse_rollout(ids, CODEC)
+    assert fast == slow, ids

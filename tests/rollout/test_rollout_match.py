@@ -181,3 +181,54 @@ def test_no_predictions_and_no_gt_score_one_not_zero():
     assert (empty.precision, empty.recall, empty.f1) == (1.0, 1.0, 1.0)
     assert (DetectionCounts(pred=0, gt=2).recall, DetectionCounts(pred=2, gt=0).precision) == (0.0, 0.0)
     assert (empty + DetectionCounts(pred=1, gt=1, matched=1)).f1 == 1.0
+
+
+def _rowwise_reference(preds, gts, descs_p, descs_g, require, k, gate, r, fp_cost, fn_cost):
+    """The matcher as first written, one prediction at a time: candidates per row (allowed GTs by box IoU,
+    ties by index, or by centre distance when no allowed IoU is positive), gate, dummy-augmented LSA."""
+    from scipy.optimize import linear_sum_assignment
+
+    from toolkit.rollout.match import FORBIDDEN, box_iou_matrix
+
+    n_p, n_g = len(preds), len(gts)
+    biou, miou = box_iou_matrix(preds, gts), mask_iou_matrix(preds, gts, r)
+    cost, rejections = np.full((n_p, n_g), FORBIDDEN), 0
+    for i in range(n_p):
+        same = [descs_p[i].strip().casefold() == d.strip().casefold() for d in descs_g]
+        idx = np.array([j for j in range(n_g) if not require or same[j]], dtype=np.int64)
+        if idx.size:
+            pc = np.array(preds[i][:2]) + np.array(preds[i][2:])
+            d2 = [int(((pc - (np.array(gts[j][:2]) + np.array(gts[j][2:]))) ** 2).sum()) for j in idx]
+            row = biou[i, idx]
+            order = np.argsort(-row, kind="stable") if row.max() > 0 else np.argsort(d2, kind="stable")
+            for j in idx[order[:k]]:
+                if miou[i, j] >= gate:
+                    cost[i, j] = 1.0 - miou[i, j]
+                else:
+                    rejections += 1
+    big = np.zeros((n_p + n_g, n_p + n_g))
+    big[:n_p, :n_g], big[:n_p, n_g:], big[n_p:, :n_g] = cost, fp_cost, fn_cost
+    rows, cols = linear_sum_assignment(big)
+    pairs = sorted((int(i), int(j), float(miou[i, j])) for i, j in zip(rows, cols)
+                   if i < n_p and j < n_g and cost[i, j] < FORBIDDEN)
+    return pairs, rejections
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_vectorized_candidates_equal_the_rowwise_reference(require):
+    """match_boxes selects candidates for all predictions at once; the same pairs and rejections as row by row,
+    on crowded scenes (60×60, many small boxes, ties, rows with no positive IoU, desc filters)."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n_p, n_g = int(rng.integers(0, 61)), int(rng.integers(0, 61))
+        gts = [random_box(rng, 60 if rng.random() < 0.6 else 999) for _ in range(n_g)]
+        preds = [list(np.clip(np.array(gts[int(rng.integers(n_g))]) + rng.integers(-4, 5, 4), 0, 999))
+                 if n_g and rng.random() < 0.7 else random_box(rng) for _ in range(n_p)]
+        preds = [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] for b in preds]
+        descs_p = [str(rng.choice(["cat", "Dog ", "bus"])) for _ in range(n_p)]
+        descs_g = [str(rng.choice(["cat", "dog", "car"])) for _ in range(n_g)]
+        k = int(rng.integers(1, 8))
+        got = match_boxes(preds, gts, candidate_top_k=k, gate=0.3, resolution=256, fp_cost=0.5, fn_cost=2.0,
+                          pred_descs=descs_p, gt_descs=descs_g, require_desc_match=require)
+        want_pairs, want_rej = _rowwise_reference(preds, gts, descs_p, descs_g, require, k, 0.3, 256, 0.5, 2.0)
+        assert (got.pairs, got.gating_rejections) == (want_pairs, want_rej), trial

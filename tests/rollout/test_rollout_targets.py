@@ -1,4 +1,7 @@
 """FN-append and Channel-A/B segments: which token gets which CE weight and which coord slots (§4.4, §4.5)."""
+import random
+
+import numpy as np
 import pytest
 
 from toolkit.data.render import dumps_payload, object_payload, render_answer
@@ -261,3 +264,53 @@ def test_empty_object_is_a_valid_rollout_not_invalid(codec):
         assert seg.meta["rollout/invalid_rollout"] == invalid, text
     _, _, seg = build_b(codec, "{}", [])
     assert "".join(codec.pieces(seg.input_ids[seg.prompt_len:])) == "{}<|im_end|>"
+
+
+def _overlaps_ref(spans, s, e):
+    return any(a < e and b > s or (a == b and s < a < e) for a, b in spans)
+
+
+def test_painted_weights_equal_the_per_token_rule(codec):
+    """`_prefix_weights` / `_answer_weights` paint span by span; the same weights as the per-token rule of the
+    module docstring on random token frames (empty pieces included) and random object, desc and closure spans."""
+    from types import SimpleNamespace
+
+    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _token_spans
+
+    rng = random.Random(5)
+    coord_ids = set(codec.coord_token_ids)
+    for trial in range(300):
+        pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(1, 60))]
+        offsets = _token_spans(pieces)
+        n_chars = max(e for _, e in offsets) + 2
+        ids = [rng.choice(codec.coord_token_ids) if rng.random() < 0.2 else 5000 + k for k in range(len(pieces))]
+        cuts = sorted(rng.sample(range(n_chars), min(n_chars, 2 * rng.randint(0, 6))))
+        spans = list(zip(cuts[::2], cuts[1::2]))  # disjoint, sorted
+        descs = [(a + rng.randint(0, b - a), b - rng.randint(0, (b - a) // 2)) for a, b in spans]
+        descs = [(a, max(a, b)) for a, b in descs]
+        objs = [SimpleNamespace(span=sp, desc_span=d) for sp, d in zip(spans, descs)]
+        want = [float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
+                for t, (s, e) in zip(ids, offsets)]
+        assert _prefix_weights(ids, offsets, objs, codec) == want, trial
+        lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
+        want = []
+        for y in range(lo, len(ids)):
+            s, e = offsets[y]
+            want.append(0.0 if ids[y] in coord_ids else 1.0 if y == len(ids) - 1 or s <= close < e
+                        else 0.7 if _overlaps_ref(descs, s, e) else 1.5)
+        assert _answer_weights(ids, offsets, lo, close, descs, 0.7, 1.5, codec) == want, trial
+
+
+@pytest.mark.parametrize("bin_value, ok", [(0, True), (999, True), (1000, False), (-1, False), (True, False),
+                                           (5.0, False), ("5", False), (np.int64(7), True), (np.int64(1000), False)])
+def test_gt_bins_are_integers_in_range_of_any_integer_type(codec, bin_value, ok):
+    """Plain ints take a fast path in the GT check; numpy integers the general one; bools are never bins."""
+    gt = [{"desc": "a", "bbox_2d": [bin_value, 0, 999, 999]}]
+    parse = parse_rollout(rollout(codec, "{"), codec)
+    build = lambda: build_channel_a_segment(PROMPT, gt, codec)  # noqa: E731
+    if ok:
+        assert isinstance(build(), Segment)
+        assert isinstance(build_channel_b_segment(PROMPT, parse, gt, MatchResult([], [], [0], 0), codec), Segment)
+    else:
+        with pytest.raises(ValueError, match="GT object 0"):
+            build()

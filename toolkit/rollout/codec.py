@@ -70,6 +70,20 @@ _PROBE_TEXTS = (
 )
 
 
+class _LiteralPieces(dict):
+    """id → token text of a literal vocabulary ("" for an id it does not know), filled on first use: the
+    parser asks for the pieces of every rollout, and a dict lookup per id is several times cheaper than
+    `convert_ids_to_tokens`' Python loop (docs/PERFORMANCE.md)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tok = tokenizer
+
+    def __missing__(self, tid: int) -> str:
+        piece = self[tid] = self.tok.convert_ids_to_tokens([tid])[0] or ""
+        return piece
+
+
 class HFTokenCodec(_CoordTable):
     """A `PreTrainedTokenizerFast` as a TokenCodec.
 
@@ -92,6 +106,7 @@ class HFTokenCodec(_CoordTable):
         self._anchor = (self.encode("a") or [self.im_end_id])[-1]
         self._anchor_text = self._decode([self._anchor])
         self._piece_cache: dict[int, str] = {}
+        self._literal_pieces = _LiteralPieces(tokenizer)
         self._key_ids: list[int] | None = None
         for text in _PROBE_TEXTS + ('"]}', "}"):
             if "".join(self.pieces(self.encode(text))) != text:
@@ -120,7 +135,7 @@ class HFTokenCodec(_CoordTable):
     def pieces(self, ids: Sequence[int]) -> list[str]:
         ids = [int(i) for i in ids]
         if self.literal:
-            return [t or "" for t in self.tok.convert_ids_to_tokens(ids)]
+            return list(map(self._literal_pieces.__getitem__, ids))
         out = [self._piece(i) for i in ids]
         if "".join(out) == self._decode(ids):
             return out

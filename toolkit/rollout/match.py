@@ -86,16 +86,16 @@ def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]]
     return np.asarray(ious, dtype=np.float64).reshape(len(p), len(g))
 
 
-def _candidates(box_iou_row: np.ndarray, centre_d2_row: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """Top-k allowed GT indices by box IoU (ties by index), or by centre distance if no IoU is positive."""
-    idx = np.flatnonzero(allowed)
-    if idx.size == 0:
-        return idx
-    if box_iou_row[idx].max() > 0:
-        order = np.argsort(-box_iou_row[idx], kind="stable")
-    else:
-        order = np.argsort(centre_d2_row[idx], kind="stable")
-    return idx[order[:k]]
+def _candidates(box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per prediction (row), its top-k allowed GT indices by box IoU (ties by index), or by centre distance
+    when no allowed IoU is positive → (P×k' column indices, P×k' validity); k' = min(k, G). A row with
+    fewer than k' allowed GTs has its extra entries marked invalid."""
+    by_iou = (np.where(allowed, box_iou, 0.0) > 0).any(axis=1, keepdims=True)
+    key = np.where(by_iou, -box_iou, centre_d2.astype(np.float64))
+    key = np.where(allowed, key, np.inf)  # disallowed sort last, then are masked out below
+    cols = np.argsort(key, axis=1, kind="stable")[:, :k]
+    return cols, np.take_along_axis(allowed, cols, axis=1)
 
 
 def match_boxes(
@@ -136,13 +136,12 @@ def match_boxes(
     gc = gb[:, :2] + gb[:, 2:]
     d2 = ((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)
     cost = np.full((n_p, n_g), FORBIDDEN)
-    rejections = 0
-    for i in range(n_p):
-        for j in _candidates(biou[i], d2[i], allowed[i], candidate_top_k):
-            if miou[i, j] >= gate:
-                cost[i, j] = 1.0 - miou[i, j]
-            else:
-                rejections += 1
+    cand, valid = _candidates(biou, d2, allowed, candidate_top_k)
+    row = np.broadcast_to(np.arange(n_p)[:, None], cand.shape)
+    iou = miou[row, cand]
+    passed = valid & (iou >= gate)
+    cost[row[passed], cand[passed]] = 1.0 - iou[passed]
+    rejections = int((valid & ~passed).sum())
     big = np.zeros((n_p + n_g, n_p + n_g))
     big[:n_p, :n_g] = cost
     big[:n_p, n_g:] = fp_cost

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -34,6 +35,20 @@ _NESTED_RE = re.compile(r'["{}\[\]]')
 _SCALAR_RE = re.compile(r'[^ \t\n\r,{}\[\]":]+')
 _KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
 _CLOSER = {"{": "}", "[": "]"}
+# Fast paths (possessive, so no backtracking): a container whose only nesting is arrays of strings or scalars
+# inside an object — every object value a detector writes — matched in one go; `_value_end`'s bracket
+# matching decides the rest (nested deeper, unclosed, mismatched). Strings as in _STR_TAIL_RE.
+_STR = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r')*+\]'
+_FLAT_RE = {"[": re.compile(_FLAT_ARRAY, re.S),
+            "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r')*+\}', re.S)}
+_BOX = r"(?P<{0}>\[" + ", ".join(rf'"<\|coord_(?P<{{0}}{k}>0|[1-9][0-9]{{{{0,2}}}})\|>"' for k in range(4)) + r"\])"
+_DESC = r'"(?P<{0}>[^"\\\x00-\x1f]*)"'
+_CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py writes it, either field order
+    r'\{"desc": ' + _DESC.format("d1") + r', "bbox_2d": ' + _BOX.format("b1") + r"\}"
+    + r'|\{"bbox_2d": ' + _BOX.format("b2") + r', "desc": ' + _DESC.format("d2") + r"\}", re.S)
+_MEMBER_HEAD_RE = re.compile("(" + _STR + r')[ \t\n\r]*+:[ \t\n\r]*+', re.S)  # "key" : (up to the value)
+_NEXT_HEAD_RE = re.compile(r",[ \t\n\r]*+" + _MEMBER_HEAD_RE.pattern, re.S)  # , "key" : (up to the value)
 
 
 class RetokenizeError(RuntimeError):
@@ -79,6 +94,9 @@ def _value_end(text: str, i: int) -> tuple[str, int, str]:
         m = _STR_TAIL_RE.match(text, i + 1)
         return ("ok", m.end(), "string") if m else ("open", len(text), "string")
     if c in _CLOSER:
+        flat = _FLAT_RE[c].match(text, i)
+        if flat is not None:
+            return "ok", flat.end(), "object" if c == "{" else "array"
         stack, j = [c], i + 1
         while True:
             m = _NESTED_RE.search(text, j)
@@ -122,8 +140,16 @@ def scan_object(text: str, start: int) -> ObjectScan:
         if c == "}" and state in ("key_or_close", "after"):
             scan.status, scan.end = "closed", i + 1
             return scan
-        if state == "after" and c == ",":
+        if state == "after" and c == "," and (head := _NEXT_HEAD_RE.match(text, i)):
+            # `, "key": ` of the next member in one match (the same states as one by one)
+            scan.members.append(Member(head.group(1), head.start(1)))
+            scan.state, i = "value", head.end()
+        elif state == "after" and c == ",":
             scan.state, i = "key", i + 1
+        elif state in ("key_or_close", "key") and c == '"' and (head := _MEMBER_HEAD_RE.match(text, i)):
+            # key, colon and the whitespace before the value in one match (the same states as one by one)
+            scan.members.append(Member(head.group(1), i))
+            scan.state, i = "value", head.end()
         elif state in ("key_or_close", "key") and c == '"':
             m = _STR_TAIL_RE.match(text, i + 1)
             if m is None:
@@ -272,12 +298,8 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
 
 
 def _offsets(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
-    starts, ends, pos = [], [], 0
-    for p in pieces:
-        starts.append(pos)
-        pos += len(p)
-        ends.append(pos)
-    return starts, ends
+    ends = list(accumulate(map(len, pieces)))
+    return ([0, *ends[:-1]] if ends else []), ends
 
 
 def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
@@ -304,36 +326,61 @@ def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | 
     """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
     if key is None or mem.kind != "object":
         return None, "key_invalid"
-    try:
-        value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
-    except (ValueError, RecursionError):
-        return None, "key_invalid"
-    geom_keys = [k for k in value if k != "desc"]
-    if len(geom_keys) > 1:
-        return None, "key_invalid"
-    desc = value.get("desc")
-    if not isinstance(desc, str) or not desc.strip():
-        return None, "missing_desc"
-    if not geom_keys:
-        return None, "missing_geom"
-    if geom_keys[0] != "bbox_2d":
-        return None, "poly_unsupported" if geom_keys[0] == "poly" else "unknown_geom"
-    vals = value["bbox_2d"]
-    if not isinstance(vals, list) or len(vals) != 4:
-        return None, "wrong_arity"
-    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in vals]
-    fields = fields_of(text, mem)
-    if None in bins or fields is None or '"bbox_2d"' not in fields or '"desc"' not in fields:
-        return None, "non_coord_token" if None in bins else "key_invalid"
-    arr, dsc = fields['"bbox_2d"'], fields['"desc"']
-    lo, hi = bisect.bisect_left(starts, arr.value_start), bisect.bisect_left(starts, arr.value_end)
-    pos = [p for p in range(lo, hi) if ends[p] <= arr.value_end and codec.coord_bin(ids[p]) is not None]
+    got = _canonical_value(text, mem) or _general_value(text, mem)
+    if isinstance(got, str):
+        return None, got
+    desc, bins, (a_start, a_end), desc_span = got
+    lo, hi = bisect.bisect_left(starts, a_start), bisect.bisect_left(starts, a_end)
+    pos = [p for p in range(lo, hi) if ends[p] <= a_end and codec.coord_bin(ids[p]) is not None]
     if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
         return None, "non_coord_token"
     if bins[2] < bins[0] or bins[3] < bins[1]:
         return None, "bbox_invalid"
-    return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end),
-                        (dsc.value_start + 1, dsc.value_end - 1)), ""
+    return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end), desc_span), ""
+
+
+def _canonical_value(text: str, mem: Member):
+    """The value as the renderer writes it (either field order, a desc without escapes or control characters)
+    read with one regex → (desc, bins, bbox array span, desc content span), a drop reason, or None for any
+    other spelling (then `_general_value` decides, with the same outcome on canonical text)."""
+    m = _CANONICAL_RE.fullmatch(text, mem.value_start, mem.value_end)
+    if m is None:
+        return None
+    desc_group = "d1" if m.group("d1") is not None else "d2"
+    desc = m.group(desc_group)
+    if not desc.strip():
+        return "missing_desc"
+    box = "b1" if m.group("b1") is not None else "b2"
+    bins = [int(m.group(f"{box}{k}")) for k in range(4)]
+    return desc, bins, m.span(box), m.span(desc_group)
+
+
+def _general_value(text: str, mem: Member):
+    """Any other value, JSON-loaded and scanned → (desc, bins, bbox array span, desc content span) or a drop
+    reason."""
+    try:
+        value = json.loads(text[mem.value_start : mem.value_end], object_pairs_hook=_unique_pairs)
+    except (ValueError, RecursionError):
+        return "key_invalid"
+    geom_keys = [k for k in value if k != "desc"]
+    if len(geom_keys) > 1:
+        return "key_invalid"
+    desc = value.get("desc")
+    if not isinstance(desc, str) or not desc.strip():
+        return "missing_desc"
+    if not geom_keys:
+        return "missing_geom"
+    if geom_keys[0] != "bbox_2d":
+        return "poly_unsupported" if geom_keys[0] == "poly" else "unknown_geom"
+    vals = value["bbox_2d"]
+    if not isinstance(vals, list) or len(vals) != 4:
+        return "wrong_arity"
+    bins = [parse_coord_token(v) if isinstance(v, str) else None for v in vals]
+    fields = fields_of(text, mem)
+    if None in bins or fields is None or '"bbox_2d"' not in fields or '"desc"' not in fields:
+        return "non_coord_token" if None in bins else "key_invalid"
+    arr, dsc = fields['"bbox_2d"'], fields['"desc"']
+    return desc, bins, (arr.value_start, arr.value_end), (dsc.value_start + 1, dsc.value_end - 1)
 
 
 def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:

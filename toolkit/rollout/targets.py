@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -88,6 +89,7 @@ def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_in
 # Channel-B
 
 
+# Over 60 lines: the Channel-B target recipe read top to bottom (append, join, weights, slots, checks).
 def build_channel_b_segment(
     prompt_ids: Sequence[int],
     parse: ParseResult,
@@ -121,12 +123,13 @@ def build_channel_b_segment(
         fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
         return Drop("prefix_not_append_ready", sample_id, str(e), meta)
-    prefix_ids, pieces = _join_at_boundary(parse, fragment, codec)
-    if prefix_ids is None:
+    joined = _join_at_boundary(parse, fragment, codec)
+    if joined is None:
         return Drop("fragment_encoding", sample_id, f"fragment {fragment[:200]!r} does not round-trip cleanly", meta)
+    prefix_ids, prefix_pieces, tail_ids, tail_pieces = joined
     n_pre = len(prefix_ids)  # rollout tokens kept verbatim; everything after is the (re-encoded) tail
-    ids = prefix_ids + codec.encode("".join(pieces[n_pre:])) + [codec.im_end_id]
-    pieces = pieces[:n_pre] + codec.pieces(ids[n_pre:-1]) + codec.pieces([codec.im_end_id])
+    ids = prefix_ids + tail_ids + [codec.im_end_id]
+    pieces = prefix_pieces + tail_pieces + codec.pieces([codec.im_end_id])
     meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(ids) - n_pre, "rollout/train_len": len(ids)})
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
@@ -164,24 +167,27 @@ def build_channel_b_segment(
     )
 
 
-def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[list[int] | None, list[str]]:
-    """Rollout token ids kept verbatim, and the pieces of everything after, for prefix + fragment.
+def _join_at_boundary(parse: ParseResult, fragment: str,
+                      codec) -> tuple[list[int], list[str], list[int], list[str]] | None:
+    """Rollout token ids kept verbatim and their pieces, then the ids and pieces of everything after
+    (re-encoded), for prefix + fragment.
 
     The prefix is cut right after an object's `}`, which usually falls inside a fused BPE token (`"]}}`,
     `"]}, "`). Appending the fragment's own encoding after the re-tokenized cut would teach token splits
     the model never emits (`"]}` + `}` instead of `"]}}`: CE ~25 nats per boundary on the Stage-1 model).
     So the last prefix token is re-encoded together with the fragment, giving the tokens the model would
-    produce when writing that text. Returns (kept ids, pieces of kept ids + the tail text as one piece),
-    or (None, []) when the tail does not round-trip through the tokenizer.
+    produce when writing that text. Returns (kept ids, their pieces, tail ids, their pieces), or None when
+    the tail does not round-trip through the tokenizer.
     """
     keep = max(len(parse.prefix_token_ids) - 1, 0)
     start = parse.token_offsets[keep][0] if keep < len(parse.token_offsets) else len(parse.prefix_text)
     tail = parse.prefix_text[start:] + fragment
     tail_ids = codec.encode(tail)
-    if "".join(codec.pieces(tail_ids)) != tail or codec.im_end_id in tail_ids:
-        return None, []
+    tail_pieces = codec.pieces(tail_ids)
+    if "".join(tail_pieces) != tail or codec.im_end_id in tail_ids:
+        return None
     kept = [parse.prefix_text[s:e] for s, e in parse.token_offsets[:keep]]
-    return list(parse.prefix_token_ids[:keep]), kept + [tail]
+    return list(parse.prefix_token_ids[:keep]), kept, tail_ids, tail_pieces
 
 
 def channel_b_meta(parse: ParseResult, match: MatchResult, n_gt: int, prompt_len: int) -> dict:
@@ -261,19 +267,20 @@ def build_channel_a_segment(
 
 def _token_spans(pieces: Sequence[str]) -> list[Span]:
     """Each token's character span; an empty piece takes the next character (see module docstring)."""
-    out, pos = [], 0
-    for p in pieces:
-        out.append((pos, pos + len(p)) if p else (pos, pos + 1))
-        pos += len(p)
-    return out
+    ends = list(accumulate(map(len, pieces)))
+    return [(s, e if e > s else s + 1) for s, e in zip([0, *ends[:-1]], ends)]
 
 
-def _overlaps(spans: list[Span], starts: list[int], s: int, e: int) -> bool:
-    """Does [s, e) overlap any span of a start-sorted list of disjoint spans?"""
-    k = bisect.bisect_right(starts, s) - 1
-    if k >= 0 and spans[k][1] > s:
-        return True
-    return k + 1 < len(spans) and spans[k + 1][0] < e
+def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
+    """Per character span [a, b), the tokens (from `lo` on) that overlap it: end > a and start < b. Token starts
+    and ends never decrease (`_token_spans`), so those tokens are one contiguous range [first, stop)."""
+    return [(max(bisect.bisect_right(ends, a), lo), bisect.bisect_left(starts, b)) for a, b in spans]
+
+
+def _paint(out: list, ranges, value, offset: int = 0) -> None:
+    for a, b in ranges:
+        if b > a:
+            out[a - offset:b - offset] = [value] * (b - a)
 
 
 def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
@@ -294,31 +301,26 @@ def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int
 
 
 def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
-    spans = sorted(o.span for o in matched_objs)
-    descs = sorted(o.desc_span for o in matched_objs)
-    s_starts, d_starts = [s for s, _ in spans], [s for s, _ in descs]
-    out = []
-    for t, (s, e) in zip(ids, offsets):
-        sup = codec.coord_bin(t) is None and _overlaps(spans, s_starts, s, e) and not _overlaps(descs, d_starts, s, e)
-        out.append(1.0 if sup else 0.0)
-    return out
+    """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
+    painted span by span (tokens of a span are one range), not token by token."""
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    out = [0.0] * len(ids)
+    _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
+    _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
+    coord = frozenset(codec.coord_token_ids)
+    return [0.0 if t in coord else w for t, w in zip(ids, out)]
 
 
 def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
-    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule."""
-    d_starts = [s for s, _ in descs]
-    out = []
-    for y in range(lo, len(ids)):
-        s, e = offsets[y]
-        if codec.coord_bin(ids[y]) is not None:
-            out.append(0.0)
-        elif y == len(ids) - 1 or s <= close < e:
-            out.append(1.0)
-        elif _overlaps(descs, d_starts, s, e):
-            out.append(float(desc_w))
-        else:
-            out.append(struct_w)
-    return out
+    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
+    from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
+    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+    n = len(ids)
+    out = [struct_w] * (n - lo)
+    _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
+    _paint(out, _token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
+    coord = frozenset(codec.coord_token_ids)
+    return [0.0 if t in coord else w for t, w in zip(ids[lo:], out)]
 
 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
@@ -332,6 +334,8 @@ def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
 
 
 def _is_bin(v) -> bool:
+    if type(v) is int:  # the common case, without the slower ABC check below
+        return 0 <= v <= MAX_BIN
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_BIN
 
 
