@@ -7,7 +7,8 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from _launch_helpers import ROOT, free_port
+from _launch_helpers import ROOT
+from _shared import free_port
 from launchers.cli import main
 
 SERVER_MODE = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server")

@@ -21,7 +21,7 @@ from toolkit.rollout.backends.vllm_server import (
 )
 from toolkit.rollout.server import errors
 from toolkit.rollout.server.app import create_app
-from _vllm_helpers import free_port
+from _shared import free_port
 
 
 class EchoEngine:

@@ -19,7 +19,8 @@ import pytest
 from toolkit.rollout.backends.base import DecodeSettings
 from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError, VLLMServerBackend
 from toolkit.rollout.server import errors
-from _vllm_helpers import EOS, ROOT, child_env, free_port
+from _vllm_helpers import EOS, ROOT
+from _shared import child_env, free_port
 from test_app_client import live  # noqa: F401  (the fixture: the real app over sockets with a toy engine)
 
 WORKER = Path(__file__).with_name("_overlap_worker.py")

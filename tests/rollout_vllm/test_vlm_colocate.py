@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import ROOT, child_env
+from _vllm_helpers import ROOT
+from _shared import child_env
 from _vlm_helpers import EOS, hf_learner, settings
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend, engine_kwargs, engine_prompt, served_specs
 from toolkit.rollout.server.weight_sync import check_specs, specs_of
