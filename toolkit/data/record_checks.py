@@ -53,7 +53,8 @@ def _bin_values(values, what: str) -> tuple[list[int] | None, list[tuple[str, st
     if any(b is None for b in bins):
         hint = " (floats are not bins)" if any(isinstance(v, float) and math.isfinite(v) for v in values) else ""
         return None, [(f"{what} values must be integer bins or coord tokens \"<|coord_N|>\"{hint}, got {values!r}",
-                       f"quantize coordinates to integer bins 0..{MAX_BIN}, or load pixel boxes with bbox_format='pixel'")]
+                       f"quantize coordinates to integer bins 0..{MAX_BIN}, "
+                       "or load pixel boxes with bbox_format='pixel'")]
     out = [v for v in bins if not 0 <= v <= MAX_BIN]
     if out:
         return None, [(f"{what} has bins outside 0..{MAX_BIN}: {out}", f"clamp bins to 0..{MAX_BIN}")]
@@ -69,7 +70,9 @@ def _check_bbox(bbox, where: str) -> list[tuple[str, str]]:
 
 
 def _pixel_hint(values) -> str:
-    return " (coord tokens are bins: load them with bbox_format='norm1000')" if any(isinstance(v, str) for v in values) else ""
+    if any(isinstance(v, str) for v in values):
+        return " (coord tokens are bins: load them with bbox_format='norm1000')"
+    return ""
 
 
 def _check_pixel_bbox(bbox, where: str, width: int, height: int) -> list[tuple[str, str]]:
@@ -212,7 +215,8 @@ def _check_optional(data: dict) -> list[tuple[str, str]]:
     if "summary" in data and not isinstance(data["summary"], str):
         problems.append((f"summary must be a string, got {type(data['summary']).__name__}", "write text, or drop it"))
     if "metadata" in data and not isinstance(data["metadata"], dict):
-        problems.append((f"metadata must be a JSON object, got {type(data['metadata']).__name__}", "write {...}, or drop it"))
+        problems.append((f"metadata must be a JSON object, got {type(data['metadata']).__name__}",
+                         "write {...}, or drop it"))
     return problems
 
 
@@ -227,7 +231,8 @@ def check_line(data, bbox_format: str, poly_policy: str = "error") -> list[tuple
     """Every problem of one parsed JSON line (any JSON value): its kind, keys and optional fields, the scene or
     image fields, and each object (objects are checked only once pixel boxes have a usable size)."""
     if not isinstance(data, dict):
-        return [(f"a record must be a JSON object, got {type(data).__name__}", 'write {"id": ..., "scene": ..., "objects": [...]}')]
+        return [(f"a record must be a JSON object, got {type(data).__name__}",
+                 'write {"id": ..., "scene": ..., "objects": [...]}')]
     problems = _check_kind(data) + _check_keys(data) + _check_optional(data)
     if "scene" in data:
         problems.extend(_check_scene(data["scene"]))

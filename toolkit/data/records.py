@@ -223,7 +223,8 @@ def read_records(path: str | Path, limit: int | None = None, *, image_root: str 
         if rec is None:
             continue
         if rec.id in first_line_of:
-            issues.append(RecordIssue(str(path), lineno, f"duplicate id {rec.id!r} (first on line {first_line_of[rec.id]})",
+            issues.append(RecordIssue(str(path), lineno,
+                                      f"duplicate id {rec.id!r} (first on line {first_line_of[rec.id]})",
                                       "give every record a unique id"))
             continue
         first_line_of[rec.id] = lineno
