@@ -45,7 +45,7 @@ def tiny_model_dir(tmp: Path) -> Path:
 
 
 def settings(dbs: int, new_tokens: int):
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
 
     return DecodeSettings(max_new_tokens=new_tokens, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0,
                           top_k=-1, repetition_penalty=1.0, repeat=None, seed=0)
@@ -75,7 +75,8 @@ def bench_wrapper(colo, prompts, n: int, r: int) -> tuple[list, float, object]:
     """1. our backend vs raw LLM.generate on the same engine (same chunks of 8, and one call)."""
     from vllm.inputs import TokensPrompt
 
-    from toolkit.rollout.backends.vllm_colocate import sampling_dict, to_sampling_params
+    from toolkit.rollout.completions import sampling_dict
+    from toolkit.rollout.vllm_engine import to_sampling_params
 
     params = to_sampling_params(sampling_dict(settings(8, n), EOS, None))
 
@@ -131,11 +132,13 @@ def bench_sync(colo, learner, tmp: Path, r: int) -> tuple[list, float, float]:
 
 def bench_colocate(model_dir: str, learner, weights, prompts, tmp: Path, n: int, r: int) -> tuple[list, list, float]:
     """1-3 on one in-process colocate engine."""
+    from toolkit.config.settings import VllmSettings
     from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
-    vcfg = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.3, "enable_prefix_caching": True,
-            "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.5}
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=vcfg, settings=settings(8, n), model_dtype="float32",
+    vllm = VllmSettings(mode="colocate", max_model_len=1024, tensor_parallel_size=1, gpu_memory_utilization=0.3,
+                        enable_lora=False, enable_prefix_caching=True, enforce_eager=True, max_num_seqs=None,
+                        max_num_batched_tokens=None, dtype="auto", kv_cache_gb=0.5, max_images_per_prompt=1)
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=vllm, settings=settings(8, n), model_dtype="float32",
                                       eos_id=EOS, weights=weights)
     colo.generate(prompts[:2], step=0)  # warm-up and first weight load
     rows, wrapper_ratio, ours = bench_wrapper(colo, prompts, n, r)
@@ -152,7 +155,8 @@ def bench_server(url: str, weights, learner, prompts, n: int, r: int, tmp: Path)
     """Optional: the server backend's tok/s and its bucketed gloo weight sync vs torch.save (paired)."""
     import torch
 
-    from toolkit.rollout.backends.vllm_server import ServerClient, VLLMServerBackend
+    from toolkit.rollout.backends.vllm_server import VLLMServerBackend
+    from toolkit.rollout.client import ServerClient
 
     client = ServerClient(url, 51599, timeout_s=60, infer_timeout_s=600)
     client.wait_healthy(60)

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli_options import ConfigFailure, profile_options, resolve_profile
+
 # Subcommands living in their own modules: name → "module:attr". `stage2 --help` imports each module
 # to read its short help, so those modules must import heavy engines inside their callbacks only.
-# e.g. "train": "launchers.train_cmd:train", "launch": "launchers.launch_cmd:launch",
-#      "serve": "launchers.serve_cmd:serve"
 LAZY_SUBCOMMANDS: dict[str, str] = {"train": "toolkit.train:train_command", "launch": "launchers.launch_cmd:launch",
-                                     "serve": "launchers.serve_cmd:serve", "data": "toolkit.data.cli:data",
-                                     "eval": "toolkit.eval_cmd:eval_command"}
-
-PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
-SET_HELP = "Override KEY=VALUE (repeatable); VALUE is YAML, e.g. --set 'x.servers=[{base_url: ..., group_port: 51300}]'."
+                                     "serve": "toolkit.rollout.server.cli:serve_command",
+                                     "data": "toolkit.data.cli:data", "eval": "toolkit.eval_cmd:eval_command"}
 
 
 class LazyGroup(click.Group):
@@ -49,64 +46,9 @@ class LazyGroup(click.Group):
         return super().resolve_command(ctx, args)
 
 
-class ConfigFailure(click.ClickException):
-    """A ConfigError or PreflightError shown as `Error:` plus one line per issue; exit code 1."""
-
-    def __init__(self, error: Exception):
-        text = str(error)
-        count = len(getattr(error, "issues", ())) or 1
-        super().__init__(f"{count} error(s)\n{text}" if "\n" in text or count > 1 else text)
-
-
-def _check_sets(ctx, param, values):
-    for value in values:
-        if "=" not in value:
-            raise click.BadParameter(f"{value!r} is not KEY=VALUE (e.g. training.learning_rate=1e-5)")
-    return tuple(values)
-
-
-def _check_gpus(ctx, param, value):
-    from toolkit.preflight import PreflightError, parse_gpus
-
-    try:
-        parse_gpus(value)
-    except PreflightError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def _complete_profile(ctx, param, incomplete):
-    from launchers.completion import complete_profile
-
-    return complete_profile(ctx, param, incomplete)
-
-
-def _complete_set(ctx, param, incomplete):
-    from launchers.completion import complete_set
-
-    return complete_set(ctx, param, incomplete)
-
-
-def profile_options(func):
-    """--profile and --set, shared by every command that resolves a profile (both shell-complete)."""
-    func = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets, help=SET_HELP,
-                        shell_complete=_complete_set)(func)
-    return click.option("--profile", "-p", required=True, metavar="NAME|PATH", help=PROFILE_HELP,
-                        shell_complete=_complete_profile)(func)
-
-
 def _echo_warnings(warnings) -> None:
     for issue in warnings:
         click.echo(f"warning: {issue}", err=True)
-
-
-def _resolve(profile, sets, world_size):
-    from toolkit.config import ConfigError, load_profile
-
-    try:
-        return load_profile(profile, sets, world_size=world_size)
-    except ConfigError as exc:
-        raise ConfigFailure(exc) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,12 +102,14 @@ def config_command(profile: str, sets: tuple[str, ...], world_size: int, normali
       stage2 config --profile prod/ab_mixed
       stage2 config --profile smoke/ab_mixed --world-size 2 --derived
       stage2 config --profile smoke/b_only --set rollout_matching.decode_batch_size=8 --normalized
-      stage2 config -p prod/ab_mixed --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
+      stage2 config -p prod/ab_mixed \
+        --set 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
     """
     from toolkit.config.yamlio import dump_yaml
 
-    cfg = _resolve(profile, sets, world_size)
-    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg), "derived": lambda: dump_yaml(cfg.derived.to_dict())}
+    cfg = resolve_profile(profile, sets, world_size)
+    views = {"normalized": lambda: dump_yaml(cfg.rollout_matching_cfg),
+             "derived": lambda: dump_yaml(cfg.derived.to_dict())}
     view = "normalized" if normalized else "derived" if derived_only else None
     click.echo(views[view]() if view else cfg.to_yaml(), nl=False)
     _echo_warnings(cfg.warnings)
@@ -173,10 +117,10 @@ def config_command(profile: str, sets: tuple[str, ...], world_size: int, normali
 
 @main.command("preflight")
 @profile_options
-@click.option("--gpus", callback=_check_gpus, metavar="IDS|cpu",
+@click.option("--gpus", metavar="IDS|cpu",
               help="Learner GPUs, e.g. 0,1 (W = number of ids), or cpu (W = --nproc). Default: cpu.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks with --gpus cpu (default 1).")
-@click.option("--server-gpus", callback=_check_gpus, metavar="IDS", help="GPUs for rollout servers (server mode).")
+@click.option("--server-gpus", metavar="IDS", help="GPUs for rollout servers (server mode).")
 def preflight_command(profile: str, sets: tuple[str, ...], gpus: str | None, nproc: int | None,
                       server_gpus: str | None) -> None:
     """Print the launcher contract as ONE line of JSON (schema-checked; no GPU or network touched).
@@ -188,11 +132,14 @@ def preflight_command(profile: str, sets: tuple[str, ...], gpus: str | None, npr
       stage2 preflight -p smoke/ab_mixed --set rollout_matching.rollout_backend=vllm | jq .vllm_mode
     """
     from toolkit.config import ConfigError
+    from toolkit.config.placement import GpuListError, Placement, PlacementError
     from toolkit.preflight import PreflightError, preflight_for_profile
 
     try:
-        contract = preflight_for_profile(profile, sets, gpus, nproc, server_gpus)
-    except (ConfigError, PreflightError) as exc:
+        contract = preflight_for_profile(profile, sets, Placement.from_flags(gpus, nproc, server_gpus))
+    except GpuListError as exc:
+        raise click.BadParameter(str(exc)) from None  # a malformed list is a usage error (exit 2)
+    except (ConfigError, PreflightError, PlacementError) as exc:
         raise ConfigFailure(exc) from None
     click.echo(json.dumps(contract, separators=(",", ":")))
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from launchers.topology import CPU, LOOPBACK, PlacementError, ServerPlan, Topology, url_host_port
+from launchers.topology import LOOPBACK, ServerPlan, Topology, url_host_port
+from toolkit.config.placement import CPU, PlacementError
 
 TRAIN_MODULE = "toolkit.train"
 SERVER_MODULE = "toolkit.rollout.server"

@@ -1,8 +1,9 @@
 """`stage2 launch` / `stage2-launch`: resolve → joint preflight → placement → start servers → learner.
 
-Owns the command and the planning step that joins the pieces: the profile resolved for the learner
-world size (GA must divide: the config error says so), the launcher contract (toolkit.preflight),
-the placement and ports (launchers.topology), the argv/env of every child (launchers.commands), the
+Owns the command and the planning step that joins the pieces: the flags parsed once into a Placement
+(toolkit/config/placement.py), the profile resolved for its learner world size (GA must divide: the config
+error says so), the launcher contract (toolkit.preflight), ports and servers (launchers.topology), the run
+folder (toolkit/runlayout.py), the argv/env of every child (launchers.commands), the
 server probes (launchers.probe), and hands the plan to launchers.supervisor, which alone spawns.
 Importing this module is cheap: no torch/transformers/deepspeed/vllm/fastapi, here or below.
 """
@@ -12,17 +13,17 @@ import json
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import click
 
 from launchers import commands, probe, topology
-from toolkit import runlayout
-from launchers.cli import ConfigFailure, profile_options
+from toolkit.cli_options import ConfigFailure, profile_options
 from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
+from toolkit import runlayout
+from toolkit.config.placement import Placement, PlacementError
 
 log = logging.getLogger("stage2.launch")
 
@@ -33,7 +34,7 @@ class LaunchRequest:
 
     profile: str
     sets: tuple[str, ...] = ()
-    flags: topology.LaunchFlags = topology.LaunchFlags()
+    placement: Placement = field(default_factory=Placement)
     launcher: str = "torchrun"
     resume: str | None = None
     overwrite: bool = False
@@ -71,24 +72,9 @@ class LaunchPlan:
 
 
 def _profile_servers(cfg) -> topology.ProfileServers:
-    rm = cfg.rollout_matching_cfg
-    server_mode = rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server"
-    servers = tuple((s["base_url"], s["group_port"]) for s in rm["vllm"]["server"]["servers"]) if server_mode else ()
-    return topology.ProfileServers(server_mode, servers, rm["vllm"]["tensor_parallel_size"])
-
-
-def _contract(cfg, req: LaunchRequest, topo: topology.Topology) -> dict:
-    """toolkit.preflight's contract for this placement (it counts one node; the world spans all nodes)."""
-    from toolkit.preflight import CPU, build_preflight, validate_preflight
-
-    flags = req.flags
-    server_ids = topology.parse_gpu_flag(flags.server_gpus, "--server-gpus") or ()
-    ids = topology.parse_gpu_flag(flags.gpus, "--gpus")
-    if topo.nnodes == 1:
-        return build_preflight(cfg, list(ids) if isinstance(ids, tuple) else CPU, topo.nproc_per_node, list(server_ids))
-    contract = build_preflight(cfg, CPU, topo.world_size, list(server_ids))
-    contract["learner_gpus"] = list(ids) if isinstance(ids, tuple) else CPU
-    return validate_preflight(contract)
+    server = cfg.derived.server_mode
+    servers = tuple((s.base_url, s.group_port) for s in cfg.settings.server.servers) if server else ()
+    return topology.ProfileServers(server, servers, cfg.settings.vllm.tensor_parallel_size)
 
 
 def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.executable) -> LaunchPlan:
@@ -99,13 +85,12 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
         PreflightError, PlacementError: contract or placement problems, taken ports.
     """
     from toolkit.config import load_profile
-    from toolkit.preflight import check_multinode_servers
+    from toolkit.preflight import build_preflight, check_multinode_servers
 
-    world = topology.world_size_of(req.flags)
-    cfg = load_profile(req.profile, req.sets, world_size=world)
+    cfg = load_profile(req.profile, req.sets, world_size=req.placement.world_size)
     servers_info = _profile_servers(cfg)
-    topo = topology.build_topology(req.flags, servers_info, env)
-    contract = _contract(cfg, req, topo)
+    topo = topology.build_topology(req.placement, servers_info, env)
+    contract = build_preflight(cfg, req.placement)
     topology.check_ports(topo, lambda host: host in topology.local_hostnames())
     out = Path(cfg.training.output_dir)
     # The learner's rank 0 checks again; checking here fails before any server starts (nothing moved yet).
@@ -117,18 +102,17 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     if topology.servers_rewritten(topo, servers_info):
         sets.append(commands.servers_override(topo))
     profile = str(Path(cfg.profile_path).resolve())
-    logs = out / runlayout.LOGS
-    suffix = "" if topo.node_rank == 0 else f"-node{topo.node_rank}"
     server_specs = [ServerSpec(
         ProcessSpec(f"server{s.index}", commands.build_server_argv(s, profile, sets, python),
-                    commands.build_server_env(env, topo, s), logs / f"server{s.index}{suffix}.log"),
+                    commands.build_server_env(env, topo, s),
+                    runlayout.process_log(out, f"server{s.index}", topo.node_rank)),
         s.base_url, s.world_size,
         lambda url, w=want, n=s.world_size: probe.verify_server(url, probe.Expectation(n, w.model, w.min_model_len)),
     ) for s in topo.servers]
     train_args = commands.build_train_args(profile, sets, req.resume)
     learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
                           commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
-                          logs / f"learner{suffix}.log", tee=True, ignore_usr1=True)
+                          runlayout.process_log(out, "learner", topo.node_rank), tee=True, ignore_usr1=True)
     check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want, notes, cfg)
@@ -196,8 +180,8 @@ def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
     done = runlayout.complete_checkpoints(lp.output_dir)
     newest = f" (newest {done[-1].name})" if done else " (none complete)"
     reason = reason.split("\n", 1)[0]  # a failure's log tail was printed with the error already
-    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / 'logs'}; "
-            f"checkpoints: {lp.output_dir / 'checkpoints'}{newest}")
+    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / runlayout.LOGS}; "
+            f"checkpoints: {lp.output_dir / runlayout.CHECKPOINTS}{newest}")
 
 
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
@@ -214,7 +198,7 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         check_files(lp.cfg)
         check_external_servers(lp)
         check_gpus_exist(lp.topo, env)
-    except (ConfigError, PreflightError, topology.PlacementError) as exc:
+    except (ConfigError, PreflightError, PlacementError) as exc:
         raise ConfigFailure(exc) from None
     except (LaunchError, runlayout.RunFolderError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -240,20 +224,33 @@ def _setup_logging() -> None:
 
 @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
 @profile_options
-@click.option("--gpus", metavar="IDS|cpu", help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
+@click.option("--gpus", metavar="IDS|cpu",
+              help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks per node with --gpus cpu (default 1).")
 @click.option("--server-gpus", metavar="IDS", help="GPUs for the rollout server(s) this launch starts (server mode).")
-@click.option("--server-dp", type=click.IntRange(min=1), help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: the DP running servers must report.")
-@click.option("--server-tp", type=click.IntRange(min=1), help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="Learner nodes (torchrun c10d rendezvous).")
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1).")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
-@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True, help="Learner launcher.")
-@click.option("--resume", metavar="auto|PATH", help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
-@click.option("--overwrite", is_flag=True, help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
-@click.option("--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
-@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds to wait for /health/ of started servers.")
-@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="Seconds the learner gets to checkpoint after a stop signal.")
+@click.option("--server-dp", type=click.IntRange(min=1),
+              help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: "
+                   "the DP running servers must report.")
+@click.option("--server-tp", type=click.IntRange(min=1),
+              help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Learner nodes (torchrun c10d rendezvous).")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This node's rank (0..nnodes-1).")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT",
+              help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
+@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True,
+              help="Learner launcher.")
+@click.option("--resume", metavar="auto|PATH",
+              help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
+@click.option("--dry-run", is_flag=True,
+              help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
+@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds to wait for /health/ of started servers.")
+@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds the learner gets to checkpoint after a stop signal.")
 def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint,
            launcher, resume, overwrite, dry_run, health_timeout, stop_timeout) -> None:
     """Launch a Stage-2 run: joint preflight, rollout servers (server mode), then the learner.
@@ -271,7 +268,11 @@ def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes
     Exit code: the learner's (0 done, 1 launch or learner failure, 128+N after a stop signal).
     """
     _setup_logging()
-    flags = topology.LaunchFlags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint)
-    req = LaunchRequest(profile, sets, flags, launcher, resume, overwrite, health_timeout, stop_timeout)
+    try:
+        placement = Placement.from_flags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank,
+                                         rdzv_endpoint)
+    except PlacementError as exc:
+        raise ConfigFailure(exc) from None
+    req = LaunchRequest(profile, sets, placement, launcher, resume, overwrite, health_timeout, stop_timeout)
     sys.exit(run_launch(req, dry_run))
 

@@ -67,7 +67,8 @@ def world_size(base_url: str, timeout: float = CALL_TIMEOUT_S) -> int:
     data = get_json(base_url, "/get_world_size/", timeout)
     value = data.get("world_size") if isinstance(data, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProbeError(f"GET {base_url.rstrip('/')}/get_world_size/: expected {{\"world_size\": int}}, got {data!r:.200}")
+        raise ProbeError(f"GET {base_url.rstrip('/')}/get_world_size/: expected {{\"world_size\": int}}, "
+                         f"got {data!r:.200}")
     return value
 
 

@@ -11,12 +11,11 @@ Any exit path (done, error, Ctrl-C, a child crash, a server dying mid-run) ends 
 terminated: SIGTERM, wait `grace`, SIGKILL, each step logged. A child's groups are all the groups seen
 in its process tree (torchrun puts each rank in its own session, see launchers/proctree.py), read
 from /proc; the launcher is a child subreaper, so orphans of a killed torchrun are adopted and stopped.
-The exit code is the learner's (see `_exit_code` for the torchrun case).
+The exit code is the learner's (see `_exit_code` for the torchrun case). Log files: launchers/childlog.py.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
 from __future__ import annotations
 
-import codecs
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from launchers import probe, proctree
+from launchers import childlog, probe, proctree
 
 log = logging.getLogger("stage2.launch")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -122,11 +121,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ spawning / tracking
     def start(self, spec: ProcessSpec) -> Child:
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(spec.log_path, "a", buffering=1)
-        log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} stage2-launch starts {spec.name}: "
-                       f"{' '.join(spec.argv)}\n")
-        offset = log_file.tell()
+        log_file, offset = childlog.open_log(spec.log_path, f"stage2-launch starts {spec.name}: {' '.join(spec.argv)}")
         # The child writes to the log file itself, never to a pipe of ours: if the launcher dies, the
         # ranks keep a valid stdout (a broken pipe would crash one rank mid-step and hang the others).
         proc = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -134,30 +129,12 @@ class Supervisor:
                                 preexec_fn=_child_setup(spec.ignore_usr1))
         child = Child(spec, proc, log_file, groups={proc.pid})
         if spec.tee:
-            child.tee_thread = threading.Thread(target=self._tee, args=(spec.log_path, offset, child.tee_done),
-                                                daemon=True)
+            child.tee_thread = threading.Thread(target=childlog.follow, daemon=True,
+                                                args=(spec.log_path, offset, child.tee_done, self.console))
             child.tee_thread.start()
         self.children.append(child)
         log.info("started %s (pid %d, own process group), log %s", spec.name, proc.pid, spec.log_path)
         return child
-
-    def _tee(self, path: Path, offset: int, done: threading.Event) -> None:
-        """Copy what the child appends to its log onto the console until `done` and nothing is left."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            while True:
-                chunk = fh.read(65536)
-                if chunk:
-                    try:
-                        self.console.write(decoder.decode(chunk))
-                        self.console.flush()
-                    except (OSError, ValueError):
-                        pass
-                elif done.is_set():
-                    return
-                else:
-                    time.sleep(0.1)
 
     def refresh(self) -> dict:
         """Record the live process groups under every child (ranks run in their own sessions) and
@@ -284,8 +261,9 @@ class Supervisor:
             self._check_interrupt()
             for child in list(pending):
                 if child.proc.poll() is not None:
-                    raise LaunchError(f"{child.spec.name} exited with code {normalize_code(child.proc.returncode)} "
-                                      f"before becoming healthy; see {child.spec.log_path}{_tail(child.spec.log_path)}")
+                    code, path = normalize_code(child.proc.returncode), child.spec.log_path
+                    raise LaunchError(f"{child.spec.name} exited with code {code} before becoming healthy; "
+                                      f"see {path}{childlog.tail(path)}")
                 ok, details[child.spec.name] = probe.health(specs[child.spec.name].base_url)
                 if ok:
                     pending.remove(child)
@@ -296,7 +274,7 @@ class Supervisor:
                 names = ", ".join(f"{c.spec.name} {specs[c.spec.name].base_url}/health/ ({details[c.spec.name]}; "
                                   f"log {c.spec.log_path})" for c in pending)
                 raise LaunchError(f"rollout server(s) not healthy within {plan.health_timeout:g} s: {names}"
-                                  f"{_tail(pending[0].spec.log_path)}")
+                                  f"{childlog.tail(pending[0].spec.log_path)}")
             if pending and time.monotonic() - last_note >= 5.0:
                 last_note = time.monotonic()
                 log.info("waiting for %s: %.0f s / %g s (%s)", ", ".join(c.spec.name for c in pending), waited,
@@ -396,10 +374,3 @@ def _reap(pid: int) -> None:
     except ChildProcessError:
         pass
 
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n  last lines of the log:\n    " + "\n    ".join(text) if text else ""

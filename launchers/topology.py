@@ -1,9 +1,10 @@
 """Placement of one launch: learner GPUs/ranks, nodes, rendezvous, rollout servers and their ports.
 
-Owns the `Topology` dataclass and the pure functions that build it from the `stage2-launch` flags
-plus an explicit environment mapping (SLURM_JOB_ID, MASTER_PORT, CUDA_VISIBLE_DEVICES); nothing
-here reads os.environ or spawns anything. The only effects are two socket helpers (`port_is_free`,
-`probe_free_port`) that bind and close a socket; callers pass them in, so tests can replace them.
+Owns the `Topology` dataclass and the pure functions that build it from the launch's `Placement`
+(toolkit/config/placement.py: the flags, parsed once) plus an explicit environment mapping (SLURM_JOB_ID,
+MASTER_PORT, CUDA_VISIBLE_DEVICES); nothing here reads os.environ or spawns anything. The only effects are
+two socket helpers (`port_is_free`, `probe_free_port`) that bind and close a socket; callers pass them in,
+so tests can replace them.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 
 Port policy (every port carries the `source` that chose it, so errors can name it):
@@ -26,14 +27,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-CPU = "cpu"
+from toolkit.config.placement import CPU, Placement, PlacementError, ids_text
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PORT_LO = 20000  # job-derived ports: [PORT_LO, first ephemeral port)
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
-
-
-class PlacementError(ValueError):
-    """A placement flag is invalid or inconsistent, or a port is taken; the message names the flag or port."""
 
 
 @dataclass(frozen=True)
@@ -114,22 +112,7 @@ def _port_dict(port: Port | None) -> dict | None:
     return None if port is None else {"port": port.port, "source": port.source}
 
 
-# ----------------------------------------------------------------------------- GPU lists
-def parse_gpu_flag(text: str | None, flag: str) -> tuple[int, ...] | str | None:
-    """`"0,1"` → (0, 1); `"cpu"` → "cpu"; None → None. Raises PlacementError naming the flag."""
-    if text is None:
-        return None
-    if text.strip().lower() == CPU:
-        return CPU
-    try:
-        ids = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise PlacementError(f"{flag} {text!r}: expected comma-separated GPU ids (e.g. 0,1) or 'cpu'") from None
-    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise PlacementError(f"{flag} {text!r}: expected distinct GPU ids ≥ 0 (e.g. 0,1)")
-    return ids
-
-
+# ----------------------------------------------------------------------------- GPU ids
 def visible_to_physical(ids: Sequence[int], inherited: str | None, flag: str) -> tuple[int, ...]:
     """Map --gpus ids onto an inherited CUDA_VISIBLE_DEVICES (SLURM sets it): id i means its i-th entry.
 
@@ -234,34 +217,12 @@ def master_port(env: Mapping[str, str], probe: Callable[[], int]) -> Port:
     return Port(probe(), "probed free (set MASTER_PORT to choose)")
 
 
-def split_endpoint(text: str, flag: str = "--rdzv-endpoint") -> tuple[str, int]:
-    """`host:port` → (host, port); raises PlacementError naming the flag."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise PlacementError(f"{flag} {text!r}: expected HOST:PORT (e.g. node001:29500)")
-    return host, int(port)
-
-
 def url_host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 # ----------------------------------------------------------------------------- building the plan
-@dataclass(frozen=True)
-class LaunchFlags:
-    """The placement flags of `stage2-launch`, as typed (strings are parsed here)."""
-
-    gpus: str | None = None
-    nproc: int | None = None
-    server_gpus: str | None = None
-    server_dp: int | None = None
-    server_tp: int | None = None
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-
-
 @dataclass(frozen=True)
 class ProfileServers:
     """What the resolved profile says about rollout servers (read from ResolvedConfig by the caller)."""
@@ -271,35 +232,7 @@ class ProfileServers:
     tensor_parallel_size: int = 1
 
 
-def learner_layout(flags: LaunchFlags) -> tuple[tuple[int, ...] | None, int]:
-    """(learner GPU ids or None for CPU, ranks per node) from --gpus/--nproc; validates node flags too."""
-    if flags.nnodes < 1:
-        raise PlacementError(f"--nnodes must be ≥ 1, got {flags.nnodes}")
-    if not 0 <= flags.node_rank < flags.nnodes:
-        raise PlacementError(f"--node-rank {flags.node_rank} is outside 0..{flags.nnodes - 1} (--nnodes {flags.nnodes})")
-    if flags.nnodes > 1 and not flags.rdzv_endpoint:
-        raise PlacementError(f"--nnodes {flags.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node; "
-                             "HOST = the first node, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
-    if flags.rdzv_endpoint:
-        split_endpoint(flags.rdzv_endpoint)
-    gpus = parse_gpu_flag(flags.gpus, "--gpus")
-    if flags.nproc is not None and flags.nproc < 1:
-        raise PlacementError(f"--nproc must be ≥ 1, got {flags.nproc}")
-    if isinstance(gpus, tuple):
-        if flags.nproc is not None and flags.nproc != len(gpus):
-            raise PlacementError(f"--nproc {flags.nproc} disagrees with --gpus {flags.gpus} ({len(gpus)} ids); "
-                                 "drop --nproc (one rank per GPU) or use --gpus cpu")
-        return gpus, len(gpus)
-    return None, flags.nproc or 1
-
-
-def world_size_of(flags: LaunchFlags) -> int:
-    """Learner world size W = nodes × ranks per node, needed before the profile can be resolved."""
-    _, nproc = learner_layout(flags)
-    return flags.nnodes * nproc
-
-
-def build_topology(flags: LaunchFlags, profile: ProfileServers, env: Mapping[str, str],
+def build_topology(placement: Placement, profile: ProfileServers, env: Mapping[str, str],
                    probe: Callable[[], int] = probe_free_port) -> Topology:
     """The full placement of one launch on this node.
 
@@ -307,81 +240,73 @@ def build_topology(flags: LaunchFlags, profile: ProfileServers, env: Mapping[str
         env: the environment to read SLURM_JOB_ID, MASTER_PORT and CUDA_VISIBLE_DEVICES from.
         probe: returns a free port when nothing configured one.
     Raises:
-        PlacementError: inconsistent flags, overlapping GPU sets, DP×TP ≠ server GPUs.
+        PlacementError: server flags that do not fit the profile's servers, DP×TP ≠ server GPUs.
     """
-    ids, nproc = learner_layout(flags)
-    inherited = env.get("CUDA_VISIBLE_DEVICES")
-    learner = visible_to_physical(ids, inherited, "--gpus") if ids is not None else None
-    started, external, notes, want = _plan_servers(flags, profile, ids, env)
-    if flags.rdzv_endpoint:
-        host, port = split_endpoint(flags.rdzv_endpoint)
+    p, ids = placement, placement.learner_gpus
+    learner = None if ids is None else visible_to_physical(ids, env.get("CUDA_VISIBLE_DEVICES"), "--gpus")
+    started, external, notes, want = _plan_servers(p, profile, env)
+    if p.rdzv:
+        host, port = p.rdzv
         rdzv_id = env.get("SLURM_JOB_ID") or f"stage2-{port}"
-        return Topology(learner, nproc, flags.nnodes, flags.node_rank, host,
-                        Port(port, "--rdzv-endpoint", bind_here=flags.node_rank == 0), flags.rdzv_endpoint, rdzv_id,
+        return Topology(learner, p.nproc_per_node, p.nnodes, p.node_rank, host,
+                        Port(port, "--rdzv-endpoint", bind_here=p.node_rank == 0), p.rdzv_endpoint, rdzv_id,
                         started, external, want, profile.server_mode, notes)
-    return Topology(learner, nproc, 1, 0, "127.0.0.1", master_port(env, probe), None, "stage2",
+    return Topology(learner, p.nproc_per_node, 1, 0, "127.0.0.1", master_port(env, probe), None, "stage2",
                     started, external, want, profile.server_mode, notes)
 
 
-def _plan_servers(flags: LaunchFlags, profile: ProfileServers, learner_ids: tuple[int, ...] | None,
-                  env: Mapping[str, str]) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...], int | None]:
+def _plan_servers(place: Placement, profile: ProfileServers, env: Mapping[str, str]
+                  ) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...], int | None]:
     """Which profile servers this launch starts (and on what), which must already be running, notes,
     and the world size expected of the running ones (--server-dp × TP, or None)."""
-    server_ids = parse_gpu_flag(flags.server_gpus, "--server-gpus")
-    if server_ids == CPU:
-        raise PlacementError("--server-gpus takes GPU ids (e.g. 2,3); CPU servers start with --gpus cpu")
+    server_ids, learner_ids = place.server_gpus, place.learner_gpus
     urls = tuple(url for url, _ in profile.servers)
     if not profile.server_mode:
-        for flag, value in (("--server-gpus", flags.server_gpus), ("--server-dp", flags.server_dp),
-                            ("--server-tp", flags.server_tp)):
+        for flag, value in (("--server-gpus", place.server_gpus), ("--server-dp", place.server_dp),
+                            ("--server-tp", place.server_tp)):
             if value is not None:
                 raise PlacementError(f"{flag} needs a server-mode profile (rollout_matching.rollout_backend: vllm, "
                                      "rollout_matching.vllm.mode: server)")
         return (), (), (), None
-    if server_ids is not None and learner_ids is not None:
-        overlap = sorted(set(server_ids) & set(learner_ids))
-        if overlap:
-            raise PlacementError(f"--gpus {flags.gpus} and --server-gpus {flags.server_gpus} must be disjoint; "
-                                 f"both hold GPU {','.join(map(str, overlap))}")
     loopback = all(url_host_port(u)[0] in LOOPBACK for u in urls)
     start = server_ids is not None or (learner_ids is None and loopback)
-    if not start or flags.nnodes > 1:
+    if not start or place.nnodes > 1:
         if server_ids is not None:
             raise PlacementError("--server-gpus with --nnodes > 1: start the servers as their own job step "
                                  "(`stage2 serve`, see launchers/slurm/stage2_server_split.sbatch)")
-        if flags.server_tp is not None and flags.server_dp is None:
+        if place.server_tp is not None and place.server_dp is None:
             raise PlacementError("--server-tp without --server-dp: give both to check running servers' world size")
-        want = flags.server_dp * _server_tp(flags, profile) if flags.server_dp else None
+        want = place.server_dp * _server_tp(place, profile) if place.server_dp else None
         note = f"server mode: using the running servers {', '.join(urls)}"
         return (), urls, (note + (f", each with world size {want}" if want else ""),), want
     if server_ids is not None and not loopback:
         raise PlacementError(f"servers started by stage2-launch listen on this machine, but the profile lists "
                              f"{', '.join(urls)}; use 127.0.0.1 URLs or start remote servers with `stage2 serve`")
-    tp = _server_tp(flags, profile)
-    gpu_blocks = _split_server_gpus(server_ids, len(urls), flags, tp, env) if server_ids else [CPU] * len(urls)
-    dp = flags.server_dp or (len(gpu_blocks[0]) // tp if server_ids else 1)
+    tp = _server_tp(place, profile)
+    gpu_blocks = _split_server_gpus(server_ids, len(urls), tp, env) if server_ids else [CPU] * len(urls)
+    dp = place.server_dp or (len(gpu_blocks[0]) // tp if server_ids else 1)
     if server_ids and dp * tp != len(gpu_blocks[0]):
         raise PlacementError(f"--server-dp {dp} × --server-tp {tp} = {dp * tp} must equal the GPUs per server "
-                             f"({len(gpu_blocks[0])}: --server-gpus {flags.server_gpus} over {len(urls)} server(s))")
+                             f"({len(gpu_blocks[0])}: --server-gpus {ids_text(server_ids)} over {len(urls)} server(s))")
     plans = tuple(_server_plan(i, url, gport, gpu_blocks[i], dp, tp, env)
                   for i, (url, gport) in enumerate(profile.servers))
     return plans, (), (), None
 
 
-def _server_tp(flags: LaunchFlags, profile: ProfileServers) -> int:
+def _server_tp(place: Placement, profile: ProfileServers) -> int:
     tp = profile.tensor_parallel_size
-    if flags.server_tp is not None and flags.server_tp != tp:
-        raise PlacementError(f"--server-tp {flags.server_tp} differs from the profile's "
+    if place.server_tp is not None and place.server_tp != tp:
+        raise PlacementError(f"--server-tp {place.server_tp} differs from the profile's "
                              f"rollout_matching.vllm.tensor_parallel_size={tp}; the profile is the one truth "
-                             f"(fix: --set rollout_matching.vllm.tensor_parallel_size={flags.server_tp})")
+                             f"(fix: --set rollout_matching.vllm.tensor_parallel_size={place.server_tp})")
     return tp
 
 
-def _split_server_gpus(ids: tuple[int, ...], count: int, flags: LaunchFlags, tp: int,
+def _split_server_gpus(ids: tuple[int, ...], count: int, tp: int,
                        env: Mapping[str, str]) -> list[tuple[int, ...]]:
     """Contiguous equal blocks of --server-gpus, one per profile server (mapped onto CUDA_VISIBLE_DEVICES)."""
     if len(ids) % count:
-        raise PlacementError(f"--server-gpus {flags.server_gpus} ({len(ids)} GPUs) does not split evenly over the "
+        raise PlacementError(f"--server-gpus {ids_text(ids)} ({len(ids)} GPUs) does not split evenly over the "
                              f"profile's {count} server(s)")
     per = len(ids) // count
     if per % tp:

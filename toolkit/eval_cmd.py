@@ -23,6 +23,9 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli_options import profile_options, resolve_profile
+from toolkit.runlayout import CHECKPOINT_HF, EVAL, complete_checkpoints
+
 log = logging.getLogger(__name__)
 TABLE_KEYS = ("eval_rollout/f1", "eval_rollout/precision", "eval_rollout/recall", "eval_rollout/class50/f1",
               "eval_rollout/matched_iou_mean", "eval_rollout/valid_json_rate", "eval_rollout/parse_truncated_rate",
@@ -56,14 +59,12 @@ def resolve_checkpoint(path: str, base_model: str) -> Checkpoint:
         return Checkpoint(base, str(p), step)
     if (p / "config.json").is_file():
         return Checkpoint(str(p), None, step)
-    if (p / "hf" / "config.json").is_file():
-        return Checkpoint(str(p / "hf"), None, step)
-    from toolkit.trainer.checkpoint import complete_checkpoints
-
-    found = [c for c in complete_checkpoints(p) if (c / "hf" / "config.json").is_file()]
+    if (p / CHECKPOINT_HF / "config.json").is_file():
+        return Checkpoint(str(p / CHECKPOINT_HF), None, step)
+    found = [c for c in complete_checkpoints(p) if (c / CHECKPOINT_HF / "config.json").is_file()]
     if found:
         log.info("--checkpoint %s is a run folder: evaluating its newest checkpoint %s", path, found[-1].name)
-        return Checkpoint(str(found[-1] / "hf"), None, _step_of(found[-1]))
+        return Checkpoint(str(found[-1] / CHECKPOINT_HF), None, _step_of(found[-1]))
     raise EvalError(f"--checkpoint {path}: not a model folder (no config.json), a checkpoints/step-*/ folder "
                     "(no hf/config.json), a run folder (no complete checkpoints/step-*/hf) nor a LoRA adapter "
                     "(no adapter_config.json)")
@@ -77,7 +78,7 @@ def _step_of(p: Path) -> int:
 def default_out(cfg, checkpoint: str) -> Path:
     """<training.output_dir>/eval/<checkpoint path tail>: beside the run, never inside a model folder."""
     tail = "_".join(Path(checkpoint).resolve().parts[-2:])
-    return Path(cfg.training.output_dir) / "eval" / re.sub(r"[^A-Za-z0-9._-]+", "_", tail)
+    return Path(cfg.training.output_dir) / EVAL / re.sub(r"[^A-Za-z0-9._-]+", "_", tail)
 
 
 def load_model(ck: Checkpoint, cfg, vision: bool):
@@ -98,28 +99,20 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
     return model.to(device).eval(), device
 
 
-def build_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
-    from toolkit.rollout.backends.base import DecodeSettings
+def open_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
+    """The --backend for `ck`: hf on the loaded model, or vllm as an in-process engine (never the profile's servers)."""
+    from toolkit.rollout.backends.build import build_backend
 
-    rm = cfg.rollout_matching_cfg
-    settings = DecodeSettings.from_rollout_cfg(rm, seed=cfg.training.seed)
     if name == "vllm":
-        from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
-
         model_dir = ck.model
         if ck.adapter:  # vLLM loads a folder: merge the adapter into one first
             model, _ = load_model(ck, cfg, vision is not None)
             model_dir = str(out / "merged_model")
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
-        return VLLMColocateBackend.create(model=model_dir, vcfg=rm["vllm"], settings=settings,
-                                          model_dtype=cfg.model.torch_dtype, eos_id=codec.im_end_id,
-                                          object_key_ids=codec.object_key_token_ids())
-    from toolkit.rollout.backends.hf import HFBackend
-
+        return build_backend(cfg, codec, kind="colocate", model_dir=model_dir)
     model, device = load_model(ck, cfg, vision is not None)
-    return HFBackend(model, settings, pad_id=tok.pad_token_id, eos_id=codec.im_end_id, device=device,
-                     object_key_ids=codec.object_key_token_ids(), vision=vision)
+    return build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, device=device, vision=vision)
 
 
 def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | None, out: Path | None,
@@ -147,7 +140,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
                        vision=vision, image_root=d.image_root, bbox_format=d.bbox_format)
     out = Path(out) if out else default_out(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    backend = build_backend(backend_name, ck, cfg, tok, codec, vision, out)
+    backend = open_backend(backend_name, ck, cfg, tok, codec, vision, out)
     try:
         res = run_eval(backend, val, codec, cfg.rollout_matching_cfg, rank=0, world_size=1, step=ck.step,
                        keep=len(val), progress=sys.stderr.isatty())
@@ -167,8 +160,7 @@ def format_table(metrics: dict) -> str:
 
 
 @click.command("eval", context_settings={"show_default": True})
-@click.option("--profile", "-p", required=True, metavar="NAME|PATH", help="Profile whose val set, decoding and matching knobs are used.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable; VALUE is YAML).")
+@profile_options(profile_help="Profile whose val set, decoding and matching knobs are used.")
 @click.option("--checkpoint", required=True, metavar="DIR",
               help="Model folder, checkpoints/step-*/ (or its hf/), a run's output_dir, or a LoRA adapter folder.")
 @click.option("--backend", "backend_name", type=click.Choice(["hf", "vllm"]), default="hf", help="Rollout engine.")
@@ -187,13 +179,12 @@ def eval_command(profile: str, sets: tuple[str, ...], checkpoint: str, backend_n
       stage2 eval -p smoke/ab_mixed --checkpoint output/stage2_ab/smoke/ab_mixed/checkpoints/step-000100
       stage2 eval -p smoke/ab_mixed --checkpoint output/stage2_ab/smoke/ab_mixed --backend vllm
     """
-    from launchers.cli import _resolve
     from toolkit.data.records import RecordError
     from toolkit.model_source import ModelSourceError
     from toolkit.train import setup_logging
 
     setup_logging()
-    cfg = _resolve(profile, sets, 1)
+    cfg = resolve_profile(profile, sets)
     try:
         metrics, where = evaluate_checkpoint(cfg, checkpoint, backend_name, limit, out, pictures)
     except (RecordError, ModelSourceError, FileNotFoundError, ValueError) as err:

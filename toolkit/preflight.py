@@ -1,9 +1,9 @@
 """The launcher contract: one JSON object that tells `stage2-launch` what to start, schema-checked.
 
-`build_preflight(cfg, ...)` reads a ResolvedConfig (never YAML) plus the placement flags and returns
-a dict; `validate_preflight(d)` checks it against PREFLIGHT_SCHEMA and fails fast naming the field.
-No network calls here: server reachability belongs to the launcher. Must never import torch,
-transformers, deepspeed, vllm or fastapi.
+`build_preflight(cfg, placement)` reads a ResolvedConfig (never YAML) and the launch's Placement
+(toolkit/config/placement.py: the flags, parsed once) and returns a dict; `validate_preflight(d)` checks it
+against PREFLIGHT_SCHEMA and fails fast naming the field. No network calls here: server reachability belongs
+to the launcher. Must never import torch, transformers, deepspeed, vllm or fastapi.
 
 Example (`stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3`):
     {"rollout_backend": "vllm", "vllm_mode": "server", "server_base_urls": ["http://127.0.0.1:8000"],
@@ -17,40 +17,12 @@ from typing import Any, Sequence
 from voluptuous import PREVENT_EXTRA, Invalid, MultipleInvalid, Required, Schema
 
 from toolkit.config.atoms import Bool, Const, Either, Enum, Int, ListOf, Nullable, Str
+from toolkit.config.placement import CPU, Placement
 from toolkit.config.resolved import ResolvedConfig
-
-CPU = "cpu"
 
 
 class PreflightError(ValueError):
-    """A placement flag or contract field is missing or invalid; the message names it."""
-
-
-def parse_gpus(text: str | None) -> list[int] | str | None:
-    """`"0,1"` → [0, 1]; `"cpu"` → "cpu"; None → None. Raises PreflightError on bad ids or repeats."""
-    if text is None:
-        return None
-    if text.strip().lower() == CPU:
-        return CPU
-    try:
-        ids = [int(part) for part in text.split(",") if part.strip() != ""]
-    except ValueError:
-        raise PreflightError(f"GPU list {text!r} is not comma-separated integers (e.g. 0,1) or 'cpu'") from None
-    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-        raise PreflightError(f"GPU list {text!r} must hold distinct ids ≥ 0 (e.g. 0,1)")
-    return ids
-
-
-def learner_world_size(gpus: list[int] | str | None, nproc: int | None) -> int:
-    """W = number of learner GPU ids, or --nproc with --gpus cpu (default 1)."""
-    if isinstance(gpus, list):
-        if nproc is not None and nproc != len(gpus):
-            raise PreflightError(f"--nproc {nproc} disagrees with --gpus {','.join(map(str, gpus))} "
-                                 f"({len(gpus)} ids); drop --nproc or use --gpus cpu")
-        return len(gpus)
-    if nproc is not None and nproc < 1:
-        raise PreflightError(f"--nproc must be ≥ 1, got {nproc}")
-    return nproc or 1
+    """The placement does not fit the profile, or a contract field is missing or invalid; the message names it."""
 
 
 PREFLIGHT_SCHEMA = Schema({
@@ -101,16 +73,17 @@ def validate_preflight(d: Any) -> dict:
     return out
 
 
-def _check_placement(cfg: ResolvedConfig, learner: list[int] | str, server_gpus: Sequence[int]) -> None:
-    rm = cfg.rollout_matching
-    server_mode = rm.rollout_backend == "vllm" and rm.vllm.mode == "server"
-    if server_gpus and not server_mode:
+def _check_placement(cfg: ResolvedConfig, placement: Placement) -> None:
+    """What the placement must agree on with the profile (the flags among themselves: Placement.from_flags)."""
+    world = placement.world_size
+    if world != cfg.derived.learner_world_size:
+        raise PreflightError(f"the config was resolved for learner world size {cfg.derived.learner_world_size} "
+                             f"but the placement has {world}; load it with world_size={world}")
+    settings, server_gpus = cfg.settings, placement.server_gpus or ()
+    if server_gpus and not cfg.derived.server_mode:
         raise PreflightError("--server-gpus needs rollout_backend: vllm with vllm.mode: server "
-                             f"(the profile has {rm.rollout_backend}/{rm.vllm.mode})")
-    overlap = sorted(set(server_gpus) & set(learner if isinstance(learner, list) else []))
-    if overlap:
-        raise PreflightError(f"--gpus and --server-gpus must be disjoint; both hold GPU {overlap}")
-    tp = rm.vllm.tensor_parallel_size
+                             f"(the profile has {settings.rollout_backend}/{settings.vllm.mode})")
+    tp = settings.vllm.tensor_parallel_size
     if server_gpus and len(server_gpus) % tp:
         raise PreflightError(f"--server-gpus has {len(server_gpus)} GPUs, not a multiple of "
                              f"vllm.tensor_parallel_size={tp}")
@@ -146,44 +119,38 @@ def check_multinode_servers(contract: dict, nnodes: int) -> None:
             "learners), or list URLs every node can reach (http://<server node>:<port>)")
 
 
-def build_preflight(cfg: ResolvedConfig, gpus: list[int] | str | None = None, nproc: int | None = None,
-                    server_gpus: Sequence[int] | None = None) -> dict:
-    """The validated launcher contract of a resolved config and its placement.
+def build_preflight(cfg: ResolvedConfig, placement: Placement | None = None) -> dict:
+    """The validated launcher contract of a resolved config and its placement (all nodes: the world spans them).
 
     Raises:
-        PreflightError: bad placement (overlap, world size differing from the one cfg was resolved
-            with, --server-gpus outside server mode) or an invalid contract field.
+        PreflightError: a placement that does not fit the profile (world size differing from the one cfg
+            was resolved with, --server-gpus outside server mode or not a multiple of TP) or an invalid
+            contract field.
     """
-    world = learner_world_size(gpus, nproc)
-    if world != cfg.derived.learner_world_size:
-        raise PreflightError(f"the config was resolved for learner world size {cfg.derived.learner_world_size} "
-                             f"but the placement has {world}; load it with world_size={world}")
-    learner = gpus if isinstance(gpus, list) else CPU
-    server_gpus = list(server_gpus or [])
-    _check_placement(cfg, learner, server_gpus)
-    rm = cfg.rollout_matching_cfg  # the same normalized contract the trainer reads
-    backend, vllm = rm["rollout_backend"], rm["vllm"]
+    placement = placement or Placement()  # one CPU rank
+    _check_placement(cfg, placement)
+    settings = cfg.settings  # the same typed settings the trainer reads
+    backend, vllm = settings.rollout_backend, settings.vllm
     _check_model(cfg.model.model, backend)
-    server_mode = backend == "vllm" and vllm["mode"] == "server"
-    servers = vllm["server"]["servers"] if server_mode else []
+    servers = settings.server.servers if cfg.derived.server_mode else ()
     return validate_preflight({
         "rollout_backend": backend,
-        "vllm_mode": vllm["mode"] if backend == "vllm" else None,
-        "server_base_urls": [s["base_url"] for s in servers],
-        "group_ports": [s["group_port"] for s in servers],
-        "learner_world_size": world,
-        "learner_gpus": learner,
-        "server_gpus": server_gpus,
+        "vllm_mode": vllm.mode if backend == "vllm" else None,
+        "server_base_urls": [s.base_url for s in servers],
+        "group_ports": [s.group_port for s in servers],
+        "learner_world_size": placement.world_size,
+        "learner_gpus": CPU if placement.cpu else list(placement.learner_gpus),
+        "server_gpus": list(placement.server_gpus or ()),
         "gradient_accumulation_steps": cfg.derived.gradient_accumulation_steps,
         "decode_batch_size": cfg.derived.decode_batch_size,
         "effective_batch_size": cfg.training.effective_batch_size,
         "per_rank_samples_per_step": cfg.derived.per_rank_samples_per_step,
         "server_model": cfg.model.model,
-        "max_model_len": vllm["max_model_len"] if backend == "vllm" else None,
-        "max_new_tokens": rm["max_new_tokens"],
-        "tensor_parallel_size": vllm["tensor_parallel_size"],
+        "max_model_len": vllm.max_model_len if backend == "vllm" else None,
+        "max_new_tokens": settings.decode.max_new_tokens,
+        "tensor_parallel_size": vllm.tensor_parallel_size,
         "vllm_sync_mode": cfg.derived.vllm_sync_mode,
-        "repeat_terminate_enabled": rm["repeat_terminate"]["enabled"],
+        "repeat_terminate_enabled": settings.decode.repeat is not None,
         "output_dir": cfg.training.output_dir,
         "profile": str(Path(cfg.profile_path).resolve()),
         "overrides": list(cfg.overrides),
@@ -219,15 +186,10 @@ def check_files(cfg: ResolvedConfig) -> None:
         raise PreflightError("; ".join(problems))
 
 
-def preflight_for_profile(profile: str | Path, overrides: Sequence[str] = (), gpus: str | None = None,
-                          nproc: int | None = None, server_gpus: str | None = None) -> dict:
-    """Parse placement flags, resolve the profile for the learner world size, build the contract."""
+def preflight_for_profile(profile: str | Path, overrides: Sequence[str] = (),
+                          placement: Placement | None = None) -> dict:
+    """Resolve the profile for the placement's learner world size and build the contract."""
     from toolkit.config import load_profile
 
-    parsed = parse_gpus(gpus)
-    world = learner_world_size(parsed, nproc)
-    cfg = load_profile(profile, overrides, world_size=world)
-    servers = parse_gpus(server_gpus) if server_gpus else []
-    if servers == CPU:
-        raise PreflightError("--server-gpus takes GPU ids (e.g. 2,3), not 'cpu'; CPU servers are planned by the launcher")
-    return build_preflight(cfg, parsed, nproc, servers)
+    placement = placement or Placement()
+    return build_preflight(load_profile(profile, overrides, world_size=placement.world_size), placement)

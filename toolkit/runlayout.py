@@ -5,8 +5,11 @@
         metrics.jsonl              one line per optimizer step; "step" = optimizer steps completed (1, 2, …)
         tb/                        TensorBoard events (training.logging_dir, unless set elsewhere)
         checkpoints/step-000040/   the state after 40 optimizer steps; complete iff trainer_state.json exists
+            ds/  rng/rank0.pt …  hf/  trainer_state.json   (what each holds: toolkit/trainer/checkpoint.py)
         monitor_dumps/step_000040.jsonl   Channel-B rollouts of step 40 (rollout_matching.monitor_dump)
-        logs/                      stage2-launch's per-process logs (learner.log, server0.log, …)
+        monitor_dumps/eval_step_000040/   eval pictures of step 40
+        eval/<checkpoint>/         `stage2 eval` results (eval.json, predictions.jsonl, pictures/)
+        logs/                      stage2-launch's per-process logs (learner.log, server0.log, …; -nodeK on node K)
 
 A fresh run refuses a folder that holds another run's checkpoints or metrics (`claim_run_folder`);
 `--resume auto` continues only a run whose resolved config matches, except for the keys in
@@ -27,7 +30,11 @@ CHECKPOINTS = "checkpoints"
 TB = "tb"
 LOGS = "logs"
 MONITOR_DUMPS = "monitor_dumps"
+EVAL = "eval"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint is complete iff it exists
+CHECKPOINT_DS = "ds"  # inside a checkpoint: the DeepSpeed checkpoint
+CHECKPOINT_HF = "hf"  # inside a checkpoint: the `save_pretrained` export
+CHECKPOINT_RNG = "rng"  # inside a checkpoint: one RNG state file per rank
 
 # Resolved-config keys (dotted prefixes) that `--resume auto` lets differ from the run being continued:
 # how long it runs and how it logs/saves, where servers listen, and what the world size derives.
@@ -70,8 +77,21 @@ def checkpoint_run_id(path: Path) -> str | None:
         return None
 
 
+def rng_file(ckpt: str | Path, rank: int) -> Path:
+    return Path(ckpt) / CHECKPOINT_RNG / f"rank{rank}.pt"
+
+
 def monitor_dump_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / MONITOR_DUMPS / f"step_{step:06d}.jsonl"
+
+
+def eval_pictures_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / MONITOR_DUMPS / f"eval_step_{step:06d}"
+
+
+def process_log(output_dir: str | Path, name: str, node_rank: int = 0) -> Path:
+    """stage2-launch's log of one child (learner, server0, …); nodes after the first add -node<K>."""
+    return Path(output_dir) / LOGS / (f"{name}.log" if node_rank == 0 else f"{name}-node{node_rank}.log")
 
 
 def run_traces(output_dir: str | Path) -> list[str]:

@@ -22,6 +22,8 @@ import sys
 
 try:
     import click
+
+    from toolkit.cli_options import profile_options
 except ModuleNotFoundError as _err:  # `python3 -m toolkit.train` outside the project's venv
     sys.exit(f"{_err}: run with the project's venv: `.venv/bin/python -m toolkit.train …` or "
              "`source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
@@ -69,18 +71,6 @@ VENV_HINT = ("run with the project's venv: `.venv/bin/stage2 train …` / `.venv
              "or `source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
 
 
-def _complete_profile(ctx, param, incomplete: str):
-    from launchers.completion import complete_profile
-
-    return complete_profile(ctx, param, incomplete)
-
-
-def _complete_set(ctx, param, incomplete: str):
-    from launchers.completion import complete_set
-
-    return complete_set(ctx, param, incomplete)
-
-
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -115,7 +105,7 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
     check_files(cfg)
     from toolkit.vlm.support import check_model_support
 
-    check_model_support(cfg.model.model, cfg.rollout_matching_cfg["rollout_backend"])  # before any engine starts
+    check_model_support(cfg.model.model, cfg.settings.rollout_backend)  # before any engine starts
     if os.environ.get("RANK", "0") == "0":
         from toolkit.runlayout import as_written, claim_run_folder
 
@@ -145,16 +135,13 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
 
 
 @click.command("train", context_settings={"show_default": True})
-@click.option("--profile", "-p", required=True, metavar="NAME|PATH", shell_complete=_complete_profile,
-              help="Profile name (smoke/ab_mixed, prod/b_only, ...) or path to a .yaml file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", shell_complete=_complete_set,
-              help="Override a profile key (repeatable; VALUE is YAML).")
+@profile_options
 @click.option("--resume", default=None, metavar="auto|PATH",
               help="Continue from the newest complete checkpoint under training.output_dir (auto; the run's "
                    "config must match) or from the checkpoint PATH.")
 @click.option("--overwrite", is_flag=True,
               help="Start a new run in a folder that holds another run: move that run to <output_dir>.old-<time>/ first.")
-def train_command(profile: str, overrides: tuple[str, ...], resume: str | None, overwrite: bool) -> None:
+def train_command(profile: str, sets: tuple[str, ...], resume: str | None, overwrite: bool) -> None:
     """Train one rank of a Stage-2 AB run (all ranks when started by torchrun).
 
     \b
@@ -170,14 +157,14 @@ def train_command(profile: str, overrides: tuple[str, ...], resume: str | None, 
     except ModuleNotFoundError as err:
         raise click.ClickException(f"{err}: {VENV_HINT}") from None
     from toolkit.preflight import PreflightError
-    from toolkit.rollout.backends.vllm_server import RolloutServerError  # requests only, no vLLM
+    from toolkit.rollout.client import RolloutServerError  # requests only, no vLLM
     from toolkit.runlayout import RunFolderError
     from toolkit.trainer.checkpoint import CheckpointError
     from toolkit.vlm.support import ModelSupportError
 
     setup_logging()
     try:
-        code = run(profile, overrides, resume, overwrite)
+        code = run(profile, sets, resume, overwrite)
     except (ConfigError, RecordError, CheckpointError, FileNotFoundError, ModelSupportError, RunFolderError,
             PreflightError, RolloutServerError) as err:
         # Errors a user fixes from the message alone (it names the file/key/server and the fix): no traceback.

@@ -158,10 +158,11 @@ def test_schema_failure_skips_rules_with_a_count(tmp_path):
 
 def test_derive_is_exact():
     cfg = {"training": {"effective_batch_size": 10, "per_device_train_batch_size": 2},
-           "rollout_matching": {"decode_batch_size": 4, "vllm": {"sync": {"mode": "full"}}}}
+           "rollout_matching": {"decode_batch_size": 4, "rollout_backend": "vllm",
+                                  "vllm": {"mode": "server", "sync": {"mode": "full"}}}}
     with pytest.raises(ValueError, match="2 × 2 = 4"):
         derive(cfg, 2)
-    assert derive(cfg, 5).gradient_accumulation_steps == 1
+    assert derive(cfg, 5).gradient_accumulation_steps == 1 and derive(cfg, 5).server_mode
 
 
 def test_packing_buffer_must_hold_one_ranks_step(tmp_path):

@@ -126,7 +126,7 @@ def test_the_launch_summary_does_not_repeat_a_failures_log_tail(tmp_path):
 def test_vllms_harmless_chat_template_warmup_traceback_becomes_one_explained_line():
     import logging
 
-    from toolkit.rollout.backends.vllm_colocate import _ChatWarmupNote
+    from toolkit.rollout.vllm_engine import _ChatWarmupNote
 
     try:
         raise ValueError("template needs the detector prompt")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from launchers import launch_cmd, topology
+from launchers import launch_cmd
 from launchers.supervisor import Supervisor
+from toolkit.config.placement import Placement
 
 STANDIN = str(Path(__file__).with_name("standin_server.py"))
 
@@ -24,7 +24,7 @@ STANDIN = str(Path(__file__).with_name("standin_server.py"))
 def main() -> int:
     spec = json.loads(sys.argv[1])
     req = launch_cmd.LaunchRequest(spec["profile"], tuple(spec.get("sets", ())),
-                                   topology.LaunchFlags(**spec.get("flags", {})),
+                                   Placement.from_flags(**spec.get("flags", {})),
                                    health_timeout=spec.get("health_timeout", 30.0),
                                    stop_timeout=spec.get("stop_timeout", 120.0))
     launch_cmd._setup_logging()

@@ -5,7 +5,8 @@ import pytest
 
 from launchers.commands import (build_deepspeed_argv, build_learner_env, build_server_argv, build_server_env,
                                 build_torchrun_argv, build_train_args, env_delta, servers_override)
-from launchers.topology import LaunchFlags, PlacementError, ProfileServers, build_topology
+from launchers.topology import ProfileServers, build_topology
+from toolkit.config.placement import Placement, PlacementError
 
 TRAIN = build_train_args("/r/configs/stage2_ab/prod/ab_mixed.yaml", ["training.max_steps=2"], "auto")
 ENTRY = ["-m", "toolkit.train", "--profile", "/r/configs/stage2_ab/prod/ab_mixed.yaml",
@@ -17,7 +18,7 @@ BASE = {"PATH": "/usr/bin", "http_proxy": "http://proxy:3128", "HTTPS_PROXY": "h
 
 
 def topo(profile=ProfileServers(False), env=None, **flags):
-    return build_topology(LaunchFlags(**flags), profile, env if env is not None else {"MASTER_PORT": "29511"},
+    return build_topology(Placement.from_flags(**flags), profile, env if env is not None else {"MASTER_PORT": "29511"},
                           probe=lambda: 1)
 
 

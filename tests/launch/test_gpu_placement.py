@@ -4,8 +4,8 @@ rank sees (the command line and environment up to it are the real ones). Skipped
 from __future__ import annotations
 
 import json
-import pytest
 
+import pytest
 from _shared import child_env
 
 pytestmark = pytest.mark.gpu
@@ -35,12 +35,13 @@ def cuda_count() -> int:
 
 @pytest.mark.skipif(cuda_count() == 0, reason="needs a CUDA device")
 def test_torchrun_ranks_see_exactly_the_listed_gpus(tmp_path):
-    from launchers import launch_cmd, topology
+    from launchers import launch_cmd
     from launchers.supervisor import Supervisor
+    from toolkit.config.placement import Placement
 
     n = cuda_count()
     ids = ",".join(str(i) for i in range(n))
-    req = launch_cmd.LaunchRequest("smoke/a_only", (f"training.output_dir={tmp_path}",), topology.LaunchFlags(gpus=ids))
+    req = launch_cmd.LaunchRequest("smoke/a_only", (f"training.output_dir={tmp_path}",), Placement.from_flags(gpus=ids))
     env = child_env()
     env.pop("CUDA_VISIBLE_DEVICES", None)
     lp = launch_cmd.plan_launch(req, env)

@@ -5,10 +5,10 @@ import json
 import socket
 
 import pytest
-from click.testing import CliRunner
-
 from _launch_helpers import ROOT
 from _shared import free_port
+from click.testing import CliRunner
+
 from launchers.cli import main
 
 SERVER_MODE = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server")
@@ -146,11 +146,12 @@ def test_external_server_must_match_model_and_length(real_server, tiny, tmp_path
 @pytest.mark.vllm
 def test_matching_external_server_passes_the_checks(real_server, tiny, tmp_path):
     """The same real server with a matching profile passes every check (the failures above are the checks')."""
-    from launchers import launch_cmd, topology
+    from launchers import launch_cmd
+    from toolkit.config.placement import Placement
 
     port = int(real_server.rsplit(":", 1)[1])
     req = launch_cmd.LaunchRequest("smoke/ab_mixed", (*SERVER_MODE, server_list(port), f"model.model={tiny}",
-                                                      f"training.output_dir={tmp_path}"), topology.LaunchFlags(gpus="0"))
+                                                      f"training.output_dir={tmp_path}"), Placement.from_flags(gpus="0"))
     launch_cmd.check_external_servers(launch_cmd.plan_launch(req, {}))  # raises LaunchError on any mismatch
 
 

@@ -1,13 +1,14 @@
-"""Placement and ports: parsing, disjoint GPU sets, DP×TP, job-derived ports, taken ports named."""
+"""Topology: disjoint GPU sets, DP×TP, servers started or expected, job-derived ports, taken ports named
+(the flags' own parsing: tests/config/test_placement.py)."""
 from __future__ import annotations
 
 import socket
 
 import pytest
 
-from launchers.topology import (CPU, LaunchFlags, PlacementError, Port, ProfileServers, build_topology, check_ports,
-                                ephemeral_start,
-                                job_port, learner_layout, servers_rewritten, visible_to_physical, world_size_of)
+from launchers.topology import (Port, ProfileServers, build_topology, check_ports, ephemeral_start, job_port,
+                                servers_rewritten, visible_to_physical)
+from toolkit.config.placement import CPU, Placement, PlacementError
 
 HF = ProfileServers(server_mode=False)
 ONE = ProfileServers(True, (("http://127.0.0.1:8000", 51216),), 1)
@@ -16,39 +17,7 @@ REMOTE = ProfileServers(True, (("http://rollout01:8000", 51216),), 1)
 
 
 def topo(profile=HF, env=None, **flags):
-    return build_topology(LaunchFlags(**flags), profile, env or {}, probe=lambda: 45678)
-
-
-@pytest.mark.parametrize("flags, layout", [
-    ({}, (None, 1)),
-    ({"gpus": "cpu", "nproc": 3}, (None, 3)),
-    ({"gpus": "0,1"}, ((0, 1), 2)),
-    ({"gpus": "2, 3", "nproc": 2}, ((2, 3), 2)),
-])
-def test_learner_layout(flags, layout):
-    assert learner_layout(LaunchFlags(**flags)) == layout
-
-
-def test_world_size_spans_nodes():
-    assert world_size_of(LaunchFlags(gpus="0,1", nnodes=2, rdzv_endpoint="n1:29500")) == 4
-
-
-@pytest.mark.parametrize("flags, message", [
-    ({"gpus": "0,1", "nproc": 3}, "--nproc 3 disagrees with --gpus 0,1"),
-    ({"gpus": "0,0"}, "distinct GPU ids"),
-    ({"gpus": "a"}, "comma-separated GPU ids"),
-    ({"nnodes": 2}, "--nnodes 2 needs --rdzv-endpoint"),
-    ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, "--node-rank 2 is outside 0..1"),
-    ({"nnodes": 2, "rdzv_endpoint": "nohostport"}, "expected HOST:PORT"),
-])
-def test_bad_learner_flags_name_the_flag(flags, message):
-    with pytest.raises(PlacementError, match=message):
-        learner_layout(LaunchFlags(**flags))
-
-
-def test_overlapping_gpu_sets_are_an_error_naming_the_gpu():
-    with pytest.raises(PlacementError, match=r"must be disjoint; both hold GPU 1"):
-        topo(ONE, gpus="0,1", server_gpus="1,2")
+    return build_topology(Placement.from_flags(**flags), profile, env or {}, probe=lambda: 45678)
 
 
 def test_dp_times_tp_must_equal_the_server_gpus():

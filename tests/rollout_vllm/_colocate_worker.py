@@ -15,15 +15,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from toolkit.rollout.backends.base import DecodeSettings  # noqa: E402
+from toolkit.config.settings import DecodeSettings  # noqa: E402
 from toolkit.rollout.backends.hf import HFBackend  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
-from toolkit.rollout.repeat import RepeatRule  # noqa: E402
+from toolkit.config.settings import RepeatSettings  # noqa: E402
+from _vllm_helpers import vllm_settings  # noqa: E402
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3]]
-VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.25}
+VCFG = vllm_settings()
 
 
 def settings(**kw) -> DecodeSettings:
@@ -43,8 +43,8 @@ def main(model_dir: str, out: str) -> None:
     report = {}
     t0 = time.perf_counter()
     rng_before = torch.random.get_rng_state()
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=VCFG, settings=settings(), model_dtype="float32", eos_id=EOS,
-                                      weights=weights)
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32",
+                                      eos_id=EOS, weights=weights)
     report["engine_start_s"] = time.perf_counter() - t0
     report["rng_untouched"] = bool(torch.equal(rng_before, torch.random.get_rng_state()))
     ref = HFBackend(learner, settings(), pad_id=PAD, eos_id=EOS)
@@ -64,7 +64,7 @@ def main(model_dir: str, out: str) -> None:
                        "hf_finish": [r.finish_reason for r in b], "versions": [r.weight_version for r in a],
                        "stale_same_step": ids(stale) == report["before"]["vllm"][:2]}
     # Repeat-terminate cut post hoc on vLLM, in the processor on HF: the same ids.
-    rule = RepeatRule(min_new_tokens=4, max_consecutive_token_repeats=3, ngram_size=2, ngram_repeats=3)
+    rule = RepeatSettings(min_new_tokens=4, max_consecutive_token_repeats=3, ngram_size=2, ngram_repeats=3)
     colo.s, ref.s = settings(repeat=rule), settings(repeat=rule)
     a, b = colo.generate(PROMPTS, step=1), ref.generate(PROMPTS, step=1)
     report["repeat"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a],

@@ -13,12 +13,29 @@ from pathlib import Path
 import requests
 from _shared import child_env, free_port
 
+from toolkit.config.settings import ServerAddress, ServerSettings, VllmSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 EOS = 2  # <|im_end|> in assets/tokenizer
 SERVER_START_TIMEOUT_S = 300
 # Engine knobs every test engine shares: eager (no compile), a small KV cache, the tiny model's length.
 ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.enforce_eager=true",
                "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024")
+
+
+def vllm_settings(**kw) -> VllmSettings:
+    """Engine settings of the test engines: the schema's defaults, but eager, a small KV cache, a short length."""
+    base = dict(mode="colocate", max_model_len=512, tensor_parallel_size=1, gpu_memory_utilization=0.45,
+                enable_lora=False, enable_prefix_caching=True, enforce_eager=True, max_num_seqs=None,
+                max_num_batched_tokens=None, dtype="auto", kv_cache_gb=0.25, max_images_per_prompt=1)
+    return VllmSettings(**{**base, **kw})
+
+
+def server_settings(url: str, group_port: int, timeout_s: float = 30.0,
+                    infer_timeout_s: float = 120.0) -> ServerSettings:
+    """One rollout server, as `rollout_matching.vllm.server` would list it."""
+    return ServerSettings(timeout_s=timeout_s, infer_timeout_s=infer_timeout_s, overlap=True,
+                          servers=(ServerAddress(url, group_port),))
 
 
 def vllm_missing() -> str | None:

@@ -12,13 +12,13 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _vllm_helpers import vllm_settings  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of  # noqa: E402
 
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
 from toolkit.vlm.images import open_image  # noqa: E402
 
-VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.25}
+VCFG = vllm_settings()
 
 
 def snapshot(colo, learner, model_dir, prompts, images, step) -> dict:
@@ -41,7 +41,7 @@ def main(model_dir: str, out: str, paths: list[str]) -> None:
     prompts, images = vlm_batch(model_dir, paths)
     learner = hf_learner(model_dir)
     t0 = time.perf_counter()
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=VCFG, settings=settings(2), model_dtype="float32",
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32",
                                       eos_id=EOS, weights=weights_of(learner))
     report = {"engine_start_s": time.perf_counter() - t0, "prompts": prompts}
     report["before"] = snapshot(colo, learner, model_dir, prompts, images, step=0)

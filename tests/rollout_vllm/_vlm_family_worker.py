@@ -15,12 +15,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from _vlm_families import load_hf  # noqa: E402
+from _vllm_helpers import vllm_settings  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of  # noqa: E402
 
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
 
-VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.25}
+VCFG = vllm_settings()
 DEEPSTACK = "model.visual.deepstack_merger_list."
 
 
@@ -35,7 +35,7 @@ def main(model_dir: str, out: str, paths: list[str]) -> None:
     prompts, images = vlm_batch(model_dir, paths)
     learner = load_hf(model_dir)
     names = [n for n, _ in learner.named_parameters()]
-    colo = VLLMColocateBackend.create(model=model_dir, vcfg=VCFG, settings=settings(2), model_dtype="float32",
+    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32",
                                       eos_id=EOS, weights=weights_of(learner))  # runs the weight-name check
     report = {"prompts": prompts, "param_names": names}
     report["before"] = snapshot(colo, learner, model_dir, prompts, images, step=0)

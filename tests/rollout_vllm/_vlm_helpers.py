@@ -15,7 +15,7 @@ SETTINGS = dict(max_new_tokens=24, do_sample=False, temperature=1.0, top_p=1.0, 
 
 
 def settings(dbs: int):
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
 
     return DecodeSettings(decode_batch_size=dbs, **SETTINGS)
 

@@ -16,10 +16,8 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from toolkit.rollout.backends.vllm_server import (
-    RolloutServerError, ServerClient, ServerUnavailableError,
-)
-from toolkit.rollout.server import errors
+from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
+from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
 from _shared import free_port
 
@@ -161,7 +159,7 @@ def test_client_retries_idempotent_infer_not_weight_updates(live):
 
 def test_backend_rejects_answers_out_of_order(live):
     """Round sizes and caps run on the real server (test_server.py); answers in the wrong order cannot be."""
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
     eng, client = live

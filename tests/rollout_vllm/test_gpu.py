@@ -16,7 +16,7 @@ import pytest
 import torch
 from _shared import ROOT, child_env, free_port, tiny_model_dir
 
-from toolkit.rollout.server.weight_sync import SyncGroup, iter_buckets, pack_bucket, unpack_bucket
+from toolkit.rollout.weight_sync import SyncGroup, iter_buckets, pack_bucket, unpack_bucket
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from toolkit.rollout.server.app import create_app
 from toolkit.rollout.server.engine import allowed_file, check_image_paths, image_roots
-from toolkit.rollout.server import errors
+from toolkit.rollout import errors
 
 
 class TinyEngine:
@@ -115,7 +115,7 @@ def test_client_names_an_unhealthy_server_and_does_not_retry():
     with the server's reason (retrying or waiting on a wedged engine only delays the failure)."""
     import requests
 
-    from toolkit.rollout.backends.vllm_server import _says_unhealthy
+    from toolkit.rollout.client import _says_unhealthy
 
     def response(status, body):
         r = requests.Response()

@@ -258,7 +258,7 @@ def group_alive(pgid: int) -> bool:
 def test_overrun_generate_marks_unhealthy_and_clients_stop_waiting(tiny_model, tmp_path):
     """infer_timeout_s 3 s and a batch that decodes for minutes: the server says it is unhealthy (and
     why), refuses at once instead of queueing, and the client neither retries nor waits."""
-    from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
+    from toolkit.rollout.client import ServerClient, ServerUnavailableError
 
     srv = start_server(tiny_model, tmp_path, sets=("rollout_matching.vllm.server.infer_timeout_s=3",))
     try:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.rollout.backends.base import DecodeSettings
-from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError, VLLMServerBackend
-from toolkit.rollout.server import errors
+from toolkit.config.settings import DecodeSettings
+from toolkit.rollout.backends.vllm_server import VLLMServerBackend
+from toolkit.rollout.client import ServerClient, ServerUnavailableError
+from toolkit.rollout import errors
 from _vllm_helpers import EOS, ROOT
 from _shared import child_env, free_port
 from test_app_client import live  # noqa: F401  (the fixture: the real app over sockets with a toy engine)

@@ -11,12 +11,11 @@ import pytest
 import requests
 import torch
 
-from toolkit.rollout.backends.base import DecodeSettings
+from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
-from toolkit.rollout.backends.vllm_server import (
-    RolloutServerError, ServerClient, StaleWeightsError, VLLMServerBackend, WeightSyncError,
-)
-from _vllm_helpers import EOS
+from toolkit.rollout.backends.vllm_server import VLLMServerBackend
+from toolkit.rollout.client import RolloutServerError, ServerClient, StaleWeightsError, WeightSyncError
+from _vllm_helpers import EOS, server_settings
 
 pytestmark = pytest.mark.vllm
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
@@ -25,12 +24,6 @@ PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [
 def settings(dbs: int = 2) -> DecodeSettings:
     return DecodeSettings(max_new_tokens=40, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
                           repetition_penalty=1.0, repeat=None, seed=7)
-
-
-def rm(server, group_port: int, bucket_mb: int = 1) -> dict:
-    return {"vllm": {"server": {"timeout_s": 30.0, "infer_timeout_s": 120.0,
-                                "servers": [{"base_url": server.url, "group_port": group_port}]},
-                     "sync": {"bucket_size_mb": bucket_mb}}}
 
 
 def weights_of(model):
@@ -64,8 +57,9 @@ def learner(hf_model):
 
 
 def test_infer_parity_then_weight_update_through_gloo(server, learner):
-    backend = VLLMServerBackend.from_config(rm(server, free_group_port()), settings(), eos_id=EOS, rank=0, world_size=1,
-                                            weights=weights_of(learner))
+    srv = server_settings(server.url, free_group_port())
+    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                              weights=weights_of(learner))
     ref = HFBackend(learner, settings(), pad_id=0, eos_id=EOS)
     try:
         assert backend.chunk == 4 and backend.caps == [4]  # dbs 2 × server world 2 / 1 learner
@@ -85,8 +79,9 @@ def test_infer_parity_then_weight_update_through_gloo(server, learner):
 
 
 def test_stale_version_is_an_error(server, learner):
-    backend = VLLMServerBackend.from_config(rm(server, free_group_port()), settings(), eos_id=EOS, rank=0, world_size=1,
-                                            weights=weights_of(learner))
+    srv = server_settings(server.url, free_group_port())
+    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                              weights=weights_of(learner))
     try:
         backend.generate(PROMPTS[:2], step=20)  # pushes version 21
         backend.expected_version = 99  # as if the learner had pushed 99 and the server missed it
@@ -106,8 +101,8 @@ def test_group_port_taken_names_the_port(server, learner):
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(WeightSyncError) as err:
-            VLLMServerBackend.from_config(rm(server, port), settings(), eos_id=EOS, rank=0, world_size=1,
-                                          weights=weights_of(learner))
+            VLLMServerBackend.from_settings(server_settings(server.url, port), settings(), bucket_size_mb=1,
+                                            eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
     assert f"group_port {port} is already in use" in str(err.value) and server.url in str(err.value)
 
 
@@ -117,8 +112,8 @@ def test_name_mismatch_listed_before_any_transfer(server, learner):
             yield ("model.decoder." + n.removeprefix("model.") if n.startswith("model.layers.0.") else n), p.detach().to(device)
 
     with pytest.raises(ValueError) as err:
-        VLLMServerBackend.from_config(rm(server, free_group_port()), settings(), eos_id=EOS, rank=0, world_size=1,
-                                      weights=renamed)
+        VLLMServerBackend.from_settings(server_settings(server.url, free_group_port()), settings(), bucket_size_mb=1,
+                                        eos_id=EOS, rank=0, world_size=1, weights=renamed)
     msg = str(err.value)
     assert server.url in msg and "not sent by the learner: model.layers.0." in msg and "model.decoder.layers.0." in msg
 

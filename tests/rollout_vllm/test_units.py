@@ -7,19 +7,21 @@ import socket
 import pytest
 import torch
 
-from toolkit.rollout.backends.vllm_colocate import engine_kwargs, finish_rollout, repeat_cut, resolve_dtype, sampling_dict
-from toolkit.rollout.backends.base import DecodeSettings
-from toolkit.rollout.repeat import RepeatRule
-from toolkit.rollout.server.errors import BadRequest, Conflict
-from toolkit.rollout.server.weight_sync import (
+from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict
+from toolkit.rollout.vllm_engine import engine_kwargs, resolve_dtype
+from toolkit.config.settings import DecodeSettings
+from toolkit.config.settings import RepeatSettings
+from toolkit.rollout.repeat import should_stop
+from toolkit.rollout.errors import BadRequest, Conflict
+from _vllm_helpers import vllm_settings
+from toolkit.rollout.weight_sync import (
     SyncGroup, TensorSpec, check_specs, checkpoint_name, iter_buckets, pack_bucket, read_checkpoint_specs, spec_problems,
     specs_of, unpack_bucket,
 )
 
 EOS = 2
 KEYS = frozenset({7, 8})
-VCFG = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": False, "dtype": "auto"}
+VCFG = dict(max_model_len=1024, enforce_eager=False, kv_cache_gb=None)
 
 
 # ------------------------------------------------------------------ repeat-terminate parity
@@ -27,15 +29,15 @@ VCFG = {"max_model_len": 1024, "tensor_parallel_size": 1, "gpu_memory_utilizatio
 
 def _hf_cut(gen, rule, limit):
     """What the HF processor does: the first prefix length i (1..limit) that trips rule.should_stop."""
-    return next((i for i in range(1, limit + 1) if rule.should_stop(gen[:i], KEYS)), None)
+    return next((i for i in range(1, limit + 1) if should_stop(rule, gen[:i], KEYS)), None)
 
 
 @pytest.mark.parametrize("rule", [
-    RepeatRule(min_new_tokens=0, max_consecutive_token_repeats=3),
-    RepeatRule(min_new_tokens=5, ngram_size=2, ngram_repeats=3),
-    RepeatRule(min_new_tokens=2, max_object_keys=2),
-    RepeatRule(min_new_tokens=8, max_consecutive_token_repeats=8, ngram_size=8, ngram_repeats=3, max_object_keys=3),
-    RepeatRule(),
+    RepeatSettings(min_new_tokens=0, max_consecutive_token_repeats=3),
+    RepeatSettings(min_new_tokens=5, ngram_size=2, ngram_repeats=3),
+    RepeatSettings(min_new_tokens=2, max_object_keys=2),
+    RepeatSettings(min_new_tokens=8, max_consecutive_token_repeats=8, ngram_size=8, ngram_repeats=3, max_object_keys=3),
+    RepeatSettings(),
 ])
 def test_repeat_cut_equals_hf_rule(rule):
     rng = random.Random(0)
@@ -46,7 +48,7 @@ def test_repeat_cut_equals_hf_rule(rule):
 
 
 def test_finish_rollout_semantics():
-    rule = RepeatRule(max_consecutive_token_repeats=3)
+    rule = RepeatSettings(max_consecutive_token_repeats=3)
     stop = finish_rollout([1], [5, 6, EOS], eos_id=EOS, rule=None, key_ids=KEYS, weight_version=4)
     assert (stop.completion_ids, stop.finish_reason, stop.weight_version) == ([5, 6, EOS], "stop", 4)
     length = finish_rollout([1], [5, 6, 5], eos_id=EOS, rule=None, key_ids=KEYS)
@@ -65,10 +67,10 @@ def test_finish_rollout_semantics():
 
 
 def test_engine_kwargs_cpu_defaults_and_knobs():
-    kw = engine_kwargs(dict(VCFG, max_num_seqs=8), model="/m", dtype="float32", seed=3, on_cpu=True, executor="external_launcher")
+    kw = engine_kwargs(vllm_settings(**VCFG, max_num_seqs=8), model="/m", dtype="float32", seed=3, on_cpu=True, executor="external_launcher")
     assert kw["kv_cache_memory_bytes"] == 1 << 30 and kw["skip_tokenizer_init"] and kw["max_num_seqs"] == 8
     assert kw["distributed_executor_backend"] == "external_launcher" and "max_num_batched_tokens" not in kw
-    gpu = engine_kwargs(dict(VCFG, kv_cache_gb=2.5), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True)
+    gpu = engine_kwargs(vllm_settings(**dict(VCFG, kv_cache_gb=2.5)), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True)
     assert gpu["kv_cache_memory_bytes"] == int(2.5 * (1 << 30)) and gpu["worker_extension_cls"].endswith("WeightSyncExtension")
     assert "distributed_executor_backend" not in gpu
     assert resolve_dtype("auto", "float32") == "float32" and resolve_dtype("bfloat16", "float32") == "bfloat16"

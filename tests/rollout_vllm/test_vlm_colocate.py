@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import ROOT
+from _vllm_helpers import ROOT, vllm_settings
 from _shared import child_env
 from _vlm_helpers import EOS, hf_learner, settings
-from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend, engine_kwargs, engine_prompt, served_specs
-from toolkit.rollout.server.weight_sync import check_specs, specs_of
+from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
+from toolkit.rollout.vllm_engine import engine_kwargs, engine_prompt, served_specs
+from toolkit.rollout.weight_sync import check_specs, specs_of
 
 IMAGE_PAD = 1321
-VCFG = {"max_model_len": 512, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.45, "enable_prefix_caching": True,
-        "enforce_eager": True, "dtype": "auto", "kv_cache_gb": 0.25}
+VCFG = vllm_settings()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_engine_kwargs_vlm_and_text(tmp_path):
     # vLLM's Qwen2-VL processor refuses skip_tokenizer_init; the image-only processor is remote code.
     assert vlm["skip_tokenizer_init"] is False and vlm["trust_remote_code"] is True
     assert vlm["limit_mm_per_prompt"] == {"image": 1, "video": 0}
-    assert engine_kwargs(dict(VCFG, max_images_per_prompt=3), model=str(tiny_vlm_dir()), dtype="float32", seed=0,
+    assert engine_kwargs(vllm_settings(max_images_per_prompt=3), model=str(tiny_vlm_dir()), dtype="float32", seed=0,
                          on_cpu=True)["limit_mm_per_prompt"] == {"image": 3, "video": 0}
     text = engine_kwargs(VCFG, model=str(tiny_model_dir(tmp_path)), dtype="float32", seed=0, on_cpu=True)
     assert text["skip_tokenizer_init"] is True and "limit_mm_per_prompt" not in text
@@ -123,6 +123,6 @@ def test_name_check_accepts_vlm_names_and_lists_mismatches():
     no_vision = lambda device: ((n, p.detach().to(device)) for n, p in learner.named_parameters()  # noqa: E731
                                 if not n.startswith("model.visual.merger."))
     with pytest.raises(ValueError) as err:  # raised before any engine starts
-        VLLMColocateBackend.create(model=model, vcfg=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS,
+        VLLMColocateBackend.create(model=model, vllm=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS,
                                    weights=no_vision)
     assert "6 not sent by the learner: model.visual.merger.ln_q.bias, model.visual.merger.ln_q.weight" in str(err.value)

@@ -14,8 +14,8 @@ from _shared import shape_images
 from _vlm_families import NEW_FAMILIES, family_dir, load_hf
 from _vllm_helpers import ROOT
 from _shared import child_env
-from toolkit.rollout.backends.vllm_colocate import served_specs
-from toolkit.rollout.server.weight_sync import check_specs, specs_of
+from toolkit.rollout.vllm_engine import served_specs
+from toolkit.rollout.weight_sync import check_specs, specs_of
 
 IMAGE_PAD = 1321
 

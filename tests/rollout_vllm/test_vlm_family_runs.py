@@ -10,7 +10,7 @@ import pytest
 
 from _shared import shape_images
 from _vlm_families import family_dir, load_hf
-from _vllm_helpers import run_train, serving
+from _vllm_helpers import run_train, server_settings, serving
 from _shared import free_port
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of
 from test_vlm_smoke_runs import check_vlm_run
@@ -38,11 +38,9 @@ def test_server_greedy_equals_hf_before_and_after_a_tower_update(family_server, 
     model_dir = family_server.model
     prompts, images = vlm_batch(model_dir, shape_images(tmp_path))
     learner = copy.deepcopy(load_hf(model_dir))
-    rm = {"vllm": {"server": {"timeout_s": 30.0, "infer_timeout_s": 300.0,
-                              "servers": [{"base_url": family_server.url, "group_port": free_port()}]},
-                   "sync": {"bucket_size_mb": 1}}}
-    backend = VLLMServerBackend.from_config(rm, settings(2), eos_id=EOS, rank=0, world_size=1,
-                                            weights=weights_of(learner))  # runs the weight-name check
+    srv = server_settings(family_server.url, free_port(), infer_timeout_s=300.0)
+    backend = VLLMServerBackend.from_settings(srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                              weights=weights_of(learner))  # runs the weight-name check
     try:
         before = backend.generate(prompts, step=0, images=images)
         assert [r.completion_ids for r in before] == hf_greedy(learner, model_dir, prompts, images)

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import run_train, serving
+from _vllm_helpers import run_train, server_settings, serving
 from _shared import free_port
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
@@ -37,10 +37,8 @@ def learner():
 
 
 def backend_for(server, learner) -> VLLMServerBackend:
-    rm = {"vllm": {"server": {"timeout_s": 30.0, "infer_timeout_s": 120.0,
-                              "servers": [{"base_url": server.url, "group_port": free_port()}]},
-                   "sync": {"bucket_size_mb": 1}}}
-    return VLLMServerBackend.from_config(rm, settings(2), eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
+    return VLLMServerBackend.from_settings(server_settings(server.url, free_port()), settings(2), bucket_size_mb=1,
+                                           eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
 
 
 def infer_body(prompts, images, request_id: str) -> dict:
@@ -97,12 +95,11 @@ def test_bad_image_paths_are_400_naming_the_path(vlm_server, batch, tmp_path):
 def test_weights_schema_uses_learner_names_and_lists_mismatches(vlm_server, learner):
     served = {t["name"] for t in requests.get(vlm_server.url + "/weights_schema/", timeout=5).json()["tensors"]}
     assert served == {n for n, _ in learner.named_parameters()}  # model.visual.*, model.language_model.*, lm_head
-    rm = {"vllm": {"server": {"timeout_s": 30.0, "infer_timeout_s": 60.0,
-                              "servers": [{"base_url": vlm_server.url, "group_port": free_port()}]},
-                   "sync": {"bucket_size_mb": 1}}}
+    srv = server_settings(vlm_server.url, free_port(), infer_timeout_s=60.0)
     legacy = lambda device: ((n.replace("model.visual.", "visual."), p.detach()) for n, p in learner.named_parameters())  # noqa: E731
     with pytest.raises(ValueError) as err:
-        VLLMServerBackend.from_config(rm, settings(2), eos_id=EOS, rank=0, world_size=1, weights=legacy)
+        VLLMServerBackend.from_settings(srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
+                                        weights=legacy)
     msg = str(err.value)
     assert vlm_server.url in msg and "not sent by the learner: model.visual.blocks.0.attn.proj.bias" in msg
     assert "unknown to the served checkpoint: visual.blocks.0.attn.proj.bias" in msg

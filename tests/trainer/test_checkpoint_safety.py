@@ -17,6 +17,7 @@ import pytest
 import torch
 from _shared import child_env
 
+from toolkit import runlayout
 from toolkit.trainer import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,10 +79,10 @@ def test_wrong_rng_contents_are_refused(tmp_path, content):
 def test_missing_rng_and_bad_trainer_state(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="RNG state missing"):
         ckpt.read_rng(tmp_path, rank=3)
-    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps({"step": 4, "evil": 1}))
+    (tmp_path / runlayout.STATE_FILE).write_text(json.dumps({"step": 4, "evil": 1}))
     with pytest.raises(ckpt.CheckpointError, match="not a trainer state"):
         ckpt.read_state(tmp_path)
-    (tmp_path / ckpt.STATE_FILE).write_bytes(b"\xff{")
+    (tmp_path / runlayout.STATE_FILE).write_bytes(b"\xff{")
     with pytest.raises(ckpt.CheckpointError, match="not a trainer state"):
         ckpt.read_state(tmp_path)
 

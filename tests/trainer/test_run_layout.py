@@ -100,5 +100,5 @@ def test_tensorboard_follows_output_dir_unless_set(tmp_path):
 
 
 def test_the_layout_module_imports_no_torch():
-    code = "import sys, toolkit.runlayout, launchers.completion; assert 'torch' not in sys.modules"
+    code = "import sys, toolkit.runlayout, toolkit.cli_options; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

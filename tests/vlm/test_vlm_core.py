@@ -126,7 +126,7 @@ def test_soft_context_keeps_vision_rows_and_placeholders_bitwise(vlm, segments, 
 
 
 def test_hf_backend_rollouts_see_the_image(vlm, segments):
-    from toolkit.rollout.backends.base import DecodeSettings
+    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.hf import HFBackend
 
     model, vp = vlm

@@ -87,6 +87,7 @@ class Derived:
     rollouts_per_step: int  # Channel-B raw rollouts per optimizer step = E
     per_rank_samples_per_step: int  # E / W
     vllm_sync_mode: str  # vllm.sync.mode with auto resolved
+    server_mode: bool  # rollouts come from rollout servers (rollout_backend vllm, vllm.mode server)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +101,7 @@ DERIVED_DOCS = {
     "rollouts_per_step": "= E: Channel-B raw rollouts per optimizer step over all ranks.",
     "per_rank_samples_per_step": "E / W: raw samples each rank buffers and executes per optimizer step.",
     "vllm_sync_mode": "rollout_matching.vllm.sync.mode with auto resolved (adapter iff LoRA is trained and served).",
+    "server_mode": "true when rollouts come from rollout servers (rollout_backend: vllm with vllm.mode: server).",
 }
 
 
@@ -111,10 +113,12 @@ def derive(cfg: Mapping[str, Any], world_size: int) -> Derived:
     if w < 1 or e % (p * w):
         raise ValueError(f"effective_batch_size={e} is not divisible by per_device_train_batch_size × "
                          f"learner_world_size = {p} × {w} = {p * w}")
-    d = cfg["rollout_matching"]["decode_batch_size"]
+    rm = cfg["rollout_matching"]
+    d = rm["decode_batch_size"]
     return Derived(learner_world_size=w, gradient_accumulation_steps=e // (p * w), decode_batch_size=d,
                    eval_batch_size=d, rollouts_per_step=e, per_rank_samples_per_step=e // w,
-                   vllm_sync_mode=resolve_sync_mode(dict(cfg)))
+                   vllm_sync_mode=resolve_sync_mode(dict(cfg)),
+                   server_mode=rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server")
 
 
 def apply_derived(cfg: dict, derived: Derived) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from toolkit.config.normalize import Derived, normalize_rollout_matching
+from toolkit.config.settings import Settings, build_settings
 from toolkit.config.yamlio import dump_yaml
 
 
@@ -67,15 +68,18 @@ class ConfigSection:
 
 
 class ResolvedConfig:
-    """The resolved profile: sections, derived values, the rollout contract, and where it came from."""
+    """The resolved profile: sections, derived values, typed settings, and where it came from."""
 
-    __slots__ = ("_data", "derived", "profile_path", "project_root", "overrides", "warnings", "_rollout_cfg")
+    __slots__ = ("_data", "derived", "settings", "profile_path", "project_root", "overrides", "warnings",
+                 "_rollout_cfg")
+    settings: Settings  # the typed runtime knobs (settings.py), built once here
 
     def __init__(self, data: dict, derived: Derived, profile_path: Path, project_root: Path,
                  overrides: tuple = (), warnings: tuple = ()):
         values = {"_data": copy.deepcopy(data), "derived": derived, "profile_path": Path(profile_path),
                   "project_root": Path(project_root), "overrides": tuple(overrides), "warnings": list(warnings)}
         values["_rollout_cfg"] = normalize_rollout_matching(values["_data"])
+        values["settings"] = build_settings(values["_data"], derived.vllm_sync_mode)
         for name, value in values.items():
             object.__setattr__(self, name, value)
 

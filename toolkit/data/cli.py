@@ -1,13 +1,15 @@
 """`stage2 data`: convert COCO/LVIS annotations to records, check a records file (docs/DATA.md).
 
-Registered lazily in launchers/cli.py; imports only click here (the library is imported inside the
-command bodies, as the rest of the CLI). Reports go to stdout, progress and summaries to stderr.
+Registered lazily in launchers/cli.py; imports only click and toolkit/cli_options.py here (the library is
+imported inside the command bodies, as the rest of the CLI). Reports go to stdout, progress and summaries to stderr.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
+from toolkit.cli_options import profile_options
 
 
 @click.group("data")
@@ -64,10 +66,9 @@ def convert(annotations, images_dir, out, max_objects, max_side, grid, model_dir
 
 @data.command("check")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--profile", "-p", default=None, metavar="NAME|PATH",
-              help="Also count answer tokens against this profile's max_new_tokens and global_max_length "
-                   "(its data.image_root, bbox_format and poly_policy apply).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (with --profile).")
+@profile_options(required=False, set_help="Override a profile key (with --profile).",
+                 profile_help="Also count answer tokens against this profile's max_new_tokens and global_max_length "
+                              "(its data.image_root, bbox_format and poly_policy apply).")
 @click.option("--image-root", default=None, help="Root for relative image entries (default: the file's folder).")
 @click.option("--bbox-format", type=click.Choice(["norm1000", "pixel"]), default="norm1000", show_default=True)
 @click.option("--poly-policy", type=click.Choice(["error", "drop"]), default="error", show_default=True)

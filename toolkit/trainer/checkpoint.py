@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from toolkit.runlayout import STATE_FILE, checkpoint_dir, checkpoint_run_id, complete_checkpoints  # noqa: F401
+from toolkit.runlayout import STATE_FILE, checkpoint_dir, checkpoint_run_id, complete_checkpoints, rng_file
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def save_rng(ckpt: Path, rank: int) -> None:
     import numpy as np
     import torch
 
-    (ckpt / "rng").mkdir(parents=True, exist_ok=True)
+    path = rng_file(ckpt, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "format": RNG_FORMAT,
@@ -105,7 +106,7 @@ def save_rng(ckpt: Path, rank: int) -> None:
         "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
     }
-    torch.save(state, ckpt / "rng" / f"rank{rank}.pt")
+    torch.save(state, path)
 
 
 def read_rng(ckpt: Path, rank: int) -> dict:
@@ -115,7 +116,7 @@ def read_rng(ckpt: Path, rank: int) -> dict:
 
     import torch
 
-    path = ckpt / "rng" / f"rank{rank}.pt"
+    path = rng_file(ckpt, rank)
     fix = ("resume only from checkpoints this toolkit wrote; delete the checkpoint or point --resume at "
            "another one (see docs/STAGE2_RUNBOOK.md, Security model)")
     if not path.is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from toolkit.data.coords import bin_to_unit
+from toolkit.runlayout import eval_pictures_dir
 
 MATCHED = (0, 200, 0)
 FALSE_POSITIVE = (230, 0, 0)
@@ -109,7 +110,7 @@ class PictureLog:
     def write(self, step: int, records: list[dict]) -> list[Path]:
         import numpy as np
 
-        paths = write_pngs(records, self.output_dir / "monitor_dumps" / f"eval_step_{step:06d}")
+        paths = write_pngs(records, eval_pictures_dir(self.output_dir, step))
         if self._tb is not None:
             for rec, path in zip(records, paths):
                 with Image.open(path) as im:

@@ -9,7 +9,6 @@ server round at a time (one pack-count all-reduce per round, same on every rank)
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import time
 import zlib
@@ -17,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from toolkit import runlayout
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.model_source import from_pretrained
-from toolkit.rollout.backends.base import DecodeSettings
-from toolkit.rollout.backends.hf import HFBackend
+from toolkit.rollout.backends.build import build_backend
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
@@ -99,7 +98,12 @@ class Stage2Trainer:
         )
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
-        self.backend = self._setup_backend()
+        # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
+        # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
+        self.backend = build_backend(cfg, self.codec, module=self.engine.module, pad_id=self.tok.pad_token_id,
+                                     weights=self.engine.named_full_params, device=self.device, rank=self.dist.rank,
+                                     world_size=self.dist.world_size, vision=self.vision,
+                                     generation_context=self.engine.generation_context)
         # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round,
         # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
         self.stream_b = hasattr(self.backend, "generate_chunks")
@@ -121,7 +125,7 @@ class Stage2Trainer:
         self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.yaml").write_text(cfg.to_yaml(_provenance()))
+            (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(_provenance()))
         log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
                  self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
                  self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
@@ -163,58 +167,6 @@ class Stage2Trainer:
             ds_config = {**ds_config, "bf16": {"enabled": True}}
         return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
 
-    def _setup_backend(self):
-        rm = self.cfg.rollout_matching_cfg
-        settings = DecodeSettings.from_rollout_cfg(rm, seed=self.cfg.training.seed)
-        if rm["rollout_backend"] == "vllm":
-            # Both vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3,
-            # so every rank joins each sync and the start-up name check) and reload them once per step.
-            common = dict(eos_id=self.codec.im_end_id, weights=self.engine.named_full_params,
-                          object_key_ids=self.codec.object_key_token_ids())
-            if rm["vllm"]["mode"] == "server":
-                from toolkit.rollout.backends.vllm_server import VLLMServerBackend
-
-                self._wait_for_servers(rm["vllm"]["server"])
-                return VLLMServerBackend.from_config(rm, settings, rank=self.dist.rank, world_size=self.dist.world_size,
-                                                     device=str(self.device), **common)
-            from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
-
-            return VLLMColocateBackend.create(model=self.cfg.model.model, vcfg=rm["vllm"], settings=settings,
-                                              model_dtype=self.cfg.model.torch_dtype, **common)
-        return HFBackend(
-            self.engine.module, settings, pad_id=self.tok.pad_token_id, eos_id=self.codec.im_end_id, device=self.device,
-            # Under ZeRO-3 the context gathers all parameters and lifts the hooks, so ranks may decode
-            # different lengths without synced_gpus; every rank still makes the same number of calls.
-            object_key_ids=self.codec.object_key_token_ids(), generation_context=self.engine.generation_context,
-            vision=self.vision,
-        )
-
-    def _wait_for_servers(self, srv: dict) -> None:
-        """Server mode: say what the run waits for and where, show the wait, fail with one message."""
-        from toolkit.rollout.backends.vllm_server import ServerClient, ServerUnavailableError
-
-        total, every = float(srv["timeout_s"]), 15.0
-        urls = [s["base_url"] for s in srv["servers"]]
-        if self.dist.rank == 0:
-            log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
-                     "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
-                     "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
-                     "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
-        t0 = time.monotonic()
-        for url in urls:
-            client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
-            while True:
-                left = total - (time.monotonic() - t0)
-                try:
-                    client.wait_healthy(total_timeout_s=max(1.0, min(every, left)))
-                    break
-                except ServerUnavailableError as exc:
-                    if left <= every:  # the message names the whole wait, not the last poll
-                        raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
-                                                     url=exc.url) from None
-                    if self.dist.rank == 0:
-                        log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)
-
     def _maybe_resume(self) -> None:
         path = ckpt.find_resume_dir(self.cfg.training.output_dir, self.resume)
         if path is None:
@@ -222,9 +174,9 @@ class Stage2Trainer:
                 log.info("--resume %s: no complete checkpoint under %s; starting fresh", self.resume, self.out_dir)
             return
         # Every file is checked before DeepSpeed's pickle loader sees one (docs/STAGE2_RUNBOOK.md, Security model).
-        ckpt.check_deepspeed_files(path / "ds")
+        ckpt.check_deepspeed_files(path / runlayout.CHECKPOINT_DS)
         rng, state = ckpt.read_rng(path, self.dist.rank), ckpt.read_state(path)
-        self.engine.load(path / "ds")
+        self.engine.load(path / runlayout.CHECKPOINT_DS)
         ckpt.set_rng(rng)
         self.state = state
         self._reschedule()
@@ -268,7 +220,7 @@ class Stage2Trainer:
                 self.save_checkpoint(metrics)
             if stop:
                 log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
-                            ckpt.checkpoint_dir(self.out_dir, done).name)
+                            runlayout.checkpoint_dir(self.out_dir, done).name)
                 bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
@@ -391,12 +343,12 @@ class Stage2Trainer:
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(self, metrics: dict) -> Path:
         tr = self.cfg.training
-        path = ckpt.checkpoint_dir(self.out_dir, self.state.step)
-        self.engine.save(path / "ds", tag=f"global_step{self.state.step}")
+        path = runlayout.checkpoint_dir(self.out_dir, self.state.step)
+        self.engine.save(path / runlayout.CHECKPOINT_DS, tag=f"global_step{self.state.step}")
         ckpt.save_rng(path, self.dist.rank)
-        self.engine.export_hf(path / "hf", tokenizer=self.tok)
+        self.engine.export_hf(path / runlayout.CHECKPOINT_HF, tokenizer=self.tok)
         if self.dist.rank == 0:
-            copy_support_files(self.cfg.model.model, path / "hf")
+            copy_support_files(self.cfg.model.model, path / runlayout.CHECKPOINT_HF)
         # With a rollout eval configured only its values rank checkpoints (a checkpoint taken between evals
         # does not); without one, the training batch's value does. Named as logged.
         evaluates = tr.eval_strategy == "steps" and bool(self.val_set)
@@ -410,7 +362,7 @@ class Stage2Trainer:
         self.engine.barrier()
         if self.dist.rank == 0:
             ckpt.write_state(path, self.state)
-            best = ckpt.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
+            best = runlayout.checkpoint_dir(self.out_dir, self.state.best_step) if self.state.best_step else None
             ckpt.rotate(self.out_dir, tr.save_total_limit, protect={best} if best else set(), run_id=self.state.run_id)
             log.info("checkpoint written: %s (%s)", path, self._best_text())
         self.engine.barrier()

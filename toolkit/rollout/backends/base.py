@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from toolkit.rollout.repeat import RepeatRule
 
 
 @dataclass
@@ -19,41 +18,6 @@ class Rollout:
     completion_ids: list[int]
     finish_reason: str  # "stop" | "length" | "repeat"
     weight_version: int = 0
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """What every backend needs to know to decode, read once from `rollout_matching_cfg`."""
-
-    max_new_tokens: int
-    decode_batch_size: int
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    repeat: RepeatRule | None  # repeat-terminate rule, None when disabled
-    seed: int
-
-    @property
-    def max_object_keys(self) -> int | None:
-        return self.repeat.max_object_keys if self.repeat else None
-
-    @classmethod
-    def from_rollout_cfg(cls, rm: dict, seed: int) -> "DecodeSettings":
-        dec = rm["decoding"]
-        sample = rm["decode_mode"] == "sample" or dec["temperature"] > 0
-        return cls(
-            max_new_tokens=rm["max_new_tokens"],
-            decode_batch_size=rm["decode_batch_size"],
-            do_sample=bool(sample),
-            temperature=float(dec["temperature"]) if sample else 1.0,
-            top_p=float(dec["top_p"]),
-            top_k=int(dec["top_k"]),
-            repetition_penalty=float(rm["repetition_penalty"]),
-            repeat=RepeatRule.from_cfg(rm["repeat_terminate"]),
-            seed=seed,
-        )
 
 
 class RolloutBackend(Protocol):

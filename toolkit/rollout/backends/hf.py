@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, ContextManager, Sequence
 
-from toolkit.rollout.backends.base import DecodeSettings, Rollout
+from toolkit.config.settings import DecodeSettings
+from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.repeat import should_stop
 from toolkit.rollout.chunking import chunked, seed_base
 
 
@@ -125,7 +127,7 @@ class RepeatTerminateProcessor:
         for row, ids in enumerate(input_ids[:, self.prompt_width :].tolist()):
             if self.eos_id in ids:  # finished rows only grow padding, which must not count as a repeat
                 continue
-            if row not in self.cut and self.rule.should_stop(ids, self.key_ids):
+            if row not in self.cut and should_stop(self.rule, ids, self.key_ids):
                 self.cut.add(row)
             if row in self.cut:
                 scores[row] = float("-inf")

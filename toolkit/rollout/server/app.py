@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from toolkit.rollout.server import errors
+from toolkit.rollout import errors
 from toolkit.rollout.server.models import (
     Health, Info, InferRequest, InferResponse, InitCommunicatorRequest, InitCommunicatorResponse, Ok,
     UpdateWeightsRequest, UpdateWeightsResponse, WeightsSchema, WeightVersion, WorldSize,

@@ -10,10 +10,11 @@ import sys
 
 import click
 
+from toolkit.cli_options import profile_options
+
 
 @click.command("serve", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--profile", "-p", required=True, metavar="NAME|PATH", help="Profile the learner uses (model, vllm.* knobs).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile key (repeatable; VALUE is YAML).")
+@profile_options(profile_help="Profile the learner uses (model, vllm.* knobs).")
 @click.option("--gpus", default="cpu", metavar="IDS|cpu", help="GPU ids for the engines (dp × tp of them), or cpu.")
 @click.option("--dp", type=click.IntRange(min=1), default=1, help="Data-parallel engines (one process each).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, help="Tensor-parallel size of each engine (GPU only).")

@@ -21,12 +21,13 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from toolkit.rollout.backends.vllm_colocate import served_specs
+from toolkit.config.settings import VllmSettings
+from toolkit.rollout import errors
 from toolkit.rollout.chunking import split_counts
-from toolkit.rollout.server import errors
-from toolkit.rollout.server.weight_sync import TensorSpec, bucket_layout, dtype_size
+from toolkit.rollout.vllm_engine import served_specs
+from toolkit.rollout.weight_sync import TensorSpec, bucket_layout, dtype_size
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
@@ -39,7 +40,7 @@ class EngineSpec:
 
     model: str
     dtype: str
-    vllm: dict  # normalized rollout_matching_cfg["vllm"]
+    vllm: VllmSettings  # its tensor_parallel_size is `tp`
     seed: int
     dp: int = 1
     tp: int = 1
@@ -49,13 +50,14 @@ class EngineSpec:
     store_host: str = "127.0.0.1"  # where the weight-sync store binds: the HTTP bind address
 
     def to_dict(self) -> dict:
+        """Plain data for the spawned workers (`vllm` becomes a dict; the worker rebuilds VllmSettings)."""
         return asdict(self)
 
 
 def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
     """Per-DP-rank environment: its GPU slice (none on CPU) and one OpenMP thread on CPU.
 
-    >>> [e["CUDA_VISIBLE_DEVICES"] for e in worker_env(EngineSpec("m", "bfloat16", {}, 0, dp=2, tp=2, device="cuda", gpus=(4, 5, 6, 7)))]
+    >>> [e["CUDA_VISIBLE_DEVICES"] for e in worker_env(EngineSpec("m", "bfloat16", None, 0, dp=2, tp=2, device="cuda", gpus=(4, 5, 6, 7)))]
     ['4,5', '6,7']
     """
     out = []
@@ -130,7 +132,7 @@ class DPEngine:
     """Blocking engine API used by the FastAPI app (see app.py for the endpoint contract)."""
 
     def __init__(self, spec: EngineSpec, *, start_timeout_s: float = 900.0, image_roots: tuple[str, ...] = ()):
-        self.spec = spec if spec.env else EngineSpec(**{**spec.to_dict(), "env": worker_env(spec)})
+        self.spec = spec if spec.env else replace(spec, env=worker_env(spec))
         self.start_timeout_s = start_timeout_s
         self.image_roots = tuple(image_roots)
         self.vocab_size: int | None = None  # reported by the workers when ready
@@ -274,7 +276,7 @@ class DPEngine:
         return self.spec.dp * self.spec.tp
 
     def info(self) -> dict:
-        return {"model": self.spec.model, "max_model_len": int(self.spec.vllm["max_model_len"]), "dtype": self.spec.dtype,
+        return {"model": self.spec.model, "max_model_len": int(self.spec.vllm.max_model_len), "dtype": self.spec.dtype,
                 "weight_version": min(w.version for w in self.workers), "device": self.spec.device,
                 "data_parallel_size": self.spec.dp, "tensor_parallel_size": self.spec.tp}
 
@@ -308,7 +310,7 @@ class DPEngine:
             sampling = sampling * len(prompts)
         if len(sampling) != len(prompts):
             raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
-        limit = int(self.spec.vllm["max_model_len"])
+        limit = int(self.spec.vllm.max_model_len)
         vocab = self.vocab_size
         out = []
         for i, (p, s) in enumerate(zip(prompts, sampling)):

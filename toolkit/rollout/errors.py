@@ -1,4 +1,8 @@
-"""Errors the serving engine raises and the HTTP status each maps to. Imports nothing heavy."""
+"""Errors the rollout server's engine and the weight-sync group raise, and the HTTP status each maps to.
+
+Shared by `server/` (which answers with the status) and `weight_sync.py` (used by both sides), so it lives
+beside them rather than inside the server. Imports nothing heavy.
+"""
 from __future__ import annotations
 
 
