@@ -142,7 +142,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
     out.mkdir(parents=True, exist_ok=True)
     backend = open_backend(backend_name, ck, cfg, tok, codec, vision, out)
     try:
-        res = run_eval(backend, val, codec, cfg.rollout_matching_cfg, rank=0, world_size=1, step=ck.step,
+        res = run_eval(backend, val, codec, cfg.settings, rank=0, world_size=1, step=ck.step,
                        keep=len(val), progress=sys.stderr.isatty())
     finally:
         backend.close()

@@ -124,7 +124,7 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
         clean = True
         return code
     except Exception as exc:
-        from toolkit.trainer.engine import describe_peer_failure
+        from toolkit.trainer.distributed import describe_peer_failure
 
         lost = describe_peer_failure(exc, cfg.training.collective_timeout_s)
         if lost:

@@ -68,12 +68,12 @@ def test_stopped_learner_exits_128_plus_n_only_after_a_checkpoint(tmp_path, chec
 
 
 def test_a_peer_failure_names_the_other_node_and_other_errors_are_left_alone(monkeypatch):
-    from toolkit.trainer import engine
+    from toolkit.trainer import distributed
 
-    monkeypatch.setattr(engine, "PEER_HOSTS", ["node001", "node002"])
+    monkeypatch.setattr(distributed, "PEER_HOSTS", ["node001", "node002"])
     timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation")
-    text = engine.describe_peer_failure(timeout, 20)
+    text = distributed.describe_peer_failure(timeout, 20)
     assert "lost a learner peer" in text and "(rank 0 on node001, rank 1 on node002)" in text
     assert "training.collective_timeout_s=20 s" in text
-    assert engine.describe_peer_failure(RuntimeError("CUDA out of memory"), 20) is None
-    assert engine.describe_peer_failure(ValueError("bad record"), 20) is None
+    assert distributed.describe_peer_failure(RuntimeError("CUDA out of memory"), 20) is None
+    assert distributed.describe_peer_failure(ValueError("bad record"), 20) is None

@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 
 from _shared import free_port  # noqa: E402
 from _vllm_helpers import ENGINE_SETS  # noqa: E402
-from toolkit.trainer import loop  # noqa: E402
+from toolkit.trainer import loop, packing  # noqa: E402
 from toolkit.trainer.engine import Stage2Engine  # noqa: E402
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
@@ -60,12 +60,12 @@ def run(args, overlap: bool) -> dict:
     rounds, carried, calls = [], [], []
 
     def stream(*a, **kw):
-        for segments in stream_channel_b(*a, **kw):
+        for segments, last in channel_b_rounds(*a, **kw):
             rounds.append([[s.sample_id, list(s.input_ids), [float(w) for w in s.ce_weights]] for s in segments])
-            yield segments
+            yield segments, last
 
-    def add(self, segments):
-        packs = packer_add(self, segments)
+    def add(self, segments, last=False):
+        packs = packer_add(self, segments, last=last)
         carried.append(len(self.buffer))
         return packs
 
@@ -83,12 +83,12 @@ def run(args, overlap: bool) -> dict:
         return deepspeed_step(self, *a, **kw)
 
     optimizer_steps = [0]
-    loop.stream_channel_b, loop.RoundPacker.add, Stage2Engine.backward_packs = stream, add, backward_packs
+    loop.channel_b_rounds, packing.RoundPacker.add, Stage2Engine.backward_packs = stream, add, backward_packs
     DeepSpeedEngine.step = ds_step
     trainer = loop.Stage2Trainer(cfg)
     trainer.setup()
     try:
-        assert trainer.stream_b, "the server backend must train Channel-B round by round"
+        assert trainer.backend.chunk < len(trainer.budget.step_indices(0)), "the step must take several rounds"
         before = {k: v.detach().clone() for k, v in trainer.engine.full_state_dict().items()}
         metrics = [trainer.train_step(step) for step in range(STEPS)]
         params = {k: v.detach().clone() for k, v in trainer.engine.full_state_dict().items()}
@@ -134,7 +134,8 @@ def after_training_sync(args, trainer, trained: dict) -> dict:
             "greedy": trainer.backend.s.do_sample is False}
 
 
-stream_channel_b, packer_add, engine_backward = loop.stream_channel_b, loop.RoundPacker.add, Stage2Engine.backward_packs
+channel_b_rounds, packer_add = loop.channel_b_rounds, packing.RoundPacker.add
+engine_backward = Stage2Engine.backward_packs
 deepspeed_step = DeepSpeedEngine.step
 
 

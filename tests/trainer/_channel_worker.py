@@ -7,8 +7,8 @@ Samples are real: records from assets/data/val.jsonl, prompts from the project t
 (assets/tokenizer), Channel-B segments from synthetic rollouts (the canonical answer with objects
 dropped, shifted, moved far away, duplicated, made invalid, truncated, or no JSON at all) through the
 trainer's parse → match → FN-append recipe (`channel_b.rollout_to_segment`), Channel-A segments from
-`build_channel_a_segment`. The engine side hands those segments to `StepLearner.learn` (or, for the
-round variants, `StepLearner.learn_rounds`) exactly as `Stage2Trainer.train_step` does.
+`build_channel_a_segment`. The engine side hands those segments to `StepLearner.learn` in one round (or,
+for the round variants, in several) exactly as `Stage2Trainer.train_step` does.
 
 The reference never packs: on rank 0 it runs every rank's kept segments one at a time through the plain
 model (`model(input_ids)` with default positions; Channel-A's soft self-context re-written here in a few
@@ -39,8 +39,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
 from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
+from toolkit.trainer import distributed  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer import optim  # noqa: E402
+from toolkit.config.settings import MatchSettings, MonitorSettings  # noqa: E402
+from toolkit.trainer.channel_b import ChannelBSettings  # noqa: E402
 
 SYSTEM = "Detect every object."  # a short template.system_prompt keeps the packs small
 TOKENIZER = os.path.join(ROOT, "assets", "tokenizer")
@@ -56,9 +59,10 @@ GRAD_CKPT_STAGES = {"2", "3"}  # recompute in backward, as the real runs do
 LOSS = dict(bbox_smoothl1_weight=1.0, bbox_ciou_weight=0.01, coord_ce_weight=0.2, coord_el1_weight=0.5,
             coord_ehuber_weight=0.5, coord_huber_delta=0.01, coord_entropy_weight=0.02, coord_gate_weight=1.0,
             softctx_temperature=0.7)
-RM = dict(candidate_top_k=10, maskiou_gate=0.3, maskiou_resolution=256, fp_cost=1.0, fn_cost=1.0,
-          object_field_order="desc_first")
-SAB = dict(desc_ce_weight=0.5, channel_b={"drop_invalid_struct_ce_multiplier": 2.0})
+CHANNEL_B = ChannelBSettings(
+    match=MatchSettings(candidate_top_k=10, maskiou_gate=0.3, maskiou_resolution=256, fp_cost=1.0, fn_cost=1.0),
+    monitor=MonitorSettings(enabled=False, every_steps=1, max_samples=0, max_text_chars=0), field_order="desc_first",
+    ordering="sorted", desc_ce_weight=0.5, drop_invalid_struct_ce_multiplier=2.0, max_len=CAP)
 # One optimizer step per entry: (channel, n_softctx_iter, softctx_grad_mode). n_iter 3 em_detach adds a
 # no_grad middle pass (under ZeRO-3 a forward outside autograd between two recorded ones).
 STEPS = [("B", 1, "-"), ("A", 1, "unroll"), ("A", 1, "em_detach"), ("A", 2, "unroll"), ("A", 2, "em_detach"),
@@ -143,9 +147,9 @@ def segments_of(step: int, rank: int, i: int) -> tuple[list, dict]:
     sample = SampleInput(rec.id, prompt, [dict(o) for o in rec.objects])
     if STEPS[step][0] == "B":
         ro = Rollout(prompt, synthetic_rollout(sample.gt_objects, variant, codec), "stop")
-        seg = rollout_to_segment(sample, ro, codec, rm=RM, sab=SAB, max_len=CAP, ordering="sorted")
+        seg = rollout_to_segment(sample, ro, codec, CHANNEL_B)
     else:
-        seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=SAB["desc_ce_weight"],
+        seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=CHANNEL_B.desc_ce_weight,
                                       sample_id=sample.sample_id, max_len=CAP)
     meta = dict(seg.meta)
     if isinstance(seg, Drop):
@@ -189,7 +193,7 @@ def packs_for(step: int, rank: int, packing: str = "default") -> tuple[list, lis
     from toolkit.trainer.step import pack_weights
 
     segs, meta = segments_for(step, rank)
-    packs = learner(step, **PACKING[packing]).plan(segs)
+    packs = learner(step, **PACKING[packing]).packer().add(segs, last=True)
     return packs, pack_weights(packs, N_RAW), meta
 
 
@@ -317,13 +321,15 @@ def engine_variants(step: int) -> list[str]:
 
 
 def learn_variant(engine, step: int, rank: int, variant: str):
-    """One optimizer step through the trainer's StepLearner → (StepResult, packs)."""
+    """One optimizer step through the trainer's StepLearner → (StepResult, packs): the step's segments in
+    one round (as Channel-A and rollouts decoded in one call arrive) or in n server rounds."""
     if variant.startswith("rounds_"):
-        n_rounds = int(variant.split("_")[1])
-        res, packs, _, _ = learner(step).learn_rounds(engine, rounds_for(step, rank, n_rounds), N_RAW)
-        return res, packs
-    segs, _ = segments_for(step, rank)
-    return learner(step, **PACKING[variant]).learn(engine, STEPS[step][0], segs, N_RAW)
+        rounds, change = rounds_for(step, rank, int(variant.split("_")[1])), {}
+    else:
+        rounds, change = [segments_for(step, rank)[0]], PACKING[variant]
+    flagged = [(segs, i == len(rounds) - 1) for i, segs in enumerate(rounds)]
+    res, packs, _, _ = learner(step, **change).learn(engine, STEPS[step][0], flagged, N_RAW)
+    return res, packs
 
 
 def run_stage(stage: str, info, tmp: str) -> dict:
@@ -389,7 +395,7 @@ def main() -> None:
         _break(os.environ["CW_BREAK"])
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
-    info = eng.init_distributed()
+    info = distributed.init_distributed()
     t0 = time.time()
     report = {"world": info.world_size, "steps": [list(s) for s in STEPS], "stages": {}}
     if info.rank == 0:
@@ -406,7 +412,7 @@ def main() -> None:
         report["stages"][stage] = run_stage(stage, info, args.tmp)
     report["wall_s"] = round(time.time() - t0, 2)
     write_report(report, args.out, info.rank)
-    eng.close_distributed()
+    distributed.close_distributed()
 
 
 def _break(what: str) -> None:

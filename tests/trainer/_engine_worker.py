@@ -25,8 +25,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
 from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
+from toolkit.trainer import distributed  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer import optim  # noqa: E402
+from toolkit.trainer.export import apply_lora  # noqa: E402
 
 VOCAB, HIDDEN, N_RAW = 96, 32, 4
 DEV = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
@@ -289,7 +291,7 @@ def run_lora(info, tmp: str) -> dict:
     """LoRA under ZeRO-3: one uneven step equals plain peft; the export is merged and loads as plain HF."""
     world, rank = info.world_size, info.rank
     torch.manual_seed(7)
-    model = eng.apply_lora(tiny_model(seed=0), rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    model = apply_lora(tiny_model(seed=0), rank=4, alpha=8, dropout=0.0, target_modules="all-linear")
     with torch.no_grad():  # B starts at zero; make the adapters matter from step 0
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -328,7 +330,7 @@ def main() -> None:
     args = parser.parse_args()
     faulthandler.enable()  # a gloo abort (collective mismatch) then shows each rank's Python stack
     torch.set_num_threads(1)
-    info = eng.init_distributed()
+    info = distributed.init_distributed()
     t0 = time.time()
     report = {"world": info.world_size, "backend": info.backend, "stages": {}}
     if info.rank == 0:
@@ -340,7 +342,7 @@ def main() -> None:
     report["bf16"] = {stage: run_bf16(stage, info) for stage in args.bf16_stages.split(",") if stage}
     report["wall_s"] = round(time.time() - t0, 2)
     write_report(report, args.out, info.rank)
-    eng.close_distributed()
+    distributed.close_distributed()
 
 
 if __name__ == "__main__":

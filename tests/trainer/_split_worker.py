@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_worker import N_RAW, build, loss_fn, max_abs, packs_for, tiny_model  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
-from toolkit.trainer import engine as eng  # noqa: E402
+from toolkit.trainer import distributed  # noqa: E402
 
 # CUTS[step][rank] = (a, b): calls get packs[:a], packs[a:b], packs[b:]; None = all in the first call.
 CUTS = [{0: (1, None), 1: (0, 0)}, {0: None, 1: None}, {0: (0, 0), 1: (1, 1)}, {0: (0, 0), 1: (0, 0)}]
@@ -67,7 +67,7 @@ def compare(one: list[dict], split_rows: list[dict]) -> list[dict]:
 def main() -> None:
     args = worker_parser("0,2,3").parse_args()
     torch.set_num_threads(1)
-    info = eng.init_distributed()
+    info = distributed.init_distributed()
     report = {"world": info.world_size, "stages": {}}
     moved = []
     for stage in args.stages.split(","):
@@ -77,7 +77,7 @@ def main() -> None:
         moved.append(max_abs(one[0]["params"], one[-1]["params"]))
     report["params_moved"] = moved
     write_report(report, args.out, info.rank)
-    eng.close_distributed()
+    distributed.close_distributed()
 
 
 if __name__ == "__main__":

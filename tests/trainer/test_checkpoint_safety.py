@@ -87,9 +87,20 @@ def test_missing_rng_and_bad_trainer_state(tmp_path):
         ckpt.read_state(tmp_path)
 
 
+def test_trainer_state_of_an_older_version_still_loads(tmp_path):
+    """Earlier trainer_state.json files carry schedule_b_ratio (a copy of the profile's, never read): ignored."""
+    old = {"step": 6, "best_metric": 0.5, "best_step": 4, "metric_name": "rollout/f1", "schedule_b_ratio": 0.5,
+           "b_steps": 3, "history": [[4, 0.5]], "run_id": "abc"}
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps(old))
+    state = ckpt.read_state(tmp_path)
+    assert (state.step, state.b_steps, state.best_step, state.run_id) == (6, 3, 4, "abc")
+    assert not hasattr(state, "schedule_b_ratio")
+
+
 SAVE_DS = """
 import sys, torch
-from toolkit.trainer.engine import Stage2Engine, init_distributed
+from toolkit.trainer.distributed import init_distributed
+from toolkit.trainer.engine import Stage2Engine
 init_distributed()
 for name, cfg, dtype in [("zero2", {"zero_optimization": {"stage": 2}}, torch.float32),
                          ("zero3", {"zero_optimization": {"stage": 3}}, torch.float32),

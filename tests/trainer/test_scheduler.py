@@ -76,8 +76,8 @@ def test_b_ratio_realized_is_cumulative_not_a_200_step_window():
 
     b = 0.3
     state = SimpleNamespace(b_steps=0)
-    trainer = SimpleNamespace(state=state, budget=SimpleNamespace(epoch_of=lambda s: 0.0),
-                              cfg=SimpleNamespace(global_max_length=8, training=SimpleNamespace(packing_min_fill_ratio=0.5)))
+    learner = SimpleNamespace(add_metrics=lambda m, res, packs: None)  # the learner's own metrics: not the point
+    trainer = SimpleNamespace(state=state, budget=SimpleNamespace(epoch_of=lambda s: 0.0), learner=learner)
     res = StepResult(loss=0.0, grad_norm=0.0, lr=0.0, lrs={}, n_packs=0, n_padding=0, n_packs_max=0)
     for step in range(201):
         channel = channel_for_step(step, b)

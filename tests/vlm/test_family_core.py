@@ -14,6 +14,7 @@ from test_vlm_core import (  # noqa: F401  (pytest collects the imported tests w
     test_mrope_rows_equal_hf_get_rope_index,
     test_packed_row_gives_each_segment_its_unpacked_logits,
     test_soft_context_keeps_vision_rows_and_placeholders_bitwise,
+    test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradients,
 )
 
 

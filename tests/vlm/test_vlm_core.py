@@ -95,14 +95,19 @@ def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments):
         assert (wrong - _single_logits(model, vp, segments[2])).abs().max() > 1e-3
 
 
+def _slotted_pack(segs, vp):
+    """The segments packed, with their two "coordinate slots" each as the pack's coord_pos."""
+    pack = collate_pack(segs, mrope=(vp.pad_id, vp.merge))
+    offsets = np.cumsum([0] + [len(s) for s in segs])
+    pack.coord_pos = torch.tensor([int(o) + p for o, s in zip(offsets, segs) for p in s.meta["slots"]])
+    return pack
+
+
 @pytest.mark.parametrize("grad_mode", ["unroll", "em_detach"])
 def test_soft_context_keeps_vision_rows_and_placeholders_bitwise(vlm, segments, grad_mode):
     """Every pass feeds the language model the very same image features and text rows; only coord slots move."""
     model, vp = vlm
-    segs = segments[:2]
-    pack = collate_pack(segs, mrope=(vp.pad_id, vp.merge))
-    offsets = np.cumsum([0] + [len(s) for s in segs])
-    pack.coord_pos = torch.tensor([int(o) + p for o, s in zip(offsets, segs) for p in s.meta["slots"]])
+    pack = _slotted_pack(segments[:2], vp)
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
@@ -123,6 +128,46 @@ def test_soft_context_keeps_vision_rows_and_placeholders_bitwise(vlm, segments, 
         assert torch.equal(embeds[0, keep], text_rows[keep].detach())
         if it > 0:
             assert not torch.equal(embeds[0, slots], text_rows[slots].detach())  # the soft rows did change
+
+
+def _softctx_step(model, vp, pack, grad_mode):
+    """One soft-context call (3 passes) and a backward of a fixed mix of its first and last logits →
+    (first, last, every parameter's gradient, vision-tower forwards)."""
+    model.zero_grad(set_to_none=True)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first, last = softctx_logits(model, pack, list(range(319, 1319)), 3, 1.0, grad_mode,
+                                     model_kwargs=vp.model_inputs(pack.images))
+    finally:
+        hook.remove()
+    mix = torch.randn(first.shape, generator=torch.Generator().manual_seed(0))
+    ((first * mix).mean() + (last * mix.flip(-1)).mean()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return first.detach(), last.detach(), grads, len(calls)
+
+
+@pytest.mark.parametrize("grad_mode", ["unroll", "em_detach"])
+def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradients(vlm, segments, grad_mode,
+                                                                                   monkeypatch):
+    """The tower's output is computed once per call and reused by every pass: logits and the gradients of
+    every parameter (the vision tower's included) equal the old path that re-ran the tower on each pass."""
+    from toolkit.trainer import channel_a
+
+    model, vp = vlm
+    pack = _slotted_pack(segments[:3], vp)
+    first, last, grads, towers = _softctx_step(model, vp, pack, grad_mode)
+    with monkeypatch.context() as mp:  # the old path: pixel_values handed to every pass
+        mp.setattr(channel_a, "encode_images_once", lambda _model, kwargs: dict(kwargs))
+        old_first, old_last, old_grads, old_towers = _softctx_step(model, vp, pack, grad_mode)
+    assert (towers, old_towers) == (1, 3)
+    torch.testing.assert_close(first, old_first, atol=1e-6, rtol=0)
+    torch.testing.assert_close(last, old_last, atol=1e-6, rtol=0)
+    assert grads.keys() == old_grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".visual." in n and grads[n].abs().max() > 0 for n in grads)  # the tower does learn
+    for name in grads:
+        torch.testing.assert_close(grads[name], old_grads[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_hf_backend_rollouts_see_the_image(vlm, segments):

@@ -1,6 +1,7 @@
 """The trainer's image plumbing: samples from image records, the per-sample prompt-parity check, a VLM run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from toolkit.data.tokenizer import load_tokenizer
 from toolkit.rollout.backends.base import Rollout
 from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop
-from toolkit.trainer.channel_b import rollouts_to_segments
+from toolkit.trainer.channel_b import ChannelBSettings, rollouts_to_segments
 from toolkit.trainer.metrics import StepMetrics
 from toolkit.trainer.samples import load_samples
 from toolkit.vlm.images import collapse_image_pads
@@ -62,11 +63,51 @@ def test_prompt_mismatch_is_dropped_and_counted_never_trained(vlm_samples):
     assert len(doubled) > len(bad.prompt_ids)
     rollouts = [Rollout(list(good.prompt_ids), answer, "stop"), Rollout(doubled, answer, "stop")]
     m, items = StepMetrics(), []
-    segs = rollouts_to_segments([good, bad], rollouts, codec, m, items, rm=cfg.rollout_matching_cfg,
-                                sab=cfg.stage2_ab.to_dict(), max_len=cfg.global_max_length, ordering="sorted")
+    cb = dataclasses.replace(ChannelBSettings.from_config(cfg), ordering="sorted")
+    segs = rollouts_to_segments([good, bad], rollouts, codec, m, items, cb)
     assert [s.sample_id for s in segs] == [good.sample_id]
     assert segs[0].images == good.images and segs[0].image_grids == good.image_grids
     assert isinstance(items[1][2], Drop) and items[1][2].reason == "prompt_mismatch"
     counts = m.finalize()
     assert counts["stage2/drop/prompt_mismatch"] == 1 and counts["rollout/prompt_mismatch"] == 1
     assert counts["rollout/samples"] == 2
+
+
+def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monkeypatch):
+    """HF backend: a Channel-B step reads and patches each sample's image once (for the rollout) and the
+    learner's packs train on those very pixel inputs; the real functions are wrapped, not replaced."""
+    import collections
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from _vlm_families import family_dir
+    from toolkit.rollout.backends.build import build_backend
+    from toolkit.trainer.channel_b import prepare_channel_b
+    from toolkit.trainer.step import StepLearner
+    from toolkit.vlm import inputs
+
+    tok, vision, samples = vlm_samples
+    cfg = load_profile("smoke/vlm_ab_mixed")
+    rm, codec = cfg.rollout_matching_cfg, HFTokenCodec(tok)
+    model = AutoModelForImageTextToText.from_pretrained(str(family_dir("qwen2_vl", stage1=True)), dtype=torch.float32)
+    opened, patched = collections.Counter(), collections.Counter()
+    real_open, real_pixels = inputs.open_image, vision.pixels
+    monkeypatch.setattr(inputs, "open_image", lambda path: (opened.update([path]), real_open(path))[1])
+    monkeypatch.setattr(vision, "pixels", lambda paths: (patched.update(paths), real_pixels(paths))[1])
+
+    backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
+    segments = prepare_channel_b(backend, samples, 0, codec, StepMetrics(), rm=rm, sab=cfg.stage2_ab.to_dict(),
+                                 max_len=cfg.global_max_length, ordering=cfg.template.object_ordering)
+    assert segments and all(s.pixels is not None for s in segments)
+    coord_ids = torch.tensor(codec.coord_token_ids)
+    learner = StepLearner.from_config(cfg, coord_ids, "cpu", vision=vision, mrope=(vision.pad_id, vision.merge))
+    packs = learner.plan(segments)
+    for pack in packs:
+        loss, _ = learner.loss_b(model, pack)
+        loss.backward()
+    every = collections.Counter(p for s in samples for p in s.images)
+    assert opened == patched == every and set(every.values()) == {1}  # once each, rollout and learner together
+    for pack in packs:  # the handed-over inputs are what patching the pack's images gives
+        again = vision.model_inputs(pack.images)
+        assert all(torch.equal(pack.pixels[k], again[k]) for k in again)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from toolkit.config.errors import OVERRIDE_SOURCE
-from toolkit.config.rules import resolve_sync_mode
+from toolkit.config.rules import batch_split_error, resolve_sync_mode
 from toolkit.config.schema import MODEL_PATH_KEY, PATH_KEYS
 from toolkit.config.yamlio import Document
 
@@ -110,9 +110,9 @@ def derive(cfg: Mapping[str, Any], world_size: int) -> Derived:
     e = cfg["training"]["effective_batch_size"]
     p = cfg["training"]["per_device_train_batch_size"]
     w = int(world_size)
-    if w < 1 or e % (p * w):
-        raise ValueError(f"effective_batch_size={e} is not divisible by per_device_train_batch_size × "
-                         f"learner_world_size = {p} × {w} = {p * w}")
+    problem = batch_split_error(e, p, w)  # the same check as the rule that reports it with a fix
+    if problem:
+        raise ValueError(problem)
     rm = cfg["rollout_matching"]
     d = rm["decode_batch_size"]
     return Derived(learner_world_size=w, gradient_accumulation_steps=e // (p * w), decode_batch_size=d,

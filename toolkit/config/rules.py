@@ -42,16 +42,24 @@ def batch_factors(cfg: dict, world_size: int) -> tuple[int, int, int]:
     return cfg["training"]["effective_batch_size"], cfg["training"]["per_device_train_batch_size"], world_size
 
 
+def batch_split_error(e: int, p: int, w: int) -> str | None:
+    """Why E raw samples cannot be split over W ranks × P per micro-step (E % (P × W) != 0), else None.
+    The one divisibility check: the `effective_batch_divisible` issue and normalize.derive's ValueError."""
+    if w >= 1 and e % (p * w) == 0:
+        return None
+    return (f"effective_batch_size={e} is not divisible by per_device_train_batch_size × learner_world_size = "
+            f"{p} × {w} = {p * w} (no rounding up: every optimizer step must see exactly E raw samples)")
+
+
 def effective_batch_divisible(ctx: RuleContext) -> list:
     """training.effective_batch_size must be divisible by per_device_train_batch_size × learner_world_size."""
     e, p, w = batch_factors(ctx.cfg, ctx.world_size)
-    if e % (p * w) == 0:
+    message = batch_split_error(e, p, w)
+    if message is None:
         return []
     lower, upper = (e // (p * w)) * p * w, (e // (p * w) + 1) * p * w
     options = " or ".join(str(v) for v in (lower, upper) if v > 0)
-    return [ctx.issue(_EBS, f"effective_batch_size={e} is not divisible by per_device_train_batch_size × "
-                            f"learner_world_size = {p} × {w} = {p * w} (no rounding up: every optimizer step "
-                            f"must see exactly E raw samples)",
+    return [ctx.issue(_EBS, message,
                       f"set training.effective_batch_size to a multiple of {p * w} ({options}), or change "
                       f"per_device_train_batch_size or the number of learner ranks")]
 
@@ -60,7 +68,7 @@ def gradient_accumulation_consistent(ctx: RuleContext) -> list:
     """An explicit training.gradient_accumulation_steps must equal E / (P × W)."""
     e, p, w = batch_factors(ctx.cfg, ctx.world_size)
     given = ctx.cfg["training"]["gradient_accumulation_steps"]
-    if given is None or e % (p * w) != 0 or given == e // (p * w):
+    if given is None or batch_split_error(e, p, w) or given == e // (p * w):
         return []
     return [ctx.issue(("training", "gradient_accumulation_steps"),
                       f"gradient_accumulation_steps={given} conflicts with the derived value {e // (p * w)} "
@@ -73,7 +81,7 @@ def packing_buffer_holds_step(ctx: RuleContext) -> list:
     """One rank's raw samples per step (E / W) must fit in training.packing_buffer."""
     e, p, w = batch_factors(ctx.cfg, ctx.world_size)
     buf = ctx.cfg["training"]["packing_buffer"]
-    if e % (p * w) or e // w <= buf:
+    if batch_split_error(e, p, w) or e // w <= buf:
         return []
     return [ctx.issue(("training", "packing_buffer"),
                       f"packing_buffer={buf} cannot hold one rank's step budget: effective_batch_size / "

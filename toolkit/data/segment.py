@@ -25,6 +25,8 @@ class Segment:
     meta:        per-sample metrics (parse/match counters, lengths) summed into the step's metrics.
     images:      absolute image paths the prompt's `<|image_pad|>` runs stand for, in order (VLM only).
     image_grids: each image's (t, h, w) patch grid; the prompt holds t·h·w/merge² pads per image.
+    pixels:      the images' pixel inputs as the rollout engine patched them (HF backend), else None
+                 (the learner patches `images` itself).
     """
 
     input_ids: list[int]
@@ -38,6 +40,7 @@ class Segment:
     meta: dict = field(default_factory=dict)
     images: tuple[str, ...] = ()
     image_grids: tuple[tuple[int, int, int], ...] = ()
+    pixels: dict | None = field(default=None, compare=False, repr=False)  # tensors: kept out of == and repr
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)

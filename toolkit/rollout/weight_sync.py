@@ -190,6 +190,11 @@ def bucket_layout(specs: Sequence[TensorSpec]) -> tuple[list[int], int]:
     return offsets, -(-pos // ALIGN) * ALIGN
 
 
+def bucket_specs(tensors: Sequence[tuple[str, object]]) -> list[TensorSpec]:
+    """The TensorSpec of each (name, tensor) of a bucket, in order: what its notice announces."""
+    return [TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors]
+
+
 def pack_bucket(tensors: Sequence[tuple[str, object]], device=None, out=None):
     """(flat uint8 tensor, [TensorSpec]): every tensor's bytes at its aligned offset, in order.
 
@@ -199,7 +204,7 @@ def pack_bucket(tensors: Sequence[tuple[str, object]], device=None, out=None):
     """
     import torch
 
-    specs = [TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors]
+    specs = bucket_specs(tensors)
     offsets, total = bucket_layout(specs)
     dev = device if device is not None else (tensors[0][1].device if tensors else "cpu")
     pieces, pos = [], 0

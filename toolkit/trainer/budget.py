@@ -18,30 +18,47 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class StepBudget:
+    """This rank's share of every optimizer step. GAS and E / W come from `cfg.derived` (config/normalize.py
+    `derive`, the one place that checks E % (P·W)); nothing here re-derives them."""
+
     n_records: int
-    effective_batch_size: int
-    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    per_rank_samples: int  # E / W
     world_size: int
     rank: int
     seed: int
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        pw = self.per_device_batch_size * self.world_size
-        if self.effective_batch_size % pw:
-            raise ValueError(
-                f"effective_batch_size={self.effective_batch_size} is not divisible by "
-                f"per_device_train_batch_size={self.per_device_batch_size} x world_size={self.world_size}"
-            )
         if self.n_records < self.effective_batch_size:
             raise ValueError(
                 f"the training set has {self.n_records} records, fewer than one step's "
                 f"effective_batch_size={self.effective_batch_size}: lower effective_batch_size or add data"
             )
 
+    @classmethod
+    def from_config(cls, cfg, n_records: int, world_size: int, rank: int) -> StepBudget:
+        """The budget of a profile resolved for this run's world size (toolkit/train.py resolves it with
+        WORLD_SIZE); a config resolved for another learner count is refused, never re-derived."""
+        d = cfg.derived
+        if world_size != d.learner_world_size:
+            raise ValueError(
+                f"the profile was resolved for learner_world_size={d.learner_world_size}, but this run has "
+                f"{world_size} learner ranks: resolve it with world_size={world_size} "
+                f"(load_profile(..., world_size=...); `stage2 train` reads WORLD_SIZE)"
+            )
+        return cls(n_records, d.gradient_accumulation_steps, d.per_rank_samples_per_step, world_size, rank,
+                   cfg.training.seed, cfg.data.shuffle)
+
     @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.effective_batch_size // (self.per_device_batch_size * self.world_size)
+    def per_device_batch_size(self) -> int:
+        """P = (E / W) / GAS."""
+        return self.per_rank_samples // self.gradient_accumulation_steps
+
+    @property
+    def effective_batch_size(self) -> int:
+        """E = (E / W) · W."""
+        return self.per_rank_samples * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:

@@ -7,10 +7,12 @@ the loss.
 
 Every forward is `model(inputs_embeds=…, position_ids=…, use_cache=False)`: no input_ids, no
 attention mask, no cache, so transformers derives the packed block-causal mask from the per-segment
-position ids (see toolkit/trainer/packing.py).
+position ids (see toolkit/trainer/packing.py). A pack with images runs the vision tower once per call, not
+once per pass: its output does not depend on the coordinate rows (docs/VLM.md, "Images once").
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,30 @@ def _check_args(n_iter: int, temperature: float, grad_mode: str) -> None:
         raise ValueError(f"softctx_temperature must be > 0, got {temperature}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"softctx_grad_mode must be one of {'|'.join(GRAD_MODES)}, got {grad_mode!r}")
+
+
+def encode_images_once(model: Any, model_kwargs: Mapping[str, Any]) -> dict:
+    """The forward kwargs with `pixel_values` replaced by the vision tower's output, computed here once.
+
+    Every pass then hands the same features (Qwen3-VL: with its DeepStack features) to transformers'
+    Qwen-VL forward as `mm_encoder_outputs`, which scatters them into the image rows as `pixel_values`
+    would. Computed under the caller's grad mode (that of pass 0), so the gradients of every pass that
+    records a graph reach the tower through this one output: the same sum the per-pass towers gave.
+    """
+    kwargs = dict(model_kwargs)
+    pixel_values = kwargs.pop("pixel_values", None)
+    if pixel_values is None:
+        return kwargs
+    get_features = model.get_image_features  # through the DeepSpeed / PEFT wrappers to the HF model's method
+    if "mm_encoder_outputs" not in inspect.signature(get_features.__self__.forward).parameters:
+        # an older forward would take the kwarg silently into **kwargs and train without the image
+        import transformers
+
+        raise RuntimeError(f"{type(get_features.__self__).__name__}.forward takes no mm_encoder_outputs in "
+                           f"transformers {transformers.__version__} (fix: install the version setup.py pins)")
+    features = get_features(pixel_values, kwargs.get("image_grid_thw"), return_dict=True)
+    kwargs["mm_encoder_outputs"] = {"image": features}
+    return kwargs
 
 
 def _forward(model: Any, embeds: torch.Tensor, batch: PackBatch, model_kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -69,12 +95,13 @@ def softctx_logits(
         n_iter: number of passes (1 = one plain teacher-forced forward; first is last).
         temperature: τ of the soft-context softmax (the geometry decode uses the same τ in losses.py).
         grad_mode: "unroll" | "em_detach".
-        model_kwargs: extra forward kwargs passed to every pass (e.g. vision inputs).
+        model_kwargs: extra forward kwargs passed to every pass (e.g. vision inputs; `pixel_values` go through
+            the vision tower once, see `encode_images_once`).
     """
     import torch
 
     _check_args(n_iter, temperature, grad_mode)
-    kwargs = dict(model_kwargs or {})
+    kwargs = encode_images_once(model, model_kwargs or {})
     embed = model.get_input_embeddings()
     slots = batch.coord_pos.to(batch.input_ids.device)
     coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=batch.input_ids.device)

@@ -37,13 +37,16 @@ class CheckpointError(ValueError):
     """A checkpoint file this toolkit refuses to load (not written by it, damaged, or tampered with)."""
 
 
+# Written by earlier versions (a copy of stage2_ab.schedule.b_ratio, never read back): ignored on resume.
+RETIRED_STATE_KEY = "schedule_b_ratio"
+
+
 @dataclass
 class TrainerState:
     step: int = 0
     best_metric: float | None = None
     best_step: int | None = None
     metric_name: str = "rollout/f1"
-    schedule_b_ratio: float = 0.0
     b_steps: int = 0
     history: list = field(default_factory=list)  # [(step, metric)] of evaluated checkpoints
     run_id: str = field(default_factory=new_run_id)  # the run that wrote it (kept across resumes)
@@ -82,7 +85,10 @@ def read_state(ckpt: Path) -> TrainerState:
     A checkpoint written before run ids existed gets a fresh one (its own older files stay untouched)."""
     path = ckpt / STATE_FILE
     try:
-        return TrainerState(**json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data.pop(RETIRED_STATE_KEY, None)
+        return TrainerState(**data)
     except (ValueError, TypeError) as exc:  # bad JSON / bytes, or keys TrainerState does not have
         raise CheckpointError(f"{path}: not a trainer state written by this toolkit: {exc} "
                               f"(fix: resume from another checkpoint)") from None

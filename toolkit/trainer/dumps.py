@@ -9,24 +9,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from toolkit.config.settings import MonitorSettings
 from toolkit.rollout.targets import Drop
 
 
-def due(md: dict, step: int, rank: int) -> bool:
+def due(md: MonitorSettings, step: int, rank: int) -> bool:
     """`step`: the 0-based index of the step being run (step `step + 1` in every output)."""
-    return bool(md["enabled"]) and rank == 0 and (step + 1) % md["every_steps"] == 0
+    return bool(md.enabled) and rank == 0 and (step + 1) % md.every_steps == 0
 
 
-def write_dump(out_dir: Path, step: int, md: dict, codec, items: list[tuple]) -> Path:
-    """`items` are (sample, rollout, segment-or-drop) triples; writes at most md["max_samples"] of them.
+def write_dump(out_dir: Path, step: int, md: MonitorSettings, codec, items: list[tuple]) -> Path:
+    """`items` are (sample, rollout, segment-or-drop) triples; writes at most md.max_samples of them.
     The file is named like the step's metrics line and checkpoint: optimizer steps completed (index + 1)."""
     from toolkit.runlayout import monitor_dump_path
 
     path = monitor_dump_path(out_dir, step + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cap = md["max_text_chars"]
+    cap = md.max_text_chars
     with path.open("w", encoding="utf-8") as f:
-        for sample, ro, seg in items[: md["max_samples"]]:
+        for sample, ro, seg in items[: md.max_samples]:
             f.write(json.dumps(_record(sample, ro, seg, codec, cap), ensure_ascii=False) + "\n")
     return path
 

@@ -1,5 +1,5 @@
-"""DeepSpeed engine layer of the trainer: process group, optimizer, LR schedule, one optimizer step per
-scheduled step after a variable number of pack backwards, checkpoints.
+"""DeepSpeed engine layer of the trainer: optimizer, LR schedule, one optimizer step per scheduled step
+after a variable number of pack backwards, checkpoints. The process group is toolkit/trainer/distributed.py.
 
 Owns: the DeepSpeed engine and every call into it; HF export, gathered full state and LoRA wrapping
 live in toolkit/trainer/export.py (the engine's methods delegate). Must not import the config spine
@@ -8,7 +8,8 @@ live in toolkit/trainer/export.py (the engine's methods delegate). Must not impo
 Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
 `Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
 exactly one `engine.step()` — in one call, or incrementally (`begin_step` → `backward_packs` × k →
-`end_step`) when the packs arrive chunk by chunk (server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
+`end_step`) as the trainer does, one call per round of segments (toolkit/trainer/step.py `StepLearner.learn`;
+several rounds in server-mode overlap). Ranks may hold different pack counts: the count is equalized with one
 all-reduce (MAX) and short ranks run zero-weight padding packs, because ZeRO-3 forwards all-gather
 parameters (every rank must make the same module calls) and ZeRO-2 reduce-scatters per backward
 outside `coalesce_grad_reduction`. The weights are the caller's (toolkit/trainer/step.py: n_p / N_raw).
@@ -20,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from toolkit.trainer import export
-from toolkit.trainer.export import apply_lora  # noqa: F401  (re-exported: the trainer builds LoRA models from here)
+from toolkit.trainer.distributed import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 # "coalesce" = one reduction when the coalesce_grad_reduction block exits.
 ACCUMULATION = {0: "boundary", 1: "boundary", 2: "coalesce", 3: "boundary"}
 CLIENT_KEY = "stage2_client_state"
-
-
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,96 +48,6 @@ class StepResult:
     n_packs_max: int  # packs every rank ran this step
     pack_metrics: list[dict] = dataclasses.field(default_factory=list)  # loss_fn's aux dict per real pack
     skipped: bool = False  # no rank had a pack: no update, the LR schedule still advanced
-
-
-def _prepare_deepspeed() -> None:
-    """Environment DeepSpeed needs on CPU, set before its first engine start."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    # shm_comm is only for inference all-reduce, yet every engine start JIT-builds it (~75 s, needs g++).
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # = training.collective_timeout_s's default
-PEER_HOSTS: list[str] = []  # host name of every rank, gathered once at init (names a lost peer)
-# Texts of torch.distributed / gloo / NCCL errors that mean a peer is gone or hung.
-PEER_FAILURE_MARKERS = ("timed out", "connection closed by peer", "connection reset by peer", "broken pipe",
-                        "watchdog caught collective operation timeout", "communicator was aborted")
-
-
-def init_distributed(timeout_s: float | None = None) -> DistInfo:
-    """Join the torchrun process group, or make a one-process gloo group without ports. Idempotent.
-
-    timeout_s: the longest a collective waits for its peers (training.collective_timeout_s); explicit,
-    because torch's own default differs per backend (NCCL 10 min) and a hung peer must fail the others.
-    """
-    import datetime
-    import socket
-
-    import torch.distributed as dist
-
-    _prepare_deepspeed()
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            import deepspeed
-
-            timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
-            # DeepSpeed builds its data-parallel groups with new_group(), which takes torch's default
-            # timeout (gloo 30 min, NCCL 10 min), not the world group's: make ours the default too.
-            from torch.distributed import distributed_c10d
-
-            distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
-            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-            PEER_HOSTS[:] = [""] * dist.get_world_size()
-            dist.all_gather_object(PEER_HOSTS, socket.gethostname())
-        else:
-            # A process group is required even for one process, or deepspeed.initialize tries MPI discovery.
-            os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=torch.device("cuda", local_rank) if cuda else None)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
-
-
-def close_distributed(barrier: bool = True) -> None:
-    """Barrier + destroy: two-rank gloo jobs can abort at exit when the group is never destroyed.
-    barrier=False on the error path: a collective there would wait for the peer that is gone."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def describe_peer_failure(exc: BaseException, timeout_s: float) -> str | None:
-    """A sentence for a collective that failed because a peer is lost or hung, naming its node where
-    the error or the rank table allows; None when `exc` is not such a failure."""
-    import socket
-
-    import torch.distributed as dist
-
-    text = str(exc)
-    if not PEER_HOSTS or not any(m in text.lower() for m in PEER_FAILURE_MARKERS):
-        return None
-    rank = dist.get_rank() if dist.is_initialized() else -1
-    me = socket.gethostname()
-    others = {h for r, h in enumerate(PEER_HOSTS) if r != rank}
-    table = ", ".join(f"rank {r} on {h}" for r, h in enumerate(PEER_HOSTS))
-    if len(others) == 1:
-        peer = f"the peer node is {next(iter(others))}"
-    else:
-        peer = f"a peer on one of {', '.join(sorted(others))}"
-    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return (f"lost a learner peer: a collective failed on rank {rank} ({me}): {first}. {peer.capitalize()} "
-            f"({table}); see that node's learner log. Collectives wait at most "
-            f"training.collective_timeout_s={timeout_s:g} s for a peer.")
 
 
 def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:
@@ -344,13 +246,7 @@ class Stage2Engine:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0])
 
-    # ---- modes ----------------------------------------------------------------------------------
-    def train_mode(self) -> None:
-        self.engine.train()
-
-    def eval_mode(self) -> None:
-        self.engine.eval()
-
+    # ---- generation -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def generation_context(self):
         """Eval + no_grad with full parameters, for HF `generate` on the module this yields.

@@ -12,8 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from toolkit.config.settings import MatchSettings, Settings
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import parse_rollout
+from toolkit.trainer.channel_b import match_kwargs
 from toolkit.trainer.metrics import StepMetrics, reduce_metrics
 from toolkit.trainer.samples import image_kwargs
 
@@ -38,7 +40,7 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     return mine, n_real
 
 
-def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int,
+def run_eval(backend, val_set: list, codec, settings: Settings, *, rank: int, world_size: int, step: int,
              keep: int = 0, progress: bool = False) -> EvalResult:
     """Decode this rank's shard in decode_batch_size chunks (every rank makes the same number of calls),
     score each rollout, reduce once. `keep`: how many per-sample records (rollout text, parsed objects,
@@ -49,7 +51,7 @@ def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: 
 
     t0 = time.perf_counter()
     samples, n_real = shard(val_set, rank, world_size)
-    size = rm["decode_batch_size"]
+    size = settings.decode.decode_batch_size
     m, records = StepMetrics(), []
     bar = tqdm(total=n_real, desc="eval", unit="sample", leave=False, disable=not (progress and interactive(rank)),
                dynamic_ncols=True)
@@ -59,7 +61,7 @@ def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: 
         for i, (sample, ro) in enumerate(zip(chunk, rollouts)):
             if start + i >= n_real:
                 break  # padding: decoded only to keep the ranks' forwards in step
-            record = score_rollout(m, sample, ro, codec, rm)
+            record = score_rollout(m, sample, ro, codec, settings.match)
             if len(records) < keep:
                 records.append(record)
         bar.update(min(len(chunk), max(0, n_real - start)))
@@ -68,20 +70,14 @@ def run_eval(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: 
     return EvalResult(reduce_metrics(m), records)
 
 
-def evaluate_rollouts(backend, val_set: list, codec, rm: dict, *, rank: int, world_size: int, step: int) -> dict:
-    """The reduced `eval_rollout/*` metrics only (see `run_eval`)."""
-    return run_eval(backend, val_set, codec, rm, rank=rank, world_size=world_size, step=step).metrics
-
-
-def score_rollout(m: StepMetrics, sample, ro, codec, rm: dict) -> dict:
+def score_rollout(m: StepMetrics, sample, ro, codec, match: MatchSettings) -> dict:
     """Add one rollout's parse and match counts to `m` (training-gate matching and the class-aware F1@0.5);
     return the sample's record: rollout text, parsed objects, GT and the gate matching."""
     parse = parse_rollout(ro.completion_ids, codec)
     preds = [o.bbox for o in parse.objects]
     gts = [o["bbox_2d"] for o in sample.gt_objects]
-    knobs = dict(candidate_top_k=rm["candidate_top_k"], resolution=rm["maskiou_resolution"],
-                 fp_cost=rm["fp_cost"], fn_cost=rm["fn_cost"])
-    gate = match_boxes(preds, gts, gate=rm["maskiou_gate"], **knobs)
+    knobs = match_kwargs(match)
+    gate = match_boxes(preds, gts, gate=match.maskiou_gate, **knobs)
     strict = match_boxes(preds, gts, gate=0.5, pred_descs=[o.desc for o in parse.objects],
                          gt_descs=[o["desc"] for o in sample.gt_objects], require_desc_match=True, **knobs)
     m.add_detection_counts(PREFIX, len(gate.pairs), len(preds), len(gts))

@@ -3,8 +3,9 @@
 
 Reads only the frozen ResolvedConfig. Channel-A and Channel-B are helpers it calls, not subclasses.
 Collectives happen at fixed places in `train_step` (engine step, one metrics reduction, one stop-flag
-reduction), never inside logging or rank-dependent branches. In vLLM server mode Channel-B learns one
-server round at a time (one pack-count all-reduce per round, same on every rank) while the next decodes.
+reduction), never inside logging or rank-dependent branches. A step's segments reach the learner in rounds
+(`StepLearner.learn`): one round for Channel-A and for rollouts decoded in one call; in vLLM server mode one
+per server round (one pack-count all-reduce per round, same on every rank), learned while the next decodes.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
 from toolkit.trainer.budget import StepBudget
-from toolkit.trainer.channel_b import prepare_channel_b, stream_channel_b, with_images
-from toolkit.trainer.engine import Stage2Engine, apply_lora, init_distributed
-from toolkit.trainer.export import copy_support_files
-from toolkit.trainer.optim import build_optimizer, lr_lambda
+from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds, with_images
+from toolkit.trainer.distributed import init_distributed
+from toolkit.trainer.engine import Stage2Engine
+from toolkit.trainer.export import apply_lora, copy_support_files
+from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
-from toolkit.trainer.packing import RoundPacker  # noqa: F401  (re-exported: tests spy on loop.RoundPacker.add)
 from toolkit.trainer.samples import SampleInput, load_samples
 from toolkit.trainer.step import StepLearner
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
@@ -92,10 +93,7 @@ class Stage2Trainer:
         self.mrope = (self.vision.pad_id, self.vision.merge) if self.vision else None
         self.train_set = self._setup_data(cfg.data.train_jsonl, cfg.data.train_sample_limit)
         self.val_set = self._setup_data(cfg.data.val_jsonl, cfg.data.val_sample_limit) if cfg.data.val_jsonl else []
-        self.budget = StepBudget(
-            len(self.train_set), cfg.training.effective_batch_size, cfg.training.per_device_train_batch_size,
-            self.dist.world_size, self.dist.rank, cfg.training.seed, cfg.data.shuffle,
-        )
+        self.budget = StepBudget.from_config(cfg, len(self.train_set), self.dist.world_size, self.dist.rank)
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
         # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
@@ -104,17 +102,16 @@ class Stage2Trainer:
                                      weights=self.engine.named_full_params, device=self.device, rank=self.dist.rank,
                                      world_size=self.dist.world_size, vision=self.vision,
                                      generation_context=self.engine.generation_context)
-        # Backends that hand rollouts over one server round at a time (vLLM server) train Channel-B per round,
-        # overlapped with the next round's decoding unless rollout_matching.vllm.server.overlap is false.
-        self.stream_b = hasattr(self.backend, "generate_chunks")
-        self.overlap_b = self.stream_b and self.cfg.rollout_matching_cfg["vllm"]["server"]["overlap"]
+        # Server mode: Channel-B learns each server round while the next decodes unless vllm.server.overlap
+        # is false (other backends hand a step's rollouts over as one round: nothing decodes meanwhile).
+        self.overlap_b = cfg.settings.server.overlap
+        self.channel_b = ChannelBSettings.from_config(cfg)
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         # data.poly_policy "drop": how many poly objects each file lost (logged on load, written every step).
         self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
                              "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
         self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
-        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model,
-                                       schedule_b_ratio=cfg.stage2_ab.schedule.b_ratio)
+        self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model)
         self._maybe_resume()
         self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
                                     sinks=cfg.training.report_to, resume_step=self.state.step)
@@ -156,10 +153,8 @@ class Stage2Trainer:
             model, lr=tr.learning_rate, vit_lr=vit_lr, aligner_lr=aligner_lr, weight_decay=tr.weight_decay,
             betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
         )
-        warmup = int(tr.warmup_ratio * self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, self.total_steps, warmup, tr.lr_scheduler_type)
-        )
+        sched = build_lr_scheduler(optimizer, self.total_steps, int(tr.warmup_ratio * self.total_steps),
+                                   tr.lr_scheduler_type)
         from toolkit.config import load_ds_config
 
         ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
@@ -179,18 +174,9 @@ class Stage2Trainer:
         self.engine.load(path / runlayout.CHECKPOINT_DS)
         ckpt.set_rng(rng)
         self.state = state
-        self._reschedule()
+        # A larger training.max_steps on resume: continue on the schedule planned with the new total.
+        reapply_schedule(self.engine.engine.lr_scheduler)
         log.info("resumed from %s after step %d of %d", path, self.state.step, self.total_steps)
-
-    def _reschedule(self) -> None:
-        """Extending a run (a larger training.max_steps on resume) continues on the schedule a run planned
-        with the new total would follow from this step on; the lr restored with the optimizer is the old
-        schedule's (0 at the end of a finished cosine run), so it is recomputed now. Same total: no change."""
-        sched = self.engine.engine.lr_scheduler
-        if sched is None:
-            return
-        for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
 
     # ------------------------------------------------------------------ train
     def train(self) -> int:
@@ -227,52 +213,33 @@ class Stage2Trainer:
         return 0
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step on one channel: this rank's E/W raw samples, any number of packs."""
+        """One optimizer step on one channel: this rank's E/W raw samples, learned round by round."""
         t0 = time.perf_counter()
         channel = channel_for_step(step, self.cfg.stage2_ab.schedule.b_ratio)
         self.state.b_steps += channel == "B"
         samples = [self.train_set[i] for i in self.budget.step_indices(step)]
         m = StepMetrics()
-        if channel == "B" and self.stream_b:
-            res, packs, n_segments = self._channel_b_streamed(samples, step, m)
-        else:
-            res, packs, n_segments = self._whole_step(channel, samples, step, m)
+        rounds = self._rounds(channel, samples, step, m)
+        res, packs, n_segments, learn_s = self.learner.learn(self.engine, channel, rounds, n_raw=len(samples))
+        m.time("time/build_segments_s", time.perf_counter() - t0 - learn_s)  # Channel-B: rollouts included
+        m.time("time/forward_backward_s", learn_s)  # packing and the optimizer step included
         self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=n_segments)
         m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
         m.time("time/step_s", time.perf_counter() - t0)
         return reduce_metrics(m)
 
-    def _whole_step(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Build every segment of the step, then `StepLearner.learn` (pack, backward, one engine step)
-        → (result, packs, n_segments)."""
-        t0 = time.perf_counter()
+    def _rounds(self, channel: str, samples: list[SampleInput], step: int, m: StepMetrics):
+        """The step's segments as rounds of (segments, last): Channel-A in one; Channel-B as the backend hands
+        its rollouts over (one round, or one per vLLM server round, decoded while the previous one learns)."""
         if channel == "A":
-            segments = self._channel_a_segments(samples, m)
-        else:
-            segments = self._channel_b_segments(samples, step, m)
-        t1 = time.perf_counter()
-        res, packs = self.learner.learn(self.engine, channel, segments, n_raw=len(samples))
-        m.time("time/build_segments_s", t1 - t0)
-        m.time("time/forward_backward_s", time.perf_counter() - t1)  # packing included (milliseconds)
-        return res, packs, len(segments)
-
-    def _channel_b_streamed(self, samples: list[SampleInput], step: int, m: StepMetrics):
-        """Channel-B in vLLM server mode: each server round's segments are packed and learned
-        (`StepLearner.learn_rounds`) while the next round decodes (`vllm.server.overlap: true`) or before it
-        is requested (false) — the same rounds, segments, packs and gradient either way.
-        → (result, packs, n_segments)."""
-        rounds = self._channel_b_rounds(samples, step, m, background=self.overlap_b)
-        res, packs, n_segments, learn_s = self.learner.learn_rounds(self.engine, rounds, n_raw=len(samples))
-        m.time("time/forward_backward_s", learn_s)
-        return res, packs, n_segments
+            return [(self._channel_a_segments(samples, m), True)]
+        dump_to = self.out_dir if dumps.due(self.channel_b.monitor, step, self.dist.rank) else None
+        return channel_b_rounds(self.backend, samples, step, self.codec, m, self.channel_b,
+                                background=self.overlap_b, dump_to=dump_to)
 
     def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
-        """Loss parts weighted by segment count, optimizer facts, packing fill and schedule bookkeeping."""
-        for pack, parts in zip(packs, res.pack_metrics):
-            m.add_means(parts, weight=pack.n_segments)
-        m.add_sum("loss/weighted_step", res.loss)
-        m.add_max("train/grad_norm", res.grad_norm if res.grad_norm is not None else 0.0)
-        m.add_max("train/learning_rate", res.lr)
+        """The learner's loss, optimizer and packing facts (`StepLearner.add_metrics`), schedule bookkeeping."""
+        self.learner.add_metrics(m, res, packs)
         m.add_sum("stage2/raw_samples", n_raw)
         m.add_sum("stage2/segments", n_segments)
         m.add_sum("stage2/dropped_samples", n_raw - n_segments)
@@ -280,14 +247,6 @@ class Stage2Trainer:
         m.add_max("stage2/channel_a", float(channel == "A"))
         m.add_max("stage2_ab/b_ratio_realized", self.state.b_steps / (step + 1))
         m.add_max("train/epoch", self.budget.epoch_of(step + 1))
-        m.add_sum("packing/packs", res.n_packs)
-        m.add_sum("packing/padding_packs", res.n_padding)
-        cap, min_fill = self.cfg.global_max_length, self.cfg.training.packing_min_fill_ratio
-        for i, pack in enumerate(packs):
-            m.add_mean("packing/post_rollout_fill", pack.total_len / cap)
-            # The last pack of a step takes the remainder; only earlier packs below min fill are a planning smell.
-            m.add_sum("packing/underfilled_packs", i < len(packs) - 1 and pack.total_len < min_fill * cap)
-            m.add_max("packing/post_rollout_selected_total_len", pack.total_len)
 
     def _channel_a_segments(self, samples: list[SampleInput], m: StepMetrics) -> list:
         t = self.cfg.template
@@ -306,30 +265,13 @@ class Stage2Trainer:
                 segs.append(seg)
         return segs
 
-    def _channel_b_segments(self, samples: list[SampleInput], step: int, m: StepMetrics) -> list:
-        self.backend.sync_weights(step)
-        rm = self.cfg.rollout_matching_cfg
-        return prepare_channel_b(
-            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
-            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering,
-            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
-        )
-
-    def _channel_b_rounds(self, samples: list[SampleInput], step: int, m: StepMetrics, *, background: bool):
-        rm = self.cfg.rollout_matching_cfg
-        return stream_channel_b(
-            self.backend, samples, step, self.codec, m, rm=rm, sab=self.cfg.stage2_ab.to_dict(),
-            max_len=self.cfg.global_max_length, ordering=self.cfg.template.object_ordering, background=background,
-            dump_to=self.out_dir if dumps.due(rm["monitor_dump"], step, self.dist.rank) else None,
-        )
-
     # ------------------------------------------------------------------ eval
     def validate(self, step: int) -> dict:
         """Rollout eval on this rank's shard of the val set: rollout → parse → match, no teacher forcing
         (the function `stage2 eval` calls); rank 0 draws its first few samples (toolkit/trainer/draw.py)."""
         from toolkit.trainer.draw import N_PICTURES, PictureLog
 
-        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.rollout_matching_cfg, rank=self.dist.rank,
+        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.settings, rank=self.dist.rank,
                        world_size=self.dist.world_size, step=step, keep=N_PICTURES, progress=True)
         if self.dist.rank == 0:
             if not hasattr(self, "pictures"):
@@ -392,7 +334,7 @@ class Stage2Trainer:
     def cleanup(self, clean: bool = True) -> None:
         """Release what setup created, also after a failed setup (so the real error is what the user sees).
         clean=False (an error): no exit barrier, whose peer may be the one that is gone."""
-        from toolkit.trainer.engine import close_distributed
+        from toolkit.trainer.distributed import close_distributed
 
         for part in ("backend", "writer", "pictures"):
             if hasattr(self, part):

@@ -89,3 +89,14 @@ def build_lr_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str
     lr_lambda(0, total_steps, warmup_steps, kind)  # fail fast on a bad kind
     fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps, kind=kind)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def reapply_schedule(sched) -> None:
+    """Set every group's lr from the schedule at its current step. After a resume that extends a run (a larger
+    training.max_steps), the lr restored with the optimizer is the old schedule's (0 at the end of a finished
+    cosine run); the scheduler, built with the new total, gives the lr a run planned that way has at this
+    step. Same total: no change. `sched` None (no scheduler): nothing to do."""
+    if sched is None:
+        return
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)

@@ -1,7 +1,7 @@
 """Post-rollout packing: choose which segments share one forward, and collate them into one row.
 
 Owns pack selection (FIFO baseline vs. a `binpacking` candidate), pack planning (`plan_packs`, and
-`RoundPacker` across server rounds), and `PackBatch`
+`RoundPacker`, which the trainer packs every step with, one round or several), and `PackBatch`
 (the one-row, padding-free tensor batch that losses and Channel-A read). Imports torch and binpacking
 inside functions only; selection itself is pure Python.
 
@@ -16,7 +16,7 @@ lets segments attend to each other. So every packed forward must pass `use_cache
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ class PackBatch:
     n_segments: S.  channel: "A" or "B" (channels never share a pack).
     images:     the segments' image paths in order (the loss turns them into pixel inputs).
     image_grids: their (t, h, w) grids, same order.
+    pixels:     those images' pixel inputs joined, when every image segment carries its own (the HF
+                rollouts patched them); None: the loss patches `images`.
     """
 
     input_ids: torch.Tensor
@@ -130,6 +132,7 @@ class PackBatch:
     channel: str
     images: tuple[str, ...] = ()
     image_grids: tuple[tuple[int, int, int], ...] = ()
+    pixels: dict | None = field(default=None, compare=False, repr=False)  # tensors: kept out of == and repr
 
     @property
     def length(self) -> int:
@@ -217,24 +220,37 @@ def collate_pack(segments: Sequence[Segment], capacity: int | None = None,
         channel=segments[0].channel,
         images=tuple(p for s in segments for p in s.images),
         image_grids=tuple(g for s in segments for g in s.image_grids),
+        pixels=_joined_pixels(segments),
     )
 
 
+def _joined_pixels(segments: Sequence[Segment]) -> dict | None:
+    """The pack's pixel inputs from its segments' own, if every image segment has them (else None)."""
+    parts = [s.pixels for s in segments if s.images]
+    if not parts or any(p is None for p in parts):
+        return None
+    from toolkit.vlm.inputs import join_pixels
+
+    return join_pixels(parts)
+
+
 class RoundPacker:
-    """Post-rollout packing across server rounds (Channel-B in vLLM server mode).
+    """Post-rollout packing of a step's segments as they arrive in rounds — the trainer's one packing path.
 
     Each round's segments join a buffer; while the buffer holds ≥ min_fill·capacity tokens a pack is
     cut with `select_pack` (the choice `plan_packs` makes) and the rest is carried into the next round;
-    `flush()` packs what is left after the last round. Packs depend only on the rounds, never on
-    timing, so overlapped and serial execution pack alike, and a one-round step packs exactly like
-    `plan_packs` over the whole step. packing off: one pack per segment, at once.
+    the step's last round (or `flush()`) packs what is left. Packs depend only on the rounds, never on
+    timing, so overlapped and serial execution pack alike, and a one-round step (Channel-A, or rollouts
+    decoded in one call) packs exactly like `plan_packs` over the whole step. packing off: one pack per
+    segment, at once.
     """
 
     def __init__(self, capacity: int, min_fill: float, packing: bool = True, mrope: tuple[int, int] | None = None):
         self.capacity, self.min_fill, self.packing, self.mrope = capacity, min_fill, packing, mrope
         self.buffer: list = []
 
-    def add(self, segments: list) -> list:
+    def add(self, segments: list, last: bool = False) -> list:
+        """The packs ready once `segments` joined the buffer; `last`: the step's final round, pack everything."""
         self.buffer += segments
         if not self.packing:
             return self.flush()
@@ -243,10 +259,14 @@ class RoundPacker:
             chosen = set(select_pack([len(s) for s in self.buffer], self.capacity))
             packs.append(collate_pack([s for i, s in enumerate(self.buffer) if i in chosen], mrope=self.mrope))
             self.buffer = [s for i, s in enumerate(self.buffer) if i not in chosen]
-        return packs
+        return packs + self.flush() if last else packs
 
     def flush(self) -> list:
-        plan = plan_packs([len(s) for s in self.buffer], self.capacity) if self.packing else [[i] for i in range(len(self.buffer))]
+        """Pack what the buffer holds (`plan_packs`, or one pack per segment) and empty it."""
+        if self.packing:
+            plan = plan_packs([len(s) for s in self.buffer], self.capacity)
+        else:
+            plan = [[i] for i in range(len(self.buffer))]
         packs = [collate_pack([self.buffer[i] for i in idx], mrope=self.mrope) for idx in plan]
         self.buffer = []
         return packs

@@ -2,10 +2,11 @@
 segments → packs → per-pack loss (the channel's forwards + `pack_loss`) → weighted engine backwards →
 one `engine.step()`.
 
-Owns `StepLearner`: the per-pack loss of each channel, the pack weights, and the two ways a step's
-segments arrive — all at once (`learn`) or one server round at a time (`learn_rounds`, Channel-B in vLLM
-server mode). `Stage2Trainer.train_step` (toolkit/trainer/loop.py) builds the segments and calls these;
-tests/trainer/_channel_worker.py calls the same methods on real segments.
+Owns `StepLearner`: the per-pack loss of each channel, the pack weights, and `learn`, which takes a step's
+segments in rounds — one round (Channel-A; Channel-B from hf or vLLM colocate) or one per server round
+(Channel-B in vLLM server mode) — and packs each with the same `RoundPacker`. `Stage2Trainer.train_step`
+(toolkit/trainer/loop.py) builds the rounds and calls it; tests/trainer/_channel_worker.py calls the same
+method on real segments.
 
 Weights: pack p backpropagates loss_p · n_p / N_raw, n_p = its samples, N_raw = this rank's raw samples
 (dropped ones included). `pack_loss` returns a mean over the pack's samples, so under the default
@@ -23,7 +24,7 @@ from typing import Any
 
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.losses import LossWeights, pack_loss
-from toolkit.trainer.packing import RoundPacker, collate_pack, plan_packs
+from toolkit.trainer.packing import RoundPacker
 
 
 def pack_weights(packs: list, n_raw: int) -> list[float]:
@@ -83,41 +84,59 @@ class StepLearner:
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
 
     def _vision_inputs(self, pack) -> dict:
-        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs)."""
-        return self.vision.model_inputs(pack.images, self.device) if self.vision else {}
+        """Pixel patches + grids of the pack's images, in segment order (nothing for text packs): those the
+        rollouts already patched when the pack carries them, else patched here."""
+        if not self.vision:
+            return {}
+        if pack.pixels is not None:
+            return {k: v.to(self.device) for k, v in pack.pixels.items()}
+        return self.vision.model_inputs(pack.images, self.device)
 
     # ---- packing ----------------------------------------------------------------------------------
-    def plan(self, segments: list) -> list:
-        """Post-rollout packing to `capacity` (FIFO vs bin-packing), or one segment per pack; collated."""
-        if self.packing:
-            plan = plan_packs([len(s) for s in segments], self.capacity)
-        else:
-            plan = [[i] for i in range(len(segments))]
-        return [collate_pack([segments[i] for i in idx], mrope=self.mrope) for idx in plan]
+    def packer(self) -> RoundPacker:
+        """Post-rollout packing to `capacity` (FIFO vs bin-packing, carried across rounds), or one segment per pack."""
+        return RoundPacker(self.capacity, self.min_fill, self.packing, mrope=self.mrope)
 
     # ---- one step ---------------------------------------------------------------------------------
-    def learn(self, engine, channel: str, segments: list, n_raw: int):
-        """Pack the step's segments, backward every pack, one optimizer step → (StepResult, packs).
-        Collective: every rank calls it once per step (with or without segments)."""
-        packs = self.plan(segments)
-        return engine.train_step(packs, self.loss_fn(channel), pack_weights(packs, n_raw)), packs
-
-    def learn_rounds(self, engine, rounds: Iterable[list], n_raw: int):
-        """Channel-B one round at a time: each round's segments are packed (RoundPacker) and backpropagated
-        as soon as they arrive, the rest after the last round; one optimizer step.
-        → (StepResult, packs, n_segments, learn_s). Collective: every rank sees the same number of rounds."""
-        packer = RoundPacker(self.capacity, self.min_fill, self.packing, mrope=self.mrope)
+    def learn(self, engine, channel: str, rounds: Iterable[tuple[list, bool]], n_raw: int):
+        """One optimizer step over `rounds` of (segments, is the step's last round): each round's segments
+        are packed and backpropagated as soon as they arrive (the last round packs everything left).
+        → (StepResult, packs, n_segments, learn_s), learn_s = packing, backwards and the optimizer step.
+        Collective: every rank calls it once per step, with the same number of rounds and the same last one."""
+        packer, loss_fn = self.packer(), self.loss_fn(channel)
         packs: list = []
-        n_segments, learn_s = 0, 0.0
+        n_segments, learn_s, ended = 0, 0.0, False
         engine.begin_step()
-        for segments in rounds:
+        for segments, last in rounds:
+            t0 = time.perf_counter()
             n_segments += len(segments)
-            learn_s += self._backward_b(engine, packer.add(segments), n_raw, packs, last=False)
-        learn_s += self._backward_b(engine, packer.flush(), n_raw, packs, last=True)
-        return engine.end_step(), packs, n_segments, learn_s
-
-    def _backward_b(self, engine, new_packs: list, n_raw: int, packs: list, *, last: bool) -> float:
+            self._backward(engine, loss_fn, packer.add(segments, last=last), n_raw, packs, last)
+            learn_s += time.perf_counter() - t0
+            ended = ended or last
         t0 = time.perf_counter()
-        engine.backward_packs(new_packs, self.loss_b, pack_weights(new_packs, n_raw), last=last)
+        if not ended:  # no round at all (no samples): the step still closes on every rank
+            self._backward(engine, loss_fn, packer.flush(), n_raw, packs, True)
+        res = engine.end_step()
+        return res, packs, n_segments, learn_s + time.perf_counter() - t0
+
+    @staticmethod
+    def _backward(engine, loss_fn, new_packs: list, n_raw: int, packs: list, last: bool) -> None:
+        engine.backward_packs(new_packs, loss_fn, pack_weights(new_packs, n_raw), last=last)
         packs += new_packs
-        return time.perf_counter() - t0
+
+    # ---- what the step reports ----------------------------------------------------------------------
+    def add_metrics(self, m, res, packs: list) -> None:
+        """Loss parts weighted by segment count, optimizer facts and packing fill of one `learn` result."""
+        for pack, parts in zip(packs, res.pack_metrics):
+            m.add_means(parts, weight=pack.n_segments)
+        m.add_sum("loss/weighted_step", res.loss)
+        m.add_max("train/grad_norm", res.grad_norm if res.grad_norm is not None else 0.0)
+        m.add_max("train/learning_rate", res.lr)
+        m.add_sum("packing/packs", res.n_packs)
+        m.add_sum("packing/padding_packs", res.n_padding)
+        for i, pack in enumerate(packs):
+            m.add_mean("packing/post_rollout_fill", pack.total_len / self.capacity)
+            # The last pack of a step takes the remainder; only earlier packs below min fill are a planning smell.
+            underfilled = pack.total_len < self.min_fill * self.capacity
+            m.add_sum("packing/underfilled_packs", i < len(packs) - 1 and underfilled)
+            m.add_max("packing/post_rollout_selected_total_len", pack.total_len)

@@ -3,7 +3,9 @@
 One `VisionProcessor` per process, built from the model folder's own processor (the image-only
 Qwen2-VL processor where torchvision is absent), so the learner, the HF backend and vLLM resize and
 patch images the same way. Prompts are rendered with one `<|image_pad|>` per image (collapsed) and
-expanded here to one pad per merged patch: the ids the learner trains on. Heavy imports inside.
+expanded here to one pad per merged patch: the ids the learner trains on. The HF backend patches a
+step's images once and hands each rollout its own pixel inputs (`split_pixels`), which the learner's
+packs join again (`join_pixels`) instead of patching the images a second time. Heavy imports inside.
 """
 from __future__ import annotations
 
@@ -90,3 +92,31 @@ class VisionProcessor:
             pixel_values, grid = pixel_values.to(device), grid.to(device)
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
+
+def split_pixels(inputs: dict, images_per_row: Sequence[int]) -> list[dict | None]:
+    """`model_inputs` of a batch's images cut into each row's own, in order (None for a row without images).
+
+    Views, no copy: Qwen-VL processors patch every image on its own and concatenate, so a row's slice is
+    exactly what `model_inputs` of the row's paths alone gives.
+    """
+    patches = inputs["image_grid_thw"].prod(-1).tolist() if inputs else []
+    out: list[dict | None] = []
+    image = patch = 0
+    for n in images_per_row:
+        if not n:
+            out.append(None)
+            continue
+        k = sum(patches[image:image + n])
+        out.append({"pixel_values": inputs["pixel_values"][patch:patch + k],
+                    "image_grid_thw": inputs["image_grid_thw"][image:image + n]})
+        image, patch = image + n, patch + k
+    if image != len(patches):
+        raise ValueError(f"{len(patches)} images patched but the rows hold {image}")
+    return out
+
+
+def join_pixels(parts: Sequence[dict]) -> dict:
+    """Rows' pixel inputs as one forward's kwargs: patches and grids concatenated in row order."""
+    import torch
+
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pixel_values", "image_grid_thw")}

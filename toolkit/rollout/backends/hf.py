@@ -10,12 +10,12 @@ import contextlib
 from typing import Callable, ContextManager, Sequence
 
 from toolkit.config.settings import DecodeSettings
-from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.repeat import should_stop
 from toolkit.rollout.chunking import chunked, seed_base
 
 
-class HFBackend:
+class HFBackend(OneRoundChunks):
     """Greedy or sampled decoding with `module.generate`, left-padded chunks of decode_batch_size."""
 
     name = "hf"
@@ -46,8 +46,8 @@ class HFBackend:
         """`prompts`: the learner's (expanded) prompt ids; `images`: per prompt, its image paths (VLM)."""
         out: list[Rollout] = []
         for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
-            paths = [p for row in images[offset:offset + len(chunk)] for p in row] if images else []
-            out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset, paths=paths))
+            rows = [tuple(row) for row in images[offset:offset + len(chunk)]] if images else [()] * len(chunk)
+            out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset, rows=rows))
         return out
 
     def sync_weights(self, step: int) -> None:  # the module *is* the learner: nothing to copy
@@ -56,8 +56,13 @@ class HFBackend:
     def close(self) -> None:
         return None
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int, paths: Sequence[str] = ()) -> list[Rollout]:
+    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int,
+                        rows: Sequence[tuple[str, ...]]) -> list[Rollout]:
+        """One left-padded `generate`; `rows`: each prompt's image paths. Each rollout carries its prompt's
+        pixel inputs (`Rollout.pixels`): the images are opened and patched here once for the whole step."""
         import torch
+
+        from toolkit.vlm.inputs import split_pixels
 
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -71,16 +76,19 @@ class HFBackend:
         self.module.eval()
         try:
             kwargs = self._generate_kwargs(prompt_width=width)
-            if paths:
+            pixels = self.vision.model_inputs([p for row in rows for p in row]) if any(rows) else {}
+            if pixels:
                 # mm_token_type_ids is what makes HF compute M-RoPE positions; without it generate
                 # silently falls back to 1-D positions.
-                kwargs.update(self.vision.model_inputs(paths, self.device), mm_token_type_ids=(ids == self.vision.pad_id).int())
+                kwargs.update({k: v.to(ids.device) for k, v in pixels.items()},
+                              mm_token_type_ids=(ids == self.vision.pad_id).int())
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
                 seqs = self.module.generate(input_ids=ids, attention_mask=mask, **kwargs)
         finally:
             self.module.train(was_training)
         cut = next((p.cut for p in kwargs["logits_processor"] if isinstance(p, RepeatTerminateProcessor)), set())
-        return [self._to_rollout(p, seqs[i, width:].tolist(), i in cut) for i, p in enumerate(prompts)]
+        row_pixels = split_pixels(pixels, [len(row) for row in rows])
+        return [self._to_rollout(p, seqs[i, width:].tolist(), i in cut, row_pixels[i]) for i, p in enumerate(prompts)]
 
     def _generate_kwargs(self, prompt_width: int) -> dict:
         from transformers import GenerationConfig, LogitsProcessorList
@@ -101,13 +109,14 @@ class HFBackend:
             procs.append(RepeatTerminateProcessor(s.repeat, self.object_key_ids, self.eos_id, prompt_width))
         return {"generation_config": gen, "logits_processor": procs}
 
-    def _to_rollout(self, prompt: list[int], completion: list[int], repeat_cut: bool = False) -> Rollout:
+    def _to_rollout(self, prompt: list[int], completion: list[int], repeat_cut: bool = False,
+                    pixels: dict | None = None) -> Rollout:
         if self.eos_id in completion:
             completion = completion[: completion.index(self.eos_id) + 1]
-            return Rollout(list(prompt), completion, "repeat" if repeat_cut else "stop")
+            return Rollout(list(prompt), completion, "repeat" if repeat_cut else "stop", pixels=pixels)
         while completion and completion[-1] == self.pad_id:
             completion.pop()
-        return Rollout(list(prompt), completion, "length")
+        return Rollout(list(prompt), completion, "length", pixels=pixels)
 
 
 class RepeatTerminateProcessor:

@@ -17,7 +17,7 @@ import time
 from typing import Sequence
 
 from toolkit.config.settings import DecodeSettings, VllmSettings
-from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.chunking import chunked, seed_base
 from toolkit.rollout.completions import finish_rollout, sampling_dict
 from toolkit.rollout.vllm_engine import (
@@ -30,7 +30,7 @@ from toolkit.vlm.inputs import image_pad_id
 log = logging.getLogger(__name__)
 
 
-class VLLMColocateBackend:
+class VLLMColocateBackend(OneRoundChunks):
     """Rollouts from an in-process vLLM engine, in chunks of decode_batch_size, weights from the learner."""
 
     name = "vllm"

@@ -25,7 +25,7 @@ from toolkit.rollout.chunking import allocate_counts, per_rank_chunk, seed_base,
 from toolkit.rollout.client import RolloutServerError, ServerClient, StaleWeightsError, WeightSyncError
 from toolkit.rollout.completions import finish_rollout, sampling_dict
 from toolkit.rollout.weight_sync import (
-    WeightsFn, check_specs, checkpoint_name, iter_buckets, pack_bucket, sendable, specs_of,
+    WeightsFn, bucket_specs, check_specs, checkpoint_name, iter_buckets, pack_bucket, sendable, specs_of,
 )
 
 log = logging.getLogger(__name__)
@@ -215,12 +215,17 @@ class VLLMServerBackend:
         behind the bucket and answers once the bucket is loaded, so its HTTP round trip overlaps the
         broadcast and the server's load instead of following them.
         """
-        flat, specs = self._pack(bucket)
-        meta = [s.to_dict() for s in specs]
         for c in self.clients:
             if c.group is None:
                 raise WeightSyncError(f"no weight-sync group with {c.base_url} (init_communicator failed?)", url=c.base_url)
-        self._on_every_server(lambda c: c.update_weights(version, meta, last))
+        meta = [s.to_dict() for s in bucket_specs(bucket)]
+        # The bucket is packed while the servers validate its notice: the copy leaves the sync's critical path.
+        notices = [self._pool.submit(c.update_weights, version, meta, last) for c in self.clients]
+        try:
+            flat = self._pack(bucket)
+        finally:
+            for notice in notices:  # every notice answered (the first error raised) before any byte moves
+                notice.result()
         handshakes = [self._pool.submit(c.reset_prefix_cache) for c in self.clients] if last else []
         works = [(c, c.group.broadcast_async(flat.to(self.device if c.group.backend == "nccl" else "cpu"),
                                              src=c.group.world_size - 1)) for c in self.clients]
@@ -233,20 +238,12 @@ class VLLMServerBackend:
                                       url=c.base_url)
         return int(flat.numel())
 
-    def _on_every_server(self, fn) -> None:
-        """fn(client) for every server, in parallel when there are several; the first error is raised."""
-        if len(self.clients) == 1:
-            fn(self.clients[0])  # no thread hand-off for the common case
-            return
-        for fut in [self._pool.submit(fn, c) for c in self.clients]:
-            fut.result()
-
     def _pack(self, bucket):
         """The bucket as one flat byte tensor; on CPU packed into a buffer kept between syncs (no allocation)."""
-        flat, specs = pack_bucket(bucket, out=self._flat)
+        flat, _ = pack_bucket(bucket, out=self._flat)
         if flat.device.type == "cpu" and (self._flat is None or flat.numel() > self._flat.numel()):
             self._flat = flat  # GPU buckets are not kept: there memory is scarcer than an allocation is slow
-        return flat, specs
+        return flat
 
     def close(self) -> None:
         for c in self.clients:
