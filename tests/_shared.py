@@ -1,10 +1,79 @@
-"""Helpers shared by several test folders (importable because tests/conftest.py puts tests/ on sys.path)."""
+"""Helpers shared by several test folders (importable because tests/conftest.py puts tests/ on sys.path; worker
+scripts started as subprocesses put it there themselves): the committed tiny models, ports, the env of a product
+subprocess, a run's metrics.jsonl, the CLI in a fresh interpreter, and the plain-PyTorch reference step."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Engines the CLI path must never import (toolkit/config and launchers/ rooms: docs/ARCHITECTURE.md).
+HEAVY = ("torch", "transformers", "deepspeed", "vllm", "fastapi")
+# Variables of the test process's own job, rank and rendezvous: a test run under SLURM or torchrun must not
+# hand them to the product it starts.
+JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")  # children talk to 127.0.0.1 only
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    """The env of a product subprocess: the test process's env (DS_ACCELERATOR=cpu unless set: tests/conftest.py)
+    less its job/rank variables and proxies, one OpenMP thread, no tokenizer threads, unbuffered output (log
+    lines arrive as written), this checkout first on PYTHONPATH; then `extra` (wins over all of it)."""
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARS + PROXY_VARS}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def metrics(out: Path) -> list[dict]:
+    """The rows of the run folder `out`'s metrics.jsonl, [] when the run wrote none."""
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+_STAGE2_RUNS = """
+import contextlib, importlib, io, json, sys
+from launchers.cli import main
+codes = []
+for args in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main.main(args=args, prog_name="stage2", standalone_mode=False)
+            codes.append(0)
+        except SystemExit as exc:
+            codes.append(exc.code)
+for module in sys.argv[2:]:
+    importlib.import_module(module)
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def stage2_in_fresh_python(runs: list[list[str]], *imports: str) -> tuple[list, list[str]]:
+    """Run `stage2 ARGS` for each ARGS of `runs` (output swallowed), then import `imports`, in one fresh
+    interpreter at the repository root: the exit codes (0 or None: success) and every module it loaded."""
+    proc = subprocess.run([sys.executable, "-c", _STAGE2_RUNS, json.dumps(runs), *imports], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["codes"], out["modules"]
+
+
+def heavy(modules) -> list[str]:
+    """The modules of `modules` that belong to a HEAVY package."""
+    return [m for m in modules if m.split(".")[0] in HEAVY]
 
 
 def tiny_model_dir(tmp: Path) -> Path:
@@ -40,3 +109,28 @@ def shape_images(tmp: Path, sizes=((112, 112), (84, 112), (112, 56))) -> list[st
         paths.append(str(path))
     return paths
 
+
+
+class PlainStep:
+    """The plain-PyTorch reference optimizer step of the equivalence workers (tests/README.md §5): the trainer's
+    AdamW and LambdaLR built by `toolkit.trainer.optim`, gradients summed from zero, clipped, one step."""
+
+    def __init__(self, model, opt_kwargs: dict, total: int, warmup: int, max_grad_norm: float):
+        from toolkit.trainer import optim
+
+        self.model, self.max_grad_norm = model, max_grad_norm
+        self.opt = optim.build_optimizer(model, **opt_kwargs)
+        self.sched = optim.build_lr_scheduler(self.opt, total, warmup, "cosine")
+
+    def update(self, backward) -> dict:
+        """One step: `backward()` accumulates every gradient and returns the per-rank losses it reports."""
+        import torch
+
+        lr = self.opt.param_groups[0]["lr"]
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
+        rank_losses = backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm))
+        self.opt.step()
+        self.sched.step()
+        return {"rank_losses": rank_losses, "grad_norm": norm, "lr": lr}

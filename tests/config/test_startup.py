@@ -10,41 +10,24 @@ import sys
 import pytest
 
 from _config_helpers import REPO
+from _shared import HEAVY, heavy, stage2_in_fresh_python
 
-HEAVY = ("torch", "transformers", "deepspeed", "vllm", "fastapi")
-
-SCRIPT = """
-import json, sys, contextlib, io
-from launchers.cli import main, lint_main
-runs = [["--help"], ["lint-profiles", "--help"], ["config", "--help"], ["preflight", "--help"],
+RUNS = [["--help"], ["lint-profiles", "--help"], ["config", "--help"], ["preflight", "--help"],
         ["lint-profiles", "configs/"], ["config", "--profile", "smoke/ab_mixed"],
         ["preflight", "--profile", "smoke/ab_mixed"], ["preflight", "--profile", "prod/ab_mixed", "--gpus", "0,1"],
         ["launch", "--help"], ["launch", "-p", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--dry-run"],
         ["launch", "-p", "smoke/ab_mixed", "--gpus", "0,1", "--dry-run", "--set", "rollout_matching.rollout_backend=vllm",
          "--set", "rollout_matching.vllm.mode=server", "--server-gpus", "2,3", "--launcher", "deepspeed"]]
-codes = []
-for args in runs:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            main.main(args=args, prog_name="stage2", standalone_mode=False)
-            codes.append(0)
-        except SystemExit as exc:
-            codes.append(exc.code)
-import toolkit.config, toolkit.preflight, launchers.supervisor, launchers.probe
-print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
-"""
 
 
 def test_commands_import_nothing_heavy():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(out["codes"]) <= {0, None}, out["codes"]
-    assert len(out["codes"]) == 11
-    heavy = [m for m in out["modules"] if m.split(".")[0] in HEAVY]
-    assert heavy == []
-    assert "launchers.cli" in out["modules"] and "toolkit.preflight" in out["modules"]
-    assert "launchers.launch_cmd" in out["modules"]
+    codes, modules = stage2_in_fresh_python(RUNS, "toolkit.config", "toolkit.preflight", "launchers.supervisor",
+                                            "launchers.probe")
+    assert set(codes) <= {0, None}, codes
+    assert len(codes) == 11
+    assert heavy(modules) == []
+    assert "launchers.cli" in modules and "toolkit.preflight" in modules
+    assert "launchers.launch_cmd" in modules
 
 
 @pytest.mark.parametrize("module", ["toolkit.config", "toolkit.preflight", "launchers.cli"])
@@ -86,6 +69,5 @@ def test_launch_reaches_the_spawn_point_importing_nothing_heavy(tmp_path):
     out = json.loads(dump.read_text())
     assert out["argv"][1:3] == ["-m", "toolkit.torchrun"] and "toolkit.train" in out["argv"]  # the learner
     assert "launchers.supervisor" in out["modules"] and "toolkit.preflight" in out["modules"]
-    heavy = [m for m in out["modules"] if m.split(".")[0] in HEAVY]
-    assert heavy == []
+    assert heavy(out["modules"]) == []
     assert [m for m in out["modules"] if m.startswith("toolkit.trainer")] == []  # the layout comes from runlayout

@@ -6,6 +6,7 @@ import json
 from click.testing import CliRunner
 from PIL import Image
 
+from _shared import heavy, stage2_in_fresh_python
 from launchers.cli import main
 
 
@@ -76,31 +77,10 @@ def test_a_directory_is_a_clear_error(tmp_path):
     assert "Traceback" not in res.output
 
 
-LIGHT = """
-import json, sys, contextlib, io
-from launchers.cli import main
-codes = []
-for args in (["data", "--help"], ["data", "convert", "--help"], ["data", "check", "assets/vlm/data/val.jsonl"]):
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            main.main(args=args, prog_name="stage2", standalone_mode=False)
-            codes.append(0)
-        except SystemExit as exc:
-            codes.append(exc.code)
-heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "deepspeed", "vllm", "fastapi")]
-print(json.dumps({"codes": codes, "heavy": heavy, "data": "toolkit.data.check" in sys.modules}))
-"""
-
-
 def test_data_commands_without_a_profile_import_nothing_heavy():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    proc = subprocess.run([sys.executable, "-c", LIGHT], cwd=Path(__file__).resolve().parents[2],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 0], "heavy": [], "data": True}
+    runs = [["data", "--help"], ["data", "convert", "--help"], ["data", "check", "assets/vlm/data/val.jsonl"]]
+    codes, modules = stage2_in_fresh_python(runs)
+    assert codes == [0, 0, 0] and heavy(modules) == [] and "toolkit.data.check" in modules
 
 
 def test_decode_finds_damage_inside_a_complete_image(tmp_path):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _shared import child_env
 
 from toolkit.data.records import load_records
 from toolkit.data.render import render_answer
@@ -22,7 +22,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def build(assets_dir: Path, out: Path, *args: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(out), *args],
                    check=True, env=env, capture_output=True, text=True, timeout=3600)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _shared import child_env
 
 from toolkit.data.records import load_records
 from toolkit.data.render import SYSTEM_PROMPT, USER_INSTRUCTION, canonical_order
@@ -29,7 +29,7 @@ def vlm_dir(assets_dir) -> Path:
 
 
 def test_fast_vlm_parts_rebuild_byte_identical(assets_dir, vlm_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(tmp_path),
                     "--only", "tokenizer,vlm_data,vlm_model"], check=True, env=env, capture_output=True, timeout=600)
     for part in ("data", "tiny_qwen2_vl"):
@@ -129,7 +129,7 @@ def test_stage1_answers_val_images_in_json(vlm_dir, processor):
 
 @pytest.mark.slow
 def test_vlm_stage1_smoke_builds_are_byte_identical(assets_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     for out in (tmp_path / "a", tmp_path / "b"):
         subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(out), "--only",
                         "tokenizer,vlm_data,vlm_model,vlm_stage1", "--vlm-stage1-steps", "20"],

@@ -1,15 +1,13 @@
 """Helpers for end-to-end tests: real `python -m toolkit.train` / torchrun subprocesses on CPU."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from _shared import tiny_model_dir  # noqa: E402,F401  (re-exported for the tests here)
+from _shared import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,14 +17,6 @@ FAST = (
     "data.val_sample_limit=4",
     "training.logging_steps=1",
 )
-
-
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
 
 
 def train_argv(profile: str, out: Path, *sets: str) -> list[str]:
@@ -39,13 +29,7 @@ def train_argv(profile: str, out: Path, *sets: str) -> list[str]:
 def run_train(profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600,
               flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     argv = [sys.executable, *train_argv(profile, out, *sets)] + (["--resume", resume] if resume else []) + list(flags)
-    return subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, resume: str | None = None,
@@ -53,7 +37,7 @@ def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, resume: str | 
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", *train_argv(profile, out, *sets)]  # torchrun's own -m: run a module
     argv += ["--resume", resume] if resume else []
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
@@ -61,8 +45,3 @@ def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, resume: str | 
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, _ = proc.communicate()
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, "")
-
-
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

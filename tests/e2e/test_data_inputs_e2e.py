@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from _e2e_runs import ROOT, env, metrics, run_train
+from _e2e_runs import ROOT, run_train
+from _shared import child_env, metrics
 
 pytestmark = pytest.mark.e2e
 VLM_DATA = ROOT / "assets" / "vlm" / "data"
@@ -98,7 +99,7 @@ def test_a_coco_file_converts_loads_and_trains(tmp_path):
     out = tmp_path / "converted" / "train.jsonl"
     conv = subprocess.run([sys.executable, "-c", "from launchers.cli import main; main()", "data", "convert", "--coco", str(ann), "--images",
                            str(img_dir), "--out", str(out), "--max-side", "84", "--model", "assets/vlm/stage1"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert conv.returncode == 0, conv.stderr[-3000:]
     assert "records written: 8" in conv.stderr and "images resized: 8" in conv.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]

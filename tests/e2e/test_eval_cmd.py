@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from _e2e_runs import ROOT, env, run_train
+from _e2e_runs import ROOT, run_train
+from _shared import child_env, metrics
 
 from toolkit.eval_cmd import EvalError, resolve_checkpoint
 from toolkit.model_source import ModelSourceError, check_model_source, from_pretrained
@@ -22,7 +23,7 @@ def stage2_eval(*args: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-c", "from launchers.cli import main; main()", "eval", *args]
     for s in EVAL_SETS:
         argv += ["--set", s]
-    return subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ def test_eval_of_a_step_checkpoint_reproduces_the_eval_training_logged(tmp_path)
     run = tmp_path / "run"
     proc = run_train("smoke/ab_mixed", run, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics(run)
     (train_eval,) = [r for r in logged if "eval_rollout/f1" in r]
     # The training eval drew its first val samples beside the monitor dumps.
     assert sorted(p.name for p in (run / "monitor_dumps" / "eval_step_000002").iterdir())[0] == "val-000001.png"

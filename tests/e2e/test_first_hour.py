@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from _e2e_runs import ROOT, env, free_port
+from _e2e_runs import ROOT
+from _shared import child_env, free_port
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 
 
 def stage2(*args: str, tool: str = "stage2", extra_env: dict | None = None, timeout: int = 300):
-    e = {**env(), **(extra_env or {})}
+    e = {**child_env(), **(extra_env or {})}
     return subprocess.run([str(BIN / tool), *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -46,7 +47,7 @@ def test_a_missing_model_folder_or_records_file_stops_before_anything_starts(tmp
 def test_launch_refuses_gpu_ids_on_a_machine_without_gpus(tmp_path):
     if Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("this machine has NVIDIA GPUs")
-    e = {k: v for k, v in env().items() if k != "CUDA_VISIBLE_DEVICES"}
+    e = {k: v for k, v in child_env().items() if k != "CUDA_VISIBLE_DEVICES"}
     res = subprocess.run([str(BIN / "stage2-launch"), "-p", "smoke/ab_mixed", "--gpus", "0,1", "--set",
                           f"training.output_dir={tmp_path}"], cwd=ROOT, env={**e, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
@@ -86,7 +87,7 @@ def test_the_sbatch_wrapper_without_stage2_launch_on_path_says_which_venv_to_act
 
 def test_a_partial_asset_build_into_an_empty_folder_names_the_missing_part(tmp_path):
     res = subprocess.run([sys.executable, "assets/build_assets.py", "--only", "vlm_model", "--out", str(tmp_path)],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "vlm_model needs the tokenizer part first" in res.stderr and "--only tokenizer,vlm_model" in res.stderr
 

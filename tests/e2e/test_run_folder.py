@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from _e2e_runs import metrics, run_train, tiny_model_dir
+from _e2e_runs import run_train
+from _shared import metrics, tiny_model_dir
 
 pytestmark = pytest.mark.e2e
 

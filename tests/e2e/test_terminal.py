@@ -14,7 +14,8 @@ import sys
 import time
 
 import pytest
-from _e2e_runs import ROOT, env, run_train, train_argv
+from _e2e_runs import ROOT, run_train, train_argv
+from _shared import child_env
 
 SETS = ("training.max_steps=3", "training.eval_steps=3", "training.save_steps=3", "training.logging_steps=1")
 BAR = re.compile(r"stage2: +\d+%\|")
@@ -32,7 +33,7 @@ def test_screen_has_one_bar_at_the_bottom_and_log_lines_above_it(tmp_path):
     out = tmp_path / "run"
     done = tmp_path / "exit_code"
     cmd = " ".join(shlex.quote(a) for a in [sys.executable, *train_argv("smoke/a_only", out, *SETS)])
-    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS",
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS",
                                                                                  "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR"))
     session = f"stage2-test-{tmp_path.name}"[:60]
     _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", "-c", str(ROOT),

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from _e2e_runs import ROOT, env, metrics, run_torchrun, run_train, tiny_model_dir, train_argv
+from _e2e_runs import ROOT, run_torchrun, run_train, train_argv
+from _shared import child_env, metrics, tiny_model_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +93,7 @@ def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
     argv = [sys.executable, *train_argv("smoke/a_only", tmp_path, *_sets(tiny, "training.max_steps=200",
                                                                         "training.eval_strategy=no"))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not metrics(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _e2e_runs import ROOT, metrics, run_torchrun, run_train
+from _e2e_runs import ROOT, run_torchrun, run_train
+from _shared import metrics
 
 pytestmark = pytest.mark.e2e
 

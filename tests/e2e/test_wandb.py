@@ -10,6 +10,7 @@ import json
 import pytest
 import yaml
 from _e2e_runs import run_train
+from _shared import metrics
 
 from toolkit.config import load_profile
 from toolkit.trainer import wandb_log
@@ -73,7 +74,7 @@ def test_offline_run_has_the_config_the_metrics_and_resume_continues_it(tmp_path
     assert (run.run_id, run.project, run.display_name) == (run_id, "stage2-test", "wb_smoke")
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["training"]["run_name"] == "wb_smoke" and config["model"]["model"].endswith("assets/stage1")
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics(out)
     rows = _history(first)
     assert [r["_step"] for r in rows] == [r["step"] for r in logged]
     for row, rec in zip(rows, logged):  # the same keys and numbers as metrics.jsonl (and TensorBoard)

@@ -1,18 +1,14 @@
 """Helpers for the launcher tests: real subprocesses in their own groups, drained pipes, /proc checks."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-from _shared import tiny_model_dir  # noqa: E402,F401  (re-exported for the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -25,8 +21,6 @@ FAST = ("rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "traini
         "training.eval_strategy=no")
 
 
-
-
 def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
     """--set arguments for a short CPU run writing under `out`."""
     argv = []
@@ -34,25 +28,6 @@ def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
                  *FAST, *extra):
         argv += ["--set", item]
     return argv
-
-
-def child_env(**extra: str) -> dict:
-    """The test process's env without job/port variables of its own, plus OMP_NUM_THREADS=1 and `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "MASTER_PORT", "SLURM_RESTART_COUNT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 # ----------------------------------------------------------------------------- /proc

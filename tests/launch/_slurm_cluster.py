@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from _shared import free_port
+
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
 PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib64/slurm",
@@ -36,12 +38,6 @@ def available() -> str | None:
     if os.geteuid() != 0:
         return "slurmd needs root here (SlurmdUser=root)"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _auth_lines() -> list[str]:
@@ -103,7 +99,7 @@ class LocalSlurm:
         lines = [
             "ClusterName=stage2ci", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
             *_auth_lines(), "AuthInfo=cred_expire=10",  # requeued jobs become eligible 11 s later (default 121)
-            f"SlurmctldPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
             f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
             f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
@@ -113,7 +109,7 @@ class LocalSlurm:
             "SelectTypeParameters=CR_Core", "MpiDefault=none", "SwitchType=switch/none", "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=2,bf_interval=2", "MailProg=/bin/true", "ReturnToService=2",
             "KillWait=5", "MinJobAge=3600",
-            *(_node_line(n, _free_port()) for n in self.nodes),
+            *(_node_line(n, free_port()) for n in self.nodes),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")

@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from _launch_helpers import PYTHON, Proc, child_env, free_port, live_mentioning, tiny_model_dir, wait_until
+from _launch_helpers import PYTHON, Proc, live_mentioning, wait_until
+from _shared import child_env, free_port, tiny_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from _launch_helpers import LAUNCH, ROOT, child_env
+from _launch_helpers import LAUNCH, ROOT
+from _shared import child_env
 from launchers.supervisor import Plan, ProcessSpec, Supervisor
 from toolkit.preflight import PreflightError, check_multinode_servers
 

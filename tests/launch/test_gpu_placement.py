@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _launch_helpers import child_env
+from _shared import child_env
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,8 @@ import json
 import socket
 
 import pytest
-from _launch_helpers import ROOT, free_port
+from _launch_helpers import ROOT
+from _shared import free_port
 from click.testing import CliRunner
 
 from launchers.cli import main

@@ -11,8 +11,8 @@ import signal
 
 import pytest
 
-from _launch_helpers import (LAUNCH, child_env, free_port, live_in_group, live_mentioning, metrics, rank_pids, run_sets,
-                             started_pids, wait_until)
+from _launch_helpers import LAUNCH, live_in_group, live_mentioning, rank_pids, run_sets, started_pids, wait_until
+from _shared import child_env, free_port, metrics
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from _launch_helpers import ROOT, STANDIN, child_env, free_port, live_mentioning, wait_until
+from _launch_helpers import ROOT, STANDIN, live_mentioning, wait_until
+from _shared import child_env, free_port
 from launchers.topology import job_port
 
 FAKE_SCONTROL = """#!/bin/bash

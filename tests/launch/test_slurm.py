@@ -9,7 +9,8 @@ import os
 import pytest
 
 import _slurm_cluster
-from _launch_helpers import ROOT, child_env, metrics, run_sets, wait_until
+from _launch_helpers import ROOT, run_sets, wait_until
+from _shared import child_env, metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_cluster.available() is not None,
                                                      reason=str(_slurm_cluster.available()))]

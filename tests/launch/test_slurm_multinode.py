@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import _slurm_cluster
-from _launch_helpers import PYTHON, ROOT, child_env, metrics, run_sets, wait_until
+from _launch_helpers import PYTHON, ROOT, run_sets, wait_until
+from _shared import child_env, metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_cluster.available() is not None,
                                                      reason=str(_slurm_cluster.available()))]

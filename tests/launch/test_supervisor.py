@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from _launch_helpers import (DRIVER, child_env, free_port, live_in_group, live_mentioning, metrics, rank_pids,
-                             started_pids, wait_until)
+from _launch_helpers import DRIVER, live_in_group, live_mentioning, rank_pids, started_pids, wait_until
+from _shared import child_env, free_port, metrics
 
 # The real server's engine: eager, a small KV cache (as the vLLM tests).
 REAL_ENGINE = ("rollout_matching.vllm.enforce_eager=true", "rollout_matching.vllm.kv_cache_gb=0.25",

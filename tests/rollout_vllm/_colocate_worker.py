@@ -11,6 +11,7 @@ import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _shared
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

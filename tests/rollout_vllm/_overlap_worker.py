@@ -18,11 +18,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _shared
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _vllm_helpers import ENGINE_SETS, free_port  # noqa: E402
+from _shared import free_port  # noqa: E402
+from _vllm_helpers import ENGINE_SETS  # noqa: E402
 from toolkit.trainer import loop, packing  # noqa: E402
 from toolkit.trainer.engine import Stage2Engine  # noqa: E402
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402

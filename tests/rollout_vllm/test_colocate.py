@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from _vllm_helpers import ROOT, child_env
+from _vllm_helpers import ROOT
+from _shared import child_env
 
 pytestmark = pytest.mark.vllm
 

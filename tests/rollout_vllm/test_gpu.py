@@ -7,7 +7,6 @@ Only weight_sync (torch) is needed for the first two, so they also run where Fas
 """
 import json
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shared import ROOT, child_env, free_port, tiny_model_dir
 
 from toolkit.rollout.weight_sync import SyncGroup, iter_buckets, pack_bucket, unpack_bucket
 
@@ -23,14 +23,6 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2,
                                reason="NCCL needs two GPUs: a learner and a server rank cannot share one device")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _state(device, mb: int) -> list[tuple[str, torch.Tensor]]:
@@ -61,7 +53,7 @@ def _send(backend: str, learner_device: str, mb: int = 256, bucket_mb: int = 64)
     packed = [pack_bucket(b) for b in buckets]
     specs = [s for _, s in packed]
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     proc = ctx.Process(target=_receiver, args=(port, 2, 0, backend, specs, [f.numel() for f, _ in packed], queue))
     proc.start()
     if backend == "nccl":
@@ -101,16 +93,10 @@ def test_colocate_parity_on_cuda_vllm(tmp_path):
 
     if vllm_missing():
         pytest.skip("no CUDA vLLM build installed here (pip install -e '.[vllm]')")
-    root = Path(__file__).resolve().parents[2]
-    model = tmp_path / "tiny_model"
-    model.mkdir()
-    for part in ("tiny_qwen2", "tokenizer"):
-        for f in (root / "assets" / part).iterdir():
-            (model / f.name).write_bytes(f.read_bytes())
+    model = tiny_model_dir(tmp_path)
     out = tmp_path / "report.json"
-    env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_colocate_worker.py")), str(model), str(out)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(out.read_text())
     assert report["before"]["vllm"] == report["before"]["hf"] and report["after"]["vllm"] == report["after"]["hf"]

@@ -132,7 +132,8 @@ def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
     import subprocess
     import sys
 
-    from _vllm_helpers import ROOT, child_env, free_port
+    from _vllm_helpers import ROOT
+    from _shared import child_env, free_port
 
     argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--port", str(free_port()),
             "--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.max_model_len=1024",
@@ -147,7 +148,8 @@ def test_a_damaged_weights_file_is_one_sentence_before_any_engine_starts(tmp_pat
     import subprocess
     import sys
 
-    from _vllm_helpers import ROOT, child_env, free_port
+    from _vllm_helpers import ROOT
+    from _shared import child_env, free_port
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "assets" / "stage1", model)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from _vllm_helpers import ROOT, SERVER_START_TIMEOUT_S, ServerProc, child_env, free_port, serve_argv, stop, wait_healthy
+from _vllm_helpers import ROOT, SERVER_START_TIMEOUT_S, ServerProc, serve_argv, stop, wait_healthy
+from _shared import child_env, free_port
 
 pytestmark = pytest.mark.vllm
 NORMAL = {"prompts": [[1, 5, 6, 7]], "sampling": [{"max_tokens": 4}]}

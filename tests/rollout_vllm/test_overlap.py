@@ -20,7 +20,8 @@ from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 from toolkit.rollout.client import ServerClient, ServerUnavailableError
 from toolkit.rollout import errors
-from _vllm_helpers import EOS, ROOT, child_env, free_port
+from _vllm_helpers import EOS, ROOT
+from _shared import child_env, free_port
 from test_app_client import live  # noqa: F401  (the fixture: the real app over sockets with a toy engine)
 
 WORKER = Path(__file__).with_name("_overlap_worker.py")

@@ -3,7 +3,8 @@ import socket
 import subprocess
 import sys
 
-from _vllm_helpers import ROOT, child_env
+from _vllm_helpers import ROOT
+from _shared import child_env
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:

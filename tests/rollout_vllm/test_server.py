@@ -38,7 +38,7 @@ def perturb(model, seed: int) -> None:
 
 
 def free_group_port() -> int:
-    from _vllm_helpers import free_port
+    from _shared import free_port
 
     return free_port()
 

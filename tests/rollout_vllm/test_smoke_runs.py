@@ -6,7 +6,8 @@ import functools
 
 import pytest
 
-from _vllm_helpers import free_port, metrics, run_train
+from _vllm_helpers import run_train
+from _shared import free_port, metrics
 
 pytestmark = pytest.mark.vllm
 run_train = functools.partial(run_train, "smoke/b_only")

@@ -144,7 +144,7 @@ def _member(rank, world, port, queue):
 def test_gloo_group_broadcasts_without_default_group():
     import multiprocessing as mp
 
-    from _vllm_helpers import free_port
+    from _shared import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()

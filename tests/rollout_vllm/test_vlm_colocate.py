@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import ROOT, child_env, vllm_settings
+from _vllm_helpers import ROOT, vllm_settings
+from _shared import child_env
 from _vlm_helpers import EOS, hf_learner, settings
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 from toolkit.rollout.vllm_engine import engine_kwargs, engine_prompt, served_specs

@@ -12,7 +12,8 @@ import pytest
 
 from _shared import shape_images
 from _vlm_families import NEW_FAMILIES, family_dir, load_hf
-from _vllm_helpers import ROOT, child_env
+from _vllm_helpers import ROOT
+from _shared import child_env
 from toolkit.rollout.vllm_engine import served_specs
 from toolkit.rollout.weight_sync import check_specs, specs_of
 

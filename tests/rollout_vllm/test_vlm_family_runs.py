@@ -10,7 +10,8 @@ import pytest
 
 from _shared import shape_images
 from _vlm_families import family_dir, load_hf
-from _vllm_helpers import free_port, run_train, server_settings, serving
+from _vllm_helpers import run_train, server_settings, serving
+from _shared import free_port
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of
 from test_vlm_smoke_runs import check_vlm_run
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend

@@ -8,7 +8,8 @@ import pytest
 import requests
 
 from _shared import shape_images, tiny_vlm_dir
-from _vllm_helpers import free_port, run_train, server_settings, serving
+from _vllm_helpers import run_train, server_settings, serving
+from _shared import free_port
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 

@@ -3,7 +3,8 @@ colocate here, server mode in test_vlm_server.py (it owns the image server). One
 B step decodes from images and every engine prompt matches the learner's (parity rate 0)."""
 import pytest
 
-from _vllm_helpers import metrics, run_train
+from _vllm_helpers import run_train
+from _shared import metrics
 
 pytestmark = pytest.mark.vllm
 

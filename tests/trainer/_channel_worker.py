@@ -36,6 +36,8 @@ import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
+from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
 from toolkit.trainer import distributed  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
@@ -257,23 +259,11 @@ def sample_loss(model, seg, step: int, **variant):
     return pack_loss(first, last, collate_pack([seg]).to(DEV), coord, LossWeights(**LOSS))[0]
 
 
-class Reference:
+class Reference(PlainStep):
     """Plain PyTorch on one process: same init, every rank's samples, same AdamW, clipping and LambdaLR."""
 
     def __init__(self, model):
-        self.model = model
-        self.opt = optim.build_optimizer(model, **OPT)
-        self.sched = optim.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
-
-    def _update(self, backward) -> dict:
-        lr = self.opt.param_groups[0]["lr"]
-        for p in self.model.parameters():
-            p.grad = torch.zeros_like(p)
-        rank_losses = backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM))
-        self.opt.step()
-        self.sched.step()
-        return {"rank_losses": rank_losses, "grad_norm": norm, "lr": lr}
+        super().__init__(model, OPT, TOTAL, WARMUP, MAX_GRAD_NORM)
 
     def step(self, step: int, world: int, **variant) -> dict:
         """The mean over the step's raw samples, each sample forwarded alone; `variant` (n_iter=/grad_mode=)
@@ -288,7 +278,7 @@ class Reference:
                     total += float(loss.detach()) / N_RAW
                 rank_losses.append(total)
             return rank_losses
-        return self._update(backward)
+        return self.update(backward)
 
     def step_legacy(self, step: int, world: int) -> dict:
         """The predecessor's objective on the trainer's default packs: per-pack token means × n_p / N_raw."""
@@ -300,7 +290,7 @@ class Reference:
                 for pack, w in zip(packs, weights):
                     (loss_fn(self.model, pack)[0] * w / world).backward()
             return []
-        return self._update(backward)
+        return self.update(backward)
 
 
 def max_abs(a: dict, b: dict) -> float:

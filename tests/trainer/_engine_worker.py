@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
+from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
 from toolkit.trainer import distributed  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
@@ -117,34 +119,29 @@ def build(model, stage: str) -> eng.Stage2Engine:
                             accumulation=override.get(stage))
 
 
-class Reference:
+class Reference(PlainStep):
     """Plain PyTorch: same init, all ranks' packs, weights n_p / N_raw_total, clip, AdamW, LambdaLR."""
 
     def __init__(self, model):
-        self.model = model
-        self.opt = optim.build_optimizer(model, **OPT)
-        self.sched = optim.build_lr_scheduler(self.opt, TOTAL, WARMUP, "cosine")
+        super().__init__(model, OPT, TOTAL, WARMUP, MAX_GRAD_NORM)
 
     def step(self, per_rank: list[list[dict]], weight_of) -> dict:
-        lr = self.opt.param_groups[0]["lr"]
         if not any(per_rank):  # nothing to train anywhere: no update, the schedule still advances
+            lr = self.opt.param_groups[0]["lr"]
             self.sched.step()
             return {"rank_losses": [0.0] * len(per_rank), "grad_norm": None, "lr": lr}
-        self.opt.zero_grad(set_to_none=False)
-        for p in self.model.parameters():
-            p.grad = torch.zeros_like(p)
-        rank_losses = []
-        for packs in per_rank:
-            total = 0.0
-            for pack in packs:
-                loss, _ = loss_fn(self.model, pack)
-                (loss * weight_of(pack, packs, len(per_rank))).backward()
-                total += float(loss.detach()) * pack["n_segments"] / N_RAW
-            rank_losses.append(total)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM))
-        self.opt.step()
-        self.sched.step()
-        return {"rank_losses": rank_losses, "grad_norm": norm, "lr": lr}
+
+        def backward():
+            rank_losses = []
+            for packs in per_rank:
+                total = 0.0
+                for pack in packs:
+                    loss, _ = loss_fn(self.model, pack)
+                    (loss * weight_of(pack, packs, len(per_rank))).backward()
+                    total += float(loss.detach()) * pack["n_segments"] / N_RAW
+                rank_losses.append(total)
+            return rank_losses
+        return self.update(backward)
 
 
 def global_mean_weight(pack, packs, world):

@@ -4,19 +4,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _shared import child_env, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_worker(worker: Path, args: list[str], world: int, tmp: Path, timeout_s: int, label: str) -> dict:
@@ -25,14 +20,10 @@ def run_worker(worker: Path, args: list[str], world: int, tmp: Path, timeout_s: 
     argv = [str(worker), "--out", str(out), "--tmp", str(tmp), *args]
     if world > 1:
         argv = ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()), *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     log_path = tmp / "worker.log"
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)

@@ -7,7 +7,6 @@ A planted pickle here is the real attack: a class whose `__reduce__` makes unpic
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _shared import child_env
 
 from toolkit import runlayout
 from toolkit.trainer import checkpoint as ckpt
@@ -118,9 +118,7 @@ for name, cfg, dtype in [("zero2", {"zero_optimization": {"stage": 2}}, torch.fl
 def ds_checkpoints(tmp_path_factory) -> Path:
     """Real DeepSpeed saves (one CPU process) for the ZeRO stages and dtypes the toolkit runs."""
     root = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", SAVE_DS, str(root)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,9 +166,7 @@ def test_train_resume_refuses_a_planted_checkpoint(tmp_path, where):
     else:
         ckpt.save_rng(step, rank=0)
         torch.save({"module": Planted(marker)}, step / "ds" / "global_step4" / "mp_rank_00_model_states.pt")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "toolkit.train", "--profile", "smoke/a_only", "--resume", str(step),
          "--set", f"training.output_dir={tmp_path / 'out'}", "--set", f"training.logging_dir={tmp_path / 'tb'}"],

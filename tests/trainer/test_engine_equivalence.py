@@ -5,13 +5,13 @@ and under torchrun with 2 CPU ranks (`dist`). Each worker run covers ZeRO 0-3 (Z
 `stage3_param_persistence_threshold: 0`, so parameters really are partitioned) and writes one JSON
 report from rank 0; the tests below assert on it. Run with `-s` to see the measured max |Δ| table.
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _shared import child_env
 from _torchrun import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_import_does_not_import_deepspeed():
     code = ("import sys; import toolkit.trainer.engine as e, toolkit.trainer.optim as o; "
             "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules, 'eager import'; "
             "o.lr_lambda(0, 10, 2, 'cosine'); assert 'deepspeed' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=child_env())
 
 
 def test_lr_lambda_warmup_then_decay():

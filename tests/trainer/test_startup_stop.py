@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _shared import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,9 +37,7 @@ def _start(tmp_path: Path):
     fifo = tmp_path / "train.jsonl"
     os.mkfifo(fifo)
     log = tmp_path / "stderr.txt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
+    env = child_env()
     cmd = [sys.executable, "-m", "toolkit.train", "--profile", "smoke/a_only", "--set", f"data.train_jsonl={fifo}",
            "--set", f"training.output_dir={tmp_path / 'out'}", "--set", f"training.logging_dir={tmp_path / 'tb'}",
            "--set", "data.val_sample_limit=2", "--set", "data.train_sample_limit=16"]

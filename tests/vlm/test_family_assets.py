@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _shared import child_env
 from _vlm_families import NEW_FAMILIES, ROOT, family_dir
 
 
@@ -19,7 +19,7 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def build(out: Path, *parts: str, steps: int | None = None) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     extra = ["--vlm-stage1-steps", str(steps)] if steps is not None else []
     subprocess.run([sys.executable, str(ROOT / "assets" / "build_assets.py"), "--out", str(out), "--only", ",".join(parts),
                     *extra], check=True, env=env, capture_output=True, timeout=1800)

@@ -6,27 +6,21 @@ architecture nobody here can run, at `stage2 preflight` and at `stage2 train` st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from _shared import child_env, metrics
 from _vlm_families import ROOT, family_dir
 
 FAST = ("training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "rollout_matching.max_new_tokens=48",
         "data.val_sample_limit=4", "training.logging_steps=1")
 
 
-def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
 def stage2(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from launchers.cli import main; main()", *args], cwd=ROOT, env=env(), capture_output=True,
+    return subprocess.run([sys.executable, "-c", "from launchers.cli import main; main()", *args], cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -39,7 +33,7 @@ def train(profile: str, out, *sets: str) -> subprocess.CompletedProcess:
 
 def check_two_steps(proc, out) -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-6000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     assert [r["channel"] for r in rows] == ["A", "B"]
     a, b = rows
     assert a["stage2/segments"] == 8 and a["loss/total"] > 0

@@ -68,7 +68,8 @@ class CheckReport:
 
 
 def record_stats(records: list[Record], issues: list[RecordIssue]) -> dict:
-    sides = [min(o["bbox_2d"][2] - o["bbox_2d"][0], o["bbox_2d"][3] - o["bbox_2d"][1]) for r in records for o in r.objects]
+    sides = [min(o["bbox_2d"][2] - o["bbox_2d"][0], o["bbox_2d"][3] - o["bbox_2d"][1])
+             for r in records for o in r.objects]
     small = sum(s < SMALL_BOX_BINS for s in sides)
     image_problems = Counter(k for k in map(_image_kind, issues) if k)
     stats = {
@@ -103,7 +104,8 @@ def token_stats(records: list[Record], cfg) -> dict:
             return len(encode_prompt(tok, render_messages(rec.scene, system)))
         if (rec.width, rec.height) not in image_prompt:
             grids = (vision.grid_for_size(rec.width, rec.height),)
-            image_prompt[rec.width, rec.height] = len(vision.expand(encode_prompt(tok, image_messages(1, system)), grids))
+            prompt = encode_prompt(tok, image_messages(1, system))
+            image_prompt[rec.width, rec.height] = len(vision.expand(prompt, grids))
         return image_prompt[rec.width, rec.height]
 
     usable = [r for r in records if vision is not None or not r.is_image]
@@ -115,7 +117,8 @@ def token_stats(records: list[Record], cfg) -> dict:
         "answer tokens (with <|im_end|>)": histogram(answers, TOKEN_EDGES),
         "answer tokens max": max(answers, default=0),
         f"answers over max_new_tokens={max_new} (rollouts truncated)": sum(a > max_new for a in answers),
-        f"prompt+answer over global_max_length={max_len} (Channel-A drops as too_long)": sum(n > max_len for n in totals),
+        f"prompt+answer over global_max_length={max_len} (Channel-A drops as too_long)":
+            sum(n > max_len for n in totals),
         "image records on a model without a vision tower": len(records) - len(usable),
     }
 
@@ -149,7 +152,8 @@ def check_dataset(path: str, *, cfg=None, image_root: str | None = None, bbox_fo
     if cfg is not None and records:
         report.stats.update(token_stats(records, cfg))
         if report.stats["image records on a model without a vision tower"]:
-            report.issues += [RecordIssue(r.file, r.line, f"record {r.id!r} has images but the model has no vision tower",
+            report.issues += [RecordIssue(r.file, r.line,
+                                          f"record {r.id!r} has images but the model has no vision tower",
                                           "point model.model at a Qwen-VL folder, or use text records")
                               for r in records if r.is_image]
     return report

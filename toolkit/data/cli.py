@@ -32,22 +32,26 @@ def data() -> None:
 @click.option("--max-objects", type=click.IntRange(min=1), default=60, show_default=True,
               help="Skip images with more objects than this (never cut: see docs/DATA.md).")
 @click.option("--max-side", type=click.IntRange(min=1), default=None,
-              help="Resize so the long side is at most this many pixels, on the patch grid; images go to OUT's folder/images/.")
+              help="Resize so the long side is at most this many pixels, on the patch grid; "
+                   "images go to OUT's folder/images/.")
 @click.option("--grid", type=click.IntRange(min=1), default=None,
-              help="Patch grid in pixels (patch_size x merge_size) for --max-side; default 32 (Qwen3-VL), 28 for Qwen2-VL.")
+              help="Patch grid in pixels (patch_size x merge_size) for --max-side; "
+                   "default 32 (Qwen3-VL), 28 for Qwen2-VL.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Read the patch grid from this Qwen-VL folder's processor config instead of --grid.")
 @click.option("--iscrowd", type=click.Choice(["drop", "keep"]), default="drop", show_default=True,
               help="What to do with crowd boxes (iscrowd: 1).")
 @click.option("--keep-empty", is_flag=True, help="Keep images without objects (skipped by default).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def convert(annotations, images_dir, out, max_objects, max_side, grid, model_dir, iscrowd, keep_empty, progress) -> None:
+def convert(annotations, images_dir, out, max_objects, max_side, grid, model_dir, iscrowd, keep_empty,
+            progress) -> None:
     """Convert COCO/LVIS annotations to image records (bbox_2d bins, category names as desc).
 
     \b
     Examples:
       stage2 data convert --coco instances_val2017.json --images val2017 --out coco/val.jsonl
-      stage2 data convert --coco lvis_v1_train.json --images train2017 --out lvis/train.jsonl --max-side 1024 --model /models/stage1
+      stage2 data convert --coco lvis_v1_train.json --images train2017 --out lvis/train.jsonl \\
+        --max-side 1024 --model /models/stage1
     """
     from toolkit.data.convert import DEFAULT_GRID, ConvertError, convert_coco, model_grid
 
@@ -68,7 +72,8 @@ def convert(annotations, images_dir, out, max_objects, max_side, grid, model_dir
 @click.option("--image-root", default=None, help="Root for relative image entries (default: the file's folder).")
 @click.option("--bbox-format", type=click.Choice(["norm1000", "pixel"]), default="norm1000", show_default=True)
 @click.option("--poly-policy", type=click.Choice(["error", "drop"]), default="error", show_default=True)
-@click.option("--decode", is_flag=True, help="Decode every image in full (slow; finds damage the load-time checks miss).")
+@click.option("--decode", is_flag=True,
+              help="Decode every image in full (slow; finds damage the load-time checks miss).")
 def check(path, profile, sets, image_root, bbox_format, poly_policy, decode) -> None:
     """Check a records file: every problem (file:line) at once, then statistics. Exit 1 on any problem.
 

@@ -130,7 +130,8 @@ def _file_name(image: dict) -> str:
     return image.get("file_name") or os.path.basename(image.get("coco_url", ""))
 
 
-def _objects(anns: list[dict], names: dict, width: int, height: int, iscrowd: str, summary: ConvertSummary) -> list[dict]:
+def _objects(anns: list[dict], names: dict, width: int, height: int, iscrowd: str,
+             summary: ConvertSummary) -> list[dict]:
     out = []
     for ann in anns:
         if ann.get("iscrowd", 0) and iscrowd == "drop":
@@ -175,7 +176,8 @@ def _record(image: dict, objects: list[dict], images_dir: Path, out_dir: Path, m
         summary.skip("image missing or unreadable", str(src))
         return None
     if real != (width, height):
-        summary.skip("real size differs from the annotation", f"{src} is {real[0]}x{real[1]}, annotated {width}x{height}")
+        summary.skip("real size differs from the annotation",
+                     f"{src} is {real[0]}x{real[1]}, annotated {width}x{height}")
         return None
     entry = os.path.relpath(src, out_dir)
     if max_side:
@@ -206,7 +208,8 @@ def convert_coco(annotations: str | Path, images_dir: str | Path, out: str | Pat
     records = []
     from tqdm import tqdm
 
-    for image in tqdm(sorted(data["images"], key=lambda im: im["id"]), desc="convert", unit="image", disable=not progress):
+    images = sorted(data["images"], key=lambda im: im["id"])
+    for image in tqdm(images, desc="convert", unit="image", disable=not progress):
         objects = _objects(by_image.get(image["id"], []), names, image["width"], image["height"], iscrowd, summary)
         if len(objects) > max_objects:
             summary.skip(f"over --max-objects {max_objects}")

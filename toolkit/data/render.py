@@ -7,7 +7,7 @@ or the record's order); the field order is desc_first or geometry_first. Imports
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from toolkit.data.coords import coord_token
 

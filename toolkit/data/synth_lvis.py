@@ -47,7 +47,8 @@ def make_scene(rng: random.Random, rid: str, n: int):
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
         (draw.ellipse if shape == "circle" else draw.rectangle)((x, y, x + w - 1, y + h - 1), fill=COLOURS[colour])
-        bbox = [pixel_to_bin(x, width), pixel_to_bin(y, height), pixel_to_bin(x + w, width), pixel_to_bin(y + h, height)]
+        bbox = [pixel_to_bin(x, width), pixel_to_bin(y, height),
+                pixel_to_bin(x + w, width), pixel_to_bin(y + h, height)]
         objects.append({"desc": f"{colour} {shape}", "bbox_2d": bbox})
     record = {"id": rid, "images": [f"images/{rid}.png"], "width": width, "height": height,
               "objects": canonical_order(objects)}

@@ -7,8 +7,8 @@ code may import).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
