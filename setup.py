@@ -1,4 +1,5 @@
 """stage2-toolkit: Stage-2 AB training (Channel-A teacher forcing + Channel-B rollout matching)."""
+
 from setuptools import find_packages, setup
 
 # torch is pinned to the CPU build these machines carry; a looser pin drags in a multi-GB CUDA wheel.

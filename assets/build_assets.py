@@ -10,6 +10,7 @@ partial rebuild into a fresh folder must include the parts it depends on. Fixed 
 one thread and deterministic torch algorithms: the same command gives the same bytes on this machine.
 See assets/README.md for what each asset is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,56 @@ sys.path.insert(0, str(HERE))  # stage1.py
 from toolkit.data.coords import COORD_TOKENS, pixel_to_bin  # noqa: E402
 from toolkit.data.records import dump_records, load_records  # noqa: E402
 from toolkit.data.render import (  # noqa: E402
-    SYSTEM_PROMPT, USER_INSTRUCTION, canonical_order, render_answer, render_messages,
+    SYSTEM_PROMPT,
+    USER_INSTRUCTION,
+    canonical_order,
+    render_answer,
+    render_messages,
 )
 from toolkit.data.tokenizer import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS, UNK  # noqa: E402
 
-PARTS = ("tokenizer", "data", "model", "stage1", "vlm_data", "vlm_model", "vlm_stage1",
-         "qwen2_5_vl_model", "qwen2_5_vl_stage1", "qwen3_vl_model", "qwen3_vl_stage1")  # the last four: vlm_families.py
+PARTS = (
+    "tokenizer",
+    "data",
+    "model",
+    "stage1",
+    "vlm_data",
+    "vlm_model",
+    "vlm_stage1",
+    "qwen2_5_vl_model",
+    "qwen2_5_vl_stage1",
+    "qwen3_vl_model",
+    "qwen3_vl_stage1",
+)  # the last four: vlm_families.py
 OPT_IN_PARTS = ("lvis_synth",)  # built only when named in --only; not committed (toolkit/data/synth_lvis.py)
 
 # ---- synthetic data -------------------------------------------------------------------------------------
-CLASSES = ("cat", "dog", "car", "tree", "person", "bird", "boat", "chair",
-           "cup", "book", "lamp", "bus", "horse", "ball", "clock", "bottle")
+CLASSES = (
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "person",
+    "bird",
+    "boat",
+    "chair",
+    "cup",
+    "book",
+    "lamp",
+    "bus",
+    "horse",
+    "ball",
+    "clock",
+    "bottle",
+)
 DATA = {
     "seed": 20261123,
     "n_train": 8000,
     "n_val": 128,
-    "grid": 10,             # every coordinate is a multiple of this (coarse grid = more copies per token)
+    "grid": 10,  # every coordinate is a multiple of this (coarse grid = more copies per token)
     "min_objects": 1,
     "max_objects": 4,
-    "min_size": 60,         # box width/height range, in bins
+    "min_size": 60,  # box width/height range, in bins
     "max_size": 400,
     "scene_order": "sorted",  # or "shuffled"; sorted = the answer order (see assets/README.md for why)
 }
@@ -76,8 +108,9 @@ def make_record(rng: random.Random, rid: str, n: int, cfg: dict) -> dict:
     """One record: the answer order is render_answer's (sorted); the scene order is cfg['scene_order']."""
     objects = make_objects(rng, n, cfg)
     if cfg["scene_order"] == "sorted":
-        scene_objects = sorted(objects, key=lambda o: (o["bbox_2d"][1], o["bbox_2d"][0], o["bbox_2d"][2],
-                                                       o["bbox_2d"][3], o["desc"]))
+        scene_objects = sorted(
+            objects, key=lambda o: (o["bbox_2d"][1], o["bbox_2d"][0], o["bbox_2d"][2], o["bbox_2d"][3], o["desc"])
+        )
     else:
         scene_objects = list(objects)
         rng.shuffle(scene_objects)
@@ -109,9 +142,12 @@ def tokenizer_corpus(records: list[dict]) -> list[str]:
     """Full chat texts (system, user, assistant answer) of the records, coord tokens cut out as separators."""
     texts = []
     for rec in records:
-        text = "".join(
-            f"<|im_start|>{m['role']}\n{m['content']}{IM_END}\n" for m in render_messages(rec["scene"])
-        ) + "<|im_start|>assistant\n" + render_answer(rec["objects"]) + IM_END
+        text = (
+            "".join(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}\n" for m in render_messages(rec["scene"]))
+            + "<|im_start|>assistant\n"
+            + render_answer(rec["objects"])
+            + IM_END
+        )
         for special in SPECIAL_TOKENS:
             text = text.replace(special, "\x00")
         texts.extend(p for chunk in _COORD_SPLIT.split(text) for p in chunk.split("\x00") if p)
@@ -128,7 +164,9 @@ def build_tokenizer(out: Path, records: list[dict]) -> None:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKEN_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()  # tokens are literal text: decode == concatenation of token texts
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, min_frequency=2, show_progress=False,
+        vocab_size=BPE_VOCAB,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
         initial_alphabet=[chr(c) for c in range(32, 127)] + ["\t", "\n", "\r"],  # other characters -> <unk>
     )
@@ -136,8 +174,13 @@ def build_tokenizer(out: Path, records: list[dict]) -> None:
     # Coordinate tokens are ordinary (non-special) added tokens: skip_special_tokens keeps them.
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in COORD_TOKENS])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, unk_token=UNK,
-        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=1024,
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out / "tokenizer"))
@@ -172,7 +215,7 @@ def pin_tokenizer_class(folder: Path) -> None:
 MODEL = {
     "hidden_size": 128,
     "num_hidden_layers": 4,
-    "num_attention_heads": 4,   # head_dim 32: vLLM's CPU attention accepts it
+    "num_attention_heads": 4,  # head_dim 32: vLLM's CPU attention accepts it
     "num_key_value_heads": 2,
     "intermediate_size": 384,
     "max_position_embeddings": 1024,
@@ -192,9 +235,14 @@ def build_model(out: Path) -> None:
     tok = load_tokenizer(out / "tokenizer")
     cfg = {k: v for k, v in MODEL.items() if k != "init_seed"}
     config = Qwen2Config(
-        vocab_size=len(tok), head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-        torch_dtype="float32", use_cache=True, **cfg,
+        vocab_size=len(tok),
+        head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        torch_dtype="float32",
+        use_cache=True,
+        **cfg,
     )
     torch.manual_seed(MODEL["init_seed"])
     model = Qwen2ForCausalLM(config)
@@ -212,13 +260,13 @@ VLM_DATA = {
     "seed": 20261124,
     "n_train": 1000,
     "n_val": 64,
-    "size": 112,            # square canvas: 8 x 8 patches of 14 px -> 16 merged image tokens
+    "size": 112,  # square canvas: 8 x 8 patches of 14 px -> 16 merged image tokens
     "min_objects": 1,
     "max_objects": 3,
-    "grid": 7,              # box corners and sides are multiples of 7 px (half a patch): 17 values per axis
-    "min_side": 21,         # shape side in pixels (each shape fills a square box)
+    "grid": 7,  # box corners and sides are multiples of 7 px (half a patch): 17 values per axis
+    "min_side": 21,  # shape side in pixels (each shape fills a square box)
     "max_side": 42,
-    "gap": 2,               # pixels kept free between boxes, so every box shows its whole shape
+    "gap": 2,  # pixels kept free between boxes, so every box shows its whole shape
 }
 
 
@@ -258,8 +306,13 @@ def make_vlm_sample(rng: random.Random, rid: str, n: int, cfg: dict):
         shape = rng.choice(SHAPES)
         draw_shape(draw, shape, x, y, s, rng.choice(COLOURS))
         objects.append({"desc": shape, "bbox_2d": [pixel_to_bin(v, size) for v in (x, y, x + s, y + s)]})
-    record = {"id": rid, "images": [f"images/{rid}.png"], "width": size, "height": size,
-              "objects": canonical_order(objects)}
+    record = {
+        "id": rid,
+        "images": [f"images/{rid}.png"],
+        "width": size,
+        "height": size,
+        "objects": canonical_order(objects),
+    }
     return record, image
 
 
@@ -288,14 +341,35 @@ def build_vlm_data(out: Path, cfg: dict = VLM_DATA) -> None:
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # ids 1319..1322
 VLM_MODEL = {
     # head_dim 32 (= hidden / heads): vLLM's CPU attention rejects 16; mrope_section sums to head_dim / 2
-    "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "num_key_value_heads": 1, "max_position_embeddings": 2048, "rope_theta": 10000.0,
-             "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6], "rope_type": "default"}},
-    "vision": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-               "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3},
+    "text": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6], "rope_type": "default"},
+    },
+    "vision": {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    },
     # 112 x 112 stays 112 x 112 (a multiple of patch 14 x merge 2): 64 patches, 16 image tokens
-    "processor": {"min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "merge_size": 2,
-                  "temporal_patch_size": 2},
+    "processor": {
+        "min_pixels": 56 * 56,
+        "max_pixels": 112 * 112,
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+    },
     "init_seed": 4321,
 }
 VLM_MODEL_DIR = "tiny_qwen2_vl"
@@ -315,13 +389,22 @@ def vlm_config(tok):
     from transformers import Qwen2VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    specials = {"bos_token_id": tok.convert_tokens_to_ids("<|im_start|>"), "eos_token_id": tok.eos_token_id,
-                "pad_token_id": tok.pad_token_id}
+    specials = {
+        "bos_token_id": tok.convert_tokens_to_ids("<|im_start|>"),
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     text = dict(VLM_MODEL["text"], vocab_size=len(tok), tie_word_embeddings=False, **specials)
     return Qwen2VLConfig(
-        text_config=text, vision_config=dict(VLM_MODEL["vision"]), tie_word_embeddings=False,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **specials)
+        text_config=text,
+        vision_config=dict(VLM_MODEL["vision"]),
+        tie_word_embeddings=False,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **specials,
+    )
 
 
 def save_vlm_processor(folder: Path, tok) -> None:
@@ -381,7 +464,10 @@ def vlm_messages() -> list[dict]:
     """System prompt + user turn with one collapsed image placeholder (the processor expands the pad)."""
     from toolkit.vlm.images import IMAGE_PLACEHOLDER
 
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": IMAGE_PLACEHOLDER + USER_INSTRUCTION}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": IMAGE_PLACEHOLDER + USER_INSTRUCTION},
+    ]
 
 
 def vlm_processor(tok):
@@ -390,8 +476,11 @@ def vlm_processor(tok):
 
     from toolkit.vlm.processing_image_only import ImageOnlyQwen2VLProcessor
 
-    return ImageOnlyQwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**VLM_MODEL["processor"]),
-                                     tokenizer=tok, chat_template=tok.chat_template)
+    return ImageOnlyQwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**VLM_MODEL["processor"]),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+    )
 
 
 def encode_vlm_prompt(proc, tok, rec) -> dict:
@@ -401,8 +490,12 @@ def encode_vlm_prompt(proc, tok, rec) -> dict:
     text = tok.apply_chat_template(vlm_messages(), tokenize=False, add_generation_prompt=True)
     enc = proc(text=[text], images=[open_image(rec.images[0])], return_tensors="pt")
     # mm_token_type_ids (1 on image pads) is what Qwen2-VL's M-RoPE positions are computed from
-    return {"ids": enc["input_ids"][0].tolist(), "pixel_values": enc["pixel_values"], "grid": enc["image_grid_thw"],
-            "image_token_id": proc.image_token_id}
+    return {
+        "ids": enc["input_ids"][0].tolist(),
+        "pixel_values": enc["pixel_values"],
+        "grid": enc["image_grid_thw"],
+        "image_token_id": proc.image_token_id,
+    }
 
 
 def encode_vlm_split(proc, tok, records) -> list[dict]:
@@ -427,13 +520,18 @@ def vlm_train_batch(samples, pad_id: int) -> dict:
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     for row, (s, seq) in enumerate(zip(samples, seqs)):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-        labels[row, len(s["ids"]):len(seq)] = torch.tensor(s["answer"])
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(s["ids"]) : len(seq)] = torch.tensor(s["answer"])
     image_id = samples[0]["image_token_id"]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mm_token_type_ids": (ids == image_id).long(),
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "image_grid_thw": torch.cat([s["grid"] for s in samples])}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "mm_token_type_ids": (ids == image_id).long(),
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "image_grid_thw": torch.cat([s["grid"] for s in samples]),
+    }
 
 
 def vlm_greedy_answers(model, tok, samples, batch: int, max_new_tokens: int) -> list[str | None]:
@@ -444,15 +542,22 @@ def vlm_greedy_answers(model, tok, samples, batch: int, max_new_tokens: int) -> 
     texts: list[str | None] = []
     model.eval()
     for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
+        chunk = samples[start : start + batch]
         enc = tok.pad({"input_ids": [s["ids"] for s in chunk]}, padding=True, return_tensors="pt")
         types = (enc["input_ids"] == chunk[0]["image_token_id"]).long()
         with torch.no_grad():
-            out = model.generate(**enc, mm_token_type_ids=types, pixel_values=torch.cat([s["pixel_values"] for s in chunk]),
-                                 image_grid_thw=torch.cat([s["grid"] for s in chunk]), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=end)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            texts.append(tok.decode(row[:row.index(end)], skip_special_tokens=False) if end in row else None)
+            out = model.generate(
+                **enc,
+                mm_token_type_ids=types,
+                pixel_values=torch.cat([s["pixel_values"] for s in chunk]),
+                image_grid_thw=torch.cat([s["grid"] for s in chunk]),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=end,
+            )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            texts.append(tok.decode(row[: row.index(end)], skip_special_tokens=False) if end in row else None)
     model.train()
     return texts
 
@@ -472,8 +577,11 @@ def vlm_optimizer(model, cfg: dict):
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=tuple(cfg["betas"]),
+    )
 
 
 def train_vlm(model, tok, train, val, val_records, cfg: dict, log) -> list[dict]:
@@ -499,7 +607,11 @@ def train_vlm(model, tok, train, val, val_records, cfg: dict, log) -> list[dict]
         done = step + 1
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
             metrics = vlm_evaluate(model, tok, val, val_records, cfg["eval_batch"])
-            row = {"step": done, "loss": round(sum(losses) / len(losses), 4), **{k: round(v, 4) for k, v in metrics.items()}}
+            row = {
+                "step": done,
+                "loss": round(sum(losses) / len(losses), 4),
+                **{k: round(v, 4) for k, v in metrics.items()},
+            }
             curve.append(row)
             log({**row, "elapsed_s": round(time.time() - t0, 1)})
             losses = []
@@ -523,7 +635,9 @@ def build_vlm_stage1(out: Path, steps: int | None = None) -> dict:
     train_records = load_records(out / VLM_DIR / "data" / "train.jsonl")
     val_records = load_records(out / VLM_DIR / "data" / "val.jsonl")
     train, val = encode_vlm_split(proc, tok, train_records), encode_vlm_split(proc, tok, val_records)
-    curve = train_vlm(model, tok, train, val, val_records, cfg, lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+    curve = train_vlm(
+        model, tok, train, val, val_records, cfg, lambda row: print(json.dumps(row), file=sys.stderr, flush=True)
+    )
     return save_vlm_stage1(model, init, out / VLM_DIR / VLM_STAGE1_DIR, curve)
 
 
@@ -548,7 +662,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(PARTS), help=f"comma list of parts out of {','.join(PARTS)}")
     p.add_argument("--out", type=Path, default=HERE, help="output folder (default: assets/)")
     p.add_argument("--stage1-steps", type=int, default=None, help="override the Stage-1 step count (smoke builds)")
-    p.add_argument("--vlm-stage1-steps", type=int, default=None, help="override the step count of every VLM Stage-1 (smoke builds)")
+    p.add_argument(
+        "--vlm-stage1-steps", type=int, default=None, help="override the step count of every VLM Stage-1 (smoke builds)"
+    )
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.parts if s not in PARTS + OPT_IN_PARTS]
@@ -558,23 +674,43 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # What each part reads from --out, written by an earlier part: checked before anything is built.
-NEEDS = {"model": ("tokenizer",), "stage1": ("tokenizer", "data", "model"), "vlm_model": ("tokenizer",),
-         "vlm_stage1": ("tokenizer", "vlm_data", "vlm_model")}
-MADE = {"tokenizer": "tokenizer/tokenizer.json", "data": "data/train.jsonl", "model": "tiny_qwen2/config.json",
-        "vlm_data": "vlm/data/train.jsonl", "vlm_model": "vlm/tiny_qwen2_vl/config.json"}
+NEEDS = {
+    "model": ("tokenizer",),
+    "stage1": ("tokenizer", "data", "model"),
+    "vlm_model": ("tokenizer",),
+    "vlm_stage1": ("tokenizer", "vlm_data", "vlm_model"),
+}
+MADE = {
+    "tokenizer": "tokenizer/tokenizer.json",
+    "data": "data/train.jsonl",
+    "model": "tiny_qwen2/config.json",
+    "vlm_data": "vlm/data/train.jsonl",
+    "vlm_model": "vlm/tiny_qwen2_vl/config.json",
+}
 
 
 def missing_parts(parts: list[str], out: Path) -> list[str]:
     """'part needs X' for every dependency neither built in this call nor already under out."""
-    return [f"{part} needs the {need} part first ({out / MADE[need]} is missing)"
-            for part in parts for need in NEEDS.get(part, ()) if need not in parts and not (out / MADE[need]).exists()]
+    return [
+        f"{part} needs the {need} part first ({out / MADE[need]} is missing)"
+        for part in parts
+        for need in NEEDS.get(part, ())
+        if need not in parts and not (out / MADE[need]).exists()
+    ]
+
+
+def _wanted(part: str, parts) -> bool:
+    return part in parts or any(part in NEEDS.get(q, ()) for q in parts)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     missing = missing_parts(args.parts, args.out.resolve())
     if missing:
-        sys.exit("; ".join(missing) + f" (fix: add them to --only, e.g. --only {','.join(p for p in PARTS if p in args.parts or any(p in NEEDS.get(q, ()) for q in args.parts))})")
+        sys.exit(
+            "; ".join(missing)
+            + f" (fix: add them to --only, e.g. --only {','.join(p for p in PARTS if _wanted(p, args.parts))})"
+        )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -587,6 +723,7 @@ def main(argv=None) -> int:
         build_model(out)
     if "stage1" in args.parts:
         from stage1 import build_stage1  # assets/stage1.py, beside this script
+
         build_stage1(out, steps=args.stage1_steps)
     if "vlm_data" in args.parts:
         build_vlm_data(out)
@@ -603,6 +740,7 @@ def main(argv=None) -> int:
             vlm_families.build_family_stage1(out, family, steps=args.vlm_stage1_steps)
     if "lvis_synth" in args.parts:  # LVIS-shaped scenes: 40-60 objects, 1-2k-token answers (docs/DATA.md)
         from toolkit.data.synth_lvis import main as synth_lvis_main
+
         synth_lvis_main([str(out / "lvis_synth")])
     print(f"built {','.join(args.parts)} into {out} in {time.time() - t0:.1f}s", file=sys.stderr)
     return 0

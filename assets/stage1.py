@@ -5,6 +5,7 @@ rate and object F1 at IoU >= 0.5 with matching classes, Hungarian on 1 - IoU). C
 build_assets.py; deterministic on CPU: one thread, fixed seeds, a fixed step count, deterministic
 algorithms. The loop also runs on CUDA (device=...) for recipe exploration, not for the shipped bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ STAGE1 = {
     "steps": 4000,
     "batch_size": 16,
     "lr": 3e-3,
-    "min_lr_ratio": 0.1,        # cosine decay from lr to lr * min_lr_ratio after warmup
+    "min_lr_ratio": 0.1,  # cosine decay from lr to lr * min_lr_ratio after warmup
     "warmup_steps": 200,
     "weight_decay": 0.01,
     "betas": (0.9, 0.98),
@@ -36,7 +37,7 @@ STAGE1 = {
     # (first step, max objects per sampled record): a curriculum from single objects upward
     "curriculum": ((0, 1), (300, 2), (900, 3), (1800, 4)),
     "eval_every": 500,
-    "eval_records": 128,         # the whole val split
+    "eval_records": 128,  # the whole val split
     "eval_batch": 64,
 }
 
@@ -114,14 +115,15 @@ def greedy_answers(model, tok, records, batch: int, max_new_tokens: int, device=
     texts: list[str | None] = []
     model.eval()
     for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
+        chunk = records[start : start + batch]
         prompts = [encode_prompt(tok, render_messages(r.scene)) for r in chunk]
         enc = tok.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=end)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            texts.append(tok.decode(row[:row.index(end)], skip_special_tokens=False) if end in row else None)
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=end
+            )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            texts.append(tok.decode(row[: row.index(end)], skip_special_tokens=False) if end in row else None)
     model.train()
     return texts
 
@@ -168,9 +170,9 @@ def make_batch(samples, pad_id: int, device):
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     labels = torch.full((len(samples), width), -100, dtype=torch.long)
     for row, (seq, plen, _) in enumerate(samples):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-        labels[row, plen:len(seq)] = torch.tensor(seq[plen:])
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, plen : len(seq)] = torch.tensor(seq[plen:])
     return ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -184,16 +186,20 @@ def train(model, tok, train_records, val_records, cfg: dict, device="cpu", log=p
     pools = {k: [s for s in data if s[2] <= k] for k in {n for _, n in cfg["curriculum"]}}
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=tuple(cfg["betas"]),
+    )
     model.train()
     curve, losses, t0 = [], [], time.time()
     for step in range(cfg["steps"]):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         pool = pools[max_objects_at(step, cfg)]
-        ids, mask, labels = make_batch([pool[rng.randrange(len(pool))] for _ in range(cfg["batch_size"])],
-                                       tok.pad_token_id, device)
+        ids, mask, labels = make_batch(
+            [pool[rng.randrange(len(pool))] for _ in range(cfg["batch_size"])], tok.pad_token_id, device
+        )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,10 +208,13 @@ def train(model, tok, train_records, val_records, cfg: dict, device="cpu", log=p
         losses.append(loss.item())  # a sync point; cheap at this size
         done = step + 1
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-            metrics = evaluate(model, tok, val_records[:cfg["eval_records"]], cfg["eval_batch"], device)
-            row = {"step": done, "loss": round(sum(losses) / len(losses), 4),
-                   "max_objects": max_objects_at(step, cfg),
-                   **{k: round(v, 4) for k, v in metrics.items()}}
+            metrics = evaluate(model, tok, val_records[: cfg["eval_records"]], cfg["eval_batch"], device)
+            row = {
+                "step": done,
+                "loss": round(sum(losses) / len(losses), 4),
+                "max_objects": max_objects_at(step, cfg),
+                **{k: round(v, 4) for k, v in metrics.items()},
+            }
             curve.append(row)
             log({**row, "elapsed_s": round(time.time() - t0, 1)})
             losses = []

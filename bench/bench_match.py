@@ -6,6 +6,7 @@ run (same machine, same load), interleaved and repeated; medians reported as a r
 
 The gate's polygon rasterization should add little to a Channel-B sample's parse → match → targets.
 """
+
 from __future__ import annotations
 
 import argparse

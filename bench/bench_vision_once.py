@@ -12,6 +12,7 @@
 The model is the profile's (the smoke VLM profiles: a tiny Qwen-VL on small rendered images, fp32 on CPU),
 so the figures measure the overhead saved on a tiny tower, not a real model's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,22 @@ def setup(profile: str, n_samples: int, softctx_iter: int | None):
     cfg = load_profile(profile, sets)
     d = cfg.data
     tok, vision = load_tokenizer(cfg.model.model), VisionProcessor(cfg.model.model)
-    samples = load_samples(d.train_jsonl, tok, limit=n_samples, system=cfg.template.system_prompt, vision=vision,
-                           image_root=d.image_root, bbox_format=d.bbox_format, poly_policy=d.poly_policy)
+    samples = load_samples(
+        d.train_jsonl,
+        tok,
+        limit=n_samples,
+        system=cfg.template.system_prompt,
+        vision=vision,
+        image_root=d.image_root,
+        bbox_format=d.bbox_format,
+        poly_policy=d.poly_policy,
+    )
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(cfg.model.model, dtype=torch.float32)
     codec = HFTokenCodec(tok)
-    learner = StepLearner.from_config(cfg, torch.tensor(codec.coord_token_ids), "cpu", vision=vision,
-                                      mrope=(vision.pad_id, vision.merge))
+    learner = StepLearner.from_config(
+        cfg, torch.tensor(codec.coord_token_ids), "cpu", vision=vision, mrope=(vision.pad_id, vision.merge)
+    )
     return cfg, tok, vision, model, codec, learner, samples
 
 
@@ -71,8 +81,9 @@ def channel_b_packs(cfg, tok, vision, model, codec, learner, samples) -> tuple[l
 
     backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
     t0 = time.perf_counter()
-    rounds = channel_b_rounds(backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg),
-                              background=False)
+    rounds = channel_b_rounds(
+        backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg), background=False
+    )
     segments = [seg for segs, _ in rounds for seg in segs]
     return learner.packer().add(segments, last=True), time.perf_counter() - t0
 
@@ -82,10 +93,22 @@ def channel_a_packs(cfg, codec, learner, samples) -> list:
     from toolkit.trainer.channel_b import with_images
 
     t = cfg.template
-    segs = [with_images(build_channel_a_segment(s.prompt_ids, s.gt_objects, codec, field_order=t.object_field_order,
-                                                ordering=t.object_ordering, desc_ce_weight=cfg.stage2_ab.desc_ce_weight,
-                                                sample_id=s.sample_id, max_len=cfg.global_max_length), s)
-            for s in samples]
+    segs = [
+        with_images(
+            build_channel_a_segment(
+                s.prompt_ids,
+                s.gt_objects,
+                codec,
+                field_order=t.object_field_order,
+                ordering=t.object_ordering,
+                desc_ce_weight=cfg.stage2_ab.desc_ce_weight,
+                sample_id=s.sample_id,
+                max_len=cfg.global_max_length,
+            ),
+            s,
+        )
+        for s in samples
+    ]
     return learner.packer().add([s for s in segs if not isinstance(s, Drop)], last=True)
 
 
@@ -119,9 +142,15 @@ def main() -> None:
         with every_pass:
             learn(learner.loss_a, model, a_packs)
 
-    m = paired({"b_old": lambda: learn(learner.loss_b, model, b_old),
-                "b_new": lambda: learn(learner.loss_b, model, b_new),
-                "a_old": a_old, "a_new": lambda: learn(learner.loss_a, model, a_packs)}, args.repeat)
+    m = paired(
+        {
+            "b_old": lambda: learn(learner.loss_b, model, b_old),
+            "b_new": lambda: learn(learner.loss_b, model, b_new),
+            "a_old": a_old,
+            "a_new": lambda: learn(learner.loss_a, model, a_packs),
+        },
+        args.repeat,
+    )
     n_b = sum(p.n_segments for p in b_new)
     rows = [
         ("B rollout (HF, once; patches the images) s", decode_s),
@@ -131,11 +160,15 @@ def main() -> None:
         (f"A learner, tower every pass s (n_softctx_iter {learner.n_softctx_iter}, {len(a_packs)} packs)", m["a_old"]),
         ("A learner, tower once per pack s", m["a_new"]),
     ]
-    ratios = [("B learner new / old", m["b_new"] / m["b_old"]),
-              ("B step (rollout + learner) new / old", (decode_s + m["b_new"]) / (decode_s + m["b_old"])),
-              ("A learner new / old", m["a_new"] / m["a_old"])]
-    print(f"# bench_vision_once: {args.profile}, {len(samples)} samples, median of {args.repeat}, "
-          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    ratios = [
+        ("B learner new / old", m["b_new"] / m["b_old"]),
+        ("B step (rollout + learner) new / old", (decode_s + m["b_new"]) / (decode_s + m["b_old"])),
+        ("A learner new / old", m["a_new"] / m["a_old"]),
+    ]
+    print(
+        f"# bench_vision_once: {args.profile}, {len(samples)} samples, median of {args.repeat}, "
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    )
     for name, value in rows + [("# ratios", None)] + ratios:
         print(name if value is None else f"{name:66s} {value:10.4f}")
 

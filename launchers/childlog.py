@@ -1,6 +1,7 @@
 """A child's log file as the supervisor uses it: opened with a header line, copied live to the console,
 and its last lines quoted in an error. Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
+
 from __future__ import annotations
 
 import codecs

@@ -6,6 +6,7 @@ stdout carries only data (YAML/JSON/lint lines), people-facing text goes to stde
 the library is imported inside command bodies, and subcommands that live in other modules are
 registered by "module:attr" in LAZY_SUBCOMMANDS and imported only when invoked or listed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -19,9 +20,13 @@ from toolkit.cli_options import ConfigFailure, profile_options, resolve_profile
 
 # Subcommands living in their own modules: name → "module:attr". `stage2 --help` imports each module
 # to read its short help, so those modules must import heavy engines inside their callbacks only.
-LAZY_SUBCOMMANDS: dict[str, str] = {"train": "toolkit.train:train_command", "launch": "launchers.launch_cmd:launch",
-                                     "serve": "toolkit.rollout.server.cli:serve_command",
-                                     "data": "toolkit.data.cli:data", "eval": "toolkit.eval_cmd:eval_command"}
+LAZY_SUBCOMMANDS: dict[str, str] = {
+    "train": "toolkit.train:train_command",
+    "launch": "launchers.launch_cmd:launch",
+    "serve": "toolkit.rollout.server.cli:serve_command",
+    "data": "toolkit.data.cli:data",
+    "eval": "toolkit.eval_cmd:eval_command",
+}
 
 
 class LazyGroup(click.Group):
@@ -65,8 +70,14 @@ def main() -> None:
 
 @main.command("lint-profiles")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="text: one `path:line:col: error|warning: ...` line per issue; json: one document.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one `path:line:col: error|warning: ...` line per issue; json: one document.",
+)
 def lint_profiles(paths: tuple[Path, ...], fmt: str) -> None:
     """Lint every canonical profile (configs/stage2_ab/{prod,smoke}/*.yaml) under PATHS.
 
@@ -90,13 +101,23 @@ def lint_profiles(paths: tuple[Path, ...], fmt: str) -> None:
 
 @main.command("config")
 @profile_options
-@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Learner world size W used for derived values (gradient accumulation = E / (P × W)).")
-@click.option("--settings", "settings_only", is_flag=True,
-              help="Print only the typed runtime settings (cfg.settings: decode, match, packing, vllm, server, ...).")
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Learner world size W used for derived values (gradient accumulation = E / (P × W)).",
+)
+@click.option(
+    "--settings",
+    "settings_only",
+    is_flag=True,
+    help="Print only the typed runtime settings (cfg.settings: decode, match, packing, vllm, server, ...).",
+)
 @click.option("--derived", "derived_only", is_flag=True, help="Print only the derived values.")
-def config_command(profile: str, sets: tuple[str, ...], world_size: int, settings_only: bool,
-                   derived_only: bool) -> None:
+def config_command(
+    profile: str, sets: tuple[str, ...], world_size: int, settings_only: bool, derived_only: bool
+) -> None:
     """Print the fully resolved config of a profile as YAML (defaults filled, paths absolute).
 
     \b
@@ -110,8 +131,7 @@ def config_command(profile: str, sets: tuple[str, ...], world_size: int, setting
     from toolkit.config.yamlio import dump_yaml
 
     cfg = resolve_profile(profile, sets, world_size)
-    views = {"settings": lambda: dump_yaml(cfg.settings.to_dict()),
-             "derived": lambda: dump_yaml(cfg.derived.to_dict())}
+    views = {"settings": lambda: dump_yaml(cfg.settings.to_dict()), "derived": lambda: dump_yaml(cfg.derived.to_dict())}
     view = "settings" if settings_only else "derived" if derived_only else None
     click.echo(views[view]() if view else cfg.to_yaml(), nl=False)
     _echo_warnings(cfg.warnings)
@@ -119,12 +139,14 @@ def config_command(profile: str, sets: tuple[str, ...], world_size: int, setting
 
 @main.command("preflight")
 @profile_options
-@click.option("--gpus", metavar="IDS|cpu",
-              help="Learner GPUs, e.g. 0,1 (W = number of ids), or cpu (W = --nproc). Default: cpu.")
+@click.option(
+    "--gpus", metavar="IDS|cpu", help="Learner GPUs, e.g. 0,1 (W = number of ids), or cpu (W = --nproc). Default: cpu."
+)
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks with --gpus cpu (default 1).")
 @click.option("--server-gpus", metavar="IDS", help="GPUs for rollout servers (server mode).")
-def preflight_command(profile: str, sets: tuple[str, ...], gpus: str | None, nproc: int | None,
-                      server_gpus: str | None) -> None:
+def preflight_command(
+    profile: str, sets: tuple[str, ...], gpus: str | None, nproc: int | None, server_gpus: str | None
+) -> None:
     """Print the launcher contract as ONE line of JSON (schema-checked; no GPU or network touched).
 
     \b

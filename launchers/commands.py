@@ -10,9 +10,10 @@ The rollout server runs as `python -m toolkit.rollout.server --profile … --gpu
 launchers/supervisor.py is the only place that spawns. Must never import torch, transformers,
 deepspeed, vllm or fastapi.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from launchers.topology import LOOPBACK, ServerPlan, Topology, url_host_port
 from toolkit.config.placement import CPU, PlacementError
@@ -51,11 +52,17 @@ def build_torchrun_argv(topo: Topology, train_args: Sequence[str], python: str =
     env (build_learner_env): the --shutdown_timeout flag exists in torch 2.13 but not in 2.11, whose
     torchrun rejects it, while unknown env vars are ignored.
     """
-    argv = [python, "-m", "toolkit.torchrun", "--nnodes", str(topo.nnodes),
-            "--nproc_per_node", str(topo.nproc_per_node)]
+    argv = [
+        python,
+        "-m",
+        "toolkit.torchrun",
+        "--nnodes",
+        str(topo.nnodes),
+        "--nproc_per_node",
+        str(topo.nproc_per_node),
+    ]
     if topo.rdzv_endpoint:
-        argv += ["--rdzv_backend", "c10d",
-                 "--rdzv_endpoint", topo.rdzv_endpoint, "--rdzv_id", topo.rdzv_id]
+        argv += ["--rdzv_backend", "c10d", "--rdzv_endpoint", topo.rdzv_endpoint, "--rdzv_id", topo.rdzv_id]
     else:
         argv += ["--master_addr", topo.master_addr, "--master_port", str(topo.master_port.port)]
     argv += ["--max_restarts", "0", "--signals_to_handle", TORCHRUN_SIGNALS]
@@ -70,8 +77,10 @@ def build_deepspeed_argv(topo: Topology, train_args: Sequence[str], python: str 
         PlacementError: multi-node (the deepspeed runner needs ssh/pdsh and a hostfile; use torchrun).
     """
     if topo.nnodes > 1 or topo.rdzv_endpoint:
-        raise PlacementError("--launcher deepspeed runs one node here (its multi-node mode needs ssh/pdsh and a "
-                             "hostfile); use --launcher torchrun with --nnodes/--rdzv-endpoint")
+        raise PlacementError(
+            "--launcher deepspeed runs one node here (its multi-node mode needs ssh/pdsh and a "
+            "hostfile); use --launcher torchrun with --nnodes/--rdzv-endpoint"
+        )
     argv = [python, "-m", "deepspeed.launcher.runner"]
     if topo.cpu:
         argv += ["--num_gpus", str(topo.nproc_per_node)]
@@ -93,8 +102,23 @@ def build_learner_argv(launcher: str, topo: Topology, train_args: Sequence[str],
 def build_server_argv(server: ServerPlan, profile: str, sets: Sequence[str], python: str = "python") -> list[str]:
     """`python -m toolkit.rollout.server …` for one planned server."""
     gpus = CPU if server.gpus == CPU else ",".join(map(str, server.gpus))
-    argv = [python, "-m", SERVER_MODULE, "--profile", profile, "--gpus", gpus, "--dp", str(server.dp),
-            "--tp", str(server.tp), "--host", server.host, "--port", str(server.http.port)]
+    argv = [
+        python,
+        "-m",
+        SERVER_MODULE,
+        "--profile",
+        profile,
+        "--gpus",
+        gpus,
+        "--dp",
+        str(server.dp),
+        "--tp",
+        str(server.tp),
+        "--host",
+        server.host,
+        "--port",
+        str(server.http.port),
+    ]
     for item in sets:
         argv += ["--set", item]
     return argv
@@ -150,8 +174,17 @@ def build_server_env(base: Mapping[str, str], topo: Topology, server: ServerPlan
     return env
 
 
-MANAGED_VARS = ("PYTHONUNBUFFERED", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "NO_PROXY", "no_proxy",
-                "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", *PROXY_VARS)
+MANAGED_VARS = (
+    "PYTHONUNBUFFERED",
+    "OMP_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+    "NO_PROXY",
+    "no_proxy",
+    "CUDA_VISIBLE_DEVICES",
+    "DS_ACCELERATOR",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+    *PROXY_VARS,
+)
 
 
 def env_delta(base: Mapping[str, str], env: Mapping[str, str]) -> dict:

@@ -7,22 +7,23 @@ folder (toolkit/runlayout.py), the argv/env of every child (launchers.commands),
 server probes (launchers.probe), and hands the plan to launchers.supervisor, which alone spawns.
 Importing this module is cheap: no torch/transformers/deepspeed/vllm/fastapi, here or below.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import click
 
 from launchers import commands, probe, topology
-from toolkit.cli_options import ConfigFailure, profile_options
 from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
 from toolkit import runlayout
+from toolkit.cli_options import ConfigFailure, profile_options
 from toolkit.config.placement import Placement, PlacementError
 
 log = logging.getLogger("stage2.launch")
@@ -60,14 +61,19 @@ class LaunchPlan:
             return {"argv": spec.argv, "env": commands.env_delta(base_env, spec.env), "log": str(spec.log_path)}
 
         return {
-            "profile": self.contract["profile"], "launcher": self.request.launcher, "contract": self.contract,
+            "profile": self.contract["profile"],
+            "launcher": self.request.launcher,
+            "contract": self.contract,
             "placement": self.topo.to_dict(),
-            "servers": [{**proc(s.process), "base_url": s.base_url, "world_size": s.world_size}
-                        for s in self.plan.servers],
+            "servers": [
+                {**proc(s.process), "base_url": s.base_url, "world_size": s.world_size} for s in self.plan.servers
+            ],
             "learner": proc(self.plan.learner),
             "checks": {"server_min_model_len": self.expectation.min_model_len, "server_model": self.expectation.model},
-            "output_dir": str(self.output_dir), "logs": str(self.output_dir / runlayout.LOGS),
-            "checkpoints": str(self.output_dir / runlayout.CHECKPOINTS), "run_folder": self.folder_notes,
+            "output_dir": str(self.output_dir),
+            "logs": str(self.output_dir / runlayout.LOGS),
+            "checkpoints": str(self.output_dir / runlayout.CHECKPOINTS),
+            "run_folder": self.folder_notes,
         }
 
 
@@ -94,25 +100,40 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
     topology.check_ports(topo, lambda host: host in topology.local_hostnames())
     out = Path(cfg.training.output_dir)
     # The learner's rank 0 checks again; checking here fails before any server starts (nothing moved yet).
-    notes = runlayout.claim_run_folder(out, runlayout.as_written(cfg), req.resume, req.overwrite,
-                                       cfg.training.logging_dir, act=False)
+    notes = runlayout.claim_run_folder(
+        out, runlayout.as_written(cfg), req.resume, req.overwrite, cfg.training.logging_dir, act=False
+    )
     min_len = probe.required_model_len(cfg.global_max_length, contract["max_new_tokens"])
     want = probe.Expectation(None, contract["server_model"], min_len)
     sets = list(req.sets)
     if topology.servers_rewritten(topo, servers_info):
         sets.append(commands.servers_override(topo))
     profile = str(Path(cfg.profile_path).resolve())
-    server_specs = [ServerSpec(
-        ProcessSpec(f"server{s.index}", commands.build_server_argv(s, profile, sets, python),
-                    commands.build_server_env(env, topo, s),
-                    runlayout.process_log(out, f"server{s.index}", topo.node_rank)),
-        s.base_url, s.world_size,
-        lambda url, w=want, n=s.world_size: probe.verify_server(url, probe.Expectation(n, w.model, w.min_model_len)),
-    ) for s in topo.servers]
+    server_specs = [
+        ServerSpec(
+            ProcessSpec(
+                f"server{s.index}",
+                commands.build_server_argv(s, profile, sets, python),
+                commands.build_server_env(env, topo, s),
+                runlayout.process_log(out, f"server{s.index}", topo.node_rank),
+            ),
+            s.base_url,
+            s.world_size,
+            lambda url, w=want, n=s.world_size: probe.verify_server(
+                url, probe.Expectation(n, w.model, w.min_model_len)
+            ),
+        )
+        for s in topo.servers
+    ]
     train_args = commands.build_train_args(profile, sets, req.resume)
-    learner = ProcessSpec("learner", commands.build_learner_argv(req.launcher, topo, train_args, python),
-                          commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
-                          runlayout.process_log(out, "learner", topo.node_rank), tee=True, ignore_usr1=True)
+    learner = ProcessSpec(
+        "learner",
+        commands.build_learner_argv(req.launcher, topo, train_args, python),
+        commands.build_learner_env(env, topo, req.launcher, int(req.stop_timeout)),
+        runlayout.process_log(out, "learner", topo.node_rank),
+        tee=True,
+        ignore_usr1=True,
+    )
     check_multinode_servers(contract, topo.nnodes)  # after the flag checks above: those name the flag to fix
     plan = Plan(server_specs, learner, req.health_timeout, lambda t: checkpoint_since(out, t))
     return LaunchPlan(req, contract, topo, plan, out, want, notes, cfg)
@@ -120,8 +141,11 @@ def plan_launch(req: LaunchRequest, env: Mapping[str, str], python: str = sys.ex
 
 def checkpoint_since(output_dir: Path, since: float) -> Path | None:
     """The newest complete checkpoint (trainer_state.json written last) finished after `since`."""
-    done = [p for p in runlayout.complete_checkpoints(output_dir)
-            if (p / runlayout.STATE_FILE).stat().st_mtime >= since - 1.0]
+    done = [
+        p
+        for p in runlayout.complete_checkpoints(output_dir)
+        if (p / runlayout.STATE_FILE).stat().st_mtime >= since - 1.0
+    ]
     return done[-1] if done else None
 
 
@@ -131,13 +155,16 @@ def check_external_servers(lp: LaunchPlan) -> None:
     for url in lp.topo.external_servers:
         ok, detail = probe.health(url)
         if not ok:
-            problems.append(f"{url}/health/: {detail} (start it with `stage2 serve --profile {lp.request.profile} "
-                            f"--gpus …`, give --server-gpus to let stage2-launch start it, or fix the base_url)")
+            problems.append(
+                f"{url}/health/: {detail} (start it with `stage2 serve --profile {lp.request.profile} "
+                f"--gpus …`, give --server-gpus to let stage2-launch start it, or fix the base_url)"
+            )
             continue
         try:
             want = lp.expectation
-            problems += probe.verify_server(url, probe.Expectation(lp.topo.external_world_size, want.model,
-                                                                   want.min_model_len))
+            problems += probe.verify_server(
+                url, probe.Expectation(lp.topo.external_world_size, want.model, want.min_model_len)
+            )
         except probe.ProbeError as exc:
             problems.append(str(exc))
     if problems:
@@ -172,16 +199,20 @@ def check_gpus_exist(topo: topology.Topology, env: Mapping[str, str]) -> None:
         return
     have = visible_gpu_count(env)
     if have == 0:
-        raise LaunchError(f"GPU ids {','.join(map(str, sorted(set(wanted))))} were given but this machine has no "
-                          f"visible NVIDIA GPU (fix: --gpus cpu [--nproc N] for CPU ranks, or run on a GPU node)")
+        raise LaunchError(
+            f"GPU ids {','.join(map(str, sorted(set(wanted))))} were given but this machine has no "
+            f"visible NVIDIA GPU (fix: --gpus cpu [--nproc N] for CPU ranks, or run on a GPU node)"
+        )
 
 
 def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
     done = runlayout.complete_checkpoints(lp.output_dir)
     newest = f" (newest {done[-1].name})" if done else " (none complete)"
     reason = reason.split("\n", 1)[0]  # a failure's log tail was printed with the error already
-    return (f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / runlayout.LOGS}; "
-            f"checkpoints: {lp.output_dir / runlayout.CHECKPOINTS}{newest}")
+    return (
+        f"stage2-launch: exit {code} ({reason}) after {wall_s:.1f} s; logs: {lp.output_dir / runlayout.LOGS}; "
+        f"checkpoints: {lp.output_dir / runlayout.CHECKPOINTS}{newest}"
+    )
 
 
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
@@ -204,8 +235,9 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         raise click.ClickException(str(exc)) from None
     log.info("profile %s; run folder %s", lp.contract["profile"], lp.output_dir)
     if req.overwrite:
-        for note in runlayout.claim_run_folder(lp.output_dir, runlayout.as_written(lp.cfg), None, True,
-                                               lp.cfg.training.logging_dir):
+        for note in runlayout.claim_run_folder(
+            lp.output_dir, runlayout.as_written(lp.cfg), None, True, lp.cfg.training.logging_dir
+        ):
             log.info("%s", note)
     outcome = Supervisor(stop_timeout=req.stop_timeout).run(lp.plan)
     click.echo(summary_line(lp, outcome.exit_code, outcome.wall_s, outcome.reason), err=True)
@@ -224,35 +256,85 @@ def _setup_logging() -> None:
 
 @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
 @profile_options
-@click.option("--gpus", metavar="IDS|cpu",
-              help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu.")
+@click.option(
+    "--gpus", metavar="IDS|cpu", help="Learner GPUs on this node, e.g. 0,1 (one rank each), or cpu. Default: cpu."
+)
 @click.option("--nproc", type=click.IntRange(min=1), help="Learner ranks per node with --gpus cpu (default 1).")
 @click.option("--server-gpus", metavar="IDS", help="GPUs for the rollout server(s) this launch starts (server mode).")
-@click.option("--server-dp", type=click.IntRange(min=1),
-              help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: "
-                   "the DP running servers must report.")
-@click.option("--server-tp", type=click.IntRange(min=1),
-              help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.")
-@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Learner nodes (torchrun c10d rendezvous).")
-@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This node's rank (0..nnodes-1).")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT",
-              help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.")
-@click.option("--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True,
-              help="Learner launcher.")
-@click.option("--resume", metavar="auto|PATH",
-              help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.")
-@click.option("--overwrite", is_flag=True,
-              help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.")
-@click.option("--dry-run", is_flag=True,
-              help="Print placement, contract, exact commands and env changes as JSON; start nothing.")
-@click.option("--health-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds to wait for /health/ of started servers.")
-@click.option("--stop-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-              help="Seconds the learner gets to checkpoint after a stop signal.")
-def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint,
-           launcher, resume, overwrite, dry_run, health_timeout, stop_timeout) -> None:
+@click.option(
+    "--server-dp",
+    type=click.IntRange(min=1),
+    help="Data-parallel engines per server (default: GPUs per server / TP); without --server-gpus: "
+    "the DP running servers must report.",
+)
+@click.option(
+    "--server-tp",
+    type=click.IntRange(min=1),
+    help="Tensor parallel size; must equal rollout_matching.vllm.tensor_parallel_size.",
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Learner nodes (torchrun c10d rendezvous).",
+)
+@click.option(
+    "--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This node's rank (0..nnodes-1)."
+)
+@click.option(
+    "--rdzv-endpoint",
+    metavar="HOST:PORT",
+    help="Rendezvous of a multi-node run: the first node and one port, the same everywhere.",
+)
+@click.option(
+    "--launcher", type=click.Choice(commands.LAUNCHERS), default="torchrun", show_default=True, help="Learner launcher."
+)
+@click.option(
+    "--resume",
+    metavar="auto|PATH",
+    help="Resume from the newest complete checkpoint (auto; the run's config must match) or PATH.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start a new run in a folder holding another run: move that run to <output_dir>.old-<time>/ first.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing."
+)
+@click.option(
+    "--health-timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for /health/ of started servers.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds the learner gets to checkpoint after a stop signal.",
+)
+def launch(
+    profile,
+    sets,
+    gpus,
+    nproc,
+    server_gpus,
+    server_dp,
+    server_tp,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+    launcher,
+    resume,
+    overwrite,
+    dry_run,
+    health_timeout,
+    stop_timeout,
+) -> None:
     """Launch a Stage-2 run: joint preflight, rollout servers (server mode), then the learner.
 
     \b
@@ -269,10 +351,10 @@ def launch(profile, sets, gpus, nproc, server_gpus, server_dp, server_tp, nnodes
     """
     _setup_logging()
     try:
-        placement = Placement.from_flags(gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank,
-                                         rdzv_endpoint)
+        placement = Placement.from_flags(
+            gpus, nproc, server_gpus, server_dp, server_tp, nnodes, node_rank, rdzv_endpoint
+        )
     except PlacementError as exc:
         raise ConfigFailure(exc) from None
     req = LaunchRequest(profile, sets, placement, launcher, resume, overwrite, health_timeout, stop_timeout)
     sys.exit(run_launch(req, dry_run))
-

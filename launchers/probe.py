@@ -6,6 +6,7 @@ request has an explicit timeout, proxies are bypassed (`trust_env=False`: the se
 talks to are named explicitly) and only these idempotent GETs are made. Must never import torch,
 transformers, deepspeed, vllm or fastapi.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ def world_size(base_url: str, timeout: float = CALL_TIMEOUT_S) -> int:
     data = get_json(base_url, "/get_world_size/", timeout)
     value = data.get("world_size") if isinstance(data, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProbeError(f"GET {base_url.rstrip('/')}/get_world_size/: expected {{\"world_size\": int}}, "
-                         f"got {data!r:.200}")
+        raise ProbeError(
+            f'GET {base_url.rstrip("/")}/get_world_size/: expected {{"world_size": int}}, got {data!r:.200}'
+        )
     return value
 
 
@@ -105,8 +107,10 @@ def verify_server(base_url: str, want: Expectation, timeout: float = CALL_TIMEOU
     problems = []
     size = world_size(base_url, timeout)
     if want.world_size is not None and size != want.world_size:
-        problems.append(f"{base_url}: /get_world_size/ says {size}, the plan has DP×TP = {want.world_size} "
-                        "(fix: restart the server with matching --dp/--tp, or change --server-dp/--server-tp)")
+        problems.append(
+            f"{base_url}: /get_world_size/ says {size}, the plan has DP×TP = {want.world_size} "
+            "(fix: restart the server with matching --dp/--tp, or change --server-dp/--server-tp)"
+        )
     elif size < 1:
         problems.append(f"{base_url}: /get_world_size/ says {size}; expected ≥ 1")
     info = get_json(base_url, "/info/", timeout)
@@ -114,9 +118,13 @@ def verify_server(base_url: str, want: Expectation, timeout: float = CALL_TIMEOU
         return problems + [f"{base_url}: /info/ returned {info!r:.200}, expected an object"]
     model, length = info.get("model"), info.get("max_model_len")
     if not isinstance(model, str) or not _same_model(model, want.model):
-        problems.append(f"{base_url}: serves model {model!r} but the profile's model.model is {want.model!r} "
-                        "(fix: start the server with this profile, or point model.model at the served model)")
+        problems.append(
+            f"{base_url}: serves model {model!r} but the profile's model.model is {want.model!r} "
+            "(fix: start the server with this profile, or point model.model at the served model)"
+        )
     if not isinstance(length, int) or length < want.min_model_len:
-        problems.append(f"{base_url}: max_model_len {length!r} < {want.min_model_len} needed (prompt estimate + max_new_tokens) "
-                        "(fix: raise rollout_matching.vllm.max_model_len, or lower global_max_length/max_new_tokens)")
+        problems.append(
+            f"{base_url}: max_model_len {length!r} < {want.min_model_len} needed (prompt estimate + max_new_tokens) "
+            "(fix: raise rollout_matching.vllm.max_model_len, or lower global_max_length/max_new_tokens)"
+        )
     return problems

@@ -8,6 +8,7 @@ included) and, as a child subreaper, adopts orphans so they stay findable. This 
 /proc and sets the subreaper flag; launchers/supervisor.py sends the signals.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,7 +36,7 @@ def scan() -> dict[int, ProcInfo]:
                 raw = fh.read().decode(errors="replace")
         except OSError:  # exited while we looked
             continue
-        fields = raw[raw.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if len(fields) > 2:
             table[int(entry)] = ProcInfo(int(fields[1]), int(fields[2]), fields[0])
     return table
@@ -81,4 +82,5 @@ def pdeathsig_setter(signum: int):
     def apply() -> None:
         if prctl is not None:
             prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
     return apply

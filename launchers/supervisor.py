@@ -14,6 +14,7 @@ from /proc; the launcher is a child subreaper, so orphans of a killed torchrun a
 The exit code is the learner's (see `_exit_code` for the torchrun case). Log files: launchers/childlog.py.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from launchers import childlog, probe, proctree
 
@@ -97,6 +99,7 @@ def _child_setup(ignore_usr1: bool) -> Callable[[], None]:
         if ignore_usr1:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         deathsig()
+
     return setup
 
 
@@ -124,13 +127,20 @@ class Supervisor:
         log_file, offset = childlog.open_log(spec.log_path, f"stage2-launch starts {spec.name}: {' '.join(spec.argv)}")
         # The child writes to the log file itself, never to a pipe of ours: if the launcher dies, the
         # ranks keep a valid stdout (a broken pipe would crash one rank mid-step and hang the others).
-        proc = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_child_setup(spec.ignore_usr1))
+        proc = subprocess.Popen(
+            spec.argv,
+            env=spec.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_child_setup(spec.ignore_usr1),
+        )
         child = Child(spec, proc, log_file, groups={proc.pid})
         if spec.tee:
-            child.tee_thread = threading.Thread(target=childlog.follow, daemon=True,
-                                                args=(spec.log_path, offset, child.tee_done, self.console))
+            child.tee_thread = threading.Thread(
+                target=childlog.follow, daemon=True, args=(spec.log_path, offset, child.tee_done, self.console)
+            )
             child.tee_thread.start()
         self.children.append(child)
         log.info("started %s (pid %d, own process group), log %s", spec.name, proc.pid, spec.log_path)
@@ -186,8 +196,9 @@ class Supervisor:
             self.signal_groups(child.groups, signal.SIGTERM)
             if not self.wait_child(child, grace):
                 left = self.live(child.groups)
-                log.warning("%s: %d process(es) still alive %.0f s after SIGTERM %s: SIGKILL", name, len(left),
-                            grace, left)
+                log.warning(
+                    "%s: %d process(es) still alive %.0f s after SIGTERM %s: SIGKILL", name, len(left), grace, left
+                )
                 self.signal_groups(child.groups, signal.SIGKILL)
                 if not self.wait_child(child, 10.0):
                     log.error("%s: processes %s survived SIGKILL", name, self.live(child.groups))
@@ -262,23 +273,39 @@ class Supervisor:
             for child in list(pending):
                 if child.proc.poll() is not None:
                     code, path = normalize_code(child.proc.returncode), child.spec.log_path
-                    raise LaunchError(f"{child.spec.name} exited with code {code} before becoming healthy; "
-                                      f"see {path}{childlog.tail(path)}")
+                    raise LaunchError(
+                        f"{child.spec.name} exited with code {code} before becoming healthy; "
+                        f"see {path}{childlog.tail(path)}"
+                    )
                 ok, details[child.spec.name] = probe.health(specs[child.spec.name].base_url)
                 if ok:
                     pending.remove(child)
-                    log.info("%s healthy at %s after %.1f s", child.spec.name, specs[child.spec.name].base_url,
-                             time.monotonic() - t0)
+                    log.info(
+                        "%s healthy at %s after %.1f s",
+                        child.spec.name,
+                        specs[child.spec.name].base_url,
+                        time.monotonic() - t0,
+                    )
             waited = time.monotonic() - t0
             if pending and waited > plan.health_timeout:
-                names = ", ".join(f"{c.spec.name} {specs[c.spec.name].base_url}/health/ ({details[c.spec.name]}; "
-                                  f"log {c.spec.log_path})" for c in pending)
-                raise LaunchError(f"rollout server(s) not healthy within {plan.health_timeout:g} s: {names}"
-                                  f"{childlog.tail(pending[0].spec.log_path)}")
+                names = ", ".join(
+                    f"{c.spec.name} {specs[c.spec.name].base_url}/health/ ({details[c.spec.name]}; "
+                    f"log {c.spec.log_path})"
+                    for c in pending
+                )
+                raise LaunchError(
+                    f"rollout server(s) not healthy within {plan.health_timeout:g} s: {names}"
+                    f"{childlog.tail(pending[0].spec.log_path)}"
+                )
             if pending and time.monotonic() - last_note >= 5.0:
                 last_note = time.monotonic()
-                log.info("waiting for %s: %.0f s / %g s (%s)", ", ".join(c.spec.name for c in pending), waited,
-                         plan.health_timeout, "; ".join(details[c.spec.name] for c in pending))
+                log.info(
+                    "waiting for %s: %.0f s / %g s (%s)",
+                    ", ".join(c.spec.name for c in pending),
+                    waited,
+                    plan.health_timeout,
+                    "; ".join(details[c.spec.name] for c in pending),
+                )
             if pending:
                 time.sleep(0.5)
         for child in servers:
@@ -287,8 +314,11 @@ class Supervisor:
     def _verify(self, spec: ServerSpec) -> None:
         try:
             size = probe.world_size(spec.base_url)
-            problems = [] if size == spec.world_size else [
-                f"{spec.base_url}: /get_world_size/ says {size}, the plan has DP×TP = {spec.world_size}"]
+            problems = (
+                []
+                if size == spec.world_size
+                else [f"{spec.base_url}: /get_world_size/ says {size}, the plan has DP×TP = {spec.world_size}"]
+            )
             problems += spec.verify(spec.base_url)
         except probe.ProbeError as exc:
             problems = [str(exc)]
@@ -307,12 +337,19 @@ class Supervisor:
             for child in servers:
                 if server_died is None and child.proc.poll() is not None:
                     server_died = child
-                    log.error("%s died mid-run (code %d); stopping the learner. See %s", child.spec.name,
-                              normalize_code(child.proc.returncode), child.spec.log_path)
+                    log.error(
+                        "%s died mid-run (code %d); stopping the learner. See %s",
+                        child.spec.name,
+                        normalize_code(child.proc.returncode),
+                        child.spec.log_path,
+                    )
                     self._forward(learner, signal.SIGTERM)
             if self.stop_forwarded and not killed and time.time() - self.stop_forwarded[1] > self.stop_timeout:
-                log.error("the learner did not stop within %.0f s of signal %d: SIGKILL", self.stop_timeout,
-                          self.stop_forwarded[0])
+                log.error(
+                    "the learner did not stop within %.0f s of signal %d: SIGKILL",
+                    self.stop_timeout,
+                    self.stop_forwarded[0],
+                )
                 self.signal_groups(learner.groups, signal.SIGKILL)
                 killed = True
             time.sleep(POLL_S)
@@ -340,9 +377,13 @@ class Supervisor:
         if self.stop_forwarded is None:
             self.stop_forwarded = (signum, time.time())
         self.refresh()  # the ranks' own groups (torchrun gives each rank a session) get it too
-        log.warning("forwarding signal %d to the learner's process groups %s: the ranks finish the current step, "
-                    "checkpoint and exit (up to %.0f s; a second Ctrl-C kills)", signum, sorted(learner.groups),
-                    self.stop_timeout)
+        log.warning(
+            "forwarding signal %d to the learner's process groups %s: the ranks finish the current step, "
+            "checkpoint and exit (up to %.0f s; a second Ctrl-C kills)",
+            signum,
+            sorted(learner.groups),
+            self.stop_timeout,
+        )
         self.signal_groups(learner.groups, signum)
 
     def _exit_code(self, plan: Plan, wrapper: int) -> int:
@@ -357,8 +398,9 @@ class Supervisor:
         if ckpt is not None:
             log.info("the learner checkpointed %s after signal %d", ckpt, signum)
             return 128 + signum
-        log.error("the learner stopped after signal %d without writing a checkpoint (its code %d): exit 1",
-                  signum, wrapper)
+        log.error(
+            "the learner stopped after signal %d without writing a checkpoint (its code %d): exit 1", signum, wrapper
+        )
         return 1
 
 
@@ -373,4 +415,3 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-

@@ -19,12 +19,13 @@ Port policy (every port carries the `source` that chose it, so errors can name i
     learner receives the new list through `--set rollout_matching.vllm.server.servers=[...]`.
 A port that this node must bind and that is taken is a PlacementError naming the port and its source.
 """
+
 from __future__ import annotations
 
 import hashlib
 import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from toolkit.config.placement import CPU, Placement, PlacementError, ids_text
@@ -94,14 +95,31 @@ class Topology:
     def to_dict(self) -> dict:
         """Plain data for --dry-run output."""
         return {
-            "learner": {"gpus": CPU if self.cpu else list(self.learner_gpus), "nproc_per_node": self.nproc_per_node,
-                        "nnodes": self.nnodes, "node_rank": self.node_rank, "world_size": self.world_size},
-            "rendezvous": ({"endpoint": self.rdzv_endpoint, "id": self.rdzv_id} if self.rdzv_endpoint else
-                           {"master_addr": self.master_addr, "master_port": _port_dict(self.master_port)}),
+            "learner": {
+                "gpus": CPU if self.cpu else list(self.learner_gpus),
+                "nproc_per_node": self.nproc_per_node,
+                "nnodes": self.nnodes,
+                "node_rank": self.node_rank,
+                "world_size": self.world_size,
+            },
+            "rendezvous": (
+                {"endpoint": self.rdzv_endpoint, "id": self.rdzv_id}
+                if self.rdzv_endpoint
+                else {"master_addr": self.master_addr, "master_port": _port_dict(self.master_port)}
+            ),
             "server_mode": self.server_mode,
-            "servers": [{"index": s.index, "base_url": s.base_url, "gpus": s.gpus if s.gpus == CPU else list(s.gpus),
-                         "dp": s.dp, "tp": s.tp, "http_port": _port_dict(s.http), "group_port": _port_dict(s.group)}
-                        for s in self.servers],
+            "servers": [
+                {
+                    "index": s.index,
+                    "base_url": s.base_url,
+                    "gpus": s.gpus if s.gpus == CPU else list(s.gpus),
+                    "dp": s.dp,
+                    "tp": s.tp,
+                    "http_port": _port_dict(s.http),
+                    "group_port": _port_dict(s.group),
+                }
+                for s in self.servers
+            ],
             "external_servers": list(self.external_servers),
             "external_world_size": self.external_world_size,
             "notes": list(self.notes),
@@ -124,13 +142,16 @@ def visible_to_physical(ids: Sequence[int], inherited: str | None, flag: str) ->
         return tuple(ids)
     entries = [e.strip() for e in inherited.split(",") if e.strip()]
     if any(i >= len(entries) for i in ids):
-        raise PlacementError(f"{flag} {','.join(map(str, ids))}: CUDA_VISIBLE_DEVICES={inherited} exposes only "
-                             f"{len(entries)} GPU(s) (ids 0..{len(entries) - 1} here)")
+        raise PlacementError(
+            f"{flag} {','.join(map(str, ids))}: CUDA_VISIBLE_DEVICES={inherited} exposes only "
+            f"{len(entries)} GPU(s) (ids 0..{len(entries) - 1} here)"
+        )
     try:
         return tuple(int(entries[i]) for i in ids)
     except ValueError:
-        raise PlacementError(f"CUDA_VISIBLE_DEVICES={inherited} holds non-integer ids (UUIDs?); "
-                             "set it to integer ids or unset it") from None
+        raise PlacementError(
+            f"CUDA_VISIBLE_DEVICES={inherited} holds non-integer ids (UUIDs?); set it to integer ids or unset it"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- ports
@@ -149,8 +170,10 @@ def job_port_range(first_ephemeral: int | None = None) -> tuple[int, int]:
     hi = ephemeral_start() if first_ephemeral is None else first_ephemeral
     lo = PORT_LO if hi >= PORT_LO + 2000 else 1024
     if hi - lo < 1000:
-        raise PlacementError(f"{EPHEMERAL_RANGE_FILE} starts at {hi}: too few ports below it for job-derived "
-                             "ports; set MASTER_PORT / STAGE2_RDZV_PORT / STAGE2_SERVER_PORT explicitly")
+        raise PlacementError(
+            f"{EPHEMERAL_RANGE_FILE} starts at {hi}: too few ports below it for job-derived "
+            "ports; set MASTER_PORT / STAGE2_RDZV_PORT / STAGE2_SERVER_PORT explicitly"
+        )
     return lo, hi
 
 
@@ -182,8 +205,9 @@ def probe_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_ports(topo: Topology, host_is_local: Callable[[str], bool],
-                is_free: Callable[[str, int], bool] = port_is_free) -> None:
+def check_ports(
+    topo: Topology, host_is_local: Callable[[str], bool], is_free: Callable[[str, int], bool] = port_is_free
+) -> None:
     """Every port this node binds must be free and used once; raises PlacementError naming each clash."""
     wanted: list[tuple[str, Port]] = []
     if topo.master_port is not None and topo.master_port.bind_here:
@@ -199,8 +223,10 @@ def check_ports(topo: Topology, host_is_local: Callable[[str], bool],
             continue
         seen[port.port] = f"{port.source}"
         if not is_free(host, port.port):
-            problems.append(f"port {port.port} on {host} is already in use ({port.source}); "
-                            f"stop the process holding it (`ss -ltnp | grep :{port.port}`) or choose another port")
+            problems.append(
+                f"port {port.port} on {host} is already in use ({port.source}); "
+                f"stop the process holding it (`ss -ltnp | grep :{port.port}`) or choose another port"
+            )
     if problems:
         raise PlacementError("; ".join(problems))
 
@@ -232,8 +258,9 @@ class ProfileServers:
     tensor_parallel_size: int = 1
 
 
-def build_topology(placement: Placement, profile: ProfileServers, env: Mapping[str, str],
-                   probe: Callable[[], int] = probe_free_port) -> Topology:
+def build_topology(
+    placement: Placement, profile: ProfileServers, env: Mapping[str, str], probe: Callable[[], int] = probe_free_port
+) -> Topology:
     """The full placement of one launch on this node.
 
     Args:
@@ -248,71 +275,112 @@ def build_topology(placement: Placement, profile: ProfileServers, env: Mapping[s
     if p.rdzv:
         host, port = p.rdzv
         rdzv_id = env.get("SLURM_JOB_ID") or f"stage2-{port}"
-        return Topology(learner, p.nproc_per_node, p.nnodes, p.node_rank, host,
-                        Port(port, "--rdzv-endpoint", bind_here=p.node_rank == 0), p.rdzv_endpoint, rdzv_id,
-                        started, external, want, profile.server_mode, notes)
-    return Topology(learner, p.nproc_per_node, 1, 0, "127.0.0.1", master_port(env, probe), None, "stage2",
-                    started, external, want, profile.server_mode, notes)
+        return Topology(
+            learner,
+            p.nproc_per_node,
+            p.nnodes,
+            p.node_rank,
+            host,
+            Port(port, "--rdzv-endpoint", bind_here=p.node_rank == 0),
+            p.rdzv_endpoint,
+            rdzv_id,
+            started,
+            external,
+            want,
+            profile.server_mode,
+            notes,
+        )
+    return Topology(
+        learner,
+        p.nproc_per_node,
+        1,
+        0,
+        "127.0.0.1",
+        master_port(env, probe),
+        None,
+        "stage2",
+        started,
+        external,
+        want,
+        profile.server_mode,
+        notes,
+    )
 
 
-def _plan_servers(place: Placement, profile: ProfileServers, env: Mapping[str, str]
-                  ) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...], int | None]:
+def _plan_servers(
+    place: Placement, profile: ProfileServers, env: Mapping[str, str]
+) -> tuple[tuple[ServerPlan, ...], tuple[str, ...], tuple[str, ...], int | None]:
     """Which profile servers this launch starts (and on what), which must already be running, notes,
     and the world size expected of the running ones (--server-dp × TP, or None)."""
     server_ids, learner_ids = place.server_gpus, place.learner_gpus
     urls = tuple(url for url, _ in profile.servers)
     if not profile.server_mode:
-        for flag, value in (("--server-gpus", place.server_gpus), ("--server-dp", place.server_dp),
-                            ("--server-tp", place.server_tp)):
+        for flag, value in (
+            ("--server-gpus", place.server_gpus),
+            ("--server-dp", place.server_dp),
+            ("--server-tp", place.server_tp),
+        ):
             if value is not None:
-                raise PlacementError(f"{flag} needs a server-mode profile (rollout_matching.rollout_backend: vllm, "
-                                     "rollout_matching.vllm.mode: server)")
+                raise PlacementError(
+                    f"{flag} needs a server-mode profile (rollout_matching.rollout_backend: vllm, "
+                    "rollout_matching.vllm.mode: server)"
+                )
         return (), (), (), None
     loopback = all(url_host_port(u)[0] in LOOPBACK for u in urls)
     start = server_ids is not None or (learner_ids is None and loopback)
     if not start or place.nnodes > 1:
         if server_ids is not None:
-            raise PlacementError("--server-gpus with --nnodes > 1: start the servers as their own job step "
-                                 "(`stage2 serve`, see launchers/slurm/stage2_server_split.sbatch)")
+            raise PlacementError(
+                "--server-gpus with --nnodes > 1: start the servers as their own job step "
+                "(`stage2 serve`, see launchers/slurm/stage2_server_split.sbatch)"
+            )
         if place.server_tp is not None and place.server_dp is None:
             raise PlacementError("--server-tp without --server-dp: give both to check running servers' world size")
         want = place.server_dp * _server_tp(place, profile) if place.server_dp else None
         note = f"server mode: using the running servers {', '.join(urls)}"
         return (), urls, (note + (f", each with world size {want}" if want else ""),), want
     if server_ids is not None and not loopback:
-        raise PlacementError(f"servers started by stage2-launch listen on this machine, but the profile lists "
-                             f"{', '.join(urls)}; use 127.0.0.1 URLs or start remote servers with `stage2 serve`")
+        raise PlacementError(
+            f"servers started by stage2-launch listen on this machine, but the profile lists "
+            f"{', '.join(urls)}; use 127.0.0.1 URLs or start remote servers with `stage2 serve`"
+        )
     tp = _server_tp(place, profile)
     gpu_blocks = _split_server_gpus(server_ids, len(urls), tp, env) if server_ids else [CPU] * len(urls)
     dp = place.server_dp or (len(gpu_blocks[0]) // tp if server_ids else 1)
     if server_ids and dp * tp != len(gpu_blocks[0]):
-        raise PlacementError(f"--server-dp {dp} × --server-tp {tp} = {dp * tp} must equal the GPUs per server "
-                             f"({len(gpu_blocks[0])}: --server-gpus {ids_text(server_ids)} over {len(urls)} server(s))")
-    plans = tuple(_server_plan(i, url, gport, gpu_blocks[i], dp, tp, env)
-                  for i, (url, gport) in enumerate(profile.servers))
+        raise PlacementError(
+            f"--server-dp {dp} × --server-tp {tp} = {dp * tp} must equal the GPUs per server "
+            f"({len(gpu_blocks[0])}: --server-gpus {ids_text(server_ids)} over {len(urls)} server(s))"
+        )
+    plans = tuple(
+        _server_plan(i, url, gport, gpu_blocks[i], dp, tp, env) for i, (url, gport) in enumerate(profile.servers)
+    )
     return plans, (), (), None
 
 
 def _server_tp(place: Placement, profile: ProfileServers) -> int:
     tp = profile.tensor_parallel_size
     if place.server_tp is not None and place.server_tp != tp:
-        raise PlacementError(f"--server-tp {place.server_tp} differs from the profile's "
-                             f"rollout_matching.vllm.tensor_parallel_size={tp}; the profile is the one truth "
-                             f"(fix: --set rollout_matching.vllm.tensor_parallel_size={place.server_tp})")
+        raise PlacementError(
+            f"--server-tp {place.server_tp} differs from the profile's "
+            f"rollout_matching.vllm.tensor_parallel_size={tp}; the profile is the one truth "
+            f"(fix: --set rollout_matching.vllm.tensor_parallel_size={place.server_tp})"
+        )
     return tp
 
 
-def _split_server_gpus(ids: tuple[int, ...], count: int, tp: int,
-                       env: Mapping[str, str]) -> list[tuple[int, ...]]:
+def _split_server_gpus(ids: tuple[int, ...], count: int, tp: int, env: Mapping[str, str]) -> list[tuple[int, ...]]:
     """Contiguous equal blocks of --server-gpus, one per profile server (mapped onto CUDA_VISIBLE_DEVICES)."""
     if len(ids) % count:
-        raise PlacementError(f"--server-gpus {ids_text(ids)} ({len(ids)} GPUs) does not split evenly over the "
-                             f"profile's {count} server(s)")
+        raise PlacementError(
+            f"--server-gpus {ids_text(ids)} ({len(ids)} GPUs) does not split evenly over the "
+            f"profile's {count} server(s)"
+        )
     per = len(ids) // count
     if per % tp:
         raise PlacementError(f"each server gets {per} GPU(s), not a multiple of tensor_parallel_size={tp}")
     mapped = visible_to_physical(ids, env.get("CUDA_VISIBLE_DEVICES"), "--server-gpus")
-    return [mapped[i * per:(i + 1) * per] for i in range(count)]
+    return [mapped[i * per : (i + 1) * per] for i in range(count)]
 
 
 def _server_plan(i: int, url: str, group_port: int, gpus, dp: int, tp: int, env: Mapping[str, str]) -> ServerPlan:

@@ -9,6 +9,7 @@ The pinned runs are exactly the README's commands: `stage2 train --profile smoke
 data.val_sample_limit=64`. tests/e2e/test_readme_current.py checks that the README quotes these figures,
 so after a change to the training math: run this script, then copy the figures it prints into README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,16 @@ RUNS = {
 
 
 def train(profile: str, sets: tuple[str, ...], out: Path) -> None:
-    argv = [sys.executable, "-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}",
-            "--overwrite"]
+    argv = [
+        sys.executable,
+        "-m",
+        "toolkit.train",
+        "--profile",
+        profile,
+        "--set",
+        f"training.output_dir={out}",
+        "--overwrite",
+    ]
     for item in sets:
         argv += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
@@ -80,8 +89,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="demo,b_only", help="comma list out of demo,b_only")
     p.add_argument("--from-runs", type=Path, help="read finished runs under this folder instead of training")
-    p.add_argument("--runs", type=Path, default=Path(tempfile.gettempdir()) / "readme_runs",
-                   help="where the runs are written (each into <runs>/<name>)")
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "readme_runs",
+        help="where the runs are written (each into <runs>/<name>)",
+    )
     args = p.parse_args(argv)
     figures = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:

@@ -1,6 +1,7 @@
 """Helpers shared by several test folders (importable because tests/conftest.py puts tests/ on sys.path; worker
 scripts started as subprocesses put it there themselves): the committed tiny models, ports, the env of a product
 subprocess, a run's metrics.jsonl, the CLI in a fresh interpreter, and the plain-PyTorch reference step."""
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,13 @@ print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
 def stage2_in_fresh_python(runs: list[list[str]], *imports: str) -> tuple[list, list[str]]:
     """Run `stage2 ARGS` for each ARGS of `runs` (output swallowed), then import `imports`, in one fresh
     interpreter at the repository root: the exit codes (0 or None: success) and every module it loaded."""
-    proc = subprocess.run([sys.executable, "-c", _STAGE2_RUNS, json.dumps(runs), *imports], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _STAGE2_RUNS, json.dumps(runs), *imports],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return out["codes"], out["modules"]
@@ -108,7 +114,6 @@ def shape_images(tmp: Path, sizes=((112, 112), (84, 112), (112, 56))) -> list[st
         Image.fromarray((np.random.RandomState(i).rand(h, w, 3) * 255).astype("uint8")).save(path)
         paths.append(str(path))
     return paths
-
 
 
 class PlainStep:

@@ -3,6 +3,7 @@
 Qwen2-VL is the shipped default; Qwen2.5-VL and Qwen3-VL come from assets/vlm_families.py. Each has a
 random-init folder and a Stage-1 folder; tests load them read-only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,14 +8,16 @@ own (docs/STAGE2_RUNBOOK.md, "Shell completion"): `eval "$(_STAGE2_COMPLETE=bash
 Imports only click at import time (the config room inside functions, when a completion is asked for):
 `stage2 --help` and every command module import it, so it must stay light.
 """
+
 from __future__ import annotations
 
 import click
 from click.shell_completion import CompletionItem
 
 PROFILE_HELP = "Profile name (prod/ab_mixed, smoke/a_only, ...) or path to a .yaml file."
-SET_HELP = ("Override KEY=VALUE (repeatable); VALUE is YAML, e.g. "
-            "--set 'x.servers=[{base_url: ..., group_port: 51300}]'.")
+SET_HELP = (
+    "Override KEY=VALUE (repeatable); VALUE is YAML, e.g. --set 'x.servers=[{base_url: ..., group_port: 51300}]'."
+)
 
 
 class ConfigFailure(click.ClickException):
@@ -65,11 +67,26 @@ def profile_options(func=None, *, required: bool = True, profile_help: str = PRO
 
     Use bare (`@profile_options`) or with keywords (`@profile_options(required=False, profile_help=...)`).
     """
+
     def decorate(f):
-        f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=check_sets, help=set_help,
-                         shell_complete=complete_set)(f)
-        return click.option("--profile", "-p", required=required, metavar="NAME|PATH",
-                            help=profile_help, shell_complete=complete_profile)(f)
+        f = click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="KEY=VALUE",
+            callback=check_sets,
+            help=set_help,
+            shell_complete=complete_set,
+        )(f)
+        return click.option(
+            "--profile",
+            "-p",
+            required=required,
+            metavar="NAME|PATH",
+            help=profile_help,
+            shell_complete=complete_profile,
+        )(f)
+
     return decorate(func) if func is not None else decorate
 
 

@@ -12,6 +12,7 @@ numbers are the `eval_rollout/*` ones training logs. Writes into --out: eval.jso
 predictions.jsonl (one line per val sample: rollout, parsed objects, GT, matches) and pictures/*.png.
 Importing this module is cheap: torch and transformers are imported when the command runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,18 @@ from toolkit.cli_options import profile_options, resolve_profile
 from toolkit.runlayout import CHECKPOINT_HF, EVAL, complete_checkpoints
 
 log = logging.getLogger(__name__)
-TABLE_KEYS = ("eval_rollout/f1", "eval_rollout/precision", "eval_rollout/recall", "eval_rollout/class50/f1",
-              "eval_rollout/matched_iou_mean", "eval_rollout/valid_json_rate", "eval_rollout/parse_truncated_rate",
-              "eval_rollout/rollout_len_mean", "eval_rollout/samples", "eval_rollout/runtime_s")
+TABLE_KEYS = (
+    "eval_rollout/f1",
+    "eval_rollout/precision",
+    "eval_rollout/recall",
+    "eval_rollout/class50/f1",
+    "eval_rollout/matched_iou_mean",
+    "eval_rollout/valid_json_rate",
+    "eval_rollout/parse_truncated_rate",
+    "eval_rollout/rollout_len_mean",
+    "eval_rollout/samples",
+    "eval_rollout/runtime_s",
+)
 
 
 class EvalError(click.ClickException):
@@ -65,9 +75,11 @@ def resolve_checkpoint(path: str, base_model: str) -> Checkpoint:
     if found:
         log.info("--checkpoint %s is a run folder: evaluating its newest checkpoint %s", path, found[-1].name)
         return Checkpoint(str(found[-1] / CHECKPOINT_HF), None, _step_of(found[-1]))
-    raise EvalError(f"--checkpoint {path}: not a model folder (no config.json), a checkpoints/step-*/ folder "
-                    "(no hf/config.json), a run folder (no complete checkpoints/step-*/hf) nor a LoRA adapter "
-                    "(no adapter_config.json)")
+    raise EvalError(
+        f"--checkpoint {path}: not a model folder (no config.json), a checkpoints/step-*/ folder "
+        "(no hf/config.json), a run folder (no complete checkpoints/step-*/hf) nor a LoRA adapter "
+        "(no adapter_config.json)"
+    )
 
 
 def _step_of(p: Path) -> int:
@@ -89,8 +101,13 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
     from toolkit.model_source import from_pretrained
 
     cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = from_pretrained(cls.from_pretrained, ck.model, "model.model" if ck.adapter else "--checkpoint", dtype=getattr(torch, cfg.model.torch_dtype),
-                            attn_implementation=cfg.model.attn_impl)
+    model = from_pretrained(
+        cls.from_pretrained,
+        ck.model,
+        "model.model" if ck.adapter else "--checkpoint",
+        dtype=getattr(torch, cfg.model.torch_dtype),
+        attn_implementation=cfg.model.attn_impl,
+    )
     if ck.adapter:
         from peft import PeftModel
 
@@ -115,8 +132,9 @@ def open_backend(name: str, ck: Checkpoint, cfg, tok, codec, vision, out: Path):
     return build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, device=device, vision=vision)
 
 
-def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | None, out: Path | None,
-                        pictures: int) -> tuple[dict, Path]:
+def evaluate_checkpoint(
+    cfg, checkpoint: str, backend_name: str, limit: int | None, out: Path | None, pictures: int
+) -> tuple[dict, Path]:
     """Load, decode, score and write eval.json / predictions.jsonl / pictures; returns (metrics, out)."""
     from toolkit.data.tokenizer import load_tokenizer
     from toolkit.model_source import from_pretrained
@@ -127,8 +145,10 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
     from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 
     if not cfg.data.val_jsonl:
-        raise EvalError("data.val_jsonl is not set in the profile: `stage2 eval` scores the profile's val set "
-                        "(fix: --set data.val_jsonl=PATH)")
+        raise EvalError(
+            "data.val_jsonl is not set in the profile: `stage2 eval` scores the profile's val set "
+            "(fix: --set data.val_jsonl=PATH)"
+        )
     ck = resolve_checkpoint(checkpoint, cfg.model.model)
     key = "model.model" if ck.model == cfg.model.model else "--checkpoint"
     tok_dir = ck.adapter if ck.adapter and (Path(ck.adapter) / "tokenizer.json").is_file() else ck.model
@@ -136,14 +156,30 @@ def evaluate_checkpoint(cfg, checkpoint: str, backend_name: str, limit: int | No
     codec = HFTokenCodec(tok)
     vision = VisionProcessor(ck.model) if image_pad_id(ck.model) is not None else None
     d = cfg.data
-    val = load_samples(d.val_jsonl, tok, limit=limit or d.val_sample_limit, system=cfg.template.system_prompt,
-                       vision=vision, image_root=d.image_root, bbox_format=d.bbox_format)
+    val = load_samples(
+        d.val_jsonl,
+        tok,
+        limit=limit or d.val_sample_limit,
+        system=cfg.template.system_prompt,
+        vision=vision,
+        image_root=d.image_root,
+        bbox_format=d.bbox_format,
+    )
     out = Path(out) if out else default_out(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     backend = open_backend(backend_name, ck, cfg, tok, codec, vision, out)
     try:
-        res = run_eval(backend, val, codec, cfg.settings, rank=0, world_size=1, step=ck.step,
-                       keep=len(val), progress=sys.stderr.isatty())
+        res = run_eval(
+            backend,
+            val,
+            codec,
+            cfg.settings,
+            rank=0,
+            world_size=1,
+            step=ck.step,
+            keep=len(val),
+            progress=sys.stderr.isatty(),
+        )
     finally:
         backend.close()
     (out / "eval.json").write_text(json.dumps(res.metrics, indent=2, sort_keys=True) + "\n")
@@ -161,15 +197,35 @@ def format_table(metrics: dict) -> str:
 
 @click.command("eval", context_settings={"show_default": True})
 @profile_options(profile_help="Profile whose val set, decoding and matching knobs are used.")
-@click.option("--checkpoint", required=True, metavar="DIR",
-              help="Model folder, checkpoints/step-*/ (or its hf/), a run's output_dir, or a LoRA adapter folder.")
+@click.option(
+    "--checkpoint",
+    required=True,
+    metavar="DIR",
+    help="Model folder, checkpoints/step-*/ (or its hf/), a run's output_dir, or a LoRA adapter folder.",
+)
 @click.option("--backend", "backend_name", type=click.Choice(["hf", "vllm"]), default="hf", help="Rollout engine.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score the first N val records (default: data.val_sample_limit).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder [default: <training.output_dir>/eval/<checkpoint>].")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Score the first N val records (default: data.val_sample_limit).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder [default: <training.output_dir>/eval/<checkpoint>].",
+)
 @click.option("--pictures", type=click.IntRange(min=0), default=16, help="PNGs drawn for the first N samples.")
-def eval_command(profile: str, sets: tuple[str, ...], checkpoint: str, backend_name: str, limit: int | None,
-                 out: Path | None, pictures: int) -> None:
+def eval_command(
+    profile: str,
+    sets: tuple[str, ...],
+    checkpoint: str,
+    backend_name: str,
+    limit: int | None,
+    out: Path | None,
+    pictures: int,
+) -> None:
     """Evaluate a checkpoint on the profile's val set with the training eval (eval_rollout/* metrics).
 
     \b

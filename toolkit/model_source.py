@@ -5,6 +5,7 @@ Without this, a mistyped relative path reaches the hub client, which retries for
 fails with a long chain of connection errors. Here both become one sentence naming the key and the fix.
 Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,7 @@ class ModelSourceError(FileNotFoundError):
 
 def looks_like_path(name: str) -> bool:
     """A path, not a hub id: absolute, ./ ../ ~, a backslash, or more than one '/' (hub ids are 'org/name')."""
-    return (name.startswith(("/", "./", "../", "~", ".")) or "\\" in name or name.count("/") > 1
-            or name.endswith("/"))
+    return name.startswith(("/", "./", "../", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
 
 
 def check_model_source(name: str, key: str = "model.model") -> None:
@@ -30,8 +30,10 @@ def check_model_source(name: str, key: str = "model.model") -> None:
             raise ModelSourceError(f"{key}: {name} is a file; it must be a model folder (with config.json)")
         return
     if looks_like_path(name):
-        raise ModelSourceError(f"{key}: {name} does not exist (resolved to {p.resolve()}); "
-                               "fix the path, or run from the folder it is relative to")
+        raise ModelSourceError(
+            f"{key}: {name} does not exist (resolved to {p.resolve()}); "
+            "fix the path, or run from the folder it is relative to"
+        )
 
 
 def hub_unreachable(name: str, key: str = "model.model") -> ModelSourceError:
@@ -39,7 +41,8 @@ def hub_unreachable(name: str, key: str = "model.model") -> ModelSourceError:
         f"{key}: {name!r} is not a local folder (no {Path(name).expanduser().resolve()}), and the Hugging Face hub "
         "could not be reached to download it "
         f"(no network?): download it where there is network (`hf download {name} --local-dir DIR`) and set "
-        f"{key} to DIR")
+        f"{key} to DIR"
+    )
 
 
 def from_pretrained(load, name: str, key: str = "model.model", **kwargs):
@@ -65,7 +68,9 @@ def check_hub(name: str, key: str = "model.model") -> None:
     try:
         model_info(name, timeout=20)
     except RepositoryNotFoundError:
-        raise ModelSourceError(f"{key}: {name!r} is not a local folder (no {Path(name).resolve()}) and not a model "
-                               "on the Hugging Face hub; fix the path or the id") from None
+        raise ModelSourceError(
+            f"{key}: {name!r} is not a local folder (no {Path(name).resolve()}) and not a model "
+            "on the Hugging Face hub; fix the path or the id"
+        ) from None
     except Exception:  # noqa: BLE001 - any transport failure (DNS, proxy, timeout) reads the same to the user
         raise hub_unreachable(name, key) from None

@@ -9,10 +9,12 @@ Example (`stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3`
     {"rollout_backend": "vllm", "vllm_mode": "server", "server_base_urls": ["http://127.0.0.1:8000"],
      "group_ports": [51216], "learner_world_size": 2, "gradient_accumulation_steps": 28, ...}
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from voluptuous import PREVENT_EXTRA, Invalid, MultipleInvalid, Required, Schema
 
@@ -25,28 +27,31 @@ class PreflightError(ValueError):
     """The placement does not fit the profile, or a contract field is missing or invalid; the message names it."""
 
 
-PREFLIGHT_SCHEMA = Schema({
-    Required("rollout_backend"): Enum("hf", "vllm"),
-    Required("vllm_mode"): Nullable(Enum("colocate", "server")),
-    Required("server_base_urls"): ListOf(Str()),
-    Required("group_ports"): ListOf(Int(lo=1024, hi=65535)),
-    Required("learner_world_size"): Int(lo=1),
-    Required("learner_gpus"): Either(Const(CPU), ListOf(Int(lo=0))),
-    Required("server_gpus"): ListOf(Int(lo=0)),
-    Required("gradient_accumulation_steps"): Int(lo=1),
-    Required("decode_batch_size"): Int(lo=1),
-    Required("effective_batch_size"): Int(lo=1),
-    Required("per_rank_samples_per_step"): Int(lo=1),
-    Required("server_model"): Str(),
-    Required("max_model_len"): Nullable(Int(lo=1)),
-    Required("max_new_tokens"): Int(lo=1),
-    Required("tensor_parallel_size"): Int(lo=1),
-    Required("vllm_sync_mode"): Enum("full", "adapter"),
-    Required("repeat_terminate_enabled"): Bool(),
-    Required("output_dir"): Str(),
-    Required("profile"): Str(),
-    Required("overrides"): ListOf(Str()),
-}, extra=PREVENT_EXTRA)
+PREFLIGHT_SCHEMA = Schema(
+    {
+        Required("rollout_backend"): Enum("hf", "vllm"),
+        Required("vllm_mode"): Nullable(Enum("colocate", "server")),
+        Required("server_base_urls"): ListOf(Str()),
+        Required("group_ports"): ListOf(Int(lo=1024, hi=65535)),
+        Required("learner_world_size"): Int(lo=1),
+        Required("learner_gpus"): Either(Const(CPU), ListOf(Int(lo=0))),
+        Required("server_gpus"): ListOf(Int(lo=0)),
+        Required("gradient_accumulation_steps"): Int(lo=1),
+        Required("decode_batch_size"): Int(lo=1),
+        Required("effective_batch_size"): Int(lo=1),
+        Required("per_rank_samples_per_step"): Int(lo=1),
+        Required("server_model"): Str(),
+        Required("max_model_len"): Nullable(Int(lo=1)),
+        Required("max_new_tokens"): Int(lo=1),
+        Required("tensor_parallel_size"): Int(lo=1),
+        Required("vllm_sync_mode"): Enum("full", "adapter"),
+        Required("repeat_terminate_enabled"): Bool(),
+        Required("output_dir"): Str(),
+        Required("profile"): Str(),
+        Required("overrides"): ListOf(Str()),
+    },
+    extra=PREVENT_EXTRA,
+)
 
 
 def validate_preflight(d: Any) -> dict:
@@ -58,7 +63,8 @@ def validate_preflight(d: Any) -> dict:
         for err in exc.errors:
             name = ".".join(str(p) for p in err.path) or "<contract>"
             text = {"required key not provided": "missing", "extra keys not allowed": "unknown field"}.get(
-                err.error_message, err.error_message)
+                err.error_message, err.error_message
+            )
             problems.append(f"preflight field '{name}': {text}")
         raise PreflightError("; ".join(sorted(problems))) from None
     except Invalid as exc:
@@ -77,16 +83,21 @@ def _check_placement(cfg: ResolvedConfig, placement: Placement) -> None:
     """What the placement must agree on with the profile (the flags among themselves: Placement.from_flags)."""
     world = placement.world_size
     if world != cfg.derived.learner_world_size:
-        raise PreflightError(f"the config was resolved for learner world size {cfg.derived.learner_world_size} "
-                             f"but the placement has {world}; load it with world_size={world}")
+        raise PreflightError(
+            f"the config was resolved for learner world size {cfg.derived.learner_world_size} "
+            f"but the placement has {world}; load it with world_size={world}"
+        )
     settings, server_gpus = cfg.settings, placement.server_gpus or ()
     if server_gpus and not cfg.derived.server_mode:
-        raise PreflightError("--server-gpus needs rollout_backend: vllm with vllm.mode: server "
-                             f"(the profile has {settings.rollout_backend}/{settings.vllm.mode})")
+        raise PreflightError(
+            "--server-gpus needs rollout_backend: vllm with vllm.mode: server "
+            f"(the profile has {settings.rollout_backend}/{settings.vllm.mode})"
+        )
     tp = settings.vllm.tensor_parallel_size
     if server_gpus and len(server_gpus) % tp:
-        raise PreflightError(f"--server-gpus has {len(server_gpus)} GPUs, not a multiple of "
-                             f"vllm.tensor_parallel_size={tp}")
+        raise PreflightError(
+            f"--server-gpus has {len(server_gpus)} GPUs, not a multiple of vllm.tensor_parallel_size={tp}"
+        )
 
 
 def _check_model(model: str, backend: str) -> None:
@@ -109,14 +120,18 @@ def check_multinode_servers(contract: dict, nnodes: int) -> None:
 
     if nnodes <= 1:
         return
-    local = [u for u in contract["server_base_urls"]
-             if (urlsplit(u).hostname or "") in LOOPBACK_HOSTS or (urlsplit(u).hostname or "").startswith("127.")]
+    local = [
+        u
+        for u in contract["server_base_urls"]
+        if (urlsplit(u).hostname or "") in LOOPBACK_HOSTS or (urlsplit(u).hostname or "").startswith("127.")
+    ]
     if local:
         raise PreflightError(
             f"rollout_matching.vllm.server.servers: {', '.join(local)} is a loopback address, but this launch "
             f"spans {nnodes} nodes: every node would reach only a server on itself. Start the servers on "
             "their own nodes with launchers/slurm/stage2_server_split.sbatch (it hands their URLs to the "
-            "learners), or list URLs every node can reach (http://<server node>:<port>)")
+            "learners), or list URLs every node can reach (http://<server node>:<port>)"
+        )
 
 
 def build_preflight(cfg: ResolvedConfig, placement: Placement | None = None) -> dict:
@@ -133,28 +148,30 @@ def build_preflight(cfg: ResolvedConfig, placement: Placement | None = None) -> 
     backend, vllm = settings.rollout_backend, settings.vllm
     _check_model(cfg.model.model, backend)
     servers = settings.server.servers if cfg.derived.server_mode else ()
-    return validate_preflight({
-        "rollout_backend": backend,
-        "vllm_mode": vllm.mode if backend == "vllm" else None,
-        "server_base_urls": [s.base_url for s in servers],
-        "group_ports": [s.group_port for s in servers],
-        "learner_world_size": placement.world_size,
-        "learner_gpus": CPU if placement.cpu else list(placement.learner_gpus),
-        "server_gpus": list(placement.server_gpus or ()),
-        "gradient_accumulation_steps": cfg.derived.gradient_accumulation_steps,
-        "decode_batch_size": cfg.derived.decode_batch_size,
-        "effective_batch_size": cfg.training.effective_batch_size,
-        "per_rank_samples_per_step": cfg.derived.per_rank_samples_per_step,
-        "server_model": cfg.model.model,
-        "max_model_len": vllm.max_model_len if backend == "vllm" else None,
-        "max_new_tokens": settings.decode.max_new_tokens,
-        "tensor_parallel_size": vllm.tensor_parallel_size,
-        "vllm_sync_mode": cfg.derived.vllm_sync_mode,
-        "repeat_terminate_enabled": settings.decode.repeat is not None,
-        "output_dir": cfg.training.output_dir,
-        "profile": str(Path(cfg.profile_path).resolve()),
-        "overrides": list(cfg.overrides),
-    })
+    return validate_preflight(
+        {
+            "rollout_backend": backend,
+            "vllm_mode": vllm.mode if backend == "vllm" else None,
+            "server_base_urls": [s.base_url for s in servers],
+            "group_ports": [s.group_port for s in servers],
+            "learner_world_size": placement.world_size,
+            "learner_gpus": CPU if placement.cpu else list(placement.learner_gpus),
+            "server_gpus": list(placement.server_gpus or ()),
+            "gradient_accumulation_steps": cfg.derived.gradient_accumulation_steps,
+            "decode_batch_size": cfg.derived.decode_batch_size,
+            "effective_batch_size": cfg.training.effective_batch_size,
+            "per_rank_samples_per_step": cfg.derived.per_rank_samples_per_step,
+            "server_model": cfg.model.model,
+            "max_model_len": vllm.max_model_len if backend == "vllm" else None,
+            "max_new_tokens": settings.decode.max_new_tokens,
+            "tensor_parallel_size": vllm.tensor_parallel_size,
+            "vllm_sync_mode": cfg.derived.vllm_sync_mode,
+            "repeat_terminate_enabled": settings.decode.repeat is not None,
+            "output_dir": cfg.training.output_dir,
+            "profile": str(Path(cfg.profile_path).resolve()),
+            "overrides": list(cfg.overrides),
+        }
+    )
 
 
 def _local_model_path(value: str) -> bool:
@@ -167,8 +184,10 @@ def missing_files(cfg: ResolvedConfig) -> list[str]:
     problems = []
     model = cfg.model.model
     if _local_model_path(model) and not Path(model).expanduser().is_dir():
-        problems.append(f"model.model: no folder {model} (fix: point it at a Hugging Face model folder, "
-                        f"e.g. --set model.model=/path/to/stage1; a hub id looks like org/name)")
+        problems.append(
+            f"model.model: no folder {model} (fix: point it at a Hugging Face model folder, "
+            f"e.g. --set model.model=/path/to/stage1; a hub id looks like org/name)"
+        )
     data = cfg.data
     wanted = [("data.train_jsonl", data.train_jsonl)]
     if data.val_jsonl:  # the trainer loads it whenever it is set
@@ -186,8 +205,9 @@ def check_files(cfg: ResolvedConfig) -> None:
         raise PreflightError("; ".join(problems))
 
 
-def preflight_for_profile(profile: str | Path, overrides: Sequence[str] = (),
-                          placement: Placement | None = None) -> dict:
+def preflight_for_profile(
+    profile: str | Path, overrides: Sequence[str] = (), placement: Placement | None = None
+) -> dict:
     """Resolve the profile for the placement's learner world size and build the contract."""
     from toolkit.config import load_profile
 

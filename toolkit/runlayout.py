@@ -16,13 +16,15 @@ A fresh run refuses a folder that holds another run's checkpoints or metrics (`c
 RESUME_MAY_CHANGE (docs/STAGE2_RUNBOOK.md, "One run, one folder"). Stdlib and PyYAML only: the trainer,
 the launcher and `stage2` read it without importing torch.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 METRICS = "metrics.jsonl"
@@ -39,12 +41,24 @@ CHECKPOINT_RNG = "rng"  # inside a checkpoint: one RNG state file per rank
 # Resolved-config keys (dotted prefixes) that `--resume auto` lets differ from the run being continued:
 # how long it runs and how it logs/saves, where servers listen, and what the world size derives.
 RESUME_MAY_CHANGE = (
-    "training.max_steps", "training.num_train_epochs", "training.logging_steps", "training.report_to",
-    "training.eval_strategy", "training.eval_steps", "training.save_strategy", "training.save_steps",
-    "training.save_total_limit", "training.output_dir", "training.logging_dir",
-    "training.gradient_accumulation_steps", "training.per_device_eval_batch_size", "data.val_sample_limit",
-    "rollout_matching.vllm.server.servers", "rollout_matching.vllm.server.timeout_s",
-    "rollout_matching.vllm.server.infer_timeout_s", "rollout_matching.monitor_dump",
+    "training.max_steps",
+    "training.num_train_epochs",
+    "training.logging_steps",
+    "training.report_to",
+    "training.eval_strategy",
+    "training.eval_steps",
+    "training.save_strategy",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.output_dir",
+    "training.logging_dir",
+    "training.gradient_accumulation_steps",
+    "training.per_device_eval_batch_size",
+    "data.val_sample_limit",
+    "rollout_matching.vllm.server.servers",
+    "rollout_matching.vllm.server.timeout_s",
+    "rollout_matching.vllm.server.infer_timeout_s",
+    "rollout_matching.monitor_dump",
 )
 
 
@@ -122,8 +136,9 @@ def config_differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]
     """(key, old, new) for every leaf that differs between two resolved configs, sorted by key."""
     a, b = _flatten(old), _flatten(new)
     missing = object()
-    return sorted((k, a.get(k, missing), b.get(k, missing)) for k in set(a) | set(b)
-                  if a.get(k, missing) != b.get(k, missing))
+    return sorted(
+        (k, a.get(k, missing), b.get(k, missing)) for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing)
+    )
 
 
 def _may_change(key: str) -> bool:
@@ -168,12 +183,20 @@ def move_aside(output_dir: str | Path) -> Path:
 
 
 def _fix(output_dir: Path) -> str:
-    return (f"fix: continue it with `--resume auto`, pick another folder with `--set training.output_dir=…`, "
-            f"or pass `--overwrite` to move the old run to {output_dir.name}.old-<time>/ (nothing is deleted)")
+    return (
+        f"fix: continue it with `--resume auto`, pick another folder with `--set training.output_dir=…`, "
+        f"or pass `--overwrite` to move the old run to {output_dir.name}.old-<time>/ (nothing is deleted)"
+    )
 
 
-def claim_run_folder(output_dir: str | Path, new_config: Mapping, resume: str | None = None,
-                     overwrite: bool = False, logging_dir: str | Path | None = None, act: bool = True) -> list[str]:
+def claim_run_folder(
+    output_dir: str | Path,
+    new_config: Mapping,
+    resume: str | None = None,
+    overwrite: bool = False,
+    logging_dir: str | Path | None = None,
+    act: bool = True,
+) -> list[str]:
     """Check that this run may write into output_dir; returns lines to log (what was moved or what differs).
 
     fresh (no --resume, or --resume PATH outside output_dir): the folder must hold no run traces, or
@@ -193,8 +216,7 @@ def claim_run_folder(output_dir: str | Path, new_config: Mapping, resume: str | 
     if not traces:
         return []
     if not overwrite:
-        raise RunFolderError(f"training.output_dir {out} already holds another run: {'; '.join(traces)}. "
-                             + _fix(out))
+        raise RunFolderError(f"training.output_dir {out} already holds another run: {'; '.join(traces)}. " + _fix(out))
     if not act:
         return [f"--overwrite: would move {out} aside"]
     notes = [f"--overwrite: moved the previous run {out} → {move_aside(out)}"]
@@ -217,5 +239,6 @@ def _check_same_config(out: Path, new_config: Mapping, strict: bool) -> list[str
             f"--resume auto: the run in {out} was trained with a different config ({listed}). fix: resume with "
             f"the profile and --set values it was started with, or start a new run (another "
             f"training.output_dir, or --overwrite to move this one aside); `--resume <checkpoint dir>` "
-            f"continues from a checkpoint whatever differs.")
+            f"continues from a checkpoint whatever differs."
+        )
     return [f"resume: {k} changed {_show(a)} → {_show(b)}" for k, a, b in diffs]

@@ -7,6 +7,7 @@ traceback, although nothing went wrong. Here that ends in one line and exit 128+
 checkpointed is read from the run folder by the launcher (docs/STAGE2_RUNBOOK.md §7). Any other failure keeps
 torchrun's own report. This runs in the learner's process, never in the launcher's (which imports no torch).
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,11 @@ def main() -> int:
         torchrun_main()
     except SignalException as exc:
         signum = int(exc.sigval)
-        print(f"torchrun: stopped by signal {signum} ({exc.sigval.name}) after the ranks finished; "
-              f"exit {128 + signum}", file=sys.stderr, flush=True)
+        print(
+            f"torchrun: stopped by signal {signum} ({exc.sigval.name}) after the ranks finished; exit {128 + signum}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 128 + signum
     return 0
 

@@ -13,6 +13,7 @@ a stop signal N (SIGTERM → 143, SIGUSR1 → 138) once the step finished and th
 SIGTERM or SIGINT during start-up (before the first step) stop at once, writing nothing (143, 130).
 Importing this module is cheap: the trainer (torch, DeepSpeed) is imported when a run starts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,10 @@ try:
 
     from toolkit.cli_options import profile_options
 except ModuleNotFoundError as _err:  # `python3 -m toolkit.train` outside the project's venv
-    sys.exit(f"{_err}: run with the project's venv: `.venv/bin/python -m toolkit.train …` or "
-             "`source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
+    sys.exit(
+        f"{_err}: run with the project's venv: `.venv/bin/python -m toolkit.train …` or "
+        "`source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)"
+    )
 
 WORLD_ENV = ("WORLD_SIZE", "1")
 STOP_NOW = (signal.SIGTERM, signal.SIGINT)  # during start-up: stop at once
@@ -67,14 +70,20 @@ class StartupSignals:
         log.warning("signal %d during start-up: will checkpoint and stop after the first step", signum)
 
 
-VENV_HINT = ("run with the project's venv: `.venv/bin/stage2 train …` / `.venv/bin/python -m toolkit.train …`, "
-             "or `source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)")
+VENV_HINT = (
+    "run with the project's venv: `.venv/bin/stage2 train …` / `.venv/bin/python -m toolkit.train …`, "
+    "or `source .venv/bin/activate` first (`bash scripts/setup.sh` creates it)"
+)
 
 
 def setup_logging() -> None:
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -91,8 +100,9 @@ def run(profile: str, overrides: tuple[str, ...] = (), resume: str | None = None
         return 128 + stop.signum
 
 
-def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | None, overwrite: bool,
-                     startup: StartupSignals) -> int:
+def _start_and_train(
+    profile: str, overrides: tuple[str, ...], resume: str | None, overwrite: bool, startup: StartupSignals
+) -> int:
     try:
         from toolkit.config import load_profile
     except ModuleNotFoundError as err:
@@ -136,11 +146,18 @@ def _start_and_train(profile: str, overrides: tuple[str, ...], resume: str | Non
 
 @click.command("train", context_settings={"show_default": True})
 @profile_options
-@click.option("--resume", default=None, metavar="auto|PATH",
-              help="Continue from the newest complete checkpoint under training.output_dir (auto; the run's "
-                   "config must match) or from the checkpoint PATH.")
-@click.option("--overwrite", is_flag=True,
-              help="Start a new run in a folder that holds another run: move that run to <output_dir>.old-<time>/ first.")
+@click.option(
+    "--resume",
+    default=None,
+    metavar="auto|PATH",
+    help="Continue from the newest complete checkpoint under training.output_dir (auto; the run's "
+    "config must match) or from the checkpoint PATH.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start a new run in a folder that holds another run: move that run to <output_dir>.old-<time>/ first.",
+)
 def train_command(profile: str, sets: tuple[str, ...], resume: str | None, overwrite: bool) -> None:
     """Train one rank of a Stage-2 AB run (all ranks when started by torchrun).
 
@@ -165,8 +182,16 @@ def train_command(profile: str, sets: tuple[str, ...], resume: str | None, overw
     setup_logging()
     try:
         code = run(profile, sets, resume, overwrite)
-    except (ConfigError, RecordError, CheckpointError, FileNotFoundError, ModelSupportError, RunFolderError,
-            PreflightError, RolloutServerError) as err:
+    except (
+        ConfigError,
+        RecordError,
+        CheckpointError,
+        FileNotFoundError,
+        ModelSupportError,
+        RunFolderError,
+        PreflightError,
+        RolloutServerError,
+    ) as err:
         # Errors a user fixes from the message alone (it names the file/key/server and the fix): no traceback.
         raise click.ClickException(str(err)) from None
     sys.exit(code)

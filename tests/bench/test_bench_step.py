@@ -4,6 +4,7 @@ finite, positive). Timings themselves are never asserted (tests/README.md §3): 
 The host-side part alone (`--quick --no-steps`) runs in seconds; the whole quick run (both step workers,
 trl when installed) takes minutes on a shared 2-core machine, so it is `slow`.
 """
+
 import json
 import math
 import os
@@ -16,14 +17,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "bench_step.py"
 HOST_KEYS = ("host_ms_per_sample", "host_segment_ms_per_sample", "host_pack_ms_per_sample", "host_ms_per_step_56")
-STEP_KEYS = ("overhead_ratio_b", "overhead_ratio_a", "ours_step_b_s", "rollout_s", "plain_fwd_bwd_b_s",
-             "ours_step_a1_s", "plain_fwd_bwd_a_s", "ours_ms_per_gen_token", "pack_tokens_b")
+STEP_KEYS = (
+    "overhead_ratio_b",
+    "overhead_ratio_a",
+    "ours_step_b_s",
+    "rollout_s",
+    "plain_fwd_bwd_b_s",
+    "ours_step_a1_s",
+    "plain_fwd_bwd_a_s",
+    "ours_ms_per_gen_token",
+    "pack_tokens_b",
+)
 TRL_KEYS = ("vs_trl_step_ratio", "vs_trl_token_ratio", "trl_step_s", "trl_ms_per_gen_token", "trl_gen_tokens")
 
 
 def run_bench(*flags: str, timeout: int, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, str(BENCH), "--json", "--quick", *flags], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--json", "--quick", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

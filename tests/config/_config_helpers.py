@@ -1,4 +1,5 @@
 """Helpers for config tests: a minimal flat profile, file writing, error lookup."""
+
 from __future__ import annotations
 
 import textwrap

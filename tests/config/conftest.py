@@ -1,11 +1,11 @@
 """Fixtures for config tests: a temp project with a copy of configs/, and a minimal flat profile."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
-
 from _config_helpers import MINIMAL, REPO, write
 
 

@@ -1,16 +1,16 @@
 """CLI: --help everywhere, exit codes 0/1/2, stdout carries only data, --format json, preflight JSON."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from _config_helpers import REPO, write
 from click.testing import CliRunner
 
 from launchers.cli import lint_profiles, main
-from toolkit.preflight import PREFLIGHT_SCHEMA, PreflightError, build_preflight, validate_preflight
 from toolkit.config import load_profile
-
-from _config_helpers import REPO, write
+from toolkit.preflight import PREFLIGHT_SCHEMA, PreflightError, build_preflight, validate_preflight
 
 COMMANDS = [[], ["lint-profiles"], ["config"], ["preflight"]]
 
@@ -43,7 +43,7 @@ def test_lint_findings_exit_1_with_position_lines(project):
     leaf.write_text(leaf.read_text().replace("n_softctx_iter: 2", "n_softctx_iterz: 2"))
     result = run(["lint-profiles", str(project / "configs")])
     assert result.exit_code == 1
-    [line] = [l for l in result.stdout.splitlines() if "n_softctx_iterz" in l]
+    [line] = [ln for ln in result.stdout.splitlines() if "n_softctx_iterz" in ln]
     assert line.startswith(f"{leaf}:") and ": error: stage2_ab.n_softctx_iterz: unknown key" in line
     assert "did you mean 'n_softctx_iter'" in line
 
@@ -124,12 +124,15 @@ def test_preflight_cpu_nproc():
     assert data["vllm_mode"] is None and data["server_base_urls"] == [] and data["decode_batch_size"] == 4
 
 
-@pytest.mark.parametrize("args,code,text", [
-    (["--gpus", "0,1", "--server-gpus", "1,2"], 1, "disjoint"),
-    (["--gpus", "0,0"], 2, "distinct"),
-    (["--gpus", "0,1", "--nproc", "3"], 1, "disagrees"),
-    (["--gpus", "a"], 2, "comma-separated"),
-])
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["--gpus", "0,1", "--server-gpus", "1,2"], 1, "disjoint"),
+        (["--gpus", "0,0"], 2, "distinct"),
+        (["--gpus", "0,1", "--nproc", "3"], 1, "disagrees"),
+        (["--gpus", "a"], 2, "comma-separated"),
+    ],
+)
 def test_preflight_placement_errors(args, code, text):
     result = run(["preflight", "-p", "prod/ab_mixed"] + args)
     assert result.exit_code == code and text in result.stderr
@@ -168,14 +171,17 @@ def test_lazy_subcommand_imported_only_when_needed(tmp_path, monkeypatch):
 
     from launchers import cli
 
-    write(tmp_path / "lazy_dummy_cmd.py", '''
+    write(
+        tmp_path / "lazy_dummy_cmd.py",
+        '''
 import click
 
 @click.command()
 def cmd():
     """A dummy subcommand."""
     click.echo("dummy ran")
-''')
+''',
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.LAZY_SUBCOMMANDS, "dummy", "lazy_dummy_cmd:cmd")
     assert "lazy_dummy_cmd" not in sys.modules

@@ -1,5 +1,6 @@
 """Fuzz: mutated valid profiles (insert/delete/rename keys, change types and values at random paths)
 either load cleanly or raise ConfigError whose every issue names a key path: never another exception."""
+
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
+from _config_helpers import REPO
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -20,20 +21,48 @@ from toolkit.config.schema import ROOT
 from toolkit.config.spec import walk_spec
 from toolkit.config.yamlio import dump_yaml
 
-from _config_helpers import REPO
-
 BASE = load_profile("smoke/ab_mixed", world_size=1).to_dict()
-KEY_NAMES = sorted({p[-1] for p, _ in walk_spec(ROOT) if p[-1] != "[]"}
-                   | {k.split(".")[-1] for k in LEGACY if not k.endswith("*")} | {"extends", "extra"})
+KEY_NAMES = sorted(
+    {p[-1] for p, _ in walk_spec(ROOT) if p[-1] != "[]"}
+    | {k.split(".")[-1] for k in LEGACY if not k.endswith("*")}
+    | {"extends", "extra"}
+)
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 70000), st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from(["1e-5", "no", "yes", "", "vllm", "server", "hf", "colocate", "auto", "zero2", "http://h:1",
-                     "full", "lora", "steps", "sample", "cosine", "all-linear"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        [
+            "1e-5",
+            "no",
+            "yes",
+            "",
+            "vllm",
+            "server",
+            "hf",
+            "colocate",
+            "auto",
+            "zero2",
+            "http://h:1",
+            "full",
+            "lora",
+            "steps",
+            "sample",
+            "cosine",
+            "all-linear",
+        ]
+    ),
     st.text(max_size=8),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=2), st.dictionaries(st.sampled_from(KEY_NAMES), inner, max_size=2)), max_leaves=3)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=2), st.dictionaries(st.sampled_from(KEY_NAMES), inner, max_size=2)
+    ),
+    max_leaves=3,
+)
 new_keys = st.one_of(st.sampled_from(KEY_NAMES), st.text(min_size=1, max_size=10))
 
 
@@ -83,8 +112,13 @@ def fuzz_file(scratch):
     return scratch / "profile.yaml"
 
 
-@settings(max_examples=2000, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=2000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=mutated_profiles(), world_size=st.sampled_from([1, 2, 3, 4]))
 def test_mutated_profiles_load_or_fail_cleanly(fuzz_file, data, world_size):
     fuzz_file.write_text(dump_yaml(data), encoding="utf-8")
@@ -106,8 +140,32 @@ def test_mutated_profiles_load_or_fail_cleanly(fuzz_file, data, world_size):
 
 
 LEAF_TEXT = (REPO / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml").read_text(encoding="utf-8")
-NOISE = st.sampled_from([":", "- ", "  ", "{", "}", "[", "]", "&a ", "*a", "!x ", "'", '"', "#", "\t", "? ", "<<: ",
-                         "1e-5", "no", "null", "extends: ../base.yaml", "x: 1", "\n"])
+NOISE = st.sampled_from(
+    [
+        ":",
+        "- ",
+        "  ",
+        "{",
+        "}",
+        "[",
+        "]",
+        "&a ",
+        "*a",
+        "!x ",
+        "'",
+        '"',
+        "#",
+        "\t",
+        "? ",
+        "<<: ",
+        "1e-5",
+        "no",
+        "null",
+        "extends: ../base.yaml",
+        "x: 1",
+        "\n",
+    ]
+)
 
 
 @st.composite
@@ -137,8 +195,13 @@ def fuzz_leaf(scratch):
     return root / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml"
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(text=mutated_texts())
 def test_mutated_leaf_text_loads_or_fails_cleanly(fuzz_leaf, text):
     """Text-level damage to a canonical leaf (YAML syntax, tags, anchors, duplicates, extends)."""
@@ -164,8 +227,11 @@ def alias_bombs(draw):
     lines = []
     for i in range(levels):
         item = "x" if i == 0 else f"*b{i - 1}"
-        body = ("{" + ", ".join(f"k{j}: {item}" for j in range(width)) + "}") if as_map else \
-               ("[" + ", ".join([item] * width) + "]")
+        body = (
+            ("{" + ", ".join(f"k{j}: {item}" for j in range(width)) + "}")
+            if as_map
+            else ("[" + ", ".join([item] * width) + "]")
+        )
         lines.append(f"b{i}: &b{i} {body}")
     if draw(st.booleans()):
         text = LEAF_TEXT + "custom:\n  extra:\n" + "".join(f"    {line}\n" for line in lines)
@@ -174,8 +240,13 @@ def alias_bombs(draw):
     return text, sum(width ** (i + 1) for i in range(levels)) * (2 if as_map else 1)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(bomb=alias_bombs())
 def test_alias_bombs_fail_cleanly_naming_the_file(fuzz_leaf, bomb):
     from toolkit.config.yamlio import MAX_NODES
@@ -194,8 +265,13 @@ def test_alias_bombs_fail_cleanly_naming_the_file(fuzz_leaf, bomb):
         str(err)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(at=st.integers(0, len(LEAF_BYTES)), junk=st.binary(min_size=1, max_size=6))
 def test_non_utf8_bytes_fail_cleanly_at_their_line(fuzz_leaf, at, junk):
     raw = LEAF_BYTES[:at] + junk + LEAF_BYTES[at:]

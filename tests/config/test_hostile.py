@@ -1,17 +1,17 @@
 """Hostile profiles and --set values (issue 15): alias bombs, deep nesting, non-UTF-8 bytes, a broken IPv6
 URL, the file a missing key is blamed on, and relative paths of a parent written in another project."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from _config_helpers import MINIMAL, REPO, by_path, load_errors, write
 from click.testing import CliRunner
 
 from launchers.cli import main
 from toolkit.config import load_profile
 from toolkit.config.yamlio import MAX_NESTING, MAX_NODES
-
-from _config_helpers import MINIMAL, REPO, by_path, load_errors, write
 
 
 def run(args):
@@ -50,15 +50,20 @@ def test_shared_anchor_within_budget_still_loads(tmp_path):
     assert list(load_profile(path).custom.extra["c"]) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("value,text", [
-    ("&a [*a]", "alias refers to itself"),
-    ("&a {x: *a}", "alias refers to itself"),
-    ("[&b [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], "
-     "&d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c], &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]]",
-     f"more than {MAX_NODES:,} values"),
-    ("!!python/object/apply:os.system [echo hi]", "is not supported"),
-    ("{<<: {a: 1}}", "merge keys"),
-])
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        ("&a [*a]", "alias refers to itself"),
+        ("&a {x: *a}", "alias refers to itself"),
+        (
+            "[&b [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], "
+            "&d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c], &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]]",
+            f"more than {MAX_NODES:,} values",
+        ),
+        ("!!python/object/apply:os.system [echo hi]", "is not supported"),
+        ("{<<: {a: 1}}", "merge keys"),
+    ],
+)
 def test_set_value_with_hostile_yaml_is_a_set_error(value, text):
     err = load_errors("smoke/ab_mixed", [f"custom.extra.x={value}"])
     [issue] = by_path(err)["custom.extra.x"]
@@ -115,12 +120,18 @@ def test_broken_base_url_is_a_field_error(url):
     err = load_errors("prod/ab_mixed", [f"rollout_matching.vllm.server.servers[0].base_url={url}"])
     [issue] = by_path(err)["rollout_matching.vllm.server.servers[0].base_url"]
     assert "is not an http(s) URL with host and port" in issue.message
-    assert run(["config", "-p", "prod/ab_mixed", "--set",
-                f"rollout_matching.vllm.server.servers[0].base_url={url}"]).exit_code == 1
+    assert (
+        run(
+            ["config", "-p", "prod/ab_mixed", "--set", f"rollout_matching.vllm.server.servers[0].base_url={url}"]
+        ).exit_code
+        == 1
+    )
 
 
 def test_missing_keys_of_an_extends_only_leaf_are_blamed_on_the_leaf(project):
-    leaf = write(project / "configs" / "stage2_ab" / "smoke" / "empty.yaml", "# nothing of its own\nextends: ../base.yaml\n")
+    leaf = write(
+        project / "configs" / "stage2_ab" / "smoke" / "empty.yaml", "# nothing of its own\nextends: ../base.yaml\n"
+    )
     err = load_errors(leaf)
     missing = [i for i in err.issues if i.message == "required key is missing"]
     assert {i.key_path for i in missing} >= {"model.model", "training.run_name", "data.train_jsonl"}
@@ -128,8 +139,10 @@ def test_missing_keys_of_an_extends_only_leaf_are_blamed_on_the_leaf(project):
 
 
 def test_missing_key_in_a_section_the_leaf_writes_points_at_that_section(project):
-    leaf = write(project / "configs" / "stage2_ab" / "smoke" / "part.yaml",
-                 "extends: ../base.yaml\ntraining:\n  learning_rate: 1.0e-4\n")
+    leaf = write(
+        project / "configs" / "stage2_ab" / "smoke" / "part.yaml",
+        "extends: ../base.yaml\ntraining:\n  learning_rate: 1.0e-4\n",
+    )
     missing = {i.key_path: i for i in load_errors(leaf).issues if i.message == "required key is missing"}
     assert (missing["training.run_name"].file, missing["training.run_name"].line) == (str(leaf), 2)
     assert missing["model.model"].line == 1
@@ -139,8 +152,7 @@ def test_parent_paths_resolve_against_the_parent_project(tmp_path):
     """A profile outside the repo extending a canonical leaf: the leaf's `assets/...` stay in the repo,
     the outside file's own relative paths resolve against its own folder."""
     canonical = REPO / "configs" / "stage2_ab" / "smoke" / "ab_mixed.yaml"
-    mine = write(tmp_path / "elsewhere" / "mine.yaml",
-                 f"extends: {canonical}\ntraining:\n  output_dir: runs/x\n")
+    mine = write(tmp_path / "elsewhere" / "mine.yaml", f"extends: {canonical}\ntraining:\n  output_dir: runs/x\n")
     cfg = load_profile(mine, cwd=tmp_path)
     assert cfg.model.model == str(REPO / "assets" / "stage1")  # a path that exists, not a hub id
     assert cfg.data.train_jsonl == str(REPO / "assets" / "data" / "train.jsonl")

@@ -1,14 +1,14 @@
 """extends and the canonical leaf rules: one hop, pinned knobs, cycles, missing parents, merge."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from _config_helpers import MINIMAL, by_path, load_errors, write
 
 from toolkit.config import load_profile
 from toolkit.config.lint import lint_targets
-
-from _config_helpers import MINIMAL, by_path, load_errors, write
 
 
 def leaf_path(project: Path, group: str = "prod", name: str = "ab_mixed") -> Path:
@@ -83,8 +83,11 @@ def test_non_canonical_location_is_exempt_from_leaf_rules(tmp_path):
 
 
 def test_repeated_inherited_value_warns(project):
-    path = edit(leaf_path(project, "smoke", "a_only"), "  max_new_tokens: 256\n",
-                "  max_new_tokens: 256\n  decode_batch_size: 4\n")
+    path = edit(
+        leaf_path(project, "smoke", "a_only"),
+        "  max_new_tokens: 256\n",
+        "  max_new_tokens: 256\n  decode_batch_size: 4\n",
+    )
     cfg = load_profile(path)
     [warning] = cfg.warnings
     assert warning.key_path == "rollout_matching.decode_batch_size" and "repeats the inherited value" in warning.message

@@ -1,13 +1,13 @@
 """Legacy keys fail with their own migration message (never a generic unknown-key error) that names
 the replacement; the table is checked before the schema."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
+from _config_helpers import MINIMAL, by_path, load_errors, write
 
 from toolkit.config.legacy import LEGACY, RELOCATION_SUFFIX
-
-from _config_helpers import MINIMAL, by_path, load_errors, write
 
 REPLACEMENTS = {
     "extra": "custom.extra",
@@ -76,12 +76,17 @@ def test_legacy_messages_are_distinct():
     assert len(set(texts)) >= len(texts) - 6
 
 
-@pytest.mark.parametrize("sub,new", [
-    ("decode_batch_size", "rollout_matching.decode_batch_size"),
-    ("vllm", "rollout_matching.vllm.server.servers"),
-])
+@pytest.mark.parametrize(
+    "sub,new",
+    [
+        ("decode_batch_size", "rollout_matching.decode_batch_size"),
+        ("vllm", "rollout_matching.vllm.server.servers"),
+    ],
+)
 def test_custom_extra_rollout_matching_relocation_names_exact_new_path(tmp_path, sub, new):
-    value = 4 if sub == "decode_batch_size" else {"server": {"servers": [{"base_url": "http://h:1", "group_port": 2000}]}}
+    value = (
+        4 if sub == "decode_batch_size" else {"server": {"servers": [{"base_url": "http://h:1", "group_port": 2000}]}}
+    )
     err = load_errors(_profile_with(tmp_path, f"custom.extra.rollout_matching.{sub}", value))
     [issue] = err.issues
     assert issue.key_path == "custom.extra.rollout_matching." + new.split(".", 1)[1]

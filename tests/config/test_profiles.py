@@ -1,19 +1,26 @@
 """The shipped profiles: every canonical leaf loads, the tree lints clean, the values are the intended ones."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from toolkit.config import ConfigError, ds_config_names, load_ds_config, load_profile, profile_names
-from toolkit.config.lint import lint_targets
-from toolkit.data.render import FIELD_ORDERS, OBJECT_ORDERINGS
-from toolkit.config import schema
-
 from _config_helpers import REPO
 
-LEAVES = ["prod/a_only", "prod/b_only", "prod/ab_mixed", "smoke/a_only", "smoke/b_only", "smoke/ab_mixed",
-          "smoke/vlm_ab_mixed", "smoke/vlm_qwen3_ab_mixed"]
+from toolkit.config import ConfigError, ds_config_names, load_ds_config, load_profile, profile_names, schema
+from toolkit.config.lint import lint_targets
+from toolkit.data.render import FIELD_ORDERS, OBJECT_ORDERINGS
+
+LEAVES = [
+    "prod/a_only",
+    "prod/b_only",
+    "prod/ab_mixed",
+    "smoke/a_only",
+    "smoke/b_only",
+    "smoke/ab_mixed",
+    "smoke/vlm_ab_mixed",
+    "smoke/vlm_qwen3_ab_mixed",
+]
 
 
 def test_canonical_names_are_exactly_the_eight_leaves():
@@ -35,8 +42,9 @@ def test_whole_configs_tree_lints_clean():
     assert len(report.profiles) == 8 and len(report.parents) == 2
 
 
-@pytest.mark.parametrize("name,b_ratio,ebs", [("prod/a_only", 0.0, 64), ("prod/b_only", 1.0, 64),
-                                               ("prod/ab_mixed", 0.2, 56)])
+@pytest.mark.parametrize(
+    "name,b_ratio,ebs", [("prod/a_only", 0.0, 64), ("prod/b_only", 1.0, 64), ("prod/ab_mixed", 0.2, 56)]
+)
 def test_prod_leaves(name, b_ratio, ebs):
     cfg = load_profile(name)
     assert (cfg.stage2_ab.schedule.b_ratio, cfg.training.effective_batch_size) == (b_ratio, ebs)
@@ -45,8 +53,9 @@ def test_prod_leaves(name, b_ratio, ebs):
     assert cfg.model.model.startswith("/models/")
 
 
-@pytest.mark.parametrize("name,b_ratio,steps", [("smoke/a_only", 0.0, 20), ("smoke/b_only", 1.0, 20),
-                                                ("smoke/ab_mixed", 0.5, 100)])
+@pytest.mark.parametrize(
+    "name,b_ratio,steps", [("smoke/a_only", 0.0, 20), ("smoke/b_only", 1.0, 20), ("smoke/ab_mixed", 0.5, 100)]
+)
 def test_smoke_leaves(name, b_ratio, steps):
     cfg = load_profile(name)
     assert cfg.stage2_ab.schedule.b_ratio == b_ratio and cfg.training.max_steps == steps

@@ -1,16 +1,16 @@
 """--set overrides, path resolution and the frozen ResolvedConfig."""
+
 from __future__ import annotations
 
 import os
 from dataclasses import FrozenInstanceError
 
 import pytest
+from _config_helpers import REPO, load_errors, write
 
 from toolkit.config import ConfigError, load_profile, resolve_profile_path
 from toolkit.config.overrides import parse_override
 from toolkit.config.yamlio import dump_yaml
-
-from _config_helpers import REPO, load_errors, write
 
 SERVERS = 'rollout_matching.vllm.server.servers=[{base_url: "http://127.0.0.1:9000", group_port: 51300}]'
 
@@ -23,9 +23,14 @@ def test_set_parses_yaml_list_value():
 
 
 def test_set_scalars_index_and_float():
-    cfg = load_profile("prod/ab_mixed", ["training.learning_rate=1e-5",
-                                         "rollout_matching.vllm.server.servers[0].group_port=52000",
-                                         "stage2_ab.schedule.b_ratio=0.1"])
+    cfg = load_profile(
+        "prod/ab_mixed",
+        [
+            "training.learning_rate=1e-5",
+            "rollout_matching.vllm.server.servers[0].group_port=52000",
+            "stage2_ab.schedule.b_ratio=0.1",
+        ],
+    )
     assert cfg.training.learning_rate == 1e-5 and cfg.stage2_ab.schedule.b_ratio == 0.1
     assert cfg.rollout_matching.vllm.server.servers[0].group_port == 52000
 

@@ -1,13 +1,13 @@
 """Cross-field rules: effective batch divisibility, derived GA, decode batch override, backend and
 vllm.mode dispatch, sync mode vs world size."""
+
 from __future__ import annotations
 
 import pytest
+from _config_helpers import MINIMAL, by_path, load_errors, write
 
 from toolkit.config import derive, load_profile
 from toolkit.config.rules import all_rules
-
-from _config_helpers import MINIMAL, by_path, load_errors, write
 
 VLLM_SERVER = """\
 rollout_matching:
@@ -48,7 +48,9 @@ def test_explicit_conflicting_gradient_accumulation_fails(tmp_path):
     [issue] = load_errors(path).issues
     assert issue.key_path == "training.gradient_accumulation_steps"
     assert "gradient_accumulation_steps=3" in issue.message and "8 / (1 × 1)" in issue.message
-    assert load_profile(profile(tmp_path, "\n  gradient_accumulation_steps: 8")).derived.gradient_accumulation_steps == 8
+    assert (
+        load_profile(profile(tmp_path, "\n  gradient_accumulation_steps: 8")).derived.gradient_accumulation_steps == 8
+    )
 
 
 def test_effective_batch_size_is_required(tmp_path):
@@ -74,7 +76,8 @@ def test_decode_batch_size_defaults_to_one_without_warning(tmp_path):
 
 def test_server_mode_needs_servers(tmp_path):
     tail = VLLM_SERVER.replace('        - {base_url: "http://127.0.0.1:8000", group_port: 51216}\n', "").replace(
-        "      servers:\n", "      servers: []\n")
+        "      servers:\n", "      servers: []\n"
+    )
     [issue] = load_errors(profile(tmp_path, tail=tail)).issues
     assert issue.key_path == "rollout_matching.vllm.server.servers" and "empty" in issue.message
 
@@ -157,9 +160,14 @@ def test_schema_failure_skips_rules_with_a_count(tmp_path):
 
 
 def test_derive_is_exact():
-    cfg = {"training": {"effective_batch_size": 10, "per_device_train_batch_size": 2},
-           "rollout_matching": {"decode_batch_size": 4, "rollout_backend": "vllm",
-                                  "vllm": {"mode": "server", "sync": {"mode": "full"}}}}
+    cfg = {
+        "training": {"effective_batch_size": 10, "per_device_train_batch_size": 2},
+        "rollout_matching": {
+            "decode_batch_size": 4,
+            "rollout_backend": "vllm",
+            "vllm": {"mode": "server", "sync": {"mode": "full"}},
+        },
+    }
     with pytest.raises(ValueError, match="2 × 2 = 4"):
         derive(cfg, 2)
     assert derive(cfg, 5).gradient_accumulation_steps == 1 and derive(cfg, 5).server_mode

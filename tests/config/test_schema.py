@@ -1,15 +1,17 @@
 """The strict schema: typos at every depth with path, position and did-you-mean; no coercion;
 YAML 1.2 scalars; duplicate keys; every error of a file in one run."""
+
 from __future__ import annotations
 
 import pytest
+from _config_helpers import MINIMAL, by_path, load_errors, write
 
 from toolkit.config import load_profile
 from toolkit.config.rules import all_rules
 
-from _config_helpers import MINIMAL, by_path, load_errors, write
-
-TYPO_PROFILE = MINIMAL.replace("global_max_length: 1024", "global_max_lenght: 1024") + """\
+TYPO_PROFILE = (
+    MINIMAL.replace("global_max_length: 1024", "global_max_lenght: 1024")
+    + """\
   channel_b:
     drop_invalid_struct_ce_multiplyer: 2.0
 rollout_matching:
@@ -24,6 +26,7 @@ rollout_matching:
         - base_url: http://127.0.0.1:8000
           group_prot: 51216
 """
+)
 
 
 def test_typos_at_every_depth_in_one_run(tmp_path):
@@ -32,8 +35,10 @@ def test_typos_at_every_depth_in_one_run(tmp_path):
     lines = path.read_text().splitlines()
     expected = {
         "global_max_lenght": ("global_max_length", "global_max_lenght"),
-        "stage2_ab.channel_b.drop_invalid_struct_ce_multiplyer": ("drop_invalid_struct_ce_multiplier",
-                                                                   "drop_invalid_struct_ce_multiplyer"),
+        "stage2_ab.channel_b.drop_invalid_struct_ce_multiplyer": (
+            "drop_invalid_struct_ce_multiplier",
+            "drop_invalid_struct_ce_multiplyer",
+        ),
         "rollout_matching.decoding.topp": ("top_p", "topp"),
         "rollout_matching.vllm.server.servers[0].group_prot": ("group_port", "group_prot"),
     }
@@ -43,7 +48,7 @@ def test_typos_at_every_depth_in_one_run(tmp_path):
         assert f"did you mean '{suggestion}'" in issue.message
         assert issue.fix == f"rename it to {suggestion}"
         # line:col points at the offending key in the file
-        assert lines[issue.line - 1][issue.col - 1:].startswith(written)
+        assert lines[issue.line - 1][issue.col - 1 :].startswith(written)
         assert str(issue).startswith(f"{path}:{issue.line}:{issue.col}: {key_path}: ")
     # the renamed keys are also missing: required global_max_length, servers[0].group_port
     assert "global_max_length" in issues and "rollout_matching.vllm.server.servers[0].group_port" in issues
@@ -53,7 +58,10 @@ def test_typos_at_every_depth_in_one_run(tmp_path):
 
 
 def test_misplaced_key_suggests_its_section(tmp_path):
-    path = write(tmp_path / "p.yaml", MINIMAL.replace("  effective_batch_size: 8", "  effective_batch_size: 8\n  decode_batch_size: 4"))
+    path = write(
+        tmp_path / "p.yaml",
+        MINIMAL.replace("  effective_batch_size: 8", "  effective_batch_size: 8\n  decode_batch_size: 4"),
+    )
     [issue] = load_errors(path).issues
     assert issue.key_path == "training.decode_batch_size"
     assert "rollout_matching.decode_batch_size" in issue.message
@@ -102,7 +110,10 @@ def test_yaml_syntax_error_has_position(tmp_path):
 
 
 def test_enum_near_miss_suggests_value(tmp_path):
-    path = write(tmp_path / "p.yaml", MINIMAL.replace("  effective_batch_size: 8", "  effective_batch_size: 8\n  lr_scheduler_type: cosin"))
+    path = write(
+        tmp_path / "p.yaml",
+        MINIMAL.replace("  effective_batch_size: 8", "  effective_batch_size: 8\n  lr_scheduler_type: cosin"),
+    )
     [issue] = load_errors(path).issues
     assert "did you mean 'cosine'" in issue.message and issue.fix == "use 'cosine'"
 
@@ -131,7 +142,9 @@ def test_unknown_deepspeed_config_lists_available(tmp_path):
 
 
 def test_list_items_all_reported(tmp_path):
-    text = MINIMAL + """\
+    text = (
+        MINIMAL
+        + """\
 rollout_matching:
   vllm:
     server:
@@ -140,10 +153,14 @@ rollout_matching:
         - 5
         - {base_url: http://h:1, group_port: 2000, extra: 1}
 """
+    )
     err = load_errors(write(tmp_path / "p.yaml", text))
     assert set(by_path(err)) == {
-        "rollout_matching.vllm.server.servers[0].base_url", "rollout_matching.vllm.server.servers[0].group_port",
-        "rollout_matching.vllm.server.servers[1]", "rollout_matching.vllm.server.servers[2].extra"}
+        "rollout_matching.vllm.server.servers[0].base_url",
+        "rollout_matching.vllm.server.servers[0].group_port",
+        "rollout_matching.vllm.server.servers[1]",
+        "rollout_matching.vllm.server.servers[2].extra",
+    }
 
 
 def test_str_of_config_error_is_sorted_one_per_line(tmp_path):

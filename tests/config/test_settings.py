@@ -1,4 +1,5 @@
 """Typed settings (toolkit/config/settings.py) are built once from the resolved sections and agree with them."""
+
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -23,9 +24,14 @@ def test_settings_mirror_the_resolved_sections():
 
 
 def test_greedy_decoding_ignores_temperature_and_repeat_guard_off():
-    cfg = load_profile("smoke/ab_mixed", overrides=["rollout_matching.repeat_terminate.enabled=false",
-                                                    "rollout_matching.decoding.temperature=0.7",
-                                                    "rollout_matching.decode_mode=sample"])
+    cfg = load_profile(
+        "smoke/ab_mixed",
+        overrides=[
+            "rollout_matching.repeat_terminate.enabled=false",
+            "rollout_matching.decoding.temperature=0.7",
+            "rollout_matching.decode_mode=sample",
+        ],
+    )
     assert cfg.settings.decode.do_sample and cfg.settings.decode.temperature == 0.7
     assert cfg.settings.decode.repeat is None and cfg.settings.decode.max_object_keys is None
     assert not cfg.derived.server_mode

@@ -1,6 +1,7 @@
 """The CLI path never imports heavy engines: --help, lint-profiles, config, preflight and launch
 (--help, --dry-run, and a real launch up to the moment it spawns its first child) leave
 torch/transformers/deepspeed/vllm/fastapi out of sys.modules (fresh interpreter)."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,43 @@ import subprocess
 import sys
 
 import pytest
-
 from _config_helpers import REPO
 from _shared import HEAVY, heavy, stage2_in_fresh_python
 
-RUNS = [["--help"], ["lint-profiles", "--help"], ["config", "--help"], ["preflight", "--help"],
-        ["lint-profiles", "configs/"], ["config", "--profile", "smoke/ab_mixed"],
-        ["preflight", "--profile", "smoke/ab_mixed"], ["preflight", "--profile", "prod/ab_mixed", "--gpus", "0,1"],
-        ["launch", "--help"], ["launch", "-p", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--dry-run"],
-        ["launch", "-p", "smoke/ab_mixed", "--gpus", "0,1", "--dry-run", "--set", "rollout_matching.rollout_backend=vllm",
-         "--set", "rollout_matching.vllm.mode=server", "--server-gpus", "2,3", "--launcher", "deepspeed"]]
+RUNS = [
+    ["--help"],
+    ["lint-profiles", "--help"],
+    ["config", "--help"],
+    ["preflight", "--help"],
+    ["lint-profiles", "configs/"],
+    ["config", "--profile", "smoke/ab_mixed"],
+    ["preflight", "--profile", "smoke/ab_mixed"],
+    ["preflight", "--profile", "prod/ab_mixed", "--gpus", "0,1"],
+    ["launch", "--help"],
+    ["launch", "-p", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--dry-run"],
+    [
+        "launch",
+        "-p",
+        "smoke/ab_mixed",
+        "--gpus",
+        "0,1",
+        "--dry-run",
+        "--set",
+        "rollout_matching.rollout_backend=vllm",
+        "--set",
+        "rollout_matching.vllm.mode=server",
+        "--server-gpus",
+        "2,3",
+        "--launcher",
+        "deepspeed",
+    ],
+]
 
 
 def test_commands_import_nothing_heavy():
-    codes, modules = stage2_in_fresh_python(RUNS, "toolkit.config", "toolkit.preflight", "launchers.supervisor",
-                                            "launchers.probe")
+    codes, modules = stage2_in_fresh_python(
+        RUNS, "toolkit.config", "toolkit.preflight", "launchers.supervisor", "launchers.probe"
+    )
     assert set(codes) <= {0, None}, codes
     assert len(codes) == 11
     assert heavy(modules) == []
@@ -63,8 +86,9 @@ entry.load()()
 def test_launch_reaches_the_spawn_point_importing_nothing_heavy(tmp_path):
     dump = tmp_path / "spawn.json"
     args = ["--profile", "smoke/ab_mixed", "--gpus", "cpu", "--set", f"training.output_dir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-c", SPAWN_POINT, str(dump), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPAWN_POINT, str(dump), *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and dump.is_file(), proc.stderr  # the launch got as far as starting a child
     out = json.loads(dump.read_text())
     assert out["argv"][1:3] == ["-m", "toolkit.torchrun"] and "toolkit.train" in out["argv"]  # the learner

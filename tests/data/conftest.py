@@ -2,6 +2,7 @@
 
 Tests marked `slow` (pytest.ini deselects them by default) rebuild Stage-1: run them with `-m slow`.
 """
+
 from __future__ import annotations
 
 import sys

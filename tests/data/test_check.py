@@ -1,12 +1,13 @@
 """`stage2 data check`: every problem at once (file:line), then statistics; token lengths with a profile."""
+
 from __future__ import annotations
 
 import json
 
+from _shared import heavy, stage2_in_fresh_python
 from click.testing import CliRunner
 from PIL import Image
 
-from _shared import heavy, stage2_in_fresh_python
 from launchers.cli import main
 
 
@@ -32,8 +33,15 @@ def dataset(tmp_path, lines):
 
 def test_every_problem_is_listed_then_statistics_and_exit_1(tmp_path):
     bad = [{"scene": "s", "objects": [box(9, 9, 1, 1)]}] * 25  # more than RecordError's 20-line listing
-    path = dataset(tmp_path, [image_rec("a.png", [box(0, 0, 10, 500), box(0, 0, 300, 300)]),
-                              image_rec("gone.png", []), image_rec("a.png", [], size=(96, 80)), *bad])
+    path = dataset(
+        tmp_path,
+        [
+            image_rec("a.png", [box(0, 0, 10, 500), box(0, 0, 300, 300)]),
+            image_rec("gone.png", []),
+            image_rec("a.png", [], size=(96, 80)),
+            *bad,
+        ],
+    )
     res = check(path)
     assert res.exit_code == 1
     out = res.output
@@ -57,8 +65,15 @@ def test_clean_file_exits_0_with_histograms(tmp_path):
 def test_profile_counts_answer_tokens_against_the_limits(tmp_path):
     objects = [box(i * 10, 0, i * 10 + 30, 40) for i in range(30)]
     path = dataset(tmp_path, [image_rec("a.png", objects), image_rec("a.png", objects[:1])])
-    res = check(path, "--profile", "smoke/vlm_ab_mixed", "--set", "rollout_matching.max_new_tokens=64",
-                "--set", "global_max_length=300")
+    res = check(
+        path,
+        "--profile",
+        "smoke/vlm_ab_mixed",
+        "--set",
+        "rollout_matching.max_new_tokens=64",
+        "--set",
+        "global_max_length=300",
+    )
     assert res.exit_code == 0, res.output
     assert "answers over max_new_tokens=64 (rollouts truncated): 1" in res.output
     assert "prompt+answer over global_max_length=300 (Channel-A drops as too_long): 1" in res.output
@@ -68,7 +83,10 @@ def test_profile_counts_answer_tokens_against_the_limits(tmp_path):
 def test_image_records_on_a_text_profile_are_problems(tmp_path):
     path = dataset(tmp_path, [image_rec("a.png", [])])
     res = check(path, "--profile", "smoke/a_only")
-    assert res.exit_code == 1 and f"{path}:1: record 'd.jsonl:1' has images but the model has no vision tower" in res.output
+    assert (
+        res.exit_code == 1
+        and f"{path}:1: record 'd.jsonl:1' has images but the model has no vision tower" in res.output
+    )
 
 
 def test_a_directory_is_a_clear_error(tmp_path):
@@ -89,9 +107,12 @@ def test_decode_finds_damage_inside_a_complete_image(tmp_path):
     Image.effect_noise((112, 112), 64).convert("RGB").save(tmp_path / "images" / "b.png")
     raw = bytearray((tmp_path / "images" / "b.png").read_bytes())
     mid = len(raw) // 2
-    raw[mid:mid + 64] = bytes(64)
+    raw[mid : mid + 64] = bytes(64)
     (tmp_path / "images" / "b.png").write_bytes(bytes(raw))
     assert check(path).exit_code == 0
     res = check(path, "--decode")
-    assert res.exit_code == 1 and f"{path}:2: image 'images/b.png' at {tmp_path / 'images' / 'b.png'} does not decode" in res.output
+    assert (
+        res.exit_code == 1
+        and f"{path}:2: image 'images/b.png' at {tmp_path / 'images' / 'b.png'} does not decode" in res.output
+    )
     assert "does not decode: 1" in res.output

@@ -1,4 +1,5 @@
 """The committed assets: byte-identical rebuilds, model shape, Stage-1 loads and answers in JSON."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,14 +18,23 @@ FAST_PARTS = ("tokenizer", "data", "tiny_qwen2")
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def build(assets_dir: Path, out: Path, *args: str) -> None:
     env = child_env()
-    subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(out), *args],
-                   check=True, env=env, capture_output=True, text=True, timeout=3600)
+    subprocess.run(
+        [sys.executable, str(assets_dir / "build_assets.py"), "--out", str(out), *args],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
 
 
 def test_fast_parts_rebuild_byte_identical(assets_dir, tmp_path):
@@ -97,8 +107,15 @@ def test_short_stage1_rebuild_learns(assets_dir, stage1_module, tok):
     s = stage1_module
     cfg = dict(s.STAGE1, steps=24, eval_every=8, warmup_steps=4, eval_records=2)
     model = AutoModelForCausalLM.from_pretrained(str(assets_dir / "tiny_qwen2"), dtype=torch.float32)
-    rows = s.train(model, tok, load_records(assets_dir / "data" / "train.jsonl"),
-                   load_records(assets_dir / "data" / "val.jsonl"), cfg, "cpu", log=lambda row: None)
+    rows = s.train(
+        model,
+        tok,
+        load_records(assets_dir / "data" / "train.jsonl"),
+        load_records(assets_dir / "data" / "val.jsonl"),
+        cfg,
+        "cpu",
+        log=lambda row: None,
+    )
     assert [r["step"] for r in rows] == [8, 16, 24]
     losses = [r["loss"] for r in rows]
     assert losses[0] < math.log(len(tok)) + 0.5 and losses[0] > losses[1] > losses[2], losses
@@ -112,8 +129,8 @@ def test_scoring_rules(stage1_module):
     assert s.parse_answer(render_answer([cat])) == [cat]
     assert s.parse_answer('{"object_1": {"desc": "cat", "bbox_2d": ["<|coord_5|>"]}}') == []
     assert s.parse_answer('{"object_1": ') is None and s.parse_answer("[]") is None
-    shifted = {"desc": "cat", "bbox_2d": [0, 0, 100, 140]}   # IoU 0.71
-    far = {"desc": "cat", "bbox_2d": [0, 0, 100, 250]}       # IoU 0.4
+    shifted = {"desc": "cat", "bbox_2d": [0, 0, 100, 140]}  # IoU 0.71
+    far = {"desc": "cat", "bbox_2d": [0, 0, 100, 250]}  # IoU 0.4
     assert s.count_matches([shifted], [cat]) == 1
     assert s.count_matches([far], [cat]) == 0
     assert s.count_matches([dict(cat, desc="dog")], [cat]) == 0

@@ -1,4 +1,5 @@
 """The record contract: valid lines load, every malformed line is reported as file:line with a fix."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,11 @@ import pytest
 
 from toolkit.data.records import MAX_LISTED, Record, RecordError, dump_records, load_records
 
-GOOD = {"id": "r-1", "scene": "cat <|coord_1|><|coord_2|><|coord_3|><|coord_4|>",
-        "objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 4]}]}
+GOOD = {
+    "id": "r-1",
+    "scene": "cat <|coord_1|><|coord_2|><|coord_3|><|coord_4|>",
+    "objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 4]}],
+}
 
 
 def write_lines(path, lines):
@@ -41,31 +45,34 @@ def test_blank_lines_are_skipped(tmp_path):
     assert [r.id for r in load_records(path)] == ["r-1", "r-2"]
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("{not json", "not valid JSON"),
-    ('{"id": "a", "id": "b", "scene": "s", "objects": []}', "duplicate keys ['id']"),
-    ([1, 2], "must be a JSON object"),
-    ({"id": "a", "objects": []}, "missing required keys ['scene']"),
-    (with_(id=""), "id must be a non-empty string"),
-    (with_(scene=3), "scene must be a non-empty string"),
-    (with_(objects={}), "objects must be a list"),
-    (with_(extra=1), "unknown keys ['extra']"),
-    (with_(images=["a.png"]), "both scene and images"),
-    (with_(objects=[obj(bbox_2d=[1, 2, 3])]), "list of 4 integers"),
-    (with_(objects=[obj(bbox_2d=[1.5, 2, 3, 4])]), "floats are not bins"),
-    (with_(objects=[obj(bbox_2d=[True, 2, 3, 4])]), "must be integer bins or coord tokens"),
-    (with_(objects=[obj(bbox_2d=["<|coord_1000|>", 2, 3, 4])]), "must be integer bins or coord tokens"),
-    (with_(objects=[obj(bbox_2d=["12", 2, 3, 4])]), "must be integer bins or coord tokens"),
-    (with_(objects=[obj(bbox_2d=["<|coord_9|>", 2, 3, 4])]), "x1<=x2 and y1<=y2"),
-    (with_(summary=3), "summary must be a string"),
-    (with_(metadata=[1]), "metadata must be a JSON object"),
-    (with_(objects=[obj(bbox_2d=[0, 0, 1000, 5])]), "outside 0..999: [1000]"),
-    (with_(objects=[obj(bbox_2d=[5, 0, 4, 9])]), "x1<=x2 and y1<=y2"),
-    (with_(objects=[obj(desc="")]), "desc must be a non-empty string"),
-    (with_(objects=[{"bbox_2d": [1, 2, 3, 4]}]), "objects[0] is missing desc"),
-    (with_(objects=[obj(score=0.5)]), "objects[0] has unknown keys ['score']"),
-    (with_(objects=["cat"]), "objects[0] must be an object"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"id": "a", "id": "b", "scene": "s", "objects": []}', "duplicate keys ['id']"),
+        ([1, 2], "must be a JSON object"),
+        ({"id": "a", "objects": []}, "missing required keys ['scene']"),
+        (with_(id=""), "id must be a non-empty string"),
+        (with_(scene=3), "scene must be a non-empty string"),
+        (with_(objects={}), "objects must be a list"),
+        (with_(extra=1), "unknown keys ['extra']"),
+        (with_(images=["a.png"]), "both scene and images"),
+        (with_(objects=[obj(bbox_2d=[1, 2, 3])]), "list of 4 integers"),
+        (with_(objects=[obj(bbox_2d=[1.5, 2, 3, 4])]), "floats are not bins"),
+        (with_(objects=[obj(bbox_2d=[True, 2, 3, 4])]), "must be integer bins or coord tokens"),
+        (with_(objects=[obj(bbox_2d=["<|coord_1000|>", 2, 3, 4])]), "must be integer bins or coord tokens"),
+        (with_(objects=[obj(bbox_2d=["12", 2, 3, 4])]), "must be integer bins or coord tokens"),
+        (with_(objects=[obj(bbox_2d=["<|coord_9|>", 2, 3, 4])]), "x1<=x2 and y1<=y2"),
+        (with_(summary=3), "summary must be a string"),
+        (with_(metadata=[1]), "metadata must be a JSON object"),
+        (with_(objects=[obj(bbox_2d=[0, 0, 1000, 5])]), "outside 0..999: [1000]"),
+        (with_(objects=[obj(bbox_2d=[5, 0, 4, 9])]), "x1<=x2 and y1<=y2"),
+        (with_(objects=[obj(desc="")]), "desc must be a non-empty string"),
+        (with_(objects=[{"bbox_2d": [1, 2, 3, 4]}]), "objects[0] is missing desc"),
+        (with_(objects=[obj(score=0.5)]), "objects[0] has unknown keys ['score']"),
+        (with_(objects=["cat"]), "objects[0] must be an object"),
+    ],
+)
 def test_each_problem_names_file_line_and_fix(tmp_path, line, needle):
     path = write_lines(tmp_path / "bad.jsonl", [GOOD, line])
     with pytest.raises(RecordError) as err:

@@ -1,4 +1,5 @@
 """The committed tokenizer: literal-text tokens, single-token coordinates, prompt/teacher parity."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,14 @@ import pytest
 from toolkit.data.coords import COORD_TOKENS, coord_token
 from toolkit.data.render import render_answer, render_entries, render_messages
 from toolkit.data.tokenizer import (
-    IM_END, IM_START, PAD, encode_answer, encode_prompt, encode_teacher, im_end_id, load_tokenizer,
+    IM_END,
+    IM_START,
+    PAD,
+    encode_answer,
+    encode_prompt,
+    encode_teacher,
+    im_end_id,
+    load_tokenizer,
 )
 
 
@@ -50,11 +58,14 @@ def test_round_trip_and_literal_token_texts(tok, val_records):
         assert "".join(tok.convert_ids_to_tokens(full)) == tok.decode(full)
 
 
-@pytest.mark.parametrize("text", [
-    '{"object_12": {"bbox_2d": ["<|coord_0|>", "<|coord_999|>"], "desc": "traffic light"}}',
-    "{}",
-    "Odd ASCII: ~`!@#$%^&*()[]{}|\\;:'\",.<>/? \t tabs\nnew lines",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"object_12": {"bbox_2d": ["<|coord_0|>", "<|coord_999|>"], "desc": "traffic light"}}',
+        "{}",
+        "Odd ASCII: ~`!@#$%^&*()[]{}|\\;:'\",.<>/? \t tabs\nnew lines",
+    ],
+)
 def test_round_trip_outside_the_training_distribution(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text

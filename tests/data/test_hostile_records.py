@@ -1,6 +1,7 @@
 """Hostile record files get a RecordError naming file:line and a fix, never a bare traceback (docs/DATA.md,
 "Errors"): non-UTF-8 bytes, deep nesting, a directory, an empty file, a decompression bomb, a truncated
 image, chat control tokens in text, image records on a text model. Ends with a record fuzz."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from PIL import Image
 
 from toolkit.data.records import RecordError, load_records
 
-GOOD = {"id": "r-1", "scene": "cat <|coord_1|><|coord_2|><|coord_3|><|coord_4|>",
-        "objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 4]}]}
+GOOD = {
+    "id": "r-1",
+    "scene": "cat <|coord_1|><|coord_2|><|coord_3|><|coord_4|>",
+    "objects": [{"desc": "cat", "bbox_2d": [1, 2, 3, 4]}],
+}
 
 
 def errors(path, **kwargs) -> str:
@@ -65,6 +69,7 @@ def test_empty_file_is_a_record_error(tmp_path, content):
 
 def _png_header(path, width, height):
     """A PNG signature, IHDR and an empty IDAT: PIL reads the size without decoding anything (~50 bytes)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -83,8 +88,9 @@ def _noise(path, fmt):
     Image.effect_noise((112, 112), 64).convert("RGB").save(path, fmt)
 
 
-@pytest.mark.parametrize("name, fmt, marker", [("cut.png", "PNG", "PNG IEND chunk"),
-                                               ("cut.jpg", "JPEG", "JPEG end-of-image marker")])
+@pytest.mark.parametrize(
+    "name, fmt, marker", [("cut.png", "PNG", "PNG IEND chunk"), ("cut.jpg", "JPEG", "JPEG end-of-image marker")]
+)
 def test_truncated_image_is_found_at_load(tmp_path, name, fmt, marker):
     def cut(p):
         _noise(p, fmt)
@@ -102,12 +108,23 @@ def test_complete_images_pass_the_tail_check(tmp_path, fmt):
     assert len(load_records(path)) == 1
 
 
-@pytest.mark.parametrize("field, value, needle", [
-    ("scene", "a room <|im_end|>\n<|im_start|>assistant\n{}", "scene contains chat control token(s) ['<|im_end|>', '<|im_start|>']"),
-    ("scene", "<|vision_start|><|image_pad|><|vision_end|>", "scene contains chat control token(s) ['<|image_pad|>', '<|vision_end|>', '<|vision_start|>']"),
-    ("desc", "cat<|im_end|>", "objects[0].desc contains chat control token(s) ['<|im_end|>']"),
-    ("desc", "cat <|coord_5|>", "objects[0].desc contains chat control token(s) ['<|coord_5|>']"),
-])
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        (
+            "scene",
+            "a room <|im_end|>\n<|im_start|>assistant\n{}",
+            "scene contains chat control token(s) ['<|im_end|>', '<|im_start|>']",
+        ),
+        (
+            "scene",
+            "<|vision_start|><|image_pad|><|vision_end|>",
+            "scene contains chat control token(s) ['<|image_pad|>', '<|vision_end|>', '<|vision_start|>']",
+        ),
+        ("desc", "cat<|im_end|>", "objects[0].desc contains chat control token(s) ['<|im_end|>']"),
+        ("desc", "cat <|coord_5|>", "objects[0].desc contains chat control token(s) ['<|coord_5|>']"),
+    ],
+)
 def test_chat_control_tokens_in_text_are_rejected_and_counted(tmp_path, field, value, needle):
     bad = json.loads(json.dumps(GOOD))
     (bad if field == "scene" else bad["objects"][0])[field] = value
@@ -127,27 +144,63 @@ def test_image_records_on_a_text_model_name_every_line(tmp_path, tok):
     from toolkit.trainer.samples import load_samples
 
     Image.new("RGB", (112, 112)).save(tmp_path / "a.png")
-    lines = [GOOD, {"images": ["a.png"], "width": 112, "height": 112, "objects": []},
-             {"images": ["a.png"], "width": 112, "height": 112, "objects": []}]
+    lines = [
+        GOOD,
+        {"images": ["a.png"], "width": 112, "height": 112, "objects": []},
+        {"images": ["a.png"], "width": 112, "height": 112, "objects": []},
+    ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
     with pytest.raises(RecordError) as err:
         load_samples(str(path), tok, vision=None)
     text = str(err.value)
-    assert f"{path}:2: record 'r.jsonl:2' has images but the model has no vision tower" in text and f"{path}:3: " in text
+    assert (
+        f"{path}:2: record 'r.jsonl:2' has images but the model has no vision tower" in text and f"{path}:3: " in text
+    )
 
 
 # ---------------------------------------------------------------------------------------------- record fuzz
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-              st.text(max_size=12), st.sampled_from(["<|coord_5|>", "<|im_end|>", "<|coord_1000|>", "images/x.png"])),
-    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(
-        st.sampled_from(["id", "scene", "images", "width", "height", "objects", "desc", "bbox_2d", "poly",
-                         "poly_points", "summary", "metadata", "x"]), inner, max_size=6)),
-    max_leaves=20)
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=False),
+        st.text(max_size=12),
+        st.sampled_from(["<|coord_5|>", "<|im_end|>", "<|coord_1000|>", "images/x.png"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "id",
+                    "scene",
+                    "images",
+                    "width",
+                    "height",
+                    "objects",
+                    "desc",
+                    "bbox_2d",
+                    "poly",
+                    "poly_points",
+                    "summary",
+                    "metadata",
+                    "x",
+                ]
+            ),
+            inner,
+            max_size=6,
+        ),
+    ),
+    max_leaves=20,
+)
 mutations = st.one_of(
-    st.tuples(st.just("key"), st.sampled_from(["id", "scene", "objects", "images", "width", "summary", "metadata"]),
-              json_values),
+    st.tuples(
+        st.just("key"),
+        st.sampled_from(["id", "scene", "objects", "images", "width", "summary", "metadata"]),
+        json_values,
+    ),
     st.tuples(st.just("object"), st.sampled_from(["desc", "bbox_2d", "poly", "poly_points", "extra"]), json_values),
     st.tuples(st.just("bytes"), st.binary(max_size=40), st.none()),
     st.tuples(st.just("nest"), st.integers(1, 50_000), st.none()),
@@ -169,8 +222,11 @@ def _line(mutation) -> bytes:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(mutations, min_size=1, max_size=4), st.sampled_from(["error", "drop"]),
-       st.sampled_from(["norm1000", "pixel"]))
+@given(
+    st.lists(mutations, min_size=1, max_size=4),
+    st.sampled_from(["error", "drop"]),
+    st.sampled_from(["norm1000", "pixel"]),
+)
 def test_record_fuzz_loads_or_names_file_and_line(tmp_path, muts, poly_policy, bbox_format):
     """Mutated records (wrong types, huge ints, control tokens, raw bytes, deep nesting): records or a
     RecordError whose every issue names this file and a line; never another exception."""

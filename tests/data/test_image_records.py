@@ -1,5 +1,6 @@
 """The image-record contract: paths resolve against the dataset file (not the cwd), sizes are checked, pixel
 boxes become bins, and every problem names the file line (docs/DATA.md, "Image records")."""
+
 from __future__ import annotations
 
 import json
@@ -102,17 +103,20 @@ def test_unreadable_image_is_reported(tmp_path):
     assert "is not a readable image" in issue.message
 
 
-@pytest.mark.parametrize("line, needle", [
-    ({**image_rec(), "scene": "a cat"}, "both scene and images"),
-    ({"id": "x", "objects": []}, "missing required keys ['scene'] or ['images']"),
-    ({"id": "x", "scene": "s", "width": 5, "objects": []}, "keys ['width'] belong to image records"),
-    ({k: v for k, v in image_rec().items() if k != "height"}, "missing required keys ['height']"),
-    (image_rec(width=0), "width must be a positive integer"),
-    (image_rec(height=11.5), "height must be a positive integer"),
-    ({**image_rec(), "images": []}, "exactly one non-empty path"),
-    ({**image_rec(), "images": ["a.png", "b.png"]}, "exactly one non-empty path"),
-    (image_rec(objects=[{"desc": "circle", "bbox_2d": [1.5, 2, 3, 4]}]), "floats are not bins"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ({**image_rec(), "scene": "a cat"}, "both scene and images"),
+        ({"id": "x", "objects": []}, "missing required keys ['scene'] or ['images']"),
+        ({"id": "x", "scene": "s", "width": 5, "objects": []}, "keys ['width'] belong to image records"),
+        ({k: v for k, v in image_rec().items() if k != "height"}, "missing required keys ['height']"),
+        (image_rec(width=0), "width must be a positive integer"),
+        (image_rec(height=11.5), "height must be a positive integer"),
+        ({**image_rec(), "images": []}, "exactly one non-empty path"),
+        ({**image_rec(), "images": ["a.png", "b.png"]}, "exactly one non-empty path"),
+        (image_rec(objects=[{"desc": "circle", "bbox_2d": [1.5, 2, 3, 4]}]), "floats are not bins"),
+    ],
+)
 def test_shape_problems_name_the_line(dataset, line, needle):
     path, _ = dataset
     write_lines(path, [image_rec(), line])
@@ -128,15 +132,20 @@ def test_pixel_boxes_become_bins(tmp_path):
     assert rec.objects[0]["bbox_2d"] == [0, pixel_to_bin(10.5, 100), 999, 500] == [0, 105, 999, 500]
 
 
-@pytest.mark.parametrize("bbox, needle", [
-    ([0, 0, 201, 50], "outside the 200x100 image"),
-    ([0, -1, 10, 50], "outside the 200x100 image"),
-    ([50, 0, 10, 50], "x1<=x2 and y1<=y2"),
-    ([0, 0, "10", 50], "4 pixel numbers"),
-])
+@pytest.mark.parametrize(
+    "bbox, needle",
+    [
+        ([0, 0, 201, 50], "outside the 200x100 image"),
+        ([0, -1, 10, 50], "outside the 200x100 image"),
+        ([50, 0, 10, 50], "x1<=x2 and y1<=y2"),
+        ([0, 0, "10", 50], "4 pixel numbers"),
+    ],
+)
 def test_pixel_box_problems(tmp_path, bbox, needle):
     save_png(tmp_path / "images" / "a.png", (200, 100))
-    path = write_lines(tmp_path / "r.jsonl", [image_rec(width=200, height=100, objects=[{"desc": "c", "bbox_2d": bbox}])])
+    path = write_lines(
+        tmp_path / "r.jsonl", [image_rec(width=200, height=100, objects=[{"desc": "c", "bbox_2d": bbox}])]
+    )
     assert needle in str(problems_of(path, bbox_format="pixel"))
 
 
@@ -149,13 +158,19 @@ def test_pixel_format_needs_a_size(tmp_path):
 
 def test_round_trip_keeps_entries_relative_and_boxes_in_bins(tmp_path):
     save_png(tmp_path / "images" / "a.png", (200, 100))
-    src = write_lines(tmp_path / "src.jsonl", [image_rec(width=200, height=100,
-                                                         objects=[{"desc": "c", "bbox_2d": [0, 0, 100, 100]}])])
+    src = write_lines(
+        tmp_path / "src.jsonl", [image_rec(width=200, height=100, objects=[{"desc": "c", "bbox_2d": [0, 0, 100, 100]}])]
+    )
     loaded = load_records(src, bbox_format="pixel")
     out = tmp_path / "out.jsonl"
     dump_records(loaded, out)
-    assert json.loads(out.read_text()) == {"id": "im-1", "images": ["images/a.png"], "width": 200, "height": 100,
-                                           "objects": [{"desc": "c", "bbox_2d": [0, 0, 500, 999]}]}
+    assert json.loads(out.read_text()) == {
+        "id": "im-1",
+        "images": ["images/a.png"],
+        "width": 200,
+        "height": 100,
+        "objects": [{"desc": "c", "bbox_2d": [0, 0, 500, 999]}],
+    }
     assert load_records(out) == loaded  # the dumped file is norm1000
 
 

@@ -1,6 +1,7 @@
 """The predecessor system's raw records load as they are (docs/DATA.md, "The predecessor's files"): no id
 (derived from file and line), bins as integers or "<|coord_N|>" strings, summary/metadata accepted, and
 poly objects by data.poly_policy (error names file:line; drop skips them and counts them)."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def rec(i, objects, **extra):
 
 
 def test_the_documented_example_loads_with_ids_from_file_and_line(tmp_path):
-    path = write_predecessor(tmp_path, [rec(0, [{"bbox_2d": COORD, "desc": "tool cabinet"}]),
-                                        rec(1, [{"bbox_2d": [1, 2, 3, 4], "desc": "cup"}])])
+    path = write_predecessor(
+        tmp_path,
+        [rec(0, [{"bbox_2d": COORD, "desc": "tool cabinet"}]), rec(1, [{"bbox_2d": [1, 2, 3, 4], "desc": "cup"}])],
+    )
     a, b = load_records(path)
     assert (a.id, b.id) == ("train.coord.jsonl:1", "train.coord.jsonl:2")
     assert a.objects == ({"desc": "tool cabinet", "bbox_2d": [100, 120, 180, 200]},)
@@ -61,15 +64,18 @@ def test_poly_drop_skips_and_counts_per_record_and_logs_per_file(tmp_path, caplo
     assert f"{path}: dropped 3 poly object(s) in 2 record(s)" in caplog.text
 
 
-@pytest.mark.parametrize("obj, needle", [
-    ({**POLY, "poly": [1, 2, 3, 4]}, "even number (>= 6)"),
-    ({**POLY, "poly": [1, 2, 3, 4, 5]}, "even number (>= 6)"),
-    ({**POLY, "poly_points": 3}, "poly_points is 3 but poly has 4 points"),
-    ({**POLY, "poly": [1, 2, 3, 4, 5, 1000]}, "outside 0..999"),
-    ({**POLY, "bbox_2d": COORD}, "has both bbox_2d and poly"),
-    ({"desc": "a", "poly_points": 3}, "poly_points is given without poly"),
-    ({"desc": "a"}, "is missing bbox_2d"),
-])
+@pytest.mark.parametrize(
+    "obj, needle",
+    [
+        ({**POLY, "poly": [1, 2, 3, 4]}, "even number (>= 6)"),
+        ({**POLY, "poly": [1, 2, 3, 4, 5]}, "even number (>= 6)"),
+        ({**POLY, "poly_points": 3}, "poly_points is 3 but poly has 4 points"),
+        ({**POLY, "poly": [1, 2, 3, 4, 5, 1000]}, "outside 0..999"),
+        ({**POLY, "bbox_2d": COORD}, "has both bbox_2d and poly"),
+        ({"desc": "a", "poly_points": 3}, "poly_points is given without poly"),
+        ({"desc": "a"}, "is missing bbox_2d"),
+    ],
+)
 def test_malformed_poly_is_an_error_even_when_dropping(tmp_path, obj, needle):
     path = write_predecessor(tmp_path, [rec(0, [obj])])
     with pytest.raises(RecordError) as err:

@@ -1,5 +1,6 @@
 """The embedded VLM assets (assets/vlm/): byte-identical rebuilds, image records that follow the contract, a
 model folder that loads and runs with an image without torchvision, and a Stage-1 that answers in JSON."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,11 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,20 @@ def vlm_dir(assets_dir) -> Path:
 
 def test_fast_vlm_parts_rebuild_byte_identical(assets_dir, vlm_dir, tmp_path):
     env = child_env()
-    subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(tmp_path),
-                    "--only", "tokenizer,vlm_data,vlm_model"], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(assets_dir / "build_assets.py"),
+            "--out",
+            str(tmp_path),
+            "--only",
+            "tokenizer,vlm_data,vlm_model",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     for part in ("data", "tiny_qwen2_vl"):
         fresh, committed = digests(tmp_path / "vlm" / part), digests(vlm_dir / part)
         assert fresh.keys() == committed.keys(), part
@@ -77,8 +93,10 @@ def test_tokenizer_is_the_literal_one_plus_vision_tokens(vlm_dir, tok, processor
 def encode_one(processor, record):
     from toolkit.vlm.images import IMAGE_PLACEHOLDER, open_image
 
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": IMAGE_PLACEHOLDER + USER_INSTRUCTION}]
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": IMAGE_PLACEHOLDER + USER_INSTRUCTION},
+    ]
     text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return processor(text=[text], images=[open_image(record.images[0])], return_tensors="pt")
 
@@ -93,7 +111,7 @@ def run_model(folder: Path, enc, new_tokens: int):
     with torch.no_grad():
         logits = model(**inputs).logits
         out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens)
-    return model, logits, out[0, enc["input_ids"].shape[1]:].tolist()
+    return model, logits, out[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def test_processor_and_model_run_with_an_image(vlm_dir, processor):
@@ -121,7 +139,7 @@ def test_stage1_answers_val_images_in_json(vlm_dir, processor):
         enc = encode_one(processor, record)
         _, _, new = run_model(folder, enc, 70)
         assert 2 in new, f"{record.id}: no <|im_end|> within 70 tokens"
-        text = processor.tokenizer.decode(new[:new.index(2)], skip_special_tokens=False)
+        text = processor.tokenizer.decode(new[: new.index(2)], skip_special_tokens=False)
         assert text.startswith('{"object_1": {"desc": "') and isinstance(json.loads(text), dict), record.id
     rows = [json.loads(ln) for ln in (folder / "training_curve.jsonl").read_text().splitlines()]
     assert {"step", "loss", "valid_parse", "f1"} <= rows[-1].keys() and rows[-1]["valid_parse"] >= 0.9
@@ -131,7 +149,20 @@ def test_stage1_answers_val_images_in_json(vlm_dir, processor):
 def test_vlm_stage1_smoke_builds_are_byte_identical(assets_dir, tmp_path):
     env = child_env()
     for out in (tmp_path / "a", tmp_path / "b"):
-        subprocess.run([sys.executable, str(assets_dir / "build_assets.py"), "--out", str(out), "--only",
-                        "tokenizer,vlm_data,vlm_model,vlm_stage1", "--vlm-stage1-steps", "20"],
-                       check=True, env=env, capture_output=True, timeout=900)
+        subprocess.run(
+            [
+                sys.executable,
+                str(assets_dir / "build_assets.py"),
+                "--out",
+                str(out),
+                "--only",
+                "tokenizer,vlm_data,vlm_model,vlm_stage1",
+                "--vlm-stage1-steps",
+                "20",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=900,
+        )
     assert digests(tmp_path / "a" / "vlm" / "stage1") == digests(tmp_path / "b" / "vlm" / "stage1")

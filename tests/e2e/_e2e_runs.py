@@ -1,4 +1,5 @@
 """Helpers for end-to-end tests: real `python -m toolkit.train` / torchrun subprocesses on CPU."""
+
 from __future__ import annotations
 
 import os
@@ -26,19 +27,35 @@ def train_argv(profile: str, out: Path, *sets: str) -> list[str]:
     return argv
 
 
-def run_train(profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600,
-              flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run_train(
+    profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 600, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     argv = [sys.executable, *train_argv(profile, out, *sets)] + (["--resume", resume] if resume else []) + list(flags)
     return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_torchrun(nproc: int, profile: str, out: Path, *sets: str, resume: str | None = None,
-                 timeout: int = 900) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *train_argv(profile, out, *sets)]  # torchrun's own -m: run a module
+def run_torchrun(
+    nproc: int, profile: str, out: Path, *sets: str, resume: str | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *train_argv(profile, out, *sets),
+    ]  # torchrun's own -m: run a module
     argv += ["--resume", resume] if resume else []
-    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

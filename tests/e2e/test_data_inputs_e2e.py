@@ -1,6 +1,7 @@
 """The three record inputs train through the public entry point (docs/DATA.md): the predecessor's raw files as
 they are (both coordinate surfaces, poly objects, no ids), a COCO file converted by `stage2 data convert`,
 and (slow) LVIS-shaped scenes with 40-60 objects and 1-2k-token answers, packed."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _e2e_runs import ROOT, run_train
 from _shared import child_env, metrics
 
@@ -31,8 +31,10 @@ def copy_images(records, folder):
 
 def predecessor_line(rec: dict, coord: bool, k: int) -> str:
     """One line in the predecessor's raw contract: no id, bins as ints (*.norm) or coord strings (*.coord)."""
-    objects = [{"bbox_2d": [f"<|coord_{v}|>" for v in o["bbox_2d"]] if coord else o["bbox_2d"], "desc": o["desc"]}
-               for o in rec["objects"]]
+    objects = [
+        {"bbox_2d": [f"<|coord_{v}|>" for v in o["bbox_2d"]] if coord else o["bbox_2d"], "desc": o["desc"]}
+        for o in rec["objects"]
+    ]
     if k % 2 == 0:
         objects.insert(0, POLY)  # every other record carries a poly
     line = {"images": rec["images"], "objects": objects, "width": rec["width"], "height": rec["height"]}
@@ -54,9 +56,17 @@ def predecessor_files(tmp_path):
 def test_predecessor_files_train_as_they_are_with_polys_dropped_and_counted(predecessor_files, tmp_path):
     train, val = predecessor_files
     out = tmp_path / "run"
-    res = run_train("smoke/vlm_ab_mixed", out, f"data.train_jsonl={train}", f"data.val_jsonl={val}",
-                    "data.poly_policy=drop", "training.max_steps=2", "training.eval_steps=2",
-                    "training.save_strategy=no", "rollout_matching.max_new_tokens=64")
+    res = run_train(
+        "smoke/vlm_ab_mixed",
+        out,
+        f"data.train_jsonl={train}",
+        f"data.val_jsonl={val}",
+        "data.poly_policy=drop",
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_strategy=no",
+        "rollout_matching.max_new_tokens=64",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     rows = metrics(out)
     assert [r["channel"] for r in rows] == ["A", "B"] and rows[0]["loss/total"] > 0
@@ -85,8 +95,15 @@ def coco_from_vlm(folder, records) -> tuple:
         for o in rec["objects"]:
             x1, y1, x2, y2 = (o["bbox_2d"][k] / 999 * (w if k % 2 == 0 else h) for k in range(4))
             cid = cats.setdefault(o["desc"], len(cats) + 1)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cid, "iscrowd": 0,
-                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": cid,
+                    "iscrowd": 0,
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                }
+            )
     ann = folder / "instances.json"
     categories = [{"id": c, "name": n, "supercategory": "shape"} for n, c in cats.items()]
     ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
@@ -97,9 +114,30 @@ def test_a_coco_file_converts_loads_and_trains(tmp_path):
     records = vlm_records(8)
     ann, img_dir = coco_from_vlm(tmp_path, records)
     out = tmp_path / "converted" / "train.jsonl"
-    conv = subprocess.run([sys.executable, "-c", "from launchers.cli import main; main()", "data", "convert", "--coco", str(ann), "--images",
-                           str(img_dir), "--out", str(out), "--max-side", "84", "--model", "assets/vlm/stage1"],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    conv = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from launchers.cli import main; main()",
+            "data",
+            "convert",
+            "--coco",
+            str(ann),
+            "--images",
+            str(img_dir),
+            "--out",
+            str(out),
+            "--max-side",
+            "84",
+            "--model",
+            "assets/vlm/stage1",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert conv.returncode == 0, conv.stderr[-3000:]
     assert "records written: 8" in conv.stderr and "images resized: 8" in conv.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
@@ -107,8 +145,15 @@ def test_a_coco_file_converts_loads_and_trains(tmp_path):
     for rec, conv_rec in zip(records, got):  # pixel round trip: every bin within one of the original
         for a, b in zip(rec["objects"], conv_rec["objects"]):
             assert a["desc"] == b["desc"] and max(abs(p - q) for p, q in zip(a["bbox_2d"], b["bbox_2d"])) <= 1
-    res = run_train("smoke/vlm_ab_mixed", tmp_path / "run", f"data.train_jsonl={out}", "data.val_jsonl=null",
-                    "training.eval_strategy=no", "training.max_steps=1", "training.save_strategy=no")
+    res = run_train(
+        "smoke/vlm_ab_mixed",
+        tmp_path / "run",
+        f"data.train_jsonl={out}",
+        "data.val_jsonl=null",
+        "training.eval_strategy=no",
+        "training.max_steps=1",
+        "training.save_strategy=no",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert metrics(tmp_path / "run")[0]["stage2/segments"] == 8
 
@@ -120,11 +165,21 @@ def test_lvis_shaped_scenes_train_two_packed_steps(tmp_path):
 
     train = write_lvis_like(tmp_path / "lvis", 4)
     out = tmp_path / "run"
-    res = run_train("smoke/vlm_ab_mixed", out, f"data.train_jsonl={train}", "data.val_jsonl=null",
-                    "training.eval_strategy=no", "training.max_steps=2", "training.save_strategy=no",
-                    "training.effective_batch_size=4", "training.packing=true", "global_max_length=4096",
-                    "rollout_matching.max_new_tokens=2048", "rollout_matching.vllm.max_model_len=4096",
-                    timeout=1800)
+    res = run_train(
+        "smoke/vlm_ab_mixed",
+        out,
+        f"data.train_jsonl={train}",
+        "data.val_jsonl=null",
+        "training.eval_strategy=no",
+        "training.max_steps=2",
+        "training.save_strategy=no",
+        "training.effective_batch_size=4",
+        "training.packing=true",
+        "global_max_length=4096",
+        "rollout_matching.max_new_tokens=2048",
+        "rollout_matching.vllm.max_model_len=4096",
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     a, b = metrics(out)
     assert (a["channel"], b["channel"]) == ("A", "B")

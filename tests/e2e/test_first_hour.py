@@ -1,4 +1,5 @@
 """What a new user meets in the first hour: messages, not tracebacks, through the installed commands."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _e2e_runs import ROOT
 from _shared import child_env, free_port
 
@@ -29,17 +29,33 @@ def test_train_takes_dash_p_and_a_typo_gets_did_you_mean():
 def test_completion_offers_profile_names_and_set_keys():
     words = {"COMP_WORDS": "stage2 train -p smoke/ab", "COMP_CWORD": "3", "_STAGE2_COMPLETE": "bash_complete"}
     assert "plain,smoke/ab_mixed" in stage2(extra_env=words).stdout.splitlines()
-    words = {"COMP_WORDS": "stage2 config --set training.max_st", "COMP_CWORD": "3", "_STAGE2_COMPLETE": "bash_complete"}
+    words = {
+        "COMP_WORDS": "stage2 config --set training.max_st",
+        "COMP_CWORD": "3",
+        "_STAGE2_COMPLETE": "bash_complete",
+    }
     assert stage2(extra_env=words).stdout.splitlines() == ["plain,training.max_steps="]
 
 
 def test_a_missing_model_folder_or_records_file_stops_before_anything_starts(tmp_path):
-    res = stage2("train", "-p", "smoke/a_only", "--set", f"model.model={tmp_path}/no/model",
-                 "--set", f"data.train_jsonl={tmp_path}/none.jsonl", "--set", f"training.output_dir={tmp_path}/run")
+    res = stage2(
+        "train",
+        "-p",
+        "smoke/a_only",
+        "--set",
+        f"model.model={tmp_path}/no/model",
+        "--set",
+        f"data.train_jsonl={tmp_path}/none.jsonl",
+        "--set",
+        f"training.output_dir={tmp_path}/run",
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert f"model.model: no folder {tmp_path}/no/model" in res.stderr and f"no file {tmp_path}/none.jsonl" in res.stderr
-    launch = stage2("-p", "prod/ab_mixed", "--gpus", "cpu", "--set", f"training.output_dir={tmp_path}/run",
-                    tool="stage2-launch")
+    assert (
+        f"model.model: no folder {tmp_path}/no/model" in res.stderr and f"no file {tmp_path}/none.jsonl" in res.stderr
+    )
+    launch = stage2(
+        "-p", "prod/ab_mixed", "--gpus", "cpu", "--set", f"training.output_dir={tmp_path}/run", tool="stage2-launch"
+    )
     assert launch.returncode == 1 and "model.model: no folder /models/" in launch.stderr
     assert not (tmp_path / "run" / "logs").exists()  # no server was started
 
@@ -48,18 +64,41 @@ def test_launch_refuses_gpu_ids_on_a_machine_without_gpus(tmp_path):
     if Path("/proc/driver/nvidia/gpus").is_dir():
         pytest.skip("this machine has NVIDIA GPUs")
     e = {k: v for k, v in child_env().items() if k != "CUDA_VISIBLE_DEVICES"}
-    res = subprocess.run([str(BIN / "stage2-launch"), "-p", "smoke/ab_mixed", "--gpus", "0,1", "--set",
-                          f"training.output_dir={tmp_path}"], cwd=ROOT, env={**e, "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            str(BIN / "stage2-launch"),
+            "-p",
+            "smoke/ab_mixed",
+            "--gpus",
+            "0,1",
+            "--set",
+            f"training.output_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env={**e, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1 and "no visible NVIDIA GPU" in res.stderr and "--gpus cpu" in res.stderr
     assert not (tmp_path / "logs").exists()
 
 
 def test_server_mode_says_what_it_waits_for_and_fails_with_the_message_alone(tmp_path):
     port = free_port()
-    res = stage2("train", "-p", "smoke/b_only", "--set", "rollout_matching.rollout_backend=vllm",
-                 "--set", f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: 51999}}]",
-                 "--set", "rollout_matching.vllm.server.timeout_s=20", "--set", f"training.output_dir={tmp_path}")
+    res = stage2(
+        "train",
+        "-p",
+        "smoke/b_only",
+        "--set",
+        "rollout_matching.rollout_backend=vllm",
+        "--set",
+        f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: 51999}}]",
+        "--set",
+        "rollout_matching.vllm.server.timeout_s=20",
+        "--set",
+        f"training.output_dir={tmp_path}",
+    )
     assert res.returncode == 1
     assert f"rollouts come from http://127.0.0.1:{port}; waiting up to 20 s for /health/" in res.stderr
     assert "stage2 serve" in res.stderr and "still waiting for" in res.stderr
@@ -71,8 +110,13 @@ def test_outside_the_venv_the_entry_point_says_which_python_to_use():
     system = "/usr/bin/python3"
     if not os.path.exists(system) or subprocess.run([system, "-c", "import voluptuous"]).returncode == 0:
         pytest.skip("needs a python3 without the project's packages")
-    res = subprocess.run([system, "-m", "toolkit.train", "--profile", "smoke/a_only"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [system, "-m", "toolkit.train", "--profile", "smoke/a_only"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "No module named" in res.stderr and ".venv/bin/python -m toolkit.train" in res.stderr
 
@@ -86,8 +130,14 @@ def test_the_sbatch_wrapper_without_stage2_launch_on_path_says_which_venv_to_act
 
 
 def test_a_partial_asset_build_into_an_empty_folder_names_the_missing_part(tmp_path):
-    res = subprocess.run([sys.executable, "assets/build_assets.py", "--only", "vlm_model", "--out", str(tmp_path)],
-                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "assets/build_assets.py", "--only", "vlm_model", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "vlm_model needs the tokenizer part first" in res.stderr and "--only tokenizer,vlm_model" in res.stderr
 
@@ -98,7 +148,14 @@ def test_launch_checks_the_run_folder_before_starting_anything_and_overwrite_mov
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    sets = ["--set", f"training.output_dir={out}", "--set", "training.max_steps=1", "--set", "training.eval_strategy=no"]
+    sets = [
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        "training.max_steps=1",
+        "--set",
+        "training.eval_strategy=no",
+    ]
     taken = stage2("-p", "smoke/a_only", "--gpus", "cpu", *sets, tool="stage2-launch")
     assert taken.returncode == 1 and "already holds another run" in taken.stderr and "--overwrite" in taken.stderr
     assert not (out / "logs").exists()  # refused before any process started
@@ -118,7 +175,10 @@ def test_the_launch_summary_does_not_repeat_a_failures_log_tail(tmp_path):
 
     from launchers.launch_cmd import summary_line
 
-    reason = f"server0 exited with code 1 before becoming healthy; see {tmp_path}/logs/server0.log\n  last lines of the log:\n    OSError: Repo id"
+    reason = (
+        f"server0 exited with code 1 before becoming healthy; see {tmp_path}/logs/server0.log\n"
+        "  last lines of the log:\n    OSError: Repo id"
+    )
     line = summary_line(SimpleNamespace(output_dir=tmp_path), 1, 3.0, reason)
     assert "server0 exited with code 1" in line and "last lines" not in line and "OSError" not in line
 
@@ -133,8 +193,9 @@ def test_vllms_harmless_chat_template_warmup_traceback_becomes_one_explained_lin
     except ValueError:
         import sys as _sys
 
-        record = logging.LogRecord("vllm.renderers.base", logging.WARNING, "base.py", 380,
-                                   "Chat template warmup failed", (), _sys.exc_info())
+        record = logging.LogRecord(
+            "vllm.renderers.base", logging.WARNING, "base.py", 380, "Chat template warmup failed", (), _sys.exc_info()
+        )
     assert _ChatWarmupNote().filter(record)
     text = logging.Formatter().format(record)
     assert "harmless" in text and "Traceback" not in text and "\n" not in text

@@ -2,6 +2,7 @@
 resolve, and every demo figure it quotes is the one in docs/readme_figures.json, which
 `scripts/readme_figures.py` regenerates from the pinned runs (run it after a change to the training math,
 then copy the figures it prints into the README)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,8 +39,12 @@ def _cli(tool: str) -> click.Command:
     from launchers.launch_cmd import launch
     from toolkit.train import train_command
 
-    return {"stage2": main, "stage2-launch": launch, "stage2-lint-profiles": lint_profiles,
-            "toolkit.train": train_command}[tool]
+    return {
+        "stage2": main,
+        "stage2-launch": launch,
+        "stage2-lint-profiles": lint_profiles,
+        "toolkit.train": train_command,
+    }[tool]
 
 
 def _parse(tool: str, args: list[str]) -> click.Context:
@@ -83,7 +88,7 @@ def check_command(line: str) -> None:
             assert importlib.util.find_spec(module) is not None, f"{line}: no module {module}"
             continue
         if tool in ("torchrun", "python"):
-            ctx = _parse("toolkit.train", argv[argv.index("toolkit.train") + 1:])
+            ctx = _parse("toolkit.train", argv[argv.index("toolkit.train") + 1 :])
         else:
             try:
                 ctx = _parse(tool, argv[1:])
@@ -141,5 +146,7 @@ def expected_figures() -> list[str]:
 @pytest.mark.parametrize("figure", expected_figures())
 def test_every_readme_figure_is_the_measured_one(figure):
     text = " ".join(README.split())
-    assert figure in text, (f"README.md does not say {figure!r}; the figures in docs/readme_figures.json come from "
-                            "`python scripts/readme_figures.py` (rerun it after changing the training math)")
+    assert figure in text, (
+        f"README.md does not say {figure!r}; the figures in docs/readme_figures.json come from "
+        "`python scripts/readme_figures.py` (rerun it after changing the training math)"
+    )

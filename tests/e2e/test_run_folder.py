@@ -3,12 +3,12 @@
 A second fresh run into a used folder refuses with the fix; --overwrite moves the old run aside;
 --resume auto refuses another config and extends a finished run on the stretched schedule (lr > 0).
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from _e2e_runs import run_train
 from _shared import metrics, tiny_model_dir
 
@@ -42,8 +42,9 @@ def test_a_run_owns_its_folder_and_extending_it_continues_the_schedule(tiny, tmp
     assert "already holds another run" in again.stderr and "--resume auto" in again.stderr
     assert "--overwrite" in again.stderr and [r["step"] for r in metrics(out)] == [1, 2]
 
-    other = run_train("smoke/a_only", out, *_sets(tiny, "training.max_steps=4", "training.learning_rate=3e-4"),
-                      resume="auto")
+    other = run_train(
+        "smoke/a_only", out, *_sets(tiny, "training.max_steps=4", "training.learning_rate=3e-4"), resume="auto"
+    )
     assert other.returncode == 1 and "training.learning_rate: 0.0001 → 0.0003" in other.stderr, other.stderr[-2000:]
     assert "Traceback" not in other.stderr
 

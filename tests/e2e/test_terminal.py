@@ -4,6 +4,7 @@ tmux is the terminal emulator (160×50): the test reads the screen it renders (`
 raw byte stream, so a bar re-printed under every log line or a timestamp glued to the bar's tail shows
 up exactly as a person would see it.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,11 +34,25 @@ def test_screen_has_one_bar_at_the_bottom_and_log_lines_above_it(tmp_path):
     out = tmp_path / "run"
     done = tmp_path / "exit_code"
     cmd = " ".join(shlex.quote(a) for a in [sys.executable, *train_argv("smoke/a_only", out, *SETS)])
-    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in child_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS",
-                                                                                 "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR"))
+    exports = " ".join(
+        f"{k}={shlex.quote(v)}"
+        for k, v in child_env().items()
+        if k in ("PYTHONPATH", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "DS_ACCELERATOR")
+    )
     session = f"stage2-test-{tmp_path.name}"[:60]
-    _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", "-c", str(ROOT),
-          f"env {exports} {cmd}; echo $? > {done}; sleep 600")
+    _tmux(
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        "160",
+        "-y",
+        "50",
+        "-c",
+        str(ROOT),
+        f"env {exports} {cmd}; echo $? > {done}; sleep 600",
+    )
     try:
         deadline = time.monotonic() + 900
         while not done.exists() and time.monotonic() < deadline:
@@ -51,7 +66,7 @@ def test_screen_has_one_bar_at_the_bottom_and_log_lines_above_it(tmp_path):
     bars = [i for i, line in enumerate(lines) if BAR.search(line)]
     assert len(bars) == 1, text  # one bar, never re-printed under each log line
     assert "100%|" in lines[bars[0]] and "3/3" in lines[bars[0]]
-    after = lines[bars[0] + 1:]
+    after = lines[bars[0] + 1 :]
     assert all(LOG.match(line) for line in after), text  # only log lines written after the bar closed
     step_lines = [line for line in lines if STEP.search(line) and LOG.match(line)]
     assert len(step_lines) == 3, text  # logging_steps=1: one line per step, each on its own screen line
@@ -62,8 +77,9 @@ def test_screen_has_one_bar_at_the_bottom_and_log_lines_above_it(tmp_path):
 
 @pytest.mark.slow
 def test_without_a_terminal_there_is_no_bar_only_plain_lines(tmp_path):
-    proc = run_train("smoke/a_only", tmp_path / "run", "training.max_steps=2", "training.eval_steps=2",
-                     "training.save_steps=2")
+    proc = run_train(
+        "smoke/a_only", tmp_path / "run", "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr and not BAR.search(proc.stderr), proc.stderr[-3000:]
     assert "Writing model shards" not in proc.stderr

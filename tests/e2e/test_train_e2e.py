@@ -3,17 +3,16 @@
 Each run is a subprocess with DeepSpeed on gloo, HF rollouts and the committed tiny model, so these
 tests exercise the whole recipe: schedule, budget, rollouts, parse/match, packing, engine, checkpoints.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
 from _e2e_runs import ROOT, run_torchrun, run_train, train_argv
 from _shared import child_env, metrics, tiny_model_dir
 
@@ -52,8 +51,13 @@ def test_resume_reproduces_the_straight_run(tiny, tmp_path):
 def test_two_rank_resume_with_uneven_packs_reproduces_the_straight_run(tiny, tmp_path):
     """2 ranks, packs of ≤ 256 tokens so the ranks pack their samples into different numbers of packs (the
     short rank runs zero-weight padding packs): 4 steps straight == 2 steps + --resume auto + 2 steps."""
-    common = _sets(tiny, "training.lr_scheduler_type=constant", "training.save_steps=2", "training.eval_strategy=no",
-                   "global_max_length=256")
+    common = _sets(
+        tiny,
+        "training.lr_scheduler_type=constant",
+        "training.save_steps=2",
+        "training.eval_strategy=no",
+        "global_max_length=256",
+    )
     straight = run_torchrun(2, "smoke/ab_mixed", tmp_path / "a", *common, "training.max_steps=4")
     assert straight.returncode == 0, straight.stdout[-3000:]
     half = run_torchrun(2, "smoke/ab_mixed", tmp_path / "b", *common, "training.max_steps=2")
@@ -73,9 +77,19 @@ def test_two_rank_resume_with_uneven_packs_reproduces_the_straight_run(tiny, tmp
 
 
 def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
-    res = run_torchrun(2, "smoke/ab_mixed", tmp_path, *_sets(tiny, "training.max_steps=2", "training.save_steps=2",
-                                                              "training.eval_steps=2", "rollout_matching.monitor_dump.enabled=true",
-                                                              "rollout_matching.monitor_dump.every_steps=1"))
+    res = run_torchrun(
+        2,
+        "smoke/ab_mixed",
+        tmp_path,
+        *_sets(
+            tiny,
+            "training.max_steps=2",
+            "training.save_steps=2",
+            "training.eval_steps=2",
+            "rollout_matching.monitor_dump.enabled=true",
+            "rollout_matching.monitor_dump.every_steps=1",
+        ),
+    )
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(tmp_path)
     assert [r["channel"] for r in rows] == ["A", "B"]
@@ -91,9 +105,13 @@ def test_two_rank_torchrun_completes_and_sums_the_step_budget(tiny, tmp_path):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
-    argv = [sys.executable, *train_argv("smoke/a_only", tmp_path, *_sets(tiny, "training.max_steps=200",
-                                                                        "training.eval_strategy=no"))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        *train_argv("smoke/a_only", tmp_path, *_sets(tiny, "training.max_steps=200", "training.eval_strategy=no")),
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not metrics(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -111,20 +129,33 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tiny, tmp_path):
 def test_malformed_record_is_a_clear_error_naming_the_line(tiny, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (ROOT / "assets" / "data" / "train.jsonl").read_text().splitlines()[:20]
-    bad.write_text("\n".join(good[:3] + ['{"id": "x", "scene": "cat", "objects": [{"desc": "cat", "bbox_2d": [5, 1, 2]}]}'] + good[3:]) + "\n")
+    bad.write_text(
+        "\n".join(
+            good[:3] + ['{"id": "x", "scene": "cat", "objects": [{"desc": "cat", "bbox_2d": [5, 1, 2]}]}'] + good[3:]
+        )
+        + "\n"
+    )
     res = run_train("smoke/a_only", tmp_path / "run", *_sets(tiny, f"data.train_jsonl={bad}"))
     assert res.returncode == 1
     assert f"{bad}:4:" in res.stderr and "bbox_2d" in res.stderr
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("profile,channels", [("smoke/a_only", ["A", "A"]), ("smoke/b_only", ["B", "B"]),
-                                              ("smoke/ab_mixed", ["A", "B"])])
+@pytest.mark.parametrize(
+    "profile,channels", [("smoke/a_only", ["A", "A"]), ("smoke/b_only", ["B", "B"]), ("smoke/ab_mixed", ["A", "B"])]
+)
 def test_each_smoke_profile_trains_from_the_stage1_checkpoint(profile, channels, tmp_path):
     """The shipped profiles as they are (assets/stage1), shortened: real matches from the first B step."""
     # answers run to 66 tokens: decode up to 96 (the FAST default of 48 would truncate them)
-    res = run_train(profile, tmp_path, "training.max_steps=2", "training.eval_steps=2", "training.save_steps=2",
-                    "rollout_matching.max_new_tokens=96", "data.val_sample_limit=8")
+    res = run_train(
+        profile,
+        tmp_path,
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "rollout_matching.max_new_tokens=96",
+        "data.val_sample_limit=8",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = metrics(tmp_path)
     assert [r["channel"] for r in rows] == channels
@@ -139,8 +170,15 @@ def test_each_smoke_profile_trains_from_the_stage1_checkpoint(profile, channels,
 
 
 def test_lora_run_exports_a_merged_model(tmp_path):
-    res = run_train("smoke/b_only", tmp_path, "training.max_steps=1", "training.save_steps=1",
-                    "training.eval_strategy=no", "tuner.train_type=lora", "tuner.lora_rank=4")
+    res = run_train(
+        "smoke/b_only",
+        tmp_path,
+        "training.max_steps=1",
+        "training.save_steps=1",
+        "training.eval_strategy=no",
+        "tuner.train_type=lora",
+        "tuner.lora_rank=4",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     from safetensors import safe_open
 

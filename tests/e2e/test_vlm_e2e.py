@@ -1,10 +1,10 @@
 """The image path through the public entry point: `python -m toolkit.train --profile smoke/vlm_ab_mixed`
 (tiny Qwen2-VL, rendered shapes, HF rollouts, DeepSpeed on CPU), shortened to one A and one B step."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from _e2e_runs import ROOT, run_torchrun, run_train
 from _shared import metrics
 
@@ -14,8 +14,14 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def vlm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm_run")
-    res = run_train("smoke/vlm_ab_mixed", out, "training.max_steps=2", "training.eval_steps=2",
-                    "training.save_steps=2", "rollout_matching.max_new_tokens=64")
+    res = run_train(
+        "smoke/vlm_ab_mixed",
+        out,
+        "training.max_steps=2",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "rollout_matching.max_new_tokens=64",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return out
 
@@ -50,8 +56,15 @@ def test_vlm_lora_run_exports_merged_weights_with_the_tower_trained_in_full(tmp_
     """LoRA adapters on the language model only; the vision tower (vit_lr > 0) trains in full and is exported."""
     from safetensors.torch import load_file
 
-    res = run_train("smoke/vlm_ab_mixed", tmp_path, "training.max_steps=1", "training.save_steps=1",
-                    "training.eval_strategy=no", "tuner.train_type=lora", "tuner.lora_rank=4")
+    res = run_train(
+        "smoke/vlm_ab_mixed",
+        tmp_path,
+        "training.max_steps=1",
+        "training.save_steps=1",
+        "training.eval_strategy=no",
+        "tuner.train_type=lora",
+        "tuner.lora_rank=4",
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     start = load_file(ROOT / "assets" / "vlm" / "stage1" / "model.safetensors")
     end = load_file(tmp_path / "checkpoints" / "step-000001" / "hf" / "model.safetensors")
@@ -65,8 +78,13 @@ def test_vlm_two_ranks_zero3_match_one_rank_zero2(tmp_path):
     """Images under ZeRO-3 on 2 CPU ranks (gathered generate, sharded vision tower) log the same step losses as
     one ZeRO-2 rank: same samples, same greedy rollouts. Packing off, so the logged loss (a segment-weighted
     mean of per-pack means) does not depend on how segments are split across ranks."""
-    sets = ("training.max_steps=2", "training.eval_strategy=no", "training.save_strategy=no", "training.packing=false",
-            "rollout_matching.max_new_tokens=64")
+    sets = (
+        "training.max_steps=2",
+        "training.eval_strategy=no",
+        "training.save_strategy=no",
+        "training.packing=false",
+        "rollout_matching.max_new_tokens=64",
+    )
     one = run_train("smoke/vlm_ab_mixed", tmp_path / "one", *sets)
     two = run_torchrun(2, "smoke/vlm_ab_mixed", tmp_path / "two", "deepspeed.config=zero3", *sets)
     assert one.returncode == 0, one.stderr[-4000:]

@@ -3,20 +3,25 @@
 WANDB_MODE=offline: no network; wandb writes `<output_dir>/wandb/offline-run-*-<id>/` with the run's
 config and summary, which is what `wandb sync` would upload.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
-import yaml
 from _e2e_runs import run_train
 from _shared import metrics
 
 from toolkit.config import load_profile
 from toolkit.trainer import wandb_log
 
-WANDB = ("training.report_to=[jsonl, wandb]", "training.wandb_project=stage2-test", "training.run_name=wb_smoke",
-         "training.eval_steps=2", "training.save_steps=2")
+WANDB = (
+    "training.report_to=[jsonl, wandb]",
+    "training.wandb_project=stage2-test",
+    "training.run_name=wb_smoke",
+    "training.eval_steps=2",
+    "training.save_steps=2",
+)
 
 
 def _runs(out):
@@ -37,8 +42,8 @@ def wandb_records(run_dir) -> list:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
             rec = pb.Record()
@@ -79,7 +84,8 @@ def test_offline_run_has_the_config_the_metrics_and_resume_continues_it(tmp_path
     assert [r["_step"] for r in rows] == [r["step"] for r in logged]
     for row, rec in zip(rows, logged):  # the same keys and numbers as metrics.jsonl (and TensorBoard)
         assert {k: v for k, v in row.items() if not k.startswith(("_", "eval_pictures"))} == pytest.approx(
-            {k: v for k, v in rec.items() if k not in ("step", "channel")})
+            {k: v for k, v in rec.items() if k not in ("step", "channel")}
+        )
     assert rows[-1]["eval_pictures/val-000001._type"] == "image-file"  # the eval pictures ride along
 
     proc = run_train("smoke/ab_mixed", out, *WANDB, "training.max_steps=3", resume="auto")
@@ -96,8 +102,11 @@ def test_missing_wandb_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     # Fake (labelled): an environment without wandb, which this venv cannot be while wandb is installed.
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(Exception, match=r"training.report_to: wandb is listed but the wandb package is not installed "
-                                        r"\(fix: pip install -e '.\[wandb\]'"):
+    with pytest.raises(
+        Exception,
+        match=r"training.report_to: wandb is listed but the wandb package is not installed "
+        r"\(fix: pip install -e '.\[wandb\]'",
+    ):
         wandb_log.with_wandb(object(), cfg, 1, "/nonexistent", resumed=False)
 
 

@@ -1,4 +1,5 @@
 """Helpers for the launcher tests: real subprocesses in their own groups, drained pipes, /proc checks."""
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,24 @@ STANDIN = str(Path(__file__).with_name("standin_server.py"))
 DRIVER = str(Path(__file__).with_name("_drive.py"))
 
 # Short real runs (as tests/e2e): tiny decode budget, small eval, one log line per step.
-FAST = ("rollout_matching.max_new_tokens=48", "data.val_sample_limit=4", "training.logging_steps=1",
-        "training.eval_strategy=no")
+FAST = (
+    "rollout_matching.max_new_tokens=48",
+    "data.val_sample_limit=4",
+    "training.logging_steps=1",
+    "training.eval_strategy=no",
+)
 
 
 def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
     """--set arguments for a short CPU run writing under `out`."""
     argv = []
-    for item in (f"model.model={model}", f"training.output_dir={out}", f"training.logging_dir={out / 'tb'}",
-                 *FAST, *extra):
+    for item in (
+        f"model.model={model}",
+        f"training.output_dir={out}",
+        f"training.logging_dir={out / 'tb'}",
+        *FAST,
+        *extra,
+    ):
         argv += ["--set", item]
     return argv
 
@@ -36,7 +46,7 @@ def _stat_fields(pid: str) -> list[str] | None:
         raw = Path(f"/proc/{pid}/stat").read_bytes().decode(errors="replace")
     except OSError:
         return None
-    return raw[raw.rfind(")") + 2:].split()
+    return raw[raw.rfind(")") + 2 :].split()
 
 
 def live_in_group(pgid: int) -> list[int]:
@@ -162,12 +172,21 @@ class Proc:
 
     def __init__(self, argv: list[str], env: dict, cwd: Path = ROOT):
         self.argv = argv
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         self.out: list[str] = []
         self.err: list[str] = []
-        self._threads = [threading.Thread(target=self._drain, args=(s, buf), daemon=True)
-                         for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._threads = [
+            threading.Thread(target=self._drain, args=(s, buf), daemon=True)
+            for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for t in self._threads:
             t.start()
         self.tree = TreeWatch(self.proc.pid)  # every descendant, for the orphan checks and the cleanup

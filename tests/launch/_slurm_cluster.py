@@ -11,6 +11,7 @@ spool, pid and log (%n in slurm.conf). Jobs, steps, `srun --nodes/--ntasks/-w`, 
 and `--kill-on-bad-exit` then behave as on a real two-node cluster; the nodes share the CPUs, memory
 and filesystem of this machine (a real cluster's shared filesystem is assumed anyway).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ from _shared import free_port
 
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
-PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib64/slurm",
-               "/usr/lib/slurm")
+PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/slurm-wlm",
+    "/usr/lib/aarch64-linux-gnu/slurm-wlm",
+    "/usr/lib64/slurm",
+    "/usr/lib/slurm",
+)
 
 
 def available() -> str | None:
@@ -97,18 +102,33 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
         lines = [
-            "ClusterName=stage2ci", f"SlurmctldHost={self.host}", "SlurmUser=root", "SlurmdUser=root",
-            *_auth_lines(), "AuthInfo=cred_expire=10",  # requeued jobs become eligible 11 s later (default 121)
+            "ClusterName=stage2ci",
+            f"SlurmctldHost={self.host}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            *_auth_lines(),
+            "AuthInfo=cred_expire=10",  # requeued jobs become eligible 11 s later (default 121)
             f"SlurmctldPort={free_port()}",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc", f"TaskPlugin={self.task_plugin}",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            f"TaskPlugin={self.task_plugin}",
             "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core", "MpiDefault=none", "SwitchType=switch/none", "SchedulerType=sched/backfill",
-            "SchedulerParameters=sched_interval=2,bf_interval=2", "MailProg=/bin/true", "ReturnToService=2",
-            "KillWait=5", "MinJobAge=3600",
+            "AccountingStorageType=accounting_storage/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "MpiDefault=none",
+            "SwitchType=switch/none",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
+            "MailProg=/bin/true",
+            "ReturnToService=2",
+            "KillWait=5",
+            "MinJobAge=3600",
             *(_node_line(n, free_port()) for n in self.nodes),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
@@ -118,12 +138,20 @@ class LocalSlurm:
         self.write_conf()
         for node in self.nodes:
             (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
-        daemons = [("slurmctld", ["-D", "-i"], "slurmctld")] + [("slurmd", ["-D", "-N", n], f"slurmd-{n}")
-                                                               for n in self.nodes]
+        daemons = [("slurmctld", ["-D", "-i"], "slurmctld")] + [
+            ("slurmd", ["-D", "-N", n], f"slurmd-{n}") for n in self.nodes
+        ]
         for daemon, args, name in daemons:
             log = open(self.root / f"{name}.stdout", "w")
-            self.daemons.append(subprocess.Popen([shutil.which(daemon, path=SBIN_PATH), *args], env=self.env,
-                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.daemons.append(
+                subprocess.Popen(
+                    [shutil.which(daemon, path=SBIN_PATH), *args],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
@@ -145,8 +173,15 @@ class LocalSlurm:
                 pass
 
     def run(self, *argv: str, check: bool = True, env: dict | None = None, cwd: Path | None = None):
-        return subprocess.run([shutil.which(argv[0], path=SBIN_PATH) or argv[0], *argv[1:]], capture_output=True,
-                              text=True, env={**self.env, **(env or {})}, cwd=cwd, check=check, timeout=60)
+        return subprocess.run(
+            [shutil.which(argv[0], path=SBIN_PATH) or argv[0], *argv[1:]],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            check=check,
+            timeout=60,
+        )
 
     def sbatch(self, *argv: str, env: dict, cwd: Path) -> str:
         out = self.run("sbatch", "--parsable", *argv, env=env, cwd=cwd).stdout.strip()

@@ -1,11 +1,11 @@
 """Fixtures of the launcher tests: a tiny model dir, and spawned processes that are always cleaned up."""
+
 from __future__ import annotations
 
 import os
 import signal
 
 import pytest
-
 from _launch_helpers import PYTHON, Proc, live_mentioning, wait_until
 from _shared import child_env, free_port, tiny_model_dir
 
@@ -43,10 +43,30 @@ def real_server(tiny, tmp_path_factory):
     from launchers.probe import health
 
     port = free_port()
-    argv = [PYTHON, "-m", "toolkit.rollout.server", "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--dp", "1",
-            "--tp", "1", "--host", "127.0.0.1", "--port", str(port)]
-    for item in (f"model.model={tiny}", "rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.enforce_eager=true",
-                 "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024"):
+    argv = [
+        PYTHON,
+        "-m",
+        "toolkit.rollout.server",
+        "--profile",
+        "smoke/ab_mixed",
+        "--gpus",
+        "cpu",
+        "--dp",
+        "1",
+        "--tp",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    for item in (
+        f"model.model={tiny}",
+        "rollout_matching.rollout_backend=vllm",
+        "rollout_matching.vllm.enforce_eager=true",
+        "rollout_matching.vllm.kv_cache_gb=0.25",
+        "rollout_matching.vllm.max_model_len=1024",
+    ):
         argv += ["--set", item]
     proc = Proc(argv, child_env())
     url = f"http://127.0.0.1:{port}"

@@ -9,6 +9,7 @@ acts out $STANDIN_PLAN, a comma list of `[RESTART.]NODE_RANK=ACTION`:
     wait:N      wait for a signal: USR1 → exit N (N=138: "checkpointed"), TERM/INT → exit 143
 Stdlib only.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,16 @@ def main() -> None:
     action = plan.get(f"{restart}.{rank}", plan.get(rank, "exit:0"))
     status = Path("/proc/self/status").read_text()
     cpus = next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
-    record = {"node_rank": rank, "node": os.environ.get("SLURMD_NODENAME"), "cpus_allowed": cpus,
-              "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"), "step_tasks": os.environ.get("SLURM_STEP_NUM_TASKS"),
-              "restart": restart, "argv": argv, "action": action}
+    record = {
+        "node_rank": rank,
+        "node": os.environ.get("SLURMD_NODENAME"),
+        "cpus_allowed": cpus,
+        "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK"),
+        "step_tasks": os.environ.get("SLURM_STEP_NUM_TASKS"),
+        "restart": restart,
+        "argv": argv,
+        "action": action,
+    }
     Path(os.environ["STANDIN_RECORD"], f"r{restart}-n{rank}.json").write_text(json.dumps(record))
     print(f"standin learner node rank {rank} on {record['node']}: {action}", flush=True)
     kind, code = action.split(":")

@@ -14,6 +14,7 @@ STANDIN_MODE selects the fault:
     ignore_term       healthy, and ignores SIGTERM (the supervisor must SIGKILL it)
 Stdlib only; starts in well under a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,11 @@ def main() -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server API)
-            routes = {"/health/": (503, {"status": "starting"}) if mode == "never_healthy" else (200, {"status": "ok"}),
-                      "/get_world_size/": (200, {"world_size": size}),
-                      "/info/": (200, {"model": model, "max_model_len": 1024, "weight_version": 0})}
+            routes = {
+                "/health/": (503, {"status": "starting"}) if mode == "never_healthy" else (200, {"status": "ok"}),
+                "/get_world_size/": (200, {"world_size": size}),
+                "/info/": (200, {"model": model, "max_model_len": 1024, "weight_version": 0}),
+            }
             status, body = routes.get(self.path, (404, {"detail": "not found"}))
             data = json.dumps(body).encode()
             self.send_response(status)

@@ -1,5 +1,6 @@
 """Cluster-path checks that need no SLURM: loopback server URLs refused on multi-node launches (at
 preflight, --dry-run included), and the launcher's 128+N meaning "stopped AND checkpointed"."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _launch_helpers import LAUNCH, ROOT
 from _shared import child_env
+
 from launchers.supervisor import Plan, ProcessSpec, Supervisor
 from toolkit.preflight import PreflightError, check_multinode_servers
 
@@ -21,9 +22,25 @@ SERVER_MODE = ("--set", "rollout_matching.rollout_backend=vllm", "--set", "rollo
 
 
 def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCH, "--profile", "smoke/b_only", *SERVER_MODE, "--set", f"training.output_dir={tmp_path}",
-                           "--gpus", "cpu", "--dry-run", *args], env=child_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/b_only",
+            *SERVER_MODE,
+            "--set",
+            f"training.output_dir={tmp_path}",
+            "--gpus",
+            "cpu",
+            "--dry-run",
+            *args,
+        ],
+        env=child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_loopback_servers_are_refused_on_a_multi_node_launch(tmp_path):
@@ -31,8 +48,17 @@ def test_loopback_servers_are_refused_on_a_multi_node_launch(tmp_path):
     assert res.returncode != 0, res.stdout
     assert "rollout_matching.vllm.server.servers: http://127.0.0.1:8000 is a loopback address" in res.stderr
     assert "launchers/slurm/stage2_server_split.sbatch" in res.stderr and "Traceback" not in res.stderr
-    ok = dry_run(tmp_path, "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "node001:29500",
-                 "--set", "rollout_matching.vllm.server.servers=[{base_url: 'http://node009:8000', group_port: 51216}]")
+    ok = dry_run(
+        tmp_path,
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "node001:29500",
+        "--set",
+        "rollout_matching.vllm.server.servers=[{base_url: 'http://node009:8000', group_port: 51216}]",
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert dry_run(tmp_path).returncode == 0  # one node: the launcher starts the loopback server itself
 
@@ -55,8 +81,9 @@ def _stop_after_start(sup: Supervisor) -> None:
 def test_stopped_learner_exits_128_plus_n_only_after_a_checkpoint(tmp_path, checkpointed):
     """A real learner process killed by the forwarded SIGTERM: 143 only when a checkpoint was written
     after the signal, else 1 (the SLURM wrappers read 128+N as "checkpointed")."""
-    learner = ProcessSpec("learner", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
-                          tmp_path / "learner.log")
+    learner = ProcessSpec(
+        "learner", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path / "learner.log"
+    )
     plan = Plan([], learner, checkpointed_since=lambda t: tmp_path if checkpointed else None)
     sup = Supervisor(grace=2.0, stop_timeout=30.0)
     threading.Thread(target=_stop_after_start, args=(sup,), daemon=True).start()

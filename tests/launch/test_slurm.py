@@ -3,17 +3,20 @@
 Skipped with the reason when the SLURM binaries are not installed (scripts/install_slurm.sh installs
 them; nothing is installed here). CPU mode (STAGE2_CPU=1), the committed tiny model, short runs.
 """
+
 from __future__ import annotations
 
 import os
-import pytest
 
 import _slurm_cluster
+import pytest
 from _launch_helpers import ROOT, run_sets, wait_until
 from _shared import child_env, metrics
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_cluster.available() is not None,
-                                                     reason=str(_slurm_cluster.available()))]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(_slurm_cluster.available() is not None, reason=str(_slurm_cluster.available())),
+]
 SCRIPT = "launchers/slurm/stage2_single_node.sbatch"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
@@ -37,8 +40,16 @@ def job_env() -> dict:
 def submit(slurm, tiny, tmp_path, *sets: str) -> tuple[str, str]:
     """sbatch the single-node wrapper in CPU mode; returns (job id, path of its output file)."""
     # --exclusive=user overrides the script's whole-node request: the two jobs of this module share the node.
-    job = slurm.sbatch(f"--output={tmp_path}/job-%j.out", "--time=10", "--exclusive=user", SCRIPT, "smoke/a_only",
-                       *run_sets(tiny, tmp_path / "run", *sets), env=job_env(), cwd=ROOT)
+    job = slurm.sbatch(
+        f"--output={tmp_path}/job-%j.out",
+        "--time=10",
+        "--exclusive=user",
+        SCRIPT,
+        "smoke/a_only",
+        *run_sets(tiny, tmp_path / "run", *sets),
+        env=job_env(),
+        cwd=ROOT,
+    )
     return job, f"{tmp_path}/job-{job}.out"
 
 
@@ -47,8 +58,10 @@ def jobs(slurm, tiny, tmp_path_factory):
     """Both jobs are submitted at once (each takes one of the node's CPUs): the short run overlaps the
     other's setup and requeue delay, which keeps the module near one minute."""
     short, long = tmp_path_factory.mktemp("short"), tmp_path_factory.mktemp("usr1")
-    return {"short": (short, *submit(slurm, tiny, short, "training.max_steps=2")),
-            "usr1": (long, *submit(slurm, tiny, long, "training.max_steps=12", "training.save_steps=100"))}
+    return {
+        "short": (short, *submit(slurm, tiny, short, "training.max_steps=2")),
+        "usr1": (long, *submit(slurm, tiny, long, "training.max_steps=12", "training.save_steps=100")),
+    }
 
 
 def test_single_node_sbatch_runs_to_completed(slurm, jobs):

@@ -7,21 +7,22 @@ then exits with the code the test asks for) because what is tested is SLURM's si
 where, per-task exit codes, the job's code and the requeue. One job trains for real on both nodes.
 Skipped with the reason when SLURM is not installed (scripts/install_slurm.sh) or not root.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-import pytest
-
 import _slurm_cluster
+import pytest
 from _launch_helpers import PYTHON, ROOT, run_sets, wait_until
 from _shared import child_env, metrics
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_slurm_cluster.available() is not None,
-                                                     reason=str(_slurm_cluster.available()))]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(_slurm_cluster.available() is not None, reason=str(_slurm_cluster.available())),
+]
 HERE = Path(__file__).parent
 MULTI, SPLIT = "launchers/slurm/stage2_multinode.sbatch", "launchers/slurm/stage2_server_split.sbatch"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
@@ -42,9 +43,15 @@ def slurm(tmp_path_factory):
 def standin_env(tmp_path: Path, plan: str = "", **extra: str) -> dict:
     record = tmp_path / "record"
     record.mkdir(exist_ok=True)
-    env = dict(STAGE2_CPU="1", STAGE2_LAUNCH=f"{PYTHON} {HERE / 'standin_learner.py'}", STAGE2_PYTHON=PYTHON,
-               STAGE2_STATE_DIR=str(tmp_path / "state"), STANDIN_RECORD=str(record), STANDIN_PLAN=plan,
-               STAGE2_SERVER_LOG=str(tmp_path / "server.log"))
+    env = dict(
+        STAGE2_CPU="1",
+        STAGE2_LAUNCH=f"{PYTHON} {HERE / 'standin_learner.py'}",
+        STAGE2_PYTHON=PYTHON,
+        STAGE2_STATE_DIR=str(tmp_path / "state"),
+        STANDIN_RECORD=str(record),
+        STANDIN_PLAN=plan,
+        STAGE2_SERVER_LOG=str(tmp_path / "server.log"),
+    )
     return child_env(**{**env, **extra})
 
 
@@ -66,8 +73,9 @@ def test_split_steps_get_their_own_nodes_tasks_and_every_cpu(slurm, tmp_path):
     """Server step on node 0 only, learner step on node 1 only, one task each, all the node's CPUs.
     Before the fix both steps inherited SLURM_NTASKS=2 ("More processors requested than permitted")
     and each task was pinned to one CPU."""
-    env = standin_env(tmp_path, STAGE2_PYTHON=str(HERE / "standin_python.sh"), STANDIN_REAL_PYTHON=PYTHON,
-                      STAGE2_HEALTH_TIMEOUT="120")
+    env = standin_env(
+        tmp_path, STAGE2_PYTHON=str(HERE / "standin_python.sh"), STANDIN_REAL_PYTHON=PYTHON, STAGE2_HEALTH_TIMEOUT="120"
+    )
     job, log = submit(slurm, SPLIT, tmp_path, env, "smoke/b_only", "--set", "x.y=1")
     info, text = finished(slurm, job, log)
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (info, text[-3000:])
@@ -129,8 +137,13 @@ def test_usr1_requeues_only_when_every_node_checkpointed(slurm, tmp_path):
 def test_usr1_before_the_learners_start_does_not_kill_the_batch_shell(slurm, tmp_path):
     """USR1 during the split script's health wait (the server never becomes healthy here): the trap is
     installed first, so the shell logs it, stops the server step and exits 1 instead of dying."""
-    env = standin_env(tmp_path, STAGE2_PYTHON=str(HERE / "standin_python.sh"), STANDIN_REAL_PYTHON=PYTHON,
-                      STANDIN_MODE="never_healthy", STAGE2_HEALTH_TIMEOUT="600")
+    env = standin_env(
+        tmp_path,
+        STAGE2_PYTHON=str(HERE / "standin_python.sh"),
+        STANDIN_REAL_PYTHON=PYTHON,
+        STANDIN_MODE="never_healthy",
+        STAGE2_HEALTH_TIMEOUT="600",
+    )
     job, log = submit(slurm, SPLIT, tmp_path, env, "smoke/b_only")
     assert wait_until(lambda: log.exists() and "server log" in log.read_text(), 120)
     assert wait_until(lambda: (tmp_path / "server.log").exists(), 60)
@@ -148,8 +161,14 @@ def test_real_two_node_training_checkpoints_requeues_and_resumes(slurm, tiny, tm
     out = tmp_path / "run"
     env = child_env(STAGE2_CPU="1", STAGE2_NPROC="1", STAGE2_PYTHON=PYTHON, STAGE2_STATE_DIR=str(tmp_path / "state"))
     env["PATH"] = str(ROOT / ".venv" / "bin") + os.pathsep + env["PATH"]  # stage2-launch
-    job, log = submit(slurm, MULTI, tmp_path, env, "smoke/a_only",
-                      *run_sets(tiny, out, "training.max_steps=30", "training.save_steps=100"))
+    job, log = submit(
+        slurm,
+        MULTI,
+        tmp_path,
+        env,
+        "smoke/a_only",
+        *run_sets(tiny, out, "training.max_steps=30", "training.save_steps=100"),
+    )
     assert wait_until(lambda: metrics(out), 400), log.read_text()[-3000:] if log.exists() else "no output yet"
     slurm.run("scancel", "--signal=USR1", "--batch", job)
     info, text = finished(slurm, job, log, timeout=800)

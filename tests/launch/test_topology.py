@@ -1,13 +1,22 @@
 """Topology: disjoint GPU sets, DP×TP, servers started or expected, job-derived ports, taken ports named
 (the flags' own parsing: tests/config/test_placement.py)."""
+
 from __future__ import annotations
 
 import socket
 
 import pytest
 
-from launchers.topology import (Port, ProfileServers, build_topology, check_ports, ephemeral_start, job_port,
-                                servers_rewritten, visible_to_physical)
+from launchers.topology import (
+    Port,
+    ProfileServers,
+    build_topology,
+    check_ports,
+    ephemeral_start,
+    job_port,
+    servers_rewritten,
+    visible_to_physical,
+)
 from toolkit.config.placement import CPU, Placement, PlacementError
 
 HF = ProfileServers(server_mode=False)
@@ -97,8 +106,11 @@ def test_a_taken_job_derived_port_is_refused_at_preflight():
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("127.0.0.1", t.master_port.port))
         held.listen()
-        with pytest.raises(PlacementError, match=f"port {t.master_port.port} on 127.0.0.1 is already in use "
-                                                 r"\(derived from SLURM_JOB_ID=4242\)"):
+        with pytest.raises(
+            PlacementError,
+            match=f"port {t.master_port.port} on 127.0.0.1 is already in use "
+            r"\(derived from SLURM_JOB_ID=4242\)",
+        ):
             check_ports(t, host_is_local=lambda h: True)
 
 
@@ -118,9 +130,13 @@ def test_a_taken_port_is_an_error_naming_the_port_and_who_configured_it():
         t = topo(profile, gpus="cpu")
         with pytest.raises(PlacementError) as err:
             check_ports(t, host_is_local=lambda h: True)
-        assert f"port {port} on 127.0.0.1 is already in use (rollout_matching.vllm.server.servers[0].base_url=" in str(err.value)
+        assert f"port {port} on 127.0.0.1 is already in use (rollout_matching.vllm.server.servers[0].base_url=" in str(
+            err.value
+        )
         t = topo(env={"MASTER_PORT": str(port)})
-        with pytest.raises(PlacementError, match=f"port {port} on 127.0.0.1 is already in use \\(MASTER_PORT environment"):
+        with pytest.raises(
+            PlacementError, match=f"port {port} on 127.0.0.1 is already in use \\(MASTER_PORT environment"
+        ):
             check_ports(t, host_is_local=lambda h: True)
 
 
@@ -132,11 +148,20 @@ def test_a_port_used_twice_is_an_error():
 
 def test_rendezvous_port_is_checked_only_where_it_is_bound():
     seen = []
-    check_ports(topo(nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29400"), lambda h: True,
-                is_free=lambda h, p: seen.append(p) or True)
-    check_ports(topo(nnodes=2, node_rank=0, rdzv_endpoint="node001:29400"), lambda h: h == "127.0.0.1",
-                is_free=lambda h, p: seen.append(p) or True)
+    check_ports(
+        topo(nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29400"),
+        lambda h: True,
+        is_free=lambda h, p: seen.append(p) or True,
+    )
+    check_ports(
+        topo(nnodes=2, node_rank=0, rdzv_endpoint="node001:29400"),
+        lambda h: h == "127.0.0.1",
+        is_free=lambda h, p: seen.append(p) or True,
+    )
     assert seen == []
-    check_ports(topo(nnodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400"), lambda h: True,
-                is_free=lambda h, p: seen.append(p) or True)
+    check_ports(
+        topo(nnodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400"),
+        lambda h: True,
+        is_free=lambda h, p: seen.append(p) or True,
+    )
     assert seen == [29400]

@@ -1,5 +1,6 @@
 """The backend protocol's round stream: a backend that decodes a step in one call (hf, vLLM colocate) hands it
 over as one round through OneRoundChunks — weights synced for the step first, every prompt, in order."""
+
 from __future__ import annotations
 
 from toolkit.rollout.backends.base import OneRoundChunks, Rollout

@@ -1,4 +1,5 @@
 """Server-mode chunk arithmetic: per-rank chunk, feasibility, per-server caps, allocation."""
+
 import doctest
 import itertools
 
@@ -12,14 +13,17 @@ def test_doctests():
     assert doctest.testmod(chunking).failed == 0
 
 
-@pytest.mark.parametrize("dbs, sizes, w, chunk", [
-    (4, [6], 2, 12),     # 6 server GPUs, 2 learners: 24 per round, about 4 per GPU
-    (4, [7], 1, 28),     # the default launcher: 7 server GPUs, 1 learner
-    (1, [1], 1, 1),
-    (3, [2, 2], 4, 3),
-    (1, [3], 2, 1),      # floor(1.5) = 1
-    (2, [1], 2, 1),
-])
+@pytest.mark.parametrize(
+    "dbs, sizes, w, chunk",
+    [
+        (4, [6], 2, 12),  # 6 server GPUs, 2 learners: 24 per round, about 4 per GPU
+        (4, [7], 1, 28),  # the default launcher: 7 server GPUs, 1 learner
+        (1, [1], 1, 1),
+        (3, [2, 2], 4, 3),
+        (1, [3], 2, 1),  # floor(1.5) = 1
+        (2, [1], 2, 1),
+    ],
+)
 def test_per_rank_chunk(dbs, sizes, w, chunk):
     assert per_rank_chunk(dbs, sizes, w) == chunk
 
@@ -39,8 +43,11 @@ def test_nonpositive_inputs_rejected(bad):
         per_rank_chunk(*bad)
 
 
-FEASIBLE = [(d, s, w) for d, s, w in itertools.product([1, 2, 4], [[1], [2], [1, 2], [3, 1, 2], [7]], [1, 2, 3, 5])
-            if d * sum(s) >= w]
+FEASIBLE = [
+    (d, s, w)
+    for d, s, w in itertools.product([1, 2, 4], [[1], [2], [1, 2], [3, 1, 2], [7]], [1, 2, 3, 5])
+    if d * sum(s) >= w
+]
 
 
 @pytest.mark.parametrize("dbs, sizes, w", FEASIBLE)

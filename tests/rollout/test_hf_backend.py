@@ -1,5 +1,6 @@
 """HF rollout backend on the committed tiny model: chunked left-padded decoding equals one-by-one
 decoding, sampling is seeded per step without disturbing the trainer's RNG, repeat-terminate cuts rows."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.config.settings import DecodeSettings
+from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.backends.hf import HFBackend, RepeatTerminateProcessor
-from toolkit.config.settings import RepeatSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,8 +23,17 @@ def model():
 
 
 def settings(dbs: int, sample: bool = False, repeat=None) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=12, decode_batch_size=dbs, do_sample=sample, temperature=1.0, top_p=1.0,
-                          top_k=-1, repetition_penalty=1.0, repeat=repeat, seed=17)
+    return DecodeSettings(
+        max_new_tokens=12,
+        decode_batch_size=dbs,
+        do_sample=sample,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=repeat,
+        seed=17,
+    )
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23], [30, 31]]
@@ -50,7 +59,9 @@ def test_sampling_is_seeded_per_step_and_restores_the_rng(model):
 
 
 def test_repeat_processor_forces_end_of_turn_only_on_tripped_rows():
-    proc = RepeatTerminateProcessor(RepeatSettings(max_consecutive_token_repeats=2), key_ids=(), eos_id=3, prompt_width=2)
+    proc = RepeatTerminateProcessor(
+        RepeatSettings(max_consecutive_token_repeats=2), key_ids=(), eos_id=3, prompt_width=2
+    )
     ids = torch.tensor([[1, 2, 9, 9, 9], [1, 2, 9, 8, 9], [1, 2, 3, 0, 0]])  # row 2 finished, then padding
     scores = proc(ids, torch.zeros(3, 16))
     assert proc.cut == {0}
@@ -61,8 +72,9 @@ def test_repeat_processor_forces_end_of_turn_only_on_tripped_rows():
 def test_repeat_terminated_rollouts_report_it(model):
     """The random tiny model loops on tokens: the rule cuts every row right after its first repeat."""
     free = HFBackend(model, settings(2), pad_id=0, eos_id=3).generate(PROMPTS, step=0)
-    cut = HFBackend(model, settings(2, repeat=RepeatSettings(max_consecutive_token_repeats=2)), pad_id=0,
-                    eos_id=3).generate(PROMPTS, step=0)
+    cut = HFBackend(
+        model, settings(2, repeat=RepeatSettings(max_consecutive_token_repeats=2)), pad_id=0, eos_id=3
+    ).generate(PROMPTS, step=0)
     for f, c in zip(free, cut):
         first = next(i for i in range(1, len(f.completion_ids)) if f.completion_ids[i] == f.completion_ids[i - 1])
         assert c.finish_reason == "repeat"

@@ -1,4 +1,5 @@
 """Repeat-terminate rule: each trigger fires exactly at its threshold and not before."""
+
 from toolkit.config.settings import RepeatSettings
 from toolkit.rollout.repeat import should_stop
 
@@ -35,6 +36,14 @@ def test_min_new_tokens_delays_every_trigger():
 
 
 def test_from_cfg_reads_every_knob():
-    rule = RepeatSettings.from_section({"enabled": True, "min_new_tokens": 8, "max_consecutive_token_repeats": 8,
-                                "ngram_size": 8, "ngram_repeats": 3, "max_object_keys": 64})
+    rule = RepeatSettings.from_section(
+        {
+            "enabled": True,
+            "min_new_tokens": 8,
+            "max_consecutive_token_repeats": 8,
+            "ngram_size": 8,
+            "ngram_repeats": 3,
+            "max_object_keys": 64,
+        }
+    )
     assert rule == RepeatSettings(8, 8, 8, 3, 64)

@@ -6,6 +6,7 @@ object entries, special/coord/punctuation ids and arbitrary ids: byte strings ar
 Hypothesis draws (10,000 cases per fuzz in seconds) and still shrink to short inputs. Deterministic
 (`derandomize=True`), no example database.
 """
+
 import random
 import re
 from unittest import mock
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import dumps_payload, object_payload, render_answer
 from toolkit.data.segment import Segment
-from toolkit.rollout.codec import ToyCodec
 from toolkit.rollout import parse
+from toolkit.rollout.codec import ToyCodec
 from toolkit.rollout.match import match_boxes
 from toolkit.rollout.parse import DROP_REASONS, parse_rollout, scan_object
 from toolkit.rollout.targets import Drop, build_channel_b_segment, fn_append_fragment
@@ -33,25 +34,77 @@ def _entry(n, desc, bbox, order="desc_first"):
     return f'"object_{n}": ' + dumps_payload(object_payload(desc, bbox, order))
 
 
-ENTRIES = [_entry(1 + k % 12, DESCS[k % len(DESCS)], [(37 * k) % 1000, (91 * k) % 1000, (53 * k + 400) % 1000,
-                  (17 * k + 500) % 1000], ORDERS[k % 2]) for k in range(24)]  # some with x2 < x1
+ENTRIES = [
+    _entry(
+        1 + k % 12,
+        DESCS[k % len(DESCS)],
+        [(37 * k) % 1000, (91 * k) % 1000, (53 * k + 400) % 1000, (17 * k + 500) % 1000],
+        ORDERS[k % 2],
+    )
+    for k in range(24)
+]  # some with x2 < x1
 FRAGMENTS = [
-    "{", "{", "{", "}", "[", "]", '"', ":", ",", ", ", ", ", " ", "\\", "\n", '\\"', "x", "7", "null", "-1e5", "é",
-    '"object_1": ', '"object_12": ', '"object_0": ', '"desc": ', '"bbox_2d": ', '"poly": ', '"cat"', '""',
-    '"<|coord_5|>"', "<|coord_999|>", '", "', '"]}, "', '"]}}', "}}", '{"object_', '": {"desc": "', "<|im_end|>",
-    '["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]', "<|im_start|>", "😀", "\ud800",
+    "{",
+    "{",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    ":",
+    ",",
+    ", ",
+    ", ",
+    " ",
+    "\\",
+    "\n",
+    '\\"',
+    "x",
+    "7",
+    "null",
+    "-1e5",
+    "é",
+    '"object_1": ',
+    '"object_12": ',
+    '"object_0": ',
+    '"desc": ',
+    '"bbox_2d": ',
+    '"poly": ',
+    '"cat"',
+    '""',
+    '"<|coord_5|>"',
+    "<|coord_999|>",
+    '", "',
+    '"]}, "',
+    '"]}}',
+    "}}",
+    '{"object_',
+    '": {"desc": "',
+    "<|im_end|>",
+    '["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]',
+    "<|im_start|>",
+    "😀",
+    "\ud800",
 ]
 _COORDS = '["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]'
 ENTRIES += [  # one per drop reason
-    '"object_3": {"desc": "a" "bbox_2d": []}', f'"object_4": {{"bbox_2d": {_COORDS}}}', '"object_5": {"desc": "a"}',
-    '"object_6": {"desc": "a", "bbox_3d": [1]}', f'"object_7": {{"desc": "a", "poly": {_COORDS}}}',
+    '"object_3": {"desc": "a" "bbox_2d": []}',
+    f'"object_4": {{"bbox_2d": {_COORDS}}}',
+    '"object_5": {"desc": "a"}',
+    '"object_6": {"desc": "a", "bbox_3d": [1]}',
+    f'"object_7": {{"desc": "a", "poly": {_COORDS}}}',
     '"object_8": {"desc": "a", "bbox_2d": ["<|coord_1|>"]}',
     '"object_9": {"desc": "a", "bbox_2d": ["<|coord_1|>", "12", "<|coord_3|>", "<|coord_4|>"]}',
 ]
 TEXT_TABLE = FRAGMENTS + ENTRIES + [e[: len(e) // 2] for e in ENTRIES[:8]]
-_IDS = ([0], [1], [2], *([i] for i in range(CODEC.multi_base, CODEC.char_base)),
-        *([CODEC.coord_token_ids[k]] for k in (0, 1, 5, 12, 500, 999)),
-        *([CODEC.char_base + ord(c)] for c in '{}[]":, \\abo_0123456789jectdsx'))
+_IDS = (
+    [0],
+    [1],
+    [2],
+    *([i] for i in range(CODEC.multi_base, CODEC.char_base)),
+    *([CODEC.coord_token_ids[k]] for k in (0, 1, 5, 12, 500, 999)),
+    *([CODEC.char_base + ord(c)] for c in '{}[]":, \\abo_0123456789jectdsx'),
+)
 ID_TABLE = list(_IDS) + [CODEC.encode(t) for t in TEXT_TABLE]
 
 
@@ -109,9 +162,11 @@ def check_parse(ids, res):
     if "{" in text:
         assert text.startswith(res.prefix_text)
         # whole original tokens, then at most one cut token re-encoded from its kept part
-        j = next((k for k, (a, b) in enumerate(zip(res.prefix_token_ids, ids)) if a != b),
-                 min(len(res.prefix_token_ids), len(ids)))
-        rest = res.prefix_text[len("".join(CODEC.pieces(ids[:j]))):]
+        j = next(
+            (k for k, (a, b) in enumerate(zip(res.prefix_token_ids, ids)) if a != b),
+            min(len(res.prefix_token_ids), len(ids)),
+        )
+        rest = res.prefix_text[len("".join(CODEC.pieces(ids[:j]))) :]
         assert res.prefix_token_ids[j:] == CODEC.encode(rest)
         assert not rest or len(rest) < len(CODEC.pieces([ids[j]])[0])
     else:
@@ -170,7 +225,7 @@ def _object(d: Draw, base: list[dict]) -> dict:
 def _mutate(edits, text: str) -> str:
     for op, where, frag in edits:
         k = where * len(text) // 256
-        text = text[:k] if op == 0 else text[:k] + text[k + 1:] if op == 1 else text[:k] + frag + text[k:]
+        text = text[:k] if op == 0 else text[:k] + text[k + 1 :] if op == 1 else text[:k] + frag + text[k:]
     return text
 
 
@@ -178,24 +233,47 @@ def _mutate(edits, text: str) -> str:
 @given(st.binary(max_size=96))
 def test_channel_b_on_mutated_answers(data):
     d = Draw(data)
-    n_gt, n_pred, order, im_end, desc_w, mult = d.byte() % 5, d.byte() % 5, d.pick(ORDERS), d.byte() % 2, \
-        d.byte() / 128, d.byte() / 50
+    n_gt, n_pred, order, im_end, desc_w, mult = (
+        d.byte() % 5,
+        d.byte() % 5,
+        d.pick(ORDERS),
+        d.byte() % 2,
+        d.byte() / 128,
+        d.byte() / 50,
+    )
     edits = [(d.byte() % 3, d.byte(), d.pick(FRAGMENTS)) for _ in range(d.byte() % 4)]
     gt = [_object(d, []) for _ in range(n_gt)]
     pred = [_object(d, gt) for _ in range(n_pred)]
     text = _mutate(edits, render_answer(pred, order, "given"))
     ids = CODEC.encode(text) + ([CODEC.im_end_id] if im_end else [])
     parse = parse_rollout(ids, CODEC)
-    match = match_boxes([o.bbox for o in parse.objects], [g["bbox_2d"] for g in gt], candidate_top_k=3, gate=0.3,
-                        resolution=64, fp_cost=0.5, fn_cost=2.0)
+    match = match_boxes(
+        [o.bbox for o in parse.objects],
+        [g["bbox_2d"] for g in gt],
+        candidate_top_k=3,
+        gate=0.3,
+        resolution=64,
+        fp_cost=0.5,
+        fn_cost=2.0,
+    )
     prompt = CODEC.encode("<|im_start|>user\nscene<|im_end|>\n<|im_start|>assistant\n")
-    seg = build_channel_b_segment(prompt, parse, gt, match, CODEC, field_order=order, desc_ce_weight=desc_w,
-                                  drop_invalid_struct_ce_multiplier=mult, sample_id="f", max_len=120)
+    seg = build_channel_b_segment(
+        prompt,
+        parse,
+        gt,
+        match,
+        CODEC,
+        field_order=order,
+        desc_ce_weight=desc_w,
+        drop_invalid_struct_ce_multiplier=mult,
+        sample_id="f",
+        max_len=120,
+    )
     assert isinstance(seg, (Segment, Drop))
     if isinstance(seg, Drop):
         assert seg.reason == "too_long", seg  # nothing else may fail on well-formed GT
         return
-    y = seg.input_ids[seg.prompt_len:]
+    y = seg.input_ids[seg.prompt_len :]
     assert seg.input_ids[: seg.prompt_len] == prompt and y[-1] == CODEC.im_end_id
     # the rollout's tokens are kept verbatim except the last, re-encoded with the fragment (fused BPE boundary)
     keep = max(len(parse.prefix_token_ids) - 1, 0)
@@ -210,7 +288,9 @@ def test_channel_b_on_mutated_answers(data):
     assert seg.box_groups == ["prefix"] * len(match.pairs) + ["fn"] * len(match.fn_indices)
     assert seg.coord_bins[: 4 * len(match.pairs)] == [b for _, j, _ in match.pairs for b in gt[j]["bbox_2d"]]
     fn_bins = sorted(tuple(gt[j]["bbox_2d"]) for j in match.fn_indices)
-    assert sorted(tuple(seg.coord_bins[k:k + 4]) for k in range(4 * len(match.pairs), len(seg.coord_bins), 4)) == fn_bins
+    assert (
+        sorted(tuple(seg.coord_bins[k : k + 4]) for k in range(4 * len(match.pairs), len(seg.coord_bins), 4)) == fn_bins
+    )
     assert set(seg.ce_weights) <= {0.0, 1.0, desc_w, min(max(mult, 1.0), 4.0)}
 
 
@@ -228,8 +308,11 @@ def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
     equals the member-by-member, bracket-matching scan on fragment soups and documents."""
     text = text_from(data)
     fast = _all_scans(text)
-    with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
-            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER):
+    with (
+        mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER),
+    ):
         slow = _all_scans(text)
     assert fast == slow, text
 
@@ -241,8 +324,11 @@ def test_parser_fast_paths_give_the_general_result(data, as_text):
     fast paths above; the parse equals the one with all of them off (JSON-loaded values, bracket matching)."""
     ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
     fast = parse_rollout(ids, CODEC)
-    with mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}), \
-            mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER), mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER), \
-            mock.patch.object(parse, "_CANONICAL_RE", NEVER):
+    with (
+        mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(parse, "_CANONICAL_RE", NEVER),
+    ):
         slow = parse_rollout(ids, CODEC)
     assert fast == slow, ids

@@ -1,5 +1,6 @@
 """HFTokenCodec on real HF fast tokenizers: literal-text BPE (the project's kind), byte-level and Metaspace
 BPEs built in memory, and the project tokenizer in assets/ when it has been built."""
+
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,13 @@ def scenes(n, unicode=False):
     out = []
     for k in range(n):
         descs = WORDS + (["crème brûlée", "ŋa"] if unicode else [])
-        objs = [{"desc": descs[(k + i) % len(descs)],
-                 "bbox_2d": [(97 * k + 13 * i) % 500, (31 * k + 7 * i) % 500, 500 + (11 * k) % 499, 500 + i * 40]}
-                for i in range(k % 4)]
+        objs = [
+            {
+                "desc": descs[(k + i) % len(descs)],
+                "bbox_2d": [(97 * k + 13 * i) % 500, (31 * k + 7 * i) % 500, 500 + (11 * k) % 499, 500 + i * 40],
+            }
+            for i in range(k % 4)
+        ]
         out.append(objs)
     return out
 
@@ -49,12 +54,17 @@ def build_tokenizer(kind):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=kind.split(":")[1])
         tok.decoder = decoders.Metaspace(prepend_scheme=kind.split(":")[1])
         alphabet = [chr(c) for c in range(32, 127)] + ["▁"]
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, initial_alphabet=alphabet,
-                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        show_progress=False,
+        initial_alphabet=alphabet,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIALS],
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in COORD_TOKENS])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
 
 
 def check_roundtrips(codec, unicode=False):
@@ -69,18 +79,28 @@ def check_roundtrips(codec, unicode=False):
             part = parse_rollout(codec.encode(text[:cut]), codec)
             assert "".join(codec.pieces(part.prefix_token_ids)) == part.prefix_text
             assert text.startswith(part.prefix_text)
-        match = match_boxes([o.bbox for o in res.objects], [g["bbox_2d"] for g in gt], candidate_top_k=5, gate=0.5,
-                            resolution=256, fp_cost=1.0, fn_cost=1.0)
+        match = match_boxes(
+            [o.bbox for o in res.objects],
+            [g["bbox_2d"] for g in gt],
+            candidate_top_k=5,
+            gate=0.5,
+            resolution=256,
+            fp_cost=1.0,
+            fn_cost=1.0,
+        )
         b = build_channel_b_segment([codec.im_end_id], res, gt, match, codec)
         a = build_channel_a_segment([codec.im_end_id], gt, codec)
         assert b.coord_pos == a.coord_pos and b.coord_bins == a.coord_bins and len(a.coord_pos) == 4 * len(gt)
 
 
-@pytest.mark.parametrize("kind, literal, unicode", [
-    ("literal", True, False),
-    ("bytelevel", False, True),
-    ("metaspace:never", False, False),
-])
+@pytest.mark.parametrize(
+    "kind, literal, unicode",
+    [
+        ("literal", True, False),
+        ("bytelevel", False, True),
+        ("metaspace:never", False, False),
+    ],
+)
 def test_hf_codec_roundtrips_canonical_answers(kind, literal, unicode):
     codec = HFTokenCodec(build_tokenizer(kind))
     assert codec.literal is literal
@@ -110,8 +130,11 @@ def test_missing_coord_tokens_are_rejected():
         HFTokenCodec(tok)
 
 
-@pytest.mark.skipif(not ASSETS_TOKENIZER.exists(), reason=f"project tokenizer not built yet ({ASSETS_TOKENIZER} "
-                    "is absent; run `python assets/build_assets.py --only tokenizer`)")
+@pytest.mark.skipif(
+    not ASSETS_TOKENIZER.exists(),
+    reason=f"project tokenizer not built yet ({ASSETS_TOKENIZER} "
+    "is absent; run `python assets/build_assets.py --only tokenizer`)",
+)
 def test_project_tokenizer_roundtrips_canonical_answers():
     codec = HFTokenCodec(transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_TOKENIZER)))
     assert codec.literal

@@ -1,4 +1,5 @@
 """Hungarian matching with candidate top-k, mask-IoU gate and dummy costs."""
+
 import itertools
 
 import numpy as np
@@ -36,8 +37,10 @@ def oracle_mask_iou(a, b, r):
 
 def random_box(rng, max_side=999):
     """A box of a log-uniform side from 0 (degenerate) or 1 bin up to the full canvas, anywhere on it."""
+
     def side():
         return 0 if rng.random() < 0.05 else int(round(np.exp(rng.uniform(0, np.log(max_side)))))
+
     w, h = side(), side()
     x1, y1 = int(rng.integers(0, 1000 - w)), int(rng.integers(0, 1000 - h))
     return [x1, y1, x1 + w, y1 + h]
@@ -155,8 +158,9 @@ def test_desc_is_ignored_unless_required():
     assert len(match_boxes(preds, gts, **KNOBS, pred_descs=["cat"], gt_descs=["dog"]).pairs) == 1
     strict = match_boxes(preds, gts, **KNOBS, pred_descs=["cat"], gt_descs=["dog"], require_desc_match=True)
     assert strict.pairs == []
-    assert len(match_boxes(preds, gts, **KNOBS, pred_descs=[" Cat"], gt_descs=["cat"],
-                           require_desc_match=True).pairs) == 1
+    assert (
+        len(match_boxes(preds, gts, **KNOBS, pred_descs=[" Cat"], gt_descs=["cat"], require_desc_match=True).pairs) == 1
+    )
     with pytest.raises(ValueError, match="pred_descs"):
         match_boxes(preds, gts, **KNOBS, require_desc_match=True)
 
@@ -209,8 +213,11 @@ def _rowwise_reference(preds, gts, descs_p, descs_g, require, k, gate, r, fp_cos
     big = np.zeros((n_p + n_g, n_p + n_g))
     big[:n_p, :n_g], big[:n_p, n_g:], big[n_p:, :n_g] = cost, fp_cost, fn_cost
     rows, cols = linear_sum_assignment(big)
-    pairs = sorted((int(i), int(j), float(miou[i, j])) for i, j in zip(rows, cols)
-                   if i < n_p and j < n_g and cost[i, j] < FORBIDDEN)
+    pairs = sorted(
+        (int(i), int(j), float(miou[i, j]))
+        for i, j in zip(rows, cols)
+        if i < n_p and j < n_g and cost[i, j] < FORBIDDEN
+    )
     return pairs, rejections
 
 
@@ -222,13 +229,27 @@ def test_vectorized_candidates_equal_the_rowwise_reference(require):
     for trial in range(40):
         n_p, n_g = int(rng.integers(0, 61)), int(rng.integers(0, 61))
         gts = [random_box(rng, 60 if rng.random() < 0.6 else 999) for _ in range(n_g)]
-        preds = [list(np.clip(np.array(gts[int(rng.integers(n_g))]) + rng.integers(-4, 5, 4), 0, 999))
-                 if n_g and rng.random() < 0.7 else random_box(rng) for _ in range(n_p)]
+        preds = [
+            list(np.clip(np.array(gts[int(rng.integers(n_g))]) + rng.integers(-4, 5, 4), 0, 999))
+            if n_g and rng.random() < 0.7
+            else random_box(rng)
+            for _ in range(n_p)
+        ]
         preds = [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] for b in preds]
         descs_p = [str(rng.choice(["cat", "Dog ", "bus"])) for _ in range(n_p)]
         descs_g = [str(rng.choice(["cat", "dog", "car"])) for _ in range(n_g)]
         k = int(rng.integers(1, 8))
-        got = match_boxes(preds, gts, candidate_top_k=k, gate=0.3, resolution=256, fp_cost=0.5, fn_cost=2.0,
-                          pred_descs=descs_p, gt_descs=descs_g, require_desc_match=require)
+        got = match_boxes(
+            preds,
+            gts,
+            candidate_top_k=k,
+            gate=0.3,
+            resolution=256,
+            fp_cost=0.5,
+            fn_cost=2.0,
+            pred_descs=descs_p,
+            gt_descs=descs_g,
+            require_desc_match=require,
+        )
         want_pairs, want_rej = _rowwise_reference(preds, gts, descs_p, descs_g, require, k, 0.3, 256, 0.5, 2.0)
         assert (got.pairs, got.gating_rejections) == (want_pairs, want_rej), trial

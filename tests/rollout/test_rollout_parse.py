@@ -1,4 +1,5 @@
 """Strict token-aligned parser: the behaviours the strict-parse contract pins down, on the straddling ToyCodec."""
+
 import functools
 import json
 from pathlib import Path
@@ -33,7 +34,7 @@ def check_prefix(codec, res):
         assert [codec.coord_bin(res.prefix_token_ids[p]) for p in o.coord_positions] == list(o.bbox)
         s, e = o.span
         assert res.prefix_text[s:e].startswith(f'"object_{o.index}"') and res.prefix_text[e - 1] == "}"
-        assert json.loads('"' + res.prefix_text[o.desc_span[0]:o.desc_span[1]] + '"') == o.desc
+        assert json.loads('"' + res.prefix_text[o.desc_span[0] : o.desc_span[1]] + '"') == o.desc
 
 
 def test_canonical_answer_roundtrip_keeps_appearance_order(codec):
@@ -90,11 +91,11 @@ def test_invalid_objects_dropped_without_repair(codec):
         "missing_geom": '"object_5": {"desc": "a"}',
         "unknown_geom": '"object_6": {"desc": "a", "bbox_3d": [1]}',
         "poly_unsupported": '"object_7": {"desc": "a", "poly": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", '
-                            '"<|coord_4|>", "<|coord_5|>", "<|coord_6|>"]}',
+        '"<|coord_4|>", "<|coord_5|>", "<|coord_6|>"]}',
         "wrong_arity": '"object_8": {"desc": "a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>"]}',
         "non_coord_token": '"object_9": {"desc": "a", "bbox_2d": ["<|coord_1|>", "12", "<|coord_3|>", "<|coord_4|>"]}',
         "bbox_invalid": '"object_10": {"desc": "a", "bbox_2d": ["<|coord_5|>", "<|coord_2|>", "<|coord_3|>", '
-                        '"<|coord_4|>"]}',
+        '"<|coord_4|>"]}',
     }
     text = body(entry(1), *bad.values(), entry(11))
     res = parse_text(codec, text)
@@ -104,11 +105,14 @@ def test_invalid_objects_dropped_without_repair(codec):
     assert res.prefix_text == text[:-1]  # the prefix keeps the invalid objects verbatim (no repair)
 
 
-@pytest.mark.parametrize("value", [
-    '{"desc": "a", "desc": "b", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]}',
-    '{"desc": "a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"], "score": 1}',
-    '{"desc": "a", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}',
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"desc": "a", "desc": "b", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]}',
+        '{"desc": "a", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"], "score": 1}',
+        '{"desc": "a", "bbox_2d": [<|coord_1|>, <|coord_2|>, <|coord_3|>, <|coord_4|>]}',
+    ],
+)
 def test_duplicate_extra_keys_and_unquoted_coords_are_key_invalid(codec, value):
     res = parse_text(codec, body(f'"object_1": {value}'))
     assert res.objects == [] and res.drops["key_invalid"] == 1
@@ -116,8 +120,11 @@ def test_duplicate_extra_keys_and_unquoted_coords_are_key_invalid(codec, value):
 
 def test_coord_spelled_with_plain_characters_is_not_a_coord_token(codec):
     spelled = [codec.char_base + ord(ch) for ch in coord_token(7)]
-    ids = codec.encode('{"object_1": {"desc": "a", "bbox_2d": ["') + spelled + codec.encode(
-        '", "<|coord_2|>", "<|coord_9|>", "<|coord_4|>"]}}')
+    ids = (
+        codec.encode('{"object_1": {"desc": "a", "bbox_2d": ["')
+        + spelled
+        + codec.encode('", "<|coord_2|>", "<|coord_9|>", "<|coord_4|>"]}}')
+    )
     res = parse_rollout(ids, codec)
     assert "".join(codec.pieces(ids)).count("<|coord_7|>") == 1
     assert res.objects == [] and res.drops["non_coord_token"] == 1
@@ -167,14 +174,17 @@ def test_no_brace_fallback(codec):
     assert res.truncated and res.fallback and res.objects == [] and res.n_total_objects == 0
 
 
-@pytest.mark.parametrize("text, prefix, truncated, malformed", [
-    ("{", "{", True, False),
-    ("{}", "{", False, False),
-    ('xx {"object_1": ', "xx {", True, False),
-    ('{"object_1": {"desc": "a"}, oops}', '{"object_1": {"desc": "a"}', False, True),
-    ('{"object_1": {"desc": "a"]}', "{", False, True),
-    ('{"object_1": [1, 2], "object_2": 3}', "{", False, False),
-])
+@pytest.mark.parametrize(
+    "text, prefix, truncated, malformed",
+    [
+        ("{", "{", True, False),
+        ("{}", "{", False, False),
+        ('xx {"object_1": ', "xx {", True, False),
+        ('{"object_1": {"desc": "a"}, oops}', '{"object_1": {"desc": "a"}', False, True),
+        ('{"object_1": {"desc": "a"]}', "{", False, True),
+        ('{"object_1": [1, 2], "object_2": 3}', "{", False, False),
+    ],
+)
 def test_prefix_falls_back_to_after_the_first_brace(codec, text, prefix, truncated, malformed):
     res = parse_text(codec, text)
     check_prefix(codec, res)
@@ -183,7 +193,7 @@ def test_prefix_falls_back_to_after_the_first_brace(codec, text, prefix, truncat
 
 
 def test_syntax_error_keeps_earlier_objects_and_stops(codec):
-    text = body(entry(1)) [:-1] + ' "object_2": ' + dumps_payload(object_payload("dog", (1, 1, 2, 2))) + "}"
+    text = body(entry(1))[:-1] + ' "object_2": ' + dumps_payload(object_payload("dog", (1, 1, 2, 2))) + "}"
     res = parse_text(codec, text)
     assert res.malformed and [o.index for o in res.objects] == [1]
     assert res.drops["key_invalid"] == 1 and res.prefix_text == body(entry(1))[:-1]
@@ -215,9 +225,22 @@ def test_geometry_first_objects_parse(codec):
 # JSON-valid spellings around / instead of one `<|coord_k|>`: json.loads may turn some into the canonical
 # text (`\\u0031`, `\\u003c`), which only the token check can then catch.
 _JUNK = ["", " ", "\\n", "\\t", "\\r", "x", "0", ",", "\\u0020", "<|coord_2|>"]
-_CORES = ["<|coord_{k}|>", "<|coord_0{k}|>", "<|coord_{k}0000|>", "<|coord_-{k}|>", "<|coord_|>", "<|COORD_{k}|>",
-          "<|coord_{k}|", "|coord_{k}|>", "<|coord_\\u0031|>", "\\u003c|coord_{k}|>", "<|coord_{k} |>", "coord_{k}",
-          "<|coord_{k}|><|coord_{k}|>", "<|coord_\\u0661|>"]
+_CORES = [
+    "<|coord_{k}|>",
+    "<|coord_0{k}|>",
+    "<|coord_{k}0000|>",
+    "<|coord_-{k}|>",
+    "<|coord_|>",
+    "<|COORD_{k}|>",
+    "<|coord_{k}|",
+    "|coord_{k}|>",
+    "<|coord_\\u0031|>",
+    "\\u003c|coord_{k}|>",
+    "<|coord_{k} |>",
+    "coord_{k}",
+    "<|coord_{k}|><|coord_{k}|>",
+    "<|coord_\\u0661|>",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -239,8 +262,9 @@ def test_coord_with_trailing_newline_is_non_coord_token(codec, real_codec):
 
     assert parse_coord_token("<|coord_1|>\n") is None and parse_coord_token("<|coord_1|>") == 1
     for c in (codec, real_codec):
-        text = body('"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>\\n", "<|coord_2|>", "<|coord_3|>", '
-                    '"<|coord_4|>"]}')
+        text = body(
+            '"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>\\n", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]}'
+        )
         res = parse_text(c, text)
         assert res.objects == [] and res.drops["non_coord_token"] == 1, c
 

@@ -1,4 +1,5 @@
 """FN-append and Channel-A/B segments: which token gets which CE weight and which coord slots (§4.4, §4.5)."""
+
 import random
 
 import numpy as np
@@ -39,7 +40,7 @@ def build_b(codec, text, gt, **kw):
 
 def assistant(codec, seg):
     """(piece, weight) of the assistant tokens."""
-    return list(zip(codec.pieces(seg.input_ids[seg.prompt_len:]), seg.ce_weights[seg.prompt_len:]))
+    return list(zip(codec.pieces(seg.input_ids[seg.prompt_len :]), seg.ce_weights[seg.prompt_len :]))
 
 
 def check_segment(codec, seg):
@@ -75,10 +76,21 @@ def test_fragment_numbering_and_field_order():
     assert frag.index('"bbox_2d"') < frag.index('"desc"')
 
 
-@pytest.mark.parametrize("prefix", [
-    "", "hello", '{"object_1": "x"', '{"object_1": {', '{"object_1": {"desc": "a}', '{"object_1": {}}',
-    '{"object_1": 12', '{"object_1"', '{"object_1":', '{"a": 1 2',
-])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "",
+        "hello",
+        '{"object_1": "x"',
+        '{"object_1": {',
+        '{"object_1": {"desc": "a}',
+        '{"object_1": {}}',
+        '{"object_1": 12',
+        '{"object_1"',
+        '{"object_1":',
+        '{"a": 1 2',
+    ],
+)
 def test_fragment_rejects_prefixes_that_are_not_append_ready(prefix):
     with pytest.raises(ValueError, match="not append-ready"):
         fn_append_fragment(prefix, [CAT], 1)
@@ -96,12 +108,12 @@ def test_matched_prefix_supervises_structure_only_not_desc_or_fp(codec):
     cat = parse.objects[1]
     n_pre = len(parse.prefix_token_ids) - 1  # the last rollout token is re-encoded with the closing `}`
     offsets = parse.token_offsets[:n_pre]
-    for y, ((s, e), w) in enumerate(zip(offsets, seg.ce_weights[seg.prompt_len:][:n_pre])):
+    for y, ((s, e), w) in enumerate(zip(offsets, seg.ce_weights[seg.prompt_len :][:n_pre])):
         t = parse.prefix_token_ids[y]
         in_cat = s < cat.span[1] and e > cat.span[0]
         in_desc = s < cat.desc_span[1] and e > cat.desc_span[0]
         assert w == (1.0 if in_cat and not in_desc and codec.coord_bin(t) is None else 0.0), (y, parse.prefix_text[s:e])
-    supervised = "".join(parse.prefix_text[s:e] for (s, e), w in zip(offsets, seg.ce_weights[seg.prompt_len:]) if w)
+    supervised = "".join(parse.prefix_text[s:e] for (s, e), w in zip(offsets, seg.ce_weights[seg.prompt_len :]) if w)
     assert "cow" not in supervised and "cat" not in supervised and "object_2" in supervised
     assert '"object_1"' not in supervised and '"object_3"' not in supervised
     # the FP object's closing `"]}` fuses with the outermost `}` into one token: closure, so supervised
@@ -122,7 +134,7 @@ def test_matched_slots_take_gt_bins_not_predicted_bins(codec):
 def test_fn_numbering_continues_after_invalid_and_non_dict_keys(codec):
     text = "{" + ", ".join([entry(1, CAT), '"object_3": {"desc": ""}', '"object_4": 5', entry(2, CAT)]) + "}"
     parse, _, seg = build_b(codec, text, [CAT, DOG])
-    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len :]))
     assert answer == parse.prefix_text + ", " + entry(5, DOG) + "}<|im_end|>"
     check_segment(codec, seg)
 
@@ -146,7 +158,7 @@ def test_closure_is_supervised_and_multiplier_applies_to_fn_structure_only(codec
     parse, _, seg = build_b(codec, text, [CAT, DOG], desc_ce_weight=0.0, drop_invalid_struct_ce_multiplier=3.0)
     check_segment(codec, seg)
     assert parse.n_dropped == 1
-    tail = assistant(codec, seg)[len(parse.prefix_token_ids):]
+    tail = assistant(codec, seg)[len(parse.prefix_token_ids) :]
     assert tail[-2:] == [('"]}}', 1.0), ("<|im_end|>", 1.0)]  # closure: exactly 1, fused with the FN end
     assert dict(tail)["dog"] == 0.0
     struct = [w for p, w in tail[:-2] if p != "dog" and codec.coord_bin(codec.encode(p)[0]) is None]
@@ -173,20 +185,20 @@ def test_perfect_rollout_is_all_matched_and_closes(codec):
     parse, match, seg = build_b(codec, text, gt)
     check_segment(codec, seg)
     assert len(match.pairs) == 3 and match.fn_indices == []
-    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    answer = "".join(codec.pieces(seg.input_ids[seg.prompt_len :]))
     assert answer == text + "<|im_end|>"
     # the cut inside the fused `"]}}` is healed: the target is the rollout's own tokenization, token for token
-    assert seg.input_ids[seg.prompt_len:] == codec.encode(text) + [codec.im_end_id]
+    assert seg.input_ids[seg.prompt_len :] == codec.encode(text) + [codec.im_end_id]
     a = build_channel_a_segment(PROMPT, gt, codec)
     assert seg.coord_pos == a.coord_pos and seg.coord_bins == a.coord_bins  # same slot rule in A and B
     assert seg.box_groups == ["prefix"] * 3
 
 
 def test_desc_with_braces_keeps_closure(codec):
-    odd = {"desc": "a}b{\"c", "bbox_2d": [1, 1, 5, 5]}
+    odd = {"desc": 'a}b{"c', "bbox_2d": [1, 1, 5, 5]}
     _, _, seg = build_b(codec, "{", [odd])
     check_segment(codec, seg)
-    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len:])).endswith('"]}}<|im_end|>')
+    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len :])).endswith('"]}}<|im_end|>')
 
 
 def test_gt_desc_spelling_a_special_token_is_dropped(codec):
@@ -216,7 +228,9 @@ def test_meta_counters(codec):
 def test_caller_bugs_raise(codec):
     parse = parse_rollout(rollout(codec, "{"), codec)
     with pytest.raises(ValueError, match="GT object 0"):
-        build_channel_b_segment(PROMPT, parse, [{"desc": "a", "bbox_2d": [5, 5, 1, 1]}], MatchResult([], [], [0], 0), codec)
+        build_channel_b_segment(
+            PROMPT, parse, [{"desc": "a", "bbox_2d": [5, 5, 1, 1]}], MatchResult([], [], [0], 0), codec
+        )
     with pytest.raises(ValueError, match="partition"):
         build_channel_b_segment(PROMPT, parse, [CAT], MatchResult([], [], [], 0), codec)
 
@@ -229,7 +243,7 @@ def test_channel_a_supervises_every_answer_token(codec, field_order):
     gt = [DOG, CAT, BUS]
     seg = build_channel_a_segment(PROMPT, gt, codec, field_order=field_order, desc_ce_weight=0.5, sample_id="a")
     check_segment(codec, seg)
-    text = "".join(codec.pieces(seg.input_ids[seg.prompt_len:]))
+    text = "".join(codec.pieces(seg.input_ids[seg.prompt_len :]))
     assert text == render_answer(gt, field_order) + "<|im_end|>"
     assert len(seg.coord_pos) == 12 and seg.box_groups == ["fn"] * 3
     assert seg.coord_bins == CAT["bbox_2d"] + BUS["bbox_2d"] + DOG["bbox_2d"]  # sorted by (y1, x1)
@@ -246,8 +260,8 @@ def test_channel_a_given_order_and_empty_answer(codec):
     seg = build_channel_a_segment(PROMPT, [DOG, CAT], codec, ordering="given")
     assert seg.coord_bins == DOG["bbox_2d"] + CAT["bbox_2d"]
     empty = build_channel_a_segment(PROMPT, [], codec)
-    assert codec.pieces(empty.input_ids[empty.prompt_len:]) == ["{", "}", "<|im_end|>"]
-    assert empty.ce_weights[empty.prompt_len:] == [1.0, 1.0, 1.0] and empty.coord_pos == []
+    assert codec.pieces(empty.input_ids[empty.prompt_len :]) == ["{", "}", "<|im_end|>"]
+    assert empty.ce_weights[empty.prompt_len :] == [1.0, 1.0, 1.0] and empty.coord_pos == []
 
 
 def test_channel_a_too_long(codec):
@@ -263,7 +277,7 @@ def test_empty_object_is_a_valid_rollout_not_invalid(codec):
         check_segment(codec, seg)
         assert seg.meta["rollout/invalid_rollout"] == invalid, text
     _, _, seg = build_b(codec, "{}", [])
-    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len:])) == "{}<|im_end|>"
+    assert "".join(codec.pieces(seg.input_ids[seg.prompt_len :])) == "{}<|im_end|>"
 
 
 def _overlaps_ref(spans, s, e):
@@ -289,20 +303,41 @@ def test_painted_weights_equal_the_per_token_rule(codec):
         descs = [(a + rng.randint(0, b - a), b - rng.randint(0, (b - a) // 2)) for a, b in spans]
         descs = [(a, max(a, b)) for a, b in descs]
         objs = [SimpleNamespace(span=sp, desc_span=d) for sp, d in zip(spans, descs)]
-        want = [float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
-                for t, (s, e) in zip(ids, offsets)]
+        want = [
+            float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
+            for t, (s, e) in zip(ids, offsets)
+        ]
         assert _prefix_weights(ids, offsets, objs, codec) == want, trial
         lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
         want = []
         for y in range(lo, len(ids)):
             s, e = offsets[y]
-            want.append(0.0 if ids[y] in coord_ids else 1.0 if y == len(ids) - 1 or s <= close < e
-                        else 0.7 if _overlaps_ref(descs, s, e) else 1.5)
+            want.append(
+                0.0
+                if ids[y] in coord_ids
+                else 1.0
+                if y == len(ids) - 1 or s <= close < e
+                else 0.7
+                if _overlaps_ref(descs, s, e)
+                else 1.5
+            )
         assert _answer_weights(ids, offsets, lo, close, descs, 0.7, 1.5, codec) == want, trial
 
 
-@pytest.mark.parametrize("bin_value, ok", [(0, True), (999, True), (1000, False), (-1, False), (True, False),
-                                           (5.0, False), ("5", False), (np.int64(7), True), (np.int64(1000), False)])
+@pytest.mark.parametrize(
+    "bin_value, ok",
+    [
+        (0, True),
+        (999, True),
+        (1000, False),
+        (-1, False),
+        (True, False),
+        (5.0, False),
+        ("5", False),
+        (np.int64(7), True),
+        (np.int64(1000), False),
+    ],
+)
 def test_gt_bins_are_integers_in_range_of_any_integer_type(codec, bin_value, ok):
     """Plain ints take a fast path in the GT check; numpy integers the general one; bools are never bins."""
     gt = [{"desc": "a", "bbox_2d": [bin_value, 0, 999, 999]}]

@@ -4,6 +4,7 @@ Read from the source with `ast`, function-level imports included, and followed t
 modules (`vllm_engine`, `weight_sync`, `client`, ...): a backend that reaches the server through one of
 them breaks the rule as much as a direct import does.
 """
+
 from __future__ import annotations
 
 import ast
@@ -78,6 +79,7 @@ def test_toolkit_never_imports_the_launchers():
     # The house is one-way: launchers/ (the outer CLI and supervision) import toolkit, never the reverse.
     arrows = []
     for path in sorted((ROOT / "toolkit").rglob("*.py")):
-        arrows += [f"{path.relative_to(ROOT)} → {m}" for m in imported(path) if m == "launchers" or
-                   m.startswith("launchers.")]
+        arrows += [
+            f"{path.relative_to(ROOT)} → {m}" for m in imported(path) if m == "launchers" or m.startswith("launchers.")
+        ]
     assert arrows == []

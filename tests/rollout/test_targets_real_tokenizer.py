@@ -6,6 +6,7 @@ Each expected list is the exact (piece, CE weight) sequence of the assistant tok
 are geometry slots (CE 0). These pin the rows of "Where we differ from the predecessor" in
 docs/METRICS_LOSSES.md that concern targets (closure never multiplied, the FP boundary token is tail).
 """
+
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,13 @@ def coords(bins, w_sep):
 
 def obj(n, o, w_struct, w_desc, end, w_end):
     """The pieces of one entry from `object_n` to its closing token (`end`), with their weights."""
-    return ([(f"object_{n}", w_struct), ('": {"', w_struct), ("desc", w_struct), ('": "', w_struct)]
-            + [(p, w_desc) for p in o["pieces"]]
-            + [('", "', w_struct), ("bbox_2d", w_struct), ('": ["', w_struct)]
-            + coords(o["bbox_2d"], w_struct) + [(end, w_end)])
+    return (
+        [(f"object_{n}", w_struct), ('": {"', w_struct), ("desc", w_struct), ('": "', w_struct)]
+        + [(p, w_desc) for p in o["pieces"]]
+        + [('", "', w_struct), ("bbox_2d", w_struct), ('": ["', w_struct)]
+        + coords(o["bbox_2d"], w_struct)
+        + [(end, w_end)]
+    )
 
 
 def build_b(codec, text, gt, **kw):
@@ -62,14 +66,31 @@ def build_b(codec, text, gt, **kw):
 
 
 def assistant(codec, seg):
-    return list(zip(codec.pieces(seg.input_ids[len(PROMPT):]), seg.ce_weights[len(PROMPT):]))
+    return list(zip(codec.pieces(seg.input_ids[len(PROMPT) :]), seg.ce_weights[len(PROMPT) :]))
 
 
 def test_parser_frames_the_real_tokens_and_cuts_inside_the_fused_closing_token(codec):
     ids, parse, _ = build_b(codec, "{" + entry(1, CAT) + "}", [CAT])
-    assert codec.pieces(ids) == ['{"', "object_1", '": {"', "desc", '": "', "cat", '", "', "bbox_2d", '": ["',
-                                 "<|coord_10|>", '", "', "<|coord_10|>", '", "', "<|coord_100|>", '", "',
-                                 "<|coord_100|>", '"]}}', "<|im_end|>"]
+    assert codec.pieces(ids) == [
+        '{"',
+        "object_1",
+        '": {"',
+        "desc",
+        '": "',
+        "cat",
+        '", "',
+        "bbox_2d",
+        '": ["',
+        "<|coord_10|>",
+        '", "',
+        "<|coord_10|>",
+        '", "',
+        "<|coord_100|>",
+        '", "',
+        "<|coord_100|>",
+        '"]}}',
+        "<|im_end|>",
+    ]
     # The prefix stops after the object's `}`: inside the fused `"]}}`, whose first three characters stay.
     assert parse.prefix_text == "{" + entry(1, CAT)
     assert codec.pieces(parse.prefix_token_ids)[-1] == '"]}'
@@ -79,8 +100,12 @@ def test_parser_frames_the_real_tokens_and_cuts_inside_the_fused_closing_token(c
 
 def test_fn_append_after_a_matched_object_re_encodes_the_boundary(codec):
     _, _, seg = build_b(codec, "{" + entry(1, CAT) + "}", [CAT, DOG], desc_ce_weight=0.5)
-    want = ([('{"', 1.0)] + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.0, '"]}, "', 1.0)
-            + obj(2, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0) + [("<|im_end|>", 1.0)])
+    want = (
+        [('{"', 1.0)]
+        + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.0, '"]}, "', 1.0)
+        + obj(2, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0)
+        + [("<|im_end|>", 1.0)]
+    )
     assert assistant(codec, seg) == want
     p0 = len(PROMPT)
     assert seg.coord_pos == [p0 + p for p in (9, 11, 13, 15, 25, 27, 29, 31)]
@@ -92,9 +117,13 @@ def test_fp_last_object_keeps_its_body_unsupervised_but_its_fused_boundary_is_ta
     `"]}, "`, is supervised tail (it writes the separator of the FN entry); the rest of the FP is 0."""
     _, parse, seg = build_b(codec, "{" + entry(1, CAT) + ", " + entry(2, COW) + "}", [CAT, DOG], desc_ce_weight=0.5)
     assert [o.desc for o in parse.objects] == ["cat", "cow"]
-    want = ([('{"', 1.0)] + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.0, '"]}, "', 1.0)
-            + obj(2, {**COW, "pieces": ["c", "o", "w"]}, 0.0, 0.0, '"]}, "', 1.0)
-            + obj(3, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0) + [("<|im_end|>", 1.0)])
+    want = (
+        [('{"', 1.0)]
+        + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.0, '"]}, "', 1.0)
+        + obj(2, {**COW, "pieces": ["c", "o", "w"]}, 0.0, 0.0, '"]}, "', 1.0)
+        + obj(3, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0)
+        + [("<|im_end|>", 1.0)]
+    )
     assert assistant(codec, seg) == want
 
 
@@ -108,13 +137,18 @@ def test_multiplier_scales_fn_structure_but_never_the_closure(codec):
     tail = got[n_prefix:]
     # The invalid object's own `}` is re-encoded alone (prefix rules: unsupervised); the appended `, "`
     # and the FN structure are multiplied, its desc gets desc_ce_weight, the closure stays at 1.
-    assert tail == ([("}", 0.0), (', "', 2.0)] + obj(3, {**DOG, "pieces": ["dog"]}, 2.0, 0.5, '"]}}', 1.0)
-                    + [("<|im_end|>", 1.0)])
+    assert tail == (
+        [("}", 0.0), (', "', 2.0)] + obj(3, {**DOG, "pieces": ["dog"]}, 2.0, 0.5, '"]}}', 1.0) + [("<|im_end|>", 1.0)]
+    )
 
 
 def test_channel_a_answer_token_by_token(codec):
     seg = build_channel_a_segment(PROMPT, [CAT, DOG], codec, desc_ce_weight=0.5, sample_id="a")
-    want = ([('{"', 1.0)] + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.5, '"]}, "', 1.0)
-            + obj(2, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0) + [("<|im_end|>", 1.0)])
+    want = (
+        [('{"', 1.0)]
+        + obj(1, {**CAT, "pieces": ["cat"]}, 1.0, 0.5, '"]}, "', 1.0)
+        + obj(2, {**DOG, "pieces": ["dog"]}, 1.0, 0.5, '"]}}', 1.0)
+        + [("<|im_end|>", 1.0)]
+    )
     assert assistant(codec, seg) == want
     assert seg.coord_bins == CAT["bbox_2d"] + DOG["bbox_2d"] and seg.box_groups == ["fn", "fn"]

@@ -4,6 +4,7 @@ A separate process because vLLM's in-process engine sets process-wide state (its
 NUMA memory binding, a no-op torch.set_num_threads) that must not leak into the pytest process, and
 only one engine fits in one process. Writes a JSON report to argv[2].
 """
+
 import copy
 import json
 import os
@@ -14,13 +15,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _shared
 
 import torch  # noqa: E402
+from _vllm_helpers import vllm_settings  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from toolkit.config.settings import DecodeSettings  # noqa: E402
+from toolkit.config.settings import (
+    DecodeSettings,  # noqa: E402
+    RepeatSettings,  # noqa: E402
+)
 from toolkit.rollout.backends.hf import HFBackend  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
-from toolkit.config.settings import RepeatSettings  # noqa: E402
-from _vllm_helpers import vllm_settings  # noqa: E402
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3]]
@@ -28,8 +31,17 @@ VCFG = vllm_settings()
 
 
 def settings(**kw) -> DecodeSettings:
-    base = dict(max_new_tokens=48, decode_batch_size=4, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
-                repetition_penalty=1.0, repeat=None, seed=7)
+    base = dict(
+        max_new_tokens=48,
+        decode_batch_size=4,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=7,
+    )
     return DecodeSettings(**{**base, **kw})
 
 
@@ -44,15 +56,21 @@ def main(model_dir: str, out: str) -> None:
     report = {}
     t0 = time.perf_counter()
     rng_before = torch.random.get_rng_state()
-    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32",
-                                      eos_id=EOS, weights=weights)
+    colo = VLLMColocateBackend.create(
+        model=model_dir, vllm=VCFG, settings=settings(), model_dtype="float32", eos_id=EOS, weights=weights
+    )
     report["engine_start_s"] = time.perf_counter() - t0
     report["rng_untouched"] = bool(torch.equal(rng_before, torch.random.get_rng_state()))
     ref = HFBackend(learner, settings(), pad_id=PAD, eos_id=EOS)
 
     a, b = colo.generate(PROMPTS, step=0), ref.generate(PROMPTS, step=0)
-    report["before"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a],
-                        "hf_finish": [r.finish_reason for r in b], "versions": [r.weight_version for r in a]}
+    report["before"] = {
+        "vllm": ids(a),
+        "hf": ids(b),
+        "vllm_finish": [r.finish_reason for r in a],
+        "hf_finish": [r.finish_reason for r in b],
+        "versions": [r.weight_version for r in a],
+    }
     with torch.no_grad():  # the "optimizer step": perturb every learner weight
         g = torch.Generator().manual_seed(1)
         for _, p in learner.named_parameters():
@@ -61,15 +79,24 @@ def main(model_dir: str, out: str) -> None:
     colo.sync_weights(1)
     report["sync_s"] = colo.last_sync_s
     a, b = colo.generate(PROMPTS, step=1), ref.generate(PROMPTS, step=1)
-    report["after"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a],
-                       "hf_finish": [r.finish_reason for r in b], "versions": [r.weight_version for r in a],
-                       "stale_same_step": ids(stale) == report["before"]["vllm"][:2]}
+    report["after"] = {
+        "vllm": ids(a),
+        "hf": ids(b),
+        "vllm_finish": [r.finish_reason for r in a],
+        "hf_finish": [r.finish_reason for r in b],
+        "versions": [r.weight_version for r in a],
+        "stale_same_step": ids(stale) == report["before"]["vllm"][:2],
+    }
     # Repeat-terminate cut post hoc on vLLM, in the processor on HF: the same ids.
     rule = RepeatSettings(min_new_tokens=4, max_consecutive_token_repeats=3, ngram_size=2, ngram_repeats=3)
     colo.s, ref.s = settings(repeat=rule), settings(repeat=rule)
     a, b = colo.generate(PROMPTS, step=1), ref.generate(PROMPTS, step=1)
-    report["repeat"] = {"vllm": ids(a), "hf": ids(b), "vllm_finish": [r.finish_reason for r in a],
-                        "hf_finish": [r.finish_reason for r in b]}
+    report["repeat"] = {
+        "vllm": ids(a),
+        "hf": ids(b),
+        "vllm_finish": [r.finish_reason for r in a],
+        "hf_finish": [r.finish_reason for r in b],
+    }
     # Seeded sampling: reproducible per step, different across steps.
     colo.s = settings(do_sample=True, temperature=1.0)
     s1, s1b, s2 = (ids(colo.generate(PROMPTS, step=st)) for st in (1, 1, 2))

@@ -5,6 +5,7 @@ A separate process because the trainer's engine sets up torch.distributed in its
 spies wrap (never replace) the step's round stream, RoundPacker.add, Stage2Engine.backward_packs and
 every torch.distributed collective (which thread called it). Writes a JSON report to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _share
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from _shared import free_port  # noqa: E402
 from _vllm_helpers import ENGINE_SETS  # noqa: E402
-from toolkit.trainer import loop, packing  # noqa: E402
-from toolkit.trainer.engine import Stage2Engine  # noqa: E402
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "broadcast_object_list", "barrier",
-               "reduce_scatter", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce", "gather")
+from toolkit.trainer import loop, packing  # noqa: E402
+from toolkit.trainer.engine import Stage2Engine  # noqa: E402
+
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_object",
+    "broadcast_object_list",
+    "barrier",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_gather_into_tensor",
+    "reduce",
+    "gather",
+)
 STEPS = 2
 
 
@@ -44,6 +56,7 @@ def spy_collectives(threads: set) -> None:
         def wrapper(*a, __fn=fn, **kw):
             threads.add(threading.current_thread().name)
             return __fn(*a, **kw)
+
         setattr(dist, name, wrapper)
 
 
@@ -52,10 +65,21 @@ def run(args, overlap: bool) -> dict:
 
     out = os.path.join(args.tmp, f"run_overlap_{overlap}")
     servers = f'rollout_matching.vllm.server.servers=[{{base_url: "{args.url}", group_port: {free_port()}}}]'
-    sets = [*ENGINE_SETS, "rollout_matching.vllm.mode=server", servers, f"rollout_matching.vllm.server.overlap={overlap}",
-            f"model.model={args.model}", f"training.output_dir={out}", f"training.logging_dir={out}/tb",
-            f"training.max_steps={STEPS}", "training.eval_strategy=no", "training.save_strategy=no",
-            "rollout_matching.max_new_tokens=32", "rollout_matching.decode_batch_size=1", "global_max_length=512"]
+    sets = [
+        *ENGINE_SETS,
+        "rollout_matching.vllm.mode=server",
+        servers,
+        f"rollout_matching.vllm.server.overlap={overlap}",
+        f"model.model={args.model}",
+        f"training.output_dir={out}",
+        f"training.logging_dir={out}/tb",
+        f"training.max_steps={STEPS}",
+        "training.eval_strategy=no",
+        "training.save_strategy=no",
+        "rollout_matching.max_new_tokens=32",
+        "rollout_matching.decode_batch_size=1",
+        "global_max_length=512",
+    ]
     cfg = load_profile("smoke/b_only", tuple(sets), world_size=1)
     rounds, carried, calls = [], [], []
 
@@ -72,8 +96,14 @@ def run(args, overlap: bool) -> dict:
     def backward_packs(self, packs, loss_fn, weights, *, last):
         probe = next(iter(self.module.parameters()))
         before = float(probe.detach().double().sum())
-        calls.append({"packs": [p.input_ids[0].tolist() for p in packs], "weights": list(weights), "last": last,
-                      "optimizer_steps_before": optimizer_steps[0]})
+        calls.append(
+            {
+                "packs": [p.input_ids[0].tolist() for p in packs],
+                "weights": list(weights),
+                "last": last,
+                "optimizer_steps_before": optimizer_steps[0],
+            }
+        )
         out = engine_backward(self, packs, loss_fn, weights, last=last)
         calls[-1]["params_unchanged"] = float(probe.detach().double().sum()) == before
         return out
@@ -96,8 +126,16 @@ def run(args, overlap: bool) -> dict:
         sync = after_training_sync(args, trainer, params) if overlap else None
     finally:
         trainer.backend.close()
-    return {"rounds": rounds, "carried": carried, "calls": calls, "metrics": metrics, "params": params, "moved": moved,
-            "optimizer_steps": optimizer_steps[0], "sync": sync}
+    return {
+        "rounds": rounds,
+        "carried": carried,
+        "calls": calls,
+        "metrics": metrics,
+        "params": params,
+        "moved": moved,
+        "optimizer_steps": optimizer_steps[0],
+        "sync": sync,
+    }
 
 
 PROBE = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42]]
@@ -125,13 +163,23 @@ def after_training_sync(args, trainer, trained: dict) -> dict:
     def greedy(state: dict) -> list:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         model.load_state_dict(state)
-        ref = HFBackend(model, trainer.backend.s, pad_id=trainer.tok.pad_token_id, eos_id=trainer.codec.im_end_id,
-                        object_key_ids=trainer.codec.object_key_token_ids())
+        ref = HFBackend(
+            model,
+            trainer.backend.s,
+            pad_id=trainer.tok.pad_token_id,
+            eos_id=trainer.codec.im_end_id,
+            object_key_ids=trainer.codec.object_key_token_ids(),
+        )
         return [r.completion_ids for r in ref.generate(PROBE, step=STEPS)]
 
-    return {"server_version": info["weight_version"], "rollout_versions": sorted({r.weight_version for r in served}),
-            "served": [r.completion_ids for r in served], "reference": greedy(current), "trained": greedy(trained),
-            "greedy": trainer.backend.s.do_sample is False}
+    return {
+        "server_version": info["weight_version"],
+        "rollout_versions": sorted({r.weight_version for r in served}),
+        "served": [r.completion_ids for r in served],
+        "reference": greedy(current),
+        "trained": greedy(trained),
+        "greedy": trainer.backend.s.do_sample is False,
+    }
 
 
 channel_b_rounds, packer_add = loop.channel_b_rounds, packing.RoundPacker.add
@@ -152,8 +200,13 @@ def main() -> None:
     a = run(args, overlap=True)
     b = run(args, overlap=False)
     pa, pb = a.pop("params"), b.pop("params")
-    report = {"overlap": a, "serial": b, "collective_threads": sorted(threads),
-              "params_max_abs": max(float((pa[k] - pb[k]).abs().max()) for k in pa), "params_keys_equal": pa.keys() == pb.keys()}
+    report = {
+        "overlap": a,
+        "serial": b,
+        "collective_threads": sorted(threads),
+        "params_max_abs": max(float((pa[k] - pb[k]).abs().max()) for k in pa),
+        "params_keys_equal": pa.keys() == pb.keys(),
+    }
     with open(args.out, "w") as fh:
         json.dump(report, fh)
 

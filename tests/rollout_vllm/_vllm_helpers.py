@@ -1,5 +1,6 @@
 """Shared helpers of the vLLM tests, imported by name (`conftest` is ambiguous across test folders:
 a late `from conftest import …` inside a test gets whichever folder's conftest was loaded last)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,23 +20,40 @@ ROOT = Path(__file__).resolve().parents[2]
 EOS = 2  # <|im_end|> in assets/tokenizer
 SERVER_START_TIMEOUT_S = 300
 # Engine knobs every test engine shares: eager (no compile), a small KV cache, the tiny model's length.
-ENGINE_SETS = ("rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.enforce_eager=true",
-               "rollout_matching.vllm.kv_cache_gb=0.25", "rollout_matching.vllm.max_model_len=1024")
+ENGINE_SETS = (
+    "rollout_matching.rollout_backend=vllm",
+    "rollout_matching.vllm.enforce_eager=true",
+    "rollout_matching.vllm.kv_cache_gb=0.25",
+    "rollout_matching.vllm.max_model_len=1024",
+)
 
 
 def vllm_settings(**kw) -> VllmSettings:
     """Engine settings of the test engines: the schema's defaults, but eager, a small KV cache, a short length."""
-    base = dict(mode="colocate", max_model_len=512, tensor_parallel_size=1, gpu_memory_utilization=0.45,
-                enable_lora=False, enable_prefix_caching=True, enforce_eager=True, max_num_seqs=None,
-                max_num_batched_tokens=None, dtype="auto", kv_cache_gb=0.25, max_images_per_prompt=1)
+    base = dict(
+        mode="colocate",
+        max_model_len=512,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.45,
+        enable_lora=False,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        max_num_seqs=None,
+        max_num_batched_tokens=None,
+        dtype="auto",
+        kv_cache_gb=0.25,
+        max_images_per_prompt=1,
+    )
     return VllmSettings(**{**base, **kw})
 
 
-def server_settings(url: str, group_port: int, timeout_s: float = 30.0,
-                    infer_timeout_s: float = 120.0) -> ServerSettings:
+def server_settings(
+    url: str, group_port: int, timeout_s: float = 30.0, infer_timeout_s: float = 120.0
+) -> ServerSettings:
     """One rollout server, as `rollout_matching.vllm.server` would list it."""
-    return ServerSettings(timeout_s=timeout_s, infer_timeout_s=infer_timeout_s, overlap=True,
-                          servers=(ServerAddress(url, group_port),))
+    return ServerSettings(
+        timeout_s=timeout_s, infer_timeout_s=infer_timeout_s, overlap=True, servers=(ServerAddress(url, group_port),)
+    )
 
 
 def vllm_missing() -> str | None:
@@ -56,8 +74,25 @@ class ServerProc:
 
 
 def serve_argv(model: Path, port: int, dp: int = 2, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--gpus", "cpu", "--dp", str(dp),
-            "--tp", "1", "--host", "127.0.0.1", "--port", str(port), "--set", f"model.model={model}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "toolkit.rollout.server",
+        "--profile",
+        "smoke/b_only",
+        "--gpus",
+        "cpu",
+        "--dp",
+        str(dp),
+        "--tp",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--set",
+        f"model.model={model}",
+    ]
     for s in ENGINE_SETS + extra:
         argv += ["--set", s]
     return argv
@@ -92,14 +127,27 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-SMOKE_FAST = ("training.max_steps=2", "rollout_matching.max_new_tokens=48", "data.val_sample_limit=4",
-              "training.logging_steps=1")
+SMOKE_FAST = (
+    "training.max_steps=2",
+    "rollout_matching.max_new_tokens=48",
+    "data.val_sample_limit=4",
+    "training.logging_steps=1",
+)
 
 
 def run_train(profile: str, out: Path, *sets: str) -> subprocess.CompletedProcess:
     """A short real `python -m toolkit.train` of `profile` with the vLLM backend (mode and model via `sets`)."""
-    argv = [sys.executable, "-m", "toolkit.train", "--profile", profile, "--set", f"training.output_dir={out}",
-            "--set", f"training.logging_dir={out / 'tb'}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "toolkit.train",
+        "--profile",
+        profile,
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        f"training.logging_dir={out / 'tb'}",
+    ]
     for s in (*ENGINE_SETS, *SMOKE_FAST, *sets):
         argv += ["--set", s]
     return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
@@ -112,8 +160,14 @@ def serving(model: Path, log_dir: Path, dp: int = 2):
     with open(log, "wb") as fh:
         # images are read only under the image roots: the test session's temp folder and the VLM assets
         roots = ["--image-root", str(Path(log_dir).parent), "--image-root", str(ROOT / "assets" / "vlm" / "data")]
-        proc = subprocess.Popen(serve_argv(model, port, dp) + roots, cwd=ROOT, env=child_env(), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            serve_argv(model, port, dp) + roots,
+            cwd=ROOT,
+            env=child_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, model)
     try:
         t0 = time.monotonic()

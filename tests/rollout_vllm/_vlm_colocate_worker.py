@@ -3,6 +3,7 @@
 A separate process for the same reason as _colocate_worker.py (vLLM's in-process engine changes
 process-wide state). argv: model dir, output JSON path, image paths. Writes a JSON report.
 """
+
 import copy
 import json
 import os
@@ -24,17 +25,23 @@ VCFG = vllm_settings()
 
 def snapshot(colo, learner, model_dir, prompts, images, step) -> dict:
     rollouts = colo.generate(prompts, step=step, images=images)
-    return {"vllm": [r.completion_ids for r in rollouts], "hf": hf_greedy(learner, model_dir, prompts, images),
-            "prompt_ids_equal": [r.prompt_ids == p for r, p in zip(rollouts, prompts)],
-            "versions": [r.weight_version for r in rollouts]}
+    return {
+        "vllm": [r.completion_ids for r in rollouts],
+        "hf": hf_greedy(learner, model_dir, prompts, images),
+        "prompt_ids_equal": [r.prompt_ids == p for r, p in zip(rollouts, prompts)],
+        "versions": [r.weight_version for r in rollouts],
+    }
 
 
 def double_expansion(colo, prompt, path) -> dict:
     """The learner's expanded prompt sent raw (not collapsed): vLLM expands its pads again."""
     from vllm import SamplingParams
 
-    raw = colo.llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": open_image(path)}}],
-                            SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)[0]
+    raw = colo.llm.generate(
+        [{"prompt_token_ids": prompt, "multi_modal_data": {"image": open_image(path)}}],
+        SamplingParams(max_tokens=1, temperature=0.0, detokenize=False),
+        use_tqdm=False,
+    )[0]
     return {"sent": len(prompt), "engine": len(raw.prompt_token_ids)}
 
 
@@ -42,8 +49,9 @@ def main(model_dir: str, out: str, paths: list[str]) -> None:
     prompts, images = vlm_batch(model_dir, paths)
     learner = hf_learner(model_dir)
     t0 = time.perf_counter()
-    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32",
-                                      eos_id=EOS, weights=weights_of(learner))
+    colo = VLLMColocateBackend.create(
+        model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS, weights=weights_of(learner)
+    )
     report = {"engine_start_s": time.perf_counter() - t0, "prompts": prompts}
     report["before"] = snapshot(colo, learner, model_dir, prompts, images, step=0)
     report["double"] = double_expansion(colo, prompts[0], paths[0])

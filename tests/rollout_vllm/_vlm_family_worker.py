@@ -6,6 +6,7 @@ process-wide state). argv: model dir, output JSON path, image paths. Writes a JS
 Updates: every weight; the vision tower only (blocks and patch embedding, not the aligner); and, where
 the model has them (Qwen3-VL), the DeepStack mergers only.
 """
+
 import json
 import os
 import sys
@@ -14,8 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from _vlm_families import load_hf  # noqa: E402
 from _vllm_helpers import vllm_settings  # noqa: E402
+from _vlm_families import load_hf  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of  # noqa: E402
 
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
@@ -26,17 +27,21 @@ DEEPSTACK = "model.visual.deepstack_merger_list."
 
 def snapshot(colo, learner, model_dir, prompts, images, step) -> dict:
     rollouts = colo.generate(prompts, step=step, images=images)
-    return {"vllm": [r.completion_ids for r in rollouts], "hf": hf_greedy(learner, model_dir, prompts, images),
-            "prompt_ids_equal": [r.prompt_ids == p for r, p in zip(rollouts, prompts)],
-            "versions": [r.weight_version for r in rollouts]}
+    return {
+        "vllm": [r.completion_ids for r in rollouts],
+        "hf": hf_greedy(learner, model_dir, prompts, images),
+        "prompt_ids_equal": [r.prompt_ids == p for r, p in zip(rollouts, prompts)],
+        "versions": [r.weight_version for r in rollouts],
+    }
 
 
 def main(model_dir: str, out: str, paths: list[str]) -> None:
     prompts, images = vlm_batch(model_dir, paths)
     learner = load_hf(model_dir)
     names = [n for n, _ in learner.named_parameters()]
-    colo = VLLMColocateBackend.create(model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32",
-                                      eos_id=EOS, weights=weights_of(learner))  # runs the weight-name check
+    colo = VLLMColocateBackend.create(
+        model=model_dir, vllm=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS, weights=weights_of(learner)
+    )  # runs the weight-name check
     report = {"prompts": prompts, "param_names": names}
     report["before"] = snapshot(colo, learner, model_dir, prompts, images, step=0)
     perturb(learner, seed=1)

@@ -3,6 +3,7 @@
 The learner renders one `<|image_pad|>` per image and expands it to one pad per merged vision patch
 (toolkit.vlm.inputs.VisionProcessor): those expanded ids are what every backend receives.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,16 @@ from pathlib import Path
 EOS = 2
 TEXTS = ("find the cats", "boxes please", "where is the car")
 TEXT_ONLY = "no image here"  # one text prompt rides along in every image batch
-SETTINGS = dict(max_new_tokens=24, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0,
-                repeat=None, seed=7)
+SETTINGS = dict(
+    max_new_tokens=24,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=-1,
+    repetition_penalty=1.0,
+    repeat=None,
+    seed=7,
+)
 
 
 def settings(dbs: int):

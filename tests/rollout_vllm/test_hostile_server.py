@@ -4,6 +4,7 @@ One server for the module (`hostile`), started with `--image-root` on a temp fol
 by checking that a normal request still answers normally: no input may jam the engine, open a file
 outside the image roots, leave a store listening, or poison a later unrelated call.
 """
+
 import json
 import os
 import time
@@ -11,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from _vllm_helpers import ROOT, SERVER_START_TIMEOUT_S, ServerProc, serve_argv, stop, wait_healthy
 from _shared import child_env, free_port
+from _vllm_helpers import ROOT, SERVER_START_TIMEOUT_S, ServerProc, serve_argv, stop, wait_healthy
 
 pytestmark = pytest.mark.vllm
 NORMAL = {"prompts": [[1, 5, 6, 7]], "sampling": [{"max_tokens": 4}]}
@@ -26,8 +26,14 @@ def start_server(model: Path, log_dir: Path, *args: str, sets: tuple[str, ...] =
     port = free_port()
     log = Path(log_dir) / "server.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(serve_argv(model, port, 1, *sets) + list(args), cwd=ROOT, env=child_env(), stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            serve_argv(model, port, 1, *sets) + list(args),
+            cwd=ROOT,
+            env=child_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     srv = ServerProc(proc, f"http://127.0.0.1:{port}", log, model)
     try:
         wait_healthy(srv, SERVER_START_TIMEOUT_S)
@@ -58,7 +64,9 @@ def post(srv, path: str, body, timeout: float = 120.0) -> requests.Response:
 
 
 def infer(srv, timeout: float = 120.0, **body) -> requests.Response:
-    return post(srv, "/infer/", {"request_id": f"h{next(_ids)}-{time.monotonic_ns()}", **NORMAL, **body}, timeout=timeout)
+    return post(
+        srv, "/infer/", {"request_id": f"h{next(_ids)}-{time.monotonic_ns()}", **NORMAL, **body}, timeout=timeout
+    )
 
 
 def assert_still_normal(srv) -> None:
@@ -104,10 +112,22 @@ def test_jam_input_is_a_4xx_naming_the_field_then_a_normal_request_answers(hosti
 
 
 def test_edge_values_are_served(hostile):
-    """The limits are the limits: the largest seed, temperature (2, vLLM's limit) and penalty still decode, and a max_tokens
+    """The limits are the limits: the largest seed, temperature (2, vLLM's limit) and penalty still decode, and a
+    max_tokens
     beyond what the prompt leaves is cut to max_model_len (finish_reason "length")."""
-    r = infer(hostile, sampling=[{"max_tokens": 3, "temperature": 2.0, "repetition_penalty": 1000.0,
-                                  "seed": 2**63 - 1, "top_k": 2**31 - 1, "stop_token_ids": []}])
+    r = infer(
+        hostile,
+        sampling=[
+            {
+                "max_tokens": 3,
+                "temperature": 2.0,
+                "repetition_penalty": 1000.0,
+                "seed": 2**63 - 1,
+                "top_k": 2**31 - 1,
+                "stop_token_ids": [],
+            }
+        ],
+    )
     assert r.status_code == 200, r.text
     long = infer(hostile, prompts=[[1] * 1020], sampling=[{"max_tokens": 1024}])
     assert long.status_code == 200, long.text
@@ -226,17 +246,22 @@ def test_fuzz_every_endpoint_no_5xx_and_a_normal_request_after_every_batch(hosti
     session.trust_env = False
     statuses: dict[int, int] = {}
     t0 = time.monotonic()
-    for batch in range(FUZZ_BATCHES):
+    for _batch in range(FUZZ_BATCHES):
         for _ in range(FUZZ_BATCH):
             method, path, body = fuzz.request()
             try:
-                r = session.request(method, hostile.url + path, data=body, timeout=120,
-                                    headers={"content-type": "application/json"})
+                r = session.request(
+                    method, hostile.url + path, data=body, timeout=120, headers={"content-type": "application/json"}
+                )
             except requests.RequestException as exc:
-                pytest.fail(f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {exc}\n{hostile.log_tail()}")
+                pytest.fail(
+                    f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {exc}\n{hostile.log_tail()}"
+                )
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            assert r.status_code < 500, f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {r.status_code} " \
-                                        f"{r.text[:600]}\n{hostile.log_tail()}"
+            assert r.status_code < 500, (
+                f"seed {seed}, request {fuzz.n}: {method} {path} {body!r:.600}\n→ {r.status_code} "
+                f"{r.text[:600]}\n{hostile.log_tail()}"
+            )
             if r.status_code >= 400 and r.status_code not in (404, 405):
                 assert isinstance(r.json()["detail"], (str, list)), r.text  # a sentence or the fields, as JSON
         assert_still_normal(hostile)
@@ -266,7 +291,9 @@ def test_overrun_generate_marks_unhealthy_and_clients_stop_waiting(tiny_model, t
         assert r.status_code == 504 and "did not answer generate within 3 s" in r.json()["detail"], r.text
         health = requests.get(srv.url + "/health/", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
-        assert "did not finish a generate within 3 s" in health.json()["detail"] and "restart" in health.json()["detail"]
+        assert (
+            "did not finish a generate within 3 s" in health.json()["detail"] and "restart" in health.json()["detail"]
+        )
         t0 = time.monotonic()
         refused = infer(srv)
         assert refused.status_code == 503 and "unhealthy" in refused.json()["detail"]
@@ -308,8 +335,11 @@ def test_sigterm_ends_a_busy_server_and_its_worker_within_10_s(tiny_model, tmp_p
         stop(srv.proc)
 
 
-BIG = {"request_id": "big", "prompts": [[1, 5 + i % 50, 7 + i % 31] for i in range(128)],
-       "sampling": [{"max_tokens": 1000, "temperature": 2.0, "seed": 1}]}  # ~3 min of decoding on one CPU worker
+BIG = {
+    "request_id": "big",
+    "prompts": [[1, 5 + i % 50, 7 + i % 31] for i in range(128)],
+    "sampling": [{"max_tokens": 1000, "temperature": 2.0, "seed": 1}],
+}  # ~3 min of decoding on one CPU worker
 
 
 def _post_quietly(srv, body):

@@ -8,6 +8,7 @@ behind the real app: a DP worker dying mid-stream (503) cannot be provoked on th
 and holding a round until the test releases it (to close the stream at a known point) needs its gates.
 No test here measures wall time: ordering is pinned by the engine's gates and by joining the producer.
 """
+
 import json
 import subprocess
 import sys
@@ -15,14 +16,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from _shared import child_env, free_port
+from _vllm_helpers import EOS, ROOT
+from test_app_client import live as live  # the fixture: the real app over sockets with a toy engine
 
 from toolkit.config.settings import DecodeSettings
+from toolkit.rollout import errors
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 from toolkit.rollout.client import ServerClient, ServerUnavailableError
-from toolkit.rollout import errors
-from _vllm_helpers import EOS, ROOT
-from _shared import child_env, free_port
-from test_app_client import live  # noqa: F401  (the fixture: the real app over sockets with a toy engine)
 
 WORKER = Path(__file__).with_name("_overlap_worker.py")
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
@@ -30,15 +31,35 @@ TOL = 1e-6
 
 
 def settings(dbs: int = 1) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=24, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
-                          repetition_penalty=1.0, repeat=None, seed=7)
+    return DecodeSettings(
+        max_new_tokens=24,
+        decode_batch_size=dbs,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="module")
 def report(server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overlap")
     out = tmp / "report.json"
-    argv = [sys.executable, str(WORKER), "--out", str(out), "--tmp", str(tmp), "--url", server.url, "--model", str(server.model)]
+    argv = [
+        sys.executable,
+        str(WORKER),
+        "--out",
+        str(out),
+        "--tmp",
+        str(tmp),
+        "--url",
+        server.url,
+        "--model",
+        str(server.model),
+    ]
     proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -69,7 +90,7 @@ def peel(pack: list[int], segments: list[list[int]]) -> list[list[int]] | None:
         return []
     for i, seg in enumerate(segments):
         if seg and pack[: len(seg)] == seg:
-            rest = peel(pack[len(seg):], segments[:i] + segments[i + 1:])
+            rest = peel(pack[len(seg) :], segments[:i] + segments[i + 1 :])
             if rest is not None:
                 return [seg, *rest]
     return None
@@ -88,7 +109,7 @@ def test_each_step_accumulates_every_segment_once_and_steps_at_the_flush(report,
         calls = [c for c in run["calls"] if c["optimizer_steps_before"] == step]
         assert [c["last"] for c in calls] == [False] * (len(calls) - 1) + [True]
         assert all(c["params_unchanged"] for c in calls)
-        segments = [seg[1] for rnd in run["rounds"][4 * step: 4 * step + 4] for seg in rnd]
+        segments = [seg[1] for rnd in run["rounds"][4 * step : 4 * step + 4] for seg in rnd]
         left = list(segments)
         for pack in (p for c in calls for p in c["packs"]):
             used = peel(pack, left)

@@ -1,17 +1,24 @@
 """`stage2 serve` / `python -m toolkit.rollout.server` user errors: exit 1 with a message, before any engine starts."""
+
 import socket
 import subprocess
 import sys
 
-from _vllm_helpers import ROOT
 from _shared import child_env
+from _vllm_helpers import ROOT
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
     env = child_env()
     env.pop("STAGE2_SERVE_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.rollout.server", "--profile", "smoke/b_only", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_non_loopback_needs_a_token():

@@ -4,26 +4,36 @@ The pytest process is the learner: an fp32 HF copy of the tiny model whose weigh
 over the gloo weight-sync group. Every backend here syncs before its first rollout, so the tests do
 not depend on each other's weight versions.
 """
+
 import copy
 import socket
 
 import pytest
 import requests
 import torch
+from _vllm_helpers import EOS, server_settings
 
 from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.hf import HFBackend
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 from toolkit.rollout.client import RolloutServerError, ServerClient, StaleWeightsError, WeightSyncError
-from _vllm_helpers import EOS, server_settings
 
 pytestmark = pytest.mark.vllm
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3], [1, 11, 12]]
 
 
 def settings(dbs: int = 2) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=40, decode_batch_size=dbs, do_sample=False, temperature=1.0, top_p=1.0, top_k=-1,
-                          repetition_penalty=1.0, repeat=None, seed=7)
+    return DecodeSettings(
+        max_new_tokens=40,
+        decode_batch_size=dbs,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=7,
+    )
 
 
 def weights_of(model):
@@ -58,8 +68,9 @@ def learner(hf_model):
 
 def test_infer_parity_then_weight_update_through_gloo(server, learner):
     srv = server_settings(server.url, free_group_port())
-    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
-                                              weights=weights_of(learner))
+    backend = VLLMServerBackend.from_settings(
+        srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner)
+    )
     ref = HFBackend(learner, settings(), pad_id=0, eos_id=EOS)
     try:
         assert backend.chunk == 4 and backend.caps == [4]  # dbs 2 × server world 2 / 1 learner
@@ -80,8 +91,9 @@ def test_infer_parity_then_weight_update_through_gloo(server, learner):
 
 def test_stale_version_is_an_error(server, learner):
     srv = server_settings(server.url, free_group_port())
-    backend = VLLMServerBackend.from_settings(srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
-                                              weights=weights_of(learner))
+    backend = VLLMServerBackend.from_settings(
+        srv, settings(), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner)
+    )
     try:
         backend.generate(PROMPTS[:2], step=20)  # pushes version 21
         backend.expected_version = 99  # as if the learner had pushed 99 and the server missed it
@@ -101,19 +113,36 @@ def test_group_port_taken_names_the_port(server, learner):
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(WeightSyncError) as err:
-            VLLMServerBackend.from_settings(server_settings(server.url, port), settings(), bucket_size_mb=1,
-                                            eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
+            VLLMServerBackend.from_settings(
+                server_settings(server.url, port),
+                settings(),
+                bucket_size_mb=1,
+                eos_id=EOS,
+                rank=0,
+                world_size=1,
+                weights=weights_of(learner),
+            )
     assert f"group_port {port} is already in use" in str(err.value) and server.url in str(err.value)
 
 
 def test_name_mismatch_listed_before_any_transfer(server, learner):
     def renamed(device):
         for n, p in learner.named_parameters():
-            yield ("model.decoder." + n.removeprefix("model.") if n.startswith("model.layers.0.") else n), p.detach().to(device)
+            yield (
+                ("model.decoder." + n.removeprefix("model.") if n.startswith("model.layers.0.") else n),
+                p.detach().to(device),
+            )
 
     with pytest.raises(ValueError) as err:
-        VLLMServerBackend.from_settings(server_settings(server.url, free_group_port()), settings(), bucket_size_mb=1,
-                                        eos_id=EOS, rank=0, world_size=1, weights=renamed)
+        VLLMServerBackend.from_settings(
+            server_settings(server.url, free_group_port()),
+            settings(),
+            bucket_size_mb=1,
+            eos_id=EOS,
+            rank=0,
+            world_size=1,
+            weights=renamed,
+        )
     msg = str(err.value)
     assert server.url in msg and "not sent by the learner: model.layers.0." in msg and "model.decoder.layers.0." in msg
 
@@ -138,8 +167,11 @@ def test_request_id_is_idempotent_on_the_real_engine(server):
     prompts = [[1, 5, 6], [1, 9], [1, 42, 43]]
 
     def infer(request_id):
-        r = requests.post(server.url + "/infer/", json={"request_id": request_id, "prompts": prompts, "sampling": sampling},
-                          timeout=120)
+        r = requests.post(
+            server.url + "/infer/",
+            json={"request_id": request_id, "prompts": prompts, "sampling": sampling},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         return [o["completion_ids"] for o in r.json()["outputs"]]
 
@@ -153,7 +185,10 @@ def test_rounds_and_caps_on_the_real_server(server):
     answers back in prompt order. The client is spied on (wrapped), never replaced."""
     client = ServerClient(server.url, 0, timeout_s=30, infer_timeout_s=120)
     sent, infer = [], client.infer
-    client.infer = lambda request_id, prompts, *a, **kw: (sent.append(len(prompts)), infer(request_id, prompts, *a, **kw))[1]
+    client.infer = lambda request_id, prompts, *a, **kw: (
+        sent.append(len(prompts)),
+        infer(request_id, prompts, *a, **kw),
+    )[1]
     backend = VLLMServerBackend([client], settings(dbs=3), eos_id=EOS, rank=1, world_size=2)
     assert (backend.chunk, backend.caps) == (3, [3])
     out = backend.generate(PROMPTS, step=0)

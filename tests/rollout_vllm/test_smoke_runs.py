@@ -2,12 +2,12 @@
 --profile smoke/b_only --set rollout_matching.rollout_backend=vllm …` in colocate mode and in server
 mode against the session server. Both exit 0 with rollout metrics, and — same weights, same greedy
 decoding — the two modes log the same first-step loss."""
+
 import functools
 
 import pytest
-
-from _vllm_helpers import run_train
 from _shared import free_port, metrics
+from _vllm_helpers import run_train
 
 pytestmark = pytest.mark.vllm
 run_train = functools.partial(run_train, "smoke/b_only")

@@ -1,22 +1,30 @@
 """vLLM-side pure pieces that need neither vLLM nor a server: the post-hoc repeat cut (must equal the HF
 rule exactly), engine arguments, checkpoint specs and the name check, bucket packing, and the gloo
 weight-sync group between real processes (incl. a taken group port)."""
+
 import random
 import socket
 
 import pytest
 import torch
-
-from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict
-from toolkit.rollout.vllm_engine import engine_kwargs, resolve_dtype
-from toolkit.config.settings import DecodeSettings
-from toolkit.config.settings import RepeatSettings
-from toolkit.rollout.repeat import should_stop
-from toolkit.rollout.errors import BadRequest, Conflict
 from _vllm_helpers import vllm_settings
+
+from toolkit.config.settings import DecodeSettings, RepeatSettings
+from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict
+from toolkit.rollout.errors import BadRequest, Conflict
+from toolkit.rollout.repeat import should_stop
+from toolkit.rollout.vllm_engine import engine_kwargs, resolve_dtype
 from toolkit.rollout.weight_sync import (
-    SyncGroup, TensorSpec, check_specs, checkpoint_name, iter_buckets, pack_bucket, read_checkpoint_specs, spec_problems,
-    specs_of, unpack_bucket,
+    SyncGroup,
+    TensorSpec,
+    check_specs,
+    checkpoint_name,
+    iter_buckets,
+    pack_bucket,
+    read_checkpoint_specs,
+    spec_problems,
+    specs_of,
+    unpack_bucket,
 )
 
 EOS = 2
@@ -32,13 +40,18 @@ def _hf_cut(gen, rule, limit):
     return next((i for i in range(1, limit + 1) if should_stop(rule, gen[:i], KEYS)), None)
 
 
-@pytest.mark.parametrize("rule", [
-    RepeatSettings(min_new_tokens=0, max_consecutive_token_repeats=3),
-    RepeatSettings(min_new_tokens=5, ngram_size=2, ngram_repeats=3),
-    RepeatSettings(min_new_tokens=2, max_object_keys=2),
-    RepeatSettings(min_new_tokens=8, max_consecutive_token_repeats=8, ngram_size=8, ngram_repeats=3, max_object_keys=3),
-    RepeatSettings(),
-])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        RepeatSettings(min_new_tokens=0, max_consecutive_token_repeats=3),
+        RepeatSettings(min_new_tokens=5, ngram_size=2, ngram_repeats=3),
+        RepeatSettings(min_new_tokens=2, max_object_keys=2),
+        RepeatSettings(
+            min_new_tokens=8, max_consecutive_token_repeats=8, ngram_size=8, ngram_repeats=3, max_object_keys=3
+        ),
+        RepeatSettings(),
+    ],
+)
 def test_repeat_cut_equals_hf_rule(rule):
     rng = random.Random(0)
     for _ in range(2000):
@@ -67,18 +80,37 @@ def test_finish_rollout_semantics():
 
 
 def test_engine_kwargs_cpu_defaults_and_knobs():
-    kw = engine_kwargs(vllm_settings(**VCFG, max_num_seqs=8), model="/m", dtype="float32", seed=3, on_cpu=True, executor="external_launcher")
+    kw = engine_kwargs(
+        vllm_settings(**VCFG, max_num_seqs=8),
+        model="/m",
+        dtype="float32",
+        seed=3,
+        on_cpu=True,
+        executor="external_launcher",
+    )
     assert kw["kv_cache_memory_bytes"] == 1 << 30 and kw["skip_tokenizer_init"] and kw["max_num_seqs"] == 8
     assert kw["distributed_executor_backend"] == "external_launcher" and "max_num_batched_tokens" not in kw
-    gpu = engine_kwargs(vllm_settings(**dict(VCFG, kv_cache_gb=2.5)), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True)
-    assert gpu["kv_cache_memory_bytes"] == int(2.5 * (1 << 30)) and gpu["worker_extension_cls"].endswith("WeightSyncExtension")
+    gpu = engine_kwargs(
+        vllm_settings(**dict(VCFG, kv_cache_gb=2.5)), model="/m", dtype="bfloat16", seed=3, on_cpu=False, extension=True
+    )
+    assert gpu["kv_cache_memory_bytes"] == int(2.5 * (1 << 30)) and gpu["worker_extension_cls"].endswith(
+        "WeightSyncExtension"
+    )
     assert "distributed_executor_backend" not in gpu
     assert resolve_dtype("auto", "float32") == "float32" and resolve_dtype("bfloat16", "float32") == "bfloat16"
 
 
 def test_sampling_dict_greedy_and_sampled():
-    kw = dict(max_new_tokens=9, decode_batch_size=2, temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1,
-              repeat=None, seed=0)
+    kw = dict(
+        max_new_tokens=9,
+        decode_batch_size=2,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=5,
+        repetition_penalty=1.1,
+        repeat=None,
+        seed=0,
+    )
     greedy = sampling_dict(DecodeSettings(do_sample=False, **kw), EOS, seed=11)
     assert greedy["temperature"] == 0.0 and greedy["seed"] is None and greedy["stop_token_ids"] == [EOS]
     sampled = sampling_dict(DecodeSettings(do_sample=True, **kw), EOS, seed=11)
@@ -99,7 +131,9 @@ def test_checkpoint_specs_and_name_check(tiny_model, hf_model):
 
 def test_name_check_lists_every_mismatch(tiny_model, hf_model):
     served = read_checkpoint_specs(tiny_model)
-    learner = specs_of((("module." + n if i else n + ".extra"), p.to("meta")) for i, (n, p) in enumerate(hf_model.named_parameters()))
+    learner = specs_of(
+        (("module." + n if i else n + ".extra"), p.to("meta")) for i, (n, p) in enumerate(hf_model.named_parameters())
+    )
     learner["model.norm.weight"] = TensorSpec("model.norm.weight", "float32", (64,))
     with pytest.raises(ValueError) as err:
         check_specs(learner, served, where="http://srv:8000")
@@ -110,13 +144,20 @@ def test_name_check_lists_every_mismatch(tiny_model, hf_model):
 
 
 def test_checkpoint_name_strips_wrappers():
-    assert checkpoint_name("module._orig_mod.model.layers.1.mlp.up_proj.base_layer.weight") == "model.layers.1.mlp.up_proj.weight"
+    assert (
+        checkpoint_name("module._orig_mod.model.layers.1.mlp.up_proj.base_layer.weight")
+        == "model.layers.1.mlp.up_proj.weight"
+    )
     assert checkpoint_name("lm_head.weight") == "lm_head.weight"
 
 
 def test_bucket_roundtrip_mixed_dtypes():
-    named = [("a", torch.randn(3, 4)), ("b", torch.arange(5, dtype=torch.int64)), ("c", torch.randn(7).to(torch.bfloat16)),
-             ("d", torch.randn(300))]
+    named = [
+        ("a", torch.randn(3, 4)),
+        ("b", torch.arange(5, dtype=torch.int64)),
+        ("c", torch.randn(7).to(torch.bfloat16)),
+        ("d", torch.randn(300)),
+    ]
     buckets = list(iter_buckets(named, bucket_bytes=64))
     assert [[n for n, _ in b] for b in buckets] == [["a"], ["b", "c"], ["d"]]
     for bucket in buckets:

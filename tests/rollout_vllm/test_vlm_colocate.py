@@ -2,17 +2,17 @@
 `generate` on the same images, the engine reports the learner's expanded prompt, and weight updates —
 the vision tower included — reach the engine. One engine in one subprocess (_vlm_colocate_worker.py);
 the argument and name checks below need no engine."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from _shared import shape_images, tiny_vlm_dir
+from _shared import child_env, shape_images, tiny_vlm_dir
 from _vllm_helpers import ROOT, vllm_settings
-from _shared import child_env
 from _vlm_helpers import EOS, hf_learner, settings
+
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 from toolkit.rollout.vllm_engine import engine_kwargs, engine_prompt, served_specs
 from toolkit.rollout.weight_sync import check_specs, specs_of
@@ -30,8 +30,14 @@ def images(tmp_path_factory) -> list[str]:
 def report(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm_colocate") / "report.json"
     worker = Path(__file__).with_name("_vlm_colocate_worker.py")
-    proc = subprocess.run([sys.executable, str(worker), str(tiny_vlm_dir()), str(out), *images], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tiny_vlm_dir()), str(out), *images],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -91,8 +97,9 @@ def test_engine_kwargs_vlm_and_text(tmp_path):
     # vLLM's Qwen2-VL processor refuses skip_tokenizer_init; the image-only processor is remote code.
     assert vlm["skip_tokenizer_init"] is False and vlm["trust_remote_code"] is True
     assert vlm["limit_mm_per_prompt"] == {"image": 1, "video": 0}
-    assert engine_kwargs(vllm_settings(max_images_per_prompt=3), model=str(tiny_vlm_dir()), dtype="float32", seed=0,
-                         on_cpu=True)["limit_mm_per_prompt"] == {"image": 3, "video": 0}
+    assert engine_kwargs(
+        vllm_settings(max_images_per_prompt=3), model=str(tiny_vlm_dir()), dtype="float32", seed=0, on_cpu=True
+    )["limit_mm_per_prompt"] == {"image": 3, "video": 0}
     text = engine_kwargs(VCFG, model=str(tiny_model_dir(tmp_path)), dtype="float32", seed=0, on_cpu=True)
     assert text["skip_tokenizer_init"] is True and "limit_mm_per_prompt" not in text
 
@@ -120,9 +127,16 @@ def test_name_check_accepts_vlm_names_and_lists_mismatches():
     learner = hf_learner(tiny_vlm_dir())
     # The files say visual.* / model.layers.*, the learner model.visual.* / model.language_model.*.
     check_specs(specs_of((n, p.to("meta")) for n, p in learner.named_parameters()), served_specs(model), where="x")
-    no_vision = lambda device: ((n, p.detach().to(device)) for n, p in learner.named_parameters()  # noqa: E731
-                                if not n.startswith("model.visual.merger."))
+
+    def no_vision(device):
+        return (
+            (n, p.detach().to(device))
+            for n, p in learner.named_parameters()
+            if not n.startswith("model.visual.merger.")
+        )
+
     with pytest.raises(ValueError) as err:  # raised before any engine starts
-        VLLMColocateBackend.create(model=model, vllm=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS,
-                                   weights=no_vision)
+        VLLMColocateBackend.create(
+            model=model, vllm=VCFG, settings=settings(2), model_dtype="float32", eos_id=EOS, weights=no_vision
+        )
     assert "6 not sent by the learner: model.visual.merger.ln_q.bias, model.visual.merger.ln_q.weight" in str(err.value)

@@ -3,17 +3,17 @@ fp32 greedy ids equal HF `generate` before and after weight updates — every we
 only, and for Qwen3-VL the DeepStack mergers only — the engine reports the learner's expanded prompt,
 and the learner ↔ engine weight-name check covers every parameter. One engine per family, in a
 subprocess (_vlm_family_worker.py)."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from _shared import shape_images
-from _vlm_families import NEW_FAMILIES, family_dir, load_hf
+from _shared import child_env, shape_images
 from _vllm_helpers import ROOT
-from _shared import child_env
+from _vlm_families import NEW_FAMILIES, family_dir, load_hf
+
 from toolkit.rollout.vllm_engine import served_specs
 from toolkit.rollout.weight_sync import check_specs, specs_of
 
@@ -29,8 +29,14 @@ def images(tmp_path_factory) -> list[str]:
 def report(request, images, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "report.json"
     worker = Path(__file__).with_name("_vlm_family_worker.py")
-    proc = subprocess.run([sys.executable, str(worker), str(family_dir(request.param)), str(out), *images], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(family_dir(request.param)), str(out), *images],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return dict(json.loads(out.read_text()), family=request.param)
 
@@ -65,7 +71,9 @@ def test_deepstack_mergers_only_update_reaches_the_engine(report):
     if report["family"] != "qwen3_vl":
         pytest.skip("DeepStack mergers exist in Qwen3-VL only")
     after = report["after_deepstack"]
-    assert after["hf"][:3] != report["after_vision"]["hf"][:3], "the merger-only perturbation should change HF's rollouts"
+    assert after["hf"][:3] != report["after_vision"]["hf"][:3], (
+        "the merger-only perturbation should change HF's rollouts"
+    )
     assert after["vllm"] == after["hf"]
 
 

@@ -4,16 +4,16 @@
   `slow`): fp32 greedy rollouts over HTTP equal HF's before and after a weight push (vision tower only),
   then two steps of `smoke/vlm_ab_mixed` on that model in server mode.
 Parity of every update kind per family is tests/rollout_vllm/test_vlm_families.py (colocate)."""
+
 import copy
 
 import pytest
-
-from _shared import shape_images
-from _vlm_families import family_dir, load_hf
+from _shared import free_port, shape_images
 from _vllm_helpers import run_train, server_settings, serving
-from _shared import free_port
+from _vlm_families import family_dir, load_hf
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of
 from test_vlm_smoke_runs import check_vlm_run
+
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
 pytestmark = pytest.mark.vllm
@@ -39,8 +39,9 @@ def test_server_greedy_equals_hf_before_and_after_a_tower_update(family_server, 
     prompts, images = vlm_batch(model_dir, shape_images(tmp_path))
     learner = copy.deepcopy(load_hf(model_dir))
     srv = server_settings(family_server.url, free_port(), infer_timeout_s=300.0)
-    backend = VLLMServerBackend.from_settings(srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
-                                              weights=weights_of(learner))  # runs the weight-name check
+    backend = VLLMServerBackend.from_settings(
+        srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner)
+    )  # runs the weight-name check
     try:
         before = backend.generate(prompts, step=0, images=images)
         assert [r.completion_ids for r in before] == hf_greedy(learner, model_dir, prompts, images)
@@ -56,6 +57,12 @@ def test_server_greedy_equals_hf_before_and_after_a_tower_update(family_server, 
 
 def test_smoke_run_in_server_mode(family_server, tmp_path):
     servers = f'rollout_matching.vllm.server.servers=[{{base_url: "{family_server.url}", group_port: {free_port()}}}]'
-    proc = run_train("smoke/vlm_ab_mixed", tmp_path, "rollout_matching.vllm.mode=server", servers,
-                     f"model.model={family_server.model}", "tuner.train_type=full")
+    proc = run_train(
+        "smoke/vlm_ab_mixed",
+        tmp_path,
+        "rollout_matching.vllm.mode=server",
+        servers,
+        f"model.model={family_server.model}",
+        "tuner.train_type=full",
+    )
     check_vlm_run(proc, tmp_path)

@@ -2,15 +2,15 @@
 (started once for this module), the pytest process as the fp32 HF learner. Image paths travel as absolute
 paths (learner and server share the filesystem); the server reads them, collapses the pads and answers
 with the engine's expanded prompt. Weights, the vision tower included, go over the gloo group."""
+
 import copy
 
 import pytest
 import requests
-
-from _shared import shape_images, tiny_vlm_dir
+from _shared import free_port, shape_images, tiny_vlm_dir
 from _vllm_helpers import run_train, server_settings, serving
-from _shared import free_port
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of
+
 from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
 pytestmark = pytest.mark.vllm
@@ -37,8 +37,15 @@ def learner():
 
 
 def backend_for(server, learner) -> VLLMServerBackend:
-    return VLLMServerBackend.from_settings(server_settings(server.url, free_port()), settings(2), bucket_size_mb=1,
-                                           eos_id=EOS, rank=0, world_size=1, weights=weights_of(learner))
+    return VLLMServerBackend.from_settings(
+        server_settings(server.url, free_port()),
+        settings(2),
+        bucket_size_mb=1,
+        eos_id=EOS,
+        rank=0,
+        world_size=1,
+        weights=weights_of(learner),
+    )
 
 
 def infer_body(prompts, images, request_id: str) -> dict:
@@ -87,7 +94,9 @@ def test_bad_image_paths_are_400_naming_the_path(vlm_server, batch, tmp_path):
         resp = requests.post(vlm_server.url + "/infer/", json=infer_body(prompts[:1], paths, f"bad-{i}"), timeout=60)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"] == "BadRequest" and path in resp.json()["detail"]
-    resp = requests.post(vlm_server.url + "/infer/", json=infer_body(prompts[:2], [list(images[0])], "bad-n"), timeout=60)
+    resp = requests.post(
+        vlm_server.url + "/infer/", json=infer_body(prompts[:2], [list(images[0])], "bad-n"), timeout=60
+    )
     assert resp.status_code == 400 and "2 prompts but 1 image entries" in resp.json()["detail"], resp.text
     assert requests.get(vlm_server.url + "/health/", timeout=5).status_code == 200  # no worker died
 
@@ -98,8 +107,9 @@ def test_weights_schema_uses_learner_names_and_lists_mismatches(vlm_server, lear
     srv = server_settings(vlm_server.url, free_port(), infer_timeout_s=60.0)
     legacy = lambda device: ((n.replace("model.visual.", "visual."), p.detach()) for n, p in learner.named_parameters())  # noqa: E731
     with pytest.raises(ValueError) as err:
-        VLLMServerBackend.from_settings(srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1,
-                                        weights=legacy)
+        VLLMServerBackend.from_settings(
+            srv, settings(2), bucket_size_mb=1, eos_id=EOS, rank=0, world_size=1, weights=legacy
+        )
     msg = str(err.value)
     assert vlm_server.url in msg and "not sent by the learner: model.visual.blocks.0.attn.proj.bias" in msg
     assert "unknown to the served checkpoint: visual.blocks.0.attn.proj.bias" in msg
@@ -120,7 +130,8 @@ def test_vlm_smoke_run_in_server_mode(vlm_server, tmp_path):
     from test_vlm_smoke_runs import check_vlm_run
 
     servers = f'rollout_matching.vllm.server.servers=[{{base_url: "{vlm_server.url}", group_port: {free_port()}}}]'
-    proc = run_train("smoke/vlm_ab_mixed", tmp_path, "rollout_matching.vllm.mode=server", servers,
-                     f"model.model={vlm_server.model}")
+    proc = run_train(
+        "smoke/vlm_ab_mixed", tmp_path, "rollout_matching.vllm.mode=server", servers, f"model.model={vlm_server.model}"
+    )
     check_vlm_run(proc, tmp_path)
     assert "weight sync v2" in proc.stderr  # the B step (step 1) pushed the learner's weights first

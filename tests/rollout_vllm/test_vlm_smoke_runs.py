@@ -1,10 +1,10 @@
 """`smoke/vlm_ab_mixed` (tiny Qwen2-VL on rendered shapes) through the public entry point with vLLM rollouts:
 colocate here, server mode in test_vlm_server.py (it owns the image server). One A and one B step; the
 B step decodes from images and every engine prompt matches the learner's (parity rate 0)."""
-import pytest
 
-from _vllm_helpers import run_train
+import pytest
 from _shared import metrics
+from _vllm_helpers import run_train
 
 pytestmark = pytest.mark.vllm
 

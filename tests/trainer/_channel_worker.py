@@ -21,6 +21,7 @@ row is one step from the same state. Rows: every entry of STEPS with the trainer
 (global_max_length CAP, uneven pack counts across ranks), and for INVARIANCE_STEPS the same segments
 packed into one pack, into one pack per segment, and (Channel-B) learned in 1 or 3 server rounds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,10 +40,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
 from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
-from toolkit.trainer import distributed  # noqa: E402
-from toolkit.trainer import engine as eng  # noqa: E402
-from toolkit.trainer import optim  # noqa: E402
+
 from toolkit.config.settings import MatchSettings, MonitorSettings  # noqa: E402
+from toolkit.trainer import distributed, optim  # noqa: E402
+from toolkit.trainer import engine as eng  # noqa: E402
 from toolkit.trainer.channel_b import ChannelBSettings  # noqa: E402
 
 SYSTEM = "Detect every object."  # a short template.system_prompt keeps the packs small
@@ -56,20 +57,42 @@ GRAD_CKPT_STAGES = {"2", "3"}  # recompute in backward, as the real runs do
 # degenerate boxes a random model predicts (every expected coordinate ≈ 0.5) its gradient is ill-conditioned
 # in fp32 (w = x2 − x1 of two close numbers), so a packed forward's 1e-7 logit noise moves it by ~1e-4 at
 # weight 1 — noise, the same on both sides, but above the 1e-6 tolerance once Adam has scaled it.
-LOSS = dict(bbox_smoothl1_weight=1.0, bbox_ciou_weight=0.01, coord_ce_weight=0.2, coord_el1_weight=0.5,
-            coord_ehuber_weight=0.5, coord_huber_delta=0.01, coord_entropy_weight=0.02, coord_gate_weight=1.0,
-            softctx_temperature=0.7)
+LOSS = dict(
+    bbox_smoothl1_weight=1.0,
+    bbox_ciou_weight=0.01,
+    coord_ce_weight=0.2,
+    coord_el1_weight=0.5,
+    coord_ehuber_weight=0.5,
+    coord_huber_delta=0.01,
+    coord_entropy_weight=0.02,
+    coord_gate_weight=1.0,
+    softctx_temperature=0.7,
+)
 CHANNEL_B = ChannelBSettings(
     match=MatchSettings(candidate_top_k=10, maskiou_gate=0.3, maskiou_resolution=256, fp_cost=1.0, fn_cost=1.0),
-    monitor=MonitorSettings(enabled=False, every_steps=1, max_samples=0, max_text_chars=0), field_order="desc_first",
-    ordering="sorted", desc_ce_weight=0.5, drop_invalid_struct_ce_multiplier=2.0, max_len=CAP)
+    monitor=MonitorSettings(enabled=False, every_steps=1, max_samples=0, max_text_chars=0),
+    field_order="desc_first",
+    ordering="sorted",
+    desc_ce_weight=0.5,
+    drop_invalid_struct_ce_multiplier=2.0,
+    max_len=CAP,
+)
 # One optimizer step per entry: (channel, n_softctx_iter, softctx_grad_mode). n_iter 3 em_detach adds a
 # no_grad middle pass (under ZeRO-3 a forward outside autograd between two recorded ones).
-STEPS = [("B", 1, "-"), ("A", 1, "unroll"), ("A", 1, "em_detach"), ("A", 2, "unroll"), ("A", 2, "em_detach"),
-         ("A", 3, "em_detach"), ("B", 1, "-")]
+STEPS = [
+    ("B", 1, "-"),
+    ("A", 1, "unroll"),
+    ("A", 1, "em_detach"),
+    ("A", 2, "unroll"),
+    ("A", 2, "em_detach"),
+    ("A", 3, "em_detach"),
+    ("B", 1, "-"),
+]
 # Steps whose segments are also packed 1 and K ways (and, for B, learned in 1 or 3 rounds).
 INVARIANCE_STEPS = (3, 6)
 ROUND_CUTS = {1: (5,), 3: (1, 2, 2)}  # samples per server round; 1,2,2 cuts other packs than one round on step 6
+
+
 # SAMPLES[step][rank]: (val record index, rollout variant) of the N_RAW raw samples; world 1 runs rank 0's.
 # Val record i holds i % 4 + 1 objects. Pack counts (rank 0, rank 1): 3:1, 1:3, 3:1, 2:3, 3:1, 1:3, 3:0.
 def _same(first: int, variant: str = "") -> list[tuple[int, str]]:
@@ -77,8 +100,10 @@ def _same(first: int, variant: str = "") -> list[tuple[int, str]]:
 
 
 SAMPLES = [
-    [[(3, "exact"), (7, "shift"), (11, "dup_invalid"), (15, "truncated"), (19, "drop")],
-     [(0, "none"), (4, "drop"), (8, "shift"), (12, "exact"), (16, "long")]],
+    [
+        [(3, "exact"), (7, "shift"), (11, "dup_invalid"), (15, "truncated"), (19, "drop")],
+        [(0, "none"), (4, "drop"), (8, "shift"), (12, "exact"), (16, "long")],
+    ],
     [_same(0), _same(3)],
     [_same(23), _same(20)],
     [_same(1), _same(2)],
@@ -91,7 +116,7 @@ DEV = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_
 
 
 # ---- real samples → segments → packs ------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def data():
     """(tokenizer, codec, records): loaded once per process."""
     from toolkit.data.records import load_records
@@ -117,8 +142,9 @@ def synthetic_rollout(gt: list[dict], variant: str, codec) -> list[int]:
         items = [entry(n, o) for n, o in enumerate(objs[:-1], 1)]
     elif variant == "shift":  # first object shifted (still matched), second moved far away (FP + FN)
         first = {**objs[0], "bbox_2d": [min(999, v + 8) for v in objs[0]["bbox_2d"]]}
-        items = [entry(1, first)] + [entry(n, {**o, "bbox_2d": [990, 990, 999, 999]} if n == 2 else o)
-                                     for n, o in enumerate(objs[1:], 2)]
+        items = [entry(1, first)] + [
+            entry(n, {**o, "bbox_2d": [990, 990, 999, 999]} if n == 2 else o) for n, o in enumerate(objs[1:], 2)
+        ]
     elif variant in ("dup_invalid", "long"):  # an invalid entry (2 coords: parse drop), duplicates (FP);
         # "long" repeats the duplicate 12 times: longer than CAP, so the sample is a too_long drop
         bad = f'"object_2": {{"desc": "{objs[0]["desc"]}", "bbox_2d": ["{coord_token(5)}", "{coord_token(6)}"]}}'
@@ -131,7 +157,7 @@ def synthetic_rollout(gt: list[dict], variant: str, codec) -> list[int]:
     return codec.encode("{" + ", ".join(items) + "}") + end
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def segments_of(step: int, rank: int, i: int) -> tuple[list, dict]:
     """Sample i of this rank's step: ([its segment] or [] when dropped, its meta counters)."""
     from toolkit.data.render import render_messages
@@ -149,8 +175,14 @@ def segments_of(step: int, rank: int, i: int) -> tuple[list, dict]:
         ro = Rollout(prompt, synthetic_rollout(sample.gt_objects, variant, codec), "stop")
         seg = rollout_to_segment(sample, ro, codec, CHANNEL_B)
     else:
-        seg = build_channel_a_segment(prompt, sample.gt_objects, codec, desc_ce_weight=CHANNEL_B.desc_ce_weight,
-                                      sample_id=sample.sample_id, max_len=CAP)
+        seg = build_channel_a_segment(
+            prompt,
+            sample.gt_objects,
+            codec,
+            desc_ce_weight=CHANNEL_B.desc_ce_weight,
+            sample_id=sample.sample_id,
+            max_len=CAP,
+        )
     meta = dict(seg.meta)
     if isinstance(seg, Drop):
         meta[f"stage2/drop/{seg.reason}"] = 1
@@ -175,11 +207,18 @@ def learner(step: int, normalization: str = "per_sample", **change):
     from toolkit.trainer.step import StepLearner
 
     _, n_iter, grad_mode = STEPS[step]
-    base = dict(coord_ids=torch.tensor(data()[1].coord_token_ids, dtype=torch.long, device=DEV),
-                loss_weights=LossWeights(**LOSS), normalization=normalization, n_softctx_iter=n_iter,
-                softctx_temperature=LOSS["softctx_temperature"],
-                softctx_grad_mode=grad_mode if grad_mode != "-" else "unroll", capacity=CAP, min_fill=0.5,
-                packing=True, device=DEV)
+    base = dict(
+        coord_ids=torch.tensor(data()[1].coord_token_ids, dtype=torch.long, device=DEV),
+        loss_weights=LossWeights(**LOSS),
+        normalization=normalization,
+        n_softctx_iter=n_iter,
+        softctx_temperature=LOSS["softctx_temperature"],
+        softctx_grad_mode=grad_mode if grad_mode != "-" else "unroll",
+        capacity=CAP,
+        min_fill=0.5,
+        packing=True,
+        device=DEV,
+    )
     return StepLearner(**{**base, **change})
 
 
@@ -187,7 +226,7 @@ def learner(step: int, normalization: str = "per_sample", **change):
 PACKING = {"default": {}, "one_pack": {"capacity": 4 * CAP * N_RAW}, "per_segment": {"packing": False}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packs_for(step: int, rank: int, packing: str = "default") -> tuple[list, list[float], dict]:
     """(packs, weights, meta) as StepLearner.learn builds them for this rank's segments."""
     from toolkit.trainer.step import pack_weights
@@ -216,9 +255,18 @@ def tiny_model(seed: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(data()[0]), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=data()[0].pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(data()[0]),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=data()[0].pad_token_id,
+    )
     return Qwen2ForCausalLM(cfg).float().to(DEV)
 
 
@@ -268,6 +316,7 @@ class Reference(PlainStep):
     def step(self, step: int, world: int, **variant) -> dict:
         """The mean over the step's raw samples, each sample forwarded alone; `variant` (n_iter=/grad_mode=)
         changes Channel-A's soft self-context. Returns per-rank (1/N_raw) Σ loss_sample too."""
+
         def backward():
             rank_losses = []
             for rank in range(world):
@@ -278,6 +327,7 @@ class Reference(PlainStep):
                     total += float(loss.detach()) / N_RAW
                 rank_losses.append(total)
             return rank_losses
+
         return self.update(backward)
 
     def step_legacy(self, step: int, world: int) -> dict:
@@ -290,6 +340,7 @@ class Reference(PlainStep):
                 for pack, w in zip(packs, weights):
                     (loss_fn(self.model, pack)[0] * w / world).backward()
             return []
+
         return self.update(backward)
 
 
@@ -345,8 +396,13 @@ def run_stage(stage: str, info, tmp: str) -> dict:
     if stage in GRAD_CKPT_STAGES:
         model.gradient_checkpointing_enable()
     opt = optim.build_optimizer(model, **OPT)
-    engine = eng.Stage2Engine(model, opt, optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine"), ds_config(stage),
-                              max_grad_norm=MAX_GRAD_NORM)
+    engine = eng.Stage2Engine(
+        model,
+        opt,
+        optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine"),
+        ds_config(stage),
+        max_grad_norm=MAX_GRAD_NORM,
+    )
     ckpt = os.path.join(tmp, f"init_z{stage}")
     engine.save(ckpt, "init")
     rows, mine, first = [], [], True
@@ -362,19 +418,41 @@ def run_stage(stage: str, info, tmp: str) -> dict:
             first = False
             res, packs = learn_variant(engine, step, rank, variant)
             state = engine.full_state_dict()  # collective under ZeRO-3
-            mine.append({"step": step, "variant": variant, "loss": res.loss, "n_packs": res.n_packs,
-                         "n_padding": res.n_padding, "n_packs_max": res.n_packs_max,
-                         "segments_per_pack": [p.n_segments for p in packs]})
+            mine.append(
+                {
+                    "step": step,
+                    "variant": variant,
+                    "loss": res.loss,
+                    "n_packs": res.n_packs,
+                    "n_padding": res.n_padding,
+                    "n_packs_max": res.n_packs_max,
+                    "segments_per_pack": [p.n_segments for p in packs],
+                }
+            )
             if init is not None:
-                rows.append({"step": step, "variant": variant, "max_abs": max_abs(state, ref_params),
-                             "grad_norm": res.grad_norm, "ref_grad_norm": ref["grad_norm"], "lr": res.lr,
-                             "ref_lr": ref["lr"], "ref_rank_losses": ref["rank_losses"], "skipped": res.skipped})
+                rows.append(
+                    {
+                        "step": step,
+                        "variant": variant,
+                        "max_abs": max_abs(state, ref_params),
+                        "grad_norm": res.grad_norm,
+                        "ref_grad_norm": ref["grad_norm"],
+                        "lr": res.lr,
+                        "ref_lr": ref["lr"],
+                        "ref_rank_losses": ref["rank_losses"],
+                        "skipped": res.skipped,
+                    }
+                )
     all_ranks = [None] * world
     dist.all_gather_object(all_ranks, mine)
     del engine, model
     gc.collect()
-    return {"accumulation": eng.ACCUMULATION[int(stage)], "rows": rows, "all_ranks": all_ranks,
-            "stage_s": round(time.time() - t0, 2)}
+    return {
+        "accumulation": eng.ACCUMULATION[int(stage)],
+        "rows": rows,
+        "all_ranks": all_ranks,
+        "stage_s": round(time.time() - t0, 2),
+    }
 
 
 def sensitivity(world: int, step: int, **other) -> float:
@@ -422,16 +500,20 @@ def _break(what: str) -> None:
     if what == "per_pack_weights":  # each rank's packs averaged, whatever their sample counts
         step_mod.pack_weights = lambda packs, n_raw: [1.0 / len(packs)] * len(packs) if packs else []
     elif what == "no_position_ids":  # Channel-B forward without the per-segment positions
+
         def loss_b(self, module, pack):
             pack = pack.to(self.device)
             logits = module(input_ids=pack.input_ids, use_cache=False).logits
             return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
+
         step_mod.StepLearner.loss_b = loss_b
     elif what == "use_cache_default":  # Channel-B forward without use_cache=False (a cache disables the packed mask)
+
         def loss_b(self, module, pack):
             pack = pack.to(self.device)
             logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids).logits
             return step_mod.pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
+
         step_mod.StepLearner.loss_b = loss_b
     elif what == "per_pack_token_mean":  # the predecessor's normalization as the default
         global learner

@@ -6,6 +6,7 @@ flipping, a rank with zero packs, a step with no packs anywhere) against a plain
 rank 0, saves a checkpoint after step 1, and (ZeRO-3) generates and exports; engine B starts from a
 different init, loads that checkpoint and replays steps 2.. which must match engine A exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,9 +26,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # _shared
 from _shared import PlainStep  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
-from toolkit.trainer import distributed  # noqa: E402
+
+from toolkit.trainer import distributed, optim  # noqa: E402
 from toolkit.trainer import engine as eng  # noqa: E402
-from toolkit.trainer import optim  # noqa: E402
 from toolkit.trainer.export import apply_lora  # noqa: E402
 
 VOCAB, HIDDEN, N_RAW = 96, 32, 4
@@ -41,22 +42,35 @@ PLAN = {
     2: [[[2, 1, 1], [3]], [[4], [1, 2, 1]], [[], [2, 2]], [[], []]],
 }
 GRAD_CKPT_STAGES = {"2", "3", "3o"}
-TWO_PASS_STEPS = {int(x) for x in os.environ.get("EW_TWO_PASS", "1").split(",") if x}  # step index whose loss runs two forwards (the Channel-A soft-context pattern)
+TWO_PASS_STEPS = {
+    int(x) for x in os.environ.get("EW_TWO_PASS", "1").split(",") if x
+}  # step index whose loss runs two forwards (the Channel-A soft-context pattern)
 
 
 def tiny_model(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).float().to(DEV)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pack:
     """A dataclass like the trainer's collated packs (the padding broadcast must rebuild it)."""
+
     input_ids: torch.Tensor
     token_weights: torch.Tensor
     n_segments: int
@@ -115,8 +129,9 @@ def build(model, stage: str) -> eng.Stage2Engine:
     opt = optim.build_optimizer(model, **OPT)
     sched = optim.build_lr_scheduler(opt, TOTAL, WARMUP, "cosine")
     override = dict(kv.split(":") for kv in os.environ.get("EW_ACCUMULATION", "").split(",") if kv)
-    return eng.Stage2Engine(model, opt, sched, ds_config(stage), max_grad_norm=MAX_GRAD_NORM,
-                            accumulation=override.get(stage))
+    return eng.Stage2Engine(
+        model, opt, sched, ds_config(stage), max_grad_norm=MAX_GRAD_NORM, accumulation=override.get(stage)
+    )
 
 
 class Reference(PlainStep):
@@ -141,6 +156,7 @@ class Reference(PlainStep):
                     total += float(loss.detach()) * pack["n_segments"] / N_RAW
                 rank_losses.append(total)
             return rank_losses
+
         return self.update(backward)
 
 
@@ -167,15 +183,28 @@ def plain_params(model) -> dict:
 def run_plan(engine, world, rank, steps, reference=None) -> list[tuple[dict, dict]]:
     out = []
     for step in steps:
-        res = engine.train_step(packs := packs_for(world, step, rank), loss_fn,
-                                [p["n_segments"] / N_RAW for p in packs])
+        res = engine.train_step(
+            packs := packs_for(world, step, rank), loss_fn, [p["n_segments"] / N_RAW for p in packs]
+        )
         sd = engine.full_state_dict()
-        row = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr, "skipped": res.skipped,
-               "n_packs": res.n_packs, "n_padding": res.n_padding, "n_packs_max": res.n_packs_max}
+        row = {
+            "step": step,
+            "loss": res.loss,
+            "grad_norm": res.grad_norm,
+            "lr": res.lr,
+            "skipped": res.skipped,
+            "n_packs": res.n_packs,
+            "n_padding": res.n_padding,
+            "n_packs_max": res.n_packs_max,
+        }
         if reference is not None:
             ref = reference.step([packs_for(world, step, r) for r in range(world)], global_mean_weight)
-            row.update(max_abs=max_abs(sd, plain_params(reference.model)), ref_rank_losses=ref["rank_losses"],
-                       ref_grad_norm=ref["grad_norm"], ref_lr=ref["lr"])
+            row.update(
+                max_abs=max_abs(sd, plain_params(reference.model)),
+                ref_rank_losses=ref["rank_losses"],
+                ref_grad_norm=ref["grad_norm"],
+                ref_lr=ref["lr"],
+            )
         out.append((row, sd))
     return out
 
@@ -216,9 +245,13 @@ def check_export(engine, reference, rank, directory) -> dict:
         want = reference.model.eval()(ids.to(DEV)).logits.cpu()
         logit_delta = float((loaded(ids).logits - want).abs().max())
     reference.model.train()
-    return {"export_files": files, "export_numel": sum(v.numel() for v in saved.values()),
-            "live_numel": sum(v.numel() for v in live.values()), "export_max_abs": max_abs(saved, live),
-            "export_logits_max_abs": logit_delta}
+    return {
+        "export_files": files,
+        "export_numel": sum(v.numel() for v in saved.values()),
+        "live_numel": sum(v.numel() for v in live.values()),
+        "export_max_abs": max_abs(saved, live),
+        "export_logits_max_abs": logit_delta,
+    }
 
 
 def run_stage(stage: str, info, tmp: str) -> dict:
@@ -237,8 +270,9 @@ def run_stage(stage: str, info, tmp: str) -> dict:
     rest = run_plan(engine, world, rank, steps[1:], reference)
     rows = [r for r, _ in first + rest]
     report["steps"] = rows
-    report["all_ranks"] = gather_rows([{k: r[k] for k in ("loss", "n_packs", "n_padding", "n_packs_max")}
-                                       for r in rows])
+    report["all_ranks"] = gather_rows(
+        [{k: r[k] for k in ("loss", "n_packs", "n_padding", "n_packs_max")} for r in rows]
+    )
     if stage == "3":
         report.update(check_generation(engine, reference, rank))
         report.update(check_export(engine, reference, rank, os.path.join(tmp, "export_z3")))
@@ -252,8 +286,10 @@ def run_stage(stage: str, info, tmp: str) -> dict:
     report["resume"] = {
         "client_state": client,
         "max_abs": max_abs(resumed[-1][1], final_a),
-        "losses_a": [r["loss"] for r, _ in rest], "losses_b": [r["loss"] for r, _ in resumed],
-        "lrs_a": [r["lr"] for r, _ in rest], "lrs_b": [r["lr"] for r, _ in resumed],
+        "losses_a": [r["loss"] for r, _ in rest],
+        "losses_b": [r["loss"] for r, _ in resumed],
+        "lrs_a": [r["lr"] for r, _ in rest],
+        "lrs_b": [r["lr"] for r, _ in resumed],
     }
     del engine_b
     gc.collect()
@@ -273,9 +309,11 @@ def run_bf16(stage: str, info) -> dict:
     rows = run_plan(engine, world, rank, range(len(PLAN[world])), reference)
     del engine
     gc.collect()
-    return {"optimizer_dtype": str(next(iter(rows[-1][1].values())).dtype),
-            "max_abs": [r["max_abs"] for r, _ in rows] if reference is not None else None,
-            "grad_norm": [r["grad_norm"] for r, _ in rows]}
+    return {
+        "optimizer_dtype": str(next(iter(rows[-1][1].values())).dtype),
+        "max_abs": [r["max_abs"] for r, _ in rows] if reference is not None else None,
+        "grad_norm": [r["grad_norm"] for r, _ in rows],
+    }
 
 
 def sensitivity(world: int) -> float:

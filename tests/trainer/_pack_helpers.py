@@ -2,6 +2,7 @@
 
 Imported by module name (pytest puts this directory on sys.path), so `pytest` and `python -m pytest` both work.
 """
+
 import torch
 
 VOCAB = 1100
@@ -30,8 +31,11 @@ def make_tiny_qwen2(attn_implementation: str = "sdpa", seed: int = 0):
     return model
 
 
-def make_segment(seed: int, prompt_len: int = 5, n_boxes: int = 1, text_per_box: int = 2, group: str = "fn", channel: str = "A"):
-    """A synthetic segment: random prompt, then per box `text_per_box` text tokens and 4 coord tokens, then an end token."""
+def make_segment(
+    seed: int, prompt_len: int = 5, n_boxes: int = 1, text_per_box: int = 2, group: str = "fn", channel: str = "A"
+):
+    """A synthetic segment: random prompt, then per box `text_per_box` text tokens and 4 coord tokens, then an end
+    token."""
     from toolkit.data.segment import Segment
 
     g = torch.Generator().manual_seed(seed)

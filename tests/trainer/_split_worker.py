@@ -7,6 +7,7 @@ _engine_worker.py): engine A in one `train_step` call per step, engine B split o
 whose packs all arrive in the last call, and a step whose last call is empty on every rank (the
 forced padding round that carries the accumulation boundary).
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _engine_worker import N_RAW, build, loss_fn, max_abs, packs_for, tiny_model  # noqa: E402
 from _torchrun import worker_parser, write_report  # noqa: E402
+
 from toolkit.trainer import distributed  # noqa: E402
 
 # CUTS[step][rank] = (a, b): calls get packs[:a], packs[a:b], packs[b:]; None = all in the first call.
@@ -48,8 +50,16 @@ def run_engine(stage: str, world: int, rank: int, split_calls: bool) -> list[dic
             res = engine.end_step()
         else:
             res = engine.train_step(packs, loss_fn, weights(packs))
-        rows.append({"loss": res.loss, "grad_norm": res.grad_norm, "n_packs": res.n_packs, "skipped": res.skipped,
-                     "n_padding": res.n_padding, "params": engine.full_state_dict()})
+        rows.append(
+            {
+                "loss": res.loss,
+                "grad_norm": res.grad_norm,
+                "n_packs": res.n_packs,
+                "skipped": res.skipped,
+                "n_padding": res.n_padding,
+                "params": engine.full_state_dict(),
+            }
+        )
     del engine
     gc.collect()
     return rows
@@ -58,9 +68,16 @@ def run_engine(stage: str, world: int, rank: int, split_calls: bool) -> list[dic
 def compare(one: list[dict], split_rows: list[dict]) -> list[dict]:
     out = []
     for a, b in zip(one, split_rows):
-        out.append({"max_abs": max_abs(a["params"], b["params"]), "loss": [a["loss"], b["loss"]],
-                    "grad_norm": [a["grad_norm"], b["grad_norm"]], "n_packs": [a["n_packs"], b["n_packs"]],
-                    "skipped": [a["skipped"], b["skipped"]], "n_padding": [a["n_padding"], b["n_padding"]]})
+        out.append(
+            {
+                "max_abs": max_abs(a["params"], b["params"]),
+                "loss": [a["loss"], b["loss"]],
+                "grad_norm": [a["grad_norm"], b["grad_norm"]],
+                "n_packs": [a["n_packs"], b["n_packs"]],
+                "skipped": [a["skipped"], b["skipped"]],
+                "n_padding": [a["n_padding"], b["n_padding"]],
+            }
+        )
     return out
 
 

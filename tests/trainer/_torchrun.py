@@ -1,4 +1,5 @@
 """Run a test worker script on 1 rank (plain process) or W ranks (torchrun) and read rank 0's JSON report."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ def run_worker(worker: Path, args: list[str], world: int, tmp: Path, timeout_s: 
     log_path = tmp / "worker.log"
     t0 = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
 """Step budget: every rank gets E/W distinct samples per step, ranks are disjoint, order is a function of step."""
+
 import pytest
 
 from toolkit.config import load_profile
@@ -52,8 +53,10 @@ def test_budget_takes_the_derived_split_and_checks_the_world_size():
     cfg = load_profile("smoke/ab_mixed", world_size=2)
     b = StepBudget.from_config(cfg, 100, world_size=2, rank=1)
     d = cfg.derived
-    assert (b.gradient_accumulation_steps, b.per_rank_samples) == (d.gradient_accumulation_steps,
-                                                                   d.per_rank_samples_per_step)
+    assert (b.gradient_accumulation_steps, b.per_rank_samples) == (
+        d.gradient_accumulation_steps,
+        d.per_rank_samples_per_step,
+    )
     assert b.effective_batch_size == cfg.training.effective_batch_size
     assert b.per_device_batch_size == cfg.training.per_device_train_batch_size
     with pytest.raises(ValueError, match="resolved for learner_world_size=2, but this run has 4 learner ranks"):

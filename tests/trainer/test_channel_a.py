@@ -1,9 +1,10 @@
 """Channel-A soft self-context: forward contract, bitwise embedding rows, CE/geometry pass routing, grad modes."""
+
 import pytest
 import torch
+from _pack_helpers import COORD_IDS, VOCAB, make_segment, make_tiny_qwen2
 from torch import nn
 
-from _pack_helpers import COORD_IDS, VOCAB, make_segment, make_tiny_qwen2
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.losses import LossWeights, pack_loss
 from toolkit.trainer.packing import collate_pack
@@ -87,10 +88,10 @@ def test_packed_softctx_matches_each_segment_alone():
         packed_first, packed_last = softctx_logits(model, collate_pack(segs), COORD_IDS, 3, 1.0, "unroll")
         start = 0
         for seg in segs:
-            f, l = softctx_logits(model, collate_pack([seg]), COORD_IDS, 3, 1.0, "unroll")
+            f, last = softctx_logits(model, collate_pack([seg]), COORD_IDS, 3, 1.0, "unroll")
             n = len(seg)
-            assert (packed_first[0, start:start + n] - f[0]).abs().max() <= 1e-5
-            assert (packed_last[0, start:start + n] - l[0]).abs().max() <= 1e-5
+            assert (packed_first[0, start : start + n] - f[0]).abs().max() <= 1e-5
+            assert (packed_last[0, start : start + n] - last[0]).abs().max() <= 1e-5
             start += n
 
 

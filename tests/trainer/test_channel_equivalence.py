@@ -15,10 +15,10 @@ Deliberate breaks (env CW_BREAK, `test_deliberate_breaks_are_caught`, `slow`): p
 Channel-B forward without position_ids or without use_cache=False, and the predecessor's normalization as
 default each fail the rows.
 """
+
 from pathlib import Path
 
 import pytest
-
 from _torchrun import run_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +27,6 @@ STAGES = ("0", "1", "2", "3")
 TOL = 1e-6
 TIMEOUT_S = 300
 WORLDS = [pytest.param(1, id="world1"), pytest.param(2, id="world2", marks=pytest.mark.dist)]
-
 
 
 def _run_worker(world: int, tmp: Path) -> dict:
@@ -65,12 +64,24 @@ def test_plan_is_uneven_and_channel_b_covers_match_fp_fn_and_drops():
         for rank in range(2):
             for key, value in w.packs_for(step, rank)[2].items():
                 meta[key] = meta.get(key, 0) + value
-    for key in ("rollout/matched", "rollout/fp", "rollout/fn_appended", "rollout/parse_dropped_invalid",
-                "rollout/parse_truncated", "rollout/invalid_rollout", "stage2/struct_ce_multiplied",
-                "stage2/drop/too_long"):
+    for key in (
+        "rollout/matched",
+        "rollout/fp",
+        "rollout/fn_appended",
+        "rollout/parse_dropped_invalid",
+        "rollout/parse_truncated",
+        "rollout/invalid_rollout",
+        "stage2/struct_ce_multiplied",
+        "stage2/drop/too_long",
+    ):
         assert meta.get(key, 0) > 0, (key, meta)
-    groups = {int(g) for step in b_steps for rank in range(2) for p in w.packs_for(step, rank)[0]
-              for g in p.box_group.tolist()}
+    groups = {
+        int(g)
+        for step in b_steps
+        for rank in range(2)
+        for p in w.packs_for(step, rank)[0]
+        for g in p.box_group.tolist()
+    }
     assert groups == {0, 1}  # matched-prefix and FN-appended boxes both get geometry
     modes = {(n, m) for c, n, m in w.STEPS if c == "A"}
     assert {(1, "unroll"), (1, "em_detach"), (2, "unroll"), (2, "em_detach")} <= modes
@@ -87,15 +98,20 @@ def test_plan_is_uneven_and_channel_b_covers_match_fp_fn_and_drops():
 def _table(report, world) -> str:
     rows = report["stages"][STAGES[0]]["rows"]
     keys = [(r["step"], r["variant"]) for r in rows]
-    lines = [f"world {world} ({report['job_s']} s): max |Δθ| vs the plain-PyTorch reference, one step from the same init",
-             "  " + " " * 8 + "".join(f"{_label(report['steps'][s]) + ' ' + v:>26}" for s, v in keys)]
+    lines = [
+        f"world {world} ({report['job_s']} s): max |Δθ| vs the plain-PyTorch reference, one step from the same init",
+        "  " + " " * 8 + "".join(f"{_label(report['steps'][s]) + ' ' + v:>26}" for s, v in keys),
+    ]
     for stage in STAGES:
         lines.append(f"  ZeRO-{stage:<3}" + "".join(f"{r['max_abs']:>26.1e}" for r in report["stages"][stage]["rows"]))
     lines.append("  packs per rank (default): " + " ".join(":".join(map(str, c)) for c in report["plan_counts"]))
-    lines.append("  predecessor's per-pack rule moves the reference by: "
-                 + " ".join(f"{x:.1e}" for x in report["sensitivity"]))
-    lines.append("  Channel-A variant effect on the reference: "
-                 + ", ".join(f"{k} {v:.1e}" for k, v in report["variant_effect"].items()))
+    lines.append(
+        "  predecessor's per-pack rule moves the reference by: " + " ".join(f"{x:.1e}" for x in report["sensitivity"])
+    )
+    lines.append(
+        "  Channel-A variant effect on the reference: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report["variant_effect"].items())
+    )
     return "\n".join(lines)
 
 
@@ -155,9 +171,16 @@ def test_every_rank_reports_its_own_weighted_loss_and_pack_counts(request, world
         for row in stage_report["rows"]:
             counts = report["plan_counts"][row["step"]]
             for rank in range(world):
-                got = [r for r in stage_report["all_ranks"][rank]
-                       if (r["step"], r["variant"]) == (row["step"], row["variant"])][0]
-                assert got["loss"] == pytest.approx(row["ref_rank_losses"][rank], rel=1e-6, abs=1e-6), (stage, row, rank)
+                got = [
+                    r
+                    for r in stage_report["all_ranks"][rank]
+                    if (r["step"], r["variant"]) == (row["step"], row["variant"])
+                ][0]
+                assert got["loss"] == pytest.approx(row["ref_rank_losses"][rank], rel=1e-6, abs=1e-6), (
+                    stage,
+                    row,
+                    rank,
+                )
                 if row["variant"] == "default":
                     assert (got["n_packs"], got["n_packs_max"]) == (counts[rank], max(counts)), (stage, row, rank)
                     assert got["n_padding"] == max(counts) - counts[rank]

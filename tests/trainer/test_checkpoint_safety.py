@@ -4,6 +4,7 @@ DeepSpeed's pickles for Python globals before DeepSpeed's own `torch.load(weight
 A planted pickle here is the real attack: a class whose `__reduce__` makes unpickling call `open(marker, "w")`
 (a visible side effect without a shell). Every refusal must leave the marker absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def test_planted_rng_pickle_is_refused_before_it_runs(tmp_path):
 def test_old_pickled_layout_is_refused_with_a_reason(tmp_path):
     """The layout before weights-only (a NumPy array inside a pickle) cannot be read weights-only."""
     (tmp_path / "rng").mkdir()
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               tmp_path / "rng" / "rank0.pt")
+    torch.save(
+        {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        tmp_path / "rng" / "rank0.pt",
+    )
     with pytest.raises(ckpt.CheckpointError, match="older layout, damaged, or tampered with"):
         ckpt.read_rng(tmp_path, rank=0)
 
@@ -89,8 +92,16 @@ def test_missing_rng_and_bad_trainer_state(tmp_path):
 
 def test_trainer_state_of_an_older_version_still_loads(tmp_path):
     """Earlier trainer_state.json files carry schedule_b_ratio (a copy of the profile's, never read): ignored."""
-    old = {"step": 6, "best_metric": 0.5, "best_step": 4, "metric_name": "rollout/f1", "schedule_b_ratio": 0.5,
-           "b_steps": 3, "history": [[4, 0.5]], "run_id": "abc"}
+    old = {
+        "step": 6,
+        "best_metric": 0.5,
+        "best_step": 4,
+        "metric_name": "rollout/f1",
+        "schedule_b_ratio": 0.5,
+        "b_steps": 3,
+        "history": [[4, 0.5]],
+        "run_id": "abc",
+    }
     (tmp_path / ckpt.STATE_FILE).write_text(json.dumps(old))
     state = ckpt.read_state(tmp_path)
     assert (state.step, state.b_steps, state.best_step, state.run_id) == (6, 3, 4, "abc")
@@ -119,8 +130,9 @@ def ds_checkpoints(tmp_path_factory) -> Path:
     """Real DeepSpeed saves (one CPU process) for the ZeRO stages and dtypes the toolkit runs."""
     root = tmp_path_factory.mktemp("ds")
     env = child_env()
-    proc = subprocess.run([sys.executable, "-c", SAVE_DS, str(root)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_DS, str(root)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -168,9 +180,25 @@ def test_train_resume_refuses_a_planted_checkpoint(tmp_path, where):
         torch.save({"module": Planted(marker)}, step / "ds" / "global_step4" / "mp_rank_00_model_states.pt")
     env = child_env()
     proc = subprocess.run(
-        [sys.executable, "-m", "toolkit.train", "--profile", "smoke/a_only", "--resume", str(step),
-         "--set", f"training.output_dir={tmp_path / 'out'}", "--set", f"training.logging_dir={tmp_path / 'tb'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "toolkit.train",
+            "--profile",
+            "smoke/a_only",
+            "--resume",
+            str(step),
+            "--set",
+            f"training.output_dir={tmp_path / 'out'}",
+            "--set",
+            f"training.logging_dir={tmp_path / 'tb'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "refused" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()

@@ -1,4 +1,5 @@
 """Eval pictures (toolkit/trainer/draw.py): the PNG is decoded and the box pixels are checked where the boxes are."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,11 @@ def test_text_scene_is_drawn_on_a_1000_canvas_with_each_kind_in_its_colour(tmp_p
     assert path.name == "val_1.png"
     px = _pixels(path)
     assert px.shape == (1000, 1000, 3)
-    for box, colour in (([100, 100, 300, 300], MATCHED), ([600, 100, 900, 300], FALSE_POSITIVE),
-                        ([600, 600, 900, 900], MISSED)):
+    for box, colour in (
+        ([100, 100, 300, 300], MATCHED),
+        ([600, 100, 900, 300], FALSE_POSITIVE),
+        ([600, 600, 900, 900], MISSED),
+    ):
         assert _edges(px, box, 1000, 1000, colour) == [True] * 4, box
         cx, cy = (round(v) for v in to_pixels([(box[0] + box[2]) // 2, (box[1] + box[3]) // 2] * 2, 1000, 1000)[:2])
         assert tuple(px[cy, cx]) == (255, 255, 255)  # outlines only: the inside stays blank

@@ -5,12 +5,12 @@ and under torchrun with 2 CPU ranks (`dist`). Each worker run covers ZeRO 0-3 (Z
 `stage3_param_persistence_threshold: 0`, so parameters really are partitioned) and writes one JSON
 report from rank 0; the tests below assert on it. Run with `-s` to see the measured max |Δ| table.
 """
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from _shared import child_env
 from _torchrun import run_worker
 
@@ -21,9 +21,15 @@ TOL = 1e-6
 TIMEOUT_S = 420
 
 
-
 def _run_worker(world: int, tmp: Path) -> dict:
-    return run_worker(WORKER, ["--lora", "--stages", ",".join(STAGES), "--bf16-stages", "0,1,2,3" if world > 1 else ""], world, tmp, TIMEOUT_S, "engine")
+    return run_worker(
+        WORKER,
+        ["--lora", "--stages", ",".join(STAGES), "--bf16-stages", "0,1,2,3" if world > 1 else ""],
+        world,
+        tmp,
+        TIMEOUT_S,
+        "engine",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +51,11 @@ WORLDS = [pytest.param(1, id="world1"), pytest.param(2, id="world2", marks=pytes
 
 # ---- pure helpers (no engine) ------------------------------------------------------------------------
 def test_import_does_not_import_deepspeed():
-    code = ("import sys; import toolkit.trainer.engine as e, toolkit.trainer.optim as o; "
-            "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules, 'eager import'; "
-            "o.lr_lambda(0, 10, 2, 'cosine'); assert 'deepspeed' not in sys.modules")
+    code = (
+        "import sys; import toolkit.trainer.engine as e, toolkit.trainer.optim as o; "
+        "assert 'deepspeed' not in sys.modules and 'peft' not in sys.modules, 'eager import'; "
+        "o.lr_lambda(0, 10, 2, 'cosine'); assert 'deepspeed' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=child_env())
 
 
@@ -76,8 +84,14 @@ def test_build_optimizer_groups_by_role_and_freezes_lr0():
     model.model.norm = torch.nn.LayerNorm(4)
     opt = build_optimizer(model, lr=1e-4, vit_lr=2e-5, aligner_lr=3e-5, weight_decay=0.1)
     groups = {g["name"]: (g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups}
-    assert groups == {"aligner": (3e-5, 0.1, 1), "aligner_no_decay": (3e-5, 0.0, 1), "llm": (1e-4, 0.1, 1),
-                      "llm_no_decay": (1e-4, 0.0, 3), "vit": (2e-5, 0.1, 1), "vit_no_decay": (2e-5, 0.0, 1)}
+    assert groups == {
+        "aligner": (3e-5, 0.1, 1),
+        "aligner_no_decay": (3e-5, 0.0, 1),
+        "llm": (1e-4, 0.1, 1),
+        "llm_no_decay": (1e-4, 0.0, 3),
+        "vit": (2e-5, 0.1, 1),
+        "vit_no_decay": (2e-5, 0.0, 1),
+    }
     opt = build_optimizer(model, lr=1e-4, vit_lr=0.0)
     assert {g["name"] for g in opt.param_groups} == {"aligner", "aligner_no_decay", "llm", "llm_no_decay"}
     assert not model.visual.blocks.weight.requires_grad and model.visual.merger.weight.requires_grad
@@ -86,10 +100,16 @@ def test_build_optimizer_groups_by_role_and_freezes_lr0():
 def test_prepare_ds_config_owns_the_batch_fields():
     from toolkit.trainer.engine import prepare_ds_config
 
-    cfg = prepare_ds_config({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
-                             "gradient_accumulation_steps": "auto"}, max_grad_norm=0.5)
-    assert cfg == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 1,
-                   "gradient_accumulation_steps": 1, "gradient_clipping": 0.5}
+    cfg = prepare_ds_config(
+        {"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "gradient_accumulation_steps": "auto"},
+        max_grad_norm=0.5,
+    )
+    assert cfg == {
+        "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+    }
     with pytest.raises(ValueError, match="remove 'optimizer'"):
         prepare_ds_config({"optimizer": {"type": "AdamW"}}, 1.0)
 
@@ -121,12 +141,16 @@ def test_padding_pack_shipping_keeps_pack_types():
 def test_uneven_packs_equal_plain_pytorch(request, world):
     """Headline: per step, params equal the plain-PyTorch reference (global mean over raw samples)."""
     report = _report(request, world)
-    lines = [f"world {world} ({report['job_s']} s): max |Δ| vs plain PyTorch per step; "
-             f"a wrong weighting moves params by {report['sensitivity']:.2e}"]
+    lines = [
+        f"world {world} ({report['job_s']} s): max |Δ| vs plain PyTorch per step; "
+        f"a wrong weighting moves params by {report['sensitivity']:.2e}"
+    ]
     for stage in STAGES:
         rows = report["stages"][stage]["steps"]
-        lines.append(f"  ZeRO-{stage:<2} [{report['stages'][stage]['accumulation']}]: "
-                     + "  ".join(f"{r['max_abs']:.1e}" for r in rows))
+        lines.append(
+            f"  ZeRO-{stage:<2} [{report['stages'][stage]['accumulation']}]: "
+            + "  ".join(f"{r['max_abs']:.1e}" for r in rows)
+        )
     print("\n".join(lines))
     assert report["sensitivity"] > 100 * TOL, "the reference comparison cannot tell a wrong weighting apart"
     for stage in STAGES:
@@ -196,7 +220,6 @@ def test_lora_under_zero3_trains_and_exports_merged(request, world):
     assert lora["merge_leaves_live_weights"]
     assert not lora["export_has_lora_keys"]
     assert lora["export_logits_max_abs"] <= 1e-5
-
 
 
 @pytest.mark.dist

@@ -4,10 +4,10 @@ Real DeepSpeed on CPU (gloo), ZeRO 0 (boundary), 2 (coalesced reduction) and 3 (
 parameters), 1 rank and 2 ranks under torchrun (`_split_worker.py`). The cuts cover empty calls, a
 rank whose packs all come in the last call, and a last call that is empty on every rank.
 """
+
 from pathlib import Path
 
 import pytest
-
 from _torchrun import run_worker
 
 WORKER = Path(__file__).with_name("_split_worker.py")

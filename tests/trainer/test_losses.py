@@ -1,10 +1,11 @@
 """Pack loss: CE masking, expectation decode, geometry, regularizers, gate, and a hand-computed example."""
+
 import math
 
 import pytest
 import torch
-
 from _pack_helpers import COORD_IDS, VOCAB, make_segment
+
 from toolkit.trainer.losses import PART_KEYS, LossWeights, complete_iou, expectation_decode, huber, pack_loss
 from toolkit.trainer.packing import collate_pack
 
@@ -132,7 +133,9 @@ def test_fn_only_pack_has_geometry_and_tail_part():
 
 
 def test_prefix_and_tail_parts_combine_by_box_count_or_by_sample():
-    b = collate_pack([make_segment(30, n_boxes=2, group="prefix", channel="B"), make_segment(31, group="fn", channel="B")])
+    b = collate_pack(
+        [make_segment(30, n_boxes=2, group="prefix", channel="B"), make_segment(31, group="fn", channel="B")]
+    )
     logits = _logits(b)
     w = LossWeights(bbox_smoothl1_weight=2.0, bbox_ciou_weight=0.5)
     _, parts = pack_loss(logits, logits, b, COORD_IDS, w, "per_pack_token_mean")
@@ -147,8 +150,11 @@ def test_prefix_and_tail_parts_combine_by_box_count_or_by_sample():
 
 def test_per_sample_pack_loss_is_the_mean_of_each_sample_alone():
     """The packing invariance at the loss level: a pack's loss = the mean of its samples' one-sample losses."""
-    segs = [make_segment(50, n_boxes=2, group="prefix", channel="B"), make_segment(51, n_boxes=0, channel="B"),
-            make_segment(52, n_boxes=1, text_per_box=5, group="fn", channel="B")]
+    segs = [
+        make_segment(50, n_boxes=2, group="prefix", channel="B"),
+        make_segment(51, n_boxes=0, channel="B"),
+        make_segment(52, n_boxes=1, text_per_box=5, group="fn", channel="B"),
+    ]
     b = collate_pack(segs)
     logits = _logits(b, seed=9, dtype=torch.float64)
     loss, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON)
@@ -156,7 +162,9 @@ def test_per_sample_pack_loss_is_the_mean_of_each_sample_alone():
     alone = []
     for seg, off in zip(segs, offsets):
         one = collate_pack([seg])
-        alone.append(pack_loss(logits[:, off:off + len(seg)], logits[:, off:off + len(seg)], one, COORD_IDS, ALL_ON)[1])
+        alone.append(
+            pack_loss(logits[:, off : off + len(seg)], logits[:, off : off + len(seg)], one, COORD_IDS, ALL_ON)[1]
+        )
     for key in PART_KEYS:
         assert parts[key] == pytest.approx(sum(a[key] for a in alone) / 3, rel=1e-12, abs=1e-12), key
     _, pooled = pack_loss(logits, logits, b, COORD_IDS, ALL_ON, "per_pack_token_mean")
@@ -186,11 +194,20 @@ def test_parts_keys_and_total():
     loss, parts = pack_loss(logits, logits, b, COORD_IDS, ALL_ON)
     assert tuple(parts) == PART_KEYS
     w = ALL_ON
-    reg = (w.coord_ce_weight * parts["loss/coord_ce"] + w.coord_el1_weight * parts["loss/coord_el1"]
-           + w.coord_ehuber_weight * parts["loss/coord_ehuber"] + w.coord_entropy_weight * parts["loss/coord_entropy"])
+    reg = (
+        w.coord_ce_weight * parts["loss/coord_ce"]
+        + w.coord_el1_weight * parts["loss/coord_el1"]
+        + w.coord_ehuber_weight * parts["loss/coord_ehuber"]
+        + w.coord_entropy_weight * parts["loss/coord_entropy"]
+    )
     assert parts["loss/coord_reg"] == pytest.approx(reg)
-    total = (parts["loss/ce"] + w.bbox_smoothl1_weight * parts["loss/bbox_smoothl1"]
-             + w.bbox_ciou_weight * parts["loss/bbox_ciou"] + reg + w.coord_gate_weight * parts["loss/coord_gate"])
+    total = (
+        parts["loss/ce"]
+        + w.bbox_smoothl1_weight * parts["loss/bbox_smoothl1"]
+        + w.bbox_ciou_weight * parts["loss/bbox_ciou"]
+        + reg
+        + w.coord_gate_weight * parts["loss/coord_gate"]
+    )
     assert parts["loss/total"] == pytest.approx(total) == pytest.approx(loss.item())
 
 
@@ -225,6 +242,7 @@ def test_loss_weights_from_mapping():
 
 # ----------------------------------------------------------------------------------------------------
 # Hand-computed reference: plain-Python loops in float64, independent of the tensor implementation.
+
 
 def _ref_softmax(z):
     m = max(z)
@@ -292,18 +310,37 @@ def _reference(logits, b, w, normalization="per_sample"):
         cce.append((o, -math.log(_ref_softmax(zc)[k]), 1.0))
         errs = [abs(j / 999 - g) for j in range(1000)]
         el1.append((o, sum(pj * e for pj, e in zip(pt, errs)), 1.0))
-        eh.append((o, sum(pj * (0.5 * e * e / delta if e < delta else e - 0.5 * delta) for pj, e in zip(pt, errs)), 1.0))
+        eh.append(
+            (o, sum(pj * (0.5 * e * e / delta if e < delta else e - 0.5 * delta) for pj, e in zip(pt, errs)), 1.0)
+        )
         ent.append((o, -sum(pj * math.log(pj) for pj in pt if pj > 0), 1.0))
     box_owner = [owner[p_lab] for p_lab in b.coord_pos.tolist()[0::4]]
-    cious = [(box_owner[i // 4], 1 - _ref_ciou(chat[i:i + 4], gts[i:i + 4]), 1.0) for i in range(0, len(chat), 4)]
-    reg = w.coord_ce_weight * avg(cce) + w.coord_el1_weight * avg(el1) + w.coord_ehuber_weight * avg(eh) \
+    cious = [(box_owner[i // 4], 1 - _ref_ciou(chat[i : i + 4], gts[i : i + 4]), 1.0) for i in range(0, len(chat), 4)]
+    reg = (
+        w.coord_ce_weight * avg(cce)
+        + w.coord_el1_weight * avg(el1)
+        + w.coord_ehuber_weight * avg(eh)
         + w.coord_entropy_weight * avg(ent)
-    total = avg(ce) + w.bbox_smoothl1_weight * avg(sl1) + w.bbox_ciou_weight * avg(cious) + reg \
+    )
+    total = (
+        avg(ce)
+        + w.bbox_smoothl1_weight * avg(sl1)
+        + w.bbox_ciou_weight * avg(cious)
+        + reg
         + w.coord_gate_weight * avg(gate)
-    return {"loss/ce": avg(ce), "loss/bbox_smoothl1": avg(sl1), "loss/bbox_ciou": avg(cious),
-            "loss/coord_gate": avg(gate), "loss/coord_ce": avg(cce), "loss/coord_el1": avg(el1),
-            "loss/coord_ehuber": avg(eh), "loss/coord_entropy": avg(ent), "loss/coord_reg": reg,
-            "loss/total": total}
+    )
+    return {
+        "loss/ce": avg(ce),
+        "loss/bbox_smoothl1": avg(sl1),
+        "loss/bbox_ciou": avg(cious),
+        "loss/coord_gate": avg(gate),
+        "loss/coord_ce": avg(cce),
+        "loss/coord_el1": avg(el1),
+        "loss/coord_ehuber": avg(eh),
+        "loss/coord_entropy": avg(ent),
+        "loss/coord_reg": reg,
+        "loss/total": total,
+    }
 
 
 NORMS = ["per_sample", "per_pack_token_mean"]
@@ -312,8 +349,12 @@ NORMS = ["per_sample", "per_pack_token_mean"]
 @pytest.mark.parametrize("normalization", NORMS)
 def test_hand_computed_example_matches(normalization):
     # Two samples of different sizes, so the two rules give different numbers.
-    b = collate_pack([make_segment(20, prompt_len=3, n_boxes=1, group="prefix", channel="B"),
-                      make_segment(21, prompt_len=4, n_boxes=2, text_per_box=3, group="fn", channel="B")])
+    b = collate_pack(
+        [
+            make_segment(20, prompt_len=3, n_boxes=1, group="prefix", channel="B"),
+            make_segment(21, prompt_len=4, n_boxes=2, text_per_box=3, group="fn", channel="B"),
+        ]
+    )
     # Sharpen a few coord rows so the Huber branch and the expectation both move away from 0.5.
     logits = _logits(b, seed=3, dtype=torch.float64)
     for slot, k in zip((b.coord_pos - 1).tolist(), b.coord_bins.tolist()):
@@ -339,8 +380,11 @@ def test_fp32_matches_float64_reference(normalization):
 @pytest.mark.parametrize("delta", [0.001, 0.05])
 def test_huber_value_and_gradient_on_both_sides_of_delta(delta):
     """0.5·d²/δ inside δ (slope d/δ), |d| − δ/2 outside (slope ±1): the predecessor's expected-Huber."""
-    d = torch.tensor([-3 * delta, -0.5 * delta, -0.1 * delta, 0.25 * delta, 0.9 * delta, 1.5 * delta, 0.7],
-                     dtype=torch.float64, requires_grad=True)
+    d = torch.tensor(
+        [-3 * delta, -0.5 * delta, -0.1 * delta, 0.25 * delta, 0.9 * delta, 1.5 * delta, 0.7],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     value = huber(d, delta)
     value.sum().backward()
     for x, v, g in zip(d.detach().tolist(), value.tolist(), d.grad.tolist()):
@@ -360,6 +404,7 @@ def test_expected_huber_term_gradient_matches_the_formula():
     slot_rows = (b.coord_pos - 1).tolist()
     z = logits[0, slot_rows][:, COORD_IDS]
     from toolkit.trainer.losses import _coord_terms  # the term alone, without the other losses' gradients
+
     eh = _coord_terms(logits[0], b, torch.tensor(COORD_IDS), w)["ehuber"]
     (grad,) = torch.autograd.grad(eh, logits)
     tau, n = w.softctx_temperature, len(slot_rows)
@@ -382,20 +427,30 @@ def test_ciou_alpha_is_detached_same_value_other_gradient():
     def ciou_with(alpha_grad: bool, pred):
         x1, y1, x2, y2 = pred[:, 0], pred[:, 1], pred[:, 2], pred[:, 3]
         gx1, gy1, gx2, gy2 = gt[:, 0], gt[:, 1], gt[:, 2], gt[:, 3]
-        inter = (torch.minimum(x2, gx2) - torch.maximum(x1, gx1)).clamp(min=0) * \
-            (torch.minimum(y2, gy2) - torch.maximum(y1, gy1)).clamp(min=0)
+        inter = (torch.minimum(x2, gx2) - torch.maximum(x1, gx1)).clamp(min=0) * (
+            torch.minimum(y2, gy2) - torch.maximum(y1, gy1)
+        ).clamp(min=0)
         eps = 1e-7
         iou = inter / ((x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - inter + eps)
-        c2 = (torch.maximum(x2, gx2) - torch.minimum(x1, gx1)) ** 2 + (torch.maximum(y2, gy2) - torch.minimum(y1, gy1)) ** 2
+        c2 = (torch.maximum(x2, gx2) - torch.minimum(x1, gx1)) ** 2 + (
+            torch.maximum(y2, gy2) - torch.minimum(y1, gy1)
+        ) ** 2
         rho2 = ((x1 + x2 - gx1 - gx2) ** 2 + (y1 + y2 - gy1 - gy2) ** 2) / 4
-        v = 4 / math.pi**2 * (torch.atan((gx2 - gx1) / (gy2 - gy1 + eps)) - torch.atan((x2 - x1) / (y2 - y1 + eps))) ** 2
+        v = (
+            4
+            / math.pi**2
+            * (torch.atan((gx2 - gx1) / (gy2 - gy1 + eps)) - torch.atan((x2 - x1) / (y2 - y1 + eps))) ** 2
+        )
         alpha = v / (1 - iou + v + eps)
         alpha = alpha if alpha_grad else alpha.detach()
         return iou - rho2 / (c2 + eps) - alpha * v
 
     grads = {}
-    for name, fn in (("ours", lambda p: complete_iou(p, gt)), ("detached", lambda p: ciou_with(False, p)),
-                     ("predecessor", lambda p: ciou_with(True, p))):
+    for name, fn in (
+        ("ours", lambda p: complete_iou(p, gt)),
+        ("detached", lambda p: ciou_with(False, p)),
+        ("predecessor", lambda p: ciou_with(True, p)),
+    ):
         pred = start.clone().requires_grad_(True)
         value = fn(pred)
         (1 - value).sum().backward()

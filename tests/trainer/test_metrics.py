@@ -1,8 +1,9 @@
 """Step metrics: aggregation rules, 2-rank gloo reduction, jsonl and TensorBoard output."""
+
 import glob
 import json
-import time
 import os
+import time
 
 import pytest
 import torch.multiprocessing as mp
@@ -21,8 +22,12 @@ def test_sum_mean_max_rules():
     m.add_max("rollout/repeat_terminate_active", 0)
     m.add_max("rollout/repeat_terminate_active", 1)
     out = m.finalize()
-    assert out == {"loss/ce": 13 / 4, "rollout/repeat_terminate_active": 1.0, "stage2/raw_rollouts": 7.0,
-                   "time/rollout_s": 2.5}
+    assert out == {
+        "loss/ce": 13 / 4,
+        "rollout/repeat_terminate_active": 1.0,
+        "stage2/raw_rollouts": 7.0,
+        "time/rollout_s": 2.5,
+    }
 
 
 def test_truncated_rate_is_ratio_of_sums_not_mean_of_rates():
@@ -84,8 +89,16 @@ def _rank_worker(rank, world, store_path, out_dir):
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     calls = []
-    for name in ("all_gather_object", "all_reduce", "all_gather", "broadcast", "broadcast_object_list", "barrier",
-                 "gather_object", "reduce"):
+    for name in (
+        "all_gather_object",
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "broadcast_object_list",
+        "barrier",
+        "gather_object",
+        "reduce",
+    ):
         original = getattr(dist, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):

@@ -1,11 +1,12 @@
 """Post-rollout packing: selection, planning, collation, and packed attention isolation."""
+
 import itertools
 import random
 
 import pytest
 import torch
-
 from _pack_helpers import COORD_OFFSET, make_segment, make_tiny_qwen2
+
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 
 
@@ -92,8 +93,10 @@ def test_plan_packs_covers_every_index_once(seed):
 
 
 def test_collate_offsets_and_positions():
-    segs = [make_segment(1, prompt_len=4, n_boxes=1, group="prefix", channel="B"),
-            make_segment(2, prompt_len=3, n_boxes=2, group="fn", channel="B")]
+    segs = [
+        make_segment(1, prompt_len=4, n_boxes=1, group="prefix", channel="B"),
+        make_segment(2, prompt_len=3, n_boxes=2, group="fn", channel="B"),
+    ]
     b = collate_pack(segs, capacity=64)
     n0, n1 = len(segs[0]), len(segs[1])
     assert b.input_ids.shape == (1, n0 + n1) and b.n_segments == 2 and b.channel == "B"
@@ -132,7 +135,7 @@ def test_packed_logits_equal_unpacked(attn):
         start = 0
         for seg in segs:
             alone = model(input_ids=torch.tensor([seg.input_ids]), use_cache=False).logits[0]
-            assert (packed[start:start + len(seg)] - alone).abs().max().item() <= 1e-5
+            assert (packed[start : start + len(seg)] - alone).abs().max().item() <= 1e-5
             start += len(seg)
 
 

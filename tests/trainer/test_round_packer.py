@@ -1,9 +1,9 @@
 """RoundPacker: post-rollout packing across server rounds (Channel-B, vLLM server mode)."""
-import torch
 
+import torch
 from _pack_helpers import make_segment
-from toolkit.trainer.packing import RoundPacker
-from toolkit.trainer.packing import collate_pack, plan_packs
+
+from toolkit.trainer.packing import RoundPacker, collate_pack, plan_packs
 
 
 def ids(packs):
@@ -32,10 +32,12 @@ def test_rounds_carry_the_unfilled_rest_and_flush_at_the_end():
     rest = packer.flush()
     assert packer.buffer == []
     packs = [p for round_packs in out for p in round_packs] + rest
-    assert torch.cat([p.input_ids[0] for p in packs]).sort().values.tolist() == \
-        torch.cat([torch.tensor(s.input_ids) for s in segs]).sort().values.tolist()  # every token exactly once
+    assert (
+        torch.cat([p.input_ids[0] for p in packs]).sort().values.tolist()
+        == torch.cat([torch.tensor(s.input_ids) for s in segs]).sort().values.tolist()
+    )  # every token exactly once
     assert all(p.total_len <= cap for p in packs)
-    assert any(p.n_segments > 1 for p in packs[:-len(rest) or None])  # segments of several rounds share a pack
+    assert any(p.n_segments > 1 for p in packs[: -len(rest) or None])  # segments of several rounds share a pack
 
 
 def test_packing_off_gives_one_pack_per_segment_at_once():

@@ -1,5 +1,6 @@
 """A run owns its folder (toolkit/runlayout.py): refusal with the fix, --overwrite moves aside, --resume auto
 checks the config, pruning keeps other runs' checkpoints, TensorBoard follows output_dir. No torch here."""
+
 from __future__ import annotations
 
 import json
@@ -95,7 +96,9 @@ def test_tensorboard_follows_output_dir_unless_set(tmp_path):
 
     cfg = load_profile("smoke/ab_mixed", [f"training.output_dir={tmp_path / 'run'}"])
     assert cfg.training.logging_dir == str(tmp_path / "run" / "tb")
-    cfg = load_profile("smoke/ab_mixed", [f"training.output_dir={tmp_path / 'run'}", f"training.logging_dir={tmp_path / 'tb'}"])
+    cfg = load_profile(
+        "smoke/ab_mixed", [f"training.output_dir={tmp_path / 'run'}", f"training.logging_dir={tmp_path / 'tb'}"]
+    )
     assert cfg.training.logging_dir == str(tmp_path / "tb")
 
 

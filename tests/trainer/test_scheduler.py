@@ -1,4 +1,5 @@
 """Channel scheduler: Bresenham sequence, exact counts, float robustness."""
+
 from math import floor
 
 import pytest

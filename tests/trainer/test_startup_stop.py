@@ -5,6 +5,7 @@ The wait is made real and deterministic with a FIFO as `data.train_jsonl`: the t
 inside setup, after the stop handlers of the old code were installed (they only set a flag, so it never
 returned).
 """
+
 from __future__ import annotations
 
 import errno
@@ -38,9 +39,23 @@ def _start(tmp_path: Path):
     os.mkfifo(fifo)
     log = tmp_path / "stderr.txt"
     env = child_env()
-    cmd = [sys.executable, "-m", "toolkit.train", "--profile", "smoke/a_only", "--set", f"data.train_jsonl={fifo}",
-           "--set", f"training.output_dir={tmp_path / 'out'}", "--set", f"training.logging_dir={tmp_path / 'tb'}",
-           "--set", "data.val_sample_limit=2", "--set", "data.train_sample_limit=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "toolkit.train",
+        "--profile",
+        "smoke/a_only",
+        "--set",
+        f"data.train_jsonl={fifo}",
+        "--set",
+        f"training.output_dir={tmp_path / 'out'}",
+        "--set",
+        f"training.logging_dir={tmp_path / 'tb'}",
+        "--set",
+        "data.val_sample_limit=2",
+        "--set",
+        "data.train_sample_limit=16",
+    ]
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
     return proc, fifo, log

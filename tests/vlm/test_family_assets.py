@@ -1,5 +1,6 @@
 """The tiny Qwen2.5-VL and Qwen3-VL folders (assets/vlm_families.py): byte-identical rebuilds of the
 init folders, the architecture features they exist for, and Stage-1 curves that reach valid JSON."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _shared import child_env
 from _vlm_families import NEW_FAMILIES, ROOT, family_dir
 
@@ -21,8 +21,21 @@ def digests(folder: Path) -> dict[str, str]:
 def build(out: Path, *parts: str, steps: int | None = None) -> None:
     env = child_env()
     extra = ["--vlm-stage1-steps", str(steps)] if steps is not None else []
-    subprocess.run([sys.executable, str(ROOT / "assets" / "build_assets.py"), "--out", str(out), "--only", ",".join(parts),
-                    *extra], check=True, env=env, capture_output=True, timeout=1800)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "assets" / "build_assets.py"),
+            "--out",
+            str(out),
+            "--only",
+            ",".join(parts),
+            *extra,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=1800,
+    )
 
 
 def test_init_folders_rebuild_byte_identical(tmp_path):
@@ -46,7 +59,9 @@ def test_configs_carry_the_family_features():
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_stage1_curve_reaches_valid_json(family):
-    rows = [json.loads(line) for line in (family_dir(family, stage1=True) / "training_curve.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (family_dir(family, stage1=True) / "training_curve.jsonl").read_text().splitlines()
+    ]
     assert rows[-1]["step"] == 300 and rows[-1]["valid_parse"] >= 0.9
     assert rows[0]["loss"] > rows[-1]["loss"]
 

@@ -2,11 +2,11 @@
 transformers' `get_rope_index` (Qwen3-VL: interleaved sections), a packed row gives each segment its
 unpacked logits, soft-context vision rows stay bitwise (Qwen3-VL: with DeepStack features injected), the
 grid from the record size equals the processor's (Qwen3-VL: patch 16)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from _vlm_families import NEW_FAMILIES, family_dir, load_hf
 from test_vlm_core import (  # noqa: F401  (pytest collects the imported tests with the fixture below)
     segments,

@@ -3,6 +3,7 @@ Qwen2.5-VL via `smoke/vlm_ab_mixed --set model.model=...`, Qwen3-VL via its own 
 `smoke/vlm_qwen3_ab_mixed` (DoRA, tower and aligner trained). Qwen2-VL's runs are tests/e2e/test_vlm_e2e.py;
 the vLLM backends' are tests/rollout_vllm/test_vlm_family_runs.py. Also: the early refusal of an
 architecture nobody here can run, at `stage2 preflight` and at `stage2 train` start-up."""
+
 from __future__ import annotations
 
 import json
@@ -11,21 +12,40 @@ import subprocess
 import sys
 
 import pytest
-
 from _shared import child_env, metrics
 from _vlm_families import ROOT, family_dir
 
-FAST = ("training.max_steps=2", "training.eval_steps=2", "training.save_steps=2", "rollout_matching.max_new_tokens=48",
-        "data.val_sample_limit=4", "training.logging_steps=1")
+FAST = (
+    "training.max_steps=2",
+    "training.eval_steps=2",
+    "training.save_steps=2",
+    "rollout_matching.max_new_tokens=48",
+    "data.val_sample_limit=4",
+    "training.logging_steps=1",
+)
 
 
 def stage2(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from launchers.cli import main; main()", *args], cwd=ROOT, env=child_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", "from launchers.cli import main; main()", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def train(profile: str, out, *sets: str) -> subprocess.CompletedProcess:
-    argv = ["train", "--profile", profile, "--set", f"training.output_dir={out}", "--set", f"training.logging_dir={out / 'tb'}"]
+    argv = [
+        "train",
+        "--profile",
+        profile,
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        f"training.logging_dir={out / 'tb'}",
+    ]
     for s in (*FAST, *sets):
         argv += ["--set", s]
     return stage2(*argv)
@@ -44,7 +64,9 @@ def check_two_steps(proc, out) -> list[dict]:
 
 @pytest.mark.e2e
 def test_qwen2_5_vl_two_steps_hf(tmp_path):
-    check_two_steps(train("smoke/vlm_ab_mixed", tmp_path, f"model.model={family_dir('qwen2_5_vl', stage1=True)}"), tmp_path)
+    check_two_steps(
+        train("smoke/vlm_ab_mixed", tmp_path, f"model.model={family_dir('qwen2_5_vl', stage1=True)}"), tmp_path
+    )
 
 
 @pytest.mark.e2e
@@ -67,8 +89,16 @@ def unknown_vlm(tmp_path):
 
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_preflight_refuses_an_unknown_vlm_architecture(unknown_vlm, backend):
-    proc = stage2("preflight", "--profile", "smoke/vlm_qwen3_ab_mixed", "--set", f"model.model={unknown_vlm}",
-                  "--set", f"rollout_matching.rollout_backend={backend}", timeout=120)
+    proc = stage2(
+        "preflight",
+        "--profile",
+        "smoke/vlm_qwen3_ab_mixed",
+        "--set",
+        f"model.model={unknown_vlm}",
+        "--set",
+        f"rollout_matching.rollout_backend={backend}",
+        timeout=120,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     err = proc.stderr
     assert "Qwen3VLMoeForConditionalGeneration" in err and f"rollout backend {backend}" in err
@@ -76,8 +106,13 @@ def test_preflight_refuses_an_unknown_vlm_architecture(unknown_vlm, backend):
 
 
 def test_train_refuses_it_before_anything_starts(unknown_vlm, tmp_path):
-    proc = train("smoke/vlm_qwen3_ab_mixed", tmp_path, f"model.model={unknown_vlm}",
-                 "rollout_matching.rollout_backend=vllm", "rollout_matching.vllm.mode=colocate")
+    proc = train(
+        "smoke/vlm_qwen3_ab_mixed",
+        tmp_path,
+        f"model.model={unknown_vlm}",
+        "rollout_matching.rollout_backend=vllm",
+        "rollout_matching.vllm.mode=colocate",
+    )
     assert proc.returncode == 1 and "Qwen3VLMoeForConditionalGeneration" in proc.stderr
     assert "Traceback" not in proc.stderr and "pydantic" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -94,14 +129,26 @@ def test_vllm_refused_without_torchvision_and_plugin(monkeypatch):
     support.check_model_support(model, "vllm")
     monkeypatch.setattr(support, "plugin_installed", lambda: False)  # a fault we cannot provoke in the shared venv
     support.check_model_support(model, "hf")
-    with pytest.raises(support.ModelSupportError, match="rollout backend vllm cannot serve architecture "
-                                                        "Qwen3VLForConditionalGeneration.*fix: `pip install -e .`"):
+    with pytest.raises(
+        support.ModelSupportError,
+        match="rollout backend vllm cannot serve architecture Qwen3VLForConditionalGeneration.*fix: `pip install -e .`",
+    ):
         support.check_model_support(model, "vllm")
 
 
 def test_serve_refuses_it_before_any_engine_starts(unknown_vlm):
-    proc = stage2("serve", "--profile", "smoke/vlm_qwen3_ab_mixed", "--gpus", "cpu", "--port", "1",
-                  "--set", f"model.model={unknown_vlm}", timeout=120)
+    proc = stage2(
+        "serve",
+        "--profile",
+        "smoke/vlm_qwen3_ab_mixed",
+        "--gpus",
+        "cpu",
+        "--port",
+        "1",
+        "--set",
+        f"model.model={unknown_vlm}",
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Qwen3VLMoeForConditionalGeneration" in proc.stderr
     assert "rollout backend vllm" in proc.stderr and "Traceback" not in proc.stderr
     assert "starting" not in proc.stderr  # no DP worker was started

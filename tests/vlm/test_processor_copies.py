@@ -1,6 +1,7 @@
 """A model folder must carry its own remote code, so the image-only processors live in toolkit/vlm/ AND in each
 shipped model folder. The copies must stay byte-identical to the source (an edit to one alone would make vLLM
 and the learner process images differently)."""
+
 from pathlib import Path
 
 import pytest

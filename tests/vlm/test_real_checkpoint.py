@@ -4,13 +4,13 @@ Set STAGE2_QWEN_VL_DIR to a local checkpoint folder; the model runs in fp32 on t
 architecture-level tests of test_vlm_core.py (M-RoPE rows vs transformers, packed == unpacked logits,
 soft-context vision rows bitwise) with this checkpoint instead of the tiny one.
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-
 from test_vlm_core import (  # noqa: F401  (pytest collects the imported tests with the fixtures below)
     segments,
     test_mrope_rows_equal_hf_get_rope_index,

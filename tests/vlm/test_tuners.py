@@ -6,10 +6,11 @@ aligner (merger, and Qwen3-VL's DeepStack mergers) at `aligner_lr` — and, for 
 export (`named_full_params` → `save_pretrained`) reloads with `from_pretrained` and gives the adapter
 model's logits. Real peft, real models, CPU.
 """
+
 import pytest
 import torch
-
 from _vlm_families import FAMILIES, family_dir, load_hf
+
 from toolkit.trainer.export import apply_lora, named_full_params
 from toolkit.trainer.optim import build_optimizer
 
@@ -71,8 +72,12 @@ def _inputs(model_dir):
     pixel_values, grid = vision.image_processor(images=[image], return_tensors="pt").values()
     ids = [1, 7, 1319] + [vision.pad_id] * vision.tokens_per_image(tuple(grid[0].tolist())) + [1320, 8, 9, 10]
     ids = torch.tensor([ids])
-    return {"input_ids": ids, "mm_token_type_ids": (ids == vision.pad_id).long(), "pixel_values": pixel_values,
-            "image_grid_thw": grid}
+    return {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == vision.pad_id).long(),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
 
 
 @pytest.mark.parametrize("train_type", ["lora", "dora"])

@@ -1,11 +1,12 @@
 """The learner's VLM path on the tiny Qwen2-VL: M-RoPE positions, packing, soft self-context, HF rollouts."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from _shared import shape_images, tiny_vlm_dir
+
 from toolkit.data.segment import Segment
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.packing import collate_pack
@@ -81,17 +82,25 @@ def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments):
     assert pack.images == tuple(p for s in segments for p in s.images)
     pack = pack.to(model.device)
     with torch.no_grad():
-        packed = model(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
-                       **vp.model_inputs(pack.images, model.device)).logits[0]
+        packed = model(
+            input_ids=pack.input_ids,
+            position_ids=pack.position_ids,
+            use_cache=False,
+            **vp.model_inputs(pack.images, model.device),
+        ).logits[0]
         offset = 0
         for seg in segments:
             single = _single_logits(model, vp, seg)
-            torch.testing.assert_close(packed[offset:offset + len(seg)], single, atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed[offset : offset + len(seg)], single, atol=1e-5, rtol=0)
             offset += len(seg)
         # Without the per-segment restart the later segments see the wrong positions: the test can fail.
         flat = collate_pack([segments[2]], mrope=None).to(model.device)
-        wrong = model(input_ids=flat.input_ids, position_ids=flat.position_ids, use_cache=False,
-                      **vp.model_inputs(segments[2].images, model.device)).logits[0]
+        wrong = model(
+            input_ids=flat.input_ids,
+            position_ids=flat.position_ids,
+            use_cache=False,
+            **vp.model_inputs(segments[2].images, model.device),
+        ).logits[0]
         assert (wrong - _single_logits(model, vp, segments[2])).abs().max() > 1e-3
 
 
@@ -110,14 +119,15 @@ def test_soft_context_keeps_vision_rows_and_placeholders_bitwise(vlm, segments, 
     pack = _slotted_pack(segments[:2], vp)
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True)
+        lambda _m, args, kwargs: seen.append(kwargs["inputs_embeds"].detach().clone()), with_kwargs=True
+    )
     try:
         coord_ids = list(range(319, 1319))
         softctx_logits(model, pack, coord_ids, 3, 1.0, grad_mode, model_kwargs=vp.model_inputs(pack.images))
     finally:
         hook.remove()
     assert len(seen) == 3
-    image_rows = (pack.input_ids[0] == vp.pad_id)
+    image_rows = pack.input_ids[0] == vp.pad_id
     slots = torch.zeros_like(image_rows)
     slots[pack.coord_pos] = True
     features = torch.cat(model.model.get_image_features(**vp.model_inputs(pack.images), return_dict=True).pooler_output)
@@ -137,8 +147,9 @@ def _softctx_step(model, vp, pack, grad_mode):
     calls = []
     hook = model.model.visual.register_forward_hook(lambda *_: calls.append(1))
     try:
-        first, last = softctx_logits(model, pack, list(range(319, 1319)), 3, 1.0, grad_mode,
-                                     model_kwargs=vp.model_inputs(pack.images))
+        first, last = softctx_logits(
+            model, pack, list(range(319, 1319)), 3, 1.0, grad_mode, model_kwargs=vp.model_inputs(pack.images)
+        )
     finally:
         hook.remove()
     mix = torch.randn(first.shape, generator=torch.Generator().manual_seed(0))
@@ -149,8 +160,9 @@ def _softctx_step(model, vp, pack, grad_mode):
 
 
 @pytest.mark.parametrize("grad_mode", ["unroll", "em_detach"])
-def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradients(vlm, segments, grad_mode,
-                                                                                   monkeypatch):
+def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradients(
+    vlm, segments, grad_mode, monkeypatch
+):
     """The tower's output is computed once per call and reused by every pass: logits and the gradients of
     every parameter (the vision tower's included) equal the old path that re-ran the tower on each pass."""
     from toolkit.trainer import channel_a
@@ -175,8 +187,17 @@ def test_hf_backend_rollouts_see_the_image(vlm, segments):
     from toolkit.rollout.backends.hf import HFBackend
 
     model, vp = vlm
-    settings = DecodeSettings(max_new_tokens=6, decode_batch_size=2, do_sample=False, temperature=1.0, top_p=1.0,
-                              top_k=-1, repetition_penalty=1.0, repeat=None, seed=0)
+    settings = DecodeSettings(
+        max_new_tokens=6,
+        decode_batch_size=2,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        repeat=None,
+        seed=0,
+    )
     backend = HFBackend(model, settings, pad_id=0, eos_id=2, vision=vp)
     prompts = [s.input_ids for s in segments[:3]]
     images = [s.images for s in segments[:3]]
@@ -185,9 +206,16 @@ def test_hf_backend_rollouts_see_the_image(vlm, segments):
     for seg, ro in zip(segments[:3], rollouts):  # batched, left-padded == one at a time with HF's processor path
         ids = torch.tensor([seg.input_ids])
         with torch.no_grad():
-            ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                 mm_token_type_ids=(ids == vp.pad_id).int(), eos_token_id=2, pad_token_id=0,
-                                 **vp.model_inputs(seg.images))[0, ids.shape[1]:].tolist()
+            ref = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=6,
+                do_sample=False,
+                mm_token_type_ids=(ids == vp.pad_id).int(),
+                eos_token_id=2,
+                pad_token_id=0,
+                **vp.model_inputs(seg.images),
+            )[0, ids.shape[1] :].tolist()
         ref = ref[: ref.index(2) + 1] if 2 in ref else ref
         assert ro.completion_ids == ref
 

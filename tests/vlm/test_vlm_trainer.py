@@ -1,13 +1,13 @@
 """The trainer's image plumbing: samples from image records, the per-sample prompt-parity check, a VLM run."""
+
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
-
 from _shared import ROOT, tiny_vlm_dir
+
 from toolkit.config import load_profile
 from toolkit.data.tokenizer import load_tokenizer
 from toolkit.rollout.backends.base import Rollout
@@ -56,8 +56,9 @@ def test_prompt_mismatch_is_dropped_and_counted_never_trained(vlm_samples):
     cfg = load_profile("smoke/vlm_ab_mixed")
     codec = HFTokenCodec(tok)
     good, bad = samples[:2]
-    answer = codec.encode('{"object_1": {"desc": "circle", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_300|>", '
-                          '"<|coord_400|>"]}}') + [codec.im_end_id]
+    answer = codec.encode(
+        '{"object_1": {"desc": "circle", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_300|>", "<|coord_400|>"]}}'
+    ) + [codec.im_end_id]
     pads = bad.prompt_ids.count(vision.pad_id)
     doubled = vision.expand(bad.prompt_ids, bad.image_grids * pads)  # every pad expanded again
     assert len(doubled) > len(bad.prompt_ids)
@@ -79,9 +80,9 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
     import collections
 
     import torch
+    from _vlm_families import family_dir
     from transformers import AutoModelForImageTextToText
 
-    from _vlm_families import family_dir
     from toolkit.rollout.backends.build import build_backend
     from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds
     from toolkit.trainer.step import StepLearner
@@ -97,8 +98,9 @@ def test_channel_b_opens_and_patches_each_image_once_per_step(vlm_samples, monke
     monkeypatch.setattr(vision, "pixels", lambda paths: (patched.update(paths), real_pixels(paths))[1])
 
     backend = build_backend(cfg, codec, kind="hf", module=model, pad_id=tok.pad_token_id, vision=vision)
-    rounds = channel_b_rounds(backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg),
-                              background=False)
+    rounds = channel_b_rounds(
+        backend, samples, 0, codec, StepMetrics(), ChannelBSettings.from_config(cfg), background=False
+    )
     segments = [seg for segs, _ in rounds for seg in segs]
     assert segments and all(s.pixels is not None for s in segments)
     coord_ids = torch.tensor(codec.coord_token_ids)

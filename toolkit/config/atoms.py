@@ -5,11 +5,13 @@ describe itself (`type_text`, `constraint`) so docs/CONFIG_REFERENCE.md is gener
 objects that validate. No coercion: a quoted "1e-5" is a str and fails where a float is expected;
 only int → float widening is allowed (YAML `1` for a float key). Imports voluptuous and stdlib only.
 """
+
 from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from voluptuous import Invalid, MultipleInvalid
 

@@ -2,11 +2,12 @@
 
 Owns the one error type of the config spine. Imports nothing heavy (stdlib only).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 ERROR = "error"
 WARNING = "warning"
@@ -38,7 +39,8 @@ class Location:
 
 @dataclass(frozen=True)
 class Issue:
-    """One finding. `key_path` is dotted with list indices, e.g. `rollout_matching.vllm.server.servers[0].group_port`."""
+    """One finding. `key_path` is dotted with list indices, e.g.
+    `rollout_matching.vllm.server.servers[0].group_port`."""
 
     file: str
     line: int | None
@@ -49,7 +51,7 @@ class Issue:
     severity: str = ERROR
 
     @classmethod
-    def at(cls, loc: Location | None, key_path: str, message: str, fix: str = "", severity: str = ERROR) -> "Issue":
+    def at(cls, loc: Location | None, key_path: str, message: str, fix: str = "", severity: str = ERROR) -> Issue:
         """An issue at a Location (None → unknown file)."""
         loc = loc or Location("<unknown>")
         return cls(loc.file, loc.line, loc.col, key_path, message, fix, severity)

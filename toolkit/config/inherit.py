@@ -3,6 +3,7 @@ scalars replace). Cycles, missing parents and anything but one relative path are
 
 Imports stdlib only (plus our YAML reader).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,13 +28,25 @@ def load_chain(path: Path) -> tuple[list[Document], list[Issue], bool]:
             issues.append(Issue.at(via, "extends", f"cycle in extends: {cycle}", "remove one of the extends links"))
             return chain, issues, False
         if len(seen) >= MAX_DEPTH:
-            issues.append(Issue.at(via, "extends", f"extends chain deeper than {MAX_DEPTH} files",
-                                   "flatten the chain (leaf → stage2 base → base)"))
+            issues.append(
+                Issue.at(
+                    via,
+                    "extends",
+                    f"extends chain deeper than {MAX_DEPTH} files",
+                    "flatten the chain (leaf → stage2 base → base)",
+                )
+            )
             return chain, issues, False
         if not current.is_file():
             where = via or Location(str(current))
-            issues.append(Issue.at(where, "extends", f"parent file not found: {current}",
-                                   "fix the relative path (it is relative to the file that extends)"))
+            issues.append(
+                Issue.at(
+                    where,
+                    "extends",
+                    f"parent file not found: {current}",
+                    "fix the relative path (it is relative to the file that extends)",
+                )
+            )
             return chain, issues, False
         doc, doc_issues = load_document(current)
         issues.extend(doc_issues)
@@ -47,8 +60,14 @@ def load_chain(path: Path) -> tuple[list[Document], list[Issue], bool]:
         via = doc.where(("extends",))
         if not isinstance(doc.extends, str) or not doc.extends.strip():
             shown = f"a list of {len(doc.extends)}" if isinstance(doc.extends, list) else repr(doc.extends)
-            issues.append(Issue.at(via, "extends", f"extends takes exactly one relative path (a string), got {shown}",
-                                   "write `extends: ../base.yaml` (one parent; no lists)"))
+            issues.append(
+                Issue.at(
+                    via,
+                    "extends",
+                    f"extends takes exactly one relative path (a string), got {shown}",
+                    "write `extends: ../base.yaml` (one parent; no lists)",
+                )
+            )
             return chain, issues, False
         current = (current.parent / doc.extends).resolve()
 

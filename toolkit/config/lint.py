@@ -5,13 +5,14 @@ Discovery is exactly `configs/stage2_ab/{prod,smoke}/*.yaml`. `configs/base.yaml
 `configs/stage2_ab/base.yaml` are linted as parents; any other YAML under `configs/stage2_ab/` is
 reported (warning) rather than silently used. Imports stdlib only (plus the pipeline).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from toolkit.config.errors import WARNING, Issue, Location, errors_only, sort_issues, warnings_only
 from toolkit.config.leaf import CANONICAL_GROUPS
@@ -54,10 +55,14 @@ def _classify(root: Path, path: Path) -> str:
 
 
 def _stray(path: Path) -> Issue:
-    return Issue.at(Location(str(path), 1, 1), "<document>",
-                    "not a canonical profile: only configs/stage2_ab/{prod,smoke}/*.yaml are discovered, "
-                    "resolved by name and linted", "move it into prod/ or smoke/ (extending ../base.yaml), "
-                    "or out of configs/stage2_ab/", WARNING)
+    return Issue.at(
+        Location(str(path), 1, 1),
+        "<document>",
+        "not a canonical profile: only configs/stage2_ab/{prod,smoke}/*.yaml are discovered, "
+        "resolved by name and linted",
+        "move it into prod/ or smoke/ (extending ../base.yaml), or out of configs/stage2_ab/",
+        WARNING,
+    )
 
 
 def discover(target: Path) -> tuple[list[Path], list[Path], list[Issue]]:
@@ -69,9 +74,19 @@ def discover(target: Path) -> tuple[list[Path], list[Path], list[Issue]]:
         return ([target], [], []) if kind != "parent" else ([], [target], [])
     root = _configs_root(target)
     if root is None:
-        return [], [], [Issue.at(Location(str(target)), "<document>", "no configs/ directory at or above this path",
-                                 "pass the project's configs/ directory (canonical profiles live in "
-                                 "configs/stage2_ab/{prod,smoke}/*.yaml)")]
+        return (
+            [],
+            [],
+            [
+                Issue.at(
+                    Location(str(target)),
+                    "<document>",
+                    "no configs/ directory at or above this path",
+                    "pass the project's configs/ directory (canonical profiles live in "
+                    "configs/stage2_ab/{prod,smoke}/*.yaml)",
+                )
+            ],
+        )
     scan = target if target == root or root in target.parents else root  # a project dir scans its configs/
     leaves, issues = [], []
     for path in sorted(p for p in scan.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()):
@@ -82,8 +97,14 @@ def discover(target: Path) -> tuple[list[Path], list[Path], list[Issue]]:
             issues.append(_stray(path))
     parents = [root.joinpath(*parts) for parts in PARENTS if root.joinpath(*parts).is_file()]
     if not leaves:
-        issues.append(Issue.at(Location(str(target)), "<document>", "no canonical profiles found",
-                               "add profiles under configs/stage2_ab/prod/ or configs/stage2_ab/smoke/"))
+        issues.append(
+            Issue.at(
+                Location(str(target)),
+                "<document>",
+                "no canonical profiles found",
+                "add profiles under configs/stage2_ab/prod/ or configs/stage2_ab/smoke/",
+            )
+        )
     return leaves, parents, issues
 
 
@@ -128,18 +149,33 @@ def format_json(report: LintReport, cwd: Path | None = None) -> str:
     data = {
         "profiles": [_rel(p, cwd) for p in report.profiles],
         "parents": [_rel(p, cwd) for p in report.parents],
-        "issues": [{"file": _rel(i.file, cwd) if os.path.isabs(i.file) else i.file, "line": i.line, "col": i.col,
-                    "severity": i.severity, "key_path": i.key_path, "message": i.message, "fix": i.fix}
-                   for i in report.issues],
+        "issues": [
+            {
+                "file": _rel(i.file, cwd) if os.path.isabs(i.file) else i.file,
+                "line": i.line,
+                "col": i.col,
+                "severity": i.severity,
+                "key_path": i.key_path,
+                "message": i.message,
+                "fix": i.fix,
+            }
+            for i in report.issues
+        ],
         "notes": report.notes,
-        "summary": {"profiles": len(report.profiles), "parents": len(report.parents),
-                    "errors": len(report.errors), "warnings": len(report.warnings)},
+        "summary": {
+            "profiles": len(report.profiles),
+            "parents": len(report.parents),
+            "errors": len(report.errors),
+            "warnings": len(report.warnings),
+        },
     }
     return json.dumps(data, indent=2) + "\n"
 
 
 def summary(report: LintReport) -> str:
     """A one-line human summary (for stderr), followed by any notes."""
-    head = (f"linted {len(report.profiles)} profiles and {len(report.parents)} parents: "
-            f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    head = (
+        f"linted {len(report.profiles)} profiles and {len(report.parents)} parents: "
+        f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+    )
     return "\n".join(report.notes + [head])

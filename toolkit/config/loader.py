@@ -4,12 +4,13 @@ canonical leaf rules → normalization → frozen ResolvedConfig. Every error of
 `run_pipeline` returns everything it found (lint uses it); `load_profile` raises ConfigError.
 Library code: never exits, never prints. Imports no heavy module.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from toolkit.config.errors import ConfigError, Issue, errors_only, warnings_only
 from toolkit.config.inherit import load_chain, merge_documents
@@ -44,8 +45,9 @@ class PipelineResult:
         return warnings_only(self.issues)
 
 
-def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
-                 cwd: Path | None = None) -> PipelineResult:
+def run_pipeline(
+    path: Path, overrides: Sequence[str] = (), world_size: int = 1, cwd: Path | None = None
+) -> PipelineResult:
     """Run every stage that can run on `path` and collect all issues."""
     path, cwd = Path(path).resolve(), Path(cwd or Path.cwd())
     result = PipelineResult(path)
@@ -83,8 +85,9 @@ def run_pipeline(path: Path, overrides: Sequence[str] = (), world_size: int = 1,
     return result
 
 
-def load_profile(profile: str | Path, overrides: Sequence[str] = (), world_size: int | None = None,
-                 cwd: Path | None = None) -> ResolvedConfig:
+def load_profile(
+    profile: str | Path, overrides: Sequence[str] = (), world_size: int | None = None, cwd: Path | None = None
+) -> ResolvedConfig:
     """Resolve a profile name or path into a frozen ResolvedConfig.
 
     Args:
@@ -109,8 +112,14 @@ def check_parent(path: Path) -> list[Issue]:
         return issues
     extends = doc.data.pop("extends", None)
     if extends is not None and not isinstance(extends, str):
-        issues.append(Issue.at(doc.where(("extends",)), "extends", "extends takes exactly one relative path (a string)",
-                               "write `extends: ../base.yaml`"))
+        issues.append(
+            Issue.at(
+                doc.where(("extends",)),
+                "extends",
+                "extends takes exactly one relative path (a string)",
+                "write `extends: ../base.yaml`",
+            )
+        )
     issues += check_legacy(doc)
     issues += validate_schema(doc, PARTIAL_SCHEMA, ROOT, KEY_INDEX)[1]
     return issues

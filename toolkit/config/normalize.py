@@ -3,17 +3,20 @@
 `derive()` is THE function the trainer, preflight and `stage2 config` share; nothing else may recompute
 these values (the typed runtime view is settings.py). Imports stdlib only.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from toolkit.config.errors import OVERRIDE_SOURCE
 from toolkit.config.rules import batch_split_error, resolve_sync_mode
 from toolkit.config.schema import MODEL_PATH_KEY, PATH_KEYS
 from toolkit.config.yamlio import Document
+
 
 def project_root_for(profile: Path) -> Path:
     """The parent of the nearest `configs/` directory above the profile, else the profile's directory."""
@@ -91,8 +94,10 @@ class Derived:
 
 DERIVED_DOCS = {
     "learner_world_size": "W: learner ranks (number of --gpus ids, or --nproc with --gpus cpu; 1 by default).",
-    "gradient_accumulation_steps": "E / (P × W), exact division required; written back to training.gradient_accumulation_steps.",
-    "decode_batch_size": "rollout_matching.decode_batch_size: sequences per decode call (HF generate, vLLM per rollout GPU).",
+    "gradient_accumulation_steps": "E / (P × W), exact division required; written back to "
+    "training.gradient_accumulation_steps.",
+    "decode_batch_size": "rollout_matching.decode_batch_size: sequences per decode call (HF generate, vLLM per "
+    "rollout GPU).",
     "eval_batch_size": "= decode_batch_size; written back to training.per_device_eval_batch_size.",
     "rollouts_per_step": "= E: Channel-B raw rollouts per optimizer step over all ranks.",
     "per_rank_samples_per_step": "E / W: raw samples each rank buffers and executes per optimizer step.",
@@ -111,10 +116,16 @@ def derive(cfg: Mapping[str, Any], world_size: int) -> Derived:
         raise ValueError(problem)
     rm = cfg["rollout_matching"]
     d = rm["decode_batch_size"]
-    return Derived(learner_world_size=w, gradient_accumulation_steps=e // (p * w), decode_batch_size=d,
-                   eval_batch_size=d, rollouts_per_step=e, per_rank_samples_per_step=e // w,
-                   vllm_sync_mode=resolve_sync_mode(dict(cfg)),
-                   server_mode=rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server")
+    return Derived(
+        learner_world_size=w,
+        gradient_accumulation_steps=e // (p * w),
+        decode_batch_size=d,
+        eval_batch_size=d,
+        rollouts_per_step=e,
+        per_rank_samples_per_step=e // w,
+        vllm_sync_mode=resolve_sync_mode(dict(cfg)),
+        server_mode=rm["rollout_backend"] == "vllm" and rm["vllm"]["mode"] == "server",
+    )
 
 
 def apply_derived(cfg: dict, derived: Derived) -> None:

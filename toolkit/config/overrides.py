@@ -3,10 +3,12 @@
 Overrides go through the same legacy/schema/rule pipeline as files; their location is `--set`.
 Imports stdlib only (plus our YAML reader).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from toolkit.config.errors import OVERRIDE_SOURCE, Issue, Location
 from toolkit.config.inherit import deep_merge, iter_paths
@@ -25,7 +27,9 @@ def parse_override(text: str) -> tuple[tuple, Any]:
     for segment in key.strip().split("."):
         match = _SEGMENT.fullmatch(segment)
         if not match:
-            raise ValueError(f"{key!r} is not a dotted key path (e.g. rollout_matching.vllm.server.servers[0].base_url)")
+            raise ValueError(
+                f"{key!r} is not a dotted key path (e.g. rollout_matching.vllm.server.servers[0].base_url)"
+            )
         path.append(match.group(1))
         path.extend(int(i) for i in re.findall(r"\[(\d+)\]", match.group(2)))
     try:
@@ -45,7 +49,7 @@ def _set(doc: Document, path: tuple, value: Any) -> str | None:
         nxt = path[depth + 1]
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                return f"{render_path(path[:depth + 1])} does not exist (a list index beyond the list)"
+                return f"{render_path(path[: depth + 1])} does not exist (a list index beyond the list)"
             node = node[part]
             continue
         if not isinstance(node, dict):
@@ -76,8 +80,12 @@ def apply_overrides(doc: Document, overrides: Sequence[str]) -> list[Issue]:
         try:
             path, value = parse_override(text)
         except ValueError as exc:
-            fix = ("write VALUE as plain YAML (a number, a string, [a, list] or {a: mapping}); quote it to keep "
-                   "it a string" if isinstance(exc, BadValue) else "write --set KEY=VALUE with a dotted key path")
+            fix = (
+                "write VALUE as plain YAML (a number, a string, [a, list] or {a: mapping}); quote it to keep "
+                "it a string"
+                if isinstance(exc, BadValue)
+                else "write --set KEY=VALUE with a dotted key path"
+            )
             issues.append(Issue.at(OVERRIDE_LOCATION, text.split("=", 1)[0] or "<override>", str(exc), fix))
             continue
         problem = _set(doc, path, value)

@@ -12,6 +12,7 @@ builds the launcher contract from it and launchers/topology.py plans ports and s
     >>> Placement.from_flags(gpus="cpu", nproc=3, nnodes=2, rdzv_endpoint="node001:29500").world_size
     6
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,25 +86,37 @@ class Placement:
         return f"{self.rdzv[0]}:{self.rdzv[1]}" if self.rdzv else None
 
     @classmethod
-    def from_flags(cls, gpus: str | None = None, nproc: int | None = None, server_gpus: str | None = None,
-                   server_dp: int | None = None, server_tp: int | None = None, nnodes: int = 1, node_rank: int = 0,
-                   rdzv_endpoint: str | None = None) -> Placement:
+    def from_flags(
+        cls,
+        gpus: str | None = None,
+        nproc: int | None = None,
+        server_gpus: str | None = None,
+        server_dp: int | None = None,
+        server_tp: int | None = None,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        rdzv_endpoint: str | None = None,
+    ) -> Placement:
         """Parse and cross-check the placement flags. Raises PlacementError (GpuListError) naming the flag."""
         rdzv = _node_flags(nnodes, node_rank, rdzv_endpoint)
         learner = parse_gpu_list(gpus, "--gpus")
         if nproc is not None and nproc < 1:
             raise PlacementError(f"--nproc must be ≥ 1, got {nproc}")
         if isinstance(learner, tuple) and nproc is not None and nproc != len(learner):
-            raise PlacementError(f"--nproc {nproc} disagrees with --gpus {ids_text(learner)} ({len(learner)} ids); "
-                                 "drop --nproc (one rank per GPU) or use --gpus cpu")
+            raise PlacementError(
+                f"--nproc {nproc} disagrees with --gpus {ids_text(learner)} ({len(learner)} ids); "
+                "drop --nproc (one rank per GPU) or use --gpus cpu"
+            )
         servers = parse_gpu_list(server_gpus, "--server-gpus")
         if servers == CPU:
             raise PlacementError("--server-gpus takes GPU ids (e.g. 2,3), not 'cpu'; CPU servers start with --gpus cpu")
         learner = learner if isinstance(learner, tuple) else None
         overlap = sorted(set(servers or ()) & set(learner or ()))
         if overlap:
-            raise PlacementError(f"--gpus {ids_text(learner)} and --server-gpus {ids_text(servers)} must be disjoint; "
-                                 f"both hold GPU {ids_text(overlap)}")
+            raise PlacementError(
+                f"--gpus {ids_text(learner)} and --server-gpus {ids_text(servers)} must be disjoint; "
+                f"both hold GPU {ids_text(overlap)}"
+            )
         per_node = len(learner) if learner else nproc or 1
         return cls(learner, per_node, servers, server_dp, server_tp, nnodes, node_rank, rdzv)
 
@@ -114,6 +127,8 @@ def _node_flags(nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> tuple
     if not 0 <= node_rank < nnodes:
         raise PlacementError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} (--nnodes {nnodes})")
     if nnodes > 1 and not rdzv_endpoint:
-        raise PlacementError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node; "
-                             "HOST = the first node, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))")
+        raise PlacementError(
+            f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node; "
+            "HOST = the first node, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1))"
+        )
     return split_endpoint(rdzv_endpoint) if rdzv_endpoint else None

@@ -4,6 +4,7 @@ Canonical profiles are exactly `configs/stage2_ab/{prod,smoke}/*.yaml`. A name i
 the current directory's project first, then under the toolkit's own checkout. A path (absolute or
 relative to the cwd, ending in .yaml) is used as given. Imports stdlib only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,5 +54,13 @@ def resolve_profile_path(profile: str | Path, cwd: Path | None = None) -> Path:
         if path.is_file():
             return path.resolve()
     available = ", ".join(profile_names(cwd)) or "(none found)"
-    raise ConfigError([Issue.at(Location(text), "--profile", f"no profile named or found at {text!r}",
-                                f"use one of: {available}, or a path to a .yaml file")])
+    raise ConfigError(
+        [
+            Issue.at(
+                Location(text),
+                "--profile",
+                f"no profile named or found at {text!r}",
+                f"use one of: {available}, or a path to a .yaml file",
+            )
+        ]
+    )

@@ -5,6 +5,7 @@
 
 Key descriptions live next to the schema (toolkit/config/schema.py); this module only renders.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ from toolkit.config.dsconfig import INJECTED_KEYS, ds_config_names
 from toolkit.config.leaf import CANONICAL_PARENT, PINNED, PINNED_WHEN_VLLM
 from toolkit.config.legacy import LEGACY
 from toolkit.config.normalize import DERIVED_DOCS
-from toolkit.config.settings import SETTINGS_DOCS
 from toolkit.config.rules import all_rules
 from toolkit.config.schema import ROOT
+from toolkit.config.settings import SETTINGS_DOCS
 from toolkit.config.spec import REQUIRED, ItemList, Key, Section
 from toolkit.config.yamlio import MAX_NESTING, MAX_NODES, render_path
 
@@ -98,21 +99,30 @@ def _dotted(parts: tuple) -> str:
 
 def _section_tables(section: Section, prefix: tuple = ()) -> list[str]:
     name = _dotted(prefix)
-    lines = [f"### `{name}`" if prefix else "### Top level", "", section.doc, "",
-             "| key | type | default | constraint | description |", "|---|---|---|---|---|"]
+    lines = [
+        f"### `{name}`" if prefix else "### Top level",
+        "",
+        section.doc,
+        "",
+        "| key | type | default | constraint | description |",
+        "|---|---|---|---|---|",
+    ]
     nested = []
     for key, spec in section.keys.items():
         full = _dotted(prefix + (key,))
         if isinstance(spec, Key):
-            lines.append(f"| `{full}` | {_cell(spec.atom.type_text)} | {_cell(_default(spec))} | "
-                         f"{_cell(spec.atom.constraint)} | {_cell(spec.doc)} |")
+            lines.append(
+                f"| `{full}` | {_cell(spec.atom.type_text)} | {_cell(_default(spec))} | "
+                f"{_cell(spec.atom.constraint)} | {_cell(spec.doc)} |"
+            )
         elif isinstance(spec, Section):
             req = "**required**" if spec.required else "`{}`"
             lines.append(f"| `{full}` | mapping | {req} | see below | {_cell(spec.doc)} |")
             nested.append((prefix + (key,), spec))
         elif isinstance(spec, ItemList):
-            lines.append(f"| `{full}` | list of mappings | `{json.dumps(list(spec.default))}` | see below | "
-                         f"{_cell(spec.doc)} |")
+            lines.append(
+                f"| `{full}` | list of mappings | `{json.dumps(list(spec.default))}` | see below | {_cell(spec.doc)} |"
+            )
             nested.append((prefix + (key + "[]",), spec.item))
     lines.append("")
     for sub_prefix, sub in nested:
@@ -121,49 +131,74 @@ def _section_tables(section: Section, prefix: tuple = ()) -> list[str]:
 
 
 def _rules() -> list[str]:
-    lines = ["## Cross-field rules", "",
-             "`rollout_backend` and `vllm.mode` dispatch to their own rules (hf: none; vllm: max_model_len, "
-             "sync mode, then colocate: none / server: the server list).", ""]
+    lines = [
+        "## Cross-field rules",
+        "",
+        "`rollout_backend` and `vllm.mode` dispatch to their own rules (hf: none; vllm: max_model_len, "
+        "sync mode, then colocate: none / server: the server list).",
+        "",
+    ]
     lines += [f"- `{r.__name__}`: {(r.__doc__ or '').strip()}" for r in all_rules()]
     return lines + [""]
 
 
 def _leaf_rules() -> list[str]:
     keys = ", ".join(f"`{render_path(p)}`" for p in PINNED)
-    return ["## Canonical leaf rules", "",
-            f"Checked on the raw leaf (before merging) of `configs/stage2_ab/{{prod,smoke}}/*.yaml` only:", "",
-            f"- `extends` is exactly `{CANONICAL_PARENT}` (one parent; other overrides are inlined).",
-            f"- The leaf itself sets: {keys}; plus `{render_path(PINNED_WHEN_VLLM[0])}` when its "
-            f"`rollout_matching.rollout_backend` is `vllm`. Missing keys are listed in one error.",
-            "- A leaf that repeats its parent's value for a key it need not pin gets a warning.", ""]
+    return [
+        "## Canonical leaf rules",
+        "",
+        "Checked on the raw leaf (before merging) of `configs/stage2_ab/{prod,smoke}/*.yaml` only:",
+        "",
+        f"- `extends` is exactly `{CANONICAL_PARENT}` (one parent; other overrides are inlined).",
+        f"- The leaf itself sets: {keys}; plus `{render_path(PINNED_WHEN_VLLM[0])}` when its "
+        f"`rollout_matching.rollout_backend` is `vllm`. Missing keys are listed in one error.",
+        "- A leaf that repeats its parent's value for a key it need not pin gets a warning.",
+        "",
+    ]
 
 
 def _derived_and_normalized() -> list[str]:
-    lines = ["## Derived values", "",
-             "One function (`toolkit.config.derive`) used by `stage2 config`, preflight and the trainer; "
-             "`cfg.derived.<name>`. E = training.effective_batch_size, P = per_device_train_batch_size, "
-             "W = learner world size.", ""]
+    lines = [
+        "## Derived values",
+        "",
+        "One function (`toolkit.config.derive`) used by `stage2 config`, preflight and the trainer; "
+        "`cfg.derived.<name>`. E = training.effective_batch_size, P = per_device_train_batch_size, "
+        "W = learner world size.",
+        "",
+    ]
     lines += [f"- `{name}`: {doc}" for name, doc in DERIVED_DOCS.items()]
-    lines += ["", "## Typed settings", "",
-              "`cfg.settings` (toolkit/config/settings.py): the runtime knobs as frozen dataclasses, built once per "
-              "resolved config and read by the trainer, the backends, the rollout server and preflight, which never "
-              "re-derive a value or repeat a default. `stage2 config --settings` prints them:", ""]
+    lines += [
+        "",
+        "## Typed settings",
+        "",
+        "`cfg.settings` (toolkit/config/settings.py): the runtime knobs as frozen dataclasses, built once per "
+        "resolved config and read by the trainer, the backends, the rollout server and preflight, which never "
+        "re-derive a value or repeat a default. `stage2 config --settings` prints them:",
+        "",
+    ]
     lines += [f"- `{name}`: {doc}" for name, doc in SETTINGS_DOCS.items()]
     lines += [""]
     return lines
 
 
 def _ds_and_legacy() -> list[str]:
-    lines = ["## DeepSpeed configs", "",
-             f"`deepspeed.config` names a file in `ds_configs/`: {', '.join(f'`{n}`' for n in ds_config_names())}. "
-             "They hold engine settings only; the trainer injects "
-             f"{', '.join(f'`{k}`' for k in INJECTED_KEYS)} from the profile (micro batch = "
-             "per_device_train_batch_size, `gradient_accumulation_steps: 1` because the trainer owns accumulation, "
-             "`bf16` from model.torch_dtype, `gradient_clipping` from training.max_grad_norm), so the JSON files "
-             "must not set them (`toolkit.config.load_ds_config` refuses them).", "",
-             "## Legacy keys", "",
-             "These keys fail with their own message. `X.*` relocates every sub-key to the same sub-key under the "
-             "new path.", "", "| legacy path | what happened | fix |", "|---|---|---|"]
+    lines = [
+        "## DeepSpeed configs",
+        "",
+        f"`deepspeed.config` names a file in `ds_configs/`: {', '.join(f'`{n}`' for n in ds_config_names())}. "
+        "They hold engine settings only; the trainer injects "
+        f"{', '.join(f'`{k}`' for k in INJECTED_KEYS)} from the profile (micro batch = "
+        "per_device_train_batch_size, `gradient_accumulation_steps: 1` because the trainer owns accumulation, "
+        "`bf16` from model.torch_dtype, `gradient_clipping` from training.max_grad_norm), so the JSON files "
+        "must not set them (`toolkit.config.load_ds_config` refuses them).",
+        "",
+        "## Legacy keys",
+        "",
+        "These keys fail with their own message. `X.*` relocates every sub-key to the same sub-key under the new path.",
+        "",
+        "| legacy path | what happened | fix |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{path}` | {_cell(entry.message)} | {_cell(entry.fix)} |" for path, entry in LEGACY.items()]
     return lines + [""]
 

@@ -4,12 +4,14 @@ Attribute access to sections and keys (`cfg.training.learning_rate`,
 `cfg.rollout_matching.vllm.server.servers[0].base_url`); lists come back as tuples; assigning raises.
 `to_dict()` hands out a deep copy. Imports stdlib only (plus our YAML writer).
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import FrozenInstanceError
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from toolkit.config.normalize import Derived
 from toolkit.config.settings import Settings, build_settings
@@ -73,10 +75,23 @@ class ResolvedConfig:
     __slots__ = ("_data", "derived", "settings", "profile_path", "project_root", "overrides", "warnings")
     settings: Settings  # the typed runtime knobs (settings.py), built once here
 
-    def __init__(self, data: dict, derived: Derived, profile_path: Path, project_root: Path,
-                 overrides: tuple = (), warnings: tuple = ()):
-        values = {"_data": copy.deepcopy(data), "derived": derived, "profile_path": Path(profile_path),
-                  "project_root": Path(project_root), "overrides": tuple(overrides), "warnings": list(warnings)}
+    def __init__(
+        self,
+        data: dict,
+        derived: Derived,
+        profile_path: Path,
+        project_root: Path,
+        overrides: tuple = (),
+        warnings: tuple = (),
+    ):
+        values = {
+            "_data": copy.deepcopy(data),
+            "derived": derived,
+            "profile_path": Path(profile_path),
+            "project_root": Path(project_root),
+            "overrides": tuple(overrides),
+            "warnings": list(warnings),
+        }
         values["settings"] = build_settings(values["_data"], derived.vllm_sync_mode)
         for name, value in values.items():
             object.__setattr__(self, name, value)

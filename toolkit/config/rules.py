@@ -4,10 +4,11 @@ Each rule takes a RuleContext (typed config with defaults, the merged raw data, 
 world size) and returns Issues. `rollout_backend` and `vllm.mode` dispatch to their own rule sets
 (the discriminator pattern), so a rule for server mode never runs on an hf profile. Imports stdlib.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 from toolkit.config.errors import WARNING, Issue
@@ -47,8 +48,10 @@ def batch_split_error(e: int, p: int, w: int) -> str | None:
     The one divisibility check: the `effective_batch_divisible` issue and normalize.derive's ValueError."""
     if w >= 1 and e % (p * w) == 0:
         return None
-    return (f"effective_batch_size={e} is not divisible by per_device_train_batch_size × learner_world_size = "
-            f"{p} × {w} = {p * w} (no rounding up: every optimizer step must see exactly E raw samples)")
+    return (
+        f"effective_batch_size={e} is not divisible by per_device_train_batch_size × learner_world_size = "
+        f"{p} × {w} = {p * w} (no rounding up: every optimizer step must see exactly E raw samples)"
+    )
 
 
 def effective_batch_divisible(ctx: RuleContext) -> list:
@@ -59,9 +62,14 @@ def effective_batch_divisible(ctx: RuleContext) -> list:
         return []
     lower, upper = (e // (p * w)) * p * w, (e // (p * w) + 1) * p * w
     options = " or ".join(str(v) for v in (lower, upper) if v > 0)
-    return [ctx.issue(_EBS, message,
-                      f"set training.effective_batch_size to a multiple of {p * w} ({options}), or change "
-                      f"per_device_train_batch_size or the number of learner ranks")]
+    return [
+        ctx.issue(
+            _EBS,
+            message,
+            f"set training.effective_batch_size to a multiple of {p * w} ({options}), or change "
+            f"per_device_train_batch_size or the number of learner ranks",
+        )
+    ]
 
 
 def gradient_accumulation_consistent(ctx: RuleContext) -> list:
@@ -70,11 +78,15 @@ def gradient_accumulation_consistent(ctx: RuleContext) -> list:
     given = ctx.cfg["training"]["gradient_accumulation_steps"]
     if given is None or batch_split_error(e, p, w) or given == e // (p * w):
         return []
-    return [ctx.issue(("training", "gradient_accumulation_steps"),
-                      f"gradient_accumulation_steps={given} conflicts with the derived value {e // (p * w)} "
-                      f"= effective_batch_size / (per_device_train_batch_size × learner_world_size) "
-                      f"= {e} / ({p} × {w})",
-                      "remove training.gradient_accumulation_steps (it is derived)")]
+    return [
+        ctx.issue(
+            ("training", "gradient_accumulation_steps"),
+            f"gradient_accumulation_steps={given} conflicts with the derived value {e // (p * w)} "
+            f"= effective_batch_size / (per_device_train_batch_size × learner_world_size) "
+            f"= {e} / ({p} × {w})",
+            "remove training.gradient_accumulation_steps (it is derived)",
+        )
+    ]
 
 
 def packing_buffer_holds_step(ctx: RuleContext) -> list:
@@ -83,11 +95,14 @@ def packing_buffer_holds_step(ctx: RuleContext) -> list:
     buf = ctx.cfg["training"]["packing_buffer"]
     if batch_split_error(e, p, w) or e // w <= buf:
         return []
-    return [ctx.issue(("training", "packing_buffer"),
-                      f"packing_buffer={buf} cannot hold one rank's step budget: effective_batch_size / "
-                      f"learner_world_size = {e} / {w} = {e // w} segments are packed together each step",
-                      f"raise training.packing_buffer to at least {e // w}, lower effective_batch_size, "
-                      f"or add learner ranks")]
+    return [
+        ctx.issue(
+            ("training", "packing_buffer"),
+            f"packing_buffer={buf} cannot hold one rank's step budget: effective_batch_size / "
+            f"learner_world_size = {e} / {w} = {e // w} segments are packed together each step",
+            f"raise training.packing_buffer to at least {e // w}, lower effective_batch_size, or add learner ranks",
+        )
+    ]
 
 
 def decode_batch_overrides_eval(ctx: RuleContext) -> list:
@@ -96,11 +111,15 @@ def decode_batch_overrides_eval(ctx: RuleContext) -> list:
     e = ctx.cfg["training"]["per_device_eval_batch_size"]
     if d == e or not ctx.explicit(("training", "per_device_eval_batch_size")):
         return []
-    return [ctx.issue(("training", "per_device_eval_batch_size"),
-                      f"per_device_eval_batch_size={e} is ignored: rollout-aware eval decodes in microbatches "
-                      f"of rollout_matching.decode_batch_size={d}",
-                      "remove training.per_device_eval_batch_size; set rollout_matching.decode_batch_size",
-                      WARNING)]
+    return [
+        ctx.issue(
+            ("training", "per_device_eval_batch_size"),
+            f"per_device_eval_batch_size={e} is ignored: rollout-aware eval decodes in microbatches "
+            f"of rollout_matching.decode_batch_size={d}",
+            "remove training.per_device_eval_batch_size; set rollout_matching.decode_batch_size",
+            WARNING,
+        )
+    ]
 
 
 def deepspeed_config_required(ctx: RuleContext) -> list:
@@ -108,16 +127,26 @@ def deepspeed_config_required(ctx: RuleContext) -> list:
     ds = ctx.cfg["deepspeed"]
     if not ds["enabled"] or ds["config"] is not None:
         return []
-    return [ctx.issue(("deepspeed", "config"), "deepspeed.enabled is true but deepspeed.config is not set",
-                      "set deepspeed.config to a name from ds_configs/ (e.g. zero2)")]
+    return [
+        ctx.issue(
+            ("deepspeed", "config"),
+            "deepspeed.enabled is true but deepspeed.config is not set",
+            "set deepspeed.config to a name from ds_configs/ (e.g. zero2)",
+        )
+    ]
 
 
 def eval_needs_val_data(ctx: RuleContext) -> list:
     """training.eval_strategy: steps needs data.val_jsonl."""
     if ctx.cfg["training"]["eval_strategy"] != "steps" or ctx.cfg["data"]["val_jsonl"] is not None:
         return []
-    return [ctx.issue(("training", "eval_strategy"), "eval_strategy is steps but data.val_jsonl is not set",
-                      "set data.val_jsonl, or training.eval_strategy: no")]
+    return [
+        ctx.issue(
+            ("training", "eval_strategy"),
+            "eval_strategy is steps but data.val_jsonl is not set",
+            "set data.val_jsonl, or training.eval_strategy: no",
+        )
+    ]
 
 
 def sampling_needs_temperature(ctx: RuleContext) -> list:
@@ -126,15 +155,27 @@ def sampling_needs_temperature(ctx: RuleContext) -> list:
     temp = rm["decoding"]["temperature"]
     path = ("rollout_matching", "decoding", "temperature")
     if rm["decode_mode"] == "sample" and temp == 0.0:
-        return [ctx.issue(path, "decode_mode is sample but decoding.temperature is 0",
-                          "set rollout_matching.decoding.temperature > 0, or decode_mode: greedy")]
+        return [
+            ctx.issue(
+                path,
+                "decode_mode is sample but decoding.temperature is 0",
+                "set rollout_matching.decoding.temperature > 0, or decode_mode: greedy",
+            )
+        ]
     if rm["decode_mode"] == "greedy" and temp > 0.0:
-        return [ctx.issue(path, f"decoding.temperature={temp} is ignored with decode_mode: greedy",
-                          "remove it, or set rollout_matching.decode_mode: sample", WARNING)]
+        return [
+            ctx.issue(
+                path,
+                f"decoding.temperature={temp} is ignored with decode_mode: greedy",
+                "remove it, or set rollout_matching.decode_mode: sample",
+                WARNING,
+            )
+        ]
     return []
 
 
 # ---- rollout_backend: vllm ------------------------------------------------------------------------
+
 
 def resolve_sync_mode(cfg: dict) -> str:
     """vllm.sync.mode with auto resolved: adapter when LoRA adapters are trained and served, else full."""
@@ -151,11 +192,21 @@ def vllm_max_model_len(ctx: RuleContext) -> list:
     mml = ctx.cfg["rollout_matching"]["vllm"]["max_model_len"]
     new = ctx.cfg["rollout_matching"]["max_new_tokens"]
     if mml is None:
-        return [ctx.issue(path, "rollout_backend is vllm but vllm.max_model_len is not set",
-                          "set rollout_matching.vllm.max_model_len (prompt + completion tokens, e.g. 12000)")]
+        return [
+            ctx.issue(
+                path,
+                "rollout_backend is vllm but vllm.max_model_len is not set",
+                "set rollout_matching.vllm.max_model_len (prompt + completion tokens, e.g. 12000)",
+            )
+        ]
     if new >= mml:
-        return [ctx.issue(path, f"max_model_len={mml} leaves no room for a prompt with max_new_tokens={new}",
-                          "raise rollout_matching.vllm.max_model_len or lower rollout_matching.max_new_tokens")]
+        return [
+            ctx.issue(
+                path,
+                f"max_model_len={mml} leaves no room for a prompt with max_new_tokens={new}",
+                "raise rollout_matching.vllm.max_model_len or lower rollout_matching.max_new_tokens",
+            )
+        ]
     return []
 
 
@@ -165,14 +216,27 @@ def vllm_sync_mode(ctx: RuleContext) -> list:
     given = ctx.cfg["rollout_matching"]["vllm"]["sync"]["mode"]
     resolved = resolve_sync_mode(ctx.cfg)
     out = []
-    if given == "adapter" and resolved == "adapter" and not (
-            ctx.cfg["tuner"]["train_type"] == "lora" and ctx.cfg["rollout_matching"]["vllm"]["enable_lora"]):
-        out.append(ctx.issue(path, "sync.mode adapter needs tuner.train_type: lora and vllm.enable_lora: true",
-                             "set rollout_matching.vllm.sync.mode: full, or train and serve LoRA adapters"))
+    if (
+        given == "adapter"
+        and resolved == "adapter"
+        and not (ctx.cfg["tuner"]["train_type"] == "lora" and ctx.cfg["rollout_matching"]["vllm"]["enable_lora"])
+    ):
+        out.append(
+            ctx.issue(
+                path,
+                "sync.mode adapter needs tuner.train_type: lora and vllm.enable_lora: true",
+                "set rollout_matching.vllm.sync.mode: full, or train and serve LoRA adapters",
+            )
+        )
     if ctx.world_size > 1 and resolved != "full":
-        out.append(ctx.issue(path, f"sync.mode {given} resolves to {resolved}, but learner world size is "
-                                   f"{ctx.world_size}; only full sync is supported with several learner ranks",
-                             "set rollout_matching.vllm.sync.mode: full"))
+        out.append(
+            ctx.issue(
+                path,
+                f"sync.mode {given} resolves to {resolved}, but learner world size is "
+                f"{ctx.world_size}; only full sync is supported with several learner ranks",
+                "set rollout_matching.vllm.sync.mode: full",
+            )
+        )
     return out
 
 
@@ -181,8 +245,13 @@ def server_list_valid(ctx: RuleContext) -> list:
     base = ("rollout_matching", "vllm", "server", "servers")
     servers = ctx.cfg["rollout_matching"]["vllm"]["server"]["servers"]
     if not servers:
-        return [ctx.issue(base, "vllm.mode is server but vllm.server.servers is empty",
-                          "add servers: [{base_url: http://127.0.0.1:8000, group_port: 51216}]")]
+        return [
+            ctx.issue(
+                base,
+                "vllm.mode is server but vllm.server.servers is empty",
+                "add servers: [{base_url: http://127.0.0.1:8000, group_port: 51216}]",
+            )
+        ]
     out, used = [], {}  # (host, port) → "servers[i].key" that took it
     for i, srv in enumerate(servers):
         url = srv["base_url"]
@@ -192,14 +261,24 @@ def server_list_valid(ctx: RuleContext) -> list:
         except ValueError:
             parts, port = None, None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-            out.append(ctx.issue(base + (i, "base_url"), f"base_url {url!r} is not an http(s) URL with host and port",
-                                 "write it as http://HOST:PORT (e.g. http://127.0.0.1:8000)"))
+            out.append(
+                ctx.issue(
+                    base + (i, "base_url"),
+                    f"base_url {url!r} is not an http(s) URL with host and port",
+                    "write it as http://HOST:PORT (e.g. http://127.0.0.1:8000)",
+                )
+            )
             continue
         for key, number in (("base_url", port), ("group_port", srv["group_port"])):
             endpoint = (parts.hostname, number)
             if endpoint in used:
-                out.append(ctx.issue(base + (i, key), f"port {number} on {parts.hostname} is already used by "
-                                     f"{used[endpoint]}", "give every server its own HTTP port and group_port"))
+                out.append(
+                    ctx.issue(
+                        base + (i, key),
+                        f"port {number} on {parts.hostname} is already used by {used[endpoint]}",
+                        "give every server its own HTTP port and group_port",
+                    )
+                )
             used.setdefault(endpoint, f"servers[{i}].{key}")
     return out
 
@@ -229,8 +308,14 @@ def backend_dispatch(ctx: RuleContext) -> list:
 
 
 RULES: tuple[Rule, ...] = (
-    effective_batch_divisible, gradient_accumulation_consistent, packing_buffer_holds_step, decode_batch_overrides_eval,
-    deepspeed_config_required, eval_needs_val_data, sampling_needs_temperature, backend_dispatch,
+    effective_batch_divisible,
+    gradient_accumulation_consistent,
+    packing_buffer_holds_step,
+    decode_batch_overrides_eval,
+    deepspeed_config_required,
+    eval_needs_val_data,
+    sampling_needs_temperature,
+    backend_dispatch,
 )
 
 

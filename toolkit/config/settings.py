@@ -4,10 +4,12 @@ The trainer, the backends, the rollout server and the launcher read `cfg.setting
 and never re-derive a value or repeat a default: every default lives in the schema (schema.py), a `None`
 stays `None` ("engine default" / "no cap"). Imports stdlib only.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -140,14 +142,15 @@ class Settings:
 SETTINGS_DOCS = {
     "rollout_backend": "rollout_matching.rollout_backend.",
     "decode": "max_new_tokens, decode_batch_size, do_sample (decode_mode sample or a temperature > 0), temperature "
-              "(1.0 when greedy), top_p, top_k, repetition_penalty, repeat (repeat_terminate; null when disabled), "
-              "seed (= training.seed).",
+    "(1.0 when greedy), top_p, top_k, repetition_penalty, repeat (repeat_terminate; null when disabled), "
+    "seed (= training.seed).",
     "match": "candidate_top_k, maskiou_gate, maskiou_resolution, fp_cost, fn_cost.",
     "packing": "enabled (= training.packing), length (= global_max_length), buffer (= training.packing_buffer), "
-               "min_fill_ratio (= training.packing_min_fill_ratio).",
+    "min_fill_ratio (= training.packing_min_fill_ratio).",
     "vllm": "the engine knobs of rollout_matching.vllm (mode null already resolved to colocate; a null knob stays "
-            "null: vLLM's default applies).",
-    "server": "timeout_s, infer_timeout_s (null already resolved to timeout_s), overlap, servers (base_url, group_port).",
+    "null: vLLM's default applies).",
+    "server": "timeout_s, infer_timeout_s (null already resolved to timeout_s), overlap, servers (base_url, "
+    "group_port).",
     "sync": "mode (auto already resolved), fallback_to_full, bucket_size_mb.",
     "monitor": "rollout_matching.monitor_dump.",
     "object_field_order": "template.object_field_order.",
@@ -165,13 +168,22 @@ def build_settings(cfg: Mapping[str, Any], sync_mode: str) -> Settings:
     dec, vllm, srv = rm["decoding"], rm["vllm"], rm["vllm"]["server"]
     sample = rm["decode_mode"] == "sample" or dec["temperature"] > 0
     decode = DecodeSettings(
-        max_new_tokens=rm["max_new_tokens"], decode_batch_size=rm["decode_batch_size"], do_sample=bool(sample),
-        temperature=float(dec["temperature"]) if sample else 1.0, top_p=float(dec["top_p"]), top_k=int(dec["top_k"]),
-        repetition_penalty=float(rm["repetition_penalty"]), repeat=RepeatSettings.from_section(rm["repeat_terminate"]),
+        max_new_tokens=rm["max_new_tokens"],
+        decode_batch_size=rm["decode_batch_size"],
+        do_sample=bool(sample),
+        temperature=float(dec["temperature"]) if sample else 1.0,
+        top_p=float(dec["top_p"]),
+        top_k=int(dec["top_k"]),
+        repetition_penalty=float(rm["repetition_penalty"]),
+        repeat=RepeatSettings.from_section(rm["repeat_terminate"]),
         seed=training["seed"],
     )
-    packing = PackingSettings(enabled=bool(training["packing"]), length=int(cfg["global_max_length"]),
-                              buffer=training["packing_buffer"], min_fill_ratio=training["packing_min_fill_ratio"])
+    packing = PackingSettings(
+        enabled=bool(training["packing"]),
+        length=int(cfg["global_max_length"]),
+        buffer=training["packing_buffer"],
+        min_fill_ratio=training["packing_min_fill_ratio"],
+    )
     servers = tuple(ServerAddress(s["base_url"], s["group_port"]) for s in srv["servers"])
     return Settings(
         rollout_backend=rm["rollout_backend"],

@@ -5,11 +5,13 @@ build (a) the voluptuous schema, strict at every depth (PREVENT_EXTRA), defaults
 `Optional(default=...)`; (b) a partial variant for base files (no required keys, no defaults);
 (c) lookups for did-you-mean and docs. Imports voluptuous and stdlib only.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from voluptuous import PREVENT_EXTRA, All, Invalid, MultipleInvalid, Optional, Required, Schema
 
@@ -95,8 +97,7 @@ def _compile(section: Section, partial: bool) -> dict:
     out: dict = {}
     for name, spec in section.keys.items():
         if isinstance(spec, Section):
-            marker = Optional(name) if partial else (
-                Required(name) if spec.required else Optional(name, default=dict))
+            marker = Optional(name) if partial else (Required(name) if spec.required else Optional(name, default=dict))
             out[marker] = All(_mapping_check, _compile(spec, partial))
         elif isinstance(spec, ItemList):
             marker = Optional(name) if partial else Optional(name, default=_factory(list(spec.default)))

@@ -4,6 +4,7 @@ Walks `MultipleInvalid.errors` (never `str(MultipleInvalid)`, which shows only t
 voluptuous' stock texts as plain sentences with a did-you-mean (difflib) and a fix. Imports
 voluptuous and stdlib only.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,8 +67,12 @@ def to_issue(root: Section, index: dict, doc: Document, err: Invalid) -> Issue:
     if node is None and path and isinstance(path[-1], int):
         node = node_at(root, path[:-1])  # an item of a list-valued key
     if text == _REQUIRED:
-        return Issue.at(_required_at(doc, path), render_path(path), "required key is missing",
-                        f"set {render_path(path)} ({_spec_text(node)})")
+        return Issue.at(
+            _required_at(doc, path),
+            render_path(path),
+            "required key is missing",
+            f"set {render_path(path)} ({_spec_text(node)})",
+        )
     if text in ("expected a dictionary", "expected a list"):
         text = f"{text.replace('dictionary', 'mapping')}, got {received(value_at(doc.data, path))}"
     return Issue.at(doc.where(path), render_path(path), text, _fix_for(text, path, value_at(doc.data, path)))
@@ -118,8 +123,9 @@ def order_like_spec(data: Any, node: Any) -> Any:
     return data
 
 
-def validate_schema(doc: Document, schema: Schema, root: Section,
-                    index: dict | None = None) -> tuple[dict | None, list[Issue]]:
+def validate_schema(
+    doc: Document, schema: Schema, root: Section, index: dict | None = None
+) -> tuple[dict | None, list[Issue]]:
     """Validate `doc.data`: (typed data with defaults, in schema order; []) or (None, every issue).
     `index` is `key_index(root)` when the caller has it precomputed."""
     try:

@@ -11,6 +11,7 @@ Two known PyYAML warts are fixed here (PyYAML implements YAML 1.1):
   Likewise a bare `2024-01-01` stays a string (no implicit timestamps).
 Integers follow the core schema too (`010` is ten, not octal eight; no `1:30` sexagesimal).
 """
+
 from __future__ import annotations
 
 import json
@@ -138,7 +139,9 @@ class _Walker:
 
     def walk(self, node, path: Path_t) -> Any:
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
-            self.issue(node, path, f"YAML tag {node.tag!r} is not supported", "use plain YAML lists and mappings (no tags)")
+            self.issue(
+                node, path, f"YAML tag {node.tag!r} is not supported", "use plain YAML lists and mappings (no tags)"
+            )
             return None
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
             if id(node) in self._active:
@@ -146,14 +149,20 @@ class _Walker:
                 return None
             self._active.add(id(node))
             try:
-                return self.walk_mapping(node, path) if isinstance(node, yaml.MappingNode) else self.walk_list(node, path)
+                return (
+                    self.walk_mapping(node, path) if isinstance(node, yaml.MappingNode) else self.walk_list(node, path)
+                )
             finally:
                 self._active.discard(id(node))
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            self.issue(node, path, f"cannot read this value: {getattr(exc, 'problem', exc)}",
-                       "use plain YAML scalars, lists and mappings (no tags)")
+            self.issue(
+                node,
+                path,
+                f"cannot read this value: {getattr(exc, 'problem', exc)}",
+                "use plain YAML scalars, lists and mappings (no tags)",
+            )
             return None
 
     def walk_list(self, node, path: Path_t) -> list:
@@ -168,21 +177,32 @@ class _Walker:
         first_line: dict = {}
         for knode, vnode in node.value:
             if knode.tag == _MERGE_TAG:
-                self.issue(knode, path, "YAML merge keys (<<) are not supported", "use `extends:` or write the keys out")
+                self.issue(
+                    knode, path, "YAML merge keys (<<) are not supported", "use `extends:` or write the keys out"
+                )
                 continue
             if not isinstance(knode, yaml.ScalarNode):
                 kind = "list" if isinstance(knode, yaml.SequenceNode) else "mapping"
-                self.issue(knode, path + (f"<{kind} key>",), f"keys must be strings, got a {kind}",
-                           "use a plain string key")
+                self.issue(
+                    knode, path + (f"<{kind} key>",), f"keys must be strings, got a {kind}", "use a plain string key"
+                )
                 continue
             key = self.walk(knode, path)
             if not isinstance(key, str):
-                self.issue(knode, path + (str(key),), f"keys must be strings, got {type_name(key)} {key!r}",
-                           "quote the key or rename it")
+                self.issue(
+                    knode,
+                    path + (str(key),),
+                    f"keys must be strings, got {type_name(key)} {key!r}",
+                    "quote the key or rename it",
+                )
                 continue
             if key in out:
-                self.issue(knode, path + (key,), f"duplicate key '{key}' (first defined at line {first_line[key]})",
-                           "keep one of the two entries")
+                self.issue(
+                    knode,
+                    path + (key,),
+                    f"duplicate key '{key}' (first defined at line {first_line[key]})",
+                    "keep one of the two entries",
+                )
             first_line.setdefault(key, knode.start_mark.line + 1)
             self.positions[path + (key,)] = _mark(self.file, knode)
             out[key] = self.walk(vnode, path + (key,))
@@ -203,8 +223,9 @@ def load_document(path: Path) -> tuple[Document | None, list[Issue]]:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        return None, [Issue.at(Location(file), "<document>", f"cannot read file: {exc.strerror or exc}",
-                               "check the path")]
+        return None, [
+            Issue.at(Location(file), "<document>", f"cannot read file: {exc.strerror or exc}", "check the path")
+        ]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -214,11 +235,14 @@ def load_document(path: Path) -> tuple[Document | None, list[Issue]]:
 
 def _not_utf8(file: str, raw: bytes, exc: UnicodeDecodeError) -> Issue:
     """The first byte that is not UTF-8, as a line and column."""
-    before = raw[:exc.start]
+    before = raw[: exc.start]
     line, col = before.count(b"\n") + 1, exc.start - (before.rfind(b"\n") + 1) + 1
-    return Issue.at(Location(file, line, col), "<document>",
-                    f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
-                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    return Issue.at(
+        Location(file, line, col),
+        "<document>",
+        f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded",
+        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+    )
 
 
 def _compose(text: str, file: str):
@@ -229,8 +253,18 @@ def _compose(text: str, file: str):
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
-        return loader, None, [Issue.at(loc, "<document>", f"YAML syntax error: {exc.problem or exc}",
-                                       "fix the YAML syntax at this position")]
+        return (
+            loader,
+            None,
+            [
+                Issue.at(
+                    loc,
+                    "<document>",
+                    f"YAML syntax error: {exc.problem or exc}",
+                    "fix the YAML syntax at this position",
+                )
+            ],
+        )
     except yaml.YAMLError as exc:
         return loader, None, [Issue.at(Location(file), "<document>", f"YAML error: {exc}", "fix the YAML syntax")]
     finally:
@@ -264,19 +298,28 @@ def _measure(node, depth: int, memo: dict, active: set) -> tuple[int, int]:
         size, height = 1, 1
         for child in children:
             if depth + 1 > MAX_NESTING:
-                raise _OverLimit(child, f"values nest deeper than {MAX_NESTING} levels",
-                                 "flatten the value (a profile nests about six levels)")
+                raise _OverLimit(
+                    child,
+                    f"values nest deeper than {MAX_NESTING} levels",
+                    "flatten the value (a profile nests about six levels)",
+                )
             child_size, child_height = _measure(child, depth + 1, memo, active)
             size, height = size + child_size, max(height, child_height + 1)
             if size > MAX_NODES:
-                raise _OverLimit(node, f"this value expands to more than {MAX_NODES:,} values (YAML aliases "
-                                       "repeat their anchor's value at every use)",
-                                 "write the values out without nested aliases (a profile holds a few hundred)")
+                raise _OverLimit(
+                    node,
+                    f"this value expands to more than {MAX_NODES:,} values (YAML aliases "
+                    "repeat their anchor's value at every use)",
+                    "write the values out without nested aliases (a profile holds a few hundred)",
+                )
         active.discard(id(node))
         memo[id(node)] = size, height
     if depth + height - 1 > MAX_NESTING:
-        raise _OverLimit(node, f"values nest deeper than {MAX_NESTING} levels",
-                         "flatten the value (a profile nests about six levels)")
+        raise _OverLimit(
+            node,
+            f"values nest deeper than {MAX_NESTING} levels",
+            "flatten the value (a profile nests about six levels)",
+        )
     return size, height
 
 
@@ -290,9 +333,14 @@ def parse_document(text: str, file: str) -> tuple[Document | None, list[Issue]]:
     walker = _Walker(loader, file)
     data = walker.walk(node, ())
     if not isinstance(data, dict):
-        return None, walker.issues + [Issue.at(_mark(file, node), "<document>",
-                                               f"a profile must be a mapping of sections, got {type_name(data)}",
-                                               "start the file with `extends:` or a section such as `training:`")]
+        return None, walker.issues + [
+            Issue.at(
+                _mark(file, node),
+                "<document>",
+                f"a profile must be a mapping of sections, got {type_name(data)}",
+                "start the file with `extends:` or a section such as `training:`",
+            )
+        ]
     return Document(file, data, walker.positions), walker.issues
 
 
@@ -310,7 +358,9 @@ def parse_value(text: str, source: str = "--set") -> Any:
         issues = walker.issues
     if issues:
         first = issues[0]
-        raise ValueError(first.message if first.message.startswith("YAML") else f"not a usable YAML value: {first.message}")
+        raise ValueError(
+            first.message if first.message.startswith("YAML") else f"not a usable YAML value: {first.message}"
+        )
     return value
 
 

@@ -7,6 +7,7 @@ profile, answer lengths in tokens against rollout_matching.max_new_tokens (rollo
 answer) and prompt + answer against global_max_length (Channel-A drops them as too_long). Imports nothing heavy
 until a profile asks for token lengths.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -36,9 +37,14 @@ def histogram(values, edges: tuple[int, ...]) -> dict[str, int]:
 def _image_kind(issue: RecordIssue) -> str | None:
     msg = issue.message
     if msg.startswith("image "):
-        for needle, kind in (("not found", "missing"), ("pixels but the record says", "wrong size"),
-                             ("truncated", "truncated"), ("too large", "too large"), ("not a readable", "unreadable"),
-                             ("does not decode", "does not decode")):
+        for needle, kind in (
+            ("not found", "missing"),
+            ("pixels but the record says", "wrong size"),
+            ("truncated", "truncated"),
+            ("too large", "too large"),
+            ("not a readable", "unreadable"),
+            ("does not decode", "does not decode"),
+        ):
             if needle in msg:
                 return kind
     return None
@@ -68,8 +74,9 @@ class CheckReport:
 
 
 def record_stats(records: list[Record], issues: list[RecordIssue]) -> dict:
-    sides = [min(o["bbox_2d"][2] - o["bbox_2d"][0], o["bbox_2d"][3] - o["bbox_2d"][1])
-             for r in records for o in r.objects]
+    sides = [
+        min(o["bbox_2d"][2] - o["bbox_2d"][0], o["bbox_2d"][3] - o["bbox_2d"][1]) for r in records for o in r.objects
+    ]
     small = sum(s < SMALL_BOX_BINS for s in sides)
     image_problems = Counter(k for k in map(_image_kind, issues) if k)
     stats = {
@@ -109,16 +116,18 @@ def token_stats(records: list[Record], cfg) -> dict:
         return image_prompt[rec.width, rec.height]
 
     usable = [r for r in records if vision is not None or not r.is_image]
-    answers = [len(encode_answer(tok, render_answer(r.objects, t.object_field_order, t.object_ordering))) + 1
-               for r in usable]
+    answers = [
+        len(encode_answer(tok, render_answer(r.objects, t.object_field_order, t.object_ordering))) + 1 for r in usable
+    ]
     totals = [prompt_len(r) + a for r, a in zip(usable, answers)]
     max_new, max_len = cfg.rollout_matching.max_new_tokens, cfg.global_max_length
     return {
         "answer tokens (with <|im_end|>)": histogram(answers, TOKEN_EDGES),
         "answer tokens max": max(answers, default=0),
         f"answers over max_new_tokens={max_new} (rollouts truncated)": sum(a > max_new for a in answers),
-        f"prompt+answer over global_max_length={max_len} (Channel-A drops as too_long)":
-            sum(n > max_len for n in totals),
+        f"prompt+answer over global_max_length={max_len} (Channel-A drops as too_long)": sum(
+            n > max_len for n in totals
+        ),
         "image records on a model without a vision tower": len(records) - len(usable),
     }
 
@@ -134,13 +143,26 @@ def decode_issues(records: list[Record]) -> list[RecordIssue]:
                 with Image.open(path) as im:
                     im.load()
             except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what PIL's decoders raise
-                issues.append(RecordIssue(rec.file, rec.line, f"image {entry!r} at {path} does not decode: {exc}",
-                                          "re-export or re-copy the file"))
+                issues.append(
+                    RecordIssue(
+                        rec.file,
+                        rec.line,
+                        f"image {entry!r} at {path} does not decode: {exc}",
+                        "re-export or re-copy the file",
+                    )
+                )
     return issues
 
 
-def check_dataset(path: str, *, cfg=None, image_root: str | None = None, bbox_format: str = "norm1000",
-                  poly_policy: str = "error", decode: bool = False) -> CheckReport:
+def check_dataset(
+    path: str,
+    *,
+    cfg=None,
+    image_root: str | None = None,
+    bbox_format: str = "norm1000",
+    poly_policy: str = "error",
+    decode: bool = False,
+) -> CheckReport:
     """Check `path`: all problems, record statistics, and token statistics when a resolved profile `cfg` is given
     (its data.image_root / bbox_format / poly_policy then apply); `decode` decodes every image in full."""
     if cfg is not None:
@@ -152,8 +174,14 @@ def check_dataset(path: str, *, cfg=None, image_root: str | None = None, bbox_fo
     if cfg is not None and records:
         report.stats.update(token_stats(records, cfg))
         if report.stats["image records on a model without a vision tower"]:
-            report.issues += [RecordIssue(r.file, r.line,
-                                          f"record {r.id!r} has images but the model has no vision tower",
-                                          "point model.model at a Qwen-VL folder, or use text records")
-                              for r in records if r.is_image]
+            report.issues += [
+                RecordIssue(
+                    r.file,
+                    r.line,
+                    f"record {r.id!r} has images but the model has no vision tower",
+                    "point model.model at a Qwen-VL folder, or use text records",
+                )
+                for r in records
+                if r.is_image
+            ]
     return report

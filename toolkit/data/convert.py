@@ -17,6 +17,7 @@ multiples of the model's patch grid (patch_size x merge_size: 28 for Qwen2-VL, 3
 `<out folder>/images/`. Bins are fractions of the side, so they stay valid for the resized image; only the
 record's width and height change. Reads plain JSON (COCO and LVIS files are JSON); PIL for images.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,12 @@ class ConvertSummary:
             self.examples.append(f"{reason}: {example}")
 
     def lines(self) -> list[str]:
-        out = [f"images in annotations: {self.images}", f"records written: {self.written}",
-               f"objects written: {self.objects}", f"images resized: {self.resized}"]
+        out = [
+            f"images in annotations: {self.images}",
+            f"records written: {self.written}",
+            f"objects written: {self.objects}",
+            f"images resized: {self.resized}",
+        ]
         out += [f"images skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         out += [f"objects dropped ({reason}): {n}" for reason, n in sorted(self.dropped.items())]
         return out + [f"  e.g. {e}" for e in self.examples]
@@ -69,8 +74,10 @@ def model_grid(model_dir: str | Path) -> int:
             cfg = cfg.get("image_processor", cfg)
             if "patch_size" in cfg:
                 return int(cfg["patch_size"]) * int(cfg.get("merge_size", 1))
-    raise ConvertError(f"{folder}: no patch_size in preprocessor_config.json or processor_config.json "
-                       "(fix: give --grid, e.g. 28 for Qwen2-VL, 32 for Qwen3-VL)")
+    raise ConvertError(
+        f"{folder}: no patch_size in preprocessor_config.json or processor_config.json "
+        "(fix: give --grid, e.g. 28 for Qwen2-VL, 32 for Qwen3-VL)"
+    )
 
 
 def fit_size(width: int, height: int, max_side: int, grid: int) -> tuple[int, int]:
@@ -95,8 +102,10 @@ def _read(path: Path) -> dict:
         raise ConvertError(f"{path}: cannot read the annotations: {exc} (fix: give a COCO/LVIS JSON file)") from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ConvertError(f"{path}: no '{key}' list: not a COCO/LVIS detection file "
-                               "(fix: give instances_*.json or lvis_v1_*.json)")
+            raise ConvertError(
+                f"{path}: no '{key}' list: not a COCO/LVIS detection file "
+                "(fix: give instances_*.json or lvis_v1_*.json)"
+            )
     problems = _problems(data)
     if problems:
         more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -106,15 +115,22 @@ def _read(path: Path) -> dict:
 
 def _problems(data: dict) -> list[str]:
     """The shape COCO/LVIS promise, checked up front so a bad entry is named, not a KeyError later."""
+
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     cats = {c.get("id") for c in data["categories"] if isinstance(c, dict) and "name" in c}
-    problems = [f"categories[{k}] needs id and name" for k, c in enumerate(data["categories"])
-                if not isinstance(c, dict) or "id" not in c or "name" not in c]
+    problems = [
+        f"categories[{k}] needs id and name"
+        for k, c in enumerate(data["categories"])
+        if not isinstance(c, dict) or "id" not in c or "name" not in c
+    ]
     for k, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or "id" not in im or not all(
-                isinstance(im.get(key), int) and im[key] > 0 for key in ("width", "height")):
+        if (
+            not isinstance(im, dict)
+            or "id" not in im
+            or not all(isinstance(im.get(key), int) and im[key] > 0 for key in ("width", "height"))
+        ):
             problems.append(f"images[{k}] needs id and positive integer width, height")
     for k, ann in enumerate(data["annotations"]):
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
@@ -130,8 +146,9 @@ def _file_name(image: dict) -> str:
     return image.get("file_name") or os.path.basename(image.get("coco_url", ""))
 
 
-def _objects(anns: list[dict], names: dict, width: int, height: int, iscrowd: str,
-             summary: ConvertSummary) -> list[dict]:
+def _objects(
+    anns: list[dict], names: dict, width: int, height: int, iscrowd: str, summary: ConvertSummary
+) -> list[dict]:
     out = []
     for ann in anns:
         if ann.get("iscrowd", 0) and iscrowd == "drop":
@@ -166,8 +183,16 @@ def _resize(src: Path, dst: Path, size: tuple[int, int]) -> None:
         im.save(dst, quality=95) if dst.suffix.lower() in (".jpg", ".jpeg") else im.save(dst)
 
 
-def _record(image: dict, objects: list[dict], images_dir: Path, out_dir: Path, max_side: int | None, grid: int,
-            prefix: str, summary: ConvertSummary) -> dict | None:
+def _record(
+    image: dict,
+    objects: list[dict],
+    images_dir: Path,
+    out_dir: Path,
+    max_side: int | None,
+    grid: int,
+    prefix: str,
+    summary: ConvertSummary,
+) -> dict | None:
     name = _file_name(image)
     src = images_dir / name
     width, height = image.get("width"), image.get("height")
@@ -176,8 +201,9 @@ def _record(image: dict, objects: list[dict], images_dir: Path, out_dir: Path, m
         summary.skip("image missing or unreadable", str(src))
         return None
     if real != (width, height):
-        summary.skip("real size differs from the annotation",
-                     f"{src} is {real[0]}x{real[1]}, annotated {width}x{height}")
+        summary.skip(
+            "real size differs from the annotation", f"{src} is {real[0]}x{real[1]}, annotated {width}x{height}"
+        )
         return None
     entry = os.path.relpath(src, out_dir)
     if max_side:
@@ -190,9 +216,18 @@ def _record(image: dict, objects: list[dict], images_dir: Path, out_dir: Path, m
     return {"id": f"{prefix}-{image['id']}", "images": [entry], "width": width, "height": height, "objects": objects}
 
 
-def convert_coco(annotations: str | Path, images_dir: str | Path, out: str | Path, *, max_objects: int = 60,
-                 max_side: int | None = None, grid: int = DEFAULT_GRID, iscrowd: str = "drop",
-                 keep_empty: bool = False, progress: bool = False) -> ConvertSummary:
+def convert_coco(
+    annotations: str | Path,
+    images_dir: str | Path,
+    out: str | Path,
+    *,
+    max_objects: int = 60,
+    max_side: int | None = None,
+    grid: int = DEFAULT_GRID,
+    iscrowd: str = "drop",
+    keep_empty: bool = False,
+    progress: bool = False,
+) -> ConvertSummary:
     """Convert a COCO or LVIS detection file to image records at `out` (see the module docstring)."""
     if iscrowd not in CROWD_CHOICES:
         raise ValueError(f"iscrowd must be one of {CROWD_CHOICES}, got {iscrowd!r}")

@@ -2,6 +2,7 @@
 
 Owns the token spelling and the bin <-> [0, 1] mapping (k / 999, never / 1000). Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import re

@@ -3,6 +3,7 @@ or one image file in, a list of (problem, fix) pairs out, empty when it follows 
 
 Imports nothing heavy (PIL only inside `check_image_file`).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,12 @@ def _is_number(v) -> bool:
 def _check_corners(bbox, where: str) -> list[tuple[str, str]]:
     x1, y1, x2, y2 = bbox
     if x1 > x2 or y1 > y2:
-        return [(f"{where}.bbox_2d must have x1<=x2 and y1<=y2, got {bbox!r}",
-                 "order the corners as [x1, y1, x2, y2] with the top-left first")]
+        return [
+            (
+                f"{where}.bbox_2d must have x1<=x2 and y1<=y2, got {bbox!r}",
+                "order the corners as [x1, y1, x2, y2] with the top-left first",
+            )
+        ]
     return []
 
 
@@ -52,9 +57,12 @@ def _bin_values(values, what: str) -> tuple[list[int] | None, list[tuple[str, st
     bins = [as_bin(v) for v in values]
     if any(b is None for b in bins):
         hint = " (floats are not bins)" if any(isinstance(v, float) and math.isfinite(v) for v in values) else ""
-        return None, [(f"{what} values must be integer bins or coord tokens \"<|coord_N|>\"{hint}, got {values!r}",
-                       f"quantize coordinates to integer bins 0..{MAX_BIN}, "
-                       "or load pixel boxes with bbox_format='pixel'")]
+        return None, [
+            (
+                f'{what} values must be integer bins or coord tokens "<|coord_N|>"{hint}, got {values!r}',
+                f"quantize coordinates to integer bins 0..{MAX_BIN}, or load pixel boxes with bbox_format='pixel'",
+            )
+        ]
     out = [v for v in bins if not 0 <= v <= MAX_BIN]
     if out:
         return None, [(f"{what} has bins outside 0..{MAX_BIN}: {out}", f"clamp bins to 0..{MAX_BIN}")]
@@ -63,8 +71,12 @@ def _bin_values(values, what: str) -> tuple[list[int] | None, list[tuple[str, st
 
 def _check_bbox(bbox, where: str) -> list[tuple[str, str]]:
     if not isinstance(bbox, list) or len(bbox) != 4:
-        return [(f"{where}.bbox_2d must be a list of 4 integers [x1, y1, x2, y2], got {bbox!r}",
-                 "write four integer bins, e.g. [120, 40, 300, 210]")]
+        return [
+            (
+                f"{where}.bbox_2d must be a list of 4 integers [x1, y1, x2, y2], got {bbox!r}",
+                "write four integer bins, e.g. [120, 40, 300, 210]",
+            )
+        ]
     bins, problems = _bin_values(bbox, f"{where}.bbox_2d")
     return problems or _check_corners(bins, where)
 
@@ -78,13 +90,21 @@ def _pixel_hint(values) -> str:
 def _check_pixel_bbox(bbox, where: str, width: int, height: int) -> list[tuple[str, str]]:
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         hint = _pixel_hint(bbox) if isinstance(bbox, list) else ""
-        return [(f"{where}.bbox_2d must be a list of 4 pixel numbers [x1, y1, x2, y2]{hint}, got {bbox!r}",
-                 "write four numbers in pixels, e.g. [12, 4, 30.5, 21]")]
+        return [
+            (
+                f"{where}.bbox_2d must be a list of 4 pixel numbers [x1, y1, x2, y2]{hint}, got {bbox!r}",
+                "write four numbers in pixels, e.g. [12, 4, 30.5, 21]",
+            )
+        ]
     problems = []
     x1, y1, x2, y2 = bbox
     if not (0 <= x1 <= width and 0 <= x2 <= width and 0 <= y1 <= height and 0 <= y2 <= height):
-        problems.append((f"{where}.bbox_2d {bbox!r} is outside the {width}x{height} image",
-                         f"keep 0 <= x <= {width} and 0 <= y <= {height} (pixels)"))
+        problems.append(
+            (
+                f"{where}.bbox_2d {bbox!r} is outside the {width}x{height} image",
+                f"keep 0 <= x <= {width} and 0 <= y <= {height} (pixels)",
+            )
+        )
     return problems + _check_corners(bbox, where)
 
 
@@ -92,8 +112,12 @@ def _check_poly(obj: dict, where: str, size: tuple[int, int] | None) -> list[tup
     """A poly is a flat [x1, y1, x2, y2, ...] list of >= 3 points; poly_points, when given, is its point count."""
     poly = obj["poly"]
     if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-        return [(f"{where}.poly must be a flat list of an even number (>= 6) of coordinates, got {poly!r}",
-                 "write [x1, y1, x2, y2, x3, y3, ...] (at least 3 points)")]
+        return [
+            (
+                f"{where}.poly must be a flat list of an even number (>= 6) of coordinates, got {poly!r}",
+                "write [x1, y1, x2, y2, x3, y3, ...] (at least 3 points)",
+            )
+        ]
     if size is None:
         problems = _bin_values(poly, f"{where}.poly")[1]
     elif not all(_is_number(v) for v in poly):
@@ -102,8 +126,12 @@ def _check_poly(obj: dict, where: str, size: tuple[int, int] | None) -> list[tup
         problems = []
     points = obj.get("poly_points", len(poly) // 2)
     if not _is_int(points) or points != len(poly) // 2:
-        problems.append((f"{where}.poly_points is {points!r} but poly has {len(poly) // 2} points",
-                         "set poly_points to len(poly) / 2, or drop it"))
+        problems.append(
+            (
+                f"{where}.poly_points is {points!r} but poly has {len(poly) // 2} points",
+                "set poly_points to len(poly) / 2, or drop it",
+            )
+        )
     return problems
 
 
@@ -113,8 +141,10 @@ def _control_tokens(text: str, allow_coords: bool) -> list[str]:
 
 
 def _control_problem(what: str, tokens: list[str]) -> tuple[str, str]:
-    return (f"{what} contains chat control token(s) {tokens}: the tokenizer would read them as turn or image markers",
-            "remove them from the text (only <|coord_N|> tokens may appear, and only in scene)")
+    return (
+        f"{what} contains chat control token(s) {tokens}: the tokenizer would read them as turn or image markers",
+        "remove them from the text (only <|coord_N|> tokens may appear, and only in scene)",
+    )
 
 
 def _check_geometry(obj: dict, where: str, size, poly_policy: str) -> list[tuple[str, str]]:
@@ -126,9 +156,13 @@ def _check_geometry(obj: dict, where: str, size, poly_policy: str) -> list[tuple
     if "poly" in obj:
         problems = _check_poly(obj, where, size)
         if poly_policy == "error":
-            problems.append((f"{where} is a poly: Stage-2 trains boxes only (data.poly_policy is 'error')",
-                             "set data.poly_policy: drop to skip poly objects (counted per file), "
-                             "or replace the poly by its bbox_2d"))
+            problems.append(
+                (
+                    f"{where} is a poly: Stage-2 trains boxes only (data.poly_policy is 'error')",
+                    "set data.poly_policy: drop to skip poly objects (counted per file), "
+                    "or replace the poly by its bbox_2d",
+                )
+            )
         return problems
     if "bbox_2d" not in obj:
         return [(f"{where} is missing bbox_2d", "every object needs desc and bbox_2d")]
@@ -139,8 +173,12 @@ def _check_object(obj, k: int, size: tuple[int, int] | None, poly_policy: str = 
     """`size` is (width, height) when boxes are pixels, None when they are bins."""
     where = f"objects[{k}]"
     if not isinstance(obj, dict):
-        return [(f"{where} must be an object {{desc, bbox_2d}}, got {type(obj).__name__}",
-                 'write {"desc": "cat", "bbox_2d": [x1, y1, x2, y2]}')]
+        return [
+            (
+                f"{where} must be an object {{desc, bbox_2d}}, got {type(obj).__name__}",
+                'write {"desc": "cat", "bbox_2d": [x1, y1, x2, y2]}',
+            )
+        ]
     problems = []
     if "desc" not in obj:
         problems.append((f"{where} is missing desc", "every object needs desc and bbox_2d"))
@@ -149,7 +187,7 @@ def _check_object(obj, k: int, size: tuple[int, int] | None, poly_policy: str = 
         problems.append((f"{where} has unknown keys {extra}", "keep only desc and bbox_2d (or poly)"))
     desc = obj.get("desc")
     if "desc" in obj and (not isinstance(desc, str) or not desc.strip()):
-        problems.append((f"{where}.desc must be a non-empty string, got {desc!r}", "give the class name, e.g. \"cat\""))
+        problems.append((f"{where}.desc must be a non-empty string, got {desc!r}", 'give the class name, e.g. "cat"'))
     elif isinstance(desc, str) and _control_tokens(desc, allow_coords=False):
         problems.append(_control_problem(f"{where}.desc", _control_tokens(desc, allow_coords=False)))
     return problems + _check_geometry(obj, where, size, poly_policy)
@@ -160,8 +198,12 @@ def _check_kind(data: dict) -> list[tuple[str, str]]:
     if "scene" in data and "images" in data:
         return [("record has both scene and images", "a text record has scene, an image record has images: keep one")]
     if "scene" not in data and "images" not in data:
-        return [("missing required keys ['scene'] or ['images']: a record has exactly one of them",
-                 "add scene (text record) or images + width + height (image record)")]
+        return [
+            (
+                "missing required keys ['scene'] or ['images']: a record has exactly one of them",
+                "add scene (text record) or images + width + height (image record)",
+            )
+        ]
     return []
 
 
@@ -185,12 +227,20 @@ def _check_image_fields(data: dict) -> list[tuple[str, str]]:
     problems = []
     images = data["images"]
     if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str) or not images[0].strip():
-        problems.append((f"images must be a list of exactly one non-empty path string, got {images!r}",
-                         'write e.g. "images": ["images/000001.png"] (boxes refer to that one image)'))
+        problems.append(
+            (
+                f"images must be a list of exactly one non-empty path string, got {images!r}",
+                'write e.g. "images": ["images/000001.png"] (boxes refer to that one image)',
+            )
+        )
     for key in ("width", "height"):
         if key in data and not (_is_int(data[key]) and data[key] > 0):
-            problems.append((f"{key} must be a positive integer (pixels), got {data[key]!r}",
-                             "give the image's real size in pixels"))
+            problems.append(
+                (
+                    f"{key} must be a positive integer (pixels), got {data[key]!r}",
+                    "give the image's real size in pixels",
+                )
+            )
     return problems
 
 
@@ -203,20 +253,29 @@ def _pixel_size(data: dict, bbox_format: str) -> tuple[tuple[int, int] | None, l
         return (w, h), []
     if "images" in data and "width" in data and "height" in data:
         return None, [("pixel boxes need a valid width and height", "fix width/height (reported above)")]
-    return None, [("bbox_format 'pixel' needs width and height (image records)",
-                   "give width and height, or load bin boxes with bbox_format='norm1000'")]
+    return None, [
+        (
+            "bbox_format 'pixel' needs width and height (image records)",
+            "give width and height, or load bin boxes with bbox_format='norm1000'",
+        )
+    ]
 
 
 def _check_optional(data: dict) -> list[tuple[str, str]]:
     problems = []
     if "id" in data and (not isinstance(data["id"], str) or not data["id"]):
-        problems.append((f"id must be a non-empty string, got {data['id']!r}",
-                         'use e.g. "train-000001", or leave it out (derived from file and line)'))
+        problems.append(
+            (
+                f"id must be a non-empty string, got {data['id']!r}",
+                'use e.g. "train-000001", or leave it out (derived from file and line)',
+            )
+        )
     if "summary" in data and not isinstance(data["summary"], str):
         problems.append((f"summary must be a string, got {type(data['summary']).__name__}", "write text, or drop it"))
     if "metadata" in data and not isinstance(data["metadata"], dict):
-        problems.append((f"metadata must be a JSON object, got {type(data['metadata']).__name__}",
-                         "write {...}, or drop it"))
+        problems.append(
+            (f"metadata must be a JSON object, got {type(data['metadata']).__name__}", "write {...}, or drop it")
+        )
     return problems
 
 
@@ -231,8 +290,12 @@ def check_line(data, bbox_format: str, poly_policy: str = "error") -> list[tuple
     """Every problem of one parsed JSON line (any JSON value): its kind, keys and optional fields, the scene or
     image fields, and each object (objects are checked only once pixel boxes have a usable size)."""
     if not isinstance(data, dict):
-        return [(f"a record must be a JSON object, got {type(data).__name__}",
-                 'write {"id": ..., "scene": ..., "objects": [...]}')]
+        return [
+            (
+                f"a record must be a JSON object, got {type(data).__name__}",
+                'write {"id": ..., "scene": ..., "objects": [...]}',
+            )
+        ]
     problems = _check_kind(data) + _check_keys(data) + _check_optional(data)
     if "scene" in data:
         problems.extend(_check_scene(data["scene"]))
@@ -267,24 +330,41 @@ def _truncated(path: str, fmt: str | None) -> str | None:
 def check_image_file(entry: str, path: str, width: int, height: int) -> list[tuple[str, str]]:
     """The file exists, is an image, is not cut short, and its real size is width x height (header only)."""
     if not os.path.isfile(path):
-        return [(f"image {entry!r} not found at {path}",
-                 "check the entry; relative entries resolve against the image root (data.image_root, "
-                 "default: the JSONL file's directory), not the working directory")]
+        return [
+            (
+                f"image {entry!r} not found at {path}",
+                "check the entry; relative entries resolve against the image root (data.image_root, "
+                "default: the JSONL file's directory), not the working directory",
+            )
+        ]
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             real, fmt = im.size, im.format
     except Image.DecompressionBombError as exc:
-        return [(f"image {entry!r} at {path} is too large to decode safely: {exc}",
-                 "resize it offline (e.g. stage2 data convert --max-side 1024, docs/DATA.md)")]
+        return [
+            (
+                f"image {entry!r} at {path} is too large to decode safely: {exc}",
+                "resize it offline (e.g. stage2 data convert --max-side 1024, docs/DATA.md)",
+            )
+        ]
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         return [(f"image {entry!r} at {path} is not a readable image: {exc}", "replace it with a PNG or JPEG file")]
     if real != (width, height):
-        return [(f"image {entry!r} is {real[0]}x{real[1]} pixels but the record says width={width}, height={height}",
-                 f"set width={real[0]}, height={real[1]} (boxes must refer to the real size)")]
+        return [
+            (
+                f"image {entry!r} is {real[0]}x{real[1]} pixels but the record says width={width}, height={height}",
+                f"set width={real[0]}, height={real[1]} (boxes must refer to the real size)",
+            )
+        ]
     missing = _truncated(path, fmt)
     if missing:
-        return [(f"image {entry!r} at {path} is truncated (no {missing} in its last {TAIL_BYTES} bytes): "
-                 "its header reads but decoding it in training would fail", "re-export or re-copy the file")]
+        return [
+            (
+                f"image {entry!r} at {path} is truncated (no {missing} in its last {TAIL_BYTES} bytes): "
+                "its header reads but decoding it in training would fail",
+                "re-export or re-copy the file",
+            )
+        ]
     return []

@@ -13,6 +13,7 @@ ignored), and `poly` objects follow `poly_policy` ("error", or "drop" counted pe
 all problems as `file:line: problem (fix: ...)`. Imports nothing heavy (no torch, no transformers; PIL only for
 image records).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,13 @@ class Record:
         objects = [dict(o) for o in self.objects]
         if not self.is_image:
             return {"id": self.id, "scene": self.scene, "objects": objects}
-        return {"id": self.id, "images": list(self.image_entries or self.images), "width": self.width,
-                "height": self.height, "objects": objects}
+        return {
+            "id": self.id,
+            "images": list(self.image_entries or self.images),
+            "width": self.width,
+            "height": self.height,
+            "objects": objects,
+        }
 
 
 @dataclass(frozen=True)
@@ -123,13 +129,24 @@ def _parse_json(text: str) -> tuple[object, list[tuple[str, str]]]:
     except ValueError as exc:  # json.JSONDecodeError is a ValueError; so are duplicate keys
         return None, [(f"not valid JSON: {exc}", "write one JSON object per line")]
     except RecursionError:
-        return None, [("JSON nested too deeply to parse (over Python's recursion limit)",
-                       "a record is flat: {images, width, height, objects: [{desc, bbox_2d}]}")]
+        return None, [
+            (
+                "JSON nested too deeply to parse (over Python's recursion limit)",
+                "a record is flat: {images, width, height, objects: [{desc, bbox_2d}]}",
+            )
+        ]
 
 
-def parse_record_line(text: str, image_root: str | Path | None = None, bbox_format: str = "norm1000", *,
-                      poly_policy: str = "error", default_id: str | None = None, file: str = "",
-                      line: int = 0) -> tuple[Record | None, list[tuple[str, str]]]:
+def parse_record_line(
+    text: str,
+    image_root: str | Path | None = None,
+    bbox_format: str = "norm1000",
+    *,
+    poly_policy: str = "error",
+    default_id: str | None = None,
+    file: str = "",
+    line: int = 0,
+) -> tuple[Record | None, list[tuple[str, str]]]:
     """Parse one JSONL line -> (Record or None, [(problem, fix), ...]).
 
     `image_root` (an absolute directory, see `image_root_for`) is where relative image entries resolve; image
@@ -148,8 +165,13 @@ def parse_record_line(text: str, image_root: str | Path | None = None, bbox_form
     size = (data["width"], data["height"]) if bbox_format == "pixel" else None
     boxes = [o for o in data["objects"] if "bbox_2d" in o]
     objects = tuple({"desc": o["desc"], "bbox_2d": _to_bins(o["bbox_2d"], size)} for o in boxes)
-    meta = dict(id=data.get("id", default_id), objects=objects, file=file, line=line,
-                dropped_poly=len(data["objects"]) - len(boxes))
+    meta = dict(
+        id=data.get("id", default_id),
+        objects=objects,
+        file=file,
+        line=line,
+        dropped_poly=len(data["objects"]) - len(boxes),
+    )
     if "scene" in data:
         return Record(scene=data["scene"], **meta), []
     if image_root is None:  # resolving against the working directory is exactly what the contract forbids
@@ -183,21 +205,41 @@ def _text_lines(path: Path):
             try:
                 yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8"), None
             except UnicodeDecodeError as exc:
-                bad = raw[exc.start:exc.start + 1].hex()
-                yield lineno, None, (f"line is not UTF-8 text (byte 0x{bad} at column {exc.start + 1})",
-                                     "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                bad = raw[exc.start : exc.start + 1].hex()
+                yield (
+                    lineno,
+                    None,
+                    (
+                        f"line is not UTF-8 text (byte 0x{bad} at column {exc.start + 1})",
+                        "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                    ),
+                )
 
 
 def _check_path(path: Path) -> None:
     if path.is_dir():
-        raise RecordError([RecordIssue(str(path), 0, "is a directory, not a JSONL records file",
-                                       "point data.train_jsonl / data.val_jsonl at a .jsonl file inside it")])
+        raise RecordError(
+            [
+                RecordIssue(
+                    str(path),
+                    0,
+                    "is a directory, not a JSONL records file",
+                    "point data.train_jsonl / data.val_jsonl at a .jsonl file inside it",
+                )
+            ]
+        )
     if not path.exists():
         raise FileNotFoundError(f"records file {path} does not exist (fix: check data.train_jsonl / data.val_jsonl)")
 
 
-def read_records(path: str | Path, limit: int | None = None, *, image_root: str | Path | None = None,
-                 bbox_format: str = "norm1000", poly_policy: str = "error") -> tuple[list[Record], list[RecordIssue]]:
+def read_records(
+    path: str | Path,
+    limit: int | None = None,
+    *,
+    image_root: str | Path | None = None,
+    bbox_format: str = "norm1000",
+    poly_policy: str = "error",
+) -> tuple[list[Record], list[RecordIssue]]:
     """Every valid record of `path` and every problem found (no exception for bad lines); see `load_records`."""
     if bbox_format not in BBOX_FORMATS:
         raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
@@ -216,27 +258,54 @@ def read_records(path: str | Path, limit: int | None = None, *, image_root: str 
         if limit is not None and seen >= limit:
             break
         seen += 1
-        rec, problems = (None, [bad]) if bad else parse_record_line(
-            text, root, bbox_format, poly_policy=poly_policy, default_id=f"{path.name}:{lineno}",
-            file=str(path), line=lineno)
+        rec, problems = (
+            (None, [bad])
+            if bad
+            else parse_record_line(
+                text,
+                root,
+                bbox_format,
+                poly_policy=poly_policy,
+                default_id=f"{path.name}:{lineno}",
+                file=str(path),
+                line=lineno,
+            )
+        )
         issues.extend(RecordIssue(str(path), lineno, msg, fix) for msg, fix in problems)
         if rec is None:
             continue
         if rec.id in first_line_of:
-            issues.append(RecordIssue(str(path), lineno,
-                                      f"duplicate id {rec.id!r} (first on line {first_line_of[rec.id]})",
-                                      "give every record a unique id"))
+            issues.append(
+                RecordIssue(
+                    str(path),
+                    lineno,
+                    f"duplicate id {rec.id!r} (first on line {first_line_of[rec.id]})",
+                    "give every record a unique id",
+                )
+            )
             continue
         first_line_of[rec.id] = lineno
         records.append(rec)
     if seen == 0:
-        issues.append(RecordIssue(str(path), 0, "has no records (the file is empty or blank)",
-                                  "point the profile at a non-empty records file"))
+        issues.append(
+            RecordIssue(
+                str(path),
+                0,
+                "has no records (the file is empty or blank)",
+                "point the profile at a non-empty records file",
+            )
+        )
     return records, issues
 
 
-def load_records(path: str | Path, limit: int | None = None, *, image_root: str | Path | None = None,
-                 bbox_format: str = "norm1000", poly_policy: str = "error") -> list[Record]:
+def load_records(
+    path: str | Path,
+    limit: int | None = None,
+    *,
+    image_root: str | Path | None = None,
+    bbox_format: str = "norm1000",
+    poly_policy: str = "error",
+) -> list[Record]:
     """Load and validate a records JSONL file (blank lines are skipped).
 
     Args:
@@ -258,8 +327,12 @@ def load_records(path: str | Path, limit: int | None = None, *, image_root: str 
         raise RecordError(issues)
     dropped = sum(r.dropped_poly for r in records)
     if dropped:
-        log.warning("%s: dropped %d poly object(s) in %d record(s) (data.poly_policy: drop)", path, dropped,
-                    sum(r.dropped_poly > 0 for r in records))
+        log.warning(
+            "%s: dropped %d poly object(s) in %d record(s) (data.poly_policy: drop)",
+            path,
+            dropped,
+            sum(r.dropped_poly > 0 for r in records),
+        )
     return records
 
 

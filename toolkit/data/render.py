@@ -4,6 +4,7 @@ The answer is one JSON object `{"object_1": {"desc": "cat", "bbox_2d": ["<|coord
 separators ", " and ": ". Objects are numbered from 1 in canonical order (sorted by (y1, x1, x2, y2, desc)
 or the record's order); the field order is desc_first or geometry_first. Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ A segment is one raw sample turned into a full token sequence (prompt + assistan
 with per-token supervision. Positions index `input_ids`; a "label position" t means the token at t is
 the target, predicted from the logits at t-1 (causal shift). Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

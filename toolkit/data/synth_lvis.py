@@ -7,6 +7,7 @@ big matching problems and long packs run on CPU (tests/e2e/test_lvis_synth_e2e.p
 
     python -m toolkit.data.synth_lvis OUT_DIR [--n 16] [--seed 7]   # OUT_DIR/train.jsonl + OUT_DIR/images/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,32 @@ def make_scene(rng: random.Random, rid: str, n: int):
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)
         colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
         (draw.ellipse if shape == "circle" else draw.rectangle)((x, y, x + w - 1, y + h - 1), fill=COLOURS[colour])
-        bbox = [pixel_to_bin(x, width), pixel_to_bin(y, height),
-                pixel_to_bin(x + w, width), pixel_to_bin(y + h, height)]
+        bbox = [
+            pixel_to_bin(x, width),
+            pixel_to_bin(y, height),
+            pixel_to_bin(x + w, width),
+            pixel_to_bin(y + h, height),
+        ]
         objects.append({"desc": f"{colour} {shape}", "bbox_2d": bbox})
-    record = {"id": rid, "images": [f"images/{rid}.png"], "width": width, "height": height,
-              "objects": canonical_order(objects)}
+    record = {
+        "id": rid,
+        "images": [f"images/{rid}.png"],
+        "width": width,
+        "height": height,
+        "objects": canonical_order(objects),
+    }
     return record, image
 
 
-def write_lvis_like(out_dir: str | Path, n_images: int = 16, *, seed: int = 7, min_objects: int = 40,
-                    max_objects: int = 60, split: str = "train") -> Path:
+def write_lvis_like(
+    out_dir: str | Path,
+    n_images: int = 16,
+    *,
+    seed: int = 7,
+    min_objects: int = 40,
+    max_objects: int = 60,
+    split: str = "train",
+) -> Path:
     """Write `n_images` scenes to out_dir/images/ and out_dir/<split>.jsonl; returns the JSONL path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@
 transformers is imported inside functions only (this module sits in `toolkit/data`, which config-side
 code may import).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -3,9 +3,11 @@
 `decode_batch_size` is the one knob (docs/VLLM.md, Per-rank chunk): no rollout engine decodes more than that many
 sequences per call. Server-mode chunk arithmetic (per-rank chunk from server world sizes) lives here too.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -47,8 +49,10 @@ def per_rank_chunk(decode_batch_size: int, server_world_sizes: Sequence[int], le
     s = sum(int(x) for x in server_world_sizes)
     w = int(learner_world_size)
     if decode_batch_size <= 0 or w <= 0 or not server_world_sizes or min(server_world_sizes) <= 0:
-        raise ValueError(f"decode_batch_size={decode_batch_size}, server world sizes {list(server_world_sizes)} and "
-                         f"learner_world_size={w} must all be positive")
+        raise ValueError(
+            f"decode_batch_size={decode_batch_size}, server world sizes {list(server_world_sizes)} and "
+            f"learner_world_size={w} must all be positive"
+        )
     if decode_batch_size * s < w:
         raise ValueError(
             f"decode_batch_size cap is infeasible for the current topology: decode_batch_size={decode_batch_size} "
@@ -80,8 +84,9 @@ def _largest_remainder(total: int, weights: Sequence[int], caps: Sequence[int] |
     return base
 
 
-def server_caps(decode_batch_size: int, server_world_sizes: Sequence[int], learner_world_size: int,
-                rank: int) -> list[int]:
+def server_caps(
+    decode_batch_size: int, server_world_sizes: Sequence[int], learner_world_size: int, rank: int
+) -> list[int]:
     """Per-server request caps of learner `rank` for one round; they sum to per_rank_chunk(...).
 
     The global round budget [0, W·C) is cut into contiguous slices, one per server, weighted by

@@ -6,6 +6,7 @@ URL, status and a body excerpt, the bearer token (STAGE2_SERVE_TOKEN), and joini
 weight-sync group. requests is the only HTTP dependency; torch is imported inside functions.
 The endpoint contract is the server's (server/app.py, docs/VLLM.md "Protocol").
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,15 +60,25 @@ def _says_unhealthy(resp) -> bool:
         body = resp.json()
     except ValueError:
         return False
-    return isinstance(body, dict) and (body.get("status") == "unhealthy"
-                                       or str(body.get("detail", "")).startswith(UNHEALTHY_PREFIX))
+    return isinstance(body, dict) and (
+        body.get("status") == "unhealthy" or str(body.get("detail", "")).startswith(UNHEALTHY_PREFIX)
+    )
 
 
 class ServerClient:
     """One rollout server: typed calls with timeouts; only idempotent ones are retried."""
 
-    def __init__(self, base_url: str, group_port: int, *, timeout_s: float, infer_timeout_s: float,
-                 token: str | None = None, retries: int = 2, backoff_s: float = 1.0):
+    def __init__(
+        self,
+        base_url: str,
+        group_port: int,
+        *,
+        timeout_s: float,
+        infer_timeout_s: float,
+        token: str | None = None,
+        retries: int = 2,
+        backoff_s: float = 1.0,
+    ):
         self.base_url = base_url.rstrip("/")
         self.group_port = int(group_port)
         self.timeout_s, self.infer_timeout_s = float(timeout_s), float(infer_timeout_s)
@@ -84,24 +95,36 @@ class ServerClient:
     def host(self) -> str:
         return urlparse(self.base_url).hostname or "127.0.0.1"
 
-    def request(self, method: str, path: str, body: dict | None = None, *, timeout_s: float, retry: bool,
-                error_cls: type[RolloutServerError] = RolloutServerError) -> dict:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        timeout_s: float,
+        retry: bool,
+        error_cls: type[RolloutServerError] = RolloutServerError,
+    ) -> dict:
         url = self.base_url + path
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                resp = self.session.request(method, url, json=body, timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s))
+                resp = self.session.request(
+                    method, url, json=body, timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s)
+                )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if not last:
-                    time.sleep(self.backoff_s * 2 ** attempt)
+                    time.sleep(self.backoff_s * 2**attempt)
                     continue
                 raise ServerUnavailableError(
                     f"{method} {url}: {type(exc).__name__} after {attempts} attempt(s) (timeout {timeout_s:g} s): "
                     f"{_first_line(exc)} (is the rollout server running? start it with `stage2 serve --profile …`, "
-                    "or fix rollout_matching.vllm.server.servers[].base_url)", url=url) from None
+                    "or fix rollout_matching.vllm.server.servers[].base_url)",
+                    url=url,
+                ) from None
             if resp.status_code in RETRY_STATUSES and not last and not _says_unhealthy(resp):
-                time.sleep(self.backoff_s * 2 ** attempt)
+                time.sleep(self.backoff_s * 2**attempt)
                 continue
             if resp.status_code >= 400:
                 raise self._http_error(method, url, resp, error_cls)
@@ -115,10 +138,19 @@ class ServerClient:
             kind = resp.json().get("error", "")
         except ValueError:
             pass
-        cls = StaleWeightsError if kind == "StaleWeights" else (ServerUnavailableError if resp.status_code == 503 else error_cls)
+        cls = (
+            StaleWeightsError
+            if kind == "StaleWeights"
+            else (ServerUnavailableError if resp.status_code == 503 else error_cls)
+        )
         if _says_unhealthy(resp):
-            return cls(f"rollout server {self.base_url} is unhealthy: {_detail(resp)} ({method} {url}, HTTP 503; restart "
-                       "`stage2 serve` — its log says more)", url=url, status=resp.status_code, body=body)
+            return cls(
+                f"rollout server {self.base_url} is unhealthy: {_detail(resp)} ({method} {url}, HTTP 503; restart "
+                "`stage2 serve` — its log says more)",
+                url=url,
+                status=resp.status_code,
+                body=body,
+            )
         return cls(f"{method} {url}: HTTP {resp.status_code}: {body}", url=url, status=resp.status_code, body=body)
 
     # ------------------------------------------------------------------ idempotent calls (retried)
@@ -135,7 +167,11 @@ class ServerClient:
                 if resp.status_code == 503:  # up but unhealthy (a wedged engine, a dead worker): waiting will not help
                     raise ServerUnavailableError(
                         f"rollout server {self.base_url} is unhealthy: {_detail(resp)} (restart `stage2 serve` — its "
-                        "log says more)", url=self.base_url + "/health/", status=503, body=resp.text[:500])
+                        "log says more)",
+                        url=self.base_url + "/health/",
+                        status=503,
+                        body=resp.text[:500],
+                    )
                 detail = f"HTTP {resp.status_code}: {resp.text[:200]}"
             except (requests.ConnectionError, requests.Timeout) as exc:
                 detail = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -143,12 +179,16 @@ class ServerClient:
                 raise ServerUnavailableError(
                     f"rollout server {self.base_url} is not healthy after {total:g} s ({detail}); start it with "
                     "`stage2 serve --profile …` or fix rollout_matching.vllm.server.servers[].base_url "
-                    "(rollout_matching.vllm.server.timeout_s sets this wait)", url=self.base_url + "/health/")
+                    "(rollout_matching.vllm.server.timeout_s sets this wait)",
+                    url=self.base_url + "/health/",
+                )
             time.sleep(interval_s)
 
     def world_size(self) -> int:
         if self._world_size is None:  # cached: the chunk arithmetic must not change mid-run
-            self._world_size = int(self.request("GET", "/get_world_size/", timeout_s=self.timeout_s, retry=True)["world_size"])
+            self._world_size = int(
+                self.request("GET", "/get_world_size/", timeout_s=self.timeout_s, retry=True)["world_size"]
+            )
         return self._world_size
 
     def info(self) -> dict:
@@ -156,11 +196,26 @@ class ServerClient:
 
     def weights_schema(self) -> dict | None:
         tensors = self.request("GET", "/weights_schema/", timeout_s=self.timeout_s, retry=True)["tensors"]
-        return None if tensors is None else {t["name"]: TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors}
+        return (
+            None
+            if tensors is None
+            else {t["name"]: TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in tensors}
+        )
 
-    def infer(self, request_id: str, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
-              images: list[list[str]] | None = None) -> list[dict]:
-        body = {"request_id": request_id, "prompts": prompts, "sampling": sampling, "expect_weight_version": expect_version}
+    def infer(
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        sampling: list[dict],
+        expect_version: int | None,
+        images: list[list[str]] | None = None,
+    ) -> list[dict]:
+        body = {
+            "request_id": request_id,
+            "prompts": prompts,
+            "sampling": sampling,
+            "expect_weight_version": expect_version,
+        }
         if images is not None:  # absolute paths: the server reads them from the filesystem it shares with the learner
             body["images"] = images
         return self.request("POST", "/infer/", body, timeout_s=self.infer_timeout_s, retry=True)["outputs"]
@@ -170,8 +225,14 @@ class ServerClient:
         """Open this server's weight-sync group and join it as the last rank."""
         t = self.timeout_s if timeout_s is None else timeout_s
         world = self.world_size() + 1
-        reply = self.request("POST", "/init_communicator/", {"port": self.group_port, "world_size": world, "timeout_s": t},
-                             timeout_s=t, retry=False, error_cls=WeightSyncError)
+        reply = self.request(
+            "POST",
+            "/init_communicator/",
+            {"port": self.group_port, "world_size": world, "timeout_s": t},
+            timeout_s=t,
+            retry=False,
+            error_cls=WeightSyncError,
+        )
         if reply["backend"] == "nccl":
             import torch
 
@@ -182,17 +243,29 @@ class ServerClient:
             group.open_store(is_master=False)
             group.join()
         except Exception as exc:
-            raise WeightSyncError(f"joining the weight-sync group of {self.base_url} at {self.host}:{self.group_port} "
-                                  f"({reply['backend']}) failed: {exc}", url=self.base_url) from None
+            raise WeightSyncError(
+                f"joining the weight-sync group of {self.base_url} at {self.host}:{self.group_port} "
+                f"({reply['backend']}) failed: {exc}",
+                url=self.base_url,
+            ) from None
         self.group = group
 
     def update_weights(self, version: int, specs: list[dict], last: bool) -> None:
-        self.request("POST", "/update_weights/", {"version": version, "tensors": specs, "last": last},
-                     timeout_s=self.timeout_s, retry=False, error_cls=WeightSyncError)
+        self.request(
+            "POST",
+            "/update_weights/",
+            {"version": version, "tensors": specs, "last": last},
+            timeout_s=self.timeout_s,
+            retry=False,
+            error_cls=WeightSyncError,
+        )
 
     def reset_prefix_cache(self) -> int:
-        return int(self.request("POST", "/reset_prefix_cache/", timeout_s=self.timeout_s, retry=False,
-                                error_cls=WeightSyncError)["weight_version"])
+        return int(
+            self.request(
+                "POST", "/reset_prefix_cache/", timeout_s=self.timeout_s, retry=False, error_cls=WeightSyncError
+            )["weight_version"]
+        )
 
     def close(self) -> None:
         if self.group is not None:

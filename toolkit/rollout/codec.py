@@ -7,10 +7,12 @@ so tokens straddle object boundaries the way real BPE merges do.
 The parser's character frame is `"".join(codec.pieces(ids))`: every offset it reports indexes that text.
 Imports nothing heavy (no torch; transformers is never imported, the tokenizer object is passed in).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from toolkit.data.coords import COORD_TOKENS, NUM_BINS
 from toolkit.data.render import render_answer
@@ -181,10 +183,36 @@ class ToyCodec(_CoordTable):
     """
 
     MULTI = (
-        '{"object_', ', "object_', '"object_', 'object_',
-        '": {"desc": "', '": {"bbox_2d": ["', '", "bbox_2d": ["', '"], "desc": "',
-        '"]}, "', '"]}}', '"]}', '"}, "', '"}}', '"}', '}}', '}, "', '}, ',
-        '", "', '{"', '": "', '": ["', '": ', ', ', 'desc', 'bbox_2d', 'poly', 'cat', 'dog', 'red ', 'person',
+        '{"object_',
+        ', "object_',
+        '"object_',
+        "object_",
+        '": {"desc": "',
+        '": {"bbox_2d": ["',
+        '", "bbox_2d": ["',
+        '"], "desc": "',
+        '"]}, "',
+        '"]}}',
+        '"]}',
+        '"}, "',
+        '"}}',
+        '"}',
+        "}}",
+        '}, "',
+        "}, ",
+        '", "',
+        '{"',
+        '": "',
+        '": ["',
+        '": ',
+        ", ",
+        "desc",
+        "bbox_2d",
+        "poly",
+        "cat",
+        "dog",
+        "red ",
+        "person",
     )
     SPECIALS = (IM_END, IM_START, PAD)
 

@@ -5,9 +5,10 @@ and a raw vLLM completion → the HF backend's `Rollout` (`finish_rollout`), wit
 repeat-terminate cut (`repeat_cut`) that gives vLLM rollouts the HF backend's exact semantics.
 Imports nothing heavy.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.backends.base import Rollout
@@ -39,17 +40,24 @@ def repeat_cut(generated: Sequence[int], rule: RepeatSettings | None, key_ids: f
             continue
         if rule.max_object_keys and key_ids and keys > rule.max_object_keys:
             return i
-        if r > 1 and i >= r and len(set(generated[i - r:i])) == 1:
+        if r > 1 and i >= r and len(set(generated[i - r : i])) == 1:
             return i
         if size > 0 and reps > 1 and i >= size * reps:
-            tail = generated[i - size * reps:i]
-            if all(tail[k * size:(k + 1) * size] == tail[:size] for k in range(reps)):
+            tail = generated[i - size * reps : i]
+            if all(tail[k * size : (k + 1) * size] == tail[:size] for k in range(reps)):
                 return i
     return None
 
 
-def finish_rollout(prompt: Sequence[int], completion: Sequence[int], *, eos_id: int, rule: RepeatSettings | None,
-                   key_ids: frozenset, weight_version: int = 0) -> Rollout:
+def finish_rollout(
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    *,
+    eos_id: int,
+    rule: RepeatSettings | None,
+    key_ids: frozenset,
+    weight_version: int = 0,
+) -> Rollout:
     """A raw vLLM completion → the HF backend's Rollout (ends with <|im_end|> when stopped)."""
     completion = list(completion)
     stop = completion.index(eos_id) if eos_id in completion else None
@@ -58,5 +66,5 @@ def finish_rollout(prompt: Sequence[int], completion: Sequence[int], *, eos_id: 
     if cut is not None:
         return Rollout(list(prompt), completion[:cut] + [eos_id], "repeat", weight_version)
     if stop is not None:
-        return Rollout(list(prompt), completion[:stop + 1], "stop", weight_version)
+        return Rollout(list(prompt), completion[: stop + 1], "stop", weight_version)
     return Rollout(list(prompt), completion, "length", weight_version)

@@ -3,6 +3,7 @@
 Shared by `server/` (which answers with the status) and `weight_sync.py` (used by both sides), so it lives
 beside them rather than inside the server. Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 

@@ -9,10 +9,11 @@ quad (x1,y1)-(x2,y1)-(x2,y2)-(x1,y2) on an R×R canvas, with coordinates clamped
 thinner than the polygon filler's resolution has an empty mask, so its IoU with anything (itself
 included) is 0: degenerate predictions are never matched (docs/METRICS_LOSSES.md).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -50,8 +51,16 @@ def box_iou_matrix(preds: Sequence[Sequence[float]], gts: Sequence[Sequence[floa
     """P×G continuous box IoU (zero-area unions give 0)."""
     p = np.asarray(preds, dtype=np.float64).reshape(-1, 4)
     g = np.asarray(gts, dtype=np.float64).reshape(-1, 4)
-    return _rect_iou(p[:, None, 0], p[:, None, 1], p[:, None, 2], p[:, None, 3], g[None, :, 0], g[None, :, 1],
-                     g[None, :, 2], g[None, :, 3])
+    return _rect_iou(
+        p[:, None, 0],
+        p[:, None, 1],
+        p[:, None, 2],
+        p[:, None, 3],
+        g[None, :, 0],
+        g[None, :, 1],
+        g[None, :, 2],
+        g[None, :, 3],
+    )
 
 
 def _rect_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) -> np.ndarray:
@@ -86,8 +95,9 @@ def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]]
     return np.asarray(ious, dtype=np.float64).reshape(len(p), len(g))
 
 
-def _candidates(box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(
+    box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per prediction (row), its top-k allowed GT indices by box IoU (ties by index), or by centre distance
     when no allowed IoU is positive → (P×k' column indices, P×k' validity); k' = min(k, G). A row with
     fewer than k' allowed GTs has its extra entries marked invalid."""
@@ -123,8 +133,10 @@ def match_boxes(
             desc lists missing / of the wrong length when `require_desc_match` is set.
     """
     if candidate_top_k < 1 or not 0.0 <= gate <= 1.0 or resolution < 1 or fp_cost < 0 or fn_cost < 0:
-        raise ValueError(f"bad matching knobs: candidate_top_k={candidate_top_k} (>=1), gate={gate} (in [0,1]), "
-                         f"resolution={resolution} (>=1), fp_cost={fp_cost}, fn_cost={fn_cost} (>=0)")
+        raise ValueError(
+            f"bad matching knobs: candidate_top_k={candidate_top_k} (>=1), gate={gate} (in [0,1]), "
+            f"resolution={resolution} (>=1), fp_cost={fp_cost}, fn_cost={fn_cost} (>=0)"
+        )
     pb, gb = _as_boxes(pred_boxes), _as_boxes(gt_boxes)
     n_p, n_g = len(pb), len(gb)
     allowed = _desc_mask(n_p, n_g, pred_descs, gt_descs, require_desc_match)
@@ -147,8 +159,11 @@ def match_boxes(
     big[:n_p, n_g:] = fp_cost
     big[n_p:, :n_g] = fn_cost
     rows, cols = linear_sum_assignment(big)
-    pairs = [(int(i), int(j), float(miou[i, j])) for i, j in zip(rows, cols)
-             if i < n_p and j < n_g and cost[i, j] < FORBIDDEN]
+    pairs = [
+        (int(i), int(j), float(miou[i, j]))
+        for i, j in zip(rows, cols)
+        if i < n_p and j < n_g and cost[i, j] < FORBIDDEN
+    ]
     matched_p = {i for i, _, _ in pairs}
     matched_g = {j for _, j, _ in pairs}
     return MatchResult(
@@ -182,9 +197,14 @@ class DetectionCounts:
     gating_rejections: int = 0
     iou_sum: float = 0.0
 
-    def __add__(self, other: "DetectionCounts") -> "DetectionCounts":
-        return DetectionCounts(self.pred + other.pred, self.gt + other.gt, self.matched + other.matched,
-                               self.gating_rejections + other.gating_rejections, self.iou_sum + other.iou_sum)
+    def __add__(self, other: DetectionCounts) -> DetectionCounts:
+        return DetectionCounts(
+            self.pred + other.pred,
+            self.gt + other.gt,
+            self.matched + other.matched,
+            self.gating_rejections + other.gating_rejections,
+            self.iou_sum + other.iou_sum,
+        )
 
     @property
     def fp(self) -> int:
@@ -223,6 +243,12 @@ def detection_counts(
     **match_kwargs,
 ) -> DetectionCounts:
     """Match one sample's boxes (same knobs as `match_boxes`) and count pred/gt/matched."""
-    m = match_boxes(pred_boxes, gt_boxes, pred_descs=pred_descs, gt_descs=gt_descs,
-                    require_desc_match=require_desc_match, **match_kwargs)
+    m = match_boxes(
+        pred_boxes,
+        gt_boxes,
+        pred_descs=pred_descs,
+        gt_descs=gt_descs,
+        require_desc_match=require_desc_match,
+        **match_kwargs,
+    )
     return DetectionCounts(len(pred_boxes), len(gt_boxes), len(m.pairs), m.gating_rejections, m.iou_sum)

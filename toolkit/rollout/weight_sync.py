@@ -9,6 +9,7 @@ socket we bind and hand to torch: torch's own store would listen on every interf
 joins as the last rank and broadcasts.
 torch is imported inside functions only, so the app and the client import this module cheaply.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,17 +19,27 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 from toolkit.rollout.errors import BadRequest, Conflict, EngineError
 
 log = logging.getLogger(__name__)
 
 # safetensors dtype tags → torch dtype names
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 # Checkpoint entries vLLM never loads, so a learner need not send them.
 IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
 # Learner tensors vLLM skips when the checkpoint ties them to another (tie_word_embeddings).
@@ -60,8 +71,18 @@ class TensorSpec:
 
 
 def dtype_size(dtype: str) -> int:
-    sizes = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1}
+    sizes = {
+        "float64": 8,
+        "int64": 8,
+        "float32": 4,
+        "int32": 4,
+        "float16": 2,
+        "bfloat16": 2,
+        "int16": 2,
+        "int8": 1,
+        "uint8": 1,
+        "bool": 1,
+    }
     if dtype not in sizes:
         raise BadRequest(f"unsupported tensor dtype {dtype!r} (supported: {', '.join(sizes)})")
     return sizes[dtype]
@@ -78,7 +99,7 @@ def checkpoint_name(name: str) -> str:
         changed = False
         for p in WRAPPER_PREFIXES:
             if name.startswith(p):
-                name, changed = name[len(p):], True
+                name, changed = name[len(p) :], True
     for infix in WRAPPER_INFIXES:
         name = name.replace(infix, ".")
     return name
@@ -100,9 +121,11 @@ def read_checkpoint_specs(model_dir: str | Path) -> dict[str, TensorSpec] | None
                 (length,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(length))
         except (struct.error, ValueError, MemoryError, OverflowError) as exc:  # cut or damaged file
-            raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}) "
-                             "(fix: re-export the model folder with save_pretrained, or point model.model "
-                             "at an intact copy)") from None
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}) "
+                "(fix: re-export the model folder with save_pretrained, or point model.model "
+                "at an intact copy)"
+            ) from None
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -124,13 +147,21 @@ def spec_problems(learner: dict[str, TensorSpec], served: dict[str, TensorSpec])
     """Every name or shape mismatch between what the learner sends and what the engine loads."""
     missing = [n for n in served if n not in learner and not n.endswith(IGNORED_CHECKPOINT_SUFFIXES)]
     extra = [n for n in learner if n not in served and n not in TIED_ALIASES]
-    shapes = [f"{n}: learner {list(learner[n].shape)} vs served {list(served[n].shape)}"
-              for n in learner if n in served and learner[n].shape != served[n].shape]
+    shapes = [
+        f"{n}: learner {list(learner[n].shape)} vs served {list(served[n].shape)}"
+        for n in learner
+        if n in served and learner[n].shape != served[n].shape
+    ]
     out = []
-    for label, items in (("not sent by the learner", missing), ("unknown to the served checkpoint", extra),
-                         ("shape mismatch", shapes)):
+    for label, items in (
+        ("not sent by the learner", missing),
+        ("unknown to the served checkpoint", extra),
+        ("shape mismatch", shapes),
+    ):
         if items:
-            shown = ", ".join(sorted(items)[:MAX_LISTED]) + (f", … ({len(items)} in all)" if len(items) > MAX_LISTED else "")
+            shown = ", ".join(sorted(items)[:MAX_LISTED]) + (
+                f", … ({len(items)} in all)" if len(items) > MAX_LISTED else ""
+            )
             out.append(f"{len(items)} {label}: {shown}")
     return out
 
@@ -138,7 +169,9 @@ def spec_problems(learner: dict[str, TensorSpec], served: dict[str, TensorSpec])
 def check_specs(learner: dict[str, TensorSpec], served: dict[str, TensorSpec] | None, where: str) -> None:
     """Raise ValueError listing every mismatch; a None `served` (not a local checkpoint) is not checked."""
     if served is None:
-        log.warning("%s: the served model is not a local safetensors directory; weight names are not pre-checked", where)
+        log.warning(
+            "%s: the served model is not a local safetensors directory; weight names are not pre-checked", where
+        )
         return
     problems = spec_problems(learner, served)
     if problems:
@@ -215,7 +248,9 @@ def pack_bucket(tensors: Sequence[tuple[str, object]], device=None, out=None):
         pos = off + spec.nbytes
     if total > pos:
         pieces.append(torch.zeros(total - pos, dtype=torch.uint8, device=dev))
-    flat = out[:total] if out is not None and out.numel() >= total else torch.empty(total, dtype=torch.uint8, device=dev)
+    flat = (
+        out[:total] if out is not None and out.numel() >= total else torch.empty(total, dtype=torch.uint8, device=dev)
+    )
     if pieces:
         torch.cat(pieces, out=flat)
     return flat, specs
@@ -228,8 +263,10 @@ def unpack_bucket(flat, specs: Sequence[TensorSpec]) -> list[tuple[str, object]]
     offsets, total = bucket_layout(specs)
     if total != flat.numel():
         raise BadRequest(f"bucket holds {flat.numel()} bytes but its tensors need {total}")
-    return [(s.name, flat[off:off + s.nbytes].view(getattr(torch, s.dtype)).reshape(s.shape))
-            for s, off in zip(specs, offsets)]
+    return [
+        (s.name, flat[off : off + s.nbytes].view(getattr(torch, s.dtype)).reshape(s.shape))
+        for s, off in zip(specs, offsets)
+    ]
 
 
 # ------------------------------------------------------------------ the weight-sync group
@@ -250,9 +287,11 @@ def listen_fd(host: str, port: int, group_port: int) -> int:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise Conflict(f"weight-sync group_port {group_port} is already in use on the server host "
-                           "(fix: give this server another rollout_matching.vllm.server.servers[].group_port, "
-                           "or stop the process holding it)") from None
+            raise Conflict(
+                f"weight-sync group_port {group_port} is already in use on the server host "
+                "(fix: give this server another rollout_matching.vllm.server.servers[].group_port, "
+                "or stop the process holding it)"
+            ) from None
         raise EngineError(f"could not bind the weight-sync store at {host}:{port}: {exc.strerror or exc}") from None
     return sock.detach()  # torch owns it now and closes it with the store
 
@@ -281,19 +320,30 @@ class SyncGroup:
 
         fd = listen_fd(bind_host or self.host, self.port, self.port) if is_master else None
         try:
-            self.store = dist.TCPStore(self.host, self.port, self.world_size, is_master=is_master,
-                                       wait_for_workers=False, timeout=self.timeout, master_listen_fd=fd)
+            self.store = dist.TCPStore(
+                self.host,
+                self.port,
+                self.world_size,
+                is_master=is_master,
+                wait_for_workers=False,
+                timeout=self.timeout,
+                master_listen_fd=fd,
+            )
         except Exception as exc:  # DistNetworkError / RuntimeError, depending on the failure
             if fd is not None:
                 _close_fd(fd)
             text = str(exc)
             if is_master and ("EADDRINUSE" in text or "address already in use" in text.lower()):
-                raise Conflict(f"weight-sync group_port {self.port} is already in use on the server host "
-                               "(fix: give this server another rollout_matching.vllm.server.servers[].group_port, "
-                               "or stop the process holding it)") from None
+                raise Conflict(
+                    f"weight-sync group_port {self.port} is already in use on the server host "
+                    "(fix: give this server another rollout_matching.vllm.server.servers[].group_port, "
+                    "or stop the process holding it)"
+                ) from None
             role = "bind" if is_master else "reach"
-            raise EngineError(f"could not {role} the weight-sync store at {self.host}:{self.port} within "
-                              f"{self.timeout.total_seconds():g} s: {text.splitlines()[0] if text else type(exc).__name__}") from None
+            raise EngineError(
+                f"could not {role} the weight-sync store at {self.host}:{self.port} within "
+                f"{self.timeout.total_seconds():g} s: {text.splitlines()[0] if text else type(exc).__name__}"
+            ) from None
 
     def join(self) -> None:
         """Build the process group (blocks until every rank, the learner included, has joined). The learner

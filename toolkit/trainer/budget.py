@@ -9,6 +9,7 @@ windows of E; micro-step m of a window hands rank r the slice [(m·W + r)·P, (m
 DistributedSampler interleave. The tail of an epoch shorter than E is dropped (never a short step),
 so resuming at step s needs nothing but s.
 """
+
 from __future__ import annotations
 
 import random
@@ -47,8 +48,15 @@ class StepBudget:
                 f"{world_size} learner ranks: resolve it with world_size={world_size} "
                 f"(load_profile(..., world_size=...); `stage2 train` reads WORLD_SIZE)"
             )
-        return cls(n_records, d.gradient_accumulation_steps, d.per_rank_samples_per_step, world_size, rank,
-                   cfg.training.seed, cfg.data.shuffle)
+        return cls(
+            n_records,
+            d.gradient_accumulation_steps,
+            d.per_rank_samples_per_step,
+            world_size,
+            rank,
+            cfg.training.seed,
+            cfg.data.shuffle,
+        )
 
     @property
     def per_device_batch_size(self) -> int:

@@ -10,6 +10,7 @@ attention mask, no cache, so transformers derives the packed block-causal mask f
 position ids (see toolkit/trainer/packing.py). A pack with images runs the vision tower once per call, not
 once per pass: its output does not depend on the coordinate rows (docs/VLM.md, "Images once").
 """
+
 from __future__ import annotations
 
 import inspect
@@ -50,8 +51,10 @@ def encode_images_once(model: Any, model_kwargs: Mapping[str, Any]) -> dict:
         # an older forward would take the kwarg silently into **kwargs and train without the image
         import transformers
 
-        raise RuntimeError(f"{type(get_features.__self__).__name__}.forward takes no mm_encoder_outputs in "
-                           f"transformers {transformers.__version__} (fix: install the version setup.py pins)")
+        raise RuntimeError(
+            f"{type(get_features.__self__).__name__}.forward takes no mm_encoder_outputs in "
+            f"transformers {transformers.__version__} (fix: install the version setup.py pins)"
+        )
     features = get_features(pixel_values, kwargs.get("image_grid_thw"), return_dict=True)
     kwargs["mm_encoder_outputs"] = {"image": features}
     return kwargs

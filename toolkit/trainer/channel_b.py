@@ -6,12 +6,13 @@ step's rollouts arrive in rounds (`RolloutBackend.generate_chunks`: one round fo
 one per server round in vLLM server mode); `channel_b_rounds` turns each round into its segments.
 A sample that cannot be trained becomes a counted drop; it never fails the step.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from toolkit.config.settings import MatchSettings, MonitorSettings
 from toolkit.rollout.match import match_boxes
@@ -37,28 +38,44 @@ class ChannelBSettings:
     @classmethod
     def from_config(cls, cfg) -> ChannelBSettings:
         sab = cfg.stage2_ab
-        return cls(match=cfg.settings.match, monitor=cfg.settings.monitor, field_order=cfg.settings.object_field_order,
-                   ordering=cfg.template.object_ordering, desc_ce_weight=sab.desc_ce_weight,
-                   drop_invalid_struct_ce_multiplier=sab.channel_b.drop_invalid_struct_ce_multiplier,
-                   max_len=cfg.global_max_length)
+        return cls(
+            match=cfg.settings.match,
+            monitor=cfg.settings.monitor,
+            field_order=cfg.settings.object_field_order,
+            ordering=cfg.template.object_ordering,
+            desc_ce_weight=sab.desc_ce_weight,
+            drop_invalid_struct_ce_multiplier=sab.channel_b.drop_invalid_struct_ce_multiplier,
+            max_len=cfg.global_max_length,
+        )
 
 
 def match_kwargs(ms: MatchSettings) -> dict:
     """`match_boxes` keywords of the configured matching, gate excluded (eval also matches at IoU 0.5)."""
-    return dict(candidate_top_k=ms.candidate_top_k, resolution=ms.maskiou_resolution, fp_cost=ms.fp_cost,
-                fn_cost=ms.fn_cost)
+    return dict(
+        candidate_top_k=ms.candidate_top_k, resolution=ms.maskiou_resolution, fp_cost=ms.fp_cost, fn_cost=ms.fn_cost
+    )
 
 
-def channel_b_rounds(backend, samples: list[SampleInput], step: int, codec, m: StepMetrics, cb: ChannelBSettings, *,
-                     background: bool, dump_to: Path | None = None) -> Iterator[tuple[list, bool]]:
+def channel_b_rounds(
+    backend,
+    samples: list[SampleInput],
+    step: int,
+    codec,
+    m: StepMetrics,
+    cb: ChannelBSettings,
+    *,
+    background: bool,
+    dump_to: Path | None = None,
+) -> Iterator[tuple[list, bool]]:
     """Decode this rank's step budget and yield, per rollout round, (its segments in sample order, whether it
     is the step's last round), while the next round decodes where the backend can (`background`). Counts go
     to `m`; the rollout rates, timings and the monitor dump (`dump_to`: rank 0 on dump steps) are complete
     once the generator is exhausted."""
     backend.sync_weights(step)  # before the clock: rollout_generate_s is decode time (a no-op when synced)
     t0 = time.perf_counter()
-    chunks = backend.generate_chunks([s.prompt_ids for s in samples], step=step, background=background,
-                                     **image_kwargs(samples))
+    chunks = backend.generate_chunks(
+        [s.prompt_ids for s in samples], step=step, background=background, **image_kwargs(samples)
+    )
     items: list = []
     gen_s = parse_s = 0.0
     done = 0
@@ -75,8 +92,9 @@ def channel_b_rounds(backend, samples: list[SampleInput], step: int, codec, m: S
     _finish(m, step, codec, items, cb.monitor, dump_to, gen_s=gen_s, wait_s=chunks.wait_s, parse_s=parse_s)
 
 
-def rollouts_to_segments(samples: list[SampleInput], rollouts: list, codec, m: StepMetrics, items: list,
-                         cb: ChannelBSettings) -> list:
+def rollouts_to_segments(
+    samples: list[SampleInput], rollouts: list, codec, m: StepMetrics, items: list, cb: ChannelBSettings
+) -> list:
     """Segments of the samples that train; drops and rollout counters go to `m`, (sample, rollout, segment)
     to `items`."""
     segments = []
@@ -95,8 +113,18 @@ def rollouts_to_segments(samples: list[SampleInput], rollouts: list, codec, m: S
     return segments
 
 
-def _finish(m: StepMetrics, step: int, codec, items: list, monitor: MonitorSettings, dump_to, *, gen_s: float,
-            wait_s: float, parse_s: float) -> None:
+def _finish(
+    m: StepMetrics,
+    step: int,
+    codec,
+    items: list,
+    monitor: MonitorSettings,
+    dump_to,
+    *,
+    gen_s: float,
+    wait_s: float,
+    parse_s: float,
+) -> None:
     """Step-level rollout rates, the monitor dump and the timings (wait = the learner blocked on rollouts)."""
     _rollout_rates(m)
     if dump_to is not None:
@@ -112,11 +140,19 @@ def rollout_to_segment(sample: SampleInput, ro, codec, cb: ChannelBSettings):
     if list(ro.prompt_ids) != list(sample.prompt_ids):
         # The engine decoded from another prompt than the one we would train on (e.g. an image expanded
         # twice): learning that completion under our prompt would be silently off-policy. Drop and count.
-        return Drop("prompt_mismatch", sample.sample_id, f"engine prompt {len(ro.prompt_ids)} ids, learner "
-                    f"{len(sample.prompt_ids)}", meta={"rollout/samples": 1.0, "rollout/prompt_mismatch": 1.0})
+        return Drop(
+            "prompt_mismatch",
+            sample.sample_id,
+            f"engine prompt {len(ro.prompt_ids)} ids, learner {len(sample.prompt_ids)}",
+            meta={"rollout/samples": 1.0, "rollout/prompt_mismatch": 1.0},
+        )
     parse = parse_rollout(ro.completion_ids, codec)
-    match = match_boxes([o.bbox for o in parse.objects], [o["bbox_2d"] for o in sample.gt_objects],
-                        gate=cb.match.maskiou_gate, **match_kwargs(cb.match))
+    match = match_boxes(
+        [o.bbox for o in parse.objects],
+        [o["bbox_2d"] for o in sample.gt_objects],
+        gate=cb.match.maskiou_gate,
+        **match_kwargs(cb.match),
+    )
     seg = build_channel_b_segment(
         sample.prompt_ids,
         parse,
@@ -152,5 +188,7 @@ def _rollout_rates(m: StepMetrics) -> None:
     m.add_ratio("rollout/f1", 2 * matched, pred + gt)
     m.add_ratio("rollout/parse_truncated_rate", s.get("rollout/parse_truncated", 0.0), samples)
     m.add_ratio("rollout/prompt_mismatch_rate", s.get("rollout/prompt_mismatch", 0.0), samples)
-    m.add_ratio("rollout/matched_maskiou_mean", s.get("rollout/matched_maskiou_sum", 0.0), s.get("rollout/matched", 0.0))
+    m.add_ratio(
+        "rollout/matched_maskiou_mean", s.get("rollout/matched_maskiou_sum", 0.0), s.get("rollout/matched", 0.0)
+    )
     m.add_ratio("rollout/rollout_len_mean", s.get("rollout/rollout_len", 0.0), samples)

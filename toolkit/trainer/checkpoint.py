@@ -13,6 +13,7 @@ run); the data cursor and the A/B schedule are pure functions of it (budget.py, 
 a resume needs besides the engine state. `run_id` names the run that wrote the checkpoint: rotation only
 ever removes checkpoints of the current run.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,9 @@ def read_state(ckpt: Path) -> TrainerState:
             data.pop(RETIRED_STATE_KEY, None)
         return TrainerState(**data)
     except (ValueError, TypeError) as exc:  # bad JSON / bytes, or keys TrainerState does not have
-        raise CheckpointError(f"{path}: not a trainer state written by this toolkit: {exc} "
-                              f"(fix: resume from another checkpoint)") from None
+        raise CheckpointError(
+            f"{path}: not a trainer state written by this toolkit: {exc} (fix: resume from another checkpoint)"
+        ) from None
 
 
 RNG_FORMAT = 1  # rng/rank<N>.pt layout; see save_rng
@@ -123,19 +125,24 @@ def read_rng(ckpt: Path, rank: int) -> dict:
     import torch
 
     path = rng_file(ckpt, rank)
-    fix = ("resume only from checkpoints this toolkit wrote; delete the checkpoint or point --resume at "
-           "another one (see docs/STAGE2_RUNBOOK.md, Security model)")
+    fix = (
+        "resume only from checkpoints this toolkit wrote; delete the checkpoint or point --resume at "
+        "another one (see docs/STAGE2_RUNBOOK.md, Security model)"
+    )
     if not path.is_file():
         raise CheckpointError(f"{path}: RNG state missing (fix: {fix})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused: not a weights-only RNG file written by this toolkit "
-                              f"(an older layout, damaged, or tampered with): {first} (fix: {fix})") from None
+        raise CheckpointError(
+            f"{path}: refused: not a weights-only RNG file written by this toolkit "
+            f"(an older layout, damaged, or tampered with): {first} (fix: {fix})"
+        ) from None
     if not _rng_layout_ok(state):
-        raise CheckpointError(f"{path}: refused: unexpected contents for an RNG state file "
-                              f"(format {RNG_FORMAT} expected) (fix: {fix})")
+        raise CheckpointError(
+            f"{path}: refused: unexpected contents for an RNG state file (format {RNG_FORMAT} expected) (fix: {fix})"
+        )
     return state
 
 
@@ -145,9 +152,17 @@ def _rng_layout_ok(state) -> bool:
     if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
         return False
     py, npy, tch = state.get("python"), state.get("numpy"), state.get("torch")
-    return (isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple)
-            and isinstance(npy, tuple) and len(npy) == 5 and isinstance(npy[0], str) and isinstance(npy[1], torch.Tensor)
-            and isinstance(tch, torch.Tensor) and tch.dtype == torch.uint8)
+    return (
+        isinstance(py, tuple)
+        and len(py) == 3
+        and isinstance(py[1], tuple)
+        and isinstance(npy, tuple)
+        and len(npy) == 5
+        and isinstance(npy[0], str)
+        and isinstance(npy[1], torch.Tensor)
+        and isinstance(tch, torch.Tensor)
+        and tch.dtype == torch.uint8
+    )
 
 
 def set_rng(state: dict) -> None:
@@ -170,12 +185,14 @@ def load_rng(ckpt: Path, rank: int) -> None:
 # this toolkit runs (found with torch.serialization.get_unsafe_globals_in_checkpoint on real saves;
 # tests/trainer/test_checkpoint_safety.py re-checks them). Tensors, dicts, lists, numbers and strings
 # need no entry: torch's weights-only list covers them.
-DEEPSPEED_GLOBALS = frozenset({
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
+DEEPSPEED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
 
 
 def check_deepspeed_files(ds_dir: Path) -> None:
@@ -187,7 +204,7 @@ def check_deepspeed_files(ds_dir: Path) -> None:
     """
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    fix = ("resume only from checkpoints this toolkit wrote; see docs/STAGE2_RUNBOOK.md, Security model")
+    fix = "resume only from checkpoints this toolkit wrote; see docs/STAGE2_RUNBOOK.md, Security model"
     for path in sorted(Path(ds_dir).rglob("*.pt")):
         try:
             named = set(get_unsafe_globals_in_checkpoint(path))
@@ -195,8 +212,10 @@ def check_deepspeed_files(ds_dir: Path) -> None:
             raise CheckpointError(f"{path}: refused: not a torch checkpoint archive ({exc}) (fix: {fix})") from None
         unknown = sorted(named - DEEPSPEED_GLOBALS)
         if unknown:
-            raise CheckpointError(f"{path}: refused: it names Python objects a DeepSpeed checkpoint never holds "
-                                  f"({', '.join(unknown)}); loading it could run code (fix: {fix})")
+            raise CheckpointError(
+                f"{path}: refused: it names Python objects a DeepSpeed checkpoint never holds "
+                f"({', '.join(unknown)}); loading it could run code (fix: {fix})"
+            )
 
 
 def rotate(output_dir: str | Path, keep: int | None, protect: set[Path], run_id: str) -> list[Path]:

@@ -7,6 +7,7 @@ SLURM, a pipe) there is no bar at all: plain log lines only. Progress bars of tr
 client ("Loading weights", "Writing model shards") are switched off on every rank for the run.
 docs/STAGE2_RUNBOOK.md ("What you see") shows the screen.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,9 @@ class StepBar:
 
         quiet_third_party_bars()
         self.on = interactive(rank)
-        self.bar = tqdm(total=total, initial=initial, desc="stage2", unit="step", disable=not self.on,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, desc="stage2", unit="step", disable=not self.on, dynamic_ncols=True
+        )
         self._redirect = logging_redirect_tqdm() if self.on else None
         if self._redirect is not None:
             self._redirect.__enter__()

@@ -1,6 +1,7 @@
 """The learner process group: join torchrun's (or make a one-process gloo group), close it, and name a lost
 peer when a collective fails. Imports torch; `deepspeed` inside functions only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,6 @@ class DistInfo:
     backend: str
 
 
-
 def _prepare_deepspeed() -> None:
     """Environment DeepSpeed needs on CPU, set before its first engine start."""
     if not torch.cuda.is_available():
@@ -31,8 +31,14 @@ def _prepare_deepspeed() -> None:
 DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # = training.collective_timeout_s's default
 PEER_HOSTS: list[str] = []  # host name of every rank, gathered once at init (names a lost peer)
 # Texts of torch.distributed / gloo / NCCL errors that mean a peer is gone or hung.
-PEER_FAILURE_MARKERS = ("timed out", "connection closed by peer", "connection reset by peer", "broken pipe",
-                        "watchdog caught collective operation timeout", "communicator was aborted")
+PEER_FAILURE_MARKERS = (
+    "timed out",
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "watchdog caught collective operation timeout",
+    "communicator was aborted",
+)
 
 
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
@@ -68,8 +74,13 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         else:
             # A process group is required even for one process, or deepspeed.initialize tries MPI discovery.
             os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=torch.device("cuda", local_rank) if cuda else None)
+            dist.init_process_group(
+                backend,
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+                device_id=torch.device("cuda", local_rank) if cuda else None,
+            )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
 
 
@@ -103,6 +114,8 @@ def describe_peer_failure(exc: BaseException, timeout_s: float) -> str | None:
     else:
         peer = f"a peer on one of {', '.join(sorted(others))}"
     first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return (f"lost a learner peer: a collective failed on rank {rank} ({me}): {first}. {peer.capitalize()} "
-            f"({table}); see that node's learner log. Collectives wait at most "
-            f"training.collective_timeout_s={timeout_s:g} s for a peer.")
+    return (
+        f"lost a learner peer: a collective failed on rank {rank} ({me}): {first}. {peer.capitalize()} "
+        f"({table}); see that node's learner log. Collectives wait at most "
+        f"training.collective_timeout_s={timeout_s:g} s for a peer."
+    )

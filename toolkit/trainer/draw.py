@@ -10,6 +10,7 @@ records are drawn on their (first) image; text scenes on a blank 1000×1000 canv
 `eval_pictures/<sample_id>`, so the same images can be compared across steps. Imports PIL only;
 TensorBoard is imported when a log is opened.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ N_PICTURES = 4  # val samples drawn at each training eval (the first ones of ran
 
 def to_pixels(bbox, width: int, height: int) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = bbox
-    return (bin_to_unit(x1) * (width - 1), bin_to_unit(y1) * (height - 1),
-            bin_to_unit(x2) * (width - 1), bin_to_unit(y2) * (height - 1))
+    return (
+        bin_to_unit(x1) * (width - 1),
+        bin_to_unit(y1) * (height - 1),
+        bin_to_unit(x2) * (width - 1),
+        bin_to_unit(y2) * (height - 1),
+    )
 
 
 def base_image(image_path: str | None) -> Image.Image:
@@ -114,8 +119,12 @@ class PictureLog:
         if self._tb is not None:
             for rec, path in zip(records, paths):
                 with Image.open(path) as im:
-                    self._tb.add_image(f"eval_pictures/{rec['sample_id']}", np.asarray(im.convert("RGB")),
-                                       global_step=step, dataformats="HWC")
+                    self._tb.add_image(
+                        f"eval_pictures/{rec['sample_id']}",
+                        np.asarray(im.convert("RGB")),
+                        global_step=step,
+                        dataformats="HWC",
+                    )
             self._tb.flush()
         return paths
 

@@ -4,6 +4,7 @@ Every `every_steps` Channel-B steps, rank 0 writes `<output_dir>/monitor_dumps/s
 to `max_samples` samples: the rollout text, how it parsed and matched, and the teacher-forced target
 with its supervised tokens marked. Reading these is the fastest way to see format drift or object spam.
 """
+
 from __future__ import annotations
 
 import json

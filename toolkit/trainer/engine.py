@@ -16,12 +16,14 @@ outside `coalesce_grad_reduction`. The weights are the caller's (toolkit/trainer
 Measured against plain PyTorch (max |Δ| ≤ 1.2e-7, fp32, ZeRO 0-3 and ZeRO-3 offload, 1 and 2 ranks):
 tests/trainer/test_engine_equivalence.py.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -54,11 +56,12 @@ def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:
     """Copy of `ds_config` with the fields the caller-owned accumulation needs."""
     for section in ("optimizer", "scheduler"):
         if section in ds_config:
-            raise ValueError(f"ds_config has an '{section}' section, but the trainer builds the optimizer and "
-                             f"LR schedule from training.*: remove '{section}' from the DeepSpeed config")
+            raise ValueError(
+                f"ds_config has an '{section}' section, but the trainer builds the optimizer and "
+                f"LR schedule from training.*: remove '{section}' from the DeepSpeed config"
+            )
     cfg = {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "managed_gradient_accumulation")}
-    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
-               gradient_clipping=float(max_grad_norm))
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=float(max_grad_norm))
     if "offload_optimizer" in cfg.get("zero_optimization", {}):
         # DeepSpeed refuses a client torch optimizer under optimizer offload unless told; torch AdamW
         # steps on CPU (exact, slower than the JIT-built DeepSpeedCPUAdam).
@@ -70,30 +73,46 @@ def prepare_ds_config(ds_config: dict, max_grad_norm: float) -> dict:
 class Stage2Engine:
     """A DeepSpeed engine driven one scheduled step at a time (see `train_step`)."""
 
-    def __init__(self, model, optimizer, lr_scheduler, ds_config: dict, max_grad_norm: float = 1.0,
-                 accumulation: str | None = None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        lr_scheduler,
+        ds_config: dict,
+        max_grad_norm: float = 1.0,
+        accumulation: str | None = None,
+    ):
         import deepspeed
 
         self.dist = init_distributed()
         self.config = prepare_ds_config(ds_config, max_grad_norm)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    lr_scheduler=lr_scheduler, config=self.config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=self.config
+        )
         self.zero_stage = int(self.engine.zero_optimization_stage())
         self.accumulation = accumulation or ACCUMULATION[self.zero_stage]
         if self.accumulation not in ("boundary", "coalesce") or (self.accumulation, self.zero_stage) == ("coalesce", 0):
-            raise ValueError(f"accumulation must be 'boundary' or (ZeRO 1-3) 'coalesce', got {self.accumulation!r} "
-                             f"on ZeRO-{self.zero_stage}")
+            raise ValueError(
+                f"accumulation must be 'boundary' or (ZeRO 1-3) 'coalesce', got {self.accumulation!r} "
+                f"on ZeRO-{self.zero_stage}"
+            )
         self._step: _OpenStep | None = None
-        log.info("[rank %d] engine: ZeRO-%d, world %d, accumulation=%s", self.dist.rank, self.zero_stage,
-                 self.dist.world_size, self.accumulation)
+        log.info(
+            "[rank %d] engine: ZeRO-%d, world %d, accumulation=%s",
+            self.dist.rank,
+            self.zero_stage,
+            self.dist.world_size,
+            self.accumulation,
+        )
 
     @property
     def module(self):
         return self.engine.module
 
     # ---- one scheduled step -------------------------------------------------------------------
-    def train_step(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
-                   weights: Sequence[float]) -> StepResult:
+    def train_step(
+        self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]], weights: Sequence[float]
+    ) -> StepResult:
         """Backward every pack with its weight, then exactly one optimizer step (+ LR step, zero_grad).
 
         `loss_fn(model, pack) -> (loss, aux)` must run its forwards through `model` (the DeepSpeed
@@ -121,8 +140,14 @@ class Stage2Engine:
             raise RuntimeError("begin_step: the previous step was not ended (call end_step)")
         self._step = _OpenStep()
 
-    def backward_packs(self, packs: list, loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
-                       weights: Sequence[float], *, last: bool) -> None:
+    def backward_packs(
+        self,
+        packs: list,
+        loss_fn: Callable[[Any, Any], tuple[torch.Tensor, dict]],
+        weights: Sequence[float],
+        *,
+        last: bool,
+    ) -> None:
         """Backward some of the step's packs (see `train_step` for loss_fn, weights and padding).
 
         Collective, with one pack-count all-reduce per call: every rank makes the same number of calls
@@ -179,11 +204,18 @@ class Stage2Engine:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = local_norm if norm is None else float(norm)
-        return StepResult(loss=float(st.total), grad_norm=norm, lr=next(iter(lrs.values())), lrs=lrs,
-                          n_packs=st.n_packs, n_padding=st.n_max_total - st.n_packs, n_packs_max=st.n_max_total,
-                          pack_metrics=st.metrics)
+        return StepResult(
+            loss=float(st.total),
+            grad_norm=norm,
+            lr=next(iter(lrs.values())),
+            lrs=lrs,
+            n_packs=st.n_packs,
+            n_padding=st.n_max_total - st.n_packs,
+            n_packs_max=st.n_max_total,
+            pack_metrics=st.metrics,
+        )
 
-    def _open_step(self, caller: str) -> "_OpenStep":
+    def _open_step(self, caller: str) -> _OpenStep:
         if self._step is None:
             raise RuntimeError(f"{caller}: no step is open (call begin_step first)")
         return self._step
@@ -192,8 +224,9 @@ class Stage2Engine:
         """One all-reduce (MAX) → (max count, whether every rank holds a padding pack, highest rank holding one)."""
         import torch.distributed as dist
 
-        counts = torch.tensor([n_local, -int(has_pad), self.dist.rank if has_pad else -1], dtype=torch.int64,
-                              device=self.engine.device)
+        counts = torch.tensor(
+            [n_local, -int(has_pad), self.dist.rank if has_pad else -1], dtype=torch.int64, device=self.engine.device
+        )
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         every_rank_has_pad = int(counts[1]) == -1  # MAX of -has_pad is -1 only when no rank lacks one
         return int(counts[0]), every_rank_has_pad, int(counts[2])
@@ -202,21 +235,33 @@ class Stage2Engine:
         """A padding pack from rank `src` for ranks without packs (collective; only on such steps)."""
         import torch.distributed as dist
 
-        box = [_map_tensors(pad, lambda t: _Shipped(t.detach().cpu(), t.device.type != "cpu"))
-               if self.dist.rank == src else None]
+        box = [
+            _map_tensors(pad, lambda t: _Shipped(t.detach().cpu(), t.device.type != "cpu"))
+            if self.dist.rank == src
+            else None
+        ]
         dist.broadcast_object_list(box, src=src)
         if pad is not None:
             return pad
-        return _map_tensors(box[0], lambda s: s.tensor.to(self.engine.device) if s.on_accelerator else s.tensor,
-                            leaf=_Shipped)
+        return _map_tensors(
+            box[0], lambda s: s.tensor.to(self.engine.device) if s.on_accelerator else s.tensor, leaf=_Shipped
+        )
 
     def _skip_step(self) -> StepResult:
         lrs = self._lrs()
         if self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.step()  # the schedule follows scheduled steps, not updates
         log.info("[rank %d] no packs on any rank: optimizer step skipped", self.dist.rank)
-        return StepResult(loss=0.0, grad_norm=None, lr=next(iter(lrs.values())), lrs=lrs, n_packs=0,
-                          n_padding=0, n_packs_max=0, skipped=True)
+        return StepResult(
+            loss=0.0,
+            grad_norm=None,
+            lr=next(iter(lrs.values())),
+            lrs=lrs,
+            n_packs=0,
+            n_padding=0,
+            n_packs_max=0,
+            skipped=True,
+        )
 
     def _lrs(self) -> dict[str, float]:
         return {g.get("name", str(k)): float(g["lr"]) for k, g in enumerate(self.engine.optimizer.param_groups)}
@@ -261,9 +306,12 @@ class Stage2Engine:
         self.module.eval()
         params = list(self.module.parameters()) if self.zero_stage == 3 else []
         try:
-            with torch.no_grad(), deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
-                with self._zero3_hooks_removed():
-                    yield self.module
+            with (
+                torch.no_grad(),
+                deepspeed.zero.GatheredParameters(params, enabled=bool(params)),
+                self._zero3_hooks_removed(),
+            ):
+                yield self.module
         finally:
             self.module.train(was_training)
 
@@ -282,7 +330,8 @@ class Stage2Engine:
             offload._register_deepspeed_module(offload.module)
             coordinator = offload.get_param_coordinator
             offload.fwd_pre_hook = offload.module.register_forward_pre_hook(
-                lambda module, *args: coordinator().reset_step(), prepend=True)
+                lambda module, *args: coordinator().reset_step(), prepend=True
+            )
 
     # ---- checkpoints and export -----------------------------------------------------------------
     def save(self, directory: str, tag: str | None = None, client_state: dict | None = None) -> None:
@@ -296,8 +345,9 @@ class Stage2Engine:
 
     def load(self, directory: str, tag: str | None = None) -> dict:
         """Restore params, optimizer and scheduler state exactly; returns the saved client_state."""
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+        path, client_state = self.engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag or 'latest'!r} under {directory}")
         log.info("[rank %d] loaded DeepSpeed checkpoint %s", self.dist.rank, path)
@@ -322,6 +372,7 @@ class Stage2Engine:
 @dataclasses.dataclass
 class _OpenStep:
     """What a step accumulates between begin_step and end_step."""
+
     total: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     metrics: list = dataclasses.field(default_factory=list)
     n_packs: int = 0  # real packs on this rank
@@ -334,6 +385,7 @@ class _OpenStep:
 @dataclasses.dataclass
 class _Shipped:
     """A tensor in transit to another rank: on CPU, with where it lived (CUDA tensors unpickle on the sender's GPU)."""
+
     tensor: torch.Tensor
     on_accelerator: bool
 

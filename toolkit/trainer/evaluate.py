@@ -7,6 +7,7 @@ No teacher-forced pass and no eval loss. Each rank decodes an equal-sized shard
 (padded by repeating its last prompt, whose results are discarded) so ZeRO-3's synchronized forwards
 line up; the counters are merged with the same one-collective reduction as training metrics.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,8 +41,18 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     return mine, n_real
 
 
-def run_eval(backend, val_set: list, codec, settings: Settings, *, rank: int, world_size: int, step: int,
-             keep: int = 0, progress: bool = False) -> EvalResult:
+def run_eval(
+    backend,
+    val_set: list,
+    codec,
+    settings: Settings,
+    *,
+    rank: int,
+    world_size: int,
+    step: int,
+    keep: int = 0,
+    progress: bool = False,
+) -> EvalResult:
     """Decode this rank's shard in decode_batch_size chunks (every rank makes the same number of calls),
     score each rollout, reduce once. `keep`: how many per-sample records (rollout text, parsed objects,
     matches) to return from this rank; `progress`: show an eval bar (rank 0, a terminal only)."""
@@ -53,10 +64,16 @@ def run_eval(backend, val_set: list, codec, settings: Settings, *, rank: int, wo
     samples, n_real = shard(val_set, rank, world_size)
     size = settings.decode.decode_batch_size
     m, records = StepMetrics(), []
-    bar = tqdm(total=n_real, desc="eval", unit="sample", leave=False, disable=not (progress and interactive(rank)),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=n_real,
+        desc="eval",
+        unit="sample",
+        leave=False,
+        disable=not (progress and interactive(rank)),
+        dynamic_ncols=True,
+    )
     for start in range(0, len(samples), size):
-        chunk = samples[start:start + size]
+        chunk = samples[start : start + size]
         rollouts = backend.generate([s.prompt_ids for s in chunk], step=step, **image_kwargs(chunk))
         for i, (sample, ro) in enumerate(zip(chunk, rollouts)):
             if start + i >= n_real:
@@ -78,8 +95,15 @@ def score_rollout(m: StepMetrics, sample, ro, codec, match: MatchSettings) -> di
     gts = [o["bbox_2d"] for o in sample.gt_objects]
     knobs = match_kwargs(match)
     gate = match_boxes(preds, gts, gate=match.maskiou_gate, **knobs)
-    strict = match_boxes(preds, gts, gate=0.5, pred_descs=[o.desc for o in parse.objects],
-                         gt_descs=[o["desc"] for o in sample.gt_objects], require_desc_match=True, **knobs)
+    strict = match_boxes(
+        preds,
+        gts,
+        gate=0.5,
+        pred_descs=[o.desc for o in parse.objects],
+        gt_descs=[o["desc"] for o in sample.gt_objects],
+        require_desc_match=True,
+        **knobs,
+    )
     m.add_detection_counts(PREFIX, len(gate.pairs), len(preds), len(gts))
     m.add_detection_counts(f"{PREFIX}/class50", len(strict.pairs), len(preds), len(gts))
     m.add_ratio(f"{PREFIX}/matched_iou_mean", gate.iou_sum, len(gate.pairs))
@@ -98,8 +122,11 @@ def score_rollout(m: StepMetrics, sample, ro, codec, match: MatchSettings) -> di
         "valid_json": _valid_json(parse),
         "gt": [{"desc": o["desc"], "bbox_2d": list(o["bbox_2d"])} for o in sample.gt_objects],
         "pred": [{"desc": o.desc, "bbox_2d": list(o.bbox)} for o in parse.objects],
-        "match": {"pairs": [[p, g, round(iou, 4)] for p, g, iou in gate.pairs], "fp": gate.fp_indices,
-                  "fn": gate.fn_indices},
+        "match": {
+            "pairs": [[p, g, round(iou, 4)] for p, g, iou in gate.pairs],
+            "fp": gate.fp_indices,
+            "fn": gate.fn_indices,
+        },
         "class50_matched": len(strict.pairs),
     }
 

@@ -6,11 +6,12 @@ delegates `named_full_params` / `full_state_dict` / `export_hf` here. Must not i
 `deepspeed`, `peft` and `torch.distributed` are imported inside functions, so importing this module
 stays cheap.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 VISION_MODULES = r".*\b(visual|vision_tower|vision_model|multi_modal_projector)\b.*"
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str],
-               use_dora: bool = False):
+def apply_lora(
+    model, rank: int, alpha: float, dropout: float, target_modules: str | Sequence[str], use_dora: bool = False
+):
     """Wrap `model` with peft LoRA (or DoRA: `use_dora`) adapters; "all-linear" targets every linear layer
     but the output head.
 
@@ -38,15 +40,28 @@ def apply_lora(model, rank: int, alpha: float, dropout: float, target_modules: s
     else:
         targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
     vlm = any(param_role(n) != "llm" for n, _ in model.named_parameters())
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             exclude_modules=VISION_MODULES if vlm else None, use_dora=use_dora)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        exclude_modules=VISION_MODULES if vlm else None,
+        use_dora=use_dora,
+    )
     wrapped = peft.get_peft_model(model, config)
     for name, param in wrapped.named_parameters():
         if vlm and param_role(name) != "llm":
             param.requires_grad_(True)  # peft froze the base model; build_optimizer applies vit/aligner lr
     n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    log.info("%s r=%d alpha=%g dropout=%g targets=%s: %d trainable params", "DoRA" if use_dora else "LoRA", rank, alpha,
-             dropout, targets, n_train)
+    log.info(
+        "%s r=%d alpha=%g dropout=%g targets=%s: %d trainable params",
+        "DoRA" if use_dora else "LoRA",
+        rank,
+        alpha,
+        dropout,
+        targets,
+        n_train,
+    )
     return wrapped
 
 

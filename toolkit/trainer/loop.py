@@ -7,6 +7,7 @@ reduction), never inside logging or rank-dependent branches. A step's segments r
 (`StepLearner.learn`): one round for Channel-A and for rollouts decoded in one call; in vLLM server mode one
 per server round (one pack-count all-reduce per round, same on every rank), learned while the next decodes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,15 +30,15 @@ from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds, with_images
 from toolkit.trainer.distributed import init_distributed
 from toolkit.trainer.engine import Stage2Engine
-from toolkit.trainer.export import apply_lora, copy_support_files
-from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.evaluate import run_eval
+from toolkit.trainer.export import apply_lora, copy_support_files
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
+from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from toolkit.trainer.samples import SampleInput, load_samples
-from toolkit.trainer.step import StepLearner
-from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 from toolkit.trainer.scheduler import channel_for_step
+from toolkit.trainer.step import StepLearner
 from toolkit.trainer.wandb_log import with_wandb
+from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,28 @@ def _provenance() -> dict:
     import toolkit
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"tool_version": toolkit.__version__, "git_commit": commit}
 
 
-SUMMARY_KEYS = ("loss/total", "loss/ce", "loss/bbox_ciou", "rollout/f1", "rollout/parse_truncated_rate",
-                "eval_rollout/f1", "eval_rollout/class50/f1", "train/learning_rate", "time/step_s")
+SUMMARY_KEYS = (
+    "loss/total",
+    "loss/ce",
+    "loss/bbox_ciou",
+    "rollout/f1",
+    "rollout/parse_truncated_rate",
+    "eval_rollout/f1",
+    "eval_rollout/class50/f1",
+    "train/learning_rate",
+    "time/step_s",
+)
 
 
 def _summary(metrics: dict) -> str:
@@ -98,23 +112,38 @@ class Stage2Trainer:
         self.engine = self._setup_engine()
         # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
         # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
-        self.backend = build_backend(cfg, self.codec, module=self.engine.module, pad_id=self.tok.pad_token_id,
-                                     weights=self.engine.named_full_params, device=self.device, rank=self.dist.rank,
-                                     world_size=self.dist.world_size, vision=self.vision,
-                                     generation_context=self.engine.generation_context)
+        self.backend = build_backend(
+            cfg,
+            self.codec,
+            module=self.engine.module,
+            pad_id=self.tok.pad_token_id,
+            weights=self.engine.named_full_params,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            vision=self.vision,
+            generation_context=self.engine.generation_context,
+        )
         # Server mode: Channel-B learns each server round while the next decodes unless vllm.server.overlap
         # is false (other backends hand a step's rollouts over as one round: nothing decodes meanwhile).
         self.overlap_b = cfg.settings.server.overlap
         self.channel_b = ChannelBSettings.from_config(cfg)
         self.coord_ids = torch.tensor(self.codec.coord_token_ids, dtype=torch.long, device=self.device)
         # data.poly_policy "drop": how many poly objects each file lost (logged on load, written every step).
-        self.data_metrics = {"data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
-                             "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set)}
+        self.data_metrics = {
+            "data/train_poly_dropped": sum(s.dropped_poly for s in self.train_set),
+            "data/val_poly_dropped": sum(s.dropped_poly for s in self.val_set),
+        }
         self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model)
         self._maybe_resume()
-        self.writer = MetricsWriter(self.out_dir, cfg.training.logging_dir, self.dist.rank,
-                                    sinks=cfg.training.report_to, resume_step=self.state.step)
+        self.writer = MetricsWriter(
+            self.out_dir,
+            cfg.training.logging_dir,
+            self.dist.rank,
+            sinks=cfg.training.report_to,
+            resume_step=self.state.step,
+        )
         self.writer = with_wandb(self.writer, cfg, self.dist.rank, self.out_dir, resumed=self.state.step > 0)
         # Graceful handlers (finish the step, checkpoint) only now: during setup (minutes on a real model)
         # toolkit/train.py's start-up handlers stop at once on SIGTERM/SIGINT (nothing to save yet) and
@@ -123,41 +152,69 @@ class Stage2Trainer:
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(_provenance()))
-        log.info("rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
-                 self.dist.rank, self.dist.world_size, len(self.train_set), len(self.val_set), self.total_steps,
-                 self.budget.gradient_accumulation_steps, len(self.budget.step_indices(0)))
+        log.info(
+            "rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
+            self.dist.rank,
+            self.dist.world_size,
+            len(self.train_set),
+            len(self.val_set),
+            self.total_steps,
+            self.budget.gradient_accumulation_steps,
+            len(self.budget.step_indices(0)),
+        )
 
     def _setup_data(self, path: str, limit: int | None) -> list[SampleInput]:
         """Records → prompt ids once; prompts never change during training."""
         d = self.cfg.data
-        return load_samples(path, self.tok, limit=limit, system=self.cfg.template.system_prompt, vision=self.vision,
-                            image_root=d.image_root, bbox_format=d.bbox_format, poly_policy=d.poly_policy)
+        return load_samples(
+            path,
+            self.tok,
+            limit=limit,
+            system=self.cfg.template.system_prompt,
+            vision=self.vision,
+            image_root=d.image_root,
+            bbox_format=d.bbox_format,
+            poly_policy=d.poly_policy,
+        )
 
     def _setup_engine(self) -> Stage2Engine:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         cfg, tr = self.cfg, self.cfg.training
         model_cls = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
-        model = from_pretrained(model_cls.from_pretrained, cfg.model.model, dtype=getattr(torch, cfg.model.torch_dtype),
-                                attn_implementation=cfg.model.attn_impl)
+        model = from_pretrained(
+            model_cls.from_pretrained,
+            cfg.model.model,
+            dtype=getattr(torch, cfg.model.torch_dtype),
+            attn_implementation=cfg.model.attn_impl,
+        )
         if cfg.tuner.train_type in ("lora", "dora"):
             tu = cfg.tuner
-            model = apply_lora(model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules,
-                               use_dora=tu.train_type == "dora")
+            model = apply_lora(
+                model, tu.lora_rank, tu.lora_alpha, tu.lora_dropout, tu.target_modules, use_dora=tu.train_type == "dora"
+            )
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # tuner.freeze_vit / freeze_aligner freeze those modules (lr 0 → not trained, not in the optimizer).
         vit_lr = 0.0 if cfg.tuner.freeze_vit else tr.vit_lr
         aligner_lr = 0.0 if cfg.tuner.freeze_aligner else tr.aligner_lr
         optimizer = build_optimizer(
-            model, lr=tr.learning_rate, vit_lr=vit_lr, aligner_lr=aligner_lr, weight_decay=tr.weight_decay,
-            betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
+            model,
+            lr=tr.learning_rate,
+            vit_lr=vit_lr,
+            aligner_lr=aligner_lr,
+            weight_decay=tr.weight_decay,
+            betas=(tr.adam_beta1, tr.adam_beta2),
+            eps=tr.adam_epsilon,
         )
-        sched = build_lr_scheduler(optimizer, self.total_steps, int(tr.warmup_ratio * self.total_steps),
-                                   tr.lr_scheduler_type)
+        sched = build_lr_scheduler(
+            optimizer, self.total_steps, int(tr.warmup_ratio * self.total_steps), tr.lr_scheduler_type
+        )
         from toolkit.config import load_ds_config
 
-        ds_config = load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
+        ds_config = (
+            load_ds_config(cfg.deepspeed.config) if cfg.deepspeed.enabled else {"zero_optimization": {"stage": 0}}
+        )
         if cfg.model.torch_dtype == "bfloat16":
             ds_config = {**ds_config, "bf16": {"enabled": True}}
         return Stage2Engine(model, optimizer, sched, ds_config, max_grad_norm=tr.max_grad_norm)
@@ -199,14 +256,20 @@ class Stage2Trainer:
             if self.dist.rank == 0 and done % tr.logging_steps == 0:
                 log.info("step %d/%d [%s] %s", done, self.total_steps, channel, _summary(metrics))
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics})
+            bar.set_postfix(
+                {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics}
+            )
             stop = self._agree_to_stop()
             due = tr.save_strategy == "steps" and done % tr.save_steps == 0
             if due or stop or done == self.total_steps:
                 self.save_checkpoint(metrics)
             if stop:
-                log.warning("stopping after step %d on signal %d (checkpoint %s written)", done, self.stop_signum,
-                            runlayout.checkpoint_dir(self.out_dir, done).name)
+                log.warning(
+                    "stopping after step %d on signal %d (checkpoint %s written)",
+                    done,
+                    self.stop_signum,
+                    runlayout.checkpoint_dir(self.out_dir, done).name,
+                )
                 bar.close()
                 return 128 + (self.stop_signum or signal.SIGTERM)
         bar.close()
@@ -234,10 +297,13 @@ class Stage2Trainer:
         if channel == "A":
             return [(self._channel_a_segments(samples, m), True)]
         dump_to = self.out_dir if dumps.due(self.channel_b.monitor, step, self.dist.rank) else None
-        return channel_b_rounds(self.backend, samples, step, self.codec, m, self.channel_b,
-                                background=self.overlap_b, dump_to=dump_to)
+        return channel_b_rounds(
+            self.backend, samples, step, self.codec, m, self.channel_b, background=self.overlap_b, dump_to=dump_to
+        )
 
-    def _step_metrics(self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int) -> None:
+    def _step_metrics(
+        self, m: StepMetrics, res, packs, channel: str, step: int, *, n_raw: int, n_segments: int
+    ) -> None:
         """The learner's loss, optimizer and packing facts (`StepLearner.add_metrics`), schedule bookkeeping."""
         self.learner.add_metrics(m, res, packs)
         m.add_sum("stage2/raw_samples", n_raw)
@@ -253,8 +319,14 @@ class Stage2Trainer:
         segs = []
         for s in samples:
             seg = build_channel_a_segment(
-                s.prompt_ids, s.gt_objects, self.codec, field_order=t.object_field_order, ordering=t.object_ordering,
-                desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight, sample_id=s.sample_id, max_len=self.cfg.global_max_length,
+                s.prompt_ids,
+                s.gt_objects,
+                self.codec,
+                field_order=t.object_field_order,
+                ordering=t.object_ordering,
+                desc_ce_weight=self.cfg.stage2_ab.desc_ce_weight,
+                sample_id=s.sample_id,
+                max_len=self.cfg.global_max_length,
             )
             seg = with_images(seg, s)
             for key, value in seg.meta.items():
@@ -271,15 +343,26 @@ class Stage2Trainer:
         (the function `stage2 eval` calls); rank 0 draws its first few samples (toolkit/trainer/draw.py)."""
         from toolkit.trainer.draw import N_PICTURES, PictureLog
 
-        res = run_eval(self.backend, self.val_set, self.codec, self.cfg.settings, rank=self.dist.rank,
-                       world_size=self.dist.world_size, step=step, keep=N_PICTURES, progress=True)
+        res = run_eval(
+            self.backend,
+            self.val_set,
+            self.codec,
+            self.cfg.settings,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            step=step,
+            keep=N_PICTURES,
+            progress=True,
+        )
         if self.dist.rank == 0:
             if not hasattr(self, "pictures"):
                 tr = self.cfg.training
                 self.pictures = PictureLog(self.out_dir, tr.logging_dir, "tensorboard" in tr.report_to)
             paths = self.pictures.write(step, res.records)
             if hasattr(self.writer, "wandb"):  # W&B gets them with this step's metrics
-                self.writer.wandb.add_pictures({f"eval_pictures/{r['sample_id']}": p for r, p in zip(res.records, paths)})
+                self.writer.wandb.add_pictures(
+                    {f"eval_pictures/{r['sample_id']}": p for r, p in zip(res.records, paths)}
+                )
         return res.metrics
 
     # ------------------------------------------------------------------ checkpoint

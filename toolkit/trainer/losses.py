@@ -15,6 +15,7 @@ See docs/METRICS_LOSSES.md §1 for why. Imports torch inside functions only.
 Conventions (toolkit/data/segment.py): label position t is predicted by the logits at t-1; coordinate
 bin k is the normalized value k/999; `coord_token_ids[k]` is the token id of bin k.
 """
+
 from __future__ import annotations
 
 import math
@@ -204,8 +205,9 @@ def _ce_term(logits: torch.Tensor, batch: PackBatch, means: _Means) -> torch.Ten
     return means.mean(token_ce, rows + 1, w_sup)  # row r predicts label position r + 1
 
 
-def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights,
-                 means: _Means | None = None) -> dict:
+def _coord_terms(
+    logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights, means: _Means | None = None
+) -> dict:
     """Geometry, regularizers and gate over the pack's coord slots (all zero when there are none)."""
     import torch
     import torch.nn.functional as F
@@ -238,8 +240,9 @@ def _coord_terms(logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor
     for name, gid in (("prefix", 0), ("tail", 1)):  # logged only: the same means over one group's boxes
         in_box = group == gid
         in_slot = in_box.repeat_interleave(4)
-        out[name] = weights.bbox_smoothl1_weight * means.mean(sl1_slot[in_slot], slots[in_slot]) \
-            + weights.bbox_ciou_weight * means.mean(ciou_box[in_box], first[in_box])
+        out[name] = weights.bbox_smoothl1_weight * means.mean(
+            sl1_slot[in_slot], slots[in_slot]
+        ) + weights.bbox_ciou_weight * means.mean(ciou_box[in_box], first[in_box])
 
     # Gate: -log of the probability mass the full-vocabulary softmax keeps on coord tokens.
     with torch.set_grad_enabled(torch.is_grad_enabled() and weights.coord_gate_weight != 0):
@@ -310,7 +313,9 @@ def pack_loss(
     lgeo = _as_2d(logits_geo, length, "logits_geo")
     coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=lgeo.device)
     if coord_ids.shape != (NUM_BINS,):
-        raise ValueError(f"coord_token_ids must hold {NUM_BINS} ids (bin k at index k), got shape {tuple(coord_ids.shape)}")
+        raise ValueError(
+            f"coord_token_ids must hold {NUM_BINS} ids (bin k at index k), got shape {tuple(coord_ids.shape)}"
+        )
 
     means = _Means(batch, normalization, lgeo.device)
     ce = _ce_term(lce, batch, means)
@@ -331,8 +336,20 @@ def pack_loss(
     if torch.is_grad_enabled() and not total.requires_grad and lgeo.requires_grad:
         # Nothing supervised in this pack: keep the graph so every rank still runs a (zero) backward.
         total = total + 0.0 * lgeo[:1, :1].float().sum()
-    values = (ce, t["sl1"], t["ciou"], t["gate"], t["coord_ce"], t["el1"], t["ehuber"], t["entropy"],
-              reg, t["prefix"], t["tail"], total)
+    values = (
+        ce,
+        t["sl1"],
+        t["ciou"],
+        t["gate"],
+        t["coord_ce"],
+        t["el1"],
+        t["ehuber"],
+        t["entropy"],
+        reg,
+        t["prefix"],
+        t["tail"],
+        total,
+    )
     # One host sync (.tolist) for all logged values instead of one .item() per key.
     logged = torch.stack([v.detach().double().to(lgeo.device) for v in values]).tolist()
     return total, dict(zip(PART_KEYS, logged))

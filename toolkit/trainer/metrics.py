@@ -11,14 +11,15 @@ packs merge exactly:
 A mean or ratio whose denominator is 0 reports 0.0 (so callers should not add a rate on a step that has
 no events for it, e.g. rollout rates on Channel-A steps).
 
-Distributed: `reduce_metrics` (alias `reduce`) is the only function that talks to other ranks. It makes exactly one collective,
-`all_gather_object` of the local {key: (rule, a, b)} dict: the key union across ranks (drop-reason
+Distributed: `reduce_metrics` (alias `reduce`) is the only function that talks to other ranks. It makes exactly
+one collective, `all_gather_object` of the local {key: (rule, a, b)} dict: the key union across ranks (drop-reason
 buckets differ per rank) and every rule's merge come out of that single call, and the payload is a few KB
 once per step. Every rank must call it once per step, in the same place, outside any rank-dependent
 branch; logging (`MetricsWriter`) never communicates. With NCCL the object is staged on
 `torch.cuda.current_device()`, so call `torch.cuda.set_device(local_rank)` first (or pass a gloo group).
 Imports torch inside functions only.
 """
+
 from __future__ import annotations
 
 import json
@@ -173,8 +174,14 @@ class MetricsWriter:
     `reduce_metrics(...)`'s result. `step` is the number of optimizer steps completed (1 for the first
     step), the same number the console, checkpoints and signal messages use."""
 
-    def __init__(self, output_dir: str | os.PathLike, logging_dir: str | os.PathLike, rank: int,
-                 sinks: Iterable[str] = ("jsonl", "tensorboard"), resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        logging_dir: str | os.PathLike,
+        rank: int,
+        sinks: Iterable[str] = ("jsonl", "tensorboard"),
+        resume_step: int | None = None,
+    ) -> None:
         """`sinks` ⊆ {"jsonl", "tensorboard"} (training.report_to). `resume_step`: the steps completed by the
         checkpoint resumed from; jsonl records and TensorBoard points of later steps are dropped first, so a
         run resumed from an older checkpoint does not log those steps twice."""

@@ -4,10 +4,11 @@ decay on biases and norms, and linear warmup + constant | linear | cosine decay.
 Trainer room: imports torch. The engine passes the optimizer to DeepSpeed as a client optimizer (a torch
 AdamW is bit-identical to plain PyTorch and avoids DeepSpeed's JIT-built FusedAdam on CPU).
 """
+
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import math
 
 import torch
@@ -33,16 +34,21 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name.lower()
 
 
-def build_optimizer(model, lr: float, vit_lr: float | None = None, aligner_lr: float | None = None,
-                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+def build_optimizer(
+    model,
+    lr: float,
+    vit_lr: float | None = None,
+    aligner_lr: float | None = None,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
     """torch AdamW over trainable params, grouped by role (vit / aligner / llm) × decay / no-decay.
 
     `vit_lr`/`aligner_lr` None means `lr`. A role whose lr is 0 is frozen (requires_grad=False, so no
     engine reduces gradients nobody steps); empty groups are dropped. Biases and norms get no decay.
     """
-    role_lr = {"llm": lr, "vit": lr if vit_lr is None else vit_lr,
-               "aligner": lr if aligner_lr is None else aligner_lr}
+    role_lr = {"llm": lr, "vit": lr if vit_lr is None else vit_lr, "aligner": lr if aligner_lr is None else aligner_lr}
     buckets: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -52,14 +58,26 @@ def build_optimizer(model, lr: float, vit_lr: float | None = None, aligner_lr: f
             param.requires_grad_(False)
             continue
         buckets.setdefault((role, _no_decay(name, param)), []).append(param)
-    groups = [{"name": f"{role}{'_no_decay' if nd else ''}", "params": params, "lr": role_lr[role],
-               "weight_decay": 0.0 if nd else weight_decay}
-              for (role, nd), params in sorted(buckets.items())]
+    groups = [
+        {
+            "name": f"{role}{'_no_decay' if nd else ''}",
+            "params": params,
+            "lr": role_lr[role],
+            "weight_decay": 0.0 if nd else weight_decay,
+        }
+        for (role, nd), params in sorted(buckets.items())
+    ]
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters with a non-zero learning rate")
     for g in groups:
-        log.info("optimizer group %s: %d tensors, %d params, lr=%g, weight_decay=%g", g["name"],
-                 len(g["params"]), sum(p.numel() for p in g["params"]), g["lr"], g["weight_decay"])
+        log.info(
+            "optimizer group %s: %d tensors, %d params, lr=%g, weight_decay=%g",
+            g["name"],
+            len(g["params"]),
+            sum(p.numel() for p in g["params"]),
+            g["lr"],
+            g["weight_decay"],
+        )
     frozen = [r for r, v in role_lr.items() if v == 0]
     if frozen:
         log.info("optimizer: frozen by lr=0: %s", ", ".join(frozen))

@@ -13,6 +13,7 @@ and flex attention, and flash-attention uses them as varlen boundaries, **but on
 (config.use_cache=True) creates a DynamicCache first, which silently disables the packed mask and
 lets segments attend to each other. So every packed forward must pass `use_cache=False`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -154,7 +155,9 @@ def _check_segment_for_packing(seg: Segment, index: int) -> None:
     # Label position 0 of a segment would be predicted from the previous segment's last token once
     # packed, so it must be unsupervised; coord slots need p-1 inside the same segment for the same reason.
     if seg.ce_weights and seg.ce_weights[0] != 0:
-        raise ValueError(f"segment {index} ({seg.sample_id!r}): ce_weights[0] must be 0 (nothing predicts the first token)")
+        raise ValueError(
+            f"segment {index} ({seg.sample_id!r}): ce_weights[0] must be 0 (nothing predicts the first token)"
+        )
     if any(p < 1 for p in seg.coord_pos):
         raise ValueError(f"segment {index} ({seg.sample_id!r}): coord slot at position 0 has no predicting token")
     bad = [g for g in seg.box_groups if g not in BOX_GROUP_IDS]
@@ -162,8 +165,9 @@ def _check_segment_for_packing(seg: Segment, index: int) -> None:
         raise ValueError(f"segment {index} ({seg.sample_id!r}): box_groups must be 'prefix' or 'fn', got {bad[0]!r}")
 
 
-def collate_pack(segments: Sequence[Segment], capacity: int | None = None,
-                 mrope: tuple[int, int] | None = None) -> PackBatch:
+def collate_pack(
+    segments: Sequence[Segment], capacity: int | None = None, mrope: tuple[int, int] | None = None
+) -> PackBatch:
     """Concatenate segments into one `PackBatch` (CPU tensors; move with `.to(device)`).
 
     `mrope`: (image pad id, spatial merge size) for a Qwen-VL model: position ids become the four rows of

@@ -5,6 +5,7 @@ A text record's prompt holds its scene; an image record's prompt holds one `<|vi
 expanded ids are what Channel-A trains on and what every rollout backend must report back as the
 prompt it decoded from (the prompt-parity check in channel_b.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,20 +30,39 @@ class SampleInput:
 
 def image_messages(n_images: int, system: str = SYSTEM_PROMPT) -> list[dict]:
     """Chat messages for an image record: the images first, then the instruction."""
-    return [{"role": "system", "content": system},
-            {"role": "user", "content": IMAGE_PLACEHOLDER * n_images + USER_INSTRUCTION}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": IMAGE_PLACEHOLDER * n_images + USER_INSTRUCTION},
+    ]
 
 
-def load_samples(path: str, tok, *, limit: int | None = None, system: str | None = None, vision=None,
-                 image_root: str | None = None, bbox_format: str = "norm1000",
-                 poly_policy: str = "error") -> list[SampleInput]:
+def load_samples(
+    path: str,
+    tok,
+    *,
+    limit: int | None = None,
+    system: str | None = None,
+    vision=None,
+    image_root: str | None = None,
+    bbox_format: str = "norm1000",
+    poly_policy: str = "error",
+) -> list[SampleInput]:
     """Validated records of `path` as samples. Image records need `vision` (a VisionProcessor)."""
     system = SYSTEM_PROMPT if system is None else system
     records = load_records(path, limit=limit, image_root=image_root, bbox_format=bbox_format, poly_policy=poly_policy)
     if vision is None and any(rec.images for rec in records):
-        raise RecordError([RecordIssue(rec.file, rec.line, f"record {rec.id!r} has images but the model has no vision tower",
-                                       "point model.model at a Qwen-VL folder, or use text records")
-                           for rec in records if rec.images])
+        raise RecordError(
+            [
+                RecordIssue(
+                    rec.file,
+                    rec.line,
+                    f"record {rec.id!r} has images but the model has no vision tower",
+                    "point model.model at a Qwen-VL folder, or use text records",
+                )
+                for rec in records
+                if rec.images
+            ]
+        )
     out = []
     for rec in records:
         objects = [dict(o) for o in rec.objects]

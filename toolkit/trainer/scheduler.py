@@ -8,6 +8,7 @@ The ratio is taken as the exact rational written in the float's shortest decimal
 so float rounding can never move a B step: b=0.05 gives exactly one B in steps 0..19 (at step 19),
 and the first N steps hold exactly floor(N·b) B steps (= round(N·b) when N·b is an integer).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -15,6 +15,7 @@ DeepSpeed's average over ranks (every rank holds E/W raw samples) makes it the m
 raw samples: no denominator depends on how segments fall into packs, rounds or ranks, so none needs an
 all-reduce. Under `per_pack_token_mean` the same weights give the predecessor's objective.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,11 +59,20 @@ class StepLearner:
     def from_config(cls, cfg, coord_ids, device, vision=None, mrope=None) -> StepLearner:
         """From the resolved config (stage2_ab, training, global_max_length)."""
         sab = cfg.stage2_ab
-        return cls(coord_ids=coord_ids, loss_weights=LossWeights.from_mapping(sab.to_dict()),
-                   normalization=sab.loss_normalization, n_softctx_iter=sab.n_softctx_iter,
-                   softctx_temperature=sab.softctx_temperature, softctx_grad_mode=sab.softctx_grad_mode,
-                   capacity=cfg.global_max_length, min_fill=cfg.training.packing_min_fill_ratio,
-                   packing=cfg.training.packing, device=device, vision=vision, mrope=mrope)
+        return cls(
+            coord_ids=coord_ids,
+            loss_weights=LossWeights.from_mapping(sab.to_dict()),
+            normalization=sab.loss_normalization,
+            n_softctx_iter=sab.n_softctx_iter,
+            softctx_temperature=sab.softctx_temperature,
+            softctx_grad_mode=sab.softctx_grad_mode,
+            capacity=cfg.global_max_length,
+            min_fill=cfg.training.packing_min_fill_ratio,
+            packing=cfg.training.packing,
+            device=device,
+            vision=vision,
+            mrope=mrope,
+        )
 
     # ---- the per-pack loss ------------------------------------------------------------------------
     def loss_fn(self, channel: str):
@@ -71,16 +81,24 @@ class StepLearner:
 
     def loss_a(self, module, pack):
         pack = pack.to(self.device)
-        first, last = softctx_logits(module, pack, self.coord_ids, self.n_softctx_iter, self.softctx_temperature,
-                                     self.softctx_grad_mode, model_kwargs=self._vision_inputs(pack))
+        first, last = softctx_logits(
+            module,
+            pack,
+            self.coord_ids,
+            self.n_softctx_iter,
+            self.softctx_temperature,
+            self.softctx_grad_mode,
+            model_kwargs=self._vision_inputs(pack),
+        )
         return pack_loss(first, last, pack, self.coord_ids, self.loss_weights, self.normalization)
 
     def loss_b(self, module, pack):
         pack = pack.to(self.device)
         # position_ids restart per segment and use_cache=False keeps transformers' packed block-causal
         # mask (toolkit/trainer/packing.py): without either, segments would attend to each other.
-        logits = module(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False,
-                        **self._vision_inputs(pack)).logits
+        logits = module(
+            input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False, **self._vision_inputs(pack)
+        ).logits
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
 
     def _vision_inputs(self, pack) -> dict:

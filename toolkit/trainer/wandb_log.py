@@ -6,6 +6,7 @@ and step, plus the eval pictures (toolkit/trainer/draw.py). The run id is kept i
 `<output_dir>/wandb_run_id`, so `--resume` continues the same W&B run. No network: WANDB_MODE=offline
 (then `wandb sync <output_dir>/wandb/offline-run-*` later). `wandb` is imported only when the sink is on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 ID_FILE = "wandb_run_id"
-MISSING = ("training.report_to includes wandb, but the wandb package is not installed: "
-           "pip install -e '.[wandb]' (or remove wandb from training.report_to)")
+MISSING = (
+    "training.report_to includes wandb, but the wandb package is not installed: "
+    "pip install -e '.[wandb]' (or remove wandb from training.report_to)"
+)
 
 
 def import_wandb():
@@ -39,8 +42,14 @@ class WandbLog:
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         tr = cfg.training
-        self.run = wandb.init(project=tr.wandb_project, name=tr.run_name, id=run_id, resume="allow", dir=str(out),
-                              config=yaml.safe_load(cfg.to_yaml()))
+        self.run = wandb.init(
+            project=tr.wandb_project,
+            name=tr.run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(out),
+            config=yaml.safe_load(cfg.to_yaml()),
+        )
         self._pictures: dict = {}
         log.info("W&B run %s/%s (id %s)%s", tr.wandb_project, tr.run_name, run_id, " resumed" if resumed else "")
 
@@ -87,9 +96,18 @@ def with_wandb(writer, cfg, rank: int, output_dir: str | Path, *, resumed: bool)
     if importlib.util.find_spec("wandb") is None:
         from toolkit.config.errors import ConfigError, Issue
 
-        raise ConfigError([Issue(str(cfg.profile_path), None, None, "training.report_to",
-                                 "wandb is listed but the wandb package is not installed",
-                                 "pip install -e '.[wandb]', or remove wandb from training.report_to")])
+        raise ConfigError(
+            [
+                Issue(
+                    str(cfg.profile_path),
+                    None,
+                    None,
+                    "training.report_to",
+                    "wandb is listed but the wandb package is not installed",
+                    "pip install -e '.[wandb]', or remove wandb from training.report_to",
+                )
+            ]
+        )
     if rank != 0:
         return writer
     return Sinks(writer, WandbLog(cfg, output_dir, resumed=resumed))

@@ -4,9 +4,10 @@ The learner trains on the *expanded* prompt: one `<|image_pad|>` per merged visi
 *collapsed* prompt (one pad per image) and expands it itself; the ids it reports back must equal the
 learner's expanded ids, which is the per-sample prompt-parity check (docs/VLM.md). Imports only PIL.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"

@@ -7,11 +7,12 @@ expanded here to one pad per merged patch: the ids the learner trains on. The HF
 step's images once and hands each rollout its own pixel inputs (`split_pixels`), which the learner's
 packs join again (`join_pixels`) instead of patching the images a second time. Heavy imports inside.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from toolkit.vlm.images import IMAGE_PAD, open_image
 from toolkit.vlm.mrope import Grid
@@ -30,7 +31,9 @@ def image_pad_id(model: str) -> int | None:
         return None
     pad = cfg.get("image_token_id", cfg.get("text_config", {}).get("image_token_id"))
     if pad is None:
-        raise ValueError(f"{model}/config.json has a vision_config but no image_token_id (not a Qwen2-VL-family model?)")
+        raise ValueError(
+            f"{model}/config.json has a vision_config but no image_token_id (not a Qwen2-VL-family model?)"
+        )
     return int(pad)
 
 
@@ -59,8 +62,13 @@ class VisionProcessor:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         ip = self.image_processor
-        h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size,
-                            min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        h, w = smart_resize(
+            height,
+            width,
+            factor=ip.patch_size * ip.merge_size,
+            min_pixels=ip.size["shortest_edge"],
+            max_pixels=ip.size["longest_edge"],
+        )
         return (1, h // ip.patch_size, w // ip.patch_size)
 
     def tokens_per_image(self, grid: Grid) -> int:
@@ -106,9 +114,13 @@ def split_pixels(inputs: dict, images_per_row: Sequence[int]) -> list[dict | Non
         if not n:
             out.append(None)
             continue
-        k = sum(patches[image:image + n])
-        out.append({"pixel_values": inputs["pixel_values"][patch:patch + k],
-                    "image_grid_thw": inputs["image_grid_thw"][image:image + n]})
+        k = sum(patches[image : image + n])
+        out.append(
+            {
+                "pixel_values": inputs["pixel_values"][patch : patch + k],
+                "image_grid_thw": inputs["image_grid_thw"][image : image + n],
+            }
+        )
         image, patch = image + n, patch + k
     if image != len(patches):
         raise ValueError(f"{len(patches)} images patched but the rows hold {image}")

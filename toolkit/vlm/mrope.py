@@ -7,9 +7,10 @@ row, so each segment restarts at 0, and a fourth row (plain 0..len-1 per segment
 what transformers reads to build the block-causal mask of a packed row (`position_ids` [4, 1, L]).
 Pure Python; the caller makes tensors.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Grid = tuple[int, int, int]
 

@@ -6,6 +6,7 @@ torchvision: vLLM's `qwen2_vl` module imports `smart_resize` from the torchvisio
 the PIL one; `ImageOnlyQwen2VLProcessor` (processing_image_only.py, shipped inside the model folder as
 remote code) drops the video half. Both are no-ops in spirit: same resize rule, same pixel math.
 """
+
 from __future__ import annotations
 
 import importlib.util

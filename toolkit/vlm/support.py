@@ -5,6 +5,7 @@ Reads only the model folder's config.json and installed-package metadata: no tor
 vLLM import, so `stage2 preflight` stays fast. A text model (no `vision_config`) and a hub id (no
 local folder) pass unchecked.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,11 +43,13 @@ def check_model_support(model: str, backend: str, where: str = "model.model") ->
         raise ModelSupportError(
             f"{where} {model}: architecture {arch} is not a vision-language family the learner supports "
             f"(rollout backend {backend}); supported: {supported} (fix: point {where} at a checkpoint of one of "
-            f"these families)")
+            f"these families)"
+        )
     if backend != "vllm" or importlib.util.find_spec("torchvision") is not None:
         return  # with torchvision, vLLM's own classes serve every family above
     if arch not in PLUGIN_ARCHS or not plugin_installed():
         raise ModelSupportError(
             f"{where} {model}: rollout backend vllm cannot serve architecture {arch} here: torchvision is missing "
             f"and the stage2 vLLM plugin ({PLUGIN}, entry point vllm.general_plugins) is not installed "
-            f"(fix: `pip install -e .` in this environment, or use rollout_matching.rollout_backend: hf)")
+            f"(fix: `pip install -e .` in this environment, or use rollout_matching.rollout_backend: hf)"
+        )

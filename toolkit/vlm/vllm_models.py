@@ -6,6 +6,7 @@ builds the family's image-only processor (no video processor) and offers images 
 inputs builder (used for vLLM's memory profiling) also asks for the video processor, so it is limited
 to images here. The model classes, their weight mappings and the multimodal processors are vLLM's own.
 """
+
 from toolkit.vlm.no_torchvision import install
 
 install()
@@ -17,7 +18,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
 from toolkit.vlm.processing_image_only import ImageOnlyQwen2VLProcessor  # noqa: E402
 from toolkit.vlm.processing_image_only_vl import (  # noqa: E402
-    ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen3VLProcessor,
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen3VLProcessor,
 )
 
 
@@ -56,23 +58,31 @@ class ImageOnlyQwen3VLProcessingInfo(_q3.Qwen3VLProcessingInfo):
 class ImageOnlyQwen3VLDummyInputsBuilder(_q3.Qwen3VLDummyInputsBuilder):
     def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
         width, height = self.info.get_image_size_with_most_features()
-        return {"image": self._get_dummy_images(width=width, height=height, num_images=mm_counts.get("image", 0),
-                                                overrides=mm_options.get("image"))}
+        return {
+            "image": self._get_dummy_images(
+                width=width, height=height, num_images=mm_counts.get("image", 0), overrides=mm_options.get("image")
+            )
+        }
 
 
-@MULTIMODAL_REGISTRY.register_processor(_q.Qwen2VLMultiModalProcessor, info=ImageOnlyProcessingInfo,
-                                        dummy_inputs=_q.Qwen2VLDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    _q.Qwen2VLMultiModalProcessor, info=ImageOnlyProcessingInfo, dummy_inputs=_q.Qwen2VLDummyInputsBuilder
+)
 class Qwen2VLForConditionalGeneration(_q.Qwen2VLForConditionalGeneration):
     pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(_q25.Qwen2_5_VLMultiModalProcessor, info=ImageOnlyQwen2_5_VLProcessingInfo,
-                                        dummy_inputs=_q25.Qwen2_5_VLDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    _q25.Qwen2_5_VLMultiModalProcessor,
+    info=ImageOnlyQwen2_5_VLProcessingInfo,
+    dummy_inputs=_q25.Qwen2_5_VLDummyInputsBuilder,
+)
 class Qwen2_5_VLForConditionalGeneration(_q25.Qwen2_5_VLForConditionalGeneration):
     pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(_q3.Qwen3VLMultiModalProcessor, info=ImageOnlyQwen3VLProcessingInfo,
-                                        dummy_inputs=ImageOnlyQwen3VLDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    _q3.Qwen3VLMultiModalProcessor, info=ImageOnlyQwen3VLProcessingInfo, dummy_inputs=ImageOnlyQwen3VLDummyInputsBuilder
+)
 class Qwen3VLForConditionalGeneration(_q3.Qwen3VLForConditionalGeneration):
     pass

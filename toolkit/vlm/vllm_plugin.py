@@ -4,6 +4,7 @@ Without torchvision, vLLM's Qwen-VL models fail at import and want a video proce
 module of ours that installs the PIL alias first (toolkit/vlm/no_torchvision.py) and subclasses vLLM's
 class with an image-only processor: the model code that runs is vLLM's. With torchvision present: nothing.
 """
+
 from __future__ import annotations
 
 # The architectures re-registered here: what `stage2 preflight` accepts for the vLLM backends without torchvision.

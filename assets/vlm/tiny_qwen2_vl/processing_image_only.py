@@ -4,6 +4,7 @@
 which CPU machines beside torch+cpu cannot have. Same tokens, same image math, no video.
 Self-contained on purpose: transformers copies this file into its module cache and imports it alone.
 """
+
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 

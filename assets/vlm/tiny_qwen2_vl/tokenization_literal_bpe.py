@@ -1,4 +1,5 @@
 """Loads tokenizer.json unchanged (see assets/build_assets.py, pin_tokenizer_class)."""
+
 from transformers import TokenizersBackend
 
 

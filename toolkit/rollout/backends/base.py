@@ -5,11 +5,13 @@ job, so every backend feeds exactly the same parse → match → targets path. T
 rollouts as rounds (`generate_chunks`): the vLLM server backend hands over each server round as it
 finishes; every other backend inherits `OneRoundChunks`, one round holding the whole step.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 
 @dataclass
@@ -29,8 +31,9 @@ class Rollout:
 class RolloutBackend(Protocol):
     name: str
 
-    def generate(self, prompts: Sequence[list[int]], *, step: int,
-                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: Sequence[list[int]], *, step: int, images: Sequence[Sequence[str]] | None = None
+    ) -> list[Rollout]:
         """Completions for `prompts`, in order, decoded in chunks of decode_batch_size.
 
         `prompts` are the learner's token ids; for a vision-language model each image's placeholder is
@@ -41,8 +44,14 @@ class RolloutBackend(Protocol):
         expanded ids and drops a sample that differs.
         """
 
-    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True,
-                        images: Sequence[Sequence[str]] | None = None) -> RoundStream:
+    def generate_chunks(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        step: int,
+        background: bool = True,
+        images: Sequence[Sequence[str]] | None = None,
+    ) -> RoundStream:
         """The completions of `generate(prompts, ...)` (weights synced for `step` first), handed over in
         rounds of (prompt indices, rollouts) that cover every prompt once, in prompt order. `background`:
         the next round may decode while the caller works on this one (where the backend can)."""
@@ -82,8 +91,14 @@ class OneRoundChunks:
     """`generate_chunks` for a backend that decodes a whole step in one `generate` call (hf, vLLM colocate):
     sync the weights, decode everything now (the caller waits for all of it), hand it over as one round."""
 
-    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True,
-                        images: Sequence[Sequence[str]] | None = None) -> OneRound:
+    def generate_chunks(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        step: int,
+        background: bool = True,
+        images: Sequence[Sequence[str]] | None = None,
+    ) -> OneRound:
         self.sync_weights(step)
         t0 = time.perf_counter()
         rollouts = self.generate(prompts, step=step, images=images)

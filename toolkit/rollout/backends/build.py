@@ -5,6 +5,7 @@ Kinds: "hf" (HF `generate` on the caller's module), "colocate" (an in-process vL
 for and where). The profile's `rollout_matching.rollout_backend` and `vllm.mode` pick the kind unless
 the caller names one. Backends are imported when built: importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,15 +20,27 @@ WAIT_LOG_EVERY_S = 15.0
 
 
 def backend_kind(cfg) -> str:
-    """"hf", "colocate" or "server", from the profile."""
+    """ "hf", "colocate" or "server", from the profile."""
     if cfg.settings.rollout_backend != "vllm":
         return "hf"
     return "server" if cfg.derived.server_mode else "colocate"
 
 
-def build_backend(cfg, codec, *, kind: str | None = None, model_dir: str | None = None, module=None,
-                  pad_id: int | None = None, weights=None, device="cpu", rank: int = 0, world_size: int = 1,
-                  vision=None, generation_context=contextlib.nullcontext):
+def build_backend(
+    cfg,
+    codec,
+    *,
+    kind: str | None = None,
+    model_dir: str | None = None,
+    module=None,
+    pad_id: int | None = None,
+    weights=None,
+    device="cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    vision=None,
+    generation_context=contextlib.nullcontext,
+):
     """The rollout backend of `kind` (default: the profile's, see `backend_kind`).
 
     hf: decodes with `module` (`pad_id`, `device`, `vision`; `generation_context` lifts ZeRO-3's hooks).
@@ -42,21 +55,36 @@ def build_backend(cfg, codec, *, kind: str | None = None, model_dir: str | None 
         from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
         wait_for_servers(s.server, rank)
-        return VLLMServerBackend.from_settings(s.server, s.decode, bucket_size_mb=s.sync.bucket_size_mb, rank=rank,
-                                               world_size=world_size, weights=weights, device=str(device), **common)
+        return VLLMServerBackend.from_settings(
+            s.server,
+            s.decode,
+            bucket_size_mb=s.sync.bucket_size_mb,
+            rank=rank,
+            world_size=world_size,
+            weights=weights,
+            device=str(device),
+            **common,
+        )
     if kind == "colocate":
         from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
-        return VLLMColocateBackend.create(model=model_dir or cfg.model.model, vllm=s.vllm, settings=s.decode,
-                                          model_dtype=cfg.model.torch_dtype, weights=weights, **common)
+        return VLLMColocateBackend.create(
+            model=model_dir or cfg.model.model,
+            vllm=s.vllm,
+            settings=s.decode,
+            model_dtype=cfg.model.torch_dtype,
+            weights=weights,
+            **common,
+        )
     if kind != "hf":
         raise ValueError(f"unknown rollout backend kind {kind!r} (hf, colocate or server)")
     from toolkit.rollout.backends.hf import HFBackend
 
     # Under ZeRO-3 the trainer's context gathers all parameters and lifts the hooks, so ranks may decode different
     # lengths without synced_gpus; every rank still makes the same number of calls.
-    return HFBackend(module, s.decode, pad_id=pad_id, device=device, vision=vision,
-                     generation_context=generation_context, **common)
+    return HFBackend(
+        module, s.decode, pad_id=pad_id, device=device, vision=vision, generation_context=generation_context, **common
+    )
 
 
 def wait_for_servers(server: ServerSettings, rank: int) -> None:
@@ -66,10 +94,14 @@ def wait_for_servers(server: ServerSettings, rank: int) -> None:
     total, every = float(server.timeout_s), WAIT_LOG_EVERY_S
     urls = [s.base_url for s in server.servers]
     if rank == 0:
-        log.info("vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
-                 "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
-                 "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
-                 "--set rollout_matching.vllm.mode=colocate", ", ".join(urls), total)
+        log.info(
+            "vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
+            "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
+            "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
+            "--set rollout_matching.vllm.mode=colocate",
+            ", ".join(urls),
+            total,
+        )
     t0 = time.monotonic()
     for url in urls:
         client = ServerClient(url, 0, timeout_s=total, infer_timeout_s=total)
@@ -80,7 +112,8 @@ def wait_for_servers(server: ServerSettings, rank: int) -> None:
                 break
             except ServerUnavailableError as exc:
                 if left <= every:  # the message names the whole wait, not the last poll
-                    raise ServerUnavailableError(re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1),
-                                                 url=exc.url) from None
+                    raise ServerUnavailableError(
+                        re.sub(r"after [0-9.]+ s", f"after {total:g} s", str(exc), count=1), url=exc.url
+                    ) from None
                 if rank == 0:
                     log.info("still waiting for %s/health/ (%.0f of %g s)", url, time.monotonic() - t0, total)

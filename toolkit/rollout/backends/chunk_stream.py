@@ -3,13 +3,14 @@
 The server backend's `generate_chunks` returns one, so the trainer learns on round k while round k+1
 decodes. Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import logging
 import queue
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from toolkit.rollout.backends.base import Rollout
 
@@ -40,7 +41,7 @@ class ChunkStream:
             self._thread = threading.Thread(target=self._produce, name="rollout-producer", daemon=True)
             self._thread.start()
 
-    def __iter__(self) -> "ChunkStream":
+    def __iter__(self) -> ChunkStream:
         return self
 
     def __next__(self) -> tuple[list[int], list[Rollout]]:

@@ -4,15 +4,17 @@ Heavy imports (torch, transformers) happen at call time. Under ZeRO-3 the caller
 `generation_context` gathers the parameters (a collective on entry and exit), so every rank must make
 the same number of `generate` calls: callers give every rank the same number of prompts.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.base import OneRoundChunks, Rollout
-from toolkit.rollout.repeat import should_stop
 from toolkit.rollout.chunking import chunked, seed_base
+from toolkit.rollout.repeat import should_stop
 
 
 class HFBackend(OneRoundChunks):
@@ -29,7 +31,7 @@ class HFBackend(OneRoundChunks):
         eos_id: int,
         object_key_ids: Sequence[int] = (),
         device=None,
-        generation_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        generation_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
         vision=None,
     ):
         self.module = module
@@ -41,12 +43,13 @@ class HFBackend(OneRoundChunks):
         self.generation_context = generation_context
         self.vision = vision  # toolkit.vlm.inputs.VisionProcessor for a Qwen-VL model, else None
 
-    def generate(self, prompts: Sequence[list[int]], *, step: int,
-                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: Sequence[list[int]], *, step: int, images: Sequence[Sequence[str]] | None = None
+    ) -> list[Rollout]:
         """`prompts`: the learner's (expanded) prompt ids; `images`: per prompt, its image paths (VLM)."""
         out: list[Rollout] = []
         for offset, chunk in chunked(list(prompts), self.s.decode_batch_size):
-            rows = [tuple(row) for row in images[offset:offset + len(chunk)]] if images else [()] * len(chunk)
+            rows = [tuple(row) for row in images[offset : offset + len(chunk)]] if images else [()] * len(chunk)
             out.extend(self._generate_chunk(chunk, seed=seed_base(self.s.seed, step) + offset, rows=rows))
         return out
 
@@ -56,8 +59,9 @@ class HFBackend(OneRoundChunks):
     def close(self) -> None:
         return None
 
-    def _generate_chunk(self, prompts: Sequence[list[int]], seed: int,
-                        rows: Sequence[tuple[str, ...]]) -> list[Rollout]:
+    def _generate_chunk(
+        self, prompts: Sequence[list[int]], seed: int, rows: Sequence[tuple[str, ...]]
+    ) -> list[Rollout]:
         """One left-padded `generate`; `rows`: each prompt's image paths. Each rollout carries its prompt's
         pixel inputs (`Rollout.pixels`): the images are opened and patched here once for the whole step."""
         import torch
@@ -80,8 +84,10 @@ class HFBackend(OneRoundChunks):
             if pixels:
                 # mm_token_type_ids is what makes HF compute M-RoPE positions; without it generate
                 # silently falls back to 1-D positions.
-                kwargs.update({k: v.to(ids.device) for k, v in pixels.items()},
-                              mm_token_type_ids=(ids == self.vision.pad_id).int())
+                kwargs.update(
+                    {k: v.to(ids.device) for k, v in pixels.items()},
+                    mm_token_type_ids=(ids == self.vision.pad_id).int(),
+                )
             with torch.no_grad(), self.generation_context(), _forked_rng(seed, self.s.do_sample):
                 seqs = self.module.generate(input_ids=ids, attention_mask=mask, **kwargs)
         finally:
@@ -109,8 +115,9 @@ class HFBackend(OneRoundChunks):
             procs.append(RepeatTerminateProcessor(s.repeat, self.object_key_ids, self.eos_id, prompt_width))
         return {"generation_config": gen, "logits_processor": procs}
 
-    def _to_rollout(self, prompt: list[int], completion: list[int], repeat_cut: bool = False,
-                    pixels: dict | None = None) -> Rollout:
+    def _to_rollout(
+        self, prompt: list[int], completion: list[int], repeat_cut: bool = False, pixels: dict | None = None
+    ) -> Rollout:
         if self.eos_id in completion:
             completion = completion[: completion.index(self.eos_id) + 1]
             return Rollout(list(prompt), completion, "repeat" if repeat_cut else "stop", pixels=pixels)

@@ -9,20 +9,29 @@ prefix cache is reset. Building the engine is a collective over the learner's ra
 server; completions become Rollouts in rollout/completions.py. vLLM and torch are imported inside
 functions; importing this module is cheap.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from toolkit.config.settings import DecodeSettings, VllmSettings
 from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.chunking import chunked, seed_base
 from toolkit.rollout.completions import finish_rollout, sampling_dict
 from toolkit.rollout.vllm_engine import (
-    create_llm, engine_kwargs, engine_prompt, ensure_process_group, load_into, paths_per_prompt, reset_caches,
-    resolve_dtype, served_specs, to_sampling_params,
+    create_llm,
+    engine_kwargs,
+    engine_prompt,
+    ensure_process_group,
+    load_into,
+    paths_per_prompt,
+    reset_caches,
+    resolve_dtype,
+    served_specs,
+    to_sampling_params,
 )
 from toolkit.rollout.weight_sync import WeightsFn, check_specs, checkpoint_name, sendable, specs_of
 from toolkit.vlm.inputs import image_pad_id
@@ -35,8 +44,17 @@ class VLLMColocateBackend(OneRoundChunks):
 
     name = "vllm"
 
-    def __init__(self, llm, settings: DecodeSettings, *, eos_id: int, weights: WeightsFn | None = None,
-                 object_key_ids: Sequence[int] = (), served_specs: dict | None = None, image_pad_id: int | None = None):
+    def __init__(
+        self,
+        llm,
+        settings: DecodeSettings,
+        *,
+        eos_id: int,
+        weights: WeightsFn | None = None,
+        object_key_ids: Sequence[int] = (),
+        served_specs: dict | None = None,
+        image_pad_id: int | None = None,
+    ):
         self.llm = llm
         self.s = settings
         self.eos_id = eos_id
@@ -49,8 +67,17 @@ class VLLMColocateBackend(OneRoundChunks):
         self.device = "cpu"  # where the learner gathers tensors for load_weights (the engine's device on GPU)
 
     @classmethod
-    def create(cls, *, model: str, vllm: VllmSettings, settings: DecodeSettings, model_dtype: str, eos_id: int,
-               weights: WeightsFn | None = None, object_key_ids: Sequence[int] = ()) -> "VLLMColocateBackend":
+    def create(
+        cls,
+        *,
+        model: str,
+        vllm: VllmSettings,
+        settings: DecodeSettings,
+        model_dtype: str,
+        eos_id: int,
+        weights: WeightsFn | None = None,
+        object_key_ids: Sequence[int] = (),
+    ) -> VLLMColocateBackend:
         """Build the engine with every `vllm.*` knob and check the learner's names against the checkpoint.
 
         Collective over the learner's ranks (vLLM's groups; the ZeRO-3 gather of the name check).
@@ -61,21 +88,36 @@ class VLLMColocateBackend(OneRoundChunks):
             raise NotImplementedError(
                 f"rollout_matching.vllm.tensor_parallel_size={vllm.tensor_parallel_size} in colocate mode is not "
                 "implemented (each learner rank runs its own TP=1 engine); use vllm.mode: server with "
-                "`stage2 serve --tp N` for tensor-parallel rollouts")
+                "`stage2 serve --tp N` for tensor-parallel rollouts"
+            )
         served = served_specs(model)
         if weights is not None:  # fail before the engine start, with every mismatch listed
             check_specs(specs_of(weights("meta")), served, where=f"the colocated engine ({model})")
         on_cpu = not torch.cuda.is_available()
         ensure_process_group()
-        kw = engine_kwargs(vllm, model=model, dtype=resolve_dtype(vllm.dtype, model_dtype),
-                           seed=settings.seed, on_cpu=on_cpu, executor="external_launcher")
-        backend = cls(create_llm(kw, on_cpu=on_cpu), settings, eos_id=eos_id, weights=weights,
-                      object_key_ids=object_key_ids, served_specs=served, image_pad_id=image_pad_id(model))
+        kw = engine_kwargs(
+            vllm,
+            model=model,
+            dtype=resolve_dtype(vllm.dtype, model_dtype),
+            seed=settings.seed,
+            on_cpu=on_cpu,
+            executor="external_launcher",
+        )
+        backend = cls(
+            create_llm(kw, on_cpu=on_cpu),
+            settings,
+            eos_id=eos_id,
+            weights=weights,
+            object_key_ids=object_key_ids,
+            served_specs=served,
+            image_pad_id=image_pad_id(model),
+        )
         backend.device = "cpu" if on_cpu else f"cuda:{torch.cuda.current_device()}"
         return backend
 
-    def generate(self, prompts: Sequence[list[int]], *, step: int,
-                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: Sequence[list[int]], *, step: int, images: Sequence[Sequence[str]] | None = None
+    ) -> list[Rollout]:
         """Completions in order; loads the learner's weights first when `step`'s are not loaded yet.
 
         `images`: None, or one tuple of absolute image paths per prompt (the learner's expanded
@@ -87,15 +129,25 @@ class VLLMColocateBackend(OneRoundChunks):
         items = list(zip(prompts, paths_per_prompt(images, len(prompts))))
         for offset, chunk in chunked(items, self.s.decode_batch_size):
             if self.s.do_sample:  # one seed per request: reproducible whatever the chunking
-                params = [to_sampling_params(sampling_dict(self.s, self.eos_id, (base + offset + i) & 0x7FFFFFFF))
-                          for i in range(len(chunk))]
+                params = [
+                    to_sampling_params(sampling_dict(self.s, self.eos_id, (base + offset + i) & 0x7FFFFFFF))
+                    for i in range(len(chunk))
+                ]
             else:
                 params = to_sampling_params(sampling_dict(self.s, self.eos_id, None))
             inputs = [engine_prompt(p, paths, self.image_pad_id) for p, paths in chunk]
             results = self.llm.generate(inputs, params, use_tqdm=False)
             for res in results:
-                out.append(finish_rollout(res.prompt_token_ids, res.outputs[0].token_ids, eos_id=self.eos_id,
-                                          rule=self.s.repeat, key_ids=self.key_ids, weight_version=version))
+                out.append(
+                    finish_rollout(
+                        res.prompt_token_ids,
+                        res.outputs[0].token_ids,
+                        eos_id=self.eos_id,
+                        rule=self.s.repeat,
+                        key_ids=self.key_ids,
+                        weight_version=version,
+                    )
+                )
         return out
 
     def sync_weights(self, step: int) -> None:

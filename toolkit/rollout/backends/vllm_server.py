@@ -9,14 +9,15 @@ off-policy data. `generate_chunks` hands rounds over as they finish (ChunkStream
 HTTP only, one round ahead) so the trainer can learn on round k while round k+1 decodes. torch is
 imported inside functions.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 from toolkit.config.settings import DecodeSettings, ServerSettings
 from toolkit.rollout.backends.base import Rollout
@@ -25,7 +26,14 @@ from toolkit.rollout.chunking import allocate_counts, per_rank_chunk, seed_base,
 from toolkit.rollout.client import RolloutServerError, ServerClient, StaleWeightsError, WeightSyncError
 from toolkit.rollout.completions import finish_rollout, sampling_dict
 from toolkit.rollout.weight_sync import (
-    WeightsFn, bucket_specs, check_specs, checkpoint_name, iter_buckets, pack_bucket, sendable, specs_of,
+    WeightsFn,
+    bucket_specs,
+    check_specs,
+    checkpoint_name,
+    iter_buckets,
+    pack_bucket,
+    sendable,
+    specs_of,
 )
 
 log = logging.getLogger(__name__)
@@ -37,9 +45,19 @@ class VLLMServerBackend:
 
     name = "vllm"
 
-    def __init__(self, clients: list[ServerClient], settings: DecodeSettings, *, eos_id: int, rank: int = 0,
-                 world_size: int = 1, weights: WeightsFn | None = None, object_key_ids: Sequence[int] = (),
-                 bucket_size_mb: int = 256, device: str = "cpu"):
+    def __init__(
+        self,
+        clients: list[ServerClient],
+        settings: DecodeSettings,
+        *,
+        eos_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: WeightsFn | None = None,
+        object_key_ids: Sequence[int] = (),
+        bucket_size_mb: int = 256,
+        device: str = "cpu",
+    ):
         self.clients = clients
         self.s = settings
         self.eos_id = eos_id
@@ -60,21 +78,48 @@ class VLLMServerBackend:
         self.last_sync_s = 0.0
         self.last_sync_bytes = 0
         self._flat = None  # the CPU bucket buffer, reused by every sync
-        log.info("rank %d: %d server(s) of world sizes %s; %d requests per round, caps %s", rank, len(clients), sizes,
-                 self.chunk, self.caps)
+        log.info(
+            "rank %d: %d server(s) of world sizes %s; %d requests per round, caps %s",
+            rank,
+            len(clients),
+            sizes,
+            self.chunk,
+            self.caps,
+        )
 
     @classmethod
-    def from_settings(cls, server: ServerSettings, settings: DecodeSettings, *, bucket_size_mb: int, eos_id: int,
-                      rank: int, world_size: int, weights: WeightsFn | None, object_key_ids: Sequence[int] = (),
-                      device: str = "cpu") -> "VLLMServerBackend":
+    def from_settings(
+        cls,
+        server: ServerSettings,
+        settings: DecodeSettings,
+        *,
+        bucket_size_mb: int,
+        eos_id: int,
+        rank: int,
+        world_size: int,
+        weights: WeightsFn | None,
+        object_key_ids: Sequence[int] = (),
+        device: str = "cpu",
+    ) -> VLLMServerBackend:
         """Connect to every configured server (waiting up to timeout_s for health), check the learner's
         tensor names against each served checkpoint, and (rank 0) open the weight-sync groups."""
-        clients = [ServerClient(s.base_url, s.group_port, timeout_s=server.timeout_s,
-                                infer_timeout_s=server.infer_timeout_s) for s in server.servers]
+        clients = [
+            ServerClient(s.base_url, s.group_port, timeout_s=server.timeout_s, infer_timeout_s=server.infer_timeout_s)
+            for s in server.servers
+        ]
         for c in clients:
             c.wait_healthy()
-        backend = cls(clients, settings, eos_id=eos_id, rank=rank, world_size=world_size, weights=weights,
-                      object_key_ids=object_key_ids, bucket_size_mb=bucket_size_mb, device=device)
+        backend = cls(
+            clients,
+            settings,
+            eos_id=eos_id,
+            rank=rank,
+            world_size=world_size,
+            weights=weights,
+            object_key_ids=object_key_ids,
+            bucket_size_mb=bucket_size_mb,
+            device=device,
+        )
         try:
             backend.connect_weight_sync()
         except BaseException:
@@ -95,8 +140,9 @@ class VLLMServerBackend:
                 c.init_communicator()
 
     # ------------------------------------------------------------------ rollouts
-    def generate(self, prompts: Sequence[list[int]], *, step: int,
-                 images: Sequence[Sequence[str]] | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: Sequence[list[int]], *, step: int, images: Sequence[Sequence[str]] | None = None
+    ) -> list[Rollout]:
         """Completions in order: rounds of `chunk` requests split over servers within their caps.
         `images`: None or one tuple of absolute image paths per prompt (see base.RolloutBackend)."""
         self.sync_weights(step)
@@ -106,8 +152,14 @@ class VLLMServerBackend:
                 out[j] = ro
         return out  # type: ignore[return-value]
 
-    def generate_chunks(self, prompts: Sequence[list[int]], *, step: int, background: bool = True,
-                        images: Sequence[Sequence[str]] | None = None) -> "ChunkStream":
+    def generate_chunks(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        step: int,
+        background: bool = True,
+        images: Sequence[Sequence[str]] | None = None,
+    ) -> ChunkStream:
         """The same rounds as `generate`, handed over one at a time as (prompt indices, rollouts).
 
         The weight sync (collective under ZeRO-3, and the version all-reduce) runs here, on the
@@ -117,18 +169,30 @@ class VLLMServerBackend:
         self.sync_weights(step)
         return ChunkStream(self._rounds(prompts, step, images), background=background)
 
-    def _rounds(self, prompts: Sequence[list[int]], step: int,
-                images: Sequence[Sequence[str]] | None = None) -> Iterator[tuple[list[int], list[Rollout]]]:
+    def _rounds(
+        self, prompts: Sequence[list[int]], step: int, images: Sequence[Sequence[str]] | None = None
+    ) -> Iterator[tuple[list[int], list[Rollout]]]:
         prompts = [list(p) for p in prompts]
         if images is not None and len(images) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries (give one tuple of paths per prompt)")
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(images)} image entries (give one tuple of paths per prompt)"
+            )
         images = None if images is None else [list(paths) for paths in images]
         call = next(self._calls)  # taken now, on the caller's thread: request ids stay per call
         expected = self.expected_version
-        return (self._round(prompts, start, step, call, expected, images) for start in range(0, len(prompts), self.chunk))
+        return (
+            self._round(prompts, start, step, call, expected, images) for start in range(0, len(prompts), self.chunk)
+        )
 
-    def _round(self, prompts: list[list[int]], start: int, step: int, call: int,
-               expected: int | None, images: list[list[str]] | None = None) -> tuple[list[int], list[Rollout]]:
+    def _round(
+        self,
+        prompts: list[list[int]],
+        start: int,
+        step: int,
+        call: int,
+        expected: int | None,
+        images: list[list[str]] | None = None,
+    ) -> tuple[list[int], list[Rollout]]:
         """One round of up to `chunk` requests from `start`, allocated over servers within their caps."""
         base = seed_base(self.s.seed, step)
         jobs, offset = [], start
@@ -138,17 +202,28 @@ class VLLMServerBackend:
                 sampling = [sampling_dict(self.s, self.eos_id, (base + j) & 0x7FFFFFFF) for j in idx]
                 rid = f"{self.run_id}-r{self.rank}-s{step}-c{call}-o{offset}-srv{i}"
                 paths = None if images is None else [images[j] for j in idx]
-                jobs.append((i, idx, self._pool.submit(self.clients[i].infer, rid, [prompts[j] for j in idx],
-                                                       sampling, expected, paths)))
+                jobs.append(
+                    (
+                        i,
+                        idx,
+                        self._pool.submit(
+                            self.clients[i].infer, rid, [prompts[j] for j in idx], sampling, expected, paths
+                        ),
+                    )
+                )
             offset += n
         out_idx, out = [], []
         for i, idx, fut in jobs:
             outputs = fut.result()
-            if len(outputs) != len(idx) or any(not _same_prompt(prompts[j], o["prompt_ids"], bool(images and images[j]))
-                                               for j, o in zip(idx, outputs)):
+            if len(outputs) != len(idx) or any(
+                not _same_prompt(prompts[j], o["prompt_ids"], bool(images and images[j])) for j, o in zip(idx, outputs)
+            ):
                 url = self.clients[i].base_url
-                raise RolloutServerError(f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
-                                         f"{len(idx)} prompts sent (order or content)", url=url)
+                raise RolloutServerError(
+                    f"{url}/infer/ answered {len(outputs)} outputs that do not match the "
+                    f"{len(idx)} prompts sent (order or content)",
+                    url=url,
+                )
             out_idx += idx
             out += [self._rollout(i, o, expected) for o in outputs]
         return out_idx, out
@@ -156,10 +231,17 @@ class VLLMServerBackend:
     def _rollout(self, server: int, o: dict, expected: int | None) -> Rollout:
         if expected is not None and o["weight_version"] != expected:
             url = self.clients[server].base_url
-            raise StaleWeightsError(f"{url} answered with weight version {o['weight_version']}, the learner pushed "
-                                    f"{expected}", url=url)
-        return finish_rollout(o["prompt_ids"], o["completion_ids"], eos_id=self.eos_id, rule=self.s.repeat,
-                              key_ids=self.key_ids, weight_version=o["weight_version"])
+            raise StaleWeightsError(
+                f"{url} answered with weight version {o['weight_version']}, the learner pushed {expected}", url=url
+            )
+        return finish_rollout(
+            o["prompt_ids"],
+            o["completion_ids"],
+            eos_id=self.eos_id,
+            rule=self.s.repeat,
+            key_ids=self.key_ids,
+            weight_version=o["weight_version"],
+        )
 
     # ------------------------------------------------------------------ weight sync
     def sync_weights(self, step: int) -> None:
@@ -182,8 +264,10 @@ class VLLMServerBackend:
         except Exception as exc:
             error = exc
         if not _all_ranks_ok(error is None) and error is None:
-            raise WeightSyncError("weight sync failed on the sync owner (rank 0); see its log",
-                                  url=",".join(c.base_url for c in self.clients))
+            raise WeightSyncError(
+                "weight sync failed on the sync owner (rank 0); see its log",
+                url=",".join(c.base_url for c in self.clients),
+            )
         if error is not None:
             raise error
         self.synced_step, self.expected_version = step, version
@@ -217,7 +301,9 @@ class VLLMServerBackend:
         """
         for c in self.clients:
             if c.group is None:
-                raise WeightSyncError(f"no weight-sync group with {c.base_url} (init_communicator failed?)", url=c.base_url)
+                raise WeightSyncError(
+                    f"no weight-sync group with {c.base_url} (init_communicator failed?)", url=c.base_url
+                )
         meta = [s.to_dict() for s in bucket_specs(bucket)]
         # The bucket is packed while the servers validate its notice: the copy leaves the sync's critical path.
         notices = [self._pool.submit(c.update_weights, version, meta, last) for c in self.clients]
@@ -227,15 +313,23 @@ class VLLMServerBackend:
             for notice in notices:  # every notice answered (the first error raised) before any byte moves
                 notice.result()
         handshakes = [self._pool.submit(c.reset_prefix_cache) for c in self.clients] if last else []
-        works = [(c, c.group.broadcast_async(flat.to(self.device if c.group.backend == "nccl" else "cpu"),
-                                             src=c.group.world_size - 1)) for c in self.clients]
+        works = [
+            (
+                c,
+                c.group.broadcast_async(
+                    flat.to(self.device if c.group.backend == "nccl" else "cpu"), src=c.group.world_size - 1
+                ),
+            )
+            for c in self.clients
+        ]
         for c, work in works:
             c.group.wait(work)
         for c, handshake in zip(self.clients, handshakes):
             got = handshake.result()
             if got != version:
-                raise WeightSyncError(f"{c.base_url} reports weight version {got} after the push of version {version}",
-                                      url=c.base_url)
+                raise WeightSyncError(
+                    f"{c.base_url} reports weight version {got} after the push of version {version}", url=c.base_url
+                )
         return int(flat.numel())
 
     def _pack(self, bucket):

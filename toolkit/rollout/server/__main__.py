@@ -2,6 +2,7 @@
 
 The guard matters: DP workers are spawned, and spawn re-imports this module as `__mp_main__`.
 """
+
 from toolkit.rollout.server.cli import main
 
 if __name__ == "__main__":

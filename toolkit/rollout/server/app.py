@@ -11,13 +11,15 @@ which may be NaN and cannot be written as JSON). Weight-changing endpoints requi
 the server binds a non-loopback address, and insists on a token there) every endpoint but /health/
 does, and the interactive docs are off.
 """
+
 from __future__ import annotations
 
 import asyncio
 import collections
 import hmac
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -25,16 +27,32 @@ from fastapi.responses import JSONResponse
 
 from toolkit.rollout import errors
 from toolkit.rollout.server.models import (
-    Health, Info, InferRequest, InferResponse, InitCommunicatorRequest, InitCommunicatorResponse, Ok,
-    UpdateWeightsRequest, UpdateWeightsResponse, WeightsSchema, WeightVersion, WorldSize,
+    Health,
+    InferRequest,
+    InferResponse,
+    Info,
+    InitCommunicatorRequest,
+    InitCommunicatorResponse,
+    Ok,
+    UpdateWeightsRequest,
+    UpdateWeightsResponse,
+    WeightsSchema,
+    WeightVersion,
+    WorldSize,
 )
 
 log = logging.getLogger(__name__)
 CACHED_RESULTS = 256
 
 
-def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, infer_timeout_s: float = 240.0,
-               token_for_all: bool = False) -> FastAPI:
+def create_app(
+    engine,
+    *,
+    token: str | None = None,
+    timeout_s: float = 240.0,
+    infer_timeout_s: float = 240.0,
+    token_for_all: bool = False,
+) -> FastAPI:
     """The rollout server app over `engine` (see module docstring for the contract)."""
     if token_for_all and not token:
         raise ValueError("token_for_all needs a token")
@@ -45,7 +63,7 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
         """The engine's blocking call in a worker thread, under a timeout (the event loop never blocks)."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.Timeout(f"{getattr(fn, '__name__', 'call')} did not finish within {timeout:g} s") from None
 
     @app.exception_handler(errors.EngineError)
@@ -54,7 +72,9 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request, exc: RequestValidationError):
-        return JSONResponse(status_code=422, content={"detail": validation_details(exc.errors()), "error": "BadRequest"})
+        return JSONResponse(
+            status_code=422, content={"detail": validation_details(exc.errors()), "error": "BadRequest"}
+        )
 
     guard = _token_guard(token, "every endpoint but /health/" if token_for_all else "weight-changing endpoints")
     _read_routes(app, engine, [Depends(guard)] if token_for_all else [])
@@ -66,8 +86,14 @@ def create_app(engine, *, token: str | None = None, timeout_s: float = 240.0, in
 def validation_details(errs) -> list[dict]:
     """pydantic's errors without `input`/`ctx` (they may hold NaN or huge values): field path and message,
     e.g. `[{"loc": ["body", "sampling", 0, "temperature"], "msg": "Input should be a finite number"}]`."""
-    return [{"loc": [part if isinstance(part, (int, str)) else str(part) for part in e.get("loc", ())],
-             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errs]
+    return [
+        {
+            "loc": [part if isinstance(part, (int, str)) else str(part) for part in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errs
+    ]
 
 
 def _token_guard(token: str | None, scope: str):
@@ -76,8 +102,10 @@ def _token_guard(token: str | None, scope: str):
             return
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(status_code=401, detail=f"{scope} need 'Authorization: Bearer <token>' "
-                                                        "(the server's STAGE2_SERVE_TOKEN)")
+            raise HTTPException(
+                status_code=401,
+                detail=f"{scope} need 'Authorization: Bearer <token>' (the server's STAGE2_SERVE_TOKEN)",
+            )
 
     return require_token
 
@@ -134,8 +162,15 @@ def _infer_route(app: FastAPI, engine, run, infer_timeout_s: float, guarded: lis
         inflight[req.request_id] = fut
         try:
             extra = {} if req.images is None else {"images": req.images}  # text requests: the engine call is unchanged
-            outputs = await run(engine.infer, req.prompts, [s.model_dump() for s in req.sampling],
-                                req.expect_weight_version, infer_timeout_s, timeout=infer_timeout_s + 5, **extra)
+            outputs = await run(
+                engine.infer,
+                req.prompts,
+                [s.model_dump() for s in req.sampling],
+                req.expect_weight_version,
+                infer_timeout_s,
+                timeout=infer_timeout_s + 5,
+                **extra,
+            )
             fut.set_result(outputs)
         except BaseException as exc:
             fut.set_exception(exc)
@@ -157,8 +192,9 @@ def _weight_routes(app: FastAPI, engine, run, require_token, timeout_s: float) -
         """Open the weight-sync group on `port` (learner = last rank). Request: `{"port": 51216,
         "world_size": 3, "backend": null, "timeout_s": 240}`. Response: `{"backend": "gloo", "world_size": 3,
         "learner_rank": 2, "port": 51216}`; 409 when the port is taken. The learner joins right after."""
-        return InitCommunicatorResponse(**await run(engine.init_communicator, req.port, req.world_size, req.backend,
-                                                    req.timeout_s))
+        return InitCommunicatorResponse(
+            **await run(engine.init_communicator, req.port, req.world_size, req.backend, req.timeout_s)
+        )
 
     @app.post("/update_weights/", response_model=UpdateWeightsResponse, dependencies=guarded)
     async def update_weights(req: UpdateWeightsRequest):
@@ -166,8 +202,9 @@ def _weight_routes(app: FastAPI, engine, run, require_token, timeout_s: float) -
         `{"version": 4, "tensors": [{"name": "model.norm.weight", "dtype": "float32", "shape": [128]}],
         "last": true}`. Response: `{"accepted": true, "version": 4, "nbytes": 512}`. `last` commits the
         version once the bucket is loaded. Never retried by the client (a retry would expect a 2nd broadcast)."""
-        return UpdateWeightsResponse(**await run(engine.update_weights, req.version,
-                                                 [t.model_dump() for t in req.tensors], req.last))
+        return UpdateWeightsResponse(
+            **await run(engine.update_weights, req.version, [t.model_dump() for t in req.tensors], req.last)
+        )
 
     @app.post("/reset_prefix_cache/", response_model=WeightVersion, dependencies=guarded)
     async def reset_prefix_cache():

@@ -12,6 +12,7 @@ allowed roots after realpath). A generate that overruns its deadline, or fails i
 that engine in an unknown state: the server is then marked unhealthy (/health/ 503 with the reason)
 and every later call fails fast with 503 instead of queueing behind it; restart the server.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -57,7 +58,8 @@ class EngineSpec:
 def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
     """Per-DP-rank environment: its GPU slice (none on CPU) and one OpenMP thread on CPU.
 
-    >>> [e["CUDA_VISIBLE_DEVICES"] for e in worker_env(EngineSpec("m", "bfloat16", None, 0, dp=2, tp=2, device="cuda", gpus=(4, 5, 6, 7)))]
+    >>> spec = EngineSpec("m", "bfloat16", None, 0, dp=2, tp=2, device="cuda", gpus=(4, 5, 6, 7))
+    >>> [e["CUDA_VISIBLE_DEVICES"] for e in worker_env(spec)]
     ['4,5', '6,7']
     """
     out = []
@@ -66,7 +68,7 @@ def worker_env(spec: EngineSpec) -> tuple[dict, ...]:
         if spec.device == "cpu":
             env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         else:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus[rank * spec.tp:(rank + 1) * spec.tp]))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus[rank * spec.tp : (rank + 1) * spec.tp]))
         out.append(env)
     return tuple(out)
 
@@ -78,20 +80,26 @@ def check_image_paths(images: list[list[str]], n_prompts: int, roots: tuple[str,
     Missing and forbidden paths get the same message, so the answer never tells what exists outside the
     roots. Paths are read on the server host: the learner and the server must share the filesystem."""
     if len(images) != n_prompts:
-        raise errors.BadRequest(f"{n_prompts} prompts but {len(images)} image entries (send one list of paths per prompt)")
+        raise errors.BadRequest(
+            f"{n_prompts} prompts but {len(images)} image entries (send one list of paths per prompt)"
+        )
     out = []
     for i, paths in enumerate(images):
         out.append([])
         for path in paths:
             if not os.path.isabs(path):
-                raise errors.BadRequest(f"images[{i}]: image path {path!r} is not absolute (the server reads images from "
-                                        "its own filesystem, shared with the learner)")
+                raise errors.BadRequest(
+                    f"images[{i}]: image path {path!r} is not absolute (the server reads images from "
+                    "its own filesystem, shared with the learner)"
+                )
             real = allowed_file(path, roots)
             if real is None:
-                raise errors.BadRequest(f"images[{i}]: image {path!r} is not a readable file under the server's image "
-                                        "roots (learner and server must share the filesystem; the roots are the served "
-                                        "profile's data folders plus `stage2 serve --image-root DIR`, listed in the "
-                                        "server log at start-up)")
+                raise errors.BadRequest(
+                    f"images[{i}]: image {path!r} is not a readable file under the server's image "
+                    "roots (learner and server must share the filesystem; the roots are the served "
+                    "profile's data folders plus `stage2 serve --image-root DIR`, listed in the "
+                    "server log at start-up)"
+                )
             out[-1].append(real)
     return out
 
@@ -154,7 +162,9 @@ class DPEngine:
         spec = self.spec.to_dict()
         for rank in range(self.spec.dp):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(spec, rank, child), name=f"stage2-serve-dp{rank}", daemon=False)
+            proc = ctx.Process(
+                target=worker_main, args=(spec, rank, child), name=f"stage2-serve-dp{rank}", daemon=False
+            )
             proc.start()
             child.close()
             self.workers.append(_Worker(rank, proc, parent))
@@ -175,8 +185,10 @@ class DPEngine:
                 msg = w.conn.recv()
                 if msg.get("status") == "ready":
                     return msg
-                raise RuntimeError(f"rollout server dp rank {w.rank} failed to start its engine: {msg.get('error')}\n"
-                                   f"{msg.get('trace', '')}")
+                raise RuntimeError(
+                    f"rollout server dp rank {w.rank} failed to start its engine: {msg.get('error')}\n"
+                    f"{msg.get('trace', '')}"
+                )
             if not w.proc.is_alive():
                 raise RuntimeError(f"rollout server dp rank {w.rank} exited with code {w.proc.exitcode} while starting")
         raise RuntimeError(f"rollout server dp rank {w.rank} was not ready within {self.start_timeout_s:g} s")
@@ -234,7 +246,8 @@ class DPEngine:
                     if msg.get("broken"):  # vLLM itself failed mid-generate: its state is unknown
                         self.mark_broken(f"dp rank {w.rank} failed inside the engine: {msg['error']}")
                     raise getattr(errors, msg.get("kind", "EngineError"), errors.EngineError)(
-                        f"dp rank {w.rank}: {msg['error']}")
+                        f"dp rank {w.rank}: {msg['error']}"
+                    )
                 self._check_alive(w)
                 if time.monotonic() > deadline:
                     if method == "generate":  # still busy: every later request would queue behind it
@@ -276,15 +289,27 @@ class DPEngine:
         return self.spec.dp * self.spec.tp
 
     def info(self) -> dict:
-        return {"model": self.spec.model, "max_model_len": int(self.spec.vllm.max_model_len), "dtype": self.spec.dtype,
-                "weight_version": min(w.version for w in self.workers), "device": self.spec.device,
-                "data_parallel_size": self.spec.dp, "tensor_parallel_size": self.spec.tp}
+        return {
+            "model": self.spec.model,
+            "max_model_len": int(self.spec.vllm.max_model_len),
+            "dtype": self.spec.dtype,
+            "weight_version": min(w.version for w in self.workers),
+            "device": self.spec.device,
+            "data_parallel_size": self.spec.dp,
+            "tensor_parallel_size": self.spec.tp,
+        }
 
     def weights_schema(self) -> list[dict] | None:
         return None if self.schema is None else [s.to_dict() for s in self.schema.values()]
 
-    def infer(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
-              timeout_s: float, images: list[list[str]] | None = None) -> list[dict]:
+    def infer(
+        self,
+        prompts: list[list[int]],
+        sampling: list[dict],
+        expect_version: int | None,
+        timeout_s: float,
+        images: list[list[str]] | None = None,
+    ) -> list[dict]:
         """Decode `prompts` split over the DP ranks; outputs in prompt order. `images`: per prompt, the
         absolute paths of its images (checked here, read by the workers)."""
         sampling = self.check_request(prompts, sampling)
@@ -296,8 +321,12 @@ class DPEngine:
         futures, start = [], 0
         for w, n in zip(self.workers, counts):
             if n:
-                kw = {"prompts": prompts[start:start + n], "sampling": sampling[start:start + n],
-                      "expect_version": expect_version, "images": None if images is None else images[start:start + n]}
+                kw = {
+                    "prompts": prompts[start : start + n],
+                    "sampling": sampling[start : start + n],
+                    "expect_version": expect_version,
+                    "images": None if images is None else images[start : start + n],
+                }
                 futures.append(self._pool.submit(self._call, w, "generate", kw, timeout_s))
             start += n
         return [out for f in futures for out in f.result()]
@@ -309,7 +338,9 @@ class DPEngine:
         if len(sampling) == 1:
             sampling = sampling * len(prompts)
         if len(sampling) != len(prompts):
-            raise errors.BadRequest(f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)")
+            raise errors.BadRequest(
+                f"{len(prompts)} prompts but {len(sampling)} sampling entries (send 1 or one per prompt)"
+            )
         limit = int(self.spec.vllm.max_model_len)
         vocab = self.vocab_size
         out = []
@@ -326,7 +357,9 @@ class DPEngine:
                     raise errors.BadRequest(f"prompts[{i}] holds token id {bad}, outside the vocabulary [0, {vocab})")
                 bad = next((t for t in s["stop_token_ids"] if not 0 <= t < vocab), None)
                 if bad is not None:
-                    raise errors.BadRequest(f"sampling[{i}].stop_token_ids holds {bad}, outside the vocabulary [0, {vocab})")
+                    raise errors.BadRequest(
+                        f"sampling[{i}].stop_token_ids holds {bad}, outside the vocabulary [0, {vocab})"
+                    )
             out.append({**s, "max_tokens": min(s["max_tokens"], limit - len(p))})
         return out
 
@@ -334,7 +367,9 @@ class DPEngine:
         """Open the weight-sync store on rank 0 (fails fast if `port` is taken), then let every rank join."""
         want = self.world_size() + 1
         if world_size != want:
-            raise errors.BadRequest(f"world_size {world_size} != server world size {self.world_size()} + 1 learner = {want}")
+            raise errors.BadRequest(
+                f"world_size {world_size} != server world size {self.world_size()} + 1 learner = {want}"
+            )
         backend = backend or ("nccl" if self.spec.device == "cuda" else "gloo")
         if backend == "nccl" and self.spec.device != "cuda":
             raise errors.BadRequest("backend nccl needs a GPU server; this one runs on CPU (use gloo)")
@@ -373,7 +408,9 @@ class DPEngine:
             elif tuple(known.shape) != tuple(s.shape):
                 problems.append(f"{s.name}: shape {list(s.shape)} != served {list(known.shape)}")
         if problems:
-            raise errors.BadRequest("; ".join(problems[:12]) + (f" … ({len(problems)} in all)" if len(problems) > 12 else ""))
+            raise errors.BadRequest(
+                "; ".join(problems[:12]) + (f" … ({len(problems)} in all)" if len(problems) > 12 else "")
+            )
 
     def reset_prefix_cache(self, timeout_s: float) -> int:
         """Reset every rank's prefix cache after pending weight buckets; returns the version all hold."""

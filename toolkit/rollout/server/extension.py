@@ -5,6 +5,7 @@ launcher), and `llm.collective_rpc("stage2_…")` calls its methods. Only plain 
 (names, dtypes, shapes); tensors travel over the weight-sync group. torch and vLLM are imported
 inside the methods.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,16 @@ log = logging.getLogger(__name__)
 class WeightSyncExtension:
     """Weight-sync receiver methods mixed into vLLM's Worker (state errors name the fix)."""
 
-    def stage2_open_store(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
-                          timeout_s: float, bind_host: str | None = None) -> int:
+    def stage2_open_store(
+        self,
+        host: str,
+        port: int,
+        world_size: int,
+        rank_base: int,
+        backend: str,
+        timeout_s: float,
+        bind_host: str | None = None,
+    ) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         from toolkit.rollout.weight_sync import SyncGroup

@@ -8,9 +8,10 @@ bounded here, before any engine sees it (docs/VLLM.md "Request limits"): integer
 below, floats finite; what depends on the served model (token ids < vocab size, prompt + max_tokens
 within max_model_len) is checked by the engine (engine.check_request).
 """
+
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,18 +38,21 @@ class Sampling(_Strict):
     top_k: int = Field(-1, ge=-1, le=INT32_MAX)
     repetition_penalty: float = Field(1.0, gt=0.0, le=1000.0)
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=1024)
-    seed: Optional[int] = Field(None, ge=0, le=INT63_MAX)
+    seed: int | None = Field(None, ge=0, le=INT63_MAX)
 
 
 class InferRequest(_Strict):
     request_id: str = Field(min_length=1, max_length=200)
     prompts: list[Prompt] = Field(min_length=1, max_length=MAX_PROMPTS)
     sampling: list[Sampling] = Field(min_length=1, max_length=MAX_PROMPTS, description="one per prompt, or one for all")
-    expect_weight_version: Optional[int] = Field(None, ge=-INT63_MAX, le=INT63_MAX,
-                                                 description="409 when the engine holds another version")
-    images: Optional[list[list[ImagePath]]] = Field(
-        None, description="per prompt, the absolute paths of its images in placeholder order ([] for a text prompt); "
-                          "the server reads them from its own filesystem (shared with the learner)")
+    expect_weight_version: int | None = Field(
+        None, ge=-INT63_MAX, le=INT63_MAX, description="409 when the engine holds another version"
+    )
+    images: list[list[ImagePath]] | None = Field(
+        None,
+        description="per prompt, the absolute paths of its images in placeholder order ([] for a text prompt); "
+        "the server reads them from its own filesystem (shared with the learner)",
+    )
 
 
 class InferOutput(_Strict):
@@ -90,13 +94,13 @@ class TensorMeta(_Strict):
 
 
 class WeightsSchema(_Strict):
-    tensors: Optional[list[TensorMeta]] = Field(description="null when the served model is not a local safetensors dir")
+    tensors: list[TensorMeta] | None = Field(description="null when the served model is not a local safetensors dir")
 
 
 class InitCommunicatorRequest(_Strict):
     port: int = Field(ge=1024, le=65535)
     world_size: int = Field(ge=2, le=65536, description="server world size + 1 (the learner is the last rank)")
-    backend: Optional[Literal["gloo", "nccl"]] = None
+    backend: Literal["gloo", "nccl"] | None = None
     timeout_s: float = Field(240.0, gt=0, le=MAX_JOIN_TIMEOUT_S)
 
 

@@ -5,10 +5,11 @@ every `rollout_matching.vllm.*` knob), so the launcher passes `--profile`/`--set
 port is checked before the engines start (a taken port fails in a second, not after a minute of
 engine start-up). uvicorn handles SIGINT/SIGTERM: the first signal also ends every waiting engine
 call (503) at once, in-flight requests get 2 s, and the DP workers are stopped on the way out (a busy
-one is terminated after 3 s), so even a server busy in a long generate exits within 10 s. Security (docs/STAGE2_RUNBOOK.md
-"Security model"): off loopback every endpoint but /health/ needs the token; images are read only
-under the image roots (the profile's data folders plus `--image-root`).
+one is terminated after 3 s), so even a server busy in a long generate exits within 10 s.
+Security (docs/STAGE2_RUNBOOK.md "Security model"): off loopback every endpoint but /health/ needs the
+token; images are read only under the image roots (the profile's data folders plus `--image-root`).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -74,8 +75,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ServeError(f"cannot bind {host}:{port}: {exc.strerror or exc} (fix: --port another port, or stop "
-                             "the process holding it)") from None
+            raise ServeError(
+                f"cannot bind {host}:{port}: {exc.strerror or exc} (fix: --port another port, or stop "
+                "the process holding it)"
+            ) from None
 
 
 def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int, store_host: str = "127.0.0.1"):
@@ -84,10 +87,20 @@ def build_spec(cfg, device: str, gpus: tuple[int, ...], dp: int, tp: int, store_
 
     vllm = cfg.settings.vllm
     if vllm.max_model_len is None:
-        raise ServeError("rollout_matching.vllm.max_model_len is not set (fix: --set rollout_matching.vllm.max_model_len=N)")
-    return EngineSpec(model=cfg.model.model, dtype=resolve_dtype(vllm.dtype, cfg.model.torch_dtype),
-                      vllm=replace(vllm, tensor_parallel_size=tp), seed=int(cfg.training.seed), dp=dp, tp=tp,
-                      device=device, gpus=gpus, store_host=store_host)
+        raise ServeError(
+            "rollout_matching.vllm.max_model_len is not set (fix: --set rollout_matching.vllm.max_model_len=N)"
+        )
+    return EngineSpec(
+        model=cfg.model.model,
+        dtype=resolve_dtype(vllm.dtype, cfg.model.torch_dtype),
+        vllm=replace(vllm, tensor_parallel_size=tp),
+        seed=int(cfg.training.seed),
+        dp=dp,
+        tp=tp,
+        device=device,
+        gpus=gpus,
+        store_host=store_host,
+    )
 
 
 def data_folders(cfg) -> list[str]:
@@ -116,8 +129,10 @@ def run_server(opts: ServeOptions) -> int:
 
     token = opts.token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(opts.host) and not token:
-        raise ServeError(f"--host {opts.host} is not loopback: weight-changing endpoints need a token "
-                         f"(fix: export {TOKEN_ENV}=<secret> on the server and the learner, or bind 127.0.0.1)")
+        raise ServeError(
+            f"--host {opts.host} is not loopback: weight-changing endpoints need a token "
+            f"(fix: export {TOKEN_ENV}=<secret> on the server and the learner, or bind 127.0.0.1)"
+        )
     device, gpus = parse_gpus(opts.gpus, opts.dp, opts.tp)
     cfg = load_profile(opts.profile, opts.sets)
     from toolkit.vlm.support import ModelSupportError, check_model_support
@@ -138,8 +153,6 @@ def run_server(opts: ServeOptions) -> int:
     roots = resolve_image_roots(cfg, opts.image_roots)
     server = cfg.settings.server
 
-    import uvicorn
-
     from toolkit.rollout.server.app import create_app
     from toolkit.rollout.server.engine import DPEngine
 
@@ -148,8 +161,13 @@ def run_server(opts: ServeOptions) -> int:
     log.info("image roots (images are read only under these): %s", ", ".join(roots) or "none")
     engine.start()
     try:
-        app = create_app(engine, token=token, timeout_s=server.timeout_s, infer_timeout_s=server.infer_timeout_s,
-                         token_for_all=not is_loopback(opts.host))
+        app = create_app(
+            engine,
+            token=token,
+            timeout_s=server.timeout_s,
+            infer_timeout_s=server.infer_timeout_s,
+            token_for_all=not is_loopback(opts.host),
+        )
         log.info("serving on http://%s:%d (world size %d)", opts.host, port, engine.world_size())
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # uvicorn re-raises it after its shutdown: exit via finally
         serve_http(app, engine, opts.host, port)
@@ -175,5 +193,8 @@ def serve_http(app, engine, host: str, port: int) -> None:
             engine.begin_close()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=GRACE_S)).run()
+    Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S
+        )
+    ).run()

@@ -16,6 +16,7 @@ hold. A generate that fails inside vLLM is reported as `broken` (the engine's st
 torch and vLLM are imported inside functions (spawn imports this module in the child before the
 environment is set).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,12 +44,18 @@ def worker_main(spec: dict, dp_rank: int, conn) -> None:
     """Process entry point: set the environment, build the engine, then serve commands until shutdown."""
     _die_with_parent()
     os.environ.update(spec["env"][dp_rank])
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s [serve dp{dp_rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s [serve dp{dp_rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         runtime = WorkerRuntime(spec, dp_rank)
     except BaseException as exc:  # report any start failure to the parent, then exit
-        conn.send({"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-4000:]})
+        conn.send(
+            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-4000:]}
+        )
         return
     conn.send({"status": "ready", "pid": os.getpid(), "vocab_size": runtime.vocab_size})
     runtime.serve(conn)
@@ -65,8 +72,15 @@ class WorkerRuntime:
         on_cpu = spec["device"] == "cpu"
         if self.tp == 1:  # in-process engine: no EngineCore/Worker children, tensors load directly
             ensure_process_group()
-        kw = engine_kwargs(VllmSettings(**spec["vllm"]), model=spec["model"], dtype=spec["dtype"], seed=spec["seed"],
-                           on_cpu=on_cpu, executor="external_launcher" if self.tp == 1 else "mp", extension=True)
+        kw = engine_kwargs(
+            VllmSettings(**spec["vllm"]),
+            model=spec["model"],
+            dtype=spec["dtype"],
+            seed=spec["seed"],
+            on_cpu=on_cpu,
+            executor="external_launcher" if self.tp == 1 else "mp",
+            extension=True,
+        )
         self.llm = create_llm(kw, on_cpu=on_cpu)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.store_host = spec.get("store_host", "127.0.0.1")
@@ -118,14 +132,21 @@ class WorkerRuntime:
                 conn.send(reply)
 
     # ------------------------------------------------------------------ commands
-    def generate(self, prompts: list[list[int]], sampling: list[dict], expect_version: int | None,
-                 images: list[list[str]] | None = None) -> list[dict]:
-        from toolkit.rollout.vllm_engine import engine_prompt, paths_per_prompt, to_sampling_params
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: list[dict],
+        expect_version: int | None,
+        images: list[list[str]] | None = None,
+    ) -> list[dict]:
         from toolkit.rollout.errors import BadRequest, StaleWeights
+        from toolkit.rollout.vllm_engine import engine_prompt, paths_per_prompt, to_sampling_params
 
         if expect_version is not None and expect_version != self.version:
-            raise StaleWeights(f"holds weight version {self.version}, the learner expects "
-                               f"{expect_version} (a restarted server, or a weight update that did not complete)")
+            raise StaleWeights(
+                f"holds weight version {self.version}, the learner expects "
+                f"{expect_version} (a restarted server, or a weight update that did not complete)"
+            )
         try:  # SamplingParams checks its own ranges; image pads collapsed + images read (the same path as colocate)
             params = [to_sampling_params(s) for s in sampling]
             per_prompt = paths_per_prompt(images, len(prompts))
@@ -139,9 +160,16 @@ class WorkerRuntime:
             results = self.llm.generate(inputs, params, use_tqdm=False)
         except Exception as exc:
             raise self._generate_failure(exc) from None
-        return [{"prompt_ids": list(r.prompt_token_ids), "completion_ids": list(r.outputs[0].token_ids), "text": "",
-                 "finish_reason": str(r.outputs[0].finish_reason), "weight_version": self.version}
-                for r in results]
+        return [
+            {
+                "prompt_ids": list(r.prompt_token_ids),
+                "completion_ids": list(r.outputs[0].token_ids),
+                "text": "",
+                "finish_reason": str(r.outputs[0].finish_reason),
+                "weight_version": self.version,
+            }
+            for r in results
+        ]
 
     def _generate_failure(self, exc: Exception) -> Exception:
         """vLLM rejects a request it cannot take with a ValueError and withdraws what it had added: a 400.
@@ -159,8 +187,16 @@ class WorkerRuntime:
 
     def open_store(self, port: int, world_size: int, backend: str, timeout_s: float) -> list[int]:
         self.close_group()
-        return self._rpc("stage2_open_store", host=connect_host(self.store_host), bind_host=self.store_host, port=port,
-                         world_size=world_size, rank_base=self.dp_rank * self.tp, backend=backend, timeout_s=timeout_s)
+        return self._rpc(
+            "stage2_open_store",
+            host=connect_host(self.store_host),
+            bind_host=self.store_host,
+            port=port,
+            world_size=world_size,
+            rank_base=self.dp_rank * self.tp,
+            backend=backend,
+            timeout_s=timeout_s,
+        )
 
     def join_group(self, timeout_s: float) -> None:
         """Wait (without blocking the loop) up to `timeout_s` for the learner, then join; see advance_join."""
@@ -182,9 +218,13 @@ class WorkerRuntime:
         except Exception as exc:  # close the store now; report on the next weight-sync call
             self.join_deadline = None
             self.close_group()
-            self.pending_error = {"kind": "Conflict", "error": (
-                f"the weight-sync join failed, so the group was closed: {_text(exc)} (fix: POST /init_communicator/ "
-                "again and join the group within its timeout_s)")}
+            self.pending_error = {
+                "kind": "Conflict",
+                "error": (
+                    f"the weight-sync join failed, so the group was closed: {_text(exc)} "
+                    "(fix: POST /init_communicator/ again and join the group within its timeout_s)"
+                ),
+            }
             log.error("dp%d: %s", self.dp_rank, self.pending_error["error"])
 
     @staticmethod
