@@ -1,8 +1,8 @@
 """Room rule of toolkit/rollout (docs/ARCHITECTURE.md): no import arrow between `backends/` and `server/`.
 
 Read from the source with `ast`, function-level imports included, and followed through the shared rollout
-modules (`vllm_engine`, `weight_sync`, `client`, ...): a backend that reaches the server through one of
-them breaks the rule as much as a direct import does.
+modules (`vllm_engine`, `weight_sync`, `sync_group`, `client`, ...): a backend that reaches the server
+through one of them breaks the rule as much as a direct import does.
 """
 
 from __future__ import annotations

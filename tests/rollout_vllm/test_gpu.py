@@ -3,7 +3,8 @@
 - NCCL weight-sync group between two processes on two GPUs (a learner rank and a server rank);
 - a CUDA learner's buckets (packed on the GPU) over gloo to a CPU receiver, with a throughput figure;
 - colocate parity on a CUDA vLLM build, when one is installed.
-Only weight_sync (torch) is needed for the first two, so they also run where FastAPI/vLLM are absent.
+Only weight_sync and sync_group (torch) are needed for the first two, so they also run where FastAPI/vLLM
+are absent.
 """
 
 import json
@@ -17,7 +18,8 @@ import pytest
 import torch
 from _shared import ROOT, child_env, free_port, tiny_model_dir
 
-from toolkit.rollout.weight_sync import SyncGroup, iter_buckets, pack_bucket, unpack_bucket
+from toolkit.rollout.sync_group import SyncGroup
+from toolkit.rollout.weight_sync import iter_buckets, pack_bucket, unpack_bucket
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from toolkit.rollout import errors
 from toolkit.rollout.server.app import create_app
-from toolkit.rollout.server.engine import allowed_file, check_image_paths, image_roots
+from toolkit.rollout.server.image_paths import allowed_file, check_image_paths, image_roots
 
 
 class TinyEngine:

@@ -13,9 +13,9 @@ from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict
 from toolkit.rollout.errors import BadRequest, Conflict
 from toolkit.rollout.repeat import should_stop
+from toolkit.rollout.sync_group import SyncGroup
 from toolkit.rollout.vllm_engine import engine_kwargs, resolve_dtype
 from toolkit.rollout.weight_sync import (
-    SyncGroup,
     TensorSpec,
     check_specs,
     checkpoint_name,

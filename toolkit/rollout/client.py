@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 
 import requests
 
-from toolkit.rollout.weight_sync import SyncGroup, TensorSpec
+from toolkit.rollout.sync_group import SyncGroup
+from toolkit.rollout.weight_sync import TensorSpec
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "STAGE2_SERVE_TOKEN"

@@ -1,7 +1,7 @@
 """Errors the rollout server's engine and the weight-sync group raise, and the HTTP status each maps to.
 
-Shared by `server/` (which answers with the status) and `weight_sync.py` (used by both sides), so it lives
-beside them rather than inside the server. Imports nothing heavy.
+Shared by `server/` (which answers with the status) and `weight_sync.py`/`sync_group.py` (used by both
+sides), so it lives beside them rather than inside the server. Imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class WeightSyncExtension:
     ) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from toolkit.rollout.weight_sync import SyncGroup
+        from toolkit.rollout.sync_group import SyncGroup
 
         rank = rank_base + get_tensor_model_parallel_rank()
         self._stage2_group = SyncGroup(host, port, world_size, rank, backend, timeout_s)

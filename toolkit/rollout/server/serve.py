@@ -110,7 +110,7 @@ def data_folders(cfg) -> list[str]:
 
 
 def resolve_image_roots(cfg, extra: tuple[str, ...]) -> tuple[str, ...]:
-    from toolkit.rollout.server.engine import image_roots
+    from toolkit.rollout.server.image_paths import image_roots
 
     for root in extra:
         if not os.path.isdir(root):
