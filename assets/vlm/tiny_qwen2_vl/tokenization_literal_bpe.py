@@ -1,5 +1,4 @@
 """Loads tokenizer.json unchanged (see assets/build_assets.py, pin_tokenizer_class)."""
-
 from transformers import TokenizersBackend
 
 
