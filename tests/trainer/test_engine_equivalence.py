@@ -121,7 +121,7 @@ def test_padding_pack_shipping_keeps_pack_types():
 
     import torch
 
-    from toolkit.trainer.engine import _map_tensors
+    from toolkit.trainer.pack_transfer import map_tensors
 
     @dataclasses.dataclass(frozen=True)
     class Pack:
@@ -131,7 +131,7 @@ def test_padding_pack_shipping_keeps_pack_types():
 
     Pos = collections.namedtuple("Pos", "a b")
     pack = Pack(torch.ones(2), {"pos": Pos(torch.zeros(1), [torch.ones(3)]), "tag": "x"}, 3)
-    out = _map_tensors(pack, lambda t: t + 1)
+    out = map_tensors(pack, lambda t: t + 1)
     assert isinstance(out, Pack) and isinstance(out.meta["pos"], Pos) and out.n == 3 and out.meta["tag"] == "x"
     assert out.ids.tolist() == [2, 2] and out.meta["pos"].b[0].tolist() == [2, 2, 2]
 

@@ -71,6 +71,26 @@ def _forward(model: Any, embeds: torch.Tensor, batch: PackBatch, model_kwargs: M
     return logits
 
 
+def _with_soft_coords(
+    embeds: torch.Tensor,
+    slots: torch.Tensor,
+    coord_logits: torch.Tensor,
+    coord_table: torch.Tensor,
+    temperature: float,
+    grad_mode: str,
+) -> torch.Tensor:
+    """`embeds` copied, rows `slots` set to Σ_k softmax(coord_logits/τ)_k · coord_table[k]; detached under em_detach."""
+    import torch
+
+    probs = torch.softmax(coord_logits.float() / temperature, dim=-1)
+    soft = (probs.to(coord_table.dtype) @ coord_table).to(embeds.dtype)
+    if grad_mode == "em_detach":
+        soft = soft.detach()
+    embeds = embeds.clone()
+    embeds[0, slots] = soft
+    return embeds
+
+
 def softctx_logits(
     model: Any,
     batch: PackBatch,
@@ -121,12 +141,7 @@ def softctx_logits(
             if it > 0 and slots.numel():
                 if coord_table is None:  # [1000, H], gathered once per call
                     coord_table = embed(coord_ids[None])[0]
-                probs = torch.softmax(prev_coord_logits.float() / temperature, dim=-1)
-                soft = (probs.to(coord_table.dtype) @ coord_table).to(embeds.dtype)
-                if grad_mode == "em_detach":
-                    soft = soft.detach()
-                embeds = embeds.clone()
-                embeds[0, slots] = soft
+                embeds = _with_soft_coords(embeds, slots, prev_coord_logits, coord_table, temperature, grad_mode)
             logits = _forward(model, embeds, batch, kwargs)
         if it == 0:
             logits_first = logits

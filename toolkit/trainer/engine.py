@@ -2,8 +2,9 @@
 after a variable number of pack backwards, checkpoints. The process group is toolkit/trainer/distributed.py.
 
 Owns: the DeepSpeed engine and every call into it; HF export, gathered full state and LoRA wrapping
-live in toolkit/trainer/export.py (the engine's methods delegate). Must not import the config spine
-(it takes plain arguments) and keeps `import deepspeed` inside functions, so importing stays cheap.
+live in toolkit/trainer/export.py (the engine's methods delegate); a padding pack is shipped to ranks without
+one by toolkit/trainer/pack_transfer.py. Must not import the config spine (it takes plain arguments) and keeps
+`import deepspeed` inside functions, so importing stays cheap.
 
 Accumulation is caller-owned: the DeepSpeed config always has micro batch 1 and GAS 1, and
 `Stage2Engine.train_step` runs `engine.backward(loss_p * w_p, scale_wrt_gas=False)` per pack, then
@@ -29,6 +30,7 @@ import torch
 
 from toolkit.trainer import export
 from toolkit.trainer.distributed import init_distributed
+from toolkit.trainer.pack_transfer import broadcast_pack
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ class Stage2Engine:
         if n_max == 0:
             return
         if not every_rank_has_pad:
-            pad = self._broadcast_pack(pad, src)
+            pad = broadcast_pack(pad, src, self.dist.rank, self.engine.device)
         st.pad = pad
         if st.block is None:  # ZeRO-2: one reduction when the block exits in end_step
             st.block = contextlib.ExitStack()
@@ -230,22 +232,6 @@ class Stage2Engine:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         every_rank_has_pad = int(counts[1]) == -1  # MAX of -has_pad is -1 only when no rank lacks one
         return int(counts[0]), every_rank_has_pad, int(counts[2])
-
-    def _broadcast_pack(self, pad, src: int):
-        """A padding pack from rank `src` for ranks without packs (collective; only on such steps)."""
-        import torch.distributed as dist
-
-        box = [
-            _map_tensors(pad, lambda t: _Shipped(t.detach().cpu(), t.device.type != "cpu"))
-            if self.dist.rank == src
-            else None
-        ]
-        dist.broadcast_object_list(box, src=src)
-        if pad is not None:
-            return pad
-        return _map_tensors(
-            box[0], lambda s: s.tensor.to(self.engine.device) if s.on_accelerator else s.tensor, leaf=_Shipped
-        )
 
     def _skip_step(self) -> StepResult:
         lrs = self._lrs()
@@ -380,27 +366,3 @@ class _OpenStep:
     pad: Any = None  # this rank's last real pack so far, or the broadcast one: the padding pack
     block: contextlib.ExitStack | None = None  # the accumulation block, entered at the first backward
     last_seen: bool = False  # the call with last=True was made
-
-
-@dataclasses.dataclass
-class _Shipped:
-    """A tensor in transit to another rank: on CPU, with where it lived (CUDA tensors unpickle on the sender's GPU)."""
-
-    tensor: torch.Tensor
-    on_accelerator: bool
-
-
-def _map_tensors(obj, fn, leaf=torch.Tensor):
-    """`fn` over every `leaf` in dicts, lists, tuples, namedtuples and dataclass instances."""
-    if isinstance(obj, leaf):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, leaf) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_tensors(v, fn, leaf) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn, leaf) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: _map_tensors(getattr(obj, f.name), fn, leaf) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
-    return obj

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from toolkit.trainer.evaluate import run_eval
 from toolkit.trainer.export import apply_lora, copy_support_files
 from toolkit.trainer.metrics import MetricsWriter, StepMetrics, reduce_metrics
 from toolkit.trainer.optim import build_lr_scheduler, build_optimizer, reapply_schedule
+from toolkit.trainer.run_info import provenance, sample_digest, summary
 from toolkit.trainer.samples import SampleInput, load_samples
 from toolkit.trainer.scheduler import channel_for_step
 from toolkit.trainer.step import StepLearner
@@ -41,46 +41,6 @@ from toolkit.trainer.wandb_log import with_wandb
 from toolkit.vlm.inputs import VisionProcessor, image_pad_id
 
 log = logging.getLogger(__name__)
-
-
-def _provenance() -> dict:
-    """Tool version and git commit recorded at the top of every run's resolved_config.yaml."""
-    import subprocess
-
-    import toolkit
-
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"tool_version": toolkit.__version__, "git_commit": commit}
-
-
-SUMMARY_KEYS = (
-    "loss/total",
-    "loss/ce",
-    "loss/bbox_ciou",
-    "rollout/f1",
-    "rollout/parse_truncated_rate",
-    "eval_rollout/f1",
-    "eval_rollout/class50/f1",
-    "train/learning_rate",
-    "time/step_s",
-)
-
-
-def _summary(metrics: dict) -> str:
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
-
-
-def _digest(ids) -> int:
-    """A small exact fingerprint of the step's sample ids (summed over ranks) to prove resume order."""
-    return zlib.crc32(",".join(ids).encode()) % 1_000_003
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -110,20 +70,7 @@ class Stage2Trainer:
         self.budget = StepBudget.from_config(cfg, len(self.train_set), self.dist.world_size, self.dist.rank)
         self.total_steps = self.budget.total_steps(cfg.training.num_train_epochs, cfg.training.max_steps)
         self.engine = self._setup_engine()
-        # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
-        # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
-        self.backend = build_backend(
-            cfg,
-            self.codec,
-            module=self.engine.module,
-            pad_id=self.tok.pad_token_id,
-            weights=self.engine.named_full_params,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            vision=self.vision,
-            generation_context=self.engine.generation_context,
-        )
+        self.backend = self._setup_backend()
         # Server mode: Channel-B learns each server round while the next decodes unless vllm.server.overlap
         # is false (other backends hand a step's rollouts over as one round: nothing decodes meanwhile).
         self.overlap_b = cfg.settings.server.overlap
@@ -137,21 +84,14 @@ class Stage2Trainer:
         self.learner = StepLearner.from_config(cfg, self.coord_ids, self.device, vision=self.vision, mrope=self.mrope)
         self.state = ckpt.TrainerState(metric_name=cfg.training.metric_for_best_model)
         self._maybe_resume()
-        self.writer = MetricsWriter(
-            self.out_dir,
-            cfg.training.logging_dir,
-            self.dist.rank,
-            sinks=cfg.training.report_to,
-            resume_step=self.state.step,
-        )
-        self.writer = with_wandb(self.writer, cfg, self.dist.rank, self.out_dir, resumed=self.state.step > 0)
+        self.writer = self._setup_writer()
         # Graceful handlers (finish the step, checkpoint) only now: during setup (minutes on a real model)
         # toolkit/train.py's start-up handlers stop at once on SIGTERM/SIGINT (nothing to save yet) and
         # hand a SIGUSR1 over to stop_signum.
         self._install_signal_handlers()
         if self.dist.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(_provenance()))
+            (self.out_dir / runlayout.RESOLVED_CONFIG).write_text(cfg.to_yaml(provenance()))
         log.info(
             "rank %d/%d: %d train / %d val records, %d steps, GAS %d, %d raw samples per rank per step",
             self.dist.rank,
@@ -176,6 +116,31 @@ class Stage2Trainer:
             bbox_format=d.bbox_format,
             poly_policy=d.poly_policy,
         )
+
+    def _setup_backend(self):
+        """The rollout backend the profile asks for, decoding with the learner's weights."""
+        # vLLM backends take the learner's gathered weights (LoRA merged; a collective under ZeRO-3, so every rank
+        # joins each sync and the start-up name check); HF decodes with the module under ZeRO-3's gather context.
+        return build_backend(
+            self.cfg,
+            self.codec,
+            module=self.engine.module,
+            pad_id=self.tok.pad_token_id,
+            weights=self.engine.named_full_params,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            vision=self.vision,
+            generation_context=self.engine.generation_context,
+        )
+
+    def _setup_writer(self):
+        """metrics.jsonl / TensorBoard (MetricsWriter), W&B on top when training.report_to asks; after resume."""
+        tr = self.cfg.training
+        writer = MetricsWriter(
+            self.out_dir, tr.logging_dir, self.dist.rank, sinks=tr.report_to, resume_step=self.state.step
+        )
+        return with_wandb(writer, self.cfg, self.dist.rank, self.out_dir, resumed=self.state.step > 0)
 
     def _setup_engine(self) -> Stage2Engine:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -254,7 +219,7 @@ class Stage2Trainer:
             metrics.update(self.data_metrics)
             self.writer.write(done, channel, metrics)
             if self.dist.rank == 0 and done % tr.logging_steps == 0:
-                log.info("step %d/%d [%s] %s", done, self.total_steps, channel, _summary(metrics))
+                log.info("step %d/%d [%s] %s", done, self.total_steps, channel, summary(metrics))
             bar.update(1)
             bar.set_postfix(
                 {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss/total", "rollout/f1") if k in metrics}
@@ -287,7 +252,7 @@ class Stage2Trainer:
         m.time("time/build_segments_s", time.perf_counter() - t0 - learn_s)  # Channel-B: rollouts included
         m.time("time/forward_backward_s", learn_s)  # packing and the optimizer step included
         self._step_metrics(m, res, packs, channel, step, n_raw=len(samples), n_segments=n_segments)
-        m.add_sum("stage2/sample_digest", _digest(s.sample_id for s in samples))
+        m.add_sum("stage2/sample_digest", sample_digest(s.sample_id for s in samples))
         m.time("time/step_s", time.perf_counter() - t0)
         return reduce_metrics(m)
 

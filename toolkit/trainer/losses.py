@@ -283,6 +283,24 @@ def _as_2d(logits: torch.Tensor, length: int, name: str) -> torch.Tensor:
     return logits
 
 
+def _weighted_sum(ce: torch.Tensor, t: dict, weights: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coord_reg, total) from the CE term and the coordinate terms `t` (`_coord_terms`), weighted."""
+    reg = (
+        weights.coord_ce_weight * t["coord_ce"]
+        + weights.coord_el1_weight * t["el1"]
+        + weights.coord_ehuber_weight * t["ehuber"]
+        + weights.coord_entropy_weight * t["entropy"]
+    )
+    total = (
+        ce
+        + weights.bbox_smoothl1_weight * t["sl1"]
+        + weights.bbox_ciou_weight * t["ciou"]
+        + reg
+        + weights.coord_gate_weight * t["gate"]
+    )
+    return reg, total
+
+
 def pack_loss(
     logits_ce: torch.Tensor,
     logits_geo: torch.Tensor,
@@ -320,19 +338,7 @@ def pack_loss(
     means = _Means(batch, normalization, lgeo.device)
     ce = _ce_term(lce, batch, means)
     t = _coord_terms(lgeo, batch, coord_ids, weights, means)
-    reg = (
-        weights.coord_ce_weight * t["coord_ce"]
-        + weights.coord_el1_weight * t["el1"]
-        + weights.coord_ehuber_weight * t["ehuber"]
-        + weights.coord_entropy_weight * t["entropy"]
-    )
-    total = (
-        ce.to(lgeo.device)
-        + weights.bbox_smoothl1_weight * t["sl1"]
-        + weights.bbox_ciou_weight * t["ciou"]
-        + reg
-        + weights.coord_gate_weight * t["gate"]
-    )
+    reg, total = _weighted_sum(ce.to(lgeo.device), t, weights)
     if torch.is_grad_enabled() and not total.requires_grad and lgeo.requires_grad:
         # Nothing supervised in this pack: keep the graph so every rank still runs a (zero) backward.
         total = total + 0.0 * lgeo[:1, :1].float().sum()

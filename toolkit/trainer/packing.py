@@ -165,6 +165,18 @@ def _check_segment_for_packing(seg: Segment, index: int) -> None:
         raise ValueError(f"segment {index} ({seg.sample_id!r}): box_groups must be 'prefix' or 'fn', got {bad[0]!r}")
 
 
+def _check_pack(segments: Sequence[Segment], capacity: int | None) -> None:
+    """At least one segment, one channel, and no more tokens than `capacity`."""
+    if not segments:
+        raise ValueError("collate_pack needs at least one segment")
+    channels = {s.channel for s in segments}
+    if len(channels) != 1:
+        raise ValueError(f"channels never share a pack; got segments from {sorted(channels)}")
+    total = sum(len(s) for s in segments)
+    if capacity is not None and total > capacity:
+        raise ValueError(f"pack holds {total} tokens > packing_length={capacity}. {_OVERSIZE_MITIGATIONS}")
+
+
 def collate_pack(
     segments: Sequence[Segment], capacity: int | None = None, mrope: tuple[int, int] | None = None
 ) -> PackBatch:
@@ -179,15 +191,7 @@ def collate_pack(
     """
     import torch
 
-    if not segments:
-        raise ValueError("collate_pack needs at least one segment")
-    channels = {s.channel for s in segments}
-    if len(channels) != 1:
-        raise ValueError(f"channels never share a pack; got segments from {sorted(channels)}")
-    total = sum(len(s) for s in segments)
-    if capacity is not None and total > capacity:
-        raise ValueError(f"pack holds {total} tokens > packing_length={capacity}. {_OVERSIZE_MITIGATIONS}")
-
+    _check_pack(segments, capacity)
     ids: list[int] = []
     pos: list[int] = []
     weights: list[float] = []
