@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from launchers.topology import LOOPBACK, ServerPlan, Topology, url_host_port
+from launchers.ports import LOOPBACK, url_host_port
+from launchers.topology import ServerPlan, Topology
 from toolkit.config.placement import CPU, PlacementError
 
 TRAIN_MODULE = "toolkit.train"

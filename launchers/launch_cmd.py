@@ -21,7 +21,8 @@ from pathlib import Path
 import click
 
 from launchers import commands, probe, topology
-from launchers.supervisor import LaunchError, Plan, ProcessSpec, ServerSpec, Supervisor
+from launchers.plan import Plan, ProcessSpec, ServerSpec
+from launchers.supervisor import LaunchError, Supervisor
 from toolkit import runlayout
 from toolkit.cli_options import ConfigFailure, profile_options
 from toolkit.config.placement import Placement, PlacementError

@@ -11,7 +11,8 @@ Any exit path (done, error, Ctrl-C, a child crash, a server dying mid-run) ends 
 terminated: SIGTERM, wait `grace`, SIGKILL, each step logged. A child's groups are all the groups seen
 in its process tree (torchrun puts each rank in its own session, see launchers/proctree.py), read
 from /proc; the launcher is a child subreaper, so orphans of a killed torchrun are adopted and stopped.
-The exit code is the learner's (see `_exit_code` for the torchrun case). Log files: launchers/childlog.py.
+The exit code is the learner's (see `_exit_code` for the torchrun case). Log files: launchers/childlog.py;
+the plan it runs: launchers/plan.py.
 Must never import torch, transformers, deepspeed, vllm or fastapi.
 """
 
@@ -26,10 +27,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 from launchers import childlog, probe, proctree
+from launchers.plan import Outcome, Plan, ProcessSpec, ServerSpec
 
 log = logging.getLogger("stage2.launch")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -38,44 +39,6 @@ POLL_S = 0.2
 
 class LaunchError(RuntimeError):
     """The launch failed before or around the learner (a server never healthy, a check failed, ...)."""
-
-
-@dataclass
-class ProcessSpec:
-    """One child: what to run, with which environment, where its output goes."""
-
-    name: str
-    argv: list[str]
-    env: dict
-    log_path: Path
-    tee: bool = False  # also copy output to the console (stderr)
-    ignore_usr1: bool = False  # launcher wrappers ignore SIGUSR1; the ranks install their own handler
-
-
-@dataclass
-class ServerSpec:
-    """A rollout server to start and the checks it must pass before the learner starts."""
-
-    process: ProcessSpec
-    base_url: str
-    world_size: int  # planned DP × TP
-    verify: Callable[[str], list[str]] = lambda url: []  # further checks (model, max_model_len)
-
-
-@dataclass
-class Plan:
-    servers: list[ServerSpec]
-    learner: ProcessSpec
-    health_timeout: float = 600.0
-    checkpointed_since: Callable[[float], Path | None] = lambda t: None  # newest checkpoint written after t
-
-
-@dataclass
-class Outcome:
-    exit_code: int
-    wall_s: float
-    reason: str
-    logs: list[Path] = field(default_factory=list)
 
 
 @dataclass

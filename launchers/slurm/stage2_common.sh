@@ -96,9 +96,9 @@ stage2_set_args() {
 }
 
 # A port below the ephemeral range that every node and rerun of this job derives the same
-# (launchers/topology.py job_port); computed once here and handed to every node.
+# (launchers/ports.py job_port); computed once here and handed to every node.
 stage2_job_port() {
-    "$STAGE2_PYTHON" -c "from launchers.topology import job_port; print(job_port('$SLURM_JOB_ID', '$1'))"
+    "$STAGE2_PYTHON" -c "from launchers.ports import job_port; print(job_port('$SLURM_JOB_ID', '$1'))"
 }
 
 # Where the learner tasks write their exit codes (one file per task): the submit dir is on the shared

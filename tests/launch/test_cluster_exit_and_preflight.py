@@ -15,7 +15,8 @@ import pytest
 from _launch_helpers import LAUNCH, ROOT
 from _shared import child_env
 
-from launchers.supervisor import Plan, ProcessSpec, Supervisor
+from launchers.plan import Plan, ProcessSpec
+from launchers.supervisor import Supervisor
 from toolkit.preflight import PreflightError, check_multinode_servers
 
 SERVER_MODE = ("--set", "rollout_matching.rollout_backend=vllm", "--set", "rollout_matching.vllm.mode=server")

@@ -18,7 +18,7 @@ import pytest
 from _launch_helpers import ROOT, STANDIN, live_mentioning, wait_until
 from _shared import child_env, free_port
 
-from launchers.topology import job_port
+from launchers.ports import job_port
 
 FAKE_SCONTROL = """#!/bin/bash
 if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' $FAKE_NODES; exit 0; fi

@@ -7,16 +7,8 @@ import socket
 
 import pytest
 
-from launchers.topology import (
-    Port,
-    ProfileServers,
-    build_topology,
-    check_ports,
-    ephemeral_start,
-    job_port,
-    servers_rewritten,
-    visible_to_physical,
-)
+from launchers.ports import Port, ephemeral_start, job_port
+from launchers.topology import ProfileServers, build_topology, check_ports, servers_rewritten, visible_to_physical
 from toolkit.config.placement import CPU, Placement, PlacementError
 
 HF = ProfileServers(server_mode=False)

@@ -261,3 +261,10 @@ class OneOfFiles(Atom):
         guess = closest(value, names)
         hint = f"did you mean '{guess}'? " if guess else ""
         raise Invalid(f"unknown {self.what} '{value}'; {hint}available: {', '.join(names) or '(none)'}")
+
+
+# Bounded numbers the schema sections share (toolkit/config/schema.py, schema_rollout.py).
+POS_INT = Int(lo=1)
+NONNEG_FLOAT = Float(lo=0.0)
+POS_FLOAT = Float(lo=0.0, lo_open=True)
+UNIT_FLOAT = Float(lo=0.0, hi=1.0)

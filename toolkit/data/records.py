@@ -232,6 +232,13 @@ def _check_path(path: Path) -> None:
         raise FileNotFoundError(f"records file {path} does not exist (fix: check data.train_jsonl / data.val_jsonl)")
 
 
+def _duplicate_id(path: Path, lineno: int, rec_id: str, first_line: int) -> RecordIssue:
+    """The issue of a record whose id an earlier line of the file already used."""
+    return RecordIssue(
+        str(path), lineno, f"duplicate id {rec_id!r} (first on line {first_line})", "give every record a unique id"
+    )
+
+
 def read_records(
     path: str | Path,
     limit: int | None = None,
@@ -275,14 +282,7 @@ def read_records(
         if rec is None:
             continue
         if rec.id in first_line_of:
-            issues.append(
-                RecordIssue(
-                    str(path),
-                    lineno,
-                    f"duplicate id {rec.id!r} (first on line {first_line_of[rec.id]})",
-                    "give every record a unique id",
-                )
-            )
+            issues.append(_duplicate_id(path, lineno, rec.id, first_line_of[rec.id]))
             continue
         first_line_of[rec.id] = lineno
         records.append(rec)
