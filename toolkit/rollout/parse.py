@@ -129,8 +129,25 @@ def scan_object(text: str, start: int) -> ObjectScan:
     Strings (with escapes) are skipped whole, so braces, brackets and `<|im_end|>` inside them are text.
     Inside a member value only bracket matching is checked; the value's own JSON is validated later.
     """
-    scan = ObjectScan(start)
-    i, n = start + 1, len(text)
+    return _scan_members(text, ObjectScan(start), start + 1)
+
+
+def continue_scan(text: str, scan: ObjectScan) -> ObjectScan:
+    """`scan_object(text, scan.start)` for a `text` that extends the text `scan` stopped on, where `scan` is open
+    at member level (no key or value in progress): only the new text is scanned. `scan` is left unchanged.
+
+    Raises:
+        ValueError: when `scan` is not open at member level.
+    """
+    if scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
+        raise ValueError(f"only a scan open at member level continues; got status={scan.status}, state={scan.state}")
+    resumed = ObjectScan(scan.start, list(scan.members), state=scan.state)
+    return _scan_members(text, resumed, scan.end)
+
+
+def _scan_members(text: str, scan: ObjectScan, i: int) -> ObjectScan:
+    """Scan members from text[i] on, in `scan.state`; the scanner's loop (what `scan_object` documents)."""
+    n = len(text)
     while True:
         i = _WS_RE.match(text, i).end()
         if i >= n:

@@ -31,7 +31,7 @@ from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
 from toolkit.data.segment import Segment
 from toolkit.rollout.match import MatchResult
-from toolkit.rollout.parse import DROP_REASONS, ParseResult, fields_of, scan_object
+from toolkit.rollout.parse import DROP_REASONS, ObjectScan, ParseResult, continue_scan, fields_of, scan_object
 
 Span = tuple[int, int]
 
@@ -63,14 +63,23 @@ def fn_append_fragment(prefix_text: str, fn_objects: Sequence[Mapping], start_in
             level of an open top-level object, outside any string), or ends with "," and there is
             nothing to append, or `start_index` < 1.
     """
+    return _fragment(prefix_text, _prefix_scan(prefix_text), fn_objects, start_index, field_order)
+
+
+def _prefix_scan(prefix_text: str) -> ObjectScan | None:
+    brace = prefix_text.find("{")
+    return scan_object(prefix_text, brace) if brace >= 0 else None
+
+
+def _fragment(prefix_text: str, scan: ObjectScan | None, fn_objects: Sequence[Mapping], start_index: int,
+              field_order: str) -> str:
+    """`fn_append_fragment` given `_prefix_scan(prefix_text)`."""
     if field_order not in FIELD_ORDERS:
         raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {field_order!r}")
     if start_index < 1:
         raise ValueError(f"FN numbering must start at >= 1, got {start_index}")
     stripped = prefix_text.rstrip()
     last = stripped[-1:] or "<empty>"
-    brace = prefix_text.find("{")
-    scan = scan_object(prefix_text, brace) if brace >= 0 else None
     if last not in "{},":
         raise ValueError(f"rollout prefix is not append-ready; last_char={last!r} (expected '{{', '}}' or ',')")
     if scan is None or scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
@@ -119,8 +128,9 @@ def build_channel_b_segment(
         raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
     meta = channel_b_meta(parse, match, len(gt_objects), len(prompt_ids))
     fn_objs = list(canonical_order([gt_objects[j] for j in match.fn_indices], ordering))
+    prefix_scan = _prefix_scan(parse.prefix_text)
     try:
-        fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
+        fragment = _fragment(parse.prefix_text, prefix_scan, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
         return Drop("prefix_not_append_ready", sample_id, str(e), meta)
     joined = _join_at_boundary(parse, fragment, codec)
@@ -134,7 +144,8 @@ def build_channel_b_segment(
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
     text = "".join(pieces)
-    close, fn_desc = _closure_and_descs(text, len(parse.prefix_text), len(parse.prefix_text) + len(fragment) - 1)
+    close, fn_desc = _closure_and_descs(text, len(parse.prefix_text), len(parse.prefix_text) + len(fragment) - 1,
+                                        prefix_scan if text.startswith(parse.prefix_text) else None)
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
     offsets = _token_spans(pieces)
@@ -283,10 +294,16 @@ def _paint(out: list, ranges, value, offset: int = 0) -> None:
             out[a - offset:b - offset] = [value] * (b - a)
 
 
-def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
-    """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`)."""
-    brace = text.find("{")
-    scan = scan_object(text, brace) if brace >= 0 else None
+def _closure_and_descs(text: str, entries_from: int, close_at: int,
+                       prefix_scan: ObjectScan | None = None) -> tuple[int | None, list[Span]]:
+    """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`).
+    `prefix_scan`: the (member-level open) scan of a text that `text` starts with, continued instead of
+    rescanning that part."""
+    if prefix_scan is not None:
+        scan = continue_scan(text, prefix_scan)
+    else:
+        brace = text.find("{")
+        scan = scan_object(text, brace) if brace >= 0 else None
     if scan is None or scan.status != "closed" or scan.end != close_at + 1:
         return None, []
     descs = []
