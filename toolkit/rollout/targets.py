@@ -148,14 +148,14 @@ def build_channel_b_segment(
                                         prefix_scan if text.startswith(parse.prefix_text) else None)
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
-    offsets = _token_spans(pieces)
+    starts, ends = _token_spans(pieces)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    n_split = n_pre + sum(1 for s, e in offsets[n_pre:] if e <= len(parse.prefix_text))
-    weights = _prefix_weights(ids[:n_split], offsets[:n_split], [o for o, _ in matched], codec)
+    n_split = n_pre + sum(1 for e in ends[n_pre:] if e <= len(parse.prefix_text))
+    weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, offsets, n_split, close, fn_desc, desc_ce_weight, mult, codec)
+    weights += _answer_weights(ids, starts, ends, n_split, close, fn_desc, desc_ce_weight, mult, codec)
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
@@ -262,7 +262,7 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, _token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, *_token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
     pos = [p0 + y for y, t in enumerate(ids) if codec.coord_bin(t) is not None]
     bins = [codec.coord_bin(ids[p - p0]) for p in pos]
@@ -276,10 +276,14 @@ def build_channel_a_segment(
 # helpers
 
 
-def _token_spans(pieces: Sequence[str]) -> list[Span]:
-    """Each token's character span; an empty piece takes the next character (see module docstring)."""
+def _token_spans(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(starts, ends) of each token's character span; an empty piece takes the next character (see module
+    docstring). Ends never decrease."""
     ends = list(accumulate(map(len, pieces)))
-    return [(s, e if e > s else s + 1) for s, e in zip([0, *ends[:-1]], ends)]
+    starts = [0, *ends[:-1]]
+    if "" in pieces:  # rare (a partial UTF-8 byte): only then the per-token rule
+        ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
+    return starts, ends
 
 
 def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
@@ -317,10 +321,9 @@ def _closure_and_descs(text: str, entries_from: int, close_at: int,
     return close_at, descs
 
 
-def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
+def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
     """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
     painted span by span (tokens of a span are one range), not token by token."""
-    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     out = [0.0] * len(ids)
     _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
     _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
@@ -328,10 +331,9 @@ def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
     return [0.0 if t in coord else w for t, w in zip(ids, out)]
 
 
-def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
+def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
     """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
     from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
-    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     n = len(ids)
     out = [struct_w] * (n - lo)
     _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
@@ -342,8 +344,8 @@ def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> 
 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
     for n, o in enumerate(gt_objects):
-        b = o.get("bbox_2d") if isinstance(o, Mapping) else None
-        ok = (isinstance(b, (list, tuple)) and len(b) == 4 and all(_is_bin(v) for v in b)
+        b = o.get("bbox_2d") if type(o) is dict or isinstance(o, Mapping) else None  # dict: without the ABC check
+        ok = (isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_is_bin, b))
               and b[0] <= b[2] and b[1] <= b[3] and isinstance(o.get("desc"), str))
         if not ok:
             raise ValueError(f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
