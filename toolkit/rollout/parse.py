@@ -348,9 +348,11 @@ def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | 
         return None, got
     desc, bins, (a_start, a_end), desc_span = got
     lo, hi = bisect.bisect_left(starts, a_start), bisect.bisect_left(starts, a_end)
-    pos = [p for p in range(lo, hi) if ends[p] <= a_end and codec.coord_bin(ids[p]) is not None]
-    if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
+    coord_bin = codec.coord_bin
+    slots = [(p, b) for p in range(lo, hi) if ends[p] <= a_end and (b := coord_bin(ids[p])) is not None]
+    if [b for _, b in slots] != bins:  # each string must be one genuine coord token
         return None, "non_coord_token"
+    pos = [p for p, _ in slots]
     if bins[2] < bins[0] or bins[3] < bins[1]:
         return None, "bbox_invalid"
     return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end), desc_span), ""

@@ -159,8 +159,8 @@ def build_channel_b_segment(
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
-    fn_pos = [p0 + y for y in range(n_pre, len(ids)) if codec.coord_bin(ids[y]) is not None]
-    fn_bins = [codec.coord_bin(ids[p - p0]) for p in fn_pos]
+    fn_slots = [(p0 + y, b) for y in range(n_pre, len(ids)) if (b := codec.coord_bin(ids[y])) is not None]
+    fn_pos, fn_bins = [p for p, _ in fn_slots], [b for _, b in fn_slots]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
     meta.update({"rollout/prefix_coord_slots": len(coord_pos), "rollout/fn_coord_slots": len(fn_pos),
