@@ -71,7 +71,7 @@ def _pixel_rects(boxes: np.ndarray, resolution: int) -> np.ndarray:
 
     The filler rounds every vertex to a 5× grid, X = (int)(5x + .5); along the quad's horizontal edges it
     marks column c where the grid crosses 5c + 2, i.e. X1 ≤ 5c + 2 ≤ X2 − 1, and fills each such column from row
-    ceil((Y1 − 2) / 5) up to ceil((Y2 − 2) / 5). (Its clipping to the canvas never binds: 0 ≤ X, Y ≤ 5(R − 1).)"""
+    ceil((Y1 − 2) / 5) up to ceil((Y2 − 2) / 5). (Its clipping to the canvas never binds: 0 ≤ X, Y ≤ 5R − 5.)"""
     v = np.clip(boxes.astype(np.float64), 0, MAX_BIN) * (max(resolution - 1, 1) / MAX_BIN)
     g = np.floor(5 * v + 0.5).astype(np.int64)  # (int)(scale * x + .5) of non-negative x
     x1, x2 = np.minimum(g[:, 0], g[:, 2]), np.maximum(g[:, 0], g[:, 2])

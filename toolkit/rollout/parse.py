@@ -124,25 +124,18 @@ def _value_end(text: str, i: int) -> tuple[str, int, str]:
 
 
 def scan_object(text: str, start: int) -> ObjectScan:
-    """Scan the object opening at text[start] == "{": members strictly, values by bracket matching.
-
-    Strings (with escapes) are skipped whole, so braces, brackets and `<|im_end|>` inside them are text.
-    Inside a member value only bracket matching is checked; the value's own JSON is validated later.
-    """
+    """Scan the object opening at text[start] == "{": members strictly, values by bracket matching. Strings (with
+    escapes) are skipped whole, so braces, brackets and `<|im_end|>` inside them are text. Inside a member value
+    only bracket matching is checked; the value's own JSON is validated later."""
     return _scan_members(text, ObjectScan(start), start + 1)
 
 
 def continue_scan(text: str, scan: ObjectScan) -> ObjectScan:
-    """`scan_object(text, scan.start)` for a `text` that extends the text `scan` stopped on, where `scan` is open
-    at member level (no key or value in progress): only the new text is scanned. `scan` is left unchanged.
-
-    Raises:
-        ValueError: when `scan` is not open at member level.
-    """
+    """`scan_object(text, scan.start)` for a `text` extending the text of `scan`, open at member level (no key or
+    value in progress; else ValueError): only the new text is scanned, `scan` is left unchanged."""
     if scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
         raise ValueError(f"only a scan open at member level continues; got status={scan.status}, state={scan.state}")
-    resumed = ObjectScan(scan.start, list(scan.members), state=scan.state)
-    return _scan_members(text, resumed, scan.end)
+    return _scan_members(text, ObjectScan(scan.start, list(scan.members), state=scan.state), scan.end)
 
 
 def _scan_members(text: str, scan: ObjectScan, i: int) -> ObjectScan:
@@ -348,11 +341,9 @@ def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | 
         return None, got
     desc, bins, (a_start, a_end), desc_span = got
     lo, hi = bisect.bisect_left(starts, a_start), bisect.bisect_left(starts, a_end)
-    coord_bin = codec.coord_bin
-    slots = [(p, b) for p in range(lo, hi) if ends[p] <= a_end and (b := coord_bin(ids[p])) is not None]
-    if [b for _, b in slots] != bins:  # each string must be one genuine coord token
+    pos = [p for p in range(lo, hi) if ends[p] <= a_end and codec.coord_bin(ids[p]) is not None]
+    if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
         return None, "non_coord_token"
-    pos = [p for p, _ in slots]
     if bins[2] < bins[0] or bins[3] < bins[1]:
         return None, "bbox_invalid"
     return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end), desc_span), ""
