@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import bench_step  # noqa: E402  (the bench folder is not a package)
+import bench_step  # the bench folder is not a package: found through sys.path above
 
 
 def extract_old(commit: str, root: Path) -> None:
