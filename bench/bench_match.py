@@ -1,10 +1,10 @@
 """Matching benchmark: `match_boxes` on 60 predictions × 60 GT (the prod data's cap per image), with the
-pycocotools mask-IoU gate, against the same Hungarian matching gated by box IoU, both measured in this
+mask-IoU gate (pycocotools' polygon IoU), against the same Hungarian matching gated by box IoU, both measured in this
 run (same machine, same load), interleaved and repeated; medians reported as a ratio.
 
     python bench/bench_match.py [--repeat 20]
 
-The gate's polygon rasterization should add little to a Channel-B sample's parse → match → targets.
+The mask-IoU gate should add little to a Channel-B sample's parse → match → targets.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     scenes = [scene(rng) for _ in range(10)]
-    variants = {"match_boxes (pycocotools mask IoU)": match.match_boxes, "baseline (box IoU gate)": box_gated}
+    variants = {"match_boxes (mask IoU gate)": match.match_boxes, "baseline (box IoU gate)": box_gated}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():
         time_once(fn, scenes)  # warm-up (imports, caches)

@@ -11,16 +11,18 @@ import random
 import re
 from unittest import mock
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import dumps_payload, object_payload, render_answer
 from toolkit.data.segment import Segment
-from toolkit.rollout import parse
+from toolkit.rollout import parse, scan
 from toolkit.rollout.codec import ToyCodec
 from toolkit.rollout.match import match_boxes
-from toolkit.rollout.parse import DROP_REASONS, parse_rollout, scan_object
+from toolkit.rollout.parse import DROP_REASONS, parse_rollout
+from toolkit.rollout.scan import continue_scan, scan_object
 from toolkit.rollout.targets import Drop, build_channel_b_segment, fn_append_fragment
 
 CODEC = ToyCodec()
@@ -309,9 +311,9 @@ def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
     text = text_from(data)
     fast = _all_scans(text)
     with (
-        mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
-        mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER),
-        mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
     ):
         slow = _all_scans(text)
     assert fast == slow, text
@@ -325,10 +327,33 @@ def test_parser_fast_paths_give_the_general_result(data, as_text):
     ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
     fast = parse_rollout(ids, CODEC)
     with (
-        mock.patch.object(parse, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
-        mock.patch.object(parse, "_MEMBER_HEAD_RE", NEVER),
-        mock.patch.object(parse, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
         mock.patch.object(parse, "_CANONICAL_RE", NEVER),
     ):
         slow = parse_rollout(ids, CODEC)
     assert fast == slow, ids
+
+
+@settings(max_examples=1_000, **FUZZ)
+@given(st.binary(max_size=40))
+def test_a_continued_scan_is_the_scan_of_the_whole_text(data):
+    """targets.py continues the prefix's scan over the appended text instead of rescanning the answer: from
+    every `{` and every cut where the scan of text[:cut] is open at member level, continuing it over the whole
+    text gives scan_object's result, and leaves the prefix's scan as it was."""
+    text = text_from(data)
+    for b in [i for i, c in enumerate(text) if c == "{"]:
+        whole = scan_object(text, b)
+        for cut in range(b + 1, len(text) + 1):
+            part = scan_object(text[:cut], b)
+            if part.status == "open" and part.state in ("key_or_close", "key", "after"):
+                before = repr(part)
+                assert continue_scan(text, part) == whole, (text, cut)
+                assert repr(part) == before
+
+
+def test_only_a_scan_open_at_member_level_continues():
+    for text in ('{"a": "x', '{"a"', '{"a": 1}', '{"a": 1 1'):
+        with pytest.raises(ValueError, match="member level"):
+            continue_scan(text + " ", scan_object(text, 0))

@@ -139,3 +139,28 @@ def test_project_tokenizer_roundtrips_canonical_answers():
     codec = HFTokenCodec(transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_TOKENIZER)))
     assert codec.literal
     check_roundtrips(codec)
+
+
+@pytest.mark.parametrize("kind", ["literal", "bytelevel", "metaspace:never"])
+def test_encode_equals_the_wrappers_encode_on_random_texts(kind):
+    """`encode` calls the Rust tokenizer directly when its state is the wrapper's; the ids must be
+    `tok.encode`'s, also for special tokens inside the text and when the backend was left truncating or
+    splitting special tokens (then the wrapper is used)."""
+    import random
+
+    tok = build_tokenizer(kind)
+    codec = HFTokenCodec(tok)
+    rng = random.Random(0)
+    alphabet = list('{}[]",: abcxyz_019\n\t') + ["<|im_end|>", "<|coord_7|>", "<|endoftext|>", "é", "ŋ", "object_"]
+    texts = ["", " "] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    texts += [render_answer(s) for s in scenes(10)]
+
+    def wrapper(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    assert [codec.encode(t) for t in texts] == [wrapper(t) for t in texts]
+    tok.backend_tokenizer.enable_truncation(max_length=3)
+    assert [codec.encode(t) for t in texts] == [wrapper(t) for t in texts]
+    tok.split_special_tokens = True
+    assert [codec.encode(t) for t in texts] == [wrapper(t) for t in texts]
+    assert codec.encode("<|im_end|>") != [codec.im_end_id]

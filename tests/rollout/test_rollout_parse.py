@@ -9,7 +9,8 @@ import pytest
 from toolkit.data.coords import coord_token
 from toolkit.data.render import dumps_payload, object_payload
 from toolkit.rollout.codec import ToyCodec
-from toolkit.rollout.parse import DROP_REASONS, RetokenizeError, parse_rollout, scan_object
+from toolkit.rollout.parse import DROP_REASONS, RetokenizeError, parse_rollout
+from toolkit.rollout.scan import scan_object
 
 
 def entry(n, desc="cat", bbox=(10, 20, 30, 40), field_order="desc_first"):

@@ -295,7 +295,8 @@ def test_painted_weights_equal_the_per_token_rule(codec):
     coord_ids = set(codec.coord_token_ids)
     for trial in range(300):
         pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(1, 60))]
-        offsets = _token_spans(pieces)
+        starts, ends = _token_spans(pieces)
+        offsets = list(zip(starts, ends))
         n_chars = max(e for _, e in offsets) + 2
         ids = [rng.choice(codec.coord_token_ids) if rng.random() < 0.2 else 5000 + k for k in range(len(pieces))]
         cuts = sorted(rng.sample(range(n_chars), min(n_chars, 2 * rng.randint(0, 6))))
@@ -307,7 +308,7 @@ def test_painted_weights_equal_the_per_token_rule(codec):
             float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
             for t, (s, e) in zip(ids, offsets)
         ]
-        assert _prefix_weights(ids, offsets, objs, codec) == want, trial
+        assert _prefix_weights(ids, starts, ends, objs, codec) == want, trial
         lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
         want = []
         for y in range(lo, len(ids)):
@@ -321,7 +322,25 @@ def test_painted_weights_equal_the_per_token_rule(codec):
                 if _overlaps_ref(descs, s, e)
                 else 1.5
             )
-        assert _answer_weights(ids, offsets, lo, close, descs, 0.7, 1.5, codec) == want, trial
+        assert _answer_weights(ids, starts, ends, lo, close, descs, 0.7, 1.5, codec) == want, trial
+
+
+def test_token_spans_equal_the_per_token_rule():
+    """`_token_spans` applies the empty-piece rule only when a piece is empty; the spans equal the per-token
+    rule of the module docstring (an empty piece spans the next character) on random frames."""
+    from toolkit.rollout.targets import _token_spans
+
+    rng = random.Random(7)
+    for trial in range(500):
+        pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(0, 40))]
+        if trial % 2:
+            pieces = [p for p in pieces if p]
+        want, pos = [], 0
+        for p in pieces:
+            want.append((pos, pos + len(p) if p else pos + 1))
+            pos += len(p)
+        starts, ends = _token_spans(pieces)
+        assert list(zip(starts, ends)) == want, pieces
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,52 @@ def test_collate_offsets_and_positions():
     assert b.ce_weights[0].tolist() == segs[0].ce_weights + segs[1].ce_weights
 
 
+def _collate_reference(segs):
+    """collate_pack's tensors built the straightforward way (torch.tensor on Python lists)."""
+    ids, pos, w, cpos, cbins, groups = [], [], [], [], [], []
+    for seg in segs:
+        cpos += [len(ids) + p for p in seg.coord_pos]
+        ids += seg.input_ids
+        pos += range(len(seg))
+        w += [float(x) for x in seg.ce_weights]
+        cbins += seg.coord_bins
+        groups += [{"prefix": 0, "fn": 1}[g] for g in seg.box_groups]
+    long = torch.long
+    return {
+        "input_ids": torch.tensor([ids], dtype=long),
+        "position_ids": torch.tensor([pos], dtype=long),
+        "ce_weights": torch.tensor([w], dtype=torch.float32),
+        "coord_pos": torch.tensor(cpos, dtype=long),
+        "coord_bins": torch.tensor(cbins, dtype=long),
+        "box_group": torch.tensor(groups, dtype=long),
+        "seq_lens": torch.tensor([len(s) for s in segs], dtype=long),
+    }
+
+
+def test_collate_tensors_equal_the_straightforward_construction():
+    """collate_pack builds its tensors through numpy arrays; dtypes, shapes and values equal torch.tensor's
+    on the Python lists, on random packs (odd weights, no coord slots, one-token segments included)."""
+    rng = random.Random(3)
+    for trial in range(60):
+        segs = [
+            make_segment(
+                100 * trial + k,
+                prompt_len=rng.randint(1, 6),
+                n_boxes=rng.randint(0, 3),
+                text_per_box=rng.randint(0, 3),
+                group=rng.choice(["prefix", "fn"]),
+                channel="B",
+            )
+            for k in range(rng.randint(1, 5))
+        ]
+        for seg in segs:
+            seg.ce_weights = [0.0] + [rng.choice([0.0, 1.0, 0.1, 1 / 3, 2.5e-8, 1]) for _ in seg.ce_weights[1:]]
+        got, want = collate_pack(segs), _collate_reference(segs)
+        for name, ref in want.items():
+            t = getattr(got, name)
+            assert t.dtype == ref.dtype and t.shape == ref.shape and torch.equal(t, ref), (trial, name)
+
+
 def test_collate_rejects_bad_packs():
     a, bseg = make_segment(1, channel="A"), make_segment(2, channel="B")
     with pytest.raises(ValueError, match="channels never share"):

@@ -132,6 +132,16 @@ class HFTokenCodec(_CoordTable):
         return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def encode(self, text: str) -> list[int]:
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(self.tok, "split_special_tokens", False))
+        ):
+            # The Rust tokenizer in the state `tok.encode` would put it in (no truncation, no padding, special
+            # tokens as the wrapper says): the same ids without the wrapper's per-call Python (docs/PERFORMANCE.md)
+            return backend.encode(text, add_special_tokens=False).ids
         return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:

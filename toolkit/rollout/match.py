@@ -1,11 +1,13 @@
 """Hungarian matching of predicted boxes to ground truth with a mask-IoU gate.
 
 Owns box IoU, the polygon ("mask") IoU of boxes on the virtual canvas, candidate selection, the
-dummy-augmented assignment and detection counts (precision/recall/F1). numpy + scipy + pycocotools.
+dummy-augmented assignment and detection counts (precision/recall/F1). numpy + scipy.
 
-Mask IoU is the predecessor's, computed by the same library: each box is drawn by pycocotools as the
-quad (x1,y1)-(x2,y1)-(x2,y2)-(x1,y2) on an R×R canvas, with coordinates clamped to 0..999 and scaled by
-(R−1)/999 (1/999 when R = 1), and the IoU of the two run-length masks is pycocotools' `iou`. A box
+Mask IoU is the predecessor's, pycocotools' (the reference the tests compare with, bit for bit): each box drawn
+by pycocotools' polygon filler as the quad (x1,y1)-(x2,y1)-(x2,y2)-(x1,y2) on an R×R canvas, with coordinates
+clamped to 0..999 and scaled by (R−1)/999 (1/999 when R = 1), and the IoU of the two run-length masks as
+pycocotools' `iou` computes it. The filler draws such a quad as a pixel rectangle, which `_pixel_rects` computes
+in closed form, so no mask is drawn (docs/PERFORMANCE.md). A box
 thinner than the polygon filler's resolution has an empty mask, so its IoU with anything (itself
 included) is 0: degenerate predictions are never matched (docs/METRICS_LOSSES.md).
 """
@@ -72,27 +74,41 @@ def _rect_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) -> np.ndarray:
         return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float64)
 
 
-def _quad_rles(boxes: np.ndarray, resolution: int) -> list:
-    """pycocotools RLEs of the boxes drawn as quads on the R×R canvas."""
-    from pycocotools import mask as mask_utils
+def _pixel_rects(boxes: np.ndarray, resolution: int) -> np.ndarray:
+    """N×4 pixel rectangles [c0, c1) × [r0, r1) that pycocotools' polygon filler draws for the boxes' quads on the
+    R×R canvas, in closed form (the filler's own rule, exact: tests compare with pycocotools).
 
+    The filler rounds every vertex to a 5× grid, X = (int)(5x + .5); along the quad's horizontal edges it
+    marks column c where the grid crosses 5c + 2, i.e. X1 ≤ 5c + 2 ≤ X2 − 1, and fills each such column from row
+    ceil((Y1 − 2) / 5) up to ceil((Y2 − 2) / 5). (Its clipping to the canvas never binds: 0 ≤ X, Y ≤ 5R − 5.)"""
     v = np.clip(boxes.astype(np.float64), 0, MAX_BIN) * (max(resolution - 1, 1) / MAX_BIN)
-    x1, x2 = np.minimum(v[:, 0], v[:, 2]), np.maximum(v[:, 0], v[:, 2])
-    y1, y2 = np.minimum(v[:, 1], v[:, 3]), np.maximum(v[:, 1], v[:, 3])
-    quads = np.stack([x1, y1, x2, y1, x2, y2, x1, y2], axis=1)
-    # A list of 8-number lists is read as one polygon each (a 4-number list would be a bbox).
-    return mask_utils.frPyObjects(quads.tolist(), resolution, resolution)
+    g = np.floor(5 * v + 0.5).astype(np.int64)  # (int)(scale * x + .5) of non-negative x
+    x1, x2 = np.minimum(g[:, 0], g[:, 2]), np.maximum(g[:, 0], g[:, 2])
+    y1, y2 = np.minimum(g[:, 1], g[:, 3]), np.maximum(g[:, 1], g[:, 3])
+    c0 = -((2 - x1) // 5)  # ceil((x1 - 2) / 5)
+    c1 = np.maximum((x2 - 3) // 5 + 1, c0)
+    r0, r1 = (-((2 - y) // 5) for y in (y1, y2))
+    return np.stack([c0, r0, c1, r1], axis=1).astype(np.float64)
 
 
 def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]], resolution: int) -> np.ndarray:
-    """P×G pycocotools polygon-mask IoU of the boxes on the virtual R×R canvas."""
-    from pycocotools import mask as mask_utils
-
+    """P×G pycocotools polygon-mask IoU of the boxes on the virtual R×R canvas: a box's mask is a pixel
+    rectangle (`_pixel_rects`), so the IoU is that of the rectangles, inter / union in float64 as pycocotools'
+    `iou` divides its pixel counts (0 when the union is empty)."""
     p, g = _as_boxes(preds), _as_boxes(gts)
     if len(p) == 0 or len(g) == 0:
         return np.zeros((len(p), len(g)))
-    ious = mask_utils.iou(_quad_rles(p, resolution), _quad_rles(g, resolution), [0] * len(g))
-    return np.asarray(ious, dtype=np.float64).reshape(len(p), len(g))
+    a, b = _pixel_rects(p, resolution), _pixel_rects(g, resolution)
+    return _rect_iou(
+        a[:, None, 0],
+        a[:, None, 1],
+        a[:, None, 2],
+        a[:, None, 3],
+        b[None, :, 0],
+        b[None, :, 1],
+        b[None, :, 2],
+        b[None, :, 3],
+    )
 
 
 def _candidates(
@@ -106,6 +122,21 @@ def _candidates(
     key = np.where(allowed, key, np.inf)  # disallowed sort last, then are masked out below
     cols = np.argsort(key, axis=1, kind="stable")[:, :k]
     return cols, np.take_along_axis(allowed, cols, axis=1)
+
+
+def _assign(cost: np.ndarray, miou: np.ndarray, fp_cost: float, fn_cost: float) -> list[tuple[int, int, float]]:
+    """(pred, gt, mask IoU) pairs of the square problem [[cost, fp_cost], [fn_cost, 0]], forbidden pairs left out."""
+    n_p, n_g = cost.shape
+    big = np.zeros((n_p + n_g, n_p + n_g))
+    big[:n_p, :n_g] = cost
+    big[:n_p, n_g:] = fp_cost
+    big[n_p:, :n_g] = fn_cost
+    rows, cols = linear_sum_assignment(big)
+    return [
+        (int(i), int(j), float(miou[i, j]))
+        for i, j in zip(rows, cols)
+        if i < n_p and j < n_g and cost[i, j] < FORBIDDEN
+    ]
 
 
 def match_boxes(
@@ -154,16 +185,7 @@ def match_boxes(
     passed = valid & (iou >= gate)
     cost[row[passed], cand[passed]] = 1.0 - iou[passed]
     rejections = int((valid & ~passed).sum())
-    big = np.zeros((n_p + n_g, n_p + n_g))
-    big[:n_p, :n_g] = cost
-    big[:n_p, n_g:] = fp_cost
-    big[n_p:, :n_g] = fn_cost
-    rows, cols = linear_sum_assignment(big)
-    pairs = [
-        (int(i), int(j), float(miou[i, j]))
-        for i, j in zip(rows, cols)
-        if i < n_p and j < n_g and cost[i, j] < FORBIDDEN
-    ]
+    pairs = _assign(cost, miou, fp_cost, fn_cost)
     matched_p = {i for i, _, _ in pairs}
     matched_g = {j for _, j, _ in pairs}
     return MatchResult(

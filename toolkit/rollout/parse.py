@@ -1,8 +1,8 @@
 """Strict, token-aligned parsing of a rollout into an append-ready prefix and its valid objects.
 
-Owns the JSON member scanner (also used by targets.py for append-readiness and closure) and
-`parse_rollout`. No repair: an object is either taken exactly as emitted or dropped
-into one reason bucket. Pure Python + the codec; imports nothing heavy.
+Owns `parse_rollout`; the JSON member scanner it reads with is scan.py (shared with targets.py).
+No repair: an object is either taken exactly as emitted or dropped into one reason bucket.
+Pure Python + the codec; imports nothing heavy.
 
 Frames: character offsets index `"".join(codec.pieces(ids))` of the rollout cut at its first
 `<|im_end|>`; token positions index `ParseResult.prefix_token_ids`.
@@ -14,10 +14,11 @@ import bisect
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 
 from toolkit.data.coords import parse_coord_token
+from toolkit.rollout.scan import Member, fields_of, scan_object
 
 DROP_REASONS = (
     "key_invalid",  # not `object_N`, value not a complete loadable dict, duplicate/extra keys, syntax error
@@ -29,22 +30,7 @@ DROP_REASONS = (
     "non_coord_token",  # a bbox entry that is not exactly one `<|coord_k|>` token inside quotes
     "bbox_invalid",  # x2 < x1 or y2 < y1
 )
-JSON_WS = " \t\n\r"
-_WS_RE = re.compile(r"[ \t\n\r]*")
-_STR_TAIL_RE = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # after an opening quote, through the closing one
-_NESTED_RE = re.compile(r'["{}\[\]]')
-_SCALAR_RE = re.compile(r'[^ \t\n\r,{}\[\]":]+')
 _KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
-_CLOSER = {"{": "}", "[": "]"}
-# Fast paths (possessive, so no backtracking): a container whose only nesting is arrays of strings or scalars
-# inside an object — every object value a detector writes — matched in one go; `_value_end`'s bracket
-# matching decides the rest (nested deeper, unclosed, mismatched). Strings as in _STR_TAIL_RE.
-_STR = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-_FLAT_ARRAY = r'\[(?:[^"{}\[\]]++|' + _STR + r")*+\]"
-_FLAT_RE = {
-    "[": re.compile(_FLAT_ARRAY, re.S),
-    "{": re.compile(r'\{(?:[^"{}\[\]]++|' + _STR + "|" + _FLAT_ARRAY + r")*+\}", re.S),
-}
 _BOX = r"(?P<{0}>\[" + ", ".join(rf'"<\|coord_(?P<{{0}}{k}>0|[1-9][0-9]{{{{0,2}}}})\|>"' for k in range(4)) + r"\])"
 _DESC = r'"(?P<{0}>[^"\\\x00-\x1f]*)"'
 _CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py writes it, either field order
@@ -60,137 +46,10 @@ _CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py
     + r"\}",
     re.S,
 )
-_MEMBER_HEAD_RE = re.compile("(" + _STR + r")[ \t\n\r]*+:[ \t\n\r]*+", re.S)  # "key" : (up to the value)
-_NEXT_HEAD_RE = re.compile(r",[ \t\n\r]*+" + _MEMBER_HEAD_RE.pattern, re.S)  # , "key" : (up to the value)
 
 
 class RetokenizeError(RuntimeError):
     """The kept part of a token cut by the prefix boundary did not re-encode to the same text."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# JSON member scanner
-
-
-@dataclass
-class Member:
-    """One `"key": value` entry of a scanned object; spans are [start, end) character offsets."""
-
-    key_raw: str  # the key with its quotes, exactly as written
-    key_start: int
-    value_start: int = -1
-    value_end: int = -1  # -1 while the value is incomplete
-    kind: str = ""  # "object" | "array" | "string" | "scalar"
-
-
-@dataclass
-class ObjectScan:
-    """Result of scanning one `{...}` object member by member.
-
-    status: "closed" (its `}` found, `end` is just after it), "open" (text ended; `state` says where),
-            "error" (a syntax error at member level at `end`).
-    state:  where an open scan stopped: "key_or_close" (just after `{`), "key" (after `,`), "in_key",
-            "colon", "value", "in_value", "after" (after a complete value).
-    """
-
-    start: int
-    members: list[Member] = field(default_factory=list)
-    status: str = "open"
-    end: int = 0
-    state: str = "key_or_close"
-
-
-def _value_end(text: str, i: int) -> tuple[str, int, str]:
-    """(status, end, kind) of the JSON value starting at text[i] (not whitespace)."""
-    c = text[i]
-    if c == '"':
-        m = _STR_TAIL_RE.match(text, i + 1)
-        return ("ok", m.end(), "string") if m else ("open", len(text), "string")
-    if c in _CLOSER:
-        flat = _FLAT_RE[c].match(text, i)
-        if flat is not None:
-            return "ok", flat.end(), "object" if c == "{" else "array"
-        stack, j = [c], i + 1
-        while True:
-            m = _NESTED_RE.search(text, j)
-            if m is None:
-                return "open", len(text), ""
-            ch, p = m.group(), m.start()
-            if ch == '"':
-                s = _STR_TAIL_RE.match(text, p + 1)
-                if s is None:
-                    return "open", len(text), ""
-                j = s.end()
-            elif ch in _CLOSER:
-                stack.append(ch)
-                j = p + 1
-            elif ch != _CLOSER[stack.pop()]:
-                return "error", p, ""
-            elif not stack:
-                return "ok", p + 1, "object" if c == "{" else "array"
-            else:
-                j = p + 1
-    m = _SCALAR_RE.match(text, i)
-    if m is None:
-        return "error", i, ""
-    return ("open", len(text), "scalar") if m.end() == len(text) else ("ok", m.end(), "scalar")
-
-
-def scan_object(text: str, start: int) -> ObjectScan:
-    """Scan the object opening at text[start] == "{": members strictly, values by bracket matching.
-
-    Strings (with escapes) are skipped whole, so braces, brackets and `<|im_end|>` inside them are text.
-    Inside a member value only bracket matching is checked; the value's own JSON is validated later.
-    """
-    scan = ObjectScan(start)
-    i, n = start + 1, len(text)
-    while True:
-        i = _WS_RE.match(text, i).end()
-        if i >= n:
-            scan.end = n
-            return scan
-        c, state = text[i], scan.state
-        if c == "}" and state in ("key_or_close", "after"):
-            scan.status, scan.end = "closed", i + 1
-            return scan
-        if state == "after" and c == "," and (head := _NEXT_HEAD_RE.match(text, i)):
-            # `, "key": ` of the next member in one match (the same states as one by one)
-            scan.members.append(Member(head.group(1), head.start(1)))
-            scan.state, i = "value", head.end()
-        elif state == "after" and c == ",":
-            scan.state, i = "key", i + 1
-        elif state in ("key_or_close", "key") and c == '"' and (head := _MEMBER_HEAD_RE.match(text, i)):
-            # key, colon and the whitespace before the value in one match (the same states as one by one)
-            scan.members.append(Member(head.group(1), i))
-            scan.state, i = "value", head.end()
-        elif state in ("key_or_close", "key") and c == '"':
-            m = _STR_TAIL_RE.match(text, i + 1)
-            if m is None:
-                scan.state, scan.end = "in_key", n
-                return scan
-            scan.members.append(Member(text[i : m.end()], i))
-            scan.state, i = "colon", m.end()
-        elif state == "colon" and c == ":":
-            scan.state, i = "value", i + 1
-        elif state == "value":
-            status, end, kind = _value_end(text, i)
-            if status != "ok":
-                scan.status = "error" if status == "error" else "open"
-                scan.state, scan.end = "in_value", end
-                return scan
-            mem = scan.members[-1]
-            mem.value_start, mem.value_end, mem.kind = i, end, kind
-            scan.state, i = "after", end
-        else:
-            scan.status, scan.end = "error", i
-            return scan
-
-
-def fields_of(text: str, mem: Member) -> dict[str, Member] | None:
-    """The members of a complete object value, by raw key text (None if any raw key repeats)."""
-    inner = scan_object(text, mem.value_start)
-    out = {f.key_raw: f for f in inner.members}
-    return out if len(out) == len(inner.members) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,22 +130,7 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     drops = dict.fromkeys(DROP_REASONS, 0)
     brace = text.find("{")
     if brace < 0:
-        prefix_ids = codec.encode("{")
-        prefix_pieces = _checked_pieces(codec, prefix_ids, "{")
-        return ParseResult(
-            prefix_ids,
-            "{",
-            list(zip(*_offsets(prefix_pieces))),
-            [],
-            drops,
-            0,
-            True,
-            False,
-            True,
-            0,
-            n_rollout,
-            stop < n_rollout,
-        )
+        return _without_object(codec, drops, n_rollout, stopped_at_im_end=stop < n_rollout)
     scan = scan_object(text, brace)
     dict_ends = [m.value_end for m in scan.members if m.kind == "object"]
     cut = dict_ends[-1] if dict_ends else brace + 1
@@ -319,6 +163,26 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
         max_object_index=max_index,
         rollout_len=n_rollout,
         stopped_at_im_end=stop < n_rollout,
+    )
+
+
+def _without_object(codec, drops: dict, n_rollout: int, *, stopped_at_im_end: bool) -> ParseResult:
+    """A rollout with no `{`: nothing to keep; the prefix is `encode("{")` (truncated, fallback)."""
+    prefix_ids = codec.encode("{")
+    prefix_pieces = _checked_pieces(codec, prefix_ids, "{")
+    return ParseResult(
+        prefix_ids,
+        "{",
+        list(zip(*_offsets(prefix_pieces))),
+        [],
+        drops,
+        0,
+        True,
+        False,
+        True,
+        0,
+        n_rollout,
+        stopped_at_im_end,
     )
 
 

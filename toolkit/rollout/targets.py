@@ -32,7 +32,8 @@ from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
 from toolkit.data.segment import Segment
 from toolkit.rollout.match import MatchResult
-from toolkit.rollout.parse import DROP_REASONS, ParseResult, fields_of, scan_object
+from toolkit.rollout.parse import DROP_REASONS, ParseResult
+from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
 
 Span = tuple[int, int]
 
@@ -65,14 +66,24 @@ def fn_append_fragment(
             level of an open top-level object, outside any string), or ends with "," and there is
             nothing to append, or `start_index` < 1.
     """
+    return _fragment(prefix_text, _prefix_scan(prefix_text), fn_objects, start_index, field_order)
+
+
+def _prefix_scan(prefix_text: str) -> ObjectScan | None:
+    brace = prefix_text.find("{")
+    return scan_object(prefix_text, brace) if brace >= 0 else None
+
+
+def _fragment(
+    prefix_text: str, scan: ObjectScan | None, fn_objects: Sequence[Mapping], start_index: int, field_order: str
+) -> str:
+    """`fn_append_fragment` given `_prefix_scan(prefix_text)`."""
     if field_order not in FIELD_ORDERS:
         raise ValueError(f"object_field_order must be one of {FIELD_ORDERS}, got {field_order!r}")
     if start_index < 1:
         raise ValueError(f"FN numbering must start at >= 1, got {start_index}")
     stripped = prefix_text.rstrip()
     last = stripped[-1:] or "<empty>"
-    brace = prefix_text.find("{")
-    scan = scan_object(prefix_text, brace) if brace >= 0 else None
     if last not in "{},":
         raise ValueError(f"rollout prefix is not append-ready; last_char={last!r} (expected '{{', '}}' or ',')")
     if scan is None or scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
@@ -122,8 +133,9 @@ def build_channel_b_segment(
         raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
     meta = channel_b_meta(parse, match, len(gt_objects), len(prompt_ids))
     fn_objs = list(canonical_order([gt_objects[j] for j in match.fn_indices], ordering))
+    prefix_scan = _prefix_scan(parse.prefix_text)
     try:
-        fragment = fn_append_fragment(parse.prefix_text, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
+        fragment = _fragment(parse.prefix_text, prefix_scan, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
         return Drop("prefix_not_append_ready", sample_id, str(e), meta)
     joined = _join_at_boundary(parse, fragment, codec)
@@ -137,22 +149,27 @@ def build_channel_b_segment(
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
     text = "".join(pieces)
-    close, fn_desc = _closure_and_descs(text, len(parse.prefix_text), len(parse.prefix_text) + len(fragment) - 1)
+    close, fn_desc = _closure_and_descs(
+        text,
+        len(parse.prefix_text),
+        len(parse.prefix_text) + len(fragment) - 1,
+        prefix_scan if text.startswith(parse.prefix_text) else None,
+    )
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
-    offsets = _token_spans(pieces)
+    starts, ends = _token_spans(pieces)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    n_split = n_pre + sum(1 for s, e in offsets[n_pre:] if e <= len(parse.prefix_text))
-    weights = _prefix_weights(ids[:n_split], offsets[:n_split], [o for o, _ in matched], codec)
+    n_split = n_pre + sum(1 for e in ends[n_pre:] if e <= len(parse.prefix_text))
+    weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, offsets, n_split, close, fn_desc, desc_ce_weight, mult, codec)
+    weights += _answer_weights(ids, starts, ends, n_split, close, fn_desc, desc_ce_weight, mult, codec)
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
-    fn_pos = [p0 + y for y in range(n_pre, len(ids)) if codec.coord_bin(ids[y]) is not None]
-    fn_bins = [codec.coord_bin(ids[p - p0]) for p in fn_pos]
+    fn_slots = [(p0 + y, b) for y in range(n_pre, len(ids)) if (b := codec.coord_bin(ids[y])) is not None]
+    fn_pos, fn_bins = [p for p, _ in fn_slots], [b for _, b in fn_slots]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
     meta.update(
@@ -260,7 +277,7 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, _token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, *_token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
     pos = [p0 + y for y, t in enumerate(ids) if codec.coord_bin(t) is not None]
     bins = [codec.coord_bin(ids[p - p0]) for p in pos]
@@ -275,10 +292,14 @@ def build_channel_a_segment(
 # helpers
 
 
-def _token_spans(pieces: Sequence[str]) -> list[Span]:
-    """Each token's character span; an empty piece takes the next character (see module docstring)."""
+def _token_spans(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(starts, ends) of each token's character span; an empty piece takes the next character (see module
+    docstring). Ends never decrease."""
     ends = list(accumulate(map(len, pieces)))
-    return [(s, e if e > s else s + 1) for s, e in zip([0, *ends[:-1]], ends)]
+    starts = [0, *ends[:-1]]
+    if "" in pieces:  # rare (a partial UTF-8 byte): only then the per-token rule
+        ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
+    return starts, ends
 
 
 def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
@@ -293,10 +314,17 @@ def _paint(out: list, ranges, value, offset: int = 0) -> None:
             out[a - offset : b - offset] = [value] * (b - a)
 
 
-def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int | None, list[Span]]:
-    """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`)."""
-    brace = text.find("{")
-    scan = scan_object(text, brace) if brace >= 0 else None
+def _closure_and_descs(
+    text: str, entries_from: int, close_at: int, prefix_scan: ObjectScan | None = None
+) -> tuple[int | None, list[Span]]:
+    """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`).
+    `prefix_scan`: the (member-level open) scan of a text that `text` starts with, continued instead of
+    rescanning that part."""
+    if prefix_scan is not None:
+        scan = continue_scan(text, prefix_scan)
+    else:
+        brace = text.find("{")
+        scan = scan_object(text, brace) if brace >= 0 else None
     if scan is None or scan.status != "closed" or scan.end != close_at + 1:
         return None, []
     descs = []
@@ -310,10 +338,9 @@ def _closure_and_descs(text: str, entries_from: int, close_at: int) -> tuple[int
     return close_at, descs
 
 
-def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
+def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
     """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
     painted span by span (tokens of a span are one range), not token by token."""
-    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     out = [0.0] * len(ids)
     _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
     _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
@@ -321,10 +348,9 @@ def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
     return [0.0 if t in coord else w for t, w in zip(ids, out)]
 
 
-def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
+def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
     """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
     from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
-    starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
     n = len(ids)
     out = [struct_w] * (n - lo)
     _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
@@ -335,11 +361,11 @@ def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> 
 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
     for n, o in enumerate(gt_objects):
-        b = o.get("bbox_2d") if isinstance(o, Mapping) else None
+        b = o.get("bbox_2d") if type(o) is dict or isinstance(o, Mapping) else None  # dict: without the ABC check
         ok = (
             isinstance(b, (list, tuple))
             and len(b) == 4
-            and all(_is_bin(v) for v in b)
+            and all(map(_is_bin, b))
             and b[0] <= b[2]
             and b[1] <= b[3]
             and isinstance(o.get("desc"), str)

@@ -189,11 +189,11 @@ def collate_pack(
         ValueError: no segments, mixed channels, total length above `capacity`, or a segment whose first
             token is supervised / whose coord slot sits at position 0.
     """
+    import numpy as np
     import torch
 
     _check_pack(segments, capacity)
     ids: list[int] = []
-    pos: list[int] = []
     weights: list[float] = []
     coord_pos: list[int] = []
     coord_bins: list[int] = []
@@ -202,28 +202,30 @@ def collate_pack(
         _check_segment_for_packing(seg, index)
         offset = len(ids)
         ids.extend(seg.input_ids)
-        pos.extend(range(len(seg)))
-        weights.extend(float(w) for w in seg.ce_weights)
+        weights.extend(map(float, seg.ce_weights))
         coord_pos.extend(offset + p for p in seg.coord_pos)
         coord_bins.extend(seg.coord_bins)
         groups.extend(BOX_GROUP_IDS[g] for g in seg.box_groups)
 
-    long = torch.long
+    # Tensors through numpy arrays: the same values, several times cheaper than torch.tensor on long Python lists.
+    def longs(values) -> torch.Tensor:
+        return torch.from_numpy(np.array(values, dtype=np.int64))
+
     if mrope is not None:
         from toolkit.vlm.mrope import packed_mrope
 
         rows = packed_mrope([(s.input_ids, s.image_grids) for s in segments], *mrope)
-        position_ids = torch.tensor(rows, dtype=long)[:, None, :]
+        position_ids = torch.tensor(rows, dtype=torch.long)[:, None, :]
     else:
-        position_ids = torch.tensor([pos], dtype=long)
+        position_ids = torch.from_numpy(np.concatenate([np.arange(len(s), dtype=np.int64) for s in segments]))[None]
     return PackBatch(
-        input_ids=torch.tensor([ids], dtype=long),
+        input_ids=longs(ids)[None],
         position_ids=position_ids,
-        ce_weights=torch.tensor([weights], dtype=torch.float32),
-        coord_pos=torch.tensor(coord_pos, dtype=long),
-        coord_bins=torch.tensor(coord_bins, dtype=long),
-        box_group=torch.tensor(groups, dtype=long),
-        seq_lens=torch.tensor([len(s) for s in segments], dtype=long),
+        ce_weights=torch.from_numpy(np.array(weights, dtype=np.float32))[None],
+        coord_pos=longs(coord_pos),
+        coord_bins=longs(coord_bins),
+        box_group=longs(groups),
+        seq_lens=longs([len(s) for s in segments]),
         n_segments=len(segments),
         channel=segments[0].channel,
         images=tuple(p for s in segments for p in s.images),
