@@ -157,7 +157,7 @@ def _leaf_rules() -> list[str]:
     ]
 
 
-def _derived_and_normalized() -> list[str]:
+def _derived_and_settings() -> list[str]:
     lines = [
         "## Derived values",
         "",
@@ -207,7 +207,7 @@ def render_reference() -> str:
     """The full text of docs/CONFIG_REFERENCE.md."""
     header = HEADER.replace("{max_nodes:,}", f"{MAX_NODES:,}").replace("{max_nesting}", str(MAX_NESTING))
     parts = [header, "## Sections", ""] + _section_tables(ROOT) + _rules() + _leaf_rules()
-    parts += _derived_and_normalized() + _ds_and_legacy()
+    parts += _derived_and_settings() + _ds_and_legacy()
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
