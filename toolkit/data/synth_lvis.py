@@ -3,7 +3,7 @@
 The embedded VLM set has 1-3 large shapes per 112 px image; real LVIS scenes have dozens of objects, many
 of them a few pixels wide, and answers of 1-2k tokens. This generator writes such scenes (overlapping
 coloured rectangles and ellipses on 224 px-class canvases, sizes on the 28 px patch grid) so long answers,
-big matching problems and long packs run on CPU (tests/e2e/test_lvis_synth_e2e.py, docs/DATA.md).
+big matching problems and long packs run on CPU (tests/e2e/test_data_inputs_e2e.py, docs/DATA.md).
 
     python -m toolkit.data.synth_lvis OUT_DIR [--n 16] [--seed 7]   # OUT_DIR/train.jsonl + OUT_DIR/images/
 """
