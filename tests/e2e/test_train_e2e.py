@@ -47,6 +47,7 @@ def test_resume_reproduces_the_straight_run(tiny, tmp_path):
     assert a[1]["rollout/gen_new_tokens"] == b[1]["rollout/gen_new_tokens"]
 
 
+@pytest.mark.slow  # 75 s; CI keeps the 1-rank resume, the 2-rank run and the uneven-pack equivalence tests
 @pytest.mark.dist
 def test_two_rank_resume_with_uneven_packs_reproduces_the_straight_run(tiny, tmp_path):
     """2 ranks, packs of ≤ 256 tokens so the ranks pack their samples into different numbers of packs (the
@@ -142,7 +143,12 @@ def test_malformed_record_is_a_clear_error_naming_the_line(tiny, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "profile,channels", [("smoke/a_only", ["A", "A"]), ("smoke/b_only", ["B", "B"]), ("smoke/ab_mixed", ["A", "B"])]
+    "profile,channels",
+    [  # ab_mixed runs both channels in CI; the single-channel profiles are slow-only (CI time, tests/README.md)
+        pytest.param("smoke/a_only", ["A", "A"], marks=pytest.mark.slow),
+        pytest.param("smoke/b_only", ["B", "B"], marks=pytest.mark.slow),
+        ("smoke/ab_mixed", ["A", "B"]),
+    ],
 )
 def test_each_smoke_profile_trains_from_the_stage1_checkpoint(profile, channels, tmp_path):
     """The shipped profiles as they are (assets/stage1), shortened: real matches from the first B step."""
