@@ -161,6 +161,9 @@ def check_parse(ids, res):
     text = "".join(CODEC.pieces(ids[: len(ids) if not res.stopped_at_im_end else ids.index(CODEC.im_end_id)]))
     assert "".join(CODEC.pieces(res.prefix_token_ids)) == res.prefix_text
     assert [res.prefix_text[s:e] for s, e in res.token_offsets] == CODEC.pieces(res.prefix_token_ids)
+    assert res.token_offsets == list(zip(*parse._offsets(CODEC.pieces(res.prefix_token_ids))))
+    # the prefix's scan is taken from the rollout's scan, not scanned again: it equals a scan of the prefix
+    assert res.prefix_scan == scan_object(res.prefix_text, res.prefix_text.index("{"))
     if "{" in text:
         assert text.startswith(res.prefix_text)
         # whole original tokens, then at most one cut token re-encoded from its kept part
@@ -314,6 +317,8 @@ def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
         mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
         mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
         mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
     ):
         slow = _all_scans(text)
     assert fast == slow, text
@@ -330,7 +335,9 @@ def test_parser_fast_paths_give_the_general_result(data, as_text):
         mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
         mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
         mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
-        mock.patch.object(parse, "_CANONICAL_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER}),
     ):
         slow = parse_rollout(ids, CODEC)
     assert fast == slow, ids

@@ -9,7 +9,7 @@ import pytest
 from toolkit.data.coords import coord_token
 from toolkit.data.render import dumps_payload, object_payload
 from toolkit.rollout.codec import ToyCodec
-from toolkit.rollout.parse import DROP_REASONS, RetokenizeError, parse_rollout
+from toolkit.rollout.parse import DROP_REASONS, RetokenizeError, _CoordIndex, parse_rollout
 from toolkit.rollout.scan import scan_object
 
 
@@ -293,3 +293,24 @@ def test_fuzz_any_non_canonical_coordinate_text_is_dropped_as_non_coord_token(re
         assert [o.index for o in res.objects] == [1], value
         assert res.drops == {**dict.fromkeys(DROP_REASONS, 0), "non_coord_token": 1}, (value, res.drops)
     assert n_bad == len(_JUNK) ** 2 * len(_CORES) - 1
+
+
+def test_coord_index_finds_the_coord_tokens_of_every_span_as_the_per_token_rule():
+    """`_CoordIndex.within` bisects for the coord tokens of a bbox array; the rule it replaces tests every token:
+    p with a <= starts[p] < b, ends[p] <= b and a coord id. Random token streams with empty pieces (an id a
+    literal vocabulary does not know), every span."""
+    import random
+    from itertools import accumulate
+
+    codec, rng = ToyCodec(), random.Random(0)
+    coord_ids = list(codec.coord_token_ids)
+    for _ in range(200):
+        n = rng.randrange(30)
+        ids = [rng.choice(coord_ids) if rng.random() < 0.4 else rng.randrange(2000, 3000) for _ in range(n)]
+        ends = list(accumulate(rng.choice([0, 1, 1, 2, 5, 11]) for _ in range(n)))
+        starts = [0, *ends[:-1]]
+        index = _CoordIndex(ids, starts, ends, codec)
+        for a in range((ends[-1] if n else 0) + 2):
+            for b in range(a, (ends[-1] if n else 0) + 2):
+                pos = [p for p in range(n) if a <= starts[p] < b and ends[p] <= b and ids[p] in coord_ids]
+                assert index.within(a, b) == (pos, [codec.coord_bin(ids[p]) for p in pos]), (ids, ends, a, b)

@@ -289,14 +289,14 @@ def test_painted_weights_equal_the_per_token_rule(codec):
     module docstring on random token frames (empty pieces included) and random object, desc and closure spans."""
     from types import SimpleNamespace
 
-    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _token_spans
+    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _span_end, _token_offsets
 
     rng = random.Random(5)
     coord_ids = set(codec.coord_token_ids)
     for trial in range(300):
         pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(1, 60))]
-        starts, ends = _token_spans(pieces)
-        offsets = list(zip(starts, ends))
+        frame = _token_offsets(pieces)
+        offsets = [(s, _span_end((s, e))) for s, e in frame]  # checked against the rule in the next test
         n_chars = max(e for _, e in offsets) + 2
         ids = [rng.choice(codec.coord_token_ids) if rng.random() < 0.2 else 5000 + k for k in range(len(pieces))]
         cuts = sorted(rng.sample(range(n_chars), min(n_chars, 2 * rng.randint(0, 6))))
@@ -308,7 +308,7 @@ def test_painted_weights_equal_the_per_token_rule(codec):
             float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
             for t, (s, e) in zip(ids, offsets)
         ]
-        assert _prefix_weights(ids, starts, ends, objs, codec) == want, trial
+        assert _prefix_weights(ids, frame, objs, codec) == want, trial
         lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
         want = []
         for y in range(lo, len(ids)):
@@ -322,25 +322,25 @@ def test_painted_weights_equal_the_per_token_rule(codec):
                 if _overlaps_ref(descs, s, e)
                 else 1.5
             )
-        assert _answer_weights(ids, starts, ends, lo, close, descs, 0.7, 1.5, codec) == want, trial
+        assert _answer_weights(ids, frame, lo, close, descs, 0.7, 1.5, codec) == want, trial
 
 
 def test_token_spans_equal_the_per_token_rule():
-    """`_token_spans` applies the empty-piece rule only when a piece is empty; the spans equal the per-token
-    rule of the module docstring (an empty piece spans the next character) on random frames."""
-    from toolkit.rollout.targets import _token_spans
+    """A token's span is its offsets with `_span_end`: the per-token rule of the module docstring (an empty piece
+    spans the next character) on random frames, also from a starting offset."""
+    from toolkit.rollout.targets import _span_end, _token_offsets
 
     rng = random.Random(7)
     for trial in range(500):
         pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(0, 40))]
         if trial % 2:
             pieces = [p for p in pieces if p]
-        want, pos = [], 0
+        at = trial % 5
+        want, pos = [], at
         for p in pieces:
             want.append((pos, pos + len(p) if p else pos + 1))
             pos += len(p)
-        starts, ends = _token_spans(pieces)
-        assert list(zip(starts, ends)) == want, pieces
+        assert [(s, _span_end((s, e))) for s, e in _token_offsets(pieces, at)] == want, pieces
 
 
 @pytest.mark.parametrize(

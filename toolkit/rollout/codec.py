@@ -11,7 +11,7 @@ Imports nothing heavy (no torch; transformers is never imported, the tokenizer o
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from toolkit.data.coords import COORD_TOKENS, NUM_BINS
@@ -28,10 +28,13 @@ class TokenCodec(Protocol):
 
     im_end_id:        the end-of-turn id (a hard stop for parsing; the last token of every segment).
     coord_token_ids:  the 1000 coordinate-token ids, indexed by bin.
+    coord_bin_of:     id → bin of those ids (`coord_bin` as a mapping: whole id lists are looked up in C with
+                      `map(coord_bin_of.__contains__, ids)`, not one method call per token).
     """
 
     im_end_id: int
     coord_token_ids: Sequence[int]
+    coord_bin_of: Mapping[int, int]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         """The exact text of each token; `"".join(pieces(ids))` is the decoded text."""
@@ -54,10 +57,10 @@ class _CoordTable:
         if len(ids) != NUM_BINS or len(set(ids)) != NUM_BINS:
             raise ValueError(f"expected {NUM_BINS} distinct coordinate-token ids, got {len(set(ids))}")
         self.coord_token_ids = ids
-        self._bin_of = {t: k for k, t in enumerate(ids)}
+        self.coord_bin_of = {t: k for k, t in enumerate(ids)}
 
     def coord_bin(self, token_id: int) -> int | None:
-        return self._bin_of.get(token_id)
+        return self.coord_bin_of.get(token_id)
 
 
 # Texts that exercise what the parser relies on: punctuation runs, spaces, coords, escapes. ASCII only:
@@ -145,7 +148,7 @@ class HFTokenCodec(_CoordTable):
         return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        ids = [int(i) for i in ids]
+        ids = list(map(int, ids))
         if self.literal:
             return list(map(self._literal_pieces.__getitem__, ids))
         out = [self._piece(i) for i in ids]

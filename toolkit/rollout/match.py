@@ -52,26 +52,19 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 def box_iou_matrix(preds: Sequence[Sequence[float]], gts: Sequence[Sequence[float]]) -> np.ndarray:
     """P×G continuous box IoU (zero-area unions give 0)."""
     p = np.asarray(preds, dtype=np.float64).reshape(-1, 4)
-    g = np.asarray(gts, dtype=np.float64).reshape(-1, 4)
-    return _rect_iou(
-        p[:, None, 0],
-        p[:, None, 1],
-        p[:, None, 2],
-        p[:, None, 3],
-        g[None, :, 0],
-        g[None, :, 1],
-        g[None, :, 2],
-        g[None, :, 3],
-    )
+    return _rect_iou(p, np.asarray(gts, dtype=np.float64).reshape(-1, 4))
 
 
-def _rect_iou(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) -> np.ndarray:
-    iw = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
-    ih = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
-    inter = iw * ih
+def _rect_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """P×G IoU of the float64 rectangles a (P×4) and b (G×4), (x1, y1, x2, y2); 0 where the union has no area.
+    Few numpy calls (`np.maximum`, not `np.clip`; no errstate: the division never sees a zero): on the ~40×40
+    blocks of a sample numpy's per-call overhead is most of the cost (docs/PERFORMANCE.md)."""
+    ax1, ay1, ax2, ay2 = a.T[:, :, None]
+    bx1, by1, bx2, by2 = b.T[:, None, :]
+    inter = np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)  # the width, then times the height
+    inter *= np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0)
     union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0).astype(np.float64)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _pixel_rects(boxes: np.ndarray, resolution: int) -> np.ndarray:
@@ -98,17 +91,8 @@ def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]]
     p, g = _as_boxes(preds), _as_boxes(gts)
     if len(p) == 0 or len(g) == 0:
         return np.zeros((len(p), len(g)))
-    a, b = _pixel_rects(p, resolution), _pixel_rects(g, resolution)
-    return _rect_iou(
-        a[:, None, 0],
-        a[:, None, 1],
-        a[:, None, 2],
-        a[:, None, 3],
-        b[None, :, 0],
-        b[None, :, 1],
-        b[None, :, 2],
-        b[None, :, 3],
-    )
+    rects = _pixel_rects(np.concatenate([p, g]), resolution)  # row by row: one call for both sides
+    return _rect_iou(rects[: len(p)], rects[len(p) :])
 
 
 def _candidates(
@@ -121,7 +105,7 @@ def _candidates(
     key = np.where(by_iou, -box_iou, centre_d2.astype(np.float64))
     key = np.where(allowed, key, np.inf)  # disallowed sort last, then are masked out below
     cols = np.argsort(key, axis=1, kind="stable")[:, :k]
-    return cols, np.take_along_axis(allowed, cols, axis=1)
+    return cols, allowed[np.arange(len(cols))[:, None], cols]
 
 
 def _assign(cost: np.ndarray, miou: np.ndarray, fp_cost: float, fn_cost: float) -> list[tuple[int, int, float]]:
@@ -132,11 +116,11 @@ def _assign(cost: np.ndarray, miou: np.ndarray, fp_cost: float, fn_cost: float) 
     big[:n_p, n_g:] = fp_cost
     big[n_p:, :n_g] = fn_cost
     rows, cols = linear_sum_assignment(big)
-    return [
-        (int(i), int(j), float(miou[i, j]))
-        for i, j in zip(rows, cols)
-        if i < n_p and j < n_g and cost[i, j] < FORBIDDEN
-    ]
+    real = (rows < n_p) & (cols < n_g)
+    rows, cols = rows[real], cols[real]
+    allowed = cost[rows, cols] < FORBIDDEN
+    rows, cols = rows[allowed], cols[allowed]
+    return list(zip(rows.tolist(), cols.tolist(), miou[rows, cols].tolist()))
 
 
 def match_boxes(
@@ -173,14 +157,14 @@ def match_boxes(
     allowed = _desc_mask(n_p, n_g, pred_descs, gt_descs, require_desc_match)
     if n_p == 0 or n_g == 0:
         return MatchResult([], list(range(n_p)), list(range(n_g)), 0)
-    biou = box_iou_matrix(pb, gb)
+    biou = _rect_iou(pb.astype(np.float64), gb.astype(np.float64))  # box_iou_matrix of the int arrays
     miou = mask_iou_matrix(pb, gb, resolution)
     pc = pb[:, :2] + pb[:, 2:]  # doubled centres keep the distance integral
     gc = gb[:, :2] + gb[:, 2:]
     d2 = ((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)
     cost = np.full((n_p, n_g), FORBIDDEN)
     cand, valid = _candidates(biou, d2, allowed, candidate_top_k)
-    row = np.broadcast_to(np.arange(n_p)[:, None], cand.shape)
+    row = np.repeat(np.arange(n_p), cand.shape[1]).reshape(cand.shape)
     iou = miou[row, cand]
     passed = valid & (iou >= gate)
     cost[row[passed], cand[passed]] = 1.0 - iou[passed]

@@ -14,11 +14,11 @@ import bisect
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from itertools import accumulate
+from dataclasses import dataclass, field
+from itertools import accumulate, compress, count
 
 from toolkit.data.coords import parse_coord_token
-from toolkit.rollout.scan import Member, fields_of, scan_object
+from toolkit.rollout.scan import Member, ObjectScan, fields_of, scan_object
 
 DROP_REASONS = (
     "key_invalid",  # not `object_N`, value not a complete loadable dict, duplicate/extra keys, syntax error
@@ -31,21 +31,15 @@ DROP_REASONS = (
     "bbox_invalid",  # x2 < x1 or y2 < y1
 )
 _KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
-_BOX = r"(?P<{0}>\[" + ", ".join(rf'"<\|coord_(?P<{{0}}{k}>0|[1-9][0-9]{{{{0,2}}}})\|>"' for k in range(4)) + r"\])"
-_DESC = r'"(?P<{0}>[^"\\\x00-\x1f]*)"'
-_CANONICAL_RE = re.compile(  # an object value exactly as toolkit/data/render.py writes it, either field order
-    r'\{"desc": '
-    + _DESC.format("d1")
-    + r', "bbox_2d": '
-    + _BOX.format("b1")
-    + r"\}"
-    + r'|\{"bbox_2d": '
-    + _BOX.format("b2")
-    + r', "desc": '
-    + _DESC.format("d2")
-    + r"\}",
-    re.S,
-)
+# An object value exactly as toolkit/data/render.py writes it, one pattern per field order; groups: the desc's
+# content, the bbox array, its four bins.
+_BOX = r"(\[" + ", ".join([r'"<\|coord_(0|[1-9][0-9]{0,2})\|>"'] * 4) + r"\])"
+_DESC = r'"([^"\\\x00-\x1f]*)"'
+_CANONICAL_RE = {
+    "desc_first": re.compile(r'\{"desc": ' + _DESC + r', "bbox_2d": ' + _BOX + r"\}", re.S),
+    "geometry_first": re.compile(r'\{"bbox_2d": ' + _BOX + r', "desc": ' + _DESC + r"\}", re.S),
+}
+_CANONICAL_GROUPS = {"desc_first": (1, 2, (3, 4, 5, 6)), "geometry_first": (6, 1, (2, 3, 4, 5))}
 
 
 class RetokenizeError(RuntimeError):
@@ -87,6 +81,8 @@ class ParseResult:
     malformed: a member-level syntax error stopped the scan (the rest of the rollout was discarded).
     fallback:  no complete object member was kept: the prefix ends right after an (opening) `{`.
     max_object_index: the largest N over every `object_N` key kept in the prefix, valid or not (0 if none).
+    prefix_scan: `scan_object(prefix_text, prefix_text.find("{"))`, taken from the rollout's scan (targets.py
+        continues it over the appended text instead of scanning the prefix again).
     """
 
     prefix_token_ids: list[int]
@@ -101,6 +97,7 @@ class ParseResult:
     max_object_index: int
     rollout_len: int
     stopped_at_im_end: bool
+    prefix_scan: ObjectScan = field(repr=False, compare=False)
 
     @property
     def n_dropped(self) -> int:
@@ -119,10 +116,9 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
         RetokenizeError: only if the codec cannot re-encode the kept part of a cut token to the same
             text (an invariant of the codec, not of the input).
     """
-    ids = [int(t) for t in token_ids]
+    ids = list(map(int, token_ids))
     n_rollout = len(ids)
-    stops = {codec.im_end_id, *(int(t) for t in extra_stop_ids)}
-    stop = next((k for k, t in enumerate(ids) if t in stops), n_rollout)
+    stop = _first_stop(ids, {codec.im_end_id, *(int(t) for t in extra_stop_ids)})
     ids = ids[:stop]
     pieces = codec.pieces(ids)
     starts, ends = _offsets(pieces)
@@ -132,15 +128,16 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if brace < 0:
         return _without_object(codec, drops, n_rollout, stopped_at_im_end=stop < n_rollout)
     scan = scan_object(text, brace)
-    dict_ends = [m.value_end for m in scan.members if m.kind == "object"]
-    cut = dict_ends[-1] if dict_ends else brace + 1
+    n_kept = max((k + 1 for k, m in enumerate(scan.members) if m.kind == "object"), default=0)
+    cut = scan.members[n_kept - 1].value_end if n_kept else brace + 1
+    coords = _CoordIndex(ids, starts, ends, codec)
     objects, max_index = [], 0
     for mem in scan.members:
         kept = 0 < mem.value_end <= cut
         key = _KEY_RE.fullmatch(mem.key_raw)
         if kept and key:
             max_index = max(max_index, int(key.group(1)))
-        obj, reason = _validate(text, mem, key, ids, starts, ends, codec) if kept else (None, "key_invalid")
+        obj, reason = _validate(text, mem, key, coords) if kept else (None, "key_invalid")
         if obj is None:
             drops[reason] += 1
         else:
@@ -149,21 +146,28 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if scan.status == "error" and scan.state in ("key_or_close", "key", "after"):  # junk between members
         drops["key_invalid"] += 1
         n_total += 1
-    prefix_ids, prefix_pieces = _cut_tokens(ids, pieces, starts, ends, cut, codec)
+    prefix_ids, prefix_offsets = _cut_tokens(ids, pieces, starts, ends, cut, codec)
     return ParseResult(
         prefix_token_ids=prefix_ids,
         prefix_text=text[:cut],
-        token_offsets=list(zip(*_offsets(prefix_pieces))),
+        token_offsets=prefix_offsets,
         objects=objects,
         drops=drops,
         n_total_objects=n_total,
         truncated=scan.status == "open",
         malformed=scan.status == "error",
-        fallback=not dict_ends,
+        fallback=not n_kept,
         max_object_index=max_index,
         rollout_len=n_rollout,
         stopped_at_im_end=stop < n_rollout,
+        # the scan of text[:cut]: the members up to the last object value, open after it (or just after `{`)
+        prefix_scan=ObjectScan(brace, scan.members[:n_kept], "open", cut, "after" if n_kept else "key_or_close"),
     )
+
+
+def _first_stop(ids: list[int], stops: set[int]) -> int:
+    """Index of the first id in `stops`, len(ids) if none (`list.index` per stop id: C, not a loop per token)."""
+    return min((ids.index(t) for t in stops if t in ids), default=len(ids))
 
 
 def _without_object(codec, drops: dict, n_rollout: int, *, stopped_at_im_end: bool) -> ParseResult:
@@ -183,6 +187,7 @@ def _without_object(codec, drops: dict, n_rollout: int, *, stopped_at_im_end: bo
         0,
         n_rollout,
         stopped_at_im_end,
+        scan_object("{", 0),
     )
 
 
@@ -201,17 +206,39 @@ def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
     return pieces
 
 
-def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[str]]:
-    """Token ids of text[:cut]: whole tokens before the cut, plus the re-encoded kept part of a cut token."""
+def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of text[:cut] and their character offsets: whole tokens before the cut, plus the re-encoded kept
+    part of a cut token."""
     k = bisect.bisect_left(starts, cut)  # tokens starting before the cut
     if k == 0 or ends[k - 1] <= cut:
-        return ids[:k], list(pieces[:k])
-    kept = pieces[k - 1][: cut - starts[k - 1]]
+        return ids[:k], list(zip(starts[:k], ends[:k]))
+    at = starts[k - 1]
+    kept = pieces[k - 1][: cut - at]
     new = codec.encode(kept)
-    return ids[: k - 1] + new, list(pieces[: k - 1]) + _checked_pieces(codec, new, kept)
+    new_starts, new_ends = _offsets(_checked_pieces(codec, new, kept))
+    offsets = list(zip(starts[: k - 1], ends[: k - 1])) + [(at + s, at + e) for s, e in zip(new_starts, new_ends)]
+    return ids[: k - 1] + new, offsets
 
 
-def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | None, str]:
+class _CoordIndex:
+    """The rollout's coord tokens by position, so the ones inside a bbox array are found with a few bisects
+    instead of testing every token of the array (docs/PERFORMANCE.md)."""
+
+    def __init__(self, ids: list[int], starts: list[int], ends: list[int], codec):
+        self.starts, self.ends = starts, ends
+        self.pos = list(compress(count(), map(codec.coord_bin_of.__contains__, ids)))
+        self.bins = list(map(codec.coord_bin_of.__getitem__, map(ids.__getitem__, self.pos)))
+
+    def within(self, a: int, b: int) -> tuple[list[int], list[int]]:
+        """(positions, bins) of the coord tokens p with a <= starts[p] < b and ends[p] <= b. Starts and ends never
+        decrease, so those tokens are the range [lo, stop) below."""
+        lo = bisect.bisect_left(self.starts, a)
+        stop = min(bisect.bisect_left(self.starts, b), bisect.bisect_right(self.ends, b))
+        i, j = bisect.bisect_left(self.pos, lo), bisect.bisect_left(self.pos, stop)
+        return self.pos[i:j], self.bins[i:j]
+
+
+def _validate(text: str, mem: Member, key, coords: _CoordIndex) -> tuple[ParsedObject | None, str]:
     """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
     if key is None or mem.kind != "object":
         return None, "key_invalid"
@@ -219,9 +246,8 @@ def _validate(text, mem, key, ids, starts, ends, codec) -> tuple[ParsedObject | 
     if isinstance(got, str):
         return None, got
     desc, bins, (a_start, a_end), desc_span = got
-    lo, hi = bisect.bisect_left(starts, a_start), bisect.bisect_left(starts, a_end)
-    pos = [p for p in range(lo, hi) if ends[p] <= a_end and codec.coord_bin(ids[p]) is not None]
-    if [codec.coord_bin(ids[p]) for p in pos] != bins:  # each string must be one genuine coord token
+    pos, found = coords.within(a_start, a_end)
+    if found != bins:  # each string must be one genuine coord token
         return None, "non_coord_token"
     if bins[2] < bins[0] or bins[3] < bins[1]:
         return None, "bbox_invalid"
@@ -232,16 +258,15 @@ def _canonical_value(text: str, mem: Member):
     """The value as the renderer writes it (either field order, a desc without escapes or control characters)
     read with one regex → (desc, bins, bbox array span, desc content span), a drop reason, or None for any
     other spelling (then `_general_value` decides, with the same outcome on canonical text)."""
-    m = _CANONICAL_RE.fullmatch(text, mem.value_start, mem.value_end)
+    order = "desc_first" if text.startswith('{"d', mem.value_start) else "geometry_first"
+    m = _CANONICAL_RE[order].fullmatch(text, mem.value_start, mem.value_end)
     if m is None:
         return None
-    desc_group = "d1" if m.group("d1") is not None else "d2"
+    desc_group, box_group, bin_groups = _CANONICAL_GROUPS[order]
     desc = m.group(desc_group)
     if not desc.strip():
         return "missing_desc"
-    box = "b1" if m.group("b1") is not None else "b2"
-    bins = [int(m.group(f"{box}{k}")) for k in range(4)]
-    return desc, bins, m.span(box), m.span(desc_group)
+    return desc, list(map(int, m.group(*bin_groups))), m.span(box_group), m.span(desc_group)
 
 
 def _general_value(text: str, mem: Member):

@@ -28,6 +28,11 @@ _FLAT_RE = {
 }
 _MEMBER_HEAD_RE = re.compile("(" + _STR + r")[ \t\n\r]*+:[ \t\n\r]*+", re.S)  # "key" : (up to the value)
 _NEXT_HEAD_RE = re.compile(r",[ \t\n\r]*+" + _MEMBER_HEAD_RE.pattern, re.S)  # , "key" : (up to the value)
+# A whole member whose value is a flat object (a detector's every entry), head and value in one match: the
+# same member and state as the head, then the value, one by one (every part is possessive, so the one match
+# succeeds exactly when the two would).
+_FLAT_MEMBER_RE = re.compile(_MEMBER_HEAD_RE.pattern + "(" + _FLAT_RE["{"].pattern + ")", re.S)
+_NEXT_FLAT_MEMBER_RE = re.compile(_NEXT_HEAD_RE.pattern + "(" + _FLAT_RE["{"].pattern + ")", re.S)
 
 
 @dataclass
@@ -121,7 +126,13 @@ def _scan_members(text: str, scan: ObjectScan, i: int) -> ObjectScan:
         if c == "}" and state in ("key_or_close", "after"):
             scan.status, scan.end = "closed", i + 1
             return scan
-        if state == "after" and c == "," and (head := _NEXT_HEAD_RE.match(text, i)):
+        if state == "after" and c == "," and (whole := _NEXT_FLAT_MEMBER_RE.match(text, i)):
+            scan.members.append(Member(whole.group(1), whole.start(1), whole.start(2), whole.end(), "object"))
+            i = whole.end()  # still "after"
+        elif state in ("key_or_close", "key") and c == '"' and (whole := _FLAT_MEMBER_RE.match(text, i)):
+            scan.members.append(Member(whole.group(1), i, whole.start(2), whole.end(), "object"))
+            scan.state, i = "after", whole.end()
+        elif state == "after" and c == "," and (head := _NEXT_HEAD_RE.match(text, i)):
             # `, "key": ` of the next member in one match (the same states as one by one)
             scan.members.append(Member(head.group(1), head.start(1)))
             scan.state, i = "value", head.end()

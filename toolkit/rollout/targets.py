@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import bisect
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, compress, count
 
 from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
@@ -36,6 +37,7 @@ from toolkit.rollout.parse import DROP_REASONS, ParseResult
 from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
 
 Span = tuple[int, int]
+_START = operator.itemgetter(0)  # a token's start in its (start, end) offsets
 
 
 @dataclass
@@ -133,7 +135,7 @@ def build_channel_b_segment(
         raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
     meta = channel_b_meta(parse, match, len(gt_objects), len(prompt_ids))
     fn_objs = list(canonical_order([gt_objects[j] for j in match.fn_indices], ordering))
-    prefix_scan = _prefix_scan(parse.prefix_text)
+    prefix_scan = parse.prefix_scan
     try:
         fragment = _fragment(parse.prefix_text, prefix_scan, fn_objs, max(parse.max_object_index, 0) + 1, field_order)
     except ValueError as e:
@@ -141,14 +143,15 @@ def build_channel_b_segment(
     joined = _join_at_boundary(parse, fragment, codec)
     if joined is None:
         return Drop("fragment_encoding", sample_id, f"fragment {fragment[:200]!r} does not round-trip cleanly", meta)
-    prefix_ids, prefix_pieces, tail_ids, tail_pieces = joined
-    n_pre = len(prefix_ids)  # rollout tokens kept verbatim; everything after is the (re-encoded) tail
-    ids = prefix_ids + tail_ids + [codec.im_end_id]
-    pieces = prefix_pieces + tail_pieces + codec.pieces([codec.im_end_id])
+    n_pre, tail_ids, tail_pieces = joined  # rollout tokens kept verbatim; everything after is the (re-encoded) tail
+    ids = parse.prefix_token_ids[:n_pre] + tail_ids + [codec.im_end_id]
+    tail_pieces += codec.pieces([codec.im_end_id])
     meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(ids) - n_pre, "rollout/train_len": len(ids)})
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
-    text = "".join(pieces)
+    kept = parse.token_offsets[:n_pre]  # the kept tokens' text is the prefix up to their end (no pieces rebuilt)
+    at = kept[-1][1] if kept else 0
+    text = parse.prefix_text[:at] + "".join(tail_pieces)
     close, fn_desc = _closure_and_descs(
         text,
         len(parse.prefix_text),
@@ -157,19 +160,19 @@ def build_channel_b_segment(
     )
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
-    starts, ends = _token_spans(pieces)
+    frame = kept + _token_offsets(tail_pieces, at)  # each token's (start, end) in `text`
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    n_split = n_pre + sum(1 for e in ends[n_pre:] if e <= len(parse.prefix_text))
-    weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
+    n_split = bisect.bisect_right(frame, len(parse.prefix_text), n_pre, key=_span_end)  # ends never decrease
+    weights = _prefix_weights(ids[:n_split], frame[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, starts, ends, n_split, close, fn_desc, desc_ce_weight, mult, codec)
+    weights += _answer_weights(ids, frame, n_split, close, fn_desc, desc_ce_weight, mult, codec)
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
-    fn_slots = [(p0 + y, b) for y in range(n_pre, len(ids)) if (b := codec.coord_bin(ids[y])) is not None]
-    fn_pos, fn_bins = [p for p, _ in fn_slots], [b for _, b in fn_slots]
+    fn_at = _coord_positions(ids, codec, n_pre)
+    fn_pos, fn_bins = [p0 + y for y in fn_at], [codec.coord_bin_of[ids[y]] for y in fn_at]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
     meta.update(
@@ -192,18 +195,16 @@ def build_channel_b_segment(
     )
 
 
-def _join_at_boundary(
-    parse: ParseResult, fragment: str, codec
-) -> tuple[list[int], list[str], list[int], list[str]] | None:
-    """Rollout token ids kept verbatim and their pieces, then the ids and pieces of everything after
-    (re-encoded), for prefix + fragment.
+def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[int, list[int], list[str]] | None:
+    """How many rollout tokens are kept verbatim, then the ids and pieces of everything after (re-encoded), for
+    prefix + fragment.
 
     The prefix is cut right after an object's `}`, which usually falls inside a fused BPE token (`"]}}`,
     `"]}, "`). Appending the fragment's own encoding after the re-tokenized cut would teach token splits
     the model never emits (`"]}` + `}` instead of `"]}}`: CE ~25 nats per boundary on the Stage-1 model).
     So the last prefix token is re-encoded together with the fragment, giving the tokens the model would
-    produce when writing that text. Returns (kept ids, their pieces, tail ids, their pieces), or None when
-    the tail does not round-trip through the tokenizer.
+    produce when writing that text. Returns (kept count, tail ids, tail pieces), or None when the tail does not
+    round-trip through the tokenizer.
     """
     keep = max(len(parse.prefix_token_ids) - 1, 0)
     start = parse.token_offsets[keep][0] if keep < len(parse.token_offsets) else len(parse.prefix_text)
@@ -212,8 +213,7 @@ def _join_at_boundary(
     tail_pieces = codec.pieces(tail_ids)
     if "".join(tail_pieces) != tail or codec.im_end_id in tail_ids:
         return None
-    kept = [parse.prefix_text[s:e] for s, e in parse.token_offsets[:keep]]
-    return list(parse.prefix_token_ids[:keep]), kept, tail_ids, tail_pieces
+    return keep, tail_ids, tail_pieces
 
 
 def channel_b_meta(parse: ParseResult, match: MatchResult, n_gt: int, prompt_len: int) -> dict:
@@ -277,10 +277,10 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, *_token_spans(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, _token_offsets(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
-    pos = [p0 + y for y, t in enumerate(ids) if codec.coord_bin(t) is not None]
-    bins = [codec.coord_bin(ids[p - p0]) for p in pos]
+    at = _coord_positions(ids, codec)
+    pos, bins = [p0 + y for y in at], [codec.coord_bin(ids[y]) for y in at]
     if bins != [int(b) for o in ordered for b in o["bbox_2d"]]:
         return Drop("coord_slot_mismatch", sample_id, f"{len(pos)} coord slots for {len(ordered)} GT boxes", meta)
     return Segment(
@@ -292,20 +292,32 @@ def build_channel_a_segment(
 # helpers
 
 
-def _token_spans(pieces: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(starts, ends) of each token's character span; an empty piece takes the next character (see module
-    docstring). Ends never decrease."""
-    ends = list(accumulate(map(len, pieces)))
-    starts = [0, *ends[:-1]]
-    if "" in pieces:  # rare (a partial UTF-8 byte): only then the per-token rule
-        ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
-    return starts, ends
+def _token_offsets(pieces: Sequence[str], at: int = 0) -> list[tuple[int, int]]:
+    """(start, end) of each piece's characters, the first starting at `at`."""
+    bounds = list(accumulate(map(len, pieces), initial=at))
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
-    """Per character span [a, b), the tokens (from `lo` on) that overlap it: end > a and start < b. Token starts
-    and ends never decrease (`_token_spans`), so those tokens are one contiguous range [first, stop)."""
-    return [(max(bisect.bisect_right(ends, a), lo), bisect.bisect_left(starts, b)) for a, b in spans]
+def _span_end(offset: tuple[int, int]) -> int:
+    """The end of a token's character span: its own end, or for an empty piece the one character after it (see
+    module docstring). Span ends never decrease along the tokens."""
+    start, end = offset
+    return end if end > start else start + 1
+
+
+def _coord_positions(ids: list[int], codec, lo: int = 0) -> list[int]:
+    """Positions y >= lo of the coord tokens of ids, found in C (`map(set.__contains__)`), not token by token."""
+    return list(compress(count(lo), map(codec.coord_bin_of.__contains__, ids[lo:])))
+
+
+def _token_ranges(offsets: list[tuple[int, int]], spans, lo: int = 0) -> list[tuple[int, int]]:
+    """Per character span [a, b), the tokens (from `lo` on) that overlap it: span end > a and start < b. Token
+    starts and span ends never decrease, so those tokens are one contiguous range [first, stop), bisected in
+    the (start, end) offsets themselves (no per-token lists of starts and ends are built)."""
+    return [
+        (max(bisect.bisect_right(offsets, a, key=_span_end), lo), bisect.bisect_left(offsets, b, key=_START))
+        for a, b in spans
+    ]
 
 
 def _paint(out: list, ranges, value, offset: int = 0) -> None:
@@ -338,25 +350,27 @@ def _closure_and_descs(
     return close_at, descs
 
 
-def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
+def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
     """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
     painted span by span (tokens of a span are one range), not token by token."""
     out = [0.0] * len(ids)
-    _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
-    _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
-    coord = frozenset(codec.coord_token_ids)
-    return [0.0 if t in coord else w for t, w in zip(ids, out)]
+    _paint(out, _token_ranges(offsets, [o.span for o in matched_objs]), 1.0)
+    _paint(out, _token_ranges(offsets, [o.desc_span for o in matched_objs]), 0.0)
+    for y in _coord_positions(ids, codec):
+        out[y] = 0.0
+    return out
 
 
-def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
+def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
     """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
     from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
     n = len(ids)
     out = [struct_w] * (n - lo)
-    _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
-    _paint(out, _token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
-    coord = frozenset(codec.coord_token_ids)
-    return [0.0 if t in coord else w for t, w in zip(ids[lo:], out)]
+    _paint(out, _token_ranges(offsets, descs, lo), float(desc_w), lo)
+    _paint(out, _token_ranges(offsets, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
+    for y in _coord_positions(ids, codec, lo):
+        out[y - lo] = 0.0
+    return out
 
 
 def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
