@@ -234,9 +234,8 @@ def _mutate(edits, text: str) -> str:
     return text
 
 
-@settings(max_examples=3_000, **FUZZ)
-@given(st.binary(max_size=96))
-def test_channel_b_on_mutated_answers(data):
+def _mutated_case(data: bytes):
+    """(ids, gt, field order, desc weight, struct multiplier) of a rendered answer with random edits."""
     d = Draw(data)
     n_gt, n_pred, order, im_end, desc_w, mult = (
         d.byte() % 5,
@@ -250,7 +249,10 @@ def test_channel_b_on_mutated_answers(data):
     gt = [_object(d, []) for _ in range(n_gt)]
     pred = [_object(d, gt) for _ in range(n_pred)]
     text = _mutate(edits, render_answer(pred, order, "given"))
-    ids = CODEC.encode(text) + ([CODEC.im_end_id] if im_end else [])
+    return CODEC.encode(text) + ([CODEC.im_end_id] if im_end else []), gt, order, desc_w, mult
+
+
+def _channel_b(ids, gt, order, desc_w, mult, max_len=120):
     parse = parse_rollout(ids, CODEC)
     match = match_boxes(
         [o.bbox for o in parse.objects],
@@ -272,8 +274,16 @@ def test_channel_b_on_mutated_answers(data):
         desc_ce_weight=desc_w,
         drop_invalid_struct_ce_multiplier=mult,
         sample_id="f",
-        max_len=120,
+        max_len=max_len,
     )
+    return prompt, parse, match, seg
+
+
+@settings(max_examples=3_000, **FUZZ)
+@given(st.binary(max_size=96))
+def test_channel_b_on_mutated_answers(data):
+    ids, gt, order, desc_w, mult = _mutated_case(data)
+    prompt, parse, match, seg = _channel_b(ids, gt, order, desc_w, mult)
     assert isinstance(seg, (Segment, Drop))
     if isinstance(seg, Drop):
         assert seg.reason == "too_long", seg  # nothing else may fail on well-formed GT
@@ -364,3 +374,22 @@ def test_only_a_scan_open_at_member_level_continues():
     for text in ('{"a": "x', '{"a"', '{"a": 1}', '{"a": 1 1'):
         with pytest.raises(ValueError, match="member level"):
             continue_scan(text + " ", scan_object(text, 0))
+
+
+@settings(max_examples=2_000, **FUZZ)
+@given(st.binary(max_size=96))
+def test_channel_b_fast_paths_give_the_general_segment(data):
+    """With every regex fast path off (the scanner's flat members and heads, the canonical values, which also read
+    the FN entries' descs), the same Channel-B segment or drop on mutated answers."""
+    case = _mutated_case(data)
+    fast = _channel_b(*case, max_len=None)[3]
+    with (
+        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER}),
+    ):
+        slow = _channel_b(*case, max_len=None)[3]
+    assert isinstance(fast, Segment) and fast == slow, case

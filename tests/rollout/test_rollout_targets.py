@@ -289,14 +289,14 @@ def test_painted_weights_equal_the_per_token_rule(codec):
     module docstring on random token frames (empty pieces included) and random object, desc and closure spans."""
     from types import SimpleNamespace
 
-    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _span_end, _token_offsets
+    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _span_lists, _token_offsets
 
     rng = random.Random(5)
     coord_ids = set(codec.coord_token_ids)
     for trial in range(300):
         pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(1, 60))]
-        frame = _token_offsets(pieces)
-        offsets = [(s, _span_end((s, e))) for s, e in frame]  # checked against the rule in the next test
+        starts, ends = _span_lists(_token_offsets(pieces))  # checked against the rule in the next test
+        offsets = list(zip(starts, ends))
         n_chars = max(e for _, e in offsets) + 2
         ids = [rng.choice(codec.coord_token_ids) if rng.random() < 0.2 else 5000 + k for k in range(len(pieces))]
         cuts = sorted(rng.sample(range(n_chars), min(n_chars, 2 * rng.randint(0, 6))))
@@ -308,7 +308,7 @@ def test_painted_weights_equal_the_per_token_rule(codec):
             float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
             for t, (s, e) in zip(ids, offsets)
         ]
-        assert _prefix_weights(ids, frame, objs, codec) == want, trial
+        assert _prefix_weights(ids, starts, ends, objs, codec) == want, trial
         lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
         want = []
         for y in range(lo, len(ids)):
@@ -322,13 +322,14 @@ def test_painted_weights_equal_the_per_token_rule(codec):
                 if _overlaps_ref(descs, s, e)
                 else 1.5
             )
-        assert _answer_weights(ids, frame, lo, close, descs, 0.7, 1.5, codec) == want, trial
+        assert _answer_weights(ids, starts, ends, lo, close, descs, 0.7, 1.5, codec) == want, trial
 
 
 def test_token_spans_equal_the_per_token_rule():
-    """A token's span is its offsets with `_span_end`: the per-token rule of the module docstring (an empty piece
-    spans the next character) on random frames, also from a starting offset."""
-    from toolkit.rollout.targets import _span_end, _token_offsets
+    """`_span_lists` of `_token_offsets` applies the empty-piece rule only when a piece is empty; the spans equal the
+    per-token rule of the module docstring (an empty piece spans the next character) on random frames, also from a
+    starting offset."""
+    from toolkit.rollout.targets import _span_lists, _token_offsets
 
     rng = random.Random(7)
     for trial in range(500):
@@ -340,7 +341,7 @@ def test_token_spans_equal_the_per_token_rule():
         for p in pieces:
             want.append((pos, pos + len(p) if p else pos + 1))
             pos += len(p)
-        assert [(s, _span_end((s, e))) for s, e in _token_offsets(pieces, at)] == want, pieces
+        assert list(zip(*_span_lists(_token_offsets(pieces, at)))) == want, pieces
 
 
 @pytest.mark.parametrize(
@@ -368,3 +369,23 @@ def test_gt_bins_are_integers_in_range_of_any_integer_type(codec, bin_value, ok)
     else:
         with pytest.raises(ValueError, match="GT object 0"):
             build()
+
+
+def test_render_entries_in_one_dumps_equal_the_entries_dumped_one_by_one():
+    """`render_entries` dumps all FN entries in one `json.dumps`; the same text as dumping each and joining with
+    ", " (escapes, non-ASCII, both field orders, no entry)."""
+    from toolkit.data.render import dumps_payload, object_payload, render_entries
+
+    rng = random.Random(11)
+    descs = ["cat", 'a "q"', "é ü", "x\\y", "tab\t", "}{", "<|coord_3|>", ""]
+    for trial in range(300):
+        objs = [
+            {"desc": rng.choice(descs), "bbox_2d": [rng.randrange(1000) for _ in range(4)]}
+            for _ in range(rng.randrange(6))
+        ]
+        start, order = rng.randrange(1, 90), rng.choice(["desc_first", "geometry_first"])
+        want = ", ".join(
+            f'"object_{start + i}": ' + dumps_payload(object_payload(o["desc"], o["bbox_2d"], order))
+            for i, o in enumerate(objs)
+        )
+        assert render_entries(objs, start, order) == want, trial

@@ -58,10 +58,10 @@ def render_answer(objects: Iterable[Mapping], field_order: str = "desc_first", o
 
 def render_entries(objects: Sequence[Mapping], start_index: int, field_order: str = "desc_first") -> str:
     """`"object_n": {...}, "object_n+1": {...}` for an FN-append fragment (no braces, no leading comma)."""
-    return ", ".join(
-        f'"object_{start_index + i}": ' + dumps_payload(object_payload(o["desc"], o["bbox_2d"], field_order))
-        for i, o in enumerate(objects)
-    )
+    entries = {
+        f"object_{start_index + i}": object_payload(o["desc"], o["bbox_2d"], field_order) for i, o in enumerate(objects)
+    }
+    return dumps_payload(entries)[1:-1]  # one dumps for all: the separators put ", " between the entries
 
 
 def render_messages(scene: str, system: str = SYSTEM_PROMPT) -> list[dict]:

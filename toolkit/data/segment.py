@@ -52,7 +52,7 @@ class Segment:
                 f"segment {self.sample_id}: {len(self.coord_pos)} coord slots, {len(self.coord_bins)} bins, "
                 f"{len(self.box_groups)} boxes (need 4 slots and 4 bins per box)"
             )
-        if any(not (self.prompt_len <= p < n) for p in self.coord_pos):
+        if self.coord_pos and not (self.prompt_len <= min(self.coord_pos) and max(self.coord_pos) < n):
             raise ValueError(f"segment {self.sample_id}: coord position outside the assistant span")
 
     def __len__(self) -> int:

@@ -148,9 +148,9 @@ class HFTokenCodec(_CoordTable):
         return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        ids = list(map(int, ids))
         if self.literal:
-            return list(map(self._literal_pieces.__getitem__, ids))
+            return list(map(self._literal_pieces.__getitem__, map(int, ids)))
+        ids = list(map(int, ids))
         out = [self._piece(i) for i in ids]
         if "".join(out) == self._decode(ids):
             return out

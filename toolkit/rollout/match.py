@@ -56,11 +56,12 @@ def box_iou_matrix(preds: Sequence[Sequence[float]], gts: Sequence[Sequence[floa
 
 
 def _rect_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """P×G IoU of the float64 rectangles a (P×4) and b (G×4), (x1, y1, x2, y2); 0 where the union has no area.
-    Few numpy calls (`np.maximum`, not `np.clip`; no errstate: the division never sees a zero): on the ~40×40
-    blocks of a sample numpy's per-call overhead is most of the cost (docs/PERFORMANCE.md)."""
-    ax1, ay1, ax2, ay2 = a.T[:, :, None]
-    bx1, by1, bx2, by2 = b.T[:, None, :]
+    """P×G IoU of the float64 rectangles a (…×P×4) and b (…×G×4), (x1, y1, x2, y2); 0 where the union has no area.
+    Few numpy calls (`np.maximum`, not `np.clip`; no errstate: the division never sees a zero; box and mask IoU
+    stacked in one call): on the ~40×40 blocks of a sample numpy's per-call overhead is most of the cost
+    (docs/PERFORMANCE.md)."""
+    ax1, ay1, ax2, ay2 = (a[..., k, None] for k in range(4))
+    bx1, by1, bx2, by2 = (b[..., None, :, k] for k in range(4))
     inter = np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)  # the width, then times the height
     inter *= np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0)
     union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
@@ -157,8 +158,9 @@ def match_boxes(
     allowed = _desc_mask(n_p, n_g, pred_descs, gt_descs, require_desc_match)
     if n_p == 0 or n_g == 0:
         return MatchResult([], list(range(n_p)), list(range(n_g)), 0)
-    biou = _rect_iou(pb.astype(np.float64), gb.astype(np.float64))  # box_iou_matrix of the int arrays
-    miou = mask_iou_matrix(pb, gb, resolution)
+    rects = _pixel_rects(np.concatenate([pb, gb]), resolution)
+    # box_iou_matrix and mask_iou_matrix in one call: the boxes and their pixel rectangles, stacked
+    biou, miou = _rect_iou(np.stack([pb, rects[:n_p]]), np.stack([gb, rects[n_p:]]))
     pc = pb[:, :2] + pb[:, 2:]  # doubled centres keep the distance integral
     gc = gb[:, :2] + gb[:, 2:]
     d2 = ((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)

@@ -128,7 +128,7 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if brace < 0:
         return _without_object(codec, drops, n_rollout, stopped_at_im_end=stop < n_rollout)
     scan = scan_object(text, brace)
-    n_kept = max((k + 1 for k, m in enumerate(scan.members) if m.kind == "object"), default=0)
+    n_kept = next((k for k in range(len(scan.members), 0, -1) if scan.members[k - 1].kind == "object"), 0)
     cut = scan.members[n_kept - 1].value_end if n_kept else brace + 1
     coords = _CoordIndex(ids, starts, ends, codec)
     objects, max_index = [], 0
@@ -242,7 +242,7 @@ def _validate(text: str, mem: Member, key, coords: _CoordIndex) -> tuple[ParsedO
     """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
     if key is None or mem.kind != "object":
         return None, "key_invalid"
-    got = _canonical_value(text, mem) or _general_value(text, mem)
+    got = canonical_value(text, mem) or _general_value(text, mem)
     if isinstance(got, str):
         return None, got
     desc, bins, (a_start, a_end), desc_span = got
@@ -254,10 +254,11 @@ def _validate(text: str, mem: Member, key, coords: _CoordIndex) -> tuple[ParsedO
     return ParsedObject(int(key.group(1)), desc, tuple(bins), tuple(pos), (mem.key_start, mem.value_end), desc_span), ""
 
 
-def _canonical_value(text: str, mem: Member):
+def canonical_value(text: str, mem: Member):
     """The value as the renderer writes it (either field order, a desc without escapes or control characters)
     read with one regex → (desc, bins, bbox array span, desc content span), a drop reason, or None for any
-    other spelling (then `_general_value` decides, with the same outcome on canonical text)."""
+    other spelling (then `_general_value` decides, with the same outcome on canonical text). targets.py reads the FN
+    entries' descs with it too."""
     order = "desc_first" if text.startswith('{"d', mem.value_start) else "geometry_first"
     m = _CANONICAL_RE[order].fullmatch(text, mem.value_start, mem.value_end)
     if m is None:

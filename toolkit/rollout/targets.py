@@ -33,11 +33,11 @@ from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
 from toolkit.data.segment import Segment
 from toolkit.rollout.match import MatchResult
-from toolkit.rollout.parse import DROP_REASONS, ParseResult
+from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value
 from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
 
 Span = tuple[int, int]
-_START = operator.itemgetter(0)  # a token's start in its (start, end) offsets
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)  # of a token's (start, end) offsets
 
 
 @dataclass
@@ -164,10 +164,11 @@ def build_channel_b_segment(
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    n_split = bisect.bisect_right(frame, len(parse.prefix_text), n_pre, key=_span_end)  # ends never decrease
-    weights = _prefix_weights(ids[:n_split], frame[:n_split], [o for o, _ in matched], codec)
+    starts, ends = _span_lists(frame)
+    n_split = bisect.bisect_right(ends, len(parse.prefix_text), n_pre)  # ends never decrease
+    weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, frame, n_split, close, fn_desc, desc_ce_weight, mult, codec)
+    weights += _answer_weights(ids, starts, ends, n_split, close, fn_desc, desc_ce_weight, mult, codec)
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
@@ -277,7 +278,7 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, _token_offsets(pieces), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, *_span_lists(_token_offsets(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
     at = _coord_positions(ids, codec)
     pos, bins = [p0 + y for y in at], [codec.coord_bin(ids[y]) for y in at]
@@ -298,11 +299,14 @@ def _token_offsets(pieces: Sequence[str], at: int = 0) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _span_end(offset: tuple[int, int]) -> int:
-    """The end of a token's character span: its own end, or for an empty piece the one character after it (see
-    module docstring). Span ends never decrease along the tokens."""
-    start, end = offset
-    return end if end > start else start + 1
+def _span_lists(offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token starts and span ends of (start, end) offsets: a token spans its own characters, an empty piece the one
+    character after it (see module docstring). Both never decrease along the tokens. Unpacked in C (`map`); the
+    per-token rule runs only when a piece is empty (rare: a partial UTF-8 byte)."""
+    starts, ends = list(map(_START, offsets)), list(map(_END, offsets))
+    if any(map(operator.eq, starts, ends)):
+        ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
+    return starts, ends
 
 
 def _coord_positions(ids: list[int], codec, lo: int = 0) -> list[int]:
@@ -310,14 +314,10 @@ def _coord_positions(ids: list[int], codec, lo: int = 0) -> list[int]:
     return list(compress(count(lo), map(codec.coord_bin_of.__contains__, ids[lo:])))
 
 
-def _token_ranges(offsets: list[tuple[int, int]], spans, lo: int = 0) -> list[tuple[int, int]]:
-    """Per character span [a, b), the tokens (from `lo` on) that overlap it: span end > a and start < b. Token
-    starts and span ends never decrease, so those tokens are one contiguous range [first, stop), bisected in
-    the (start, end) offsets themselves (no per-token lists of starts and ends are built)."""
-    return [
-        (max(bisect.bisect_right(offsets, a, key=_span_end), lo), bisect.bisect_left(offsets, b, key=_START))
-        for a, b in spans
-    ]
+def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
+    """Per character span [a, b), the tokens (from `lo` on) that overlap it: end > a and start < b. Token starts
+    and ends never decrease (`_span_lists`), so those tokens are one contiguous range [first, stop)."""
+    return [(max(bisect.bisect_right(ends, a), lo), bisect.bisect_left(starts, b)) for a, b in spans]
 
 
 def _paint(out: list, ranges, value, offset: int = 0) -> None:
@@ -339,35 +339,39 @@ def _closure_and_descs(
         scan = scan_object(text, brace) if brace >= 0 else None
     if scan is None or scan.status != "closed" or scan.end != close_at + 1:
         return None, []
-    descs = []
-    for mem in scan.members:
-        if mem.key_start >= entries_from:
-            f = fields_of(text, mem) if mem.kind == "object" else None
-            d = f.get('"desc"') if f else None
-            if d is None or d.kind != "string":
-                return None, []
-            descs.append((d.value_start + 1, d.value_end - 1))
-    return close_at, descs
+    descs = [_desc_span(text, mem) for mem in scan.members if mem.key_start >= entries_from]
+    return (None, []) if None in descs else (close_at, descs)
 
 
-def _prefix_weights(ids, offsets, matched_objs, codec) -> list[float]:
+def _desc_span(text: str, mem) -> Span | None:
+    """The content span of an object member's `"desc"` string, None when it has none."""
+    if mem.kind != "object":
+        return None
+    got = canonical_value(text, mem)
+    if isinstance(got, tuple):  # the renderer's spelling (every FN entry) read with one regex, not scanned
+        return got[3]
+    d = (fields_of(text, mem) or {}).get('"desc"')
+    return (d.value_start + 1, d.value_end - 1) if d is not None and d.kind == "string" else None
+
+
+def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
     """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
     painted span by span (tokens of a span are one range), not token by token."""
     out = [0.0] * len(ids)
-    _paint(out, _token_ranges(offsets, [o.span for o in matched_objs]), 1.0)
-    _paint(out, _token_ranges(offsets, [o.desc_span for o in matched_objs]), 0.0)
+    _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
+    _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
     for y in _coord_positions(ids, codec):
         out[y] = 0.0
     return out
 
 
-def _answer_weights(ids, offsets, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
+def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
     """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
     from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
     n = len(ids)
     out = [struct_w] * (n - lo)
-    _paint(out, _token_ranges(offsets, descs, lo), float(desc_w), lo)
-    _paint(out, _token_ranges(offsets, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
+    _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
+    _paint(out, _token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
     for y in _coord_positions(ids, codec, lo):
         out[y - lo] = 0.0
     return out
@@ -379,7 +383,7 @@ def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
         ok = (
             isinstance(b, (list, tuple))
             and len(b) == 4
-            and all(map(_is_bin, b))
+            and _all_bins(b)
             and b[0] <= b[2]
             and b[1] <= b[3]
             and isinstance(o.get("desc"), str)
@@ -389,6 +393,12 @@ def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
                 f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
                 f"with int bins in [0, {MAX_BIN}], x1 <= x2, y1 <= y2; got {o!r}"
             )
+
+
+def _all_bins(b) -> bool:
+    if {*map(type, b)} == {int}:  # the common case (plain ints), without a call per value
+        return min(b) >= 0 and max(b) <= MAX_BIN
+    return all(map(_is_bin, b))
 
 
 def _is_bin(v) -> bool:

@@ -158,7 +158,7 @@ def _check_segment_for_packing(seg: Segment, index: int) -> None:
         raise ValueError(
             f"segment {index} ({seg.sample_id!r}): ce_weights[0] must be 0 (nothing predicts the first token)"
         )
-    if any(p < 1 for p in seg.coord_pos):
+    if seg.coord_pos and min(seg.coord_pos) < 1:
         raise ValueError(f"segment {index} ({seg.sample_id!r}): coord slot at position 0 has no predicting token")
     bad = [g for g in seg.box_groups if g not in BOX_GROUP_IDS]
     if bad:
