@@ -161,7 +161,7 @@ def check_parse(ids, res):
     text = "".join(CODEC.pieces(ids[: len(ids) if not res.stopped_at_im_end else ids.index(CODEC.im_end_id)]))
     assert "".join(CODEC.pieces(res.prefix_token_ids)) == res.prefix_text
     assert [res.prefix_text[s:e] for s, e in res.token_offsets] == CODEC.pieces(res.prefix_token_ids)
-    assert res.token_offsets == list(zip(*parse._offsets(CODEC.pieces(res.prefix_token_ids))))
+    assert (res.token_starts, res.token_ends) == parse._offsets(CODEC.pieces(res.prefix_token_ids))
     # the prefix's scan is taken from the rollout's scan, not scanned again: it equals a scan of the prefix
     assert res.prefix_scan == scan_object(res.prefix_text, res.prefix_text.index("{"))
     if "{" in text:

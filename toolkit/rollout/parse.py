@@ -87,7 +87,8 @@ class ParseResult:
 
     prefix_token_ids: list[int]
     prefix_text: str
-    token_offsets: list[tuple[int, int]]
+    token_starts: list[int]  # where each prefix token's piece starts in prefix_text
+    token_ends: list[int]  # and ends
     objects: list[ParsedObject]
     drops: dict[str, int]
     n_total_objects: int
@@ -98,6 +99,11 @@ class ParseResult:
     rollout_len: int
     stopped_at_im_end: bool
     prefix_scan: ObjectScan = field(repr=False, compare=False)
+
+    @property
+    def token_offsets(self) -> list[tuple[int, int]]:
+        """(start, end) of each prefix token's piece in prefix_text."""
+        return list(zip(self.token_starts, self.token_ends))
 
     @property
     def n_dropped(self) -> int:
@@ -146,11 +152,12 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if scan.status == "error" and scan.state in ("key_or_close", "key", "after"):  # junk between members
         drops["key_invalid"] += 1
         n_total += 1
-    prefix_ids, prefix_offsets = _cut_tokens(ids, pieces, starts, ends, cut, codec)
+    prefix_ids, prefix_starts, prefix_ends = _cut_tokens(ids, pieces, starts, ends, cut, codec)
     return ParseResult(
         prefix_token_ids=prefix_ids,
         prefix_text=text[:cut],
-        token_offsets=prefix_offsets,
+        token_starts=prefix_starts,
+        token_ends=prefix_ends,
         objects=objects,
         drops=drops,
         n_total_objects=n_total,
@@ -177,7 +184,7 @@ def _without_object(codec, drops: dict, n_rollout: int, *, stopped_at_im_end: bo
     return ParseResult(
         prefix_ids,
         "{",
-        list(zip(*_offsets(prefix_pieces))),
+        *_offsets(prefix_pieces),
         [],
         drops,
         0,
@@ -206,18 +213,21 @@ def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
     return pieces
 
 
-def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of text[:cut] and their character offsets: whole tokens before the cut, plus the re-encoded kept
-    part of a cut token."""
+def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of text[:cut] and their pieces' starts and ends: whole tokens before the cut, plus the re-encoded
+    kept part of a cut token."""
     k = bisect.bisect_left(starts, cut)  # tokens starting before the cut
     if k == 0 or ends[k - 1] <= cut:
-        return ids[:k], list(zip(starts[:k], ends[:k]))
+        return ids[:k], starts[:k], ends[:k]
     at = starts[k - 1]
     kept = pieces[k - 1][: cut - at]
     new = codec.encode(kept)
     new_starts, new_ends = _offsets(_checked_pieces(codec, new, kept))
-    offsets = list(zip(starts[: k - 1], ends[: k - 1])) + [(at + s, at + e) for s, e in zip(new_starts, new_ends)]
-    return ids[: k - 1] + new, offsets
+    return (
+        ids[: k - 1] + new,
+        starts[: k - 1] + [at + s for s in new_starts],
+        ends[: k - 1] + [at + e for e in new_ends],
+    )
 
 
 class _CoordIndex:

@@ -37,7 +37,6 @@ from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value
 from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
 
 Span = tuple[int, int]
-_START, _END = operator.itemgetter(0), operator.itemgetter(1)  # of a token's (start, end) offsets
 
 
 @dataclass
@@ -149,8 +148,7 @@ def build_channel_b_segment(
     meta.update({"rollout/prefix_len": n_pre, "rollout/append_len": len(ids) - n_pre, "rollout/train_len": len(ids)})
     if max_len is not None and len(prompt_ids) + len(ids) > max_len:
         return Drop("too_long", sample_id, f"{len(prompt_ids) + len(ids)} tokens > max_len={max_len}", meta)
-    kept = parse.token_offsets[:n_pre]  # the kept tokens' text is the prefix up to their end (no pieces rebuilt)
-    at = kept[-1][1] if kept else 0
+    at = parse.token_ends[n_pre - 1] if n_pre else 0  # the kept tokens' text: the prefix up to their end
     text = parse.prefix_text[:at] + "".join(tail_pieces)
     close, fn_desc = _closure_and_descs(
         text,
@@ -160,11 +158,11 @@ def build_channel_b_segment(
     )
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
-    frame = kept + _token_offsets(tail_pieces, at)  # each token's (start, end) in `text`
+    tail_starts, tail_ends = _token_bounds(tail_pieces, at)
+    starts, ends = _span_lists(parse.token_starts[:n_pre] + tail_starts, parse.token_ends[:n_pre] + tail_ends)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    starts, ends = _span_lists(frame)
     n_split = bisect.bisect_right(ends, len(parse.prefix_text), n_pre)  # ends never decrease
     weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
@@ -208,7 +206,7 @@ def _join_at_boundary(parse: ParseResult, fragment: str, codec) -> tuple[int, li
     round-trip through the tokenizer.
     """
     keep = max(len(parse.prefix_token_ids) - 1, 0)
-    start = parse.token_offsets[keep][0] if keep < len(parse.token_offsets) else len(parse.prefix_text)
+    start = parse.token_starts[keep] if keep < len(parse.token_starts) else len(parse.prefix_text)
     tail = parse.prefix_text[start:] + fragment
     tail_ids = codec.encode(tail)
     tail_pieces = codec.pieces(tail_ids)
@@ -278,7 +276,7 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, *_span_lists(_token_offsets(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, *_span_lists(*_token_bounds(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
     at = _coord_positions(ids, codec)
     pos, bins = [p0 + y for y in at], [codec.coord_bin(ids[y]) for y in at]
@@ -293,17 +291,16 @@ def build_channel_a_segment(
 # helpers
 
 
-def _token_offsets(pieces: Sequence[str], at: int = 0) -> list[tuple[int, int]]:
-    """(start, end) of each piece's characters, the first starting at `at`."""
+def _token_bounds(pieces: Sequence[str], at: int = 0) -> tuple[list[int], list[int]]:
+    """Where each piece starts and ends, the first starting at `at`."""
     bounds = list(accumulate(map(len, pieces), initial=at))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return bounds[:-1], bounds[1:]
 
 
-def _span_lists(offsets: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Token starts and span ends of (start, end) offsets: a token spans its own characters, an empty piece the one
-    character after it (see module docstring). Both never decrease along the tokens. Unpacked in C (`map`); the
-    per-token rule runs only when a piece is empty (rare: a partial UTF-8 byte)."""
-    starts, ends = list(map(_START, offsets)), list(map(_END, offsets))
+def _span_lists(starts: list[int], ends: list[int]) -> tuple[list[int], list[int]]:
+    """Token starts and span ends of pieces' starts and ends: a token spans its own characters, an empty piece the
+    one character after it (see module docstring). Both never decrease along the tokens. The per-token rule runs
+    only when a piece is empty (rare: a partial UTF-8 byte)."""
     if any(map(operator.eq, starts, ends)):
         ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
     return starts, ends
