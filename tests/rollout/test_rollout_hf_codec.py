@@ -164,3 +164,27 @@ def test_encode_equals_the_wrappers_encode_on_random_texts(kind):
     tok.split_special_tokens = True
     assert [codec.encode(t) for t in texts] == [wrapper(t) for t in texts]
     assert codec.encode("<|im_end|>") != [codec.im_end_id]
+
+
+def test_literal_pieces_of_ids_of_any_integer_type_are_the_pieces_of_their_ints():
+    """A literal codec looks ids up as given (no int() per id); an id of another type (numpy, torch, bool, a float,
+    an id seen for the first time or not) gets the piece of int(id), the same as converting first."""
+    import random
+
+    import numpy as np
+    import torch
+
+    codec = HFTokenCodec(build_tokenizer("literal"))
+    assert codec.literal
+    rng = random.Random(3)
+    vocab = len(codec.tok)
+    for trial in range(50):
+        ids = [rng.randrange(vocab + 5) for _ in range(rng.randint(0, 40))]  # a few ids past the vocabulary
+        want = codec.pieces(ids) if trial % 2 else None  # half the trials: the other types come first
+        kinds = [np.int64, lambda i: torch.tensor(i), float, lambda i: i + 0.25, lambda i: np.int32(i)]
+        for kind in kinds:
+            got = codec.pieces([kind(i) for i in ids])
+            want = want if want is not None else codec.pieces(ids)
+            assert got == want, (trial, kind)
+    assert codec.pieces([True, False]) == codec.pieces([1, 0])
+    assert all(type(k) is int for k in codec._literal_pieces)  # only plain ints are cached

@@ -84,8 +84,13 @@ class _LiteralPieces(dict):
         super().__init__()
         self.tok = tokenizer
 
-    def __missing__(self, tid: int) -> str:
-        piece = self[tid] = self.tok.convert_ids_to_tokens([tid])[0] or ""
+    def __missing__(self, key) -> str:
+        # `pieces` looks ids up as given (an int() per id would be one more pass over every rollout): a key that
+        # is no cached int lands here and gets the piece of int(key); only plain ints are cached.
+        tid = int(key)
+        piece = self.get(tid)
+        if piece is None:
+            piece = self[tid] = self.tok.convert_ids_to_tokens([tid])[0] or ""
         return piece
 
 
@@ -149,7 +154,7 @@ class HFTokenCodec(_CoordTable):
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         if self.literal:
-            return list(map(self._literal_pieces.__getitem__, map(int, ids)))
+            return list(map(self._literal_pieces.__getitem__, ids))  # int(id) when needed: `_LiteralPieces`
         ids = list(map(int, ids))
         out = [self._piece(i) for i in ids]
         if "".join(out) == self._decode(ids):
