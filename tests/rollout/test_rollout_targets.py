@@ -289,13 +289,14 @@ def test_painted_weights_equal_the_per_token_rule(codec):
     module docstring on random token frames (empty pieces included) and random object, desc and closure spans."""
     from types import SimpleNamespace
 
-    from toolkit.rollout.targets import _answer_weights, _prefix_weights, _span_lists, _token_bounds
+    from toolkit.rollout.targets import _answer_weights, _prefix_weights
+    from toolkit.rollout.token_spans import span_lists, token_bounds
 
     rng = random.Random(5)
     coord_ids = set(codec.coord_token_ids)
     for trial in range(300):
         pieces = [rng.choice(["", "a", "bc", '"]}, "', "x" * rng.randint(1, 9)]) for _ in range(rng.randint(1, 60))]
-        starts, ends = _span_lists(*_token_bounds(pieces))  # checked against the rule in the next test
+        starts, ends = span_lists(*token_bounds(pieces))  # checked against the rule in the next test
         offsets = list(zip(starts, ends))
         n_chars = max(e for _, e in offsets) + 2
         ids = [rng.choice(codec.coord_token_ids) if rng.random() < 0.2 else 5000 + k for k in range(len(pieces))]
@@ -326,10 +327,10 @@ def test_painted_weights_equal_the_per_token_rule(codec):
 
 
 def test_token_spans_equal_the_per_token_rule():
-    """`_span_lists` of `_token_bounds` applies the empty-piece rule only when a piece is empty; the spans equal the
+    """`span_lists` of `token_bounds` applies the empty-piece rule only when a piece is empty; the spans equal the
     per-token rule of the module docstring (an empty piece spans the next character) on random frames, also from a
     starting offset."""
-    from toolkit.rollout.targets import _span_lists, _token_bounds
+    from toolkit.rollout.token_spans import span_lists, token_bounds
 
     rng = random.Random(7)
     for trial in range(500):
@@ -341,7 +342,7 @@ def test_token_spans_equal_the_per_token_rule():
         for p in pieces:
             want.append((pos, pos + len(p) if p else pos + 1))
             pos += len(p)
-        assert list(zip(*_span_lists(*_token_bounds(pieces, at)))) == want, pieces
+        assert list(zip(*span_lists(*token_bounds(pieces, at)))) == want, pieces
 
 
 @pytest.mark.parametrize(

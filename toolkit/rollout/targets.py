@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import bisect
 import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, count
 
 from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
@@ -35,6 +33,7 @@ from toolkit.data.segment import Segment
 from toolkit.rollout.match import MatchResult
 from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value
 from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
+from toolkit.rollout.token_spans import coord_positions, paint, span_lists, token_bounds, token_ranges
 
 Span = tuple[int, int]
 
@@ -158,8 +157,8 @@ def build_channel_b_segment(
     )
     if close is None or len(fn_desc) != len(fn_objs):
         return Drop("closure_not_found", sample_id, "no outermost '}' right after the appended entries", meta)
-    tail_starts, tail_ends = _token_bounds(tail_pieces, at)
-    starts, ends = _span_lists(parse.token_starts[:n_pre] + tail_starts, parse.token_ends[:n_pre] + tail_ends)
+    tail_starts, tail_ends = token_bounds(tail_pieces, at)
+    starts, ends = span_lists(parse.token_starts[:n_pre] + tail_starts, parse.token_ends[:n_pre] + tail_ends)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
     # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
     # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
@@ -170,7 +169,7 @@ def build_channel_b_segment(
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
-    fn_at = _coord_positions(ids, codec, n_pre)
+    fn_at = coord_positions(ids, codec, n_pre)
     fn_pos, fn_bins = [p0 + y for y in fn_at], [codec.coord_bin_of[ids[y]] for y in fn_at]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
@@ -276,9 +275,9 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, *_span_lists(*_token_bounds(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
+    weights = _answer_weights(ids, *span_lists(*token_bounds(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
     p0 = len(prompt_ids)
-    at = _coord_positions(ids, codec)
+    at = coord_positions(ids, codec)
     pos, bins = [p0 + y for y in at], [codec.coord_bin(ids[y]) for y in at]
     if bins != [int(b) for o in ordered for b in o["bbox_2d"]]:
         return Drop("coord_slot_mismatch", sample_id, f"{len(pos)} coord slots for {len(ordered)} GT boxes", meta)
@@ -289,38 +288,6 @@ def build_channel_a_segment(
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _token_bounds(pieces: Sequence[str], at: int = 0) -> tuple[list[int], list[int]]:
-    """Where each piece starts and ends, the first starting at `at`."""
-    bounds = list(accumulate(map(len, pieces), initial=at))
-    return bounds[:-1], bounds[1:]
-
-
-def _span_lists(starts: list[int], ends: list[int]) -> tuple[list[int], list[int]]:
-    """Token starts and span ends of pieces' starts and ends: a token spans its own characters, an empty piece the
-    one character after it (see module docstring). Both never decrease along the tokens. The per-token rule runs
-    only when a piece is empty (rare: a partial UTF-8 byte)."""
-    if any(map(operator.eq, starts, ends)):
-        ends = [e if e > s else s + 1 for s, e in zip(starts, ends)]
-    return starts, ends
-
-
-def _coord_positions(ids: list[int], codec, lo: int = 0) -> list[int]:
-    """Positions y >= lo of the coord tokens of ids, found in C (`map(set.__contains__)`), not token by token."""
-    return list(compress(count(lo), map(codec.coord_bin_of.__contains__, ids[lo:])))
-
-
-def _token_ranges(starts: list[int], ends: list[int], spans, lo: int = 0) -> list[tuple[int, int]]:
-    """Per character span [a, b), the tokens (from `lo` on) that overlap it: end > a and start < b. Token starts
-    and ends never decrease (`_span_lists`), so those tokens are one contiguous range [first, stop)."""
-    return [(max(bisect.bisect_right(ends, a), lo), bisect.bisect_left(starts, b)) for a, b in spans]
-
-
-def _paint(out: list, ranges, value, offset: int = 0) -> None:
-    for a, b in ranges:
-        if b > a:
-            out[a - offset : b - offset] = [value] * (b - a)
 
 
 def _closure_and_descs(
@@ -355,9 +322,9 @@ def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
     """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
     painted span by span (tokens of a span are one range), not token by token."""
     out = [0.0] * len(ids)
-    _paint(out, _token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
-    _paint(out, _token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
-    for y in _coord_positions(ids, codec):
+    paint(out, token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
+    paint(out, token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
+    for y in coord_positions(ids, codec):
         out[y] = 0.0
     return out
 
@@ -367,9 +334,9 @@ def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec
     from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
     n = len(ids)
     out = [struct_w] * (n - lo)
-    _paint(out, _token_ranges(starts, ends, descs, lo), float(desc_w), lo)
-    _paint(out, _token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
-    for y in _coord_positions(ids, codec, lo):
+    paint(out, token_ranges(starts, ends, descs, lo), float(desc_w), lo)
+    paint(out, token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
+    for y in coord_positions(ids, codec, lo):
         out[y - lo] = 0.0
     return out
 
