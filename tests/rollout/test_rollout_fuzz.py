@@ -162,6 +162,8 @@ def check_parse(ids, res):
     assert "".join(CODEC.pieces(res.prefix_token_ids)) == res.prefix_text
     assert [res.prefix_text[s:e] for s, e in res.token_offsets] == CODEC.pieces(res.prefix_token_ids)
     assert (res.token_starts, res.token_ends) == parse._offsets(CODEC.pieces(res.prefix_token_ids))
+    want = [y for y, t in enumerate(res.prefix_token_ids) if CODEC.coord_bin(t) is not None]
+    assert res.prefix_coord_positions == want  # the whole tokens' positions come from the rollout's coord index
     # the prefix's scan is taken from the rollout's scan, not scanned again: it equals a scan of the prefix
     assert res.prefix_scan == scan_object(res.prefix_text, res.prefix_text.index("{"))
     if "{" in text:

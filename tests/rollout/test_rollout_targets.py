@@ -290,7 +290,7 @@ def test_painted_weights_equal_the_per_token_rule(codec):
     from types import SimpleNamespace
 
     from toolkit.rollout.targets import _answer_weights, _prefix_weights
-    from toolkit.rollout.token_spans import span_lists, token_bounds
+    from toolkit.rollout.token_spans import coord_positions, span_lists, token_bounds
 
     rng = random.Random(5)
     coord_ids = set(codec.coord_token_ids)
@@ -309,7 +309,7 @@ def test_painted_weights_equal_the_per_token_rule(codec):
             float(t not in coord_ids and _overlaps_ref(spans, s, e) and not _overlaps_ref(descs, s, e))
             for t, (s, e) in zip(ids, offsets)
         ]
-        assert _prefix_weights(ids, starts, ends, objs, codec) == want, trial
+        assert _prefix_weights(len(ids), starts, ends, objs, coord_positions(ids, codec)) == want, trial
         lo, close = rng.randint(0, len(ids)), rng.randint(0, n_chars)
         want = []
         for y in range(lo, len(ids)):
@@ -323,7 +323,8 @@ def test_painted_weights_equal_the_per_token_rule(codec):
                 if _overlaps_ref(descs, s, e)
                 else 1.5
             )
-        assert _answer_weights(ids, starts, ends, lo, close, descs, 0.7, 1.5, codec) == want, trial
+        got = _answer_weights(len(ids), starts, ends, lo, close, descs, 0.7, 1.5, coord_positions(ids, codec, lo))
+        assert got == want, trial
 
 
 def test_token_spans_equal_the_per_token_rule():

@@ -19,6 +19,7 @@ from itertools import accumulate, compress, count
 
 from toolkit.data.coords import parse_coord_token
 from toolkit.rollout.scan import Member, ObjectScan, fields_of, scan_object
+from toolkit.rollout.token_spans import coord_positions
 
 DROP_REASONS = (
     "key_invalid",  # not `object_N`, value not a complete loadable dict, duplicate/extra keys, syntax error
@@ -89,6 +90,7 @@ class ParseResult:
     prefix_text: str
     token_starts: list[int]  # where each prefix token's piece starts in prefix_text
     token_ends: list[int]  # and ends
+    prefix_coord_positions: list[int]  # indices into prefix_token_ids of every coord token, valid objects' or not
     objects: list[ParsedObject]
     drops: dict[str, int]
     n_total_objects: int
@@ -110,6 +112,7 @@ class ParseResult:
         return sum(self.drops.values())
 
 
+# Over 60 lines: the parse read top to bottom (stop, token frame, scan, members, prefix).
 def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[int] = ()) -> ParseResult:
     """Strictly parse a rollout's token ids; never raises on any token sequence.
 
@@ -152,12 +155,14 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     if scan.status == "error" and scan.state in ("key_or_close", "key", "after"):  # junk between members
         drops["key_invalid"] += 1
         n_total += 1
-    prefix_ids, prefix_starts, prefix_ends = _cut_tokens(ids, pieces, starts, ends, cut, codec)
+    n_whole, prefix_ids, prefix_starts, prefix_ends = _cut_tokens(ids, pieces, starts, ends, cut, codec)
+    whole_coords = coords.pos[: bisect.bisect_left(coords.pos, n_whole)]  # the rollout's own tokens: listed above
     return ParseResult(
         prefix_token_ids=prefix_ids,
         prefix_text=text[:cut],
         token_starts=prefix_starts,
         token_ends=prefix_ends,
+        prefix_coord_positions=whole_coords + coord_positions(prefix_ids, codec, n_whole),
         objects=objects,
         drops=drops,
         n_total_objects=n_total,
@@ -185,6 +190,7 @@ def _without_object(codec, drops: dict, n_rollout: int, *, stopped_at_im_end: bo
         prefix_ids,
         "{",
         *_offsets(prefix_pieces),
+        coord_positions(prefix_ids, codec),
         [],
         drops,
         0,
@@ -213,17 +219,18 @@ def _checked_pieces(codec, ids: list[int], text: str) -> list[str]:
     return pieces
 
 
-def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of text[:cut] and their pieces' starts and ends: whole tokens before the cut, plus the re-encoded
-    kept part of a cut token."""
+def _cut_tokens(ids, pieces, starts, ends, cut, codec) -> tuple[int, list[int], list[int], list[int]]:
+    """(n whole, ids, starts, ends) of text[:cut]: the n whole tokens before the cut, then the re-encoded kept part
+    of a cut token; the ids and their pieces' starts and ends."""
     k = bisect.bisect_left(starts, cut)  # tokens starting before the cut
     if k == 0 or ends[k - 1] <= cut:
-        return ids[:k], starts[:k], ends[:k]
+        return k, ids[:k], starts[:k], ends[:k]
     at = starts[k - 1]
     kept = pieces[k - 1][: cut - at]
     new = codec.encode(kept)
     new_starts, new_ends = _offsets(_checked_pieces(codec, new, kept))
     return (
+        k - 1,
         ids[: k - 1] + new,
         starts[: k - 1] + [at + s for s in new_starts],
         ends[: k - 1] + [at + e for e in new_ends],

@@ -160,16 +160,17 @@ def build_channel_b_segment(
     tail_starts, tail_ends = token_bounds(tail_pieces, at)
     starts, ends = span_lists(parse.token_starts[:n_pre] + tail_starts, parse.token_ends[:n_pre] + tail_ends)
     matched = [(parse.objects[i], gt_objects[j]) for i, j, _ in match.pairs]
-    # Tokens that end inside the rollout prefix follow the prefix rules (matched structure only, FP-neutral),
-    # even when re-encoded; a token reaching into the appended text is tail (FN entries, closure).
-    n_split = bisect.bisect_right(ends, len(parse.prefix_text), n_pre)  # ends never decrease
-    weights = _prefix_weights(ids[:n_split], starts[:n_split], ends[:n_split], [o for o, _ in matched], codec)
+    kept_coords = parse.prefix_coord_positions[: bisect.bisect_left(parse.prefix_coord_positions, n_pre)]
+    coord_at = kept_coords + coord_positions(ids, codec, n_pre)  # every coord token; the kept ones from the parse
     mult = min(max(float(drop_invalid_struct_ce_multiplier), 1.0), 4.0) if parse.n_dropped > 0 else 1.0
-    weights += _answer_weights(ids, starts, ends, n_split, close, fn_desc, desc_ce_weight, mult, codec)
+    tail_rule = (close, fn_desc, desc_ce_weight, mult)
+    weights = _channel_b_weights(
+        len(parse.prefix_text), n_pre, starts, ends, [o for o, _ in matched], tail_rule, coord_at
+    )
     p0 = len(prompt_ids)
     coord_pos = [p0 + p for o, _ in matched for p in o.coord_positions]
     coord_bins = [int(b) for _, g in matched for b in g["bbox_2d"]]
-    fn_at = coord_positions(ids, codec, n_pre)
+    fn_at = coord_at[len(kept_coords) :]
     fn_pos, fn_bins = [p0 + y for y in fn_at], [codec.coord_bin_of[ids[y]] for y in fn_at]
     if fn_bins != [int(b) for g in fn_objs for b in g["bbox_2d"]]:
         return Drop("fn_coord_mismatch", sample_id, f"{len(fn_pos)} tail coord slots for {len(fn_objs)} FN boxes", meta)
@@ -275,9 +276,9 @@ def build_channel_a_segment(
     close, descs = _closure_and_descs("".join(pieces), 0, len(answer) - 1)
     if close is None or len(descs) != len(ordered):
         return Drop("closure_not_found", sample_id, "canonical answer did not scan as one object", meta)
-    weights = _answer_weights(ids, *span_lists(*token_bounds(pieces)), 0, close, descs, desc_ce_weight, 1.0, codec)
-    p0 = len(prompt_ids)
     at = coord_positions(ids, codec)
+    weights = _answer_weights(len(ids), *span_lists(*token_bounds(pieces)), 0, close, descs, desc_ce_weight, 1.0, at)
+    p0 = len(prompt_ids)
     pos, bins = [p0 + y for y in at], [codec.coord_bin(ids[y]) for y in at]
     if bins != [int(b) for o in ordered for b in o["bbox_2d"]]:
         return Drop("coord_slot_mismatch", sample_id, f"{len(pos)} coord slots for {len(ordered)} GT boxes", meta)
@@ -318,25 +319,37 @@ def _desc_span(text: str, mem) -> Span | None:
     return (d.value_start + 1, d.value_end - 1) if d is not None and d.kind == "string" else None
 
 
-def _prefix_weights(ids, starts, ends, matched_objs, codec) -> list[float]:
-    """1 for a non-coord token overlapping a matched object's span and none of their desc contents, else 0:
-    painted span by span (tokens of a span are one range), not token by token."""
-    out = [0.0] * len(ids)
+def _channel_b_weights(prefix_chars, n_pre, starts, ends, matched_objs, tail_rule, coord_at) -> list[float]:
+    """CE weights of a Channel-B answer. Tokens that end inside the rollout prefix (its first `prefix_chars`
+    characters) follow the prefix rules (matched structure only, FP-neutral), even when re-encoded; a token
+    reaching into the appended text is tail (FN entries, closure): `tail_rule` is (closure index, FN desc spans,
+    desc weight, struct weight)."""
+    n_split = bisect.bisect_right(ends, prefix_chars, n_pre)  # ends never decrease
+    i_split = bisect.bisect_left(coord_at, n_split)
+    weights = _prefix_weights(n_split, starts[:n_split], ends[:n_split], matched_objs, coord_at[:i_split])
+    return weights + _answer_weights(len(starts), starts, ends, n_split, *tail_rule, coord_at[i_split:])
+
+
+def _prefix_weights(n, starts, ends, matched_objs, coord_at) -> list[float]:
+    """Weights of tokens 0..n-1: 1 for a non-coord token overlapping a matched object's span and none of their
+    desc contents, else 0: painted span by span (tokens of a span are one range), not token by token.
+    `coord_at`: the positions of the coord tokens among them."""
+    out = [0.0] * n
     paint(out, token_ranges(starts, ends, [o.span for o in matched_objs]), 1.0)
     paint(out, token_ranges(starts, ends, [o.desc_span for o in matched_objs]), 0.0)
-    for y in coord_positions(ids, codec):
+    for y in coord_at:
         out[y] = 0.0
     return out
 
 
-def _answer_weights(ids, starts, ends, lo, close, descs, desc_w, struct_w, codec) -> list[float]:
-    """Weights of answer tokens ids[lo:] (the last one is `<|im_end|>`), by the tail priority rule, painted
-    from the lowest priority up: structure, desc contents, the closure tokens, coord slots."""
-    n = len(ids)
+def _answer_weights(n, starts, ends, lo, close, descs, desc_w, struct_w, coord_at) -> list[float]:
+    """Weights of answer tokens lo..n-1 (the last one is `<|im_end|>`), by the tail priority rule, painted from
+    the lowest priority up: structure, desc contents, the closure tokens, coord slots (`coord_at`: the positions
+    of the coord tokens among them)."""
     out = [struct_w] * (n - lo)
     paint(out, token_ranges(starts, ends, descs, lo), float(desc_w), lo)
     paint(out, token_ranges(starts, ends, [(close, close + 1)], lo) + [(max(n - 1, lo), n)], 1.0, lo)
-    for y in coord_positions(ids, codec, lo):
+    for y in coord_at:
         out[y - lo] = 0.0
     return out
 
