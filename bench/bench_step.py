@@ -193,7 +193,7 @@ class Ours:
             do_sample=True,
             temperature=1.0,
             top_p=1.0,
-            top_k=None,
+            top_k=0,  # no top-k, as our HF backend (None would be transformers' default of 50)
             repetition_penalty=1.0,
             eos_token_id=eos,
             pad_token_id=pad,

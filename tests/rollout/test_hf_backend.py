@@ -79,3 +79,27 @@ def test_repeat_terminated_rollouts_report_it(model):
         first = next(i for i in range(1, len(f.completion_ids)) if f.completion_ids[i] == f.completion_ids[i - 1])
         assert c.finish_reason == "repeat"
         assert c.completion_ids == f.completion_ids[: first + 1] + [3]
+
+
+@pytest.mark.parametrize("top_k", [-1, 7])
+def test_sampling_uses_the_profiles_top_k_and_no_other(model, top_k):
+    """top_k -1 samples from the whole vocabulary (as vLLM does): left unset, transformers would apply the
+    checkpoint's or its own default top-k (50). The scores generate returns are those it sampled from."""
+    from dataclasses import replace
+
+    model.generation_config.top_k = 20  # what a Qwen checkpoint's generation_config.json sets
+    try:
+        backend = HFBackend(model, replace(settings(2, sample=True), top_k=top_k), pad_id=0, eos_id=3)
+        ids = torch.tensor([PROMPTS[0]])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                output_scores=True,
+                return_dict_in_generate=True,
+                **backend._generate_kwargs(prompt_width=ids.shape[1]),
+            )
+    finally:
+        model.generation_config.top_k = None
+    finite = {int(torch.isfinite(s[0]).sum()) for s in out.scores}
+    assert finite == ({model.config.vocab_size} if top_k == -1 else {top_k})

@@ -105,7 +105,9 @@ class HFBackend(OneRoundChunks):
             do_sample=s.do_sample,
             temperature=s.temperature if s.do_sample else None,
             top_p=s.top_p if s.do_sample else None,
-            top_k=(s.top_k if s.top_k > 0 else None) if s.do_sample else None,
+            # 0, not None, when disabled: None would take the checkpoint's generation_config.json or transformers'
+            # default top-k of 50, and the HF backend would sample from another distribution than vLLM's top_k -1.
+            top_k=max(s.top_k, 0) if s.do_sample else None,
             repetition_penalty=s.repetition_penalty,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
