@@ -219,7 +219,7 @@ def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
     """Plan (and unless dry_run, run) one launch. Returns the exit code; raises ClickException on bad input."""
     from toolkit.config import ConfigError
-    from toolkit.preflight import PreflightError, check_files
+    from toolkit.preflight import PreflightError, check_prerequisites
 
     env = dict(os.environ)
     try:
@@ -227,7 +227,7 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         if dry_run:
             click.echo(json.dumps(lp.to_dict(env), indent=2))
             return 0
-        check_files(lp.cfg)
+        check_prerequisites(lp.cfg)
         check_external_servers(lp)
         check_gpus_exist(lp.topo, env)
     except (ConfigError, PreflightError, PlacementError) as exc:
