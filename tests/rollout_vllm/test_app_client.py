@@ -9,16 +9,20 @@ The token guard (401) is app code in front of any engine; the session server run
 without a token, so it is checked here.
 """
 
+import logging
 import queue
 import socket
 import threading
+import time
 
 import pytest
 import uvicorn
 from _shared import free_port
 from fastapi.testclient import TestClient
 
+from toolkit.config.settings import ServerAddress, ServerSettings
 from toolkit.rollout import errors
+from toolkit.rollout.backends import build
 from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout.server.app import create_app
 
@@ -213,6 +217,26 @@ def test_server_down_at_start_names_the_url():
     # it gave up at its own deadline (timeout_s), with the cause, the URL and the fix
     assert "is not healthy after 1.5 s (ConnectionError" in str(err.value)
     assert url in str(err.value) and "stage2 serve" in str(err.value)
+
+
+def test_server_wait_says_what_it_waits_for_before_its_first_retry(monkeypatch, caplog):
+    """The trainer's wait (build.wait_for_servers) against a real closed port: its first line (the URL, the
+    wait and the key that sets it) is logged before the first retry sleep, not after a poll interval."""
+    url = f"http://127.0.0.1:{free_port()}"
+    server = ServerSettings(timeout_s=2.0, infer_timeout_s=2.0, overlap=True, servers=(ServerAddress(url, 51999),))
+    logged_at_first_sleep = []
+    real_sleep = time.sleep
+
+    def spy_sleep(seconds):  # records what was logged by then; sleeps as asked
+        if not logged_at_first_sleep:
+            logged_at_first_sleep.append(caplog.text)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", spy_sleep)
+    with caplog.at_level(logging.INFO, logger=build.__name__), pytest.raises(ServerUnavailableError) as err:
+        build.wait_for_servers(server, rank=0)
+    assert f"waiting up to 2 s for {url}/health/ (rollout_matching.vllm.server.timeout_s)" in logged_at_first_sleep[0]
+    assert f"rollout server {url} is not healthy after 2 s" in str(err.value)
 
 
 def test_server_dying_mid_call_fails_fast_with_the_url():
