@@ -255,6 +255,11 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+def _seconds_option(flag: str, help_text: str):
+    """A launcher timeout: seconds, at least 1, default 600."""
+    return click.option(flag, type=click.FloatRange(min=1), default=600.0, show_default=True, help=help_text)
+
+
 @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
 @profile_options
 @click.option(
@@ -304,20 +309,8 @@ def _setup_logging() -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing."
 )
-@click.option(
-    "--health-timeout",
-    type=click.FloatRange(min=1),
-    default=600.0,
-    show_default=True,
-    help="Seconds to wait for /health/ of started servers.",
-)
-@click.option(
-    "--stop-timeout",
-    type=click.FloatRange(min=1),
-    default=600.0,
-    show_default=True,
-    help="Seconds the learner gets to checkpoint after a stop signal.",
-)
+@_seconds_option("--health-timeout", "Seconds to wait for /health/ of started servers.")
+@_seconds_option("--stop-timeout", "Seconds the learner gets to checkpoint after a stop signal.")
 def launch(
     profile,
     sets,

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import uvicorn
-from _shared import free_port
+from _shared import free_port, greedy_settings
 from fastapi.testclient import TestClient
 
 from toolkit.config.settings import ServerAddress, ServerSettings
@@ -186,21 +186,10 @@ def test_client_retries_idempotent_infer_not_weight_updates(live):
 
 def test_backend_rejects_answers_out_of_order(live):
     """Round sizes and caps run on the real server (test_server.py); answers in the wrong order cannot be."""
-    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
     eng, client = live
-    s = DecodeSettings(
-        max_new_tokens=3,
-        decode_batch_size=2,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=0,
-    )
+    s = greedy_settings(max_new_tokens=3, decode_batch_size=2, seed=0)
     backend = VLLMServerBackend([client], s, eos_id=2)
     prompts = [[10 + i, 20 + i] for i in range(7)]
     assert [r.completion_ids for r in backend.generate(prompts, step=0)] == [p[::-1] for p in prompts]
