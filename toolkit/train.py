@@ -116,13 +116,12 @@ def _start_and_train(
     from toolkit.vlm.support import check_model_support
 
     check_model_support(cfg.model.model, cfg.settings.rollout_backend)  # before any engine starts
-    rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0 and cfg.derived.server_mode:  # said now: loading the model takes a while before the server wait
+    if os.environ.get("RANK", "0") == "0":
         from toolkit.rollout.backends.build import announce_servers
-
-        announce_servers(cfg.settings.server)
-    if rank0:
         from toolkit.runlayout import as_written, claim_run_folder
+
+        if cfg.derived.server_mode:  # said now: loading the model takes a while before the server wait
+            announce_servers(cfg.settings.server)
 
         tr = cfg.training
         for note in claim_run_folder(tr.output_dir, as_written(cfg), resume, overwrite, tr.logging_dir):
