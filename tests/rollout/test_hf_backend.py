@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shared import greedy_settings
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.backends.hf import HFBackend, RepeatTerminateProcessor
@@ -23,17 +24,7 @@ def model():
 
 
 def settings(dbs: int, sample: bool = False, repeat=None) -> DecodeSettings:
-    return DecodeSettings(
-        max_new_tokens=12,
-        decode_batch_size=dbs,
-        do_sample=sample,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=repeat,
-        seed=17,
-    )
+    return greedy_settings(max_new_tokens=12, decode_batch_size=dbs, seed=17, do_sample=sample, repeat=repeat)
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23], [30, 31]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _shared import shape_images, tiny_vlm_dir
+from _shared import greedy_settings, shape_images, tiny_vlm_dir
 
 from toolkit.data.segment import Segment
 from toolkit.trainer.attention import NAME, register
@@ -197,21 +197,10 @@ def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradie
 
 
 def test_hf_backend_rollouts_see_the_image(vlm, segments):
-    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.hf import HFBackend
 
     model, vp = vlm
-    settings = DecodeSettings(
-        max_new_tokens=6,
-        decode_batch_size=2,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=0,
-    )
+    settings = greedy_settings(max_new_tokens=6, decode_batch_size=2, seed=0)
     backend = HFBackend(model, settings, pad_id=0, eos_id=2, vision=vp)
     prompts = [s.input_ids for s in segments[:3]]
     images = [s.images for s in segments[:3]]
