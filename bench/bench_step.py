@@ -132,8 +132,11 @@ class Ours:
         self.b_step = next(s for s in range(8) if channel_for_step(s, 0.5) == "B")
         self.a_step = next(s for s in range(8) if channel_for_step(s, 0.5) == "A")
         self.samples = [self.trainer.train_set[i] for i in self.trainer.budget.step_indices(self.b_step)]
-        # The plain baseline's own copy of the weights (lr ~0: equal to the trainer's at every step).
-        self.plain = AutoModelForCausalLM.from_pretrained(cfg.model.model, dtype=torch.float32)
+        # The plain baseline's own copy of the weights (lr ~0: equal to the trainer's at every step), with the
+        # trainer's attention (model.attn_impl), so the overhead ratios compare the same attention work.
+        self.plain = AutoModelForCausalLM.from_pretrained(
+            cfg.model.model, dtype=torch.float32, attn_implementation=cfg.model.attn_impl
+        )
         tr = cfg.training
         self.opt = torch.optim.AdamW(
             self.plain.parameters(),
@@ -190,7 +193,7 @@ class Ours:
             do_sample=True,
             temperature=1.0,
             top_p=1.0,
-            top_k=None,
+            top_k=0,  # no top-k, as our HF backend (None would be transformers' default of 50)
             repetition_penalty=1.0,
             eos_token_id=eos,
             pad_token_id=pad,
@@ -216,9 +219,12 @@ class Ours:
 
         self.plain.train()
         for pack in self.packs[channel]:
-            logits = self.plain(input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False).logits
-            w = pack.ce_weights[0, 1:]
-            ce = torch.nn.functional.cross_entropy(logits[0, :-1], pack.input_ids[0, 1:], reduction="none")
+            rows = pack.logit_rows()  # the rows our step computes logits at (logits_to_keep): the same work
+            logits = self.plain(
+                input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False, logits_to_keep=rows
+            ).logits
+            w = pack.ce_weights[0, 1:][rows]
+            ce = torch.nn.functional.cross_entropy(logits[0], pack.input_ids[0, rows + 1], reduction="none")
             ((ce * w).sum() / w.sum().clamp(min=1)).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

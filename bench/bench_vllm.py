@@ -33,32 +33,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))  # _shared: the tiny model folder and the settings the vLLM tests use too
 EOS, PAD = 2, 0
 
-
-def tiny_model_dir(tmp: Path) -> Path:
-    out = tmp / "tiny_model"
-    out.mkdir()
-    for part in ("tiny_qwen2", "tokenizer"):
-        for f in (REPO / "assets" / part).iterdir():
-            shutil.copy(f, out / f.name)
-    return out
+from _shared import greedy_settings, tiny_model_dir, vllm_settings  # noqa: E402  (found through sys.path above)
 
 
 def settings(dbs: int, new_tokens: int):
-    from toolkit.config.settings import DecodeSettings
-
-    return DecodeSettings(
-        max_new_tokens=new_tokens,
-        decode_batch_size=dbs,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=0,
-    )
+    return greedy_settings(max_new_tokens=new_tokens, decode_batch_size=dbs, seed=0)
 
 
 def median_time(fn, repeat: int) -> tuple[float, object]:
@@ -163,23 +145,9 @@ def bench_sync(colo, learner, tmp: Path, r: int) -> tuple[list, float, float]:
 
 def bench_colocate(model_dir: str, learner, weights, prompts, tmp: Path, n: int, r: int) -> tuple[list, list, float]:
     """1-3 on one in-process colocate engine."""
-    from toolkit.config.settings import VllmSettings
     from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend
 
-    vllm = VllmSettings(
-        mode="colocate",
-        max_model_len=1024,
-        tensor_parallel_size=1,
-        gpu_memory_utilization=0.3,
-        enable_lora=False,
-        enable_prefix_caching=True,
-        enforce_eager=True,
-        max_num_seqs=None,
-        max_num_batched_tokens=None,
-        dtype="auto",
-        kv_cache_gb=0.5,
-        max_images_per_prompt=1,
-    )
+    vllm = vllm_settings(max_model_len=1024, gpu_memory_utilization=0.3, kv_cache_gb=0.5)
     colo = VLLMColocateBackend.create(
         model=model_dir, vllm=vllm, settings=settings(8, n), model_dtype="float32", eos_id=EOS, weights=weights
     )

@@ -219,7 +219,7 @@ def summary_line(lp: LaunchPlan, code: int, wall_s: float, reason: str) -> str:
 def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
     """Plan (and unless dry_run, run) one launch. Returns the exit code; raises ClickException on bad input."""
     from toolkit.config import ConfigError
-    from toolkit.preflight import PreflightError, check_files
+    from toolkit.preflight import PreflightError, check_prerequisites
 
     env = dict(os.environ)
     try:
@@ -227,7 +227,7 @@ def run_launch(req: LaunchRequest, dry_run: bool = False) -> int:
         if dry_run:
             click.echo(json.dumps(lp.to_dict(env), indent=2))
             return 0
-        check_files(lp.cfg)
+        check_prerequisites(lp.cfg)
         check_external_servers(lp)
         check_gpus_exist(lp.topo, env)
     except (ConfigError, PreflightError, PlacementError) as exc:
@@ -253,6 +253,11 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def _seconds_option(flag: str, help_text: str):
+    """A launcher timeout: seconds, at least 1, default 600."""
+    return click.option(flag, type=click.FloatRange(min=1), default=600.0, show_default=True, help=help_text)
 
 
 @click.command("launch", context_settings={"help_option_names": ["-h", "--help"]})
@@ -304,20 +309,8 @@ def _setup_logging() -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print placement, contract, exact commands and env changes as JSON; start nothing."
 )
-@click.option(
-    "--health-timeout",
-    type=click.FloatRange(min=1),
-    default=600.0,
-    show_default=True,
-    help="Seconds to wait for /health/ of started servers.",
-)
-@click.option(
-    "--stop-timeout",
-    type=click.FloatRange(min=1),
-    default=600.0,
-    show_default=True,
-    help="Seconds the learner gets to checkpoint after a stop signal.",
-)
+@_seconds_option("--health-timeout", "Seconds to wait for /health/ of started servers.")
+@_seconds_option("--stop-timeout", "Seconds the learner gets to checkpoint after a stop signal.")
 def launch(
     profile,
     sets,

@@ -231,6 +231,11 @@ class Supervisor:
         pending = list(servers)
         t0 = last_note = time.monotonic()
         details = {c.spec.name: "not probed yet" for c in servers}
+        log.info(  # at once: the servers' start-up (model load, engine) takes a while before the first note
+            "waiting up to %g s (--health-timeout) for %s",
+            plan.health_timeout,
+            ", ".join(f"{c.spec.name} {specs[c.spec.name].base_url}/health/" for c in servers),
+        )
         while pending:
             self._check_interrupt()
             for child in list(pending):

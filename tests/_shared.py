@@ -1,6 +1,7 @@
 """Helpers shared by several test folders (importable because tests/conftest.py puts tests/ on sys.path; worker
 scripts started as subprocesses put it there themselves): the committed tiny models, ports, the env of a product
-subprocess, a run's metrics.jsonl, the CLI in a fresh interpreter, and the plain-PyTorch reference step."""
+subprocess, a run's metrics.jsonl, the CLI in a fresh interpreter, the decode and engine settings of test backends
+(also imported by bench/bench_vllm.py), and the plain-PyTorch reference step."""
 
 from __future__ import annotations
 
@@ -92,6 +93,39 @@ def tiny_model_dir(tmp: Path) -> Path:
             for f in (ROOT / "assets" / part).iterdir():
                 shutil.copy(f, out / f.name)
     return out
+
+
+def greedy_settings(max_new_tokens: int, decode_batch_size: int, seed: int, **kw):
+    """Decode settings of the test and bench backends: greedy, neutral sampling knobs, no repeat guard;
+    `kw` overrides any field (do_sample, temperature, repeat, ...)."""
+    from toolkit.config.settings import DecodeSettings
+
+    base = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, repeat=None)
+    return DecodeSettings(
+        max_new_tokens=max_new_tokens, decode_batch_size=decode_batch_size, seed=seed, **{**base, **kw}
+    )
+
+
+def vllm_settings(**kw):
+    """Engine settings of the test and bench engines: the schema's defaults, but eager, a small KV cache, a short
+    length; `kw` overrides any field."""
+    from toolkit.config.settings import VllmSettings
+
+    base = dict(
+        mode="colocate",
+        max_model_len=512,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.45,
+        enable_lora=False,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        max_num_seqs=None,
+        max_num_batched_tokens=None,
+        dtype="auto",
+        kv_cache_gb=0.25,
+        max_images_per_prompt=1,
+    )
+    return VllmSettings(**{**base, **kw})
 
 
 def tiny_vlm_dir() -> Path:

@@ -99,7 +99,9 @@ def load_model(ck: Checkpoint, cfg, vision: bool):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from toolkit.model_source import from_pretrained
+    from toolkit.trainer.attention import register as register_attention
 
+    register_attention()  # model.attn_impl sdpa_packed
     cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = from_pretrained(
         cls.from_pretrained,

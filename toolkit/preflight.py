@@ -12,6 +12,7 @@ Example (`stage2 preflight --profile prod/ab_mixed --gpus 0,1 --server-gpus 2,3`
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -179,9 +180,15 @@ def _local_model_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or value.count("/") > 1
 
 
-def missing_files(cfg: ResolvedConfig) -> list[str]:
-    """What the run reads from disk and is not there: the model folder, the records files (no network)."""
+def missing_prerequisites(cfg: ResolvedConfig) -> list[str]:
+    """What the run needs on this machine and is not there: the model folder, the records files, the wandb
+    package when a sink asks for it (no network, no import: checked before any model loads)."""
     problems = []
+    if "wandb" in cfg.training.report_to and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "training.report_to: wandb is listed but the wandb package is not installed "
+            "(fix: pip install -e '.[wandb]', or remove wandb from training.report_to)"
+        )
     model = cfg.model.model
     if _local_model_path(model) and not Path(model).expanduser().is_dir():
         problems.append(
@@ -198,9 +205,9 @@ def missing_files(cfg: ResolvedConfig) -> list[str]:
     return problems
 
 
-def check_files(cfg: ResolvedConfig) -> None:
-    """Raise PreflightError listing every missing model folder / records file before anything starts."""
-    problems = missing_files(cfg)
+def check_prerequisites(cfg: ResolvedConfig) -> None:
+    """Raise PreflightError listing every missing model folder / records file / package before anything starts."""
+    problems = missing_prerequisites(cfg)
     if problems:
         raise PreflightError("; ".join(problems))
 

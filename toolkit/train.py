@@ -108,16 +108,20 @@ def _start_and_train(
     except ModuleNotFoundError as err:
         raise click.ClickException(f"{err}: {VENV_HINT}") from None
 
-    from toolkit.preflight import check_files
+    from toolkit.preflight import check_prerequisites
 
     cfg = load_profile(profile, overrides, world_size=int(os.environ.get(*WORLD_ENV)))
     log.info("profile %s (project root %s)", cfg.profile_path, cfg.project_root)
-    check_files(cfg)
+    check_prerequisites(cfg)
     from toolkit.vlm.support import check_model_support
 
     check_model_support(cfg.model.model, cfg.settings.rollout_backend)  # before any engine starts
     if os.environ.get("RANK", "0") == "0":
+        from toolkit.rollout.backends.build import announce_servers
         from toolkit.runlayout import as_written, claim_run_folder
+
+        if cfg.derived.server_mode:  # said now: loading the model takes a while before the server wait
+            announce_servers(cfg.settings.server)
 
         tr = cfg.training
         for note in claim_run_folder(tr.output_dir, as_written(cfg), resume, overwrite, tr.logging_dir):

@@ -100,7 +100,18 @@ def test_server_mode_says_what_it_waits_for_and_fails_with_the_message_alone(tmp
         f"training.output_dir={tmp_path}",
     )
     assert res.returncode == 1
-    assert f"rollouts come from http://127.0.0.1:{port}; waiting up to 20 s for /health/" in res.stderr
+    said = res.stderr.find(
+        f"rollouts come from http://127.0.0.1:{port}; once the model is loaded the run waits up to 20 s"
+    )
+    # said at start-up, before the engine (model, DeepSpeed) is built; the wait itself starts with its own line
+    assert (
+        0
+        <= said
+        < res.stderr.index("toolkit.trainer.engine")
+        < res.stderr.index(
+            f"waiting up to 20 s for http://127.0.0.1:{port}/health/ (rollout_matching.vllm.server.timeout_s)"
+        )
+    )
     assert "stage2 serve" in res.stderr and "still waiting for" in res.stderr
     assert f"Error: rollout server http://127.0.0.1:{port} is not healthy after 20 s" in res.stderr
     assert "Traceback" not in res.stderr and "[rank0]:" not in res.stderr

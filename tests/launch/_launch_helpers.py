@@ -40,6 +40,17 @@ def run_sets(model: Path, out: Path, *extra: str) -> list[str]:
     return argv
 
 
+def cpu_launch(profile: str, model: Path, out: Path, *sets: str, nproc: int = 2, flags: tuple = ()) -> list[str]:
+    """`stage2-launch` argv of a short CPU run of `profile` (`nproc` ranks, more launcher `flags`) under `out`."""
+    return [*LAUNCH, "--profile", profile, "--gpus", "cpu", "--nproc", str(nproc), *flags, *run_sets(model, out, *sets)]
+
+
+def two_node_launch(profile: str, model: Path, out: Path, rdzv_port: int, node_rank: int, *sets: str) -> list[str]:
+    """Node `node_rank` of a simulated two-node CPU launch on localhost: one rank each, c10d on `rdzv_port`."""
+    flags = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--node-rank", str(node_rank))
+    return cpu_launch(profile, model, out, *sets, nproc=1, flags=flags)
+
+
 # ----------------------------------------------------------------------------- /proc
 def _stat_fields(pid: str) -> list[str] | None:
     try:

@@ -29,6 +29,7 @@ ENTRY = [
     "auto",
 ]
 SIGNALS = ["--max_restarts", "0", "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+MASTER = ["--master_addr", "127.0.0.1", "--master_port", "29511"]  # one node: MASTER_PORT of topo()
 SERVER = ProfileServers(True, (("http://127.0.0.1:8000", 51216),), 1)
 BASE = {
     "PATH": "/usr/bin",
@@ -58,10 +59,7 @@ def test_torchrun_single_node_gpu():
         "1",
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "29511",
+        *MASTER,
         *SIGNALS,
         *ENTRY,
     ]
@@ -88,14 +86,8 @@ def test_torchrun_single_node_cpu():
         "1",
         "--nproc_per_node",
         "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "29511",
-        "--max_restarts",
-        "0",
-        "--signals_to_handle",
-        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        *MASTER,
+        *SIGNALS,
         *ENTRY,
     ]
     env = build_learner_env({"PATH": "/usr/bin", "OMP_NUM_THREADS": "4"}, t, "torchrun", stop_timeout=90)
@@ -159,18 +151,9 @@ def test_deepspeed_gpu_uses_include_and_never_cuda_visible_devices():
         "--include",
         "localhost:0,1",
         "--no_local_rank",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "29511",
+        *MASTER,
         "--module",
-        "toolkit.train",
-        "--profile",
-        "/r/configs/stage2_ab/prod/ab_mixed.yaml",
-        "--set",
-        "training.max_steps=2",
-        "--resume",
-        "auto",
+        *ENTRY[1:],  # the runner takes the module without -m
     ]
     env = build_learner_env(BASE, t, "deepspeed")
     assert "CUDA_VISIBLE_DEVICES" not in env  # the runner would ignore --include next to it (DeepSpeed#5818)
@@ -192,10 +175,7 @@ def test_deepspeed_cpu_uses_num_gpus_and_no_local_rank():
         "--num_gpus",
         "2",
         "--no_local_rank",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        "29511",
+        *MASTER,
         "--module",
     ]
     env = build_learner_env({"CUDA_VISIBLE_DEVICES": ""}, t, "deepspeed")

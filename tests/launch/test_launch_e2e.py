@@ -11,7 +11,15 @@ import json
 import signal
 
 import pytest
-from _launch_helpers import LAUNCH, live_in_group, live_mentioning, rank_pids, run_sets, started_pids, wait_until
+from _launch_helpers import (
+    cpu_launch,
+    live_in_group,
+    live_mentioning,
+    rank_pids,
+    started_pids,
+    two_node_launch,
+    wait_until,
+)
 from _shared import child_env, free_port, metrics
 
 pytestmark = pytest.mark.e2e
@@ -19,19 +27,7 @@ pytestmark = pytest.mark.e2e
 
 def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
     out = tmp_path / "out"
-    proc = spawn(
-        [
-            *LAUNCH,
-            "--profile",
-            "smoke/ab_mixed",
-            "--gpus",
-            "cpu",
-            "--nproc",
-            "2",
-            *run_sets(tiny, out, "training.max_steps=2", "training.save_steps=2"),
-        ],
-        child_env(),
-    )
+    proc = spawn(cpu_launch("smoke/ab_mixed", tiny, out, "training.max_steps=2", "training.save_steps=2"), child_env())
     assert proc.wait(300) == 0, proc.stderr[-4000:]
     assert [r["channel"] for r in metrics(out)] == ["A", "B"]
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
@@ -45,22 +41,9 @@ def test_local_two_rank_cpu_run_completes(spawn, tmp_path, tiny):
 
 def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
     out, port = tmp_path / "out", free_port()
-    common = [
-        "--profile",
-        "smoke/ab_mixed",
-        "--gpus",
-        "cpu",
-        "--nproc",
-        "1",
-        "--nnodes",
-        "2",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        *run_sets(tiny, out, "training.max_steps=2"),
-    ]
-    node0 = spawn([*LAUNCH, *common, "--node-rank", "0"], child_env())
+    node0 = spawn(two_node_launch("smoke/ab_mixed", tiny, out, port, 0, "training.max_steps=2"), child_env())
     assert node0.wait_for(r"started learner", 60), node0.stderr  # node 0 checked the port, then binds it
-    node1 = spawn([*LAUNCH, *common, "--node-rank", "1"], child_env())
+    node1 = spawn(two_node_launch("smoke/ab_mixed", tiny, out, port, 1, "training.max_steps=2"), child_env())
     assert node0.wait(300) == 0, node0.stderr[-4000:]
     assert node1.wait(120) == 0, node1.stderr[-4000:]
     rows = metrics(out)
@@ -70,19 +53,7 @@ def test_simulated_two_node_run_on_localhost(spawn, tmp_path, tiny):
 
 def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_path, tiny):
     out = tmp_path / "out"
-    proc = spawn(
-        [
-            *LAUNCH,
-            "--profile",
-            "smoke/a_only",
-            "--gpus",
-            "cpu",
-            "--nproc",
-            "2",
-            *run_sets(tiny, out, "training.max_steps=200"),
-        ],
-        child_env(),
-    )
+    proc = spawn(cpu_launch("smoke/a_only", tiny, out, "training.max_steps=200"), child_env())
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
     learner = started_pids(proc.stderr)["learner"]
     ranks = rank_pids(str(tmp_path), learner)
@@ -109,21 +80,8 @@ def test_sigterm_to_the_launcher_checkpoints_and_leaves_no_process(spawn, tmp_pa
 def test_deepspeed_launcher_cpu_run_completes(spawn, tmp_path, tiny):
     """The deepspeed runner path (--num_gpus 2 --no_local_rank on CPU); slow: its runner adds ~30 s."""
     out = tmp_path / "out"
-    proc = spawn(
-        [
-            *LAUNCH,
-            "--profile",
-            "smoke/ab_mixed",
-            "--gpus",
-            "cpu",
-            "--nproc",
-            "2",
-            "--launcher",
-            "deepspeed",
-            *run_sets(tiny, out, "training.max_steps=2"),
-        ],
-        child_env(),
-    )
+    argv = cpu_launch("smoke/ab_mixed", tiny, out, "training.max_steps=2", flags=("--launcher", "deepspeed"))
+    proc = spawn(argv, child_env())
     assert proc.wait(600) == 0, proc.stderr[-4000:]
     assert len(metrics(out)) == 2 and "deepspeed.launcher.launch" in proc.stderr
 
@@ -135,27 +93,16 @@ def test_server_mode_with_the_real_rollout_server_on_cpu(spawn, tmp_path, tiny):
     engine process included, which names no test path (it is found as a descendant of the launcher)."""
     pytest.importorskip("vllm")
     out, port, group = tmp_path / "out", free_port(), free_port()
+    sets = (
+        "training.max_steps=2",
+        "rollout_matching.rollout_backend=vllm",
+        "rollout_matching.vllm.mode=server",
+        "rollout_matching.vllm.kv_cache_gb=0.25",
+        "rollout_matching.vllm.enforce_eager=true",
+        f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: {group}}}]",
+    )
     proc = spawn(
-        [
-            *LAUNCH,
-            "--profile",
-            "smoke/ab_mixed",
-            "--gpus",
-            "cpu",
-            "--health-timeout",
-            "400",
-            *run_sets(
-                tiny,
-                out,
-                "training.max_steps=2",
-                "rollout_matching.rollout_backend=vllm",
-                "rollout_matching.vllm.mode=server",
-                "rollout_matching.vllm.kv_cache_gb=0.25",
-                "rollout_matching.vllm.enforce_eager=true",
-                f"rollout_matching.vllm.server.servers=[{{base_url: 'http://127.0.0.1:{port}', group_port: {group}}}]",
-            ),
-        ],
-        child_env(),
+        cpu_launch("smoke/ab_mixed", tiny, out, *sets, nproc=1, flags=("--health-timeout", "400")), child_env()
     )
     assert proc.wait(600) == 0, proc.stderr[-4000:]
     assert "server0: world size 1 as planned" in proc.stderr
@@ -173,19 +120,7 @@ def test_sigkilled_launcher_still_gets_the_learner_to_checkpoint(spawn, tmp_path
     they checkpoint. The ranks write to the log file, not to a pipe of the dead launcher. Every process
     that descended from the launcher is gone afterwards."""
     out = tmp_path / "out"
-    proc = spawn(
-        [
-            *LAUNCH,
-            "--profile",
-            "smoke/a_only",
-            "--gpus",
-            "cpu",
-            "--nproc",
-            "2",
-            *run_sets(tiny, out, "training.max_steps=200"),
-        ],
-        child_env(),
-    )
+    proc = spawn(cpu_launch("smoke/a_only", tiny, out, "training.max_steps=200"), child_env())
     assert wait_until(lambda: metrics(out), 240), proc.stderr[-4000:]
     learner = started_pids(proc.stderr)["learner"]
     ranks = rank_pids(str(tmp_path), learner)

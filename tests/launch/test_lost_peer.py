@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-from _launch_helpers import LAUNCH, rank_pids, run_sets, started_pids, wait_until
+from _launch_helpers import rank_pids, started_pids, two_node_launch, wait_until
 from _shared import child_env, free_port, metrics
 
 pytestmark = pytest.mark.e2e
@@ -26,22 +26,10 @@ def _ppid(pid: int) -> int | None:
 
 def test_a_frozen_peer_fails_the_other_node_after_the_collective_timeout(spawn, tmp_path, tiny):
     out, port = tmp_path / "out", free_port()
-    common = [
-        "--profile",
-        "smoke/a_only",
-        "--gpus",
-        "cpu",
-        "--nproc",
-        "1",
-        "--nnodes",
-        "2",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        *run_sets(tiny, out, "training.max_steps=200", "training.save_strategy=no", "training.collective_timeout_s=20"),
-    ]
-    node0 = spawn([*LAUNCH, *common, "--node-rank", "0"], child_env())
+    sets = ("training.max_steps=200", "training.save_strategy=no", "training.collective_timeout_s=20")
+    node0 = spawn(two_node_launch("smoke/a_only", tiny, out, port, 0, *sets), child_env())
     assert node0.wait_for(r"started learner", 120), node0.stderr
-    node1 = spawn([*LAUNCH, *common, "--node-rank", "1"], child_env())
+    node1 = spawn(two_node_launch("smoke/a_only", tiny, out, port, 1, *sets), child_env())
     assert wait_until(lambda: len(metrics(out)) >= 1, 300), node0.stderr[-4000:]
     learner1 = wait_until(lambda: started_pids(node1.stderr).get("learner"), 30)  # node 1's torchrun
     frozen = [pid for pid in rank_pids(str(tmp_path), learner1) if _ppid(pid) == learner1]  # its rank only

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shared import greedy_settings
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.backends.hf import HFBackend, RepeatTerminateProcessor
@@ -23,17 +24,7 @@ def model():
 
 
 def settings(dbs: int, sample: bool = False, repeat=None) -> DecodeSettings:
-    return DecodeSettings(
-        max_new_tokens=12,
-        decode_batch_size=dbs,
-        do_sample=sample,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=repeat,
-        seed=17,
-    )
+    return greedy_settings(max_new_tokens=12, decode_batch_size=dbs, seed=17, do_sample=sample, repeat=repeat)
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23], [30, 31]]
@@ -79,3 +70,27 @@ def test_repeat_terminated_rollouts_report_it(model):
         first = next(i for i in range(1, len(f.completion_ids)) if f.completion_ids[i] == f.completion_ids[i - 1])
         assert c.finish_reason == "repeat"
         assert c.completion_ids == f.completion_ids[: first + 1] + [3]
+
+
+@pytest.mark.parametrize("top_k", [-1, 7])
+def test_sampling_uses_the_profiles_top_k_and_no_other(model, top_k):
+    """top_k -1 samples from the whole vocabulary (as vLLM does): left unset, transformers would apply the
+    checkpoint's or its own default top-k (50). The scores generate returns are those it sampled from."""
+    from dataclasses import replace
+
+    model.generation_config.top_k = 20  # what a Qwen checkpoint's generation_config.json sets
+    try:
+        backend = HFBackend(model, replace(settings(2, sample=True), top_k=top_k), pad_id=0, eos_id=3)
+        ids = torch.tensor([PROMPTS[0]])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                output_scores=True,
+                return_dict_in_generate=True,
+                **backend._generate_kwargs(prompt_width=ids.shape[1]),
+            )
+    finally:
+        model.generation_config.top_k = None
+    finite = {int(torch.isfinite(s[0]).sum()) for s in out.scores}
+    assert finite == ({model.config.vocab_size} if top_k == -1 else {top_k})

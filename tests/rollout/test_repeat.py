@@ -1,7 +1,11 @@
 """Repeat-terminate rule: each trigger fires exactly at its threshold and not before."""
 
+import random
+
+import pytest
+
 from toolkit.config.settings import RepeatSettings
-from toolkit.rollout.repeat import should_stop
+from toolkit.rollout.repeat import RepeatWatch, should_stop
 
 KEY = 7  # an id that opens an object key
 
@@ -47,3 +51,22 @@ def test_from_cfg_reads_every_knob():
         }
     )
     assert rule == RepeatSettings(8, 8, 8, 3, 64)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        RepeatSettings(min_new_tokens=0, max_consecutive_token_repeats=3),
+        RepeatSettings(min_new_tokens=5, ngram_size=2, ngram_repeats=3),
+        RepeatSettings(min_new_tokens=2, max_object_keys=2),
+        RepeatSettings(min_new_tokens=4, max_consecutive_token_repeats=4, ngram_size=3, ngram_repeats=2),
+        RepeatSettings(),
+    ],
+)
+def test_watch_equals_the_rule_on_every_prefix(rule):
+    rng = random.Random(1)
+    for _ in range(1500):
+        generated = [rng.choice([3, 4, KEY, 9]) for _ in range(rng.randint(1, 40))]
+        watch = RepeatWatch(rule, {KEY})
+        got = [watch.push(t) for t in generated]
+        assert got == [should_stop(rule, generated[:i], {KEY}) for i in range(1, len(generated) + 1)], generated

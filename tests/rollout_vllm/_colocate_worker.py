@@ -15,13 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _shared
 
 import torch  # noqa: E402
-from _vllm_helpers import vllm_settings  # noqa: E402
+from _shared import greedy_settings, vllm_settings  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from toolkit.config.settings import (
-    DecodeSettings,  # noqa: E402
-    RepeatSettings,  # noqa: E402
-)
+from toolkit.config.settings import DecodeSettings, RepeatSettings  # noqa: E402
 from toolkit.rollout.backends.hf import HFBackend  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
 
@@ -31,18 +28,7 @@ VCFG = vllm_settings()
 
 
 def settings(**kw) -> DecodeSettings:
-    base = dict(
-        max_new_tokens=48,
-        decode_batch_size=4,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=7,
-    )
-    return DecodeSettings(**{**base, **kw})
+    return greedy_settings(**{"max_new_tokens": 48, "decode_batch_size": 4, "seed": 7, **kw})
 
 
 def ids(rollouts):

@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from _shared import child_env, free_port
 
-from toolkit.config.settings import ServerAddress, ServerSettings, VllmSettings
+from toolkit.config.settings import ServerAddress, ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = 2  # <|im_end|> in assets/tokenizer
@@ -26,25 +26,6 @@ ENGINE_SETS = (
     "rollout_matching.vllm.kv_cache_gb=0.25",
     "rollout_matching.vllm.max_model_len=1024",
 )
-
-
-def vllm_settings(**kw) -> VllmSettings:
-    """Engine settings of the test engines: the schema's defaults, but eager, a small KV cache, a short length."""
-    base = dict(
-        mode="colocate",
-        max_model_len=512,
-        tensor_parallel_size=1,
-        gpu_memory_utilization=0.45,
-        enable_lora=False,
-        enable_prefix_caching=True,
-        enforce_eager=True,
-        max_num_seqs=None,
-        max_num_batched_tokens=None,
-        dtype="auto",
-        kv_cache_gb=0.25,
-        max_images_per_prompt=1,
-    )
-    return VllmSettings(**{**base, **kw})
 
 
 def server_settings(

@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/: _shared
 
-from _vllm_helpers import vllm_settings  # noqa: E402
+from _shared import vllm_settings  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, hf_learner, perturb, settings, vlm_batch, weights_of  # noqa: E402
 
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402

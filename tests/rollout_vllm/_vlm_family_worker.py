@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from _vllm_helpers import vllm_settings  # noqa: E402
+from _shared import vllm_settings  # noqa: E402
 from _vlm_families import load_hf  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of  # noqa: E402
 

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from _shared import greedy_settings
+
 EOS = 2
 TEXTS = ("find the cats", "boxes please", "where is the car")
 TEXT_ONLY = "no image here"  # one text prompt rides along in every image batch
-SETTINGS = dict(
-    max_new_tokens=24,
-    do_sample=False,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=-1,
-    repetition_penalty=1.0,
-    repeat=None,
-    seed=7,
-)
 
 
 def settings(dbs: int):
-    from toolkit.config.settings import DecodeSettings
-
-    return DecodeSettings(decode_batch_size=dbs, **SETTINGS)
+    return greedy_settings(max_new_tokens=24, decode_batch_size=dbs, seed=7)
 
 
 def chat(text: str, images: int) -> str:

@@ -9,16 +9,20 @@ The token guard (401) is app code in front of any engine; the session server run
 without a token, so it is checked here.
 """
 
+import logging
 import queue
 import socket
 import threading
+import time
 
 import pytest
 import uvicorn
-from _shared import free_port
+from _shared import free_port, greedy_settings
 from fastapi.testclient import TestClient
 
+from toolkit.config.settings import ServerAddress, ServerSettings
 from toolkit.rollout import errors
+from toolkit.rollout.backends import build
 from toolkit.rollout.client import RolloutServerError, ServerClient, ServerUnavailableError
 from toolkit.rollout.server.app import create_app
 
@@ -182,21 +186,10 @@ def test_client_retries_idempotent_infer_not_weight_updates(live):
 
 def test_backend_rejects_answers_out_of_order(live):
     """Round sizes and caps run on the real server (test_server.py); answers in the wrong order cannot be."""
-    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.vllm_server import VLLMServerBackend
 
     eng, client = live
-    s = DecodeSettings(
-        max_new_tokens=3,
-        decode_batch_size=2,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=0,
-    )
+    s = greedy_settings(max_new_tokens=3, decode_batch_size=2, seed=0)
     backend = VLLMServerBackend([client], s, eos_id=2)
     prompts = [[10 + i, 20 + i] for i in range(7)]
     assert [r.completion_ids for r in backend.generate(prompts, step=0)] == [p[::-1] for p in prompts]
@@ -213,6 +206,26 @@ def test_server_down_at_start_names_the_url():
     # it gave up at its own deadline (timeout_s), with the cause, the URL and the fix
     assert "is not healthy after 1.5 s (ConnectionError" in str(err.value)
     assert url in str(err.value) and "stage2 serve" in str(err.value)
+
+
+def test_server_wait_says_what_it_waits_for_before_its_first_retry(monkeypatch, caplog):
+    """The trainer's wait (build.wait_for_servers) against a real closed port: its first line (the URL, the
+    wait and the key that sets it) is logged before the first retry sleep, not after a poll interval."""
+    url = f"http://127.0.0.1:{free_port()}"
+    server = ServerSettings(timeout_s=2.0, infer_timeout_s=2.0, overlap=True, servers=(ServerAddress(url, 51999),))
+    logged_at_first_sleep = []
+    real_sleep = time.sleep
+
+    def spy_sleep(seconds):  # records what was logged by then; sleeps as asked
+        if not logged_at_first_sleep:
+            logged_at_first_sleep.append(caplog.text)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", spy_sleep)
+    with caplog.at_level(logging.INFO, logger=build.__name__), pytest.raises(ServerUnavailableError) as err:
+        build.wait_for_servers(server, rank=0)
+    assert f"waiting up to 2 s for {url}/health/ (rollout_matching.vllm.server.timeout_s)" in logged_at_first_sleep[0]
+    assert f"rollout server {url} is not healthy after 2 s" in str(err.value)
 
 
 def test_server_dying_mid_call_fails_fast_with_the_url():

@@ -166,60 +166,35 @@ def test_client_names_an_unhealthy_server_and_does_not_retry():
     assert not _says_unhealthy(response(504, {"detail": "the rollout server is unhealthy: x"}))
 
 
-def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
+def serve_to_exit(model, *args: str):
+    """`python -m toolkit.rollout.server` (serve_argv: one CPU engine of smoke/b_only on `model`) with `args`,
+    run until it exits: the faults below stop it before any engine starts."""
     import subprocess
-    import sys
 
     from _shared import child_env, free_port
+    from _vllm_helpers import ROOT, serve_argv
+
+    argv = serve_argv(model, free_port(), 1) + list(args)
+    return subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_missing_image_root_fails_before_any_engine_starts(tmp_path):
     from _vllm_helpers import ROOT
 
-    argv = [
-        sys.executable,
-        "-m",
-        "toolkit.rollout.server",
-        "--profile",
-        "smoke/b_only",
-        "--port",
-        str(free_port()),
-        "--set",
-        "rollout_matching.rollout_backend=vllm",
-        "--set",
-        "rollout_matching.vllm.max_model_len=1024",
-        "--image-root",
-        str(tmp_path / "nope"),
-    ]
-    proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    proc = serve_to_exit(ROOT / "assets" / "stage1", "--image-root", str(tmp_path / "nope"))
     assert proc.returncode == 1 and f"--image-root {tmp_path / 'nope'} is not a directory" in proc.stderr, proc.stderr
 
 
 def test_a_damaged_weights_file_is_one_sentence_before_any_engine_starts(tmp_path):
     """A model folder whose safetensors header is cut (copied, then truncated) names the file, no traceback."""
     import shutil
-    import subprocess
-    import sys
 
-    from _shared import child_env, free_port
     from _vllm_helpers import ROOT
 
     model = tmp_path / "model"
     shutil.copytree(ROOT / "assets" / "stage1", model)
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    argv = [
-        sys.executable,
-        "-m",
-        "toolkit.rollout.server",
-        "--profile",
-        "smoke/b_only",
-        "--port",
-        str(free_port()),
-        "--set",
-        "rollout_matching.rollout_backend=vllm",
-        "--set",
-        "rollout_matching.vllm.max_model_len=1024",
-        "--set",
-        f"model.model={model}",
-    ]
-    proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    proc = serve_to_exit(model)
     assert proc.returncode == 1, proc.stderr
     assert f"{weights}: not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

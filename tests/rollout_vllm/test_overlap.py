@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _shared import child_env, free_port
+from _shared import child_env, free_port, greedy_settings
 from _vllm_helpers import EOS, ROOT
 from test_app_client import live as live  # the fixture: the real app over sockets with a toy engine
 
@@ -31,17 +31,7 @@ TOL = 1e-6
 
 
 def settings(dbs: int = 1) -> DecodeSettings:
-    return DecodeSettings(
-        max_new_tokens=24,
-        decode_batch_size=dbs,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=7,
-    )
+    return greedy_settings(max_new_tokens=24, decode_batch_size=dbs, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import socket
 import pytest
 import requests
 import torch
+from _shared import greedy_settings
 from _vllm_helpers import EOS, server_settings
 
 from toolkit.config.settings import DecodeSettings
@@ -23,17 +24,7 @@ PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [
 
 
 def settings(dbs: int = 2) -> DecodeSettings:
-    return DecodeSettings(
-        max_new_tokens=40,
-        decode_batch_size=dbs,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=7,
-    )
+    return greedy_settings(max_new_tokens=40, decode_batch_size=dbs, seed=7)
 
 
 def weights_of(model):

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import torch
-from _vllm_helpers import vllm_settings
+from _shared import vllm_settings
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.completions import finish_rollout, repeat_cut, sampling_dict

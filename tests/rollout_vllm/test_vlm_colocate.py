@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _shared import child_env, shape_images, tiny_vlm_dir
-from _vllm_helpers import ROOT, vllm_settings
+from _shared import child_env, shape_images, tiny_vlm_dir, vllm_settings
+from _vllm_helpers import ROOT
 from _vlm_helpers import EOS, hf_learner, settings
 
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend

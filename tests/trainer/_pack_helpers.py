@@ -10,11 +10,12 @@ COORD_OFFSET = 100  # coord bin k is token id COORD_OFFSET + k
 COORD_IDS = list(range(COORD_OFFSET, COORD_OFFSET + 1000))
 
 
-def make_tiny_qwen2(attn_implementation: str = "sdpa", seed: int = 0):
+def make_tiny_qwen2(attn_implementation: str = "sdpa", seed: int = 0, **config):
+    """`config`: Qwen2Config fields on top of the tiny defaults."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
+    tiny = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -24,8 +25,8 @@ def make_tiny_qwen2(attn_implementation: str = "sdpa", seed: int = 0):
         head_dim=32,
         max_position_embeddings=512,
         tie_word_embeddings=False,
-        attn_implementation=attn_implementation,
     )
+    cfg = Qwen2Config(**{**tiny, **config}, attn_implementation=attn_implementation)
     model = Qwen2ForCausalLM(cfg).float()
     assert model.config._attn_implementation == attn_implementation
     return model

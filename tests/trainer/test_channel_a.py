@@ -40,6 +40,8 @@ def test_forward_count_and_call_contract(n_iter):
         assert kw["use_cache"] is False and "attention_mask" not in kw
         assert kw["inputs_embeds"].shape == (1, batch.length, 64)
         assert torch.equal(kw["position_ids"], batch.position_ids)
+        assert torch.equal(kw["logits_to_keep"], batch.logit_rows())  # logits only where the loss reads them
+    assert first.shape == (1, batch.logit_rows().numel(), VOCAB)
     assert (first is last) == (n_iter == 1)
 
 
@@ -48,7 +50,7 @@ def test_n1_equals_plain_teacher_forced_forward():
     batch = _pack()
     first, _ = softctx_logits(model, batch, COORD_IDS, 1, 1.0, "em_detach")
     plain = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-    assert torch.equal(first, plain)
+    assert torch.equal(first, plain[:, batch.logit_rows()])
 
 
 def test_only_coord_rows_change_across_iterations():
@@ -75,7 +77,8 @@ def test_soft_embedding_is_expected_coord_embedding():
     tau = 0.5
     first, _ = softctx_logits(model, batch, COORD_IDS, 2, tau, "em_detach")
     table = model.get_input_embeddings().weight[COORD_IDS]
-    probs = torch.softmax(first[0, batch.coord_pos - 1][:, COORD_IDS] / tau, dim=-1)
+    slot_rows = torch.searchsorted(batch.logit_rows(), batch.coord_pos - 1)
+    probs = torch.softmax(first[0, slot_rows][:, COORD_IDS] / tau, dim=-1)
     expected = probs @ table
     got = calls[1]["kwargs"]["inputs_embeds"][0, batch.coord_pos]
     assert torch.allclose(got, expected, atol=1e-6)
@@ -89,7 +92,7 @@ def test_packed_softctx_matches_each_segment_alone():
         start = 0
         for seg in segs:
             f, last = softctx_logits(model, collate_pack([seg]), COORD_IDS, 3, 1.0, "unroll")
-            n = len(seg)
+            n = f.shape[1]  # the segment's logit rows
             assert (packed_first[0, start : start + n] - f[0]).abs().max() <= 1e-5
             assert (packed_last[0, start : start + n] - last[0]).abs().max() <= 1e-5
             start += n
@@ -113,9 +116,9 @@ class ScriptedLM(nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, position_ids, use_cache):
+    def forward(self, inputs_embeds, position_ids, use_cache, logits_to_keep):
         kind = self.script.pop(0)
-        out = self.table[kind][None] + self.bias + 0.0 * inputs_embeds.sum()
+        out = self.table[kind][None, logits_to_keep] + self.bias + 0.0 * inputs_embeds.sum()
         return type("Out", (), {"logits": out})()
 
 

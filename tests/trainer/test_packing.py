@@ -7,6 +7,7 @@ import pytest
 import torch
 from _pack_helpers import COORD_OFFSET, make_segment, make_tiny_qwen2
 
+from toolkit.trainer import attention
 from toolkit.trainer.packing import collate_pack, plan_packs, select_pack
 
 
@@ -171,8 +172,9 @@ def test_collate_rejects_bad_packs():
         collate_pack([a, bad])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", attention.NAME])
 def test_packed_logits_equal_unpacked(attn):
+    attention.register()
     model = make_tiny_qwen2(attn).eval()
     segs = [make_segment(s, prompt_len=3 + s, n_boxes=1 + s % 2) for s in range(3)]
     batch = collate_pack(segs)

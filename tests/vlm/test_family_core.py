@@ -9,6 +9,7 @@ import pytest
 import torch
 from _vlm_families import NEW_FAMILIES, family_dir, load_hf
 from test_vlm_core import (  # noqa: F401  (pytest collects the imported tests with the fixture below)
+    attn,
     segments,
     test_expand_gives_one_pad_per_merged_patch_and_collapse_undoes_it,
     test_mrope_rows_equal_hf_get_rope_index,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _shared import shape_images, tiny_vlm_dir
+from _shared import greedy_settings, shape_images, tiny_vlm_dir
 
 from toolkit.data.segment import Segment
+from toolkit.trainer.attention import NAME, register
 from toolkit.trainer.channel_a import softctx_logits
 from toolkit.trainer.packing import collate_pack
 from toolkit.vlm.images import collapse_image_pads
@@ -74,9 +75,22 @@ def test_mrope_rows_equal_hf_get_rope_index(vlm, segments):
     assert len({seg.image_grids for seg in segments[:3]}) == 3  # three different grids were covered
 
 
-def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments):
-    """Segment-aware M-RoPE (+ the text row for the block mask) == running each segment alone."""
+@pytest.fixture(params=["sdpa", NAME])
+def attn(request, vlm):
+    """The model's attention switched to transformers' sdpa or to sdpa_packed for one test, then back."""
+    model = vlm[0]
+    before = model.config._attn_implementation
+    register()
+    model.set_attn_implementation(request.param)
+    yield request.param
+    model.set_attn_implementation(before)
+
+
+def test_packed_row_gives_each_segment_its_unpacked_logits(vlm, segments, attn):
+    """Segment-aware M-RoPE (+ the text row for the block mask or sdpa_packed's segments) == running each
+    segment alone."""
     model, vp = vlm
+    assert model.model.language_model.config._attn_implementation == attn
     pack = collate_pack(segments, mrope=(vp.pad_id, vp.merge))
     assert tuple(pack.position_ids.shape) == (4, 1, sum(len(s) for s in segments))
     assert pack.images == tuple(p for s in segments for p in s.images)
@@ -183,21 +197,10 @@ def test_soft_context_runs_the_vision_tower_once_with_the_same_logits_and_gradie
 
 
 def test_hf_backend_rollouts_see_the_image(vlm, segments):
-    from toolkit.config.settings import DecodeSettings
     from toolkit.rollout.backends.hf import HFBackend
 
     model, vp = vlm
-    settings = DecodeSettings(
-        max_new_tokens=6,
-        decode_batch_size=2,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=-1,
-        repetition_penalty=1.0,
-        repeat=None,
-        seed=0,
-    )
+    settings = greedy_settings(max_new_tokens=6, decode_batch_size=2, seed=0)
     backend = HFBackend(model, settings, pad_id=0, eos_id=2, vision=vp)
     prompts = [s.input_ids for s in segments[:3]]
     images = [s.images for s in segments[:3]]

@@ -36,7 +36,13 @@ MODEL = Section(
     {
         "model": Key(Str(), "Local checkpoint directory or hub id; relative paths resolve against the project root."),
         "torch_dtype": Key(Enum("float32", "bfloat16"), "Parameter/compute dtype of the learner.", "float32"),
-        "attn_impl": Key(Enum("sdpa", "eager"), "Attention implementation passed to the model.", "sdpa"),
+        "attn_impl": Key(
+            Enum("sdpa_packed", "sdpa", "eager"),
+            "Attention implementation passed to the model. sdpa_packed (default): SDPA run segment by segment over a "
+            "packed row, so a pack costs the sum of its segments' squared lengths instead of its length squared; "
+            "otherwise transformers' sdpa (docs/PERFORMANCE.md). sdpa, eager: transformers' own.",
+            "sdpa_packed",
+        ),
     },
     required=True,
 )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings
 from toolkit.rollout.backends.base import Rollout
+from toolkit.rollout.repeat import RepeatWatch
 
 
 def sampling_dict(s: DecodeSettings, eos_id: int, seed: int | None) -> dict:
@@ -32,21 +33,8 @@ def repeat_cut(generated: Sequence[int], rule: RepeatSettings | None, key_ids: f
     <|im_end|> right after such a prefix, so cutting there reproduces its rollout exactly."""
     if rule is None:
         return None
-    keys = 0
-    r, size, reps = rule.max_consecutive_token_repeats, rule.ngram_size, rule.ngram_repeats
-    for i in range(1, limit + 1):
-        keys += generated[i - 1] in key_ids
-        if i < max(1, rule.min_new_tokens):
-            continue
-        if rule.max_object_keys and key_ids and keys > rule.max_object_keys:
-            return i
-        if r > 1 and i >= r and len(set(generated[i - r : i])) == 1:
-            return i
-        if size > 0 and reps > 1 and i >= size * reps:
-            tail = generated[i - size * reps : i]
-            if all(tail[k * size : (k + 1) * size] == tail[:size] for k in range(reps)):
-                return i
-    return None
+    watch = RepeatWatch(rule, key_ids)
+    return next((i for i, token in enumerate(generated[:limit], 1) if watch.push(token)), None)
 
 
 def finish_rollout(

@@ -32,3 +32,41 @@ def should_stop(rule: RepeatSettings, generated: Sequence[int], object_key_ids: 
         gram = tail[:size]
         return all(tail[i * size : (i + 1) * size] == gram for i in range(reps))
     return False
+
+
+class RepeatWatch:
+    """`should_stop` applied token by token, in O(1) per token instead of O(n): `push(token)` returns
+    `should_stop(rule, generated so far)`. The backends decode token by token, so they watch with this
+    (tests/rollout/test_repeat.py holds the two equal on every prefix)."""
+
+    def __init__(self, rule: RepeatSettings, object_key_ids: Collection[int] = ()):
+        self.rule = rule
+        self.key_ids = frozenset(object_key_ids)
+        self.n = 0  # tokens pushed
+        self.keys = 0  # object keys among them
+        self.last: int | None = None
+        self.run = 0  # length of the run of `last` at the end
+        self.tail: list[int] = []  # the last ngram_size × ngram_repeats tokens
+        self._tail_len = rule.ngram_size * rule.ngram_repeats if rule.ngram_size > 0 and rule.ngram_repeats > 1 else 0
+
+    def push(self, token: int) -> bool:
+        rule = self.rule
+        self.run = self.run + 1 if token == self.last else 1
+        self.last = token
+        self.n += 1
+        self.keys += token in self.key_ids
+        if self._tail_len:
+            self.tail.append(token)
+            if len(self.tail) > self._tail_len:
+                del self.tail[0]
+        if self.n < max(1, rule.min_new_tokens):
+            return False
+        if rule.max_object_keys and self.key_ids and self.keys > rule.max_object_keys:
+            return True
+        r = rule.max_consecutive_token_repeats
+        if r > 1 and self.run >= r:
+            return True
+        if self._tail_len and self.n >= self._tail_len:
+            size = rule.ngram_size
+            return all(self.tail[i : i + size] == self.tail[:size] for i in range(size, self._tail_len, size))
+        return False

@@ -60,13 +60,18 @@ def encode_images_once(model: Any, model_kwargs: Mapping[str, Any]) -> dict:
     return kwargs
 
 
-def _forward(model: Any, embeds: torch.Tensor, batch: PackBatch, model_kwargs: Mapping[str, Any]) -> torch.Tensor:
-    out = model(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **model_kwargs)
+def _forward(
+    model: Any, embeds: torch.Tensor, batch: PackBatch, rows: torch.Tensor, model_kwargs: Mapping[str, Any]
+) -> torch.Tensor:
+    """[1, K, V] logits at the K `rows` (`batch.logit_rows()`): the only rows the loss and the next pass read."""
+    out = model(
+        inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, logits_to_keep=rows, **model_kwargs
+    )
     logits = out.logits
-    if logits.shape[:2] != embeds.shape[:2]:
+    if logits.shape[:2] != (1, rows.numel()):
         raise ValueError(
-            f"model returned sliced logits {tuple(logits.shape)} for inputs {tuple(embeds.shape[:2])}; "
-            "Channel-A needs logits at every position"
+            f"model returned logits {tuple(logits.shape)} for inputs {tuple(embeds.shape[:2])} and "
+            f"logits_to_keep of {rows.numel()} rows; Channel-A needs a forward that honours logits_to_keep"
         )
     return logits
 
@@ -100,7 +105,8 @@ def softctx_logits(
     grad_mode: str,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `n_iter` teacher-forced passes with soft coordinate self-context; return (first, last) logits.
+    """Run `n_iter` teacher-forced passes with soft coordinate self-context; return (first, last) logits,
+    each [1, K, V] at the K rows of `batch.logit_rows()` (what `pack_loss` reads).
 
     Pass 0 embeds the ground-truth ids. Pass it > 0 rebuilds the same embeddings and replaces the rows
     at coord slots p (`batch.coord_pos`, label positions) with Σ_k softmax(z_prev[p−1, coord]/τ)_k · E[coord_k];
@@ -127,6 +133,8 @@ def softctx_logits(
     kwargs = encode_images_once(model, model_kwargs or {})
     embed = model.get_input_embeddings()
     slots = batch.coord_pos.to(batch.input_ids.device)
+    rows = batch.logit_rows().to(batch.input_ids.device)
+    slot_rows = torch.searchsorted(rows, slots - 1)  # the logits rows predicting the coord slots
     coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=batch.input_ids.device)
     outer_grad = torch.is_grad_enabled()
     coord_table = None
@@ -142,12 +150,12 @@ def softctx_logits(
                 if coord_table is None:  # [1000, H], gathered once per call
                     coord_table = embed(coord_ids[None])[0]
                 embeds = _with_soft_coords(embeds, slots, prev_coord_logits, coord_table, temperature, grad_mode)
-            logits = _forward(model, embeds, batch, kwargs)
+            logits = _forward(model, embeds, batch, rows, kwargs)
         if it == 0:
             logits_first = logits
         if it == n_iter - 1:
             logits_last = logits
         elif slots.numel():
-            prev_coord_logits = logits[0].index_select(0, slots - 1).index_select(1, coord_ids)
+            prev_coord_logits = logits[0].index_select(0, slot_rows).index_select(1, coord_ids)
         del logits  # middle passes keep only their [N, 1000] coord rows alive
     return logits_first, logits_last

@@ -25,6 +25,7 @@ from toolkit.rollout.codec import HFTokenCodec
 from toolkit.rollout.targets import Drop, build_channel_a_segment
 from toolkit.trainer import checkpoint as ckpt
 from toolkit.trainer import dumps
+from toolkit.trainer.attention import register as register_attention
 from toolkit.trainer.budget import StepBudget
 from toolkit.trainer.channel_b import ChannelBSettings, channel_b_rounds, with_images
 from toolkit.trainer.distributed import init_distributed
@@ -146,6 +147,7 @@ class Stage2Trainer:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         cfg, tr = self.cfg, self.cfg.training
+        register_attention()  # model.attn_impl sdpa_packed
         model_cls = AutoModelForImageTextToText if self.vision else AutoModelForCausalLM
         model = from_pretrained(
             model_cls.from_pretrained,

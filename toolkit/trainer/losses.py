@@ -188,8 +188,14 @@ class _Means:
         return (num / torch.where(den > 0, den, torch.ones_like(den))).sum() / self.n
 
 
-def _ce_term(logits: torch.Tensor, batch: PackBatch, means: _Means) -> torch.Tensor:
-    """Σ w·CE / Σ w over supervised labels (per sample or per pack); 0 when nothing is supervised."""
+def _same_rows(positions: torch.Tensor) -> torch.Tensor:
+    """Pack rows → logits rows when the logits cover every position."""
+    return positions
+
+
+def _ce_term(logits: torch.Tensor, batch: PackBatch, means: _Means, row_of=_same_rows) -> torch.Tensor:
+    """Σ w·CE / Σ w over supervised labels (per sample or per pack); 0 when nothing is supervised.
+    `row_of` maps pack rows to rows of `logits` (`_as_2d`)."""
     import torch
     import torch.nn.functional as F
 
@@ -201,12 +207,17 @@ def _ce_term(logits: torch.Tensor, batch: PackBatch, means: _Means) -> torch.Ten
     w_sup = w.index_select(0, rows)
     labels = batch.input_ids[0, 1:].to(logits.device).index_select(0, rows)
     # Cost: n_sup × V × 4 bytes for the fp32 rows, the same again for log-softmax saved for backward.
-    token_ce = F.cross_entropy(_upcast(logits.index_select(0, rows)), labels, reduction="none")
+    token_ce = F.cross_entropy(_upcast(logits.index_select(0, row_of(rows))), labels, reduction="none")
     return means.mean(token_ce, rows + 1, w_sup)  # row r predicts label position r + 1
 
 
 def _coord_terms(
-    logits: torch.Tensor, batch: PackBatch, coord_ids: torch.Tensor, weights: LossWeights, means: _Means | None = None
+    logits: torch.Tensor,
+    batch: PackBatch,
+    coord_ids: torch.Tensor,
+    weights: LossWeights,
+    means: _Means | None = None,
+    row_of=_same_rows,
 ) -> dict:
     """Geometry, regularizers and gate over the pack's coord slots (all zero when there are none)."""
     import torch
@@ -224,7 +235,7 @@ def _coord_terms(
     means = means or _Means(batch, "per_sample", dev)
     first = slots[0::4]  # a box belongs where its first slot is
     # Only the N rows predicting coord slots: N × V × 4 bytes in fp32, never [L, V].
-    full = _upcast(logits.index_select(0, slots - 1))
+    full = _upcast(logits.index_select(0, row_of(slots - 1)))
     z = full.index_select(1, coord_ids)  # [N, 1000] coord slice
     log_p = torch.log_softmax(z / weights.softctx_temperature, dim=-1)
     p = log_p.exp()
@@ -270,17 +281,25 @@ def huber(err: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.where(a < delta, 0.5 * a**2 / delta, a - 0.5 * delta)
 
 
-def _as_2d(logits: torch.Tensor, length: int, name: str) -> torch.Tensor:
+def _as_2d(logits: torch.Tensor, batch: PackBatch, name: str):
+    """(logits as [rows, V], row_of): the logits at every position ([L, V]), or only at `batch.logit_rows()`
+    (a forward with `logits_to_keep`), and the map from pack rows to rows of those logits."""
+    import torch
+
     if logits.dim() == 3:
         if logits.shape[0] != 1:
             raise ValueError(f"{name}: packed forward must have batch size 1, got {tuple(logits.shape)}")
         logits = logits[0]
-    if logits.dim() != 2 or logits.shape[0] != length:
+    if logits.dim() == 2 and logits.shape[0] == batch.length:
+        return logits, _same_rows
+    kept = batch.logit_rows().to(logits.device)
+    if logits.dim() != 2 or logits.shape[0] != kept.numel():
         raise ValueError(
-            f"{name}: model returned sliced logits of shape {tuple(logits.shape)} for a pack of {length} tokens; "
-            "do not pass logits_to_keep to the training forward"
+            f"{name}: model returned logits of shape {tuple(logits.shape)} for a pack of {batch.length} tokens; "
+            f"the loss reads logits at every position or at the pack's {kept.numel()} logit_rows() "
+            "(logits_to_keep=pack.logit_rows())"
         )
-    return logits
+    return logits, lambda positions: torch.searchsorted(kept, positions)
 
 
 def _weighted_sum(ce: torch.Tensor, t: dict, weights: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,8 +331,9 @@ def pack_loss(
     """Total loss of one pack (a mean over its samples) and its logged parts.
 
     Args:
-        logits_ce: [1, L, V] (or [L, V]) logits for the CE term (Channel-A: first soft-context pass).
-        logits_geo: same shape; logits for geometry, regularizers and gate (Channel-A: last pass).
+        logits_ce: [1, L, V] (or [L, V]) logits for the CE term (Channel-A: first soft-context pass), or
+            [1, K, V] at the K rows of `batch.logit_rows()` only (the learner's forwards, `logits_to_keep`).
+        logits_geo: the same; logits for geometry, regularizers and gate (Channel-A: last pass).
         batch: the collated pack.
         coord_token_ids: 1000 token ids, entry k = bin k.
         weights: loss weights.
@@ -326,9 +346,8 @@ def pack_loss(
     """
     import torch
 
-    length = batch.length
-    lce = _as_2d(logits_ce, length, "logits_ce")
-    lgeo = _as_2d(logits_geo, length, "logits_geo")
+    lce, ce_rows = _as_2d(logits_ce, batch, "logits_ce")
+    lgeo, geo_rows = _as_2d(logits_geo, batch, "logits_geo")
     coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=lgeo.device)
     if coord_ids.shape != (NUM_BINS,):
         raise ValueError(
@@ -336,8 +355,8 @@ def pack_loss(
         )
 
     means = _Means(batch, normalization, lgeo.device)
-    ce = _ce_term(lce, batch, means)
-    t = _coord_terms(lgeo, batch, coord_ids, weights, means)
+    ce = _ce_term(lce, batch, means, ce_rows)
+    t = _coord_terms(lgeo, batch, coord_ids, weights, means, geo_rows)
     reg, total = _weighted_sum(ce.to(lgeo.device), t, weights)
     if torch.is_grad_enabled() and not total.requires_grad and lgeo.requires_grad:
         # Nothing supervised in this pack: keep the graph so every rank still runs a (zero) backward.

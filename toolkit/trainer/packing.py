@@ -142,6 +142,16 @@ class PackBatch:
 
     total_len = length
 
+    def logit_rows(self) -> torch.Tensor:
+        """The rows whose logits the loss reads, ascending: those predicting a supervised label (CE weight > 0)
+        or a coordinate slot. The learner computes logits only there (`logits_to_keep`): the rows of a
+        prompt and of its image are never read. Never empty: row 0 keeps a pack without supervision in the graph."""
+        import torch
+
+        w = self.ce_weights[0, 1:]
+        rows = torch.cat([torch.nonzero(w).flatten(), self.coord_pos.to(w.device) - 1]).unique(sorted=True)
+        return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=w.device)
+
     def to(self, device: Any) -> PackBatch:
         """A copy with every tensor on `device`."""
         import torch

@@ -97,7 +97,11 @@ class StepLearner:
         # position_ids restart per segment and use_cache=False keeps transformers' packed block-causal
         # mask (toolkit/trainer/packing.py): without either, segments would attend to each other.
         logits = module(
-            input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False, **self._vision_inputs(pack)
+            input_ids=pack.input_ids,
+            position_ids=pack.position_ids,
+            use_cache=False,
+            logits_to_keep=pack.logit_rows(),  # only the rows the loss reads (never a prompt's or image's)
+            **self._vision_inputs(pack),
         ).logits
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
 

@@ -88,26 +88,7 @@ class Sinks:
 
 def with_wandb(writer, cfg, rank: int, output_dir: str | Path, *, resumed: bool):
     """`writer` unchanged unless wandb is in training.report_to and this is rank 0; then both, as one.
-    Every rank checks that wandb is installed, so all fail together with the same message."""
-    if "wandb" not in cfg.training.report_to:
-        return writer
-    import importlib.util
-
-    if importlib.util.find_spec("wandb") is None:
-        from toolkit.config.errors import ConfigError, Issue
-
-        raise ConfigError(
-            [
-                Issue(
-                    str(cfg.profile_path),
-                    None,
-                    None,
-                    "training.report_to",
-                    "wandb is listed but the wandb package is not installed",
-                    "pip install -e '.[wandb]', or remove wandb from training.report_to",
-                )
-            ]
-        )
-    if rank != 0:
+    A missing wandb package stopped every rank at start-up already (toolkit/preflight.py check_prerequisites)."""
+    if "wandb" not in cfg.training.report_to or rank != 0:
         return writer
     return Sinks(writer, WandbLog(cfg, output_dir, resumed=resumed))

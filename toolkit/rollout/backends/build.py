@@ -87,20 +87,30 @@ def build_backend(
     )
 
 
+def announce_servers(server: ServerSettings) -> None:
+    """Server mode, said at start-up (before the model loads): where rollouts come from, the wait to come,
+    and what to do when no server is running."""
+    log.info(
+        "vLLM server mode: rollouts come from %s; once the model is loaded the run waits up to %g s for their "
+        "/health/ (rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE "
+        "--server-gpus …` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
+        "--set rollout_matching.vllm.mode=colocate",
+        ", ".join(s.base_url for s in server.servers),
+        server.timeout_s,
+    )
+
+
 def wait_for_servers(server: ServerSettings, rank: int) -> None:
-    """Server mode: say what the run waits for and where, show the wait, fail with one message."""
+    """Server mode: say at once what the run waits for (rank 0), show the wait, fail with one message."""
     from toolkit.rollout.client import ServerClient, ServerUnavailableError
 
     total, every = float(server.timeout_s), WAIT_LOG_EVERY_S
     urls = [s.base_url for s in server.servers]
     if rank == 0:
         log.info(
-            "vLLM server mode: rollouts come from %s; waiting up to %g s for /health/ "
-            "(rollout_matching.vllm.server.timeout_s). No server yet? `stage2-launch -p PROFILE --server-gpus "
-            "…` starts one, or run `stage2 serve -p PROFILE --gpus …` first; in-process vLLM: "
-            "--set rollout_matching.vllm.mode=colocate",
-            ", ".join(urls),
+            "waiting up to %g s for %s (rollout_matching.vllm.server.timeout_s)",
             total,
+            ", ".join(f"{url}/health/" for url in urls),
         )
     t0 = time.monotonic()
     for url in urls:

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from toolkit.config.settings import DecodeSettings
 from toolkit.rollout.backends.base import OneRoundChunks, Rollout
 from toolkit.rollout.chunking import chunked, seed_base
-from toolkit.rollout.repeat import should_stop
+from toolkit.rollout.repeat import RepeatWatch
 
 
 class HFBackend(OneRoundChunks):
@@ -105,7 +105,9 @@ class HFBackend(OneRoundChunks):
             do_sample=s.do_sample,
             temperature=s.temperature if s.do_sample else None,
             top_p=s.top_p if s.do_sample else None,
-            top_k=(s.top_k if s.top_k > 0 else None) if s.do_sample else None,
+            # 0, not None, when disabled: None would take the checkpoint's generation_config.json or transformers'
+            # default top-k of 50, and the HF backend would sample from another distribution than vLLM's top_k -1.
+            top_k=max(s.top_k, 0) if s.do_sample else None,
             repetition_penalty=s.repetition_penalty,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
@@ -129,7 +131,8 @@ class HFBackend(OneRoundChunks):
 class RepeatTerminateProcessor:
     """Force <|im_end|> on rows whose generated tokens trip the repeat-terminate rule (repeat.py).
 
-    Records which rows it cut, so their rollouts report finish_reason "repeat".
+    Watches each row's new tokens once (`RepeatWatch`, O(1) per token), and records which rows it cut, so
+    their rollouts report finish_reason "repeat".
     """
 
     def __init__(self, rule, key_ids: Sequence[int], eos_id: int, prompt_width: int):
@@ -137,17 +140,27 @@ class RepeatTerminateProcessor:
         self.key_ids = frozenset(key_ids)
         self.eos_id = eos_id
         self.prompt_width = prompt_width
+        self.watches: list[RepeatWatch] = []
+        self.seen = 0  # generated tokens already pushed to the watches
+        self.done: set[int] = set()  # rows that emitted <|im_end|>: they only grow padding, never a repeat
         self.cut: set[int] = set()
 
     def __call__(self, input_ids, scores):
-        for row, ids in enumerate(input_ids[:, self.prompt_width :].tolist()):
-            if self.eos_id in ids:  # finished rows only grow padding, which must not count as a repeat
-                continue
-            if row not in self.cut and should_stop(self.rule, ids, self.key_ids):
-                self.cut.add(row)
-            if row in self.cut:
-                scores[row] = float("-inf")
-                scores[row, self.eos_id] = 0.0
+        if not self.watches:
+            self.watches = [RepeatWatch(self.rule, self.key_ids) for _ in range(input_ids.shape[0])]
+        new = input_ids[:, self.prompt_width + self.seen :]
+        self.seen += new.shape[1]
+        for row, tokens in enumerate(new.tolist()):
+            for token in tokens:
+                if row in self.done or row in self.cut:
+                    break
+                if token == self.eos_id:
+                    self.done.add(row)
+                elif self.watches[row].push(token):
+                    self.cut.add(row)
+        for row in self.cut:
+            scores[row] = float("-inf")
+            scores[row, self.eos_id] = 0.0
         return scores
 
 
