@@ -7,6 +7,7 @@ Hypothesis draws (10,000 cases per fuzz in seconds) and still shrink to short in
 (`derandomize=True`), no example database.
 """
 
+import contextlib
 import random
 import re
 from unittest import mock
@@ -314,6 +315,23 @@ def test_channel_b_on_mutated_answers(data):
 NEVER = re.compile(r"(?!)")  # a pattern that matches nothing: turns the scanner's fast paths off
 
 
+@contextlib.contextmanager
+def fast_paths_off(canonical: bool):
+    """Every regex fast path of the scanner off (flat containers, member heads, flat members) and, with
+    `canonical`, parse.py's canonical-value regexes (which also read the FN entries' descs)."""
+    with (
+        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
+        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
+        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
+        mock.patch.object(
+            parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER} if canonical else parse._CANONICAL_RE
+        ),
+    ):
+        yield
+
+
 def _all_scans(text: str) -> list:
     return [scan_object(text, i) for i, c in enumerate(text) if c == "{"]
 
@@ -325,13 +343,7 @@ def test_scanner_fast_paths_give_the_bracket_matchers_result(data):
     equals the member-by-member, bracket-matching scan on fragment soups and documents."""
     text = text_from(data)
     fast = _all_scans(text)
-    with (
-        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
-        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
-    ):
+    with fast_paths_off(canonical=False):
         slow = _all_scans(text)
     assert fast == slow, text
 
@@ -343,14 +355,7 @@ def test_parser_fast_paths_give_the_general_result(data, as_text):
     fast paths above; the parse equals the one with all of them off (JSON-loaded values, bracket matching)."""
     ids = CODEC.encode(text_from(data)) + [CODEC.im_end_id] if as_text else ids_from(data)
     fast = parse_rollout(ids, CODEC)
-    with (
-        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
-        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
-        mock.patch.object(parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER}),
-    ):
+    with fast_paths_off(canonical=True):
         slow = parse_rollout(ids, CODEC)
     assert fast == slow, ids
 
@@ -385,13 +390,6 @@ def test_channel_b_fast_paths_give_the_general_segment(data):
     the FN entries' descs), the same Channel-B segment or drop on mutated answers."""
     case = _mutated_case(data)
     fast = _channel_b(*case, max_len=None)[3]
-    with (
-        mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
-        mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_HEAD_RE", NEVER),
-        mock.patch.object(scan, "_FLAT_MEMBER_RE", NEVER),
-        mock.patch.object(scan, "_NEXT_FLAT_MEMBER_RE", NEVER),
-        mock.patch.object(parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER}),
-    ):
+    with fast_paths_off(canonical=True):
         slow = _channel_b(*case, max_len=None)[3]
     assert isinstance(fast, Segment) and fast == slow, case
