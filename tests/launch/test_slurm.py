@@ -37,6 +37,9 @@ def job_env() -> dict:
     return env
 
 
+USR1_STEPS = 40
+
+
 def submit(slurm, tiny, tmp_path, *sets: str) -> tuple[str, str]:
     """sbatch the single-node wrapper in CPU mode; returns (job id, path of its output file)."""
     # --exclusive=user overrides the script's whole-node request: the two jobs of this module share the node.
@@ -60,7 +63,8 @@ def jobs(slurm, tiny, tmp_path_factory):
     short, long = tmp_path_factory.mktemp("short"), tmp_path_factory.mktemp("usr1")
     return {
         "short": (short, *submit(slurm, tiny, short, "training.max_steps=2")),
-        "usr1": (long, *submit(slurm, tiny, long, "training.max_steps=12", "training.save_steps=100")),
+        # USR1_STEPS leaves the signal, sent at the first metrics line, time to land mid-run on a fast machine.
+        "usr1": (long, *submit(slurm, tiny, long, f"training.max_steps={USR1_STEPS}", "training.save_steps=100")),
     }
 
 
@@ -89,7 +93,10 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm, jobs):
     assert "exit 138 (stopped by signal 10)" in text
     assert f"job {job} restart 1 on" in text  # the rerun saw SLURM_RESTART_COUNT=1
     stopped = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert stopped[0] != "step-000012" and stopped[-1] == "step-000012", stopped
+    last = f"step-{USR1_STEPS:06d}"
+    assert stopped[0] != last and stopped[-1] == last, stopped
     assert f"resumed from {out / 'checkpoints' / stopped[0]}" in text
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 13))  # metrics.jsonl trimmed on resume: each step once
+    assert [r["step"] for r in rows] == list(
+        range(1, USR1_STEPS + 1)
+    )  # metrics.jsonl trimmed on resume: each step once
