@@ -219,7 +219,7 @@ class Ours:
 
         self.plain.train()
         for pack in self.packs[channel]:
-            rows = pack.logit_rows()  # the rows our step computes logits at (logits_to_keep): the same work
+            rows = pack.logit_rows  # the rows our step computes logits at (logits_to_keep): the same work
             logits = self.plain(
                 input_ids=pack.input_ids, position_ids=pack.position_ids, use_cache=False, logits_to_keep=rows
             ).logits

@@ -40,8 +40,8 @@ def test_forward_count_and_call_contract(n_iter):
         assert kw["use_cache"] is False and "attention_mask" not in kw
         assert kw["inputs_embeds"].shape == (1, batch.length, 64)
         assert torch.equal(kw["position_ids"], batch.position_ids)
-        assert torch.equal(kw["logits_to_keep"], batch.logit_rows())  # logits only where the loss reads them
-    assert first.shape == (1, batch.logit_rows().numel(), VOCAB)
+        assert torch.equal(kw["logits_to_keep"], batch.logit_rows)  # logits only where the loss reads them
+    assert first.shape == (1, batch.logit_rows.numel(), VOCAB)
     assert (first is last) == (n_iter == 1)
 
 
@@ -50,7 +50,7 @@ def test_n1_equals_plain_teacher_forced_forward():
     batch = _pack()
     first, _ = softctx_logits(model, batch, COORD_IDS, 1, 1.0, "em_detach")
     plain = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-    assert torch.equal(first, plain[:, batch.logit_rows()])
+    assert torch.equal(first, plain[:, batch.logit_rows])
 
 
 def test_only_coord_rows_change_across_iterations():
@@ -77,7 +77,7 @@ def test_soft_embedding_is_expected_coord_embedding():
     tau = 0.5
     first, _ = softctx_logits(model, batch, COORD_IDS, 2, tau, "em_detach")
     table = model.get_input_embeddings().weight[COORD_IDS]
-    slot_rows = torch.searchsorted(batch.logit_rows(), batch.coord_pos - 1)
+    slot_rows = torch.searchsorted(batch.logit_rows, batch.coord_pos - 1)
     probs = torch.softmax(first[0, slot_rows][:, COORD_IDS] / tau, dim=-1)
     expected = probs @ table
     got = calls[1]["kwargs"]["inputs_embeds"][0, batch.coord_pos]

@@ -221,10 +221,10 @@ def test_regularizers_zero_when_weight_zero():
 
 @pytest.mark.parametrize("normalization", ["per_sample", "per_pack_token_mean"])
 def test_logits_at_the_kept_rows_give_the_full_loss_and_gradient(normalization):
-    """The learner computes logits only at `logit_rows()` (logits_to_keep): the loss and its gradient are those
+    """The learner computes logits only at `logit_rows` (logits_to_keep): the loss and its gradient are those
     of the full logits, whose other rows get no gradient."""
     b = collate_pack([make_segment(30 + i, prompt_len=4 + 3 * i, n_boxes=1 + i, group="fn") for i in range(3)])
-    rows = b.logit_rows()
+    rows = b.logit_rows
     assert torch.equal(rows, torch.unique(torch.cat([torch.nonzero(b.ce_weights[0, 1:]).flatten(), b.coord_pos - 1])))
     assert rows.numel() < b.length  # the prompts' rows are left out
     full = _logits(b).requires_grad_()
@@ -243,7 +243,7 @@ def test_logits_at_the_kept_rows_give_the_full_loss_and_gradient(normalization):
 def test_unsupervised_pack_keeps_one_logit_row():
     b = collate_pack([make_segment(40, prompt_len=5, n_boxes=0, text_per_box=0)])
     b.ce_weights.zero_()
-    assert b.logit_rows().tolist() == [0]
+    assert b.logit_rows.tolist() == [0]
 
 
 def test_sliced_logits_and_bad_coord_ids_raise():

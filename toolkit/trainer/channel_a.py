@@ -63,7 +63,7 @@ def encode_images_once(model: Any, model_kwargs: Mapping[str, Any]) -> dict:
 def _forward(
     model: Any, embeds: torch.Tensor, batch: PackBatch, rows: torch.Tensor, model_kwargs: Mapping[str, Any]
 ) -> torch.Tensor:
-    """[1, K, V] logits at the K `rows` (`batch.logit_rows()`): the only rows the loss and the next pass read."""
+    """[1, K, V] logits at the K `rows` (`batch.logit_rows`): the only rows the loss and the next pass read."""
     out = model(
         inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, logits_to_keep=rows, **model_kwargs
     )
@@ -106,7 +106,7 @@ def softctx_logits(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `n_iter` teacher-forced passes with soft coordinate self-context; return (first, last) logits,
-    each [1, K, V] at the K rows of `batch.logit_rows()` (what `pack_loss` reads).
+    each [1, K, V] at the K rows of `batch.logit_rows` (what `pack_loss` reads).
 
     Pass 0 embeds the ground-truth ids. Pass it > 0 rebuilds the same embeddings and replaces the rows
     at coord slots p (`batch.coord_pos`, label positions) with Σ_k softmax(z_prev[p−1, coord]/τ)_k · E[coord_k];
@@ -133,7 +133,7 @@ def softctx_logits(
     kwargs = encode_images_once(model, model_kwargs or {})
     embed = model.get_input_embeddings()
     slots = batch.coord_pos.to(batch.input_ids.device)
-    rows = batch.logit_rows().to(batch.input_ids.device)
+    rows = batch.logit_rows.to(batch.input_ids.device)
     slot_rows = torch.searchsorted(rows, slots - 1)  # the logits rows predicting the coord slots
     coord_ids = torch.as_tensor(coord_token_ids, dtype=torch.long, device=batch.input_ids.device)
     outer_grad = torch.is_grad_enabled()

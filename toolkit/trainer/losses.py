@@ -282,7 +282,7 @@ def huber(err: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def _as_2d(logits: torch.Tensor, batch: PackBatch, name: str):
-    """(logits as [rows, V], row_of): the logits at every position ([L, V]), or only at `batch.logit_rows()`
+    """(logits as [rows, V], row_of): the logits at every position ([L, V]), or only at `batch.logit_rows`
     (a forward with `logits_to_keep`), and the map from pack rows to rows of those logits."""
     import torch
 
@@ -292,12 +292,12 @@ def _as_2d(logits: torch.Tensor, batch: PackBatch, name: str):
         logits = logits[0]
     if logits.dim() == 2 and logits.shape[0] == batch.length:
         return logits, _same_rows
-    kept = batch.logit_rows().to(logits.device)
+    kept = batch.logit_rows.to(logits.device)
     if logits.dim() != 2 or logits.shape[0] != kept.numel():
         raise ValueError(
             f"{name}: model returned logits of shape {tuple(logits.shape)} for a pack of {batch.length} tokens; "
-            f"the loss reads logits at every position or at the pack's {kept.numel()} logit_rows() "
-            "(logits_to_keep=pack.logit_rows())"
+            f"the loss reads logits at every position or at the pack's {kept.numel()} logit_rows "
+            "(logits_to_keep=pack.logit_rows)"
         )
     return logits, lambda positions: torch.searchsorted(kept, positions)
 
@@ -332,7 +332,7 @@ def pack_loss(
 
     Args:
         logits_ce: [1, L, V] (or [L, V]) logits for the CE term (Channel-A: first soft-context pass), or
-            [1, K, V] at the K rows of `batch.logit_rows()` only (the learner's forwards, `logits_to_keep`).
+            [1, K, V] at the K rows of `batch.logit_rows` only (the learner's forwards, `logits_to_keep`).
         logits_geo: the same; logits for geometry, regularizers and gate (Channel-A: last pass).
         batch: the collated pack.
         coord_token_ids: 1000 token ids, entry k = bin k.

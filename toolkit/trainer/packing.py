@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -142,10 +143,13 @@ class PackBatch:
 
     total_len = length
 
+    @cached_property
     def logit_rows(self) -> torch.Tensor:
         """The rows whose logits the loss reads, ascending: those predicting a supervised label (CE weight > 0)
         or a coordinate slot. The learner computes logits only there (`logits_to_keep`): the rows of a
-        prompt and of its image are never read. Never empty: row 0 keeps a pack without supervision in the graph."""
+        prompt and of its image are never read. Never empty: row 0 keeps a pack without supervision in the graph.
+        Computed once per pack (a host sync): the forward and both loss terms read it; packs are not changed
+        after collation."""
         import torch
 
         w = self.ce_weights[0, 1:]

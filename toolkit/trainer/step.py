@@ -100,7 +100,7 @@ class StepLearner:
             input_ids=pack.input_ids,
             position_ids=pack.position_ids,
             use_cache=False,
-            logits_to_keep=pack.logit_rows(),  # only the rows the loss reads (never a prompt's or image's)
+            logits_to_keep=pack.logit_rows,  # only the rows the loss reads (never a prompt's or image's)
             **self._vision_inputs(pack),
         ).logits
         return pack_loss(logits, logits, pack, self.coord_ids, self.loss_weights, self.normalization)
