@@ -19,8 +19,10 @@ from _shared import greedy_settings, vllm_settings  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from toolkit.config.settings import DecodeSettings, RepeatSettings  # noqa: E402
+from toolkit.rollout import load_plan  # noqa: E402
 from toolkit.rollout.backends.hf import HFBackend  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
+from toolkit.rollout.weight_sync import checkpoint_name  # noqa: E402
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 100, 200, 300, 400, 500], [1, 42], [1, 7, 7, 7, 7], [1, 3]]
@@ -33,6 +35,31 @@ def settings(**kw) -> DecodeSettings:
 
 def ids(rollouts):
     return [r.completion_ids for r in rollouts]
+
+
+def replay_check(colo, weights) -> dict:
+    """The sync of step 1 replayed the copies recorded at step 0 (load_plan): the engine's parameters must
+    equal what vLLM's own `load_weights` makes of the same tensors, bit for bit."""
+
+    def state(worker) -> dict:
+        return {n: p.detach().clone() for n, p in worker.model_runner.model.named_parameters()}
+
+    def vllm_load(worker) -> None:
+        worker.model_runner.model.load_weights((checkpoint_name(n), t) for n, t in weights("cpu"))
+
+    def counts(worker) -> dict:
+        plan = load_plan.plan_of(worker.model_runner.model)
+        return {"recorded": plan.recorded, "replayed": plan.replayed, "unsupported": plan.unsupported}
+
+    replayed = colo.llm.collective_rpc(state)[0]
+    got = colo.llm.collective_rpc(counts)[0]
+    colo.llm.collective_rpc(vllm_load)
+    loaded = colo.llm.collective_rpc(state)[0]
+    return {
+        **got,
+        "tensors": sum(1 for _ in weights("cpu")),
+        "equal": sorted(replayed) == sorted(loaded) and all(torch.equal(replayed[n], loaded[n]) for n in loaded),
+    }
 
 
 def main(model_dir: str, out: str) -> None:
@@ -64,6 +91,7 @@ def main(model_dir: str, out: str) -> None:
     stale = colo.generate(PROMPTS[:2], step=0)  # same step: weights are NOT reloaded
     colo.sync_weights(1)
     report["sync_s"] = colo.last_sync_s
+    report["replay"] = replay_check(colo, weights)
     a, b = colo.generate(PROMPTS, step=1), ref.generate(PROMPTS, step=1)
     report["after"] = {
         "vllm": ids(a),

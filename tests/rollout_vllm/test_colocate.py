@@ -45,6 +45,14 @@ def test_greedy_equals_hf_after_weight_update(report):
     assert after["stale_same_step"], "a second call for the same step must not reload weights"
 
 
+def test_weight_update_replays_what_vllm_loads(report):
+    """The step-1 sync replayed the copies recorded at step 0 (toolkit/rollout/load_plan.py) for every tensor,
+    and the engine's parameters equal vLLM's own `load_weights` of the same tensors, bit for bit."""
+    rep = report["replay"]
+    assert rep["unsupported"] == 0 and rep["recorded"] == rep["tensors"] == rep["replayed"] > 0
+    assert rep["equal"]
+
+
 def test_repeat_terminate_cut_matches_hf(report):
     rep = report["repeat"]
     assert rep["vllm"] == rep["hf"]

@@ -268,10 +268,12 @@ def create_llm(kwargs: dict, *, on_cpu: bool):
 
 
 def load_into(llm, named: Iterable[tuple[str, object]]) -> int:
-    """`load_weights` on the in-process model (external_launcher: the worker lives in this process)."""
+    """Load into the in-process model (external_launcher: the worker lives in this process); returns the
+    number of tensors taken. vLLM's `load_weights` records each name once, then copies replay (load_plan)."""
+    from toolkit.rollout.load_plan import load_weights
 
     def load(worker) -> int:
-        return len(worker.model_runner.model.load_weights(named) or ())
+        return load_weights(worker.model_runner.model, named)
 
     return llm.collective_rpc(load)[0]
 

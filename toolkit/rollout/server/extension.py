@@ -46,6 +46,7 @@ class WeightSyncExtension:
         """Receive one flat bucket from the learner (the last rank) and load it; returns tensors loaded."""
         import torch
 
+        from toolkit.rollout.load_plan import load_weights
         from toolkit.rollout.weight_sync import TensorSpec, unpack_bucket
 
         group = self._stage2_require()
@@ -53,8 +54,7 @@ class WeightSyncExtension:
         flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
         group.broadcast(flat, src=group.world_size - 1)
         tensors = unpack_bucket(flat, [TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in specs])
-        self.model_runner.model.load_weights(iter(tensors))
-        return len(tensors)
+        return load_weights(self.model_runner.model, tensors)
 
     def stage2_close_group(self) -> None:
         group = getattr(self, "_stage2_group", None)
