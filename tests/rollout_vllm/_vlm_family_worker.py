@@ -19,6 +19,7 @@ from _shared import vllm_settings  # noqa: E402
 from _vlm_families import load_hf  # noqa: E402
 from _vlm_helpers import EOS, hf_greedy, perturb, settings, vlm_batch, weights_of  # noqa: E402
 
+from toolkit.rollout import load_plan  # noqa: E402
 from toolkit.rollout.backends.vllm_colocate import VLLMColocateBackend  # noqa: E402
 
 VCFG = vllm_settings()
@@ -33,6 +34,12 @@ def snapshot(colo, learner, model_dir, prompts, images, step) -> dict:
         "prompt_ids_equal": [r.prompt_ids == p for r, p in zip(rollouts, prompts)],
         "versions": [r.weight_version for r in rollouts],
     }
+
+
+def plan_counts(worker) -> dict:
+    """How the engine's weight loads went (toolkit/rollout/load_plan.py): recorded, replayed, left to vLLM."""
+    plan = load_plan.plan_of(worker.model_runner.model)
+    return {"recorded": plan.recorded, "replayed": plan.replayed, "unsupported": plan.unsupported}
 
 
 def main(model_dir: str, out: str, paths: list[str]) -> None:
@@ -53,6 +60,7 @@ def main(model_dir: str, out: str, paths: list[str]) -> None:
     if any(n.startswith(DEEPSTACK) for n in names):
         perturb(learner, seed=4, prefix=DEEPSTACK, scale=1.0)
         report["after_deepstack"] = snapshot(colo, learner, model_dir, prompts, images, step=3)
+    report["plan"] = colo.llm.collective_rpc(plan_counts)[0]
     colo.close()
     with open(out, "w") as fh:
         json.dump(report, fh)

@@ -59,6 +59,14 @@ def test_full_update_reaches_the_engine(report):
 
 
 @pytest.mark.vllm
+def test_updates_after_the_first_replay_recorded_copies(report):
+    """Every load after the first replayed the copies recorded from vLLM's loader (load_plan); the rollouts
+    above equal HF's after each, so the replayed copies put every tensor where vLLM's loader does."""
+    plan = report["plan"]
+    assert plan["unsupported"] == 0 and plan["recorded"] == len(report["param_names"])
+    assert plan["replayed"] >= 2 * plan["recorded"]
+
+
 def test_vision_tower_only_update_reaches_the_engine(report):
     after = report["after_vision"]
     assert after["hf"][:3] != report["after_all"]["hf"][:3], "the tower-only perturbation should change HF's rollouts"
