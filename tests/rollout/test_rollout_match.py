@@ -257,10 +257,13 @@ def _rowwise_reference(preds, gts, descs_p, descs_g, require, k, gate, r, fp_cos
     return pairs, rejections
 
 
+@pytest.mark.parametrize("gate", [0.3, 0.0])
 @pytest.mark.parametrize("require", [False, True])
-def test_vectorized_candidates_equal_the_rowwise_reference(require):
+def test_vectorized_candidates_equal_the_rowwise_reference(require, gate):
     """match_boxes selects candidates for all predictions at once; the same pairs and rejections as row by row,
-    on crowded scenes (60×60, many small boxes, ties, rows with no positive IoU, desc filters)."""
+    on crowded scenes (60×60, many small boxes, ties, rows with no positive IoU, desc filters). At gate 0 the
+    centre-distance order of a row with no positive IoU decides its pairs (above it, every such candidate is gated
+    out whatever the order)."""
     rng = np.random.default_rng(3)
     for trial in range(40):
         n_p, n_g = int(rng.integers(0, 61)), int(rng.integers(0, 61))
@@ -279,7 +282,7 @@ def test_vectorized_candidates_equal_the_rowwise_reference(require):
             preds,
             gts,
             candidate_top_k=k,
-            gate=0.3,
+            gate=gate,
             resolution=256,
             fp_cost=0.5,
             fn_cost=2.0,
@@ -287,5 +290,5 @@ def test_vectorized_candidates_equal_the_rowwise_reference(require):
             gt_descs=descs_g,
             require_desc_match=require,
         )
-        want_pairs, want_rej = _rowwise_reference(preds, gts, descs_p, descs_g, require, k, 0.3, 256, 0.5, 2.0)
+        want_pairs, want_rej = _rowwise_reference(preds, gts, descs_p, descs_g, require, k, gate, 256, 0.5, 2.0)
         assert (got.pairs, got.gating_rejections) == (want_pairs, want_rej), trial

@@ -74,15 +74,13 @@ def _pixel_rects(boxes: np.ndarray, resolution: int) -> np.ndarray:
 
     The filler rounds every vertex to a 5× grid, X = (int)(5x + .5); along the quad's horizontal edges it
     marks column c where the grid crosses 5c + 2, i.e. X1 ≤ 5c + 2 ≤ X2 − 1, and fills each such column from row
-    ceil((Y1 − 2) / 5) up to ceil((Y2 − 2) / 5). (Its clipping to the canvas never binds: 0 ≤ X, Y ≤ 5R − 5.)"""
-    v = np.clip(boxes.astype(np.float64), 0, MAX_BIN) * (max(resolution - 1, 1) / MAX_BIN)
+    ceil((Y1 − 2) / 5) up to ceil((Y2 − 2) / 5). (Its clipping to the canvas never binds: 0 ≤ X, Y ≤ 5R − 5.)
+    So every edge is ceil((V − 2) / 5) of its low or high grid vertex: c1 = floor((X2 − 3) / 5) + 1 is the same
+    number, and c1 ≥ c0, r1 ≥ r0 as the ceiling is monotone; x and y are computed in one call each step."""
+    v = np.minimum(np.maximum(boxes, 0), MAX_BIN) * (max(resolution - 1, 1) / MAX_BIN)
     g = np.floor(5 * v + 0.5).astype(np.int64)  # (int)(scale * x + .5) of non-negative x
-    x1, x2 = np.minimum(g[:, 0], g[:, 2]), np.maximum(g[:, 0], g[:, 2])
-    y1, y2 = np.minimum(g[:, 1], g[:, 3]), np.maximum(g[:, 1], g[:, 3])
-    c0 = -((2 - x1) // 5)  # ceil((x1 - 2) / 5)
-    c1 = np.maximum((x2 - 3) // 5 + 1, c0)
-    r0, r1 = (-((2 - y) // 5) for y in (y1, y2))
-    return np.stack([c0, r0, c1, r1], axis=1).astype(np.float64)
+    lo_hi = np.concatenate([np.minimum(g[:, :2], g[:, 2:]), np.maximum(g[:, :2], g[:, 2:])], axis=1)
+    return (-((2 - lo_hi) // 5)).astype(np.float64)  # ceil((V - 2) / 5): [c0, r0, c1, r1]
 
 
 def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]], resolution: int) -> np.ndarray:
@@ -97,30 +95,45 @@ def mask_iou_matrix(preds: Sequence[Sequence[int]], gts: Sequence[Sequence[int]]
 
 
 def _candidates(
-    box_iou: np.ndarray, centre_d2: np.ndarray, allowed: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+    box_iou: np.ndarray, pb: np.ndarray, gb: np.ndarray, allowed: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Per prediction (row), its top-k allowed GT indices by box IoU (ties by index), or by centre distance
-    when no allowed IoU is positive → (P×k' column indices, P×k' validity); k' = min(k, G). A row with
-    fewer than k' allowed GTs has its extra entries marked invalid."""
-    by_iou = (np.where(allowed, box_iou, 0.0) > 0).any(axis=1, keepdims=True)
-    key = np.where(by_iou, -box_iou, centre_d2.astype(np.float64))
-    key = np.where(allowed, key, np.inf)  # disallowed sort last, then are masked out below
+    when no allowed IoU is positive → (P×k' column indices, P×k' validity, None when every pair is allowed);
+    k' = min(k, G). A row with fewer than k' allowed GTs has its extra entries marked invalid. `allowed`: None
+    when every pair is (no desc filter): then the masking calls are skipped, and the centre distances are
+    computed only when some row has no positive IoU (a sample's rows almost always have one)."""
+    positive = box_iou > 0 if allowed is None else (box_iou > 0) & allowed
+    by_iou = positive.any(axis=1, keepdims=True)
+    key = -box_iou
+    if not by_iou.all():
+        key = np.where(by_iou, key, _centre_d2(pb, gb).astype(np.float64))
+    if allowed is not None:
+        key = np.where(allowed, key, np.inf)  # disallowed sort last, then are masked out below
     cols = np.argsort(key, axis=1, kind="stable")[:, :k]
-    return cols, allowed[np.arange(len(cols))[:, None], cols]
+    return cols, None if allowed is None else np.take_along_axis(allowed, cols, axis=1)
+
+
+def _centre_d2(pb: np.ndarray, gb: np.ndarray) -> np.ndarray:
+    """P×G squared distances of the doubled box centres (doubled: the distance stays integral)."""
+    pc = pb[:, :2] + pb[:, 2:]
+    gc = gb[:, :2] + gb[:, 2:]
+    return ((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)
 
 
 def _assign(cost: np.ndarray, miou: np.ndarray, fp_cost: float, fn_cost: float) -> list[tuple[int, int, float]]:
-    """(pred, gt, mask IoU) pairs of the square problem [[cost, fp_cost], [fn_cost, 0]], forbidden pairs left out."""
+    """(pred, gt, mask IoU) pairs of the square problem [[cost, fp_cost], [fn_cost, 0]], forbidden pairs left out;
+    ascending by pred."""
     n_p, n_g = cost.shape
     big = np.zeros((n_p + n_g, n_p + n_g))
     big[:n_p, :n_g] = cost
     big[:n_p, n_g:] = fp_cost
     big[n_p:, :n_g] = fn_cost
-    rows, cols = linear_sum_assignment(big)
-    real = (rows < n_p) & (cols < n_g)
-    rows, cols = rows[real], cols[real]
-    allowed = cost[rows, cols] < FORBIDDEN
-    rows, cols = rows[allowed], cols[allowed]
+    # A square problem's row indices are 0..n-1 in order (scipy documents it): row i's column is cols[i].
+    cols = linear_sum_assignment(big)[1][:n_p]
+    rows = np.flatnonzero(cols < n_g)
+    cols = cols[rows]
+    kept = cost[rows, cols] < FORBIDDEN
+    rows, cols = rows[kept], cols[kept]
     return list(zip(rows.tolist(), cols.tolist(), miou[rows, cols].tolist()))
 
 
@@ -158,33 +171,33 @@ def match_boxes(
     allowed = _desc_mask(n_p, n_g, pred_descs, gt_descs, require_desc_match)
     if n_p == 0 or n_g == 0:
         return MatchResult([], list(range(n_p)), list(range(n_g)), 0)
-    rects = _pixel_rects(np.concatenate([pb, gb]), resolution)
+    boxes = np.concatenate([pb, gb])
     # box_iou_matrix and mask_iou_matrix in one call: the boxes and their pixel rectangles, stacked
-    biou, miou = _rect_iou(np.stack([pb, rects[:n_p]]), np.stack([gb, rects[n_p:]]))
-    pc = pb[:, :2] + pb[:, 2:]  # doubled centres keep the distance integral
-    gc = gb[:, :2] + gb[:, 2:]
-    d2 = ((pc[:, None, :] - gc[None, :, :]) ** 2).sum(-1)
+    both = np.stack([boxes, _pixel_rects(boxes, resolution)])
+    biou, miou = _rect_iou(both[:, :n_p], both[:, n_p:])
+    cand, valid = _candidates(biou, pb, gb, allowed, candidate_top_k)
+    iou = miou[np.arange(n_p)[:, None], cand]
+    passed = iou >= gate
+    if valid is not None:
+        passed &= valid
+    rejections = int(passed.size - passed.sum()) if valid is None else int((valid & ~passed).sum())
     cost = np.full((n_p, n_g), FORBIDDEN)
-    cand, valid = _candidates(biou, d2, allowed, candidate_top_k)
-    row = np.repeat(np.arange(n_p), cand.shape[1]).reshape(cand.shape)
-    iou = miou[row, cand]
-    passed = valid & (iou >= gate)
-    cost[row[passed], cand[passed]] = 1.0 - iou[passed]
-    rejections = int((valid & ~passed).sum())
+    cost[np.nonzero(passed)[0], cand[passed]] = 1.0 - iou[passed]
     pairs = _assign(cost, miou, fp_cost, fn_cost)
     matched_p = {i for i, _, _ in pairs}
     matched_g = {j for _, j, _ in pairs}
     return MatchResult(
-        sorted(pairs),
+        pairs,
         [i for i in range(n_p) if i not in matched_p],
         [j for j in range(n_g) if j not in matched_g],
         rejections,
     )
 
 
-def _desc_mask(n_p, n_g, pred_descs, gt_descs, require: bool) -> np.ndarray:
+def _desc_mask(n_p, n_g, pred_descs, gt_descs, require: bool) -> np.ndarray | None:
+    """Which pairs may match: None when every pair may (no desc filter)."""
     if not require:
-        return np.ones((n_p, n_g), dtype=bool)
+        return None
     if pred_descs is None or gt_descs is None or len(pred_descs) != n_p or len(gt_descs) != n_g:
         raise ValueError("require_desc_match needs pred_descs and gt_descs with one desc per box")
     norm = lambda s: str(s).strip().casefold()  # noqa: E731
