@@ -318,7 +318,8 @@ NEVER = re.compile(r"(?!)")  # a pattern that matches nothing: turns the scanner
 @contextlib.contextmanager
 def fast_paths_off(canonical: bool):
     """Every regex fast path of the scanner off (flat containers, member heads, flat members) and, with
-    `canonical`, parse.py's canonical-value regexes (which also read the FN entries' descs)."""
+    `canonical`, parse.py's canonical-value regexes (which also read the FN entries' descs) and its run of canonical
+    members (`_RUN_RE`)."""
     with (
         mock.patch.object(scan, "_FLAT_RE", {"{": NEVER, "[": NEVER}),
         mock.patch.object(scan, "_MEMBER_HEAD_RE", NEVER),
@@ -328,6 +329,7 @@ def fast_paths_off(canonical: bool):
         mock.patch.object(
             parse, "_CANONICAL_RE", {"desc_first": NEVER, "geometry_first": NEVER} if canonical else parse._CANONICAL_RE
         ),
+        mock.patch.object(parse, "_RUN_RE", {"first": NEVER, "next": NEVER} if canonical else parse._RUN_RE),
     ):
         yield
 
@@ -377,10 +379,29 @@ def test_a_continued_scan_is_the_scan_of_the_whole_text(data):
                 assert repr(part) == before
 
 
+@settings(max_examples=1_000, **FUZZ)
+@given(st.binary(max_size=40))
+def test_a_canonical_run_is_read_as_the_scanner_and_canonical_value_read_it(data):
+    """parse.py and targets.py read a leading run of canonically written members one regex match each
+    (`continue_canonical`): from every `{` and every cut open at member level, the same scan as continuing member by
+    member, and for each member the run added, canonical_value's result."""
+    text = text_from(data)
+    for b in [i for i, c in enumerate(text) if c == "{"]:
+        for cut in range(b + 1, len(text) + 1):
+            part = scan_object(text[:cut], b)
+            if part.status == "open" and part.state in ("key_or_close", "key", "after"):
+                got, run = parse.continue_canonical(text, part)
+                assert got == continue_scan(text, part), (text, cut)
+                added = got.members[len(part.members) : len(part.members) + len(run)]
+                assert run == [parse.canonical_value(text, m) for m in added], (text, cut)
+
+
 def test_only_a_scan_open_at_member_level_continues():
     for text in ('{"a": "x', '{"a"', '{"a": 1}', '{"a": 1 1'):
         with pytest.raises(ValueError, match="member level"):
             continue_scan(text + " ", scan_object(text, 0))
+        with pytest.raises(ValueError, match="member level"):
+            parse.continue_canonical(text + " ", scan_object(text, 0))
 
 
 @settings(max_examples=2_000, **FUZZ)

@@ -15,10 +15,10 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate, compress, count
+from itertools import accumulate, compress, count, zip_longest
 
 from toolkit.data.coords import parse_coord_token
-from toolkit.rollout.scan import Member, ObjectScan, fields_of, scan_object
+from toolkit.rollout.scan import Member, ObjectScan, continue_scan, fields_of, scan_object
 from toolkit.rollout.token_spans import coord_positions
 
 DROP_REASONS = (
@@ -41,6 +41,18 @@ _CANONICAL_RE = {
     "geometry_first": re.compile(r'\{"bbox_2d": ' + _BOX + r', "desc": ' + _DESC + r"\}", re.S),
 }
 _CANONICAL_GROUPS = {"desc_first": (1, 2, (3, 4, 5, 6)), "geometry_first": (6, 1, (2, 3, 4, 5))}
+# A whole member in the renderer's spelling, `"object_N": ` and a canonical value, at member level with the scanner's
+# whitespace: the first one (after `{`) or a next one (`,` first). A run of such members is read one match each
+# (`continue_canonical`): the same members the scanner lists (its flat-member regexes match the same text) and the
+# values canonical_value reads, instead of scanning each member and then matching its value again.
+# Groups: the key with its quotes, N, the value, then the value's groups (`_RUN_GROUPS`, per field order).
+_RUN_HEAD = r'("object_([1-9][0-9]{0,17})")[ \t\n\r]*+:[ \t\n\r]*+'
+_RUN_VALUE = "(" + _CANONICAL_RE["desc_first"].pattern + "|" + _CANONICAL_RE["geometry_first"].pattern + ")"
+_RUN_RE = {
+    "first": re.compile(r"[ \t\n\r]*+" + _RUN_HEAD + _RUN_VALUE, re.S),
+    "next": re.compile(r"[ \t\n\r]*+,[ \t\n\r]*+" + _RUN_HEAD + _RUN_VALUE, re.S),
+}
+_RUN_GROUPS = {"desc_first": (4, 5, (6, 7, 8, 9)), "geometry_first": (15, 10, (11, 12, 13, 14))}
 
 
 class RetokenizeError(RuntimeError):
@@ -136,17 +148,17 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
     brace = text.find("{")
     if brace < 0:
         return _without_object(codec, drops, n_rollout, stopped_at_im_end=stop < n_rollout)
-    scan = scan_object(text, brace)
+    scan, run_values = continue_canonical(text, ObjectScan(brace, end=brace + 1))  # scan_object(text, brace)
     n_kept = next((k for k in range(len(scan.members), 0, -1) if scan.members[k - 1].kind == "object"), 0)
     cut = scan.members[n_kept - 1].value_end if n_kept else brace + 1
     coords = _CoordIndex(ids, starts, ends, codec)
     objects, max_index = [], 0
-    for mem in scan.members:
+    for mem, got in zip_longest(scan.members, run_values):  # got: the value already read (None: not yet)
         kept = 0 < mem.value_end <= cut
         key = _KEY_RE.fullmatch(mem.key_raw)
         if kept and key:
             max_index = max(max_index, int(key.group(1)))
-        obj, reason = _validate(text, mem, key, coords) if kept else (None, "key_invalid")
+        obj, reason = _validate(text, mem, key, coords, got) if kept else (None, "key_invalid")
         if obj is None:
             drops[reason] += 1
         else:
@@ -175,6 +187,24 @@ def parse_rollout(token_ids: Sequence[int], codec, *, extra_stop_ids: Iterable[i
         # the scan of text[:cut]: the members up to the last object value, open after it (or just after `{`)
         prefix_scan=ObjectScan(brace, scan.members[:n_kept], "open", cut, "after" if n_kept else "key_or_close"),
     )
+
+
+def continue_canonical(text: str, scan: ObjectScan) -> tuple[ObjectScan, list]:
+    """(`continue_scan(text, scan)`, canonical_value's result for each member of the leading run of canonical members
+    it adds): the run read with one `_RUN_RE` match per member, the rest scanned on from its end (continuing from
+    member level gives the scan of the whole text). The results index the new members: the k-th is member
+    `len(scan.members) + k`. targets.py reads the FN entries' descs with it."""
+    if scan.status != "open" or scan.state not in ("key_or_close", "key", "after"):
+        return continue_scan(text, scan), []  # continue_scan's ValueError
+    members, values, i = list(scan.members), [], scan.end
+    m = _RUN_RE["next" if scan.state == "after" else "first"].match(text, i)
+    while m is not None:
+        members.append(Member(m.group(1), m.start(1), m.start(3), m.end(), "object"))
+        values.append(_canonical_read(m, _RUN_GROUPS["desc_first" if m.start(4) >= 0 else "geometry_first"]))
+        i = m.end()
+        m = _RUN_RE["next"].match(text, i)
+    state = "after" if values else scan.state
+    return continue_scan(text, ObjectScan(scan.start, members, "open", i, state)), values
 
 
 def _first_stop(ids: list[int], stops: set[int]) -> int:
@@ -255,11 +285,13 @@ class _CoordIndex:
         return self.pos[i:j], self.bins[i:j]
 
 
-def _validate(text: str, mem: Member, key, coords: _CoordIndex) -> tuple[ParsedObject | None, str]:
-    """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order."""
+def _validate(text: str, mem: Member, key, coords: _CoordIndex, got=None) -> tuple[ParsedObject | None, str]:
+    """A kept member → (ParsedObject, "") or (None, drop reason), checked in the bucket order. `got`: its value as
+    canonical_value read it, when that was done already (`continue_canonical`)."""
     if key is None or mem.kind != "object":
         return None, "key_invalid"
-    got = canonical_value(text, mem) or _general_value(text, mem)
+    if got is None:
+        got = canonical_value(text, mem) or _general_value(text, mem)
     if isinstance(got, str):
         return None, got
     desc, bins, (a_start, a_end), desc_span = got
@@ -278,9 +310,12 @@ def canonical_value(text: str, mem: Member):
     entries' descs with it too."""
     order = "desc_first" if text.startswith('{"d', mem.value_start) else "geometry_first"
     m = _CANONICAL_RE[order].fullmatch(text, mem.value_start, mem.value_end)
-    if m is None:
-        return None
-    desc_group, box_group, bin_groups = _CANONICAL_GROUPS[order]
+    return None if m is None else _canonical_read(m, _CANONICAL_GROUPS[order])
+
+
+def _canonical_read(m: re.Match, groups: tuple) -> tuple | str:
+    """canonical_value's result from a match of a canonical value; `groups`: the desc's, the bbox array's, its bins'."""
+    desc_group, box_group, bin_groups = groups
     desc = m.group(desc_group)
     if not desc.strip():
         return "missing_desc"

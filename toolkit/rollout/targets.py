@@ -31,8 +31,8 @@ from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
 from toolkit.data.segment import Segment
 from toolkit.rollout.match import MatchResult
-from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value
-from toolkit.rollout.scan import ObjectScan, continue_scan, fields_of, scan_object
+from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value, continue_canonical
+from toolkit.rollout.scan import ObjectScan, fields_of, scan_object
 from toolkit.rollout.token_spans import coord_positions, paint, span_lists, token_bounds, token_ranges
 
 Span = tuple[int, int]
@@ -297,22 +297,26 @@ def _closure_and_descs(
     """(index of the outermost `}` if it sits at `close_at`, desc content spans of members from `entries_from`).
     `prefix_scan`: the (member-level open) scan of a text that `text` starts with, continued instead of
     rescanning that part."""
-    if prefix_scan is not None:
-        scan = continue_scan(text, prefix_scan)
-    else:
+    if prefix_scan is None:
         brace = text.find("{")
-        scan = scan_object(text, brace) if brace >= 0 else None
-    if scan is None or scan.status != "closed" or scan.end != close_at + 1:
+        prefix_scan = ObjectScan(brace, end=brace + 1) if brace >= 0 else None  # continued: scan_object(text, brace)
+    if prefix_scan is None:
         return None, []
-    descs = [_desc_span(text, mem) for mem in scan.members if mem.key_start >= entries_from]
+    scan, run = continue_canonical(text, prefix_scan)  # the appended entries' values read as they are scanned
+    if scan.status != "closed" or scan.end != close_at + 1:
+        return None, []
+    got = dict(enumerate(run, len(prefix_scan.members)))
+    descs = [_desc_span(text, mem, got.get(k)) for k, mem in enumerate(scan.members) if mem.key_start >= entries_from]
     return (None, []) if None in descs else (close_at, descs)
 
 
-def _desc_span(text: str, mem) -> Span | None:
-    """The content span of an object member's `"desc"` string, None when it has none."""
+def _desc_span(text: str, mem, got=None) -> Span | None:
+    """The content span of an object member's `"desc"` string, None when it has none. `got`: canonical_value's
+    result for it, when read already."""
     if mem.kind != "object":
         return None
-    got = canonical_value(text, mem)
+    if got is None:
+        got = canonical_value(text, mem)
     if isinstance(got, tuple):  # the renderer's spelling (every FN entry) read with one regex, not scanned
         return got[3]
     d = (fields_of(text, mem) or {}).get('"desc"')
