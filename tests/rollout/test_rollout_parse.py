@@ -314,3 +314,24 @@ def test_coord_index_finds_the_coord_tokens_of_every_span_as_the_per_token_rule(
             for b in range(a, (ends[-1] if n else 0) + 2):
                 pos = [p for p in range(n) if a <= starts[p] < b and ends[p] <= b and ids[p] in coord_ids]
                 assert index.within(a, b) == (pos, [codec.coord_bin(ids[p]) for p in pos]), (ids, ends, a, b)
+
+
+def test_int_list_and_first_stop_equal_the_straightforward_rules():
+    """parse_rollout copies a list of plain ints as it is (`_int_list`) and finds the first stop id with one
+    `list.index` per stop id (`_first_stop`): the same as `list(map(int, ids))` and the first index of any stop id."""
+    import random
+
+    import numpy as np
+
+    from toolkit.rollout.parse import _first_stop, _int_list
+
+    rng = random.Random(2)
+    for _trial in range(500):
+        ids = [rng.randrange(8) for _ in range(rng.randrange(12))]
+        given = rng.choice([ids, tuple(ids), np.array(ids, dtype=np.int64), [*ids[:1], *map(bool, ids[1:2]), *ids[2:]]])
+        got = _int_list(given)
+        assert got == list(map(int, given)) and {*map(type, got)} <= {int}, given
+        assert got is not given
+        stops = set(rng.sample(range(8), rng.randrange(4)))
+        want = min((k for k, t in enumerate(got) if t in stops), default=len(got))
+        assert _first_stop(got, stops) == want, (got, stops)

@@ -391,3 +391,57 @@ def test_render_entries_in_one_dumps_equal_the_entries_dumped_one_by_one():
             for i, o in enumerate(objs)
         )
         assert render_entries(objs, start, order) == want, trial
+
+
+def test_gt_check_fast_path_agrees_with_the_per_object_rule():
+    """`_plain_gt_ok` checks all GT objects in a few C-level passes; whenever it accepts, the per-object rule accepts,
+    and `_check_gt` raises exactly when the per-object rule does (random GT lists with one odd value: bools, floats,
+    numpy ints, tuples, out-of-range or swapped bins, missing or non-str descs, short boxes, non-dict objects)."""
+    from collections import UserDict
+    from unittest import mock
+
+    from toolkit.rollout import targets
+
+    def per_object_raises(gt):
+        with mock.patch.object(targets, "_plain_gt_ok", lambda _: False):
+            try:
+                targets._check_gt(gt, "s")
+            except ValueError:
+                return True
+        return False
+
+    odd = [True, 1.0, np.int64(5), -1, 1000, None, "3"]
+    rng = random.Random(5)
+    accepted = 0
+    for _trial in range(2_000):
+        gt = []
+        for _ in range(rng.randrange(4)):
+            x1, y1 = rng.randrange(1000), rng.randrange(1000)
+            box = [x1, y1, rng.randrange(x1, 1000), rng.randrange(y1, 1000)]
+            gt.append({"desc": rng.choice(["cat", ""]), "bbox_2d": box if rng.random() < 0.8 else tuple(box)})
+        if gt and rng.random() < 0.6:
+            o = gt[rng.randrange(len(gt))]
+            change = rng.randrange(6)
+            if change == 0:
+                o["bbox_2d"] = list(o["bbox_2d"])
+                o["bbox_2d"][rng.randrange(4)] = rng.choice(odd)
+            elif change == 1:
+                o["bbox_2d"] = list(o["bbox_2d"])[::-1]  # swapped bins, mostly
+            elif change == 2:
+                o["desc"] = rng.choice([None, 3, b"cat"])
+            elif change == 3:
+                del o[rng.choice(["desc", "bbox_2d"])]
+            elif change == 4:
+                o["bbox_2d"] = list(o["bbox_2d"])[: rng.randrange(4)]
+            else:
+                gt[gt.index(o)] = UserDict(o)
+        fast = targets._plain_gt_ok(gt)
+        accepted += fast
+        assert not (fast and per_object_raises(gt)), gt
+        try:
+            targets._check_gt(gt, "s")
+            raised = False
+        except ValueError:
+            raised = True
+        assert raised == per_object_raises(gt), gt
+    assert accepted > 500  # the fast path is taken on plain input
