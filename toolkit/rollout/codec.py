@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Protocol, runtime_checkable
 
 from toolkit.data.coords import COORD_TOKENS, NUM_BINS
@@ -153,8 +154,10 @@ class HFTokenCodec(_CoordTable):
         return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        if self.literal:
-            return list(map(self._literal_pieces.__getitem__, ids))  # int(id) when needed: `_LiteralPieces`
+        if self.literal:  # int(id) when needed: `_LiteralPieces`
+            if len(ids) < 2:  # itemgetter of one id gives the piece, not a tuple
+                return list(map(self._literal_pieces.__getitem__, ids))
+            return list(itemgetter(*ids)(self._literal_pieces))  # the look-ups in one C call, not one call per id
         ids = list(map(int, ids))
         out = [self._piece(i) for i in ids]
         if "".join(out) == self._decode(ids):
