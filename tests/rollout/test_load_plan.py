@@ -17,13 +17,15 @@ ROWS = {"q": 0, "k": 4, "v": 8}
 
 
 class Stacked(torch.nn.Module):
-    """q/k/v into one stacked parameter, a padded embedding, an o projection in bf16, a skipped name."""
+    """q/k/v into one stacked parameter, a padded embedding, an o projection in bf16, a column shard, a skipped
+    name."""
 
     def __init__(self, mode: str = "copy"):
         super().__init__()
         self.qkv = torch.nn.Parameter(torch.zeros(12, 4), requires_grad=False)
         self.embed = torch.nn.Parameter(torch.full((6, 4), 7.0), requires_grad=False)  # 5 rows + 1 padding
         self.o = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16), requires_grad=False)
+        self.down = torch.nn.Parameter(torch.zeros(4, 2), requires_grad=False)  # columns 2:4 (a TP shard)
         self.mode = mode
         self.calls = 0
 
@@ -41,12 +43,14 @@ class Stacked(torch.nn.Module):
                 self.o.data.copy_(w)
                 if self.mode == "scale":
                     self.o.data.mul_(2)
+            elif name == "down":
+                self.down.data.copy_(w.narrow(1, 2, 2))  # a strided view of the incoming tensor
             # "rotary.inv_freq": skipped, as vLLM skips it
 
 
 def weights(seed: int) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    named = [(n, torch.randn(4, 4, generator=g)) for n in ("q", "k", "v", "o")]
+    named = [(n, torch.randn(4, 4, generator=g)) for n in ("q", "k", "v", "o", "down")]
     return [*named, ("embed", torch.randn(5, 4, generator=g)), ("rotary.inv_freq", torch.randn(2, generator=g))]
 
 
@@ -70,7 +74,7 @@ def test_replay_equals_the_loader_and_skips_it(bucketed):
         assert same_state(model, twin), f"load {seed}"
     plan = load_plan.plan_of(model)
     assert model.calls == 1, "after the recording load, no load should reach the model's own loader"
-    assert (plan.recorded, plan.replayed, plan.unsupported) == (6, 18, 0)
+    assert (plan.recorded, plan.replayed, plan.unsupported) == (7, 21, 0)
     assert plan.entries["rotary.inv_freq"].writes == ()  # skipped by the loader, so nothing to replay
 
 
@@ -82,7 +86,7 @@ def test_what_cannot_be_replayed_stays_with_the_loader(mode):
         twin.load_weights(weights(seed))
         assert same_state(model, twin), f"load {seed}"
     plan = load_plan.plan_of(model)
-    assert plan.replayed == 0 and plan.unsupported == 18
+    assert plan.replayed == 0 and plan.unsupported == 21
     assert model.calls == 3
 
 
@@ -94,7 +98,7 @@ def test_a_replaced_parameter_is_recorded_again():
     load_plan.load_weights(model, weights(1))
     twin.load_weights(weights(1))
     assert same_state(model, twin) and not torch.equal(old, model.qkv)
-    assert load_plan.plan_of(model).recorded == 6 + 3  # q, k, v: their target changed
+    assert load_plan.plan_of(model).recorded == 7 + 3  # q, k, v: their target changed
 
 
 def test_a_different_incoming_layout_is_recorded_again():
@@ -104,4 +108,4 @@ def test_a_different_incoming_layout_is_recorded_again():
     load_plan.load_weights(model, named)
     twin.load_weights(named)
     assert same_state(model, twin)
-    assert load_plan.plan_of(model).recorded == 7 and model.calls == 2
+    assert load_plan.plan_of(model).recorded == 8 and model.calls == 2
