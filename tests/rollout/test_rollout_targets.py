@@ -395,17 +395,17 @@ def test_render_entries_in_one_dumps_equal_the_entries_dumped_one_by_one():
 
 def test_gt_check_fast_path_agrees_with_the_per_object_rule():
     """`_plain_gt_ok` checks all GT objects in a few C-level passes; whenever it accepts, the per-object rule accepts,
-    and `_check_gt` raises exactly when the per-object rule does (random GT lists with one odd value: bools, floats,
+    and `check_gt` raises exactly when the per-object rule does (random GT lists with one odd value: bools, floats,
     numpy ints, tuples, out-of-range or swapped bins, missing or non-str descs, short boxes, non-dict objects)."""
     from collections import UserDict
     from unittest import mock
 
-    from toolkit.rollout import targets
+    from toolkit.rollout import input_checks
 
     def per_object_raises(gt):
-        with mock.patch.object(targets, "_plain_gt_ok", lambda _: False):
+        with mock.patch.object(input_checks, "_plain_gt_ok", lambda _: False):
             try:
-                targets._check_gt(gt, "s")
+                input_checks.check_gt(gt, "s")
             except ValueError:
                 return True
         return False
@@ -435,11 +435,11 @@ def test_gt_check_fast_path_agrees_with_the_per_object_rule():
                 o["bbox_2d"] = list(o["bbox_2d"])[: rng.randrange(4)]
             else:
                 gt[gt.index(o)] = UserDict(o)
-        fast = targets._plain_gt_ok(gt)
+        fast = input_checks._plain_gt_ok(gt)
         accepted += fast
         assert not (fast and per_object_raises(gt)), gt
         try:
-            targets._check_gt(gt, "s")
+            input_checks.check_gt(gt, "s")
             raised = False
         except ValueError:
             raised = True

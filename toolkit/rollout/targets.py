@@ -23,15 +23,12 @@ Supervision rules (character spans come from the parser's per-token frame):
 from __future__ import annotations
 
 import bisect
-import numbers
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
 
-from toolkit.data.coords import MAX_BIN
 from toolkit.data.render import FIELD_ORDERS, canonical_order, render_answer, render_entries
 from toolkit.data.segment import Segment
+from toolkit.rollout.input_checks import check_gt, check_match
 from toolkit.rollout.match import MatchResult
 from toolkit.rollout.parse import DROP_REASONS, ParseResult, canonical_value, continue_canonical
 from toolkit.rollout.scan import ObjectScan, fields_of, scan_object
@@ -129,8 +126,8 @@ def build_channel_b_segment(
         ValueError: invalid GT objects, a negative `desc_ce_weight`, or a `match` that does not index
             `parse.objects` / `gt_objects`.
     """
-    _check_gt(gt_objects, sample_id)
-    _check_match(match, len(parse.objects), len(gt_objects), sample_id)
+    check_gt(gt_objects, sample_id)
+    check_match(match, len(parse.objects), len(gt_objects), sample_id)
     if desc_ce_weight < 0:
         raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
     meta = channel_b_meta(parse, match, len(gt_objects), len(prompt_ids))
@@ -261,7 +258,7 @@ def build_channel_a_segment(
     Raises:
         ValueError: invalid GT objects or a negative `desc_ce_weight`.
     """
-    _check_gt(gt_objects, sample_id)
+    check_gt(gt_objects, sample_id)
     if desc_ce_weight < 0:
         raise ValueError(f"desc_ce_weight must be >= 0, got {desc_ce_weight}")
     ordered = canonical_order(gt_objects, ordering)
@@ -358,63 +355,3 @@ def _answer_weights(n, starts, ends, lo, close, descs, desc_w, struct_w, coord_a
     for y in coord_at:
         out[y - lo] = 0.0
     return out
-
-
-def _check_gt(gt_objects: Sequence[Mapping], sample_id: str) -> None:
-    if _plain_gt_ok(gt_objects):
-        return
-    for n, o in enumerate(gt_objects):
-        b = o.get("bbox_2d") if type(o) is dict or isinstance(o, Mapping) else None  # dict: without the ABC check
-        ok = (
-            isinstance(b, (list, tuple))
-            and len(b) == 4
-            and _all_bins(b)
-            and b[0] <= b[2]
-            and b[1] <= b[3]
-            and isinstance(o.get("desc"), str)
-        )
-        if not ok:
-            raise ValueError(
-                f"sample {sample_id!r}: GT object {n} must be {{'desc': str, 'bbox_2d': [x1, y1, x2, y2]}} "
-                f"with int bins in [0, {MAX_BIN}], x1 <= x2, y1 <= y2; got {o!r}"
-            )
-
-
-def _plain_gt_ok(gt_objects: Sequence[Mapping]) -> bool:
-    """True when every object passes `_check_gt` as the common case: a dict, a str desc, a list or tuple of 4 plain
-    ints in [0, MAX_BIN] with x1 <= x2 and y1 <= y2. A few C-level passes over all objects instead of a dozen
-    Python steps per object (docs/PERFORMANCE.md); False sends any other input to the per-object check."""
-    if not {*map(type, gt_objects)} <= {dict}:
-        return False
-    boxes = list(map(dict.get, gt_objects, repeat("bbox_2d")))
-    if not {*map(type, boxes)} <= {list, tuple} or not {*map(len, boxes)} <= {4}:
-        return False
-    flat = list(chain.from_iterable(boxes))
-    return (
-        {*map(type, flat)} <= {int}
-        and {*map(type, map(dict.get, gt_objects, repeat("desc")))} <= {str}
-        and (not flat or (min(flat) >= 0 and max(flat) <= MAX_BIN))
-        and all(map(operator.le, flat[0::4], flat[2::4]))
-        and all(map(operator.le, flat[1::4], flat[3::4]))
-    )
-
-
-def _all_bins(b) -> bool:
-    if {*map(type, b)} == {int}:  # the common case (plain ints), without a call per value
-        return min(b) >= 0 and max(b) <= MAX_BIN
-    return all(map(_is_bin, b))
-
-
-def _is_bin(v) -> bool:
-    if type(v) is int:  # the common case, without the slower ABC check below
-        return 0 <= v <= MAX_BIN
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= MAX_BIN
-
-
-def _check_match(match: MatchResult, n_pred: int, n_gt: int, sample_id: str) -> None:
-    preds = [i for i, _, _ in match.pairs] + list(match.fp_indices)
-    gts = [j for _, j, _ in match.pairs] + list(match.fn_indices)
-    if sorted(preds) != list(range(n_pred)) or sorted(gts) != list(range(n_gt)):
-        raise ValueError(
-            f"sample {sample_id!r}: match does not partition {n_pred} parsed objects and {n_gt} GT objects"
-        )
