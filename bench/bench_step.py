@@ -200,7 +200,7 @@ class Ours:
         )
         model = self.trainer.engine.module
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # as our HF backend decodes
             torch.manual_seed(seed_base(self.cfg.training.seed, self.b_step))
             seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         model.train()

@@ -188,3 +188,61 @@ def test_literal_pieces_of_ids_of_any_integer_type_are_the_pieces_of_their_ints(
             assert got == want, (trial, kind)
     assert codec.pieces([True, False]) == codec.pieces([1, 0])
     assert all(type(k) is int for k in codec._literal_pieces)  # only plain ints are cached
+
+
+def _coord_heavy_texts(rng, n):
+    """Texts where coord tokens touch everything around them: spaces, quotes, letters, other added tokens, and
+    strings that only look like coord tokens."""
+    near = ["<|coord_0|>", "<|coord_9|>", "<|coord_42|>", "<|coord_999|>", "<|coord_1000|>", "<|coord_05|>"]
+    near += ["<|coord_", "|>", "<|im_end|>", "<|endoftext|>", " ", "  ", '"', '", "', "]}, ", "cat", "é", "\n", "x"]
+    near += ["\u0338"]  # NFC composes `>` + U+0338 into U+226F
+    return [render_answer(s) for s in scenes(12, unicode=True)] + [
+        "".join(rng.choice(near) for _ in range(rng.randint(1, 30))) for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["literal", "bytelevel", "metaspace:never"])
+def test_text_between_coord_tokens_is_encoded_alone_with_the_same_ids(kind):
+    """When the coord tokens are split off first (plain added tokens), `encode` encodes the text between them
+    alone and caches it: the ids must be the whole text's, also after the cache was emptied."""
+    import random
+
+    codec = HFTokenCodec(build_tokenizer(kind))
+    assert codec._split_at_coords
+    texts = _coord_heavy_texts(random.Random(1), 400)
+    whole = [codec._encode_whole(t) for t in texts]
+    assert [codec.encode(t) for t in texts] == whole
+    assert len(codec._part_ids) > 10  # the parts were cached ...
+    codec._part_ids.clear()
+    codec._part_ids.MAX = 5  # ... and a full cache is emptied, not wrong
+    assert [codec.encode(t) for t in texts] == whole and len(codec._part_ids) <= 5
+
+
+@pytest.mark.parametrize(
+    "coord_flags, other",
+    [({"lstrip": True}, None), ({"rstrip": True}, None), ({"single_word": True}, None), ({"special": True}, None)]
+    + [({"normalized": True}, None)]
+    + [({}, t) for t in ['"<|', "|>]", "_1|", "x<|coord_3|>"]],
+)
+def test_coord_tokens_that_the_tokenizer_may_not_split_off_first_are_encoded_whole(coord_flags, other):
+    """Coord tokens that take the spaces around them, wait for a word boundary or are special, or an added token
+    that overlaps one, or normalized coord tokens under a normalizer: the text is encoded whole (the ids are still
+    the wrapper's)."""
+    import random
+
+    from tokenizers import AddedToken, normalizers
+
+    tok = build_tokenizer("literal")
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.NFC()  # composes `>` + U+0338 into one character: not local to the parts
+    flags = {"special": False, "normalized": False, **coord_flags}
+    backend.add_tokens([AddedToken(t, **flags) for t in COORD_TOKENS])  # the same ids, new flags
+    if other is not None:
+        backend.add_tokens([AddedToken(other, special=False, normalized=False)])
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
+    codec = HFTokenCodec(tok)
+    assert not codec._split_at_coords
+    texts = _coord_heavy_texts(random.Random(2), 100)
+    assert [codec.encode(t) for t in texts] == [tok.encode(t, add_special_tokens=False) for t in texts]

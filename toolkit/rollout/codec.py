@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from itertools import chain
 from operator import itemgetter
 from typing import Protocol, runtime_checkable
 
@@ -21,6 +22,8 @@ from toolkit.data.render import render_answer
 IM_END = "<|im_end|>"
 IM_START = "<|im_start|>"
 PAD = "<|endoftext|>"
+# Splits text at the coord tokens and keeps them (`re.split` with the whole token as its one group).
+_COORD_SPLIT_RE = re.compile(r"(<\|coord_(?:0|[1-9][0-9]{0,2})\|>)")
 
 
 @runtime_checkable
@@ -95,6 +98,23 @@ class _LiteralPieces(dict):
         return piece
 
 
+class _PartIds(dict):
+    """text → its ids, filled on first use, emptied when it holds `MAX` texts (an LVIS-sized vocabulary of descs
+    times object numbers would otherwise grow it without end). Looked up in C; a dict, so a codec still pickles."""
+
+    MAX = 1 << 14
+
+    def __init__(self, encode):
+        super().__init__()
+        self.encode = encode
+
+    def __missing__(self, text: str) -> tuple[int, ...]:
+        if len(self) >= self.MAX:
+            self.clear()
+        ids = self[text] = tuple(self.encode(text))
+        return ids
+
+
 class HFTokenCodec(_CoordTable):
     """A `PreTrainedTokenizerFast` as a TokenCodec.
 
@@ -113,6 +133,8 @@ class HFTokenCodec(_CoordTable):
         self.tok = tokenizer
         self.im_end_id = self._single_id(im_end_token)
         self._init_coords([self._single_id(t) for t in COORD_TOKENS])
+        self._part_ids = _PartIds(self._encode_whole)
+        self._split_at_coords = self._coords_split_first()
         self.literal = all(self._literal_roundtrip(t) for t in _PROBE_TEXTS)
         self._anchor = (self.encode("a") or [self.im_end_id])[-1]
         self._anchor_text = self._decode([self._anchor])
@@ -141,17 +163,58 @@ class HFTokenCodec(_CoordTable):
         return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def encode(self, text: str) -> list[int]:
+        if self._split_at_coords and "<|coord_" in text and self._backend_as_wrapper(split_special=False):
+            # The tokenizer splits text at added tokens before anything else, so the text between coord tokens is
+            # encoded alone: answers repeat those parts (`", "`, `"]}, "object_12": {"desc": "cat", "bbox_2d": ["`),
+            # and each is encoded once (docs/PERFORMANCE.md, item 3).
+            return list(chain.from_iterable(map(self._part_ids.__getitem__, _COORD_SPLIT_RE.split(text))))
+        return self._encode_whole(text)
+
+    def _encode_whole(self, text: str) -> list[int]:
+        if self._backend_as_wrapper():
+            # The Rust tokenizer in the state `tok.encode` would put it in (no truncation, no padding, special
+            # tokens as the wrapper says): the same ids without the wrapper's per-call Python (docs/PERFORMANCE.md)
+            return self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
+
+    def _backend_as_wrapper(self, split_special: bool | None = None) -> bool:
+        """Whether the Rust tokenizer is in the state `tok.encode` would put it in (and, if given, splits special
+        tokens or not: the cached parts were encoded with them whole)."""
         backend = getattr(self.tok, "backend_tokenizer", None)
-        if (
+        return (
             backend is not None
             and backend.truncation is None
             and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(self.tok, "split_special_tokens", False))
-        ):
-            # The Rust tokenizer in the state `tok.encode` would put it in (no truncation, no padding, special
-            # tokens as the wrapper says): the same ids without the wrapper's per-call Python (docs/PERFORMANCE.md)
-            return backend.encode(text, add_special_tokens=False).ids
-        return [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
+            and split_special in (None, backend.encode_special_tokens)
+        )
+
+    def _coords_split_first(self) -> bool:
+        """Whether the tokenizer cuts text at every coord token before it does anything else, whatever surrounds it,
+        and then encodes each part alone: the coord tokens are added tokens matched in the raw text (not normalized,
+        or there is no normalizer: NFC would compose `>` with a combining mark after it), that neither take the
+        spaces around them (lstrip, rstrip) nor wait for a word boundary (single_word), are not special
+        (`split_special_tokens` would keep a special one whole), and no other added token can overlap one (contain
+        it, sit inside it, or share a prefix with its suffix)."""
+        added = getattr(self.tok, "added_tokens_decoder", None) or {}
+        coords = [added.get(t) for t in self.coord_token_ids]
+        raw = getattr(self.tok, "backend_tokenizer", None) is not None and self.tok.backend_tokenizer.normalizer is None
+        if any(a is None or a.lstrip or a.rstrip or a.single_word or a.special for a in coords):
+            return False
+        if not raw and any(a.normalized for a in coords):
+            return False
+        texts = [a.content for a in coords]
+        heads = {c[:k] for c in texts for k in range(1, len(c))}
+        tails = {c[k:] for c in texts for k in range(1, len(c))}
+        for tid, a in added.items():
+            x = a.content
+            if tid in self.coord_bin_of or not x:
+                continue
+            if any(x[-k:] in heads or x[:k] in tails for k in range(1, len(x) + 1)):
+                return False
+            if "<|coord_" in x or any(x in c for c in texts):
+                return False
+        return True
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         if self.literal:  # int(id) when needed: `_LiteralPieces`
