@@ -137,8 +137,9 @@ def test_taken_port_is_a_preflight_error_naming_it():
         ),
     ],
 )
-def test_placement_errors_exit_1_naming_the_flag(args, message):
-    result = invoke("-p", "smoke/ab_mixed", *args, "--dry-run", *sets(*SERVER_MODE))
+def test_placement_errors_exit_1_naming_the_flag(args, message, tmp_path):
+    # its own output dir: the profile's may hold the README demo's run, which a launch refuses before some checks
+    result = invoke("-p", "smoke/ab_mixed", *args, "--dry-run", *sets(*SERVER_MODE, f"training.output_dir={tmp_path}"))
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
 
