@@ -11,6 +11,9 @@ NUM_BINS = 1000
 MAX_BIN = NUM_BINS - 1
 COORD_TOKENS = tuple(f"<|coord_{k}|>" for k in range(NUM_BINS))
 _COORD_RE = re.compile(r"<\|coord_([0-9]{1,3})\|>")  # used with fullmatch only
+# Regex text of a bin as a coord token writes it (0..999, no leading zero), and of exactly the 1000 coord tokens.
+BIN_PATTERN = r"0|[1-9][0-9]{0,2}"
+COORD_PATTERN = rf"<\|coord_(?:{BIN_PATTERN})\|>"
 
 
 def coord_token(k: int) -> str:

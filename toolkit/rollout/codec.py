@@ -16,14 +16,14 @@ from itertools import chain
 from operator import itemgetter
 from typing import Protocol, runtime_checkable
 
-from toolkit.data.coords import COORD_TOKENS, NUM_BINS
+from toolkit.data.coords import COORD_PATTERN, COORD_TOKENS, NUM_BINS
 from toolkit.data.render import render_answer
 
 IM_END = "<|im_end|>"
 IM_START = "<|im_start|>"
 PAD = "<|endoftext|>"
 # Splits text at the coord tokens and keeps them (`re.split` with the whole token as its one group).
-_COORD_SPLIT_RE = re.compile(r"(<\|coord_(?:0|[1-9][0-9]{0,2})\|>)")
+_COORD_SPLIT_RE = re.compile(f"({COORD_PATTERN})")
 
 
 @runtime_checkable
@@ -312,7 +312,7 @@ class ToyCodec(_CoordTable):
         self._text_of = {i: t for t, i in self._id_of.items()}
         # Python's alternation is ordered, so longest first; all coord tokens share one branch (fast).
         alts = [re.escape(a) for a in sorted((*self.SPECIALS, *self.MULTI), key=len, reverse=True)]
-        self._re = re.compile(r"<\|coord_(?:0|[1-9][0-9]{0,2})\|>|" + "|".join(alts) + "|.", re.S)
+        self._re = re.compile(COORD_PATTERN + "|" + "|".join(alts) + "|.", re.S)
 
     def encode(self, text: str) -> list[int]:
         ids = []

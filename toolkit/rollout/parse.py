@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, count, zip_longest
 
-from toolkit.data.coords import parse_coord_token
+from toolkit.data.coords import BIN_PATTERN, parse_coord_token
 from toolkit.rollout.scan import Member, ObjectScan, continue_scan, fields_of, scan_object
 from toolkit.rollout.token_spans import coord_positions
 
@@ -34,7 +34,7 @@ DROP_REASONS = (
 _KEY_RE = re.compile(r'"object_([1-9][0-9]{0,17})"')
 # An object value exactly as toolkit/data/render.py writes it, one pattern per field order; groups: the desc's
 # content, the bbox array, its four bins.
-_BOX = r"(\[" + ", ".join([r'"<\|coord_(0|[1-9][0-9]{0,2})\|>"'] * 4) + r"\])"
+_BOX = r"(\[" + ", ".join([r'"<\|coord_(' + BIN_PATTERN + r')\|>"'] * 4) + r"\])"
 _DESC = r'"([^"\\\x00-\x1f]*)"'
 _CANONICAL_RE = {
     "desc_first": re.compile(r'\{"desc": ' + _DESC + r', "bbox_2d": ' + _BOX + r"\}", re.S),

@@ -89,7 +89,7 @@ class HFBackend(OneRoundChunks):
                     mm_token_type_ids=(ids == self.vision.pad_id).int(),
                 )
             # inference_mode entered last (ZeRO-3 gathers and frees the parameters outside it): no autograd
-            # bookkeeping per op, 10-15 % of a decode step on the tiny model (docs/PERFORMANCE.md)
+            # bookkeeping per op, 5-12 % of a decode in a plain loop on the tiny model (docs/PERFORMANCE.md)
             with (
                 torch.no_grad(),
                 self.generation_context(),
